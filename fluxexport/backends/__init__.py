@@ -1,0 +1,20 @@
+"""Interchangeable engines behind one interface: PyTorch, ONNX Runtime (and TensorRT on GPU hosts)."""
+
+from __future__ import annotations
+
+from fluxexport.backends.base import Backend
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def create_backend(
+    name: str, source: ModelSource, dtype: str = "fp32", device: str | None = None, engines: str | None = None
+) -> Backend:
+    """Build the backend a user named on the command line."""
+    if name == "torch":
+        from fluxexport.backends.torch_backend import TorchBackend
+
+        return TorchBackend(source, dtype=dtype, device=device)
+    raise FluxExportError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,23 @@
+"""The one interface every backend implements: components by name, each a callable on a dict of tensors.
+
+Feeds and outputs use the ONNX tensor names of the component specs (`fluxexport.specs`) and are CPU float32
+/ int32 torch tensors at the boundary; what a backend does inside (dtype, device, engine) is its own affair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+Feeds = dict[str, torch.Tensor]
+Component = Callable[[Feeds], Feeds]
+
+
+class Backend(Protocol):
+    """Runs FLUX components. `component(name)` loads lazily and returns the same callable each time."""
+
+    name: str
+
+    def component(self, name: str) -> Component: ...

@@ -1,0 +1,1 @@
+"""Checkpoints: tiny random FLUX models, diffusers folders, hub ids and BFL single-file transformers."""

@@ -1,0 +1,202 @@
+"""What `--model` names: a tiny variant, a diffusers folder, a hub id, or a BFL single-file transformer.
+
+Everything here reads configs and tokenizers only; weights are loaded by the backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxexport.errors import FluxExportError
+
+REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+TINY_MARKER = "fluxexport_tiny.json"
+KONTEXT_PIPELINE = "FluxKontextPipeline"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved FLUX checkpoint: a diffusers folder plus, optionally, a single-file transformer."""
+
+    name: str
+    root: Path
+    transformer_file: Path | None = None
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.configs["model_index"].get("_class_name", "FluxPipeline")
+
+    @property
+    def is_kontext(self) -> bool:
+        return self.pipeline_class == KONTEXT_PIPELINE
+
+    @property
+    def transformer(self) -> dict[str, Any]:
+        return self.configs["transformer"]
+
+    @property
+    def vae(self) -> dict[str, Any]:
+        return self.configs["vae"]
+
+    @property
+    def scheduler(self) -> dict[str, Any]:
+        return self.configs["scheduler"]
+
+    @property
+    def clip(self) -> dict[str, Any]:
+        return self.configs["text_encoder"]
+
+    @property
+    def t5(self) -> dict[str, Any]:
+        return self.configs["text_encoder_2"]
+
+    @property
+    def guidance_embeds(self) -> bool:
+        return bool(self.transformer.get("guidance_embeds", False))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.get("in_channels", 64)) // 4
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", [0] * 4)) - 1)
+
+    @property
+    def is_tiny(self) -> bool:
+        return (self.root / TINY_MARKER).is_file()
+
+    @property
+    def default_size(self) -> int:
+        """1024 px for real checkpoints; a small size for tiny ones (their marker says which)."""
+        if self.is_tiny:
+            return int(json.loads((self.root / TINY_MARKER).read_text())["default_size"])
+        return 1024
+
+    @property
+    def default_steps(self) -> int:
+        return 28 if self.guidance_embeds else 4
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        return 512 if self.guidance_embeds else 256
+
+    @property
+    def default_guidance(self) -> float:
+        return 3.5
+
+    def fingerprint(self) -> str:
+        """A short hash of the configs and weight file sizes: identifies the checkpoint in manifests."""
+        digest = hashlib.sha256(json.dumps(self.configs, sort_keys=True).encode())
+        files = sorted(self.root.rglob("*.safetensors"))
+        if self.transformer_file is not None:
+            files.append(self.transformer_file)
+        for path in files:
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        return digest.hexdigest()[:16]
+
+    @functools.cached_property
+    def tokenizers(self):
+        """(CLIP tokenizer, T5 tokenizer), loaded once from the folder."""
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return (
+            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
+            T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FluxExportError(f"{path} is not valid JSON ({error.msg}): re-download or re-export the model") from None
+
+
+def load_folder(root: Path, name: str | None = None, transformer_file: Path | None = None) -> ModelSource:
+    """Read a diffusers FLUX folder's configs, refusing one that lacks a part."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FluxExportError(f"model folder {root} does not exist: pass a diffusers FLUX folder, a hub id or a tiny variant")
+    if not (root / "model_index.json").is_file():
+        raise FluxExportError(f"{root} has no model_index.json: it is not a diffusers pipeline folder")
+    configs: dict[str, dict[str, Any]] = {"model_index": _read_json(root / "model_index.json")}
+    missing = [part for part in REQUIRED_PARTS if not (root / part).is_dir()]
+    if transformer_file is not None and "transformer" in missing:
+        missing.remove("transformer")
+    if missing:
+        raise FluxExportError(f"model folder {root} is incomplete: missing {', '.join(missing)}")
+    config_files = {
+        "transformer": "transformer/config.json",
+        "vae": "vae/config.json",
+        "text_encoder": "text_encoder/config.json",
+        "text_encoder_2": "text_encoder_2/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    }
+    for part, relative in config_files.items():
+        path = root / relative
+        if not path.is_file():
+            raise FluxExportError(f"model folder {root} is incomplete: missing {relative}")
+        configs[part] = _read_json(path)
+    return ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
+
+
+def cache_dir() -> Path:
+    """Where tiny variants and hub downloads are materialised ($FLUXEXPORT_CACHE, else ~/.cache/fluxexport)."""
+    return Path(os.environ.get("FLUXEXPORT_CACHE", Path.home() / ".cache" / "fluxexport"))
+
+
+def _looks_like_hub_id(reference: str) -> bool:
+    parts = reference.split("/")
+    return len(parts) == 2 and all(parts) and not reference.startswith((".", "~"))
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch a hub repository's diffusers parts (safetensors only) through huggingface_hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.safetensors", "*/*.model", "*/*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise FluxExportError(
+            f"cannot download {repo_id!r}: the hub is unreachable and it is not in the local cache; "
+            "pass a local diffusers folder instead (--model DIR)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FluxExportError(f"hub repository {repo_id!r} not found (or gated: run `hf auth login`)") from None
+    except HfHubHTTPError as error:
+        raise FluxExportError(f"cannot download {repo_id!r}: {error}".splitlines()[0]) from None
+
+
+def resolve_model(reference: str, base: str | None = None) -> ModelSource:
+    """Turn a `--model` value (and `--base-model` for single files) into a ModelSource."""
+    from fluxexport.models.tiny import TINY_VARIANTS, materialise_tiny
+
+    if reference.endswith(".safetensors"):
+        file = Path(reference)
+        if not file.is_file():
+            raise FluxExportError(f"checkpoint file {file} does not exist")
+        if base is None:
+            raise FluxExportError(
+                f"{file.name} holds only the transformer: add --base-model DIR (a diffusers FLUX folder, hub id "
+                "or tiny variant) for the VAE, text encoders and tokenizers"
+            )
+        rest = resolve_model(base)
+        return load_folder(rest.root, name=file.stem, transformer_file=file)
+    if reference in TINY_VARIANTS:
+        return load_folder(materialise_tiny(reference), name=reference)
+    if reference.startswith("tiny-"):
+        raise FluxExportError(f"unknown tiny variant {reference!r}: choose one of {', '.join(TINY_VARIANTS)}")
+    path = Path(reference).expanduser()
+    if path.exists() or not _looks_like_hub_id(reference):
+        return load_folder(path)
+    return load_folder(download_from_hub(reference), name=reference.split("/")[-1])

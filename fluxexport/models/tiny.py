@@ -1,0 +1,178 @@
+"""Tiny random FLUX-shaped models written as standard diffusers folders (seconds to build, ~1 MB each).
+
+The shapes keep FLUX.1's structure (16 latent channels, 8× VAE, 2×2 packing, 3-axis RoPE, double and
+single blocks) at widths small enough that a 4-step 256² image takes a fraction of a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import TINY_MARKER, cache_dir
+
+SEED = 0
+DEFAULT_SIZE = 256
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """What differs between schnell, dev and Kontext: guidance embedding, shifting and the pipeline."""
+
+    name: str
+    guidance_embeds: bool
+    dynamic_shifting: bool
+    pipeline_class: str
+
+
+TINY_VARIANTS: dict[str, TinyVariant] = {
+    "tiny-schnell": TinyVariant("tiny-schnell", False, False, "FluxPipeline"),
+    "tiny-dev": TinyVariant("tiny-dev", True, True, "FluxPipeline"),
+    "tiny-kontext": TinyVariant("tiny-kontext", True, True, "FluxKontextPipeline"),
+}
+
+
+def tiny_variant(name: str) -> TinyVariant:
+    if name not in TINY_VARIANTS:
+        raise FluxExportError(f"unknown tiny variant {name!r}: choose one of {', '.join(TINY_VARIANTS)}")
+    return TINY_VARIANTS[name]
+
+
+def build_tiny_pipeline(name: str):
+    """Build the tiny pipeline in memory, with weights drawn from a fixed seed per component."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxexport.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    variant = tiny_variant(name)
+    clip_tokenizer = build_clip_tokenizer()
+    t5_tokenizer = build_t5_tokenizer()
+
+    torch.manual_seed(SEED)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(SEED + 1)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            decoder_start_token_id=0,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+        )
+    ).eval()
+    torch.manual_seed(SEED + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=variant.guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(SEED + 3)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=DEFAULT_SIZE,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if variant.dynamic_shifting else 1.0,
+        use_dynamic_shifting=variant.dynamic_shifting,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline_class = FluxKontextPipeline if variant.pipeline_class == "FluxKontextPipeline" else FluxPipeline
+    return pipeline_class(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def write_tiny(name: str, out: Path) -> Path:
+    """Write tiny variant `name` as a diffusers folder at `out`, atomically (temp folder, then rename)."""
+    variant = tiny_variant(name)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FluxExportError(f"{out} already exists and is not empty: choose another --out or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        pipeline = build_tiny_pipeline(name)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        marker = {"variant": variant.name, "default_size": DEFAULT_SIZE, "seed": SEED}
+        (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def materialise_tiny(name: str) -> Path:
+    """The cached folder of a tiny variant, written on first use."""
+    folder = cache_dir() / "tiny" / name
+    if not (folder / TINY_MARKER).is_file():
+        try:
+            write_tiny(name, folder)
+        except FluxExportError:
+            if not (folder / TINY_MARKER).is_file():  # another process may have won the race
+                raise
+    return folder

@@ -1,0 +1,57 @@
+"""Pixels in and out: VAE latent scaling, [-1,1] ↔ uint8, PNG writing. Same rounding as diffusers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+    """Denoised latents → what the VAE decoder takes: z / scaling_factor + shift_factor."""
+    return latents / scaling_factor + shift_factor
+
+
+def from_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+    """VAE encoder mean → the transformer's latent space: (z − shift_factor) · scaling_factor."""
+    return (latents - shift_factor) * scaling_factor
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output [B,3,H,W] in [-1,1] → uint8 [B,H,W,3]."""
+    unit = (images.to(torch.float32) * 0.5 + 0.5).clamp(0, 1)
+    array = unit.cpu().permute(0, 2, 3, 1).numpy()
+    return (array * 255).round().astype(np.uint8)
+
+
+def pil_to_model_input(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image → [1,3,H,W] float32 in [-1,1]."""
+    array = np.array(image.convert("RGB")).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+    return 2.0 * tensor - 1.0
+
+
+def output_paths(output: str | Path, count: int) -> list[Path]:
+    """`out.png` for one image; `out_0.png`, `out_1.png`, … for several."""
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        output = output.with_suffix(output.suffix + ".png") if output.suffix else output.with_suffix(".png")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix}") for index in range(count)]
+
+
+def save_png_atomic(image: np.ndarray, path: Path) -> None:
+    """Write a PNG through a temporary file in the same folder, then rename: never a half-written file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            Image.fromarray(image).save(stream, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

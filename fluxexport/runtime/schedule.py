@@ -1,0 +1,78 @@
+"""Flow-match sigma schedule and Euler step, number for number as FlowMatchEulerDiscreteScheduler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fluxexport.errors import FluxExportError
+
+NUM_TRAIN_TIMESTEPS = 1000
+# Scheduler options that change the sigmas and that no FLUX.1 checkpoint sets; we refuse rather than ignore.
+_UNSUPPORTED_OPTIONS = (
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+def resolution_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """mu: the shift grows linearly with the number of image tokens (diffusers' calculate_shift)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def flow_match_sigmas(
+    num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]
+) -> torch.Tensor:
+    """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu)."""
+    if num_steps < 1:
+        raise FluxExportError(f"steps must be at least 1, got {num_steps} (--steps)")
+    for option in _UNSUPPORTED_OPTIONS:
+        if scheduler_config.get(option):
+            raise FluxExportError(f"scheduler option {option}={scheduler_config[option]!r} is not supported")
+    # float32 from here on, in the order diffusers computes, so that every sigma matches bit for bit.
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    if scheduler_config.get("use_dynamic_shifting", False):
+        mu = resolution_shift(
+            image_seq_len,
+            scheduler_config.get("base_image_seq_len", 256),
+            scheduler_config.get("max_image_seq_len", 4096),
+            scheduler_config.get("base_shift", 0.5),
+            scheduler_config.get("max_shift", 1.15),
+        )
+        if scheduler_config.get("time_shift_type", "exponential") == "linear":
+            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    else:
+        shift = scheduler_config.get("shift", 1.0)
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def model_timestep(sigma: torch.Tensor, batch: int) -> torch.Tensor:
+    """The transformer's `timestep` input [B]: sigma as float32, via t = 1000·sigma and t/1000 as diffusers does."""
+    t = sigma * NUM_TRAIN_TIMESTEPS
+    return (t / NUM_TRAIN_TIMESTEPS).expand(batch).to(torch.float32)
+
+
+def euler_step(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """One flow-match Euler step in float32: x ← x + (σ_next − σ)·v."""
+    return latents.to(torch.float32) + (sigma_next - sigma) * velocity.to(torch.float32)
