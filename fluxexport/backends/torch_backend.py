@@ -8,6 +8,7 @@ import torch
 
 from fluxexport.backends.base import Component, Feeds
 from fluxexport.errors import FluxExportError
+from fluxexport.models.single_file import load_bfl_transformer
 from fluxexport.models.source import ModelSource
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,20 +30,7 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
 
     if source.transformer_file is None:
         return FluxTransformer2DModel.from_pretrained(source.root, subfolder="transformer", torch_dtype=dtype)
-    try:
-        return FluxTransformer2DModel.from_single_file(
-            str(source.transformer_file),
-            config=str(source.root),
-            subfolder="transformer",
-            torch_dtype=dtype,
-            local_files_only=True,
-        )
-    except (KeyError, ValueError, RuntimeError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise FluxExportError(
-            f"{source.transformer_file.name} is not a FLUX transformer checkpoint matching "
-            f"{source.root}/transformer/config.json ({message})"
-        ) from None
+    return load_bfl_transformer(source.transformer_file, source.root, dtype)
 
 
 def load_clip(source: ModelSource, dtype: torch.dtype = torch.float32):

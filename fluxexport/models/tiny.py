@@ -176,3 +176,19 @@ def materialise_tiny(name: str) -> Path:
             if not (folder / TINY_MARKER).is_file():  # another process may have won the race
                 raise
     return folder
+
+
+def write_bfl_single_file(folder: Path, path: Path) -> Path:
+    """Write the folder's transformer as a black-forest-labs single-file checkpoint (for format tests)."""
+    from safetensors.torch import load_file, save_file
+
+    from fluxexport.models.single_file import BFL_PREFIX, diffusers_to_bfl
+
+    state = load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    converted = {BFL_PREFIX + key: value for key, value in diffusers_to_bfl(state).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(converted, str(temporary))
+    os.replace(temporary, path)
+    return path

@@ -30,8 +30,9 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def pil_to_model_input(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image → [1,3,H,W] float32 in [-1,1]."""
-    array = np.array(image.convert("RGB")).astype(np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+    array = np.array(image.convert("RGB")).astype(np.float32)[None] / 255.0  # 1,H,W,3
+    # Keep diffusers' channels-last strides: the CPU convolutions pick kernels (and rounding) by layout.
+    tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
     return 2.0 * tensor - 1.0
 
 
