@@ -70,7 +70,12 @@ def _check_output(output: Path, count: int) -> list[Path]:
 
 
 @main.command()
-@click.option("--model", default=TINY_DEFAULT, show_default=True, help="Tiny variant, diffusers folder, hub id or BFL .safetensors.")
+@click.option(
+    "--model",
+    default=TINY_DEFAULT,
+    show_default=True,
+    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
+)
 @click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
 @click.option("--prompt", required=True, help="Text to draw (CLIP; also T5 unless --prompt-2).")
 @click.option("--prompt-2", help="Text for T5 (defaults to --prompt).")
@@ -81,8 +86,15 @@ def _check_output(output: Path, count: int) -> list[Path]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--max-sequence-length", type=int, help="T5 tokens (default: 256 schnell, 512 dev/Kontext).")
-@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Kontext reference image.")
-@click.option("--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one.")
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Kontext reference image.",
+)
+@click.option(
+    "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
+)
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="Folder of exported graphs (onnxruntime backend).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
@@ -121,10 +133,7 @@ def run(
         warn(message)
     for image, path in zip(result.images, paths, strict=True):
         save_png_atomic(image, path)
-    rows = [
-        [stage.replace("_", " "), f"{seconds * 1000:.1f}"]
-        for stage, seconds in result.timings.items()
-    ]
+    rows = [[stage.replace("_", " "), f"{seconds * 1000:.1f}"] for stage, seconds in result.timings.items()]
     console.print(table(f"{backend} · {resolved.steps} steps · batch {resolved.batch}", ["stage", "ms"], rows))
     for path in paths:
         click.echo(str(path))

@@ -124,7 +124,9 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
     """Read a diffusers FLUX folder's configs, refusing one that lacks a part."""
     root = Path(root)
     if not root.is_dir():
-        raise FluxExportError(f"model folder {root} does not exist: pass a diffusers FLUX folder, a hub id or a tiny variant")
+        raise FluxExportError(
+            f"model folder {root} does not exist: pass a diffusers FLUX folder, a hub id or a tiny variant"
+        )
     if not (root / "model_index.json").is_file():
         raise FluxExportError(f"{root} has no model_index.json: it is not a diffusers pipeline folder")
     configs: dict[str, dict[str, Any]] = {"model_index": _read_json(root / "model_index.json")}

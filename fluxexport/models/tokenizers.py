@@ -7,20 +7,24 @@ Tiny models need tokenizers of the real classes, built without the network: a by
 from __future__ import annotations
 
 import itertools
-import json
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
-_WORDS = (
-    "a an the of on in at with and under over near by from photo painting drawing portrait close-up cat dog "
-    "horse bird fox astronaut robot woman man child castle city street forest river ocean mountain mountains "
-    "moon sun sky cloud clouds sunrise sunset night light red blue green yellow golden white black small big "
-    "old ancient futuristic sitting riding running standing flying reading wearing hat coat sofa table window "
-    "watercolor oil digital cinematic detailed sharp soft misty snowy rainy dramatic"
-).split()
+_PROMPT_VOCABULARY = """
+a an the of on in at with and under over near by from photo painting drawing portrait close-up cat
+dog horse bird fox astronaut robot woman man child castle city street forest river ocean mountain
+mountains moon sun sky cloud clouds sunrise sunset night light red blue green yellow golden white
+black small big old ancient futuristic sitting riding running standing flying reading wearing hat
+coat sofa table window watercolor oil digital cinematic detailed sharp soft misty snowy rainy
+dramatic
+"""
+_WORDS = _PROMPT_VOCABULARY.split()
+_WORD_PATTERN = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
 _EXTRA_LINES = (
     "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz 0123456789",
-    "A photo of a cat, 4k. An astronaut riding a horse on the moon! (cinematic) - \"quoted\"; 50% off?",
+    'A photo of a cat, 4k. An astronaut riding a horse on the moon! (cinematic) - "quoted"; 50% off?',
 )
 
 
@@ -31,32 +35,47 @@ def training_corpus() -> list[str]:
     return lines + list(_EXTRA_LINES) * 20
 
 
-def build_clip_tokenizer(vocab_size: int = 1000, model_max_length: int = 77):
-    """A CLIPTokenizer whose vocabulary and merges are learned here (byte-level BPE, `</w>` word ends)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+def learn_bpe_merges(corpus: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Classic BPE on `</w>`-terminated words; ties go to the lexicographically largest pair, so the
+    result is the same on every machine (the `tokenizers` trainer breaks ties by hash order)."""
+    words = Counter(word for line in corpus for word in _WORD_PATTERN.findall(line.lower()))
+    segmented = {tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in words.items()}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in segmented.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs, key=lambda pair: (pairs[pair], pair))
+        merges.append(best)
+        segmented = {_merge(symbols, best): count for symbols, count in segmented.items()}
+    return merges
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, index = [], 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)
+
+
+def build_clip_tokenizer(num_merges: int = 400, model_max_length: int = 77):
+    """A CLIPTokenizer with CLIP's layout (bytes, bytes + `</w>`, merges, specials) learned here."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=specials,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(training_corpus(), trainer)
-    learned = json.loads(bpe.to_str())["model"]
-    vocab = dict(learned["vocab"])
-    # CLIP looks up every byte both inside a word and as a word end.
-    for symbol in pre_tokenizers.ByteLevel.alphabet():
-        for piece in (symbol, symbol + "</w>"):
-            vocab.setdefault(piece, len(vocab))
-    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split()) for merge in learned["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = learn_bpe_merges(training_corpus(), num_merges)
+    pieces = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
+    pieces += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
     tokenizer.model_max_length = model_max_length
     return tokenizer

@@ -19,14 +19,10 @@ def check_image_size(height: int, width: int, multiple: int = 16) -> None:
             lower = max(multiple, value // multiple * multiple)
             upper = lower + multiple if lower < value else lower
             choices = f"{lower} or {upper}" if lower != upper else f"{lower}"
-            raise FluxExportError(
-                f"{name} {value} is not a multiple of {multiple}: use {choices} (--{name})"
-            )
+            raise FluxExportError(f"{name} {value} is not a multiple of {multiple}: use {choices} (--{name})")
 
 
-def noise(
-    batch: int, channels: int, height: int, width: int, seed: int, vae_scale_factor: int = 8
-) -> torch.Tensor:
+def noise(batch: int, channels: int, height: int, width: int, seed: int, vae_scale_factor: int = 8) -> torch.Tensor:
     """Gaussian latents [B,C,h,w] float32 from a CPU generator: the same draw as diffusers for the seed."""
     h, w = latent_grid(height, width, vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)

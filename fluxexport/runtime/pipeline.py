@@ -177,7 +177,9 @@ def denoise(
 def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
     """Packed latents → uint8 images [B,H,W,3]."""
     h, w = latent_grid(height, width, source.vae_scale_factor)
-    scaled = to_vae_latents(unpack_latents(latents, h, w), source.vae["scaling_factor"], source.vae.get("shift_factor") or 0.0)
+    scaled = to_vae_latents(
+        unpack_latents(latents, h, w), source.vae["scaling_factor"], source.vae.get("shift_factor") or 0.0
+    )
     return images_to_uint8(backend.component("vae_decoder")({"latent": scaled})["images"])
 
 

@@ -35,9 +35,7 @@ def resolution_shift(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
-def flow_match_sigmas(
-    num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]
-) -> torch.Tensor:
+def flow_match_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
     """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu)."""
     if num_steps < 1:
         raise FluxExportError(f"steps must be at least 1, got {num_steps} (--steps)")

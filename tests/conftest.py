@@ -1,0 +1,92 @@
+"""Session fixtures: tiny models are written once, and every expensive object is built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+VARIANTS = ("tiny-schnell", "tiny-dev", "tiny-kontext")
+
+
+def pytest_configure(config):
+    # Tests never touch the user's cache or the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fluxexport.console import quiet_libraries
+
+    quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fluxexport-cache")
+    os.environ["FLUXEXPORT_CACHE"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sources(cache_root):
+    """ModelSource per tiny variant, materialised in the session cache."""
+    from fluxexport.models.source import resolve_model
+
+    return {name: resolve_model(name) for name in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def torch_backends(sources):
+    from fluxexport.backends.torch_backend import TorchBackend
+
+    return {name: TorchBackend(source, device="cpu") for name, source in sources.items()}
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipelines(sources):
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    pipelines = {}
+    for name, source in sources.items():
+        cls = FluxKontextPipeline if source.is_kontext else FluxPipeline
+        pipeline = cls.from_pretrained(source.root)
+        pipeline.set_progress_bar_config(disable=True)
+        pipelines[name] = pipeline
+    return pipelines
+
+
+@pytest.fixture(scope="session")
+def reference_image():
+    """A deterministic 200×300 RGB picture with structure (gradients and a disc), not flat noise."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:200, 0:300].astype(np.float32)
+    disc = ((x - 180) ** 2 + (y - 90) ** 2 < 50**2).astype(np.float32)
+    rgb = np.stack([x / 300, y / 200, disc], axis=-1) * 255
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def diffusers_images(pipeline, prompt, height, width, steps, seed, num_images=1, **kwargs) -> np.ndarray:
+    """uint8 [B,H,W,3] from a diffusers pipeline, rounded as its PIL output is."""
+    from diffusers import FluxKontextPipeline
+
+    if isinstance(pipeline, FluxKontextPipeline):
+        kwargs.setdefault("max_area", height * width)  # keep the requested size, as our runtime does
+    # our T5 length defaults are BFL's (256 schnell, 512 guidance-distilled); diffusers' is always 512
+    kwargs.setdefault("max_sequence_length", 512 if pipeline.transformer.config.guidance_embeds else 256)
+    images = pipeline(
+        prompt=prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        num_images_per_prompt=num_images,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **kwargs,
+    ).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

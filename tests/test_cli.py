@@ -1,0 +1,122 @@
+"""The command line: files written, exact one-line errors, nothing written on failure."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fluxexport.cli import main
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_writes_the_runtime_image(tmp_path, sources, torch_backends):
+    out = tmp_path / "cat.png"
+    result = invoke("run", "--model", "tiny-schnell", "--prompt", "a cat", "--height", 144, "--width", 272,
+                    "--seed", 4, "--output", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output
+    assert "denoise per step" in result.output
+    expected = generate(
+        torch_backends["tiny-schnell"], sources["tiny-schnell"],
+        GenerationRequest("a cat", height=144, width=272, seed=4),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.array(Image.open(out)), expected)
+
+
+def test_run_writes_one_file_per_image(tmp_path, sources):
+    result = invoke("run", "--model", "tiny-dev", "--prompt", "a dog", "--steps", 2, "--num-images", 2,
+                    "--output", tmp_path / "dog.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog_0.png", "dog_1.png"]
+    assert Image.open(tmp_path / "dog_0.png").size == (256, 256)
+
+
+def test_kontext_run_with_image(tmp_path, sources, reference_image):
+    reference_image.save(tmp_path / "ref.png")
+    result = invoke("run", "--model", "tiny-kontext", "--prompt", "blue", "--steps", 2, "--image", tmp_path / "ref.png",
+                    "--keep-reference-size", "--output", tmp_path / "edit.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "edit.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--height", "250"], "Error: height 250 is not a multiple of 16: use 240 or 256 (--height)"),
+        (["--width", "1000"], "Error: width 1000 is not a multiple of 16: use 992 or 1008 (--width)"),
+        (["--steps", "0"], "Error: steps must be at least 1, got 0 (--steps)"),
+        (["--num-images", "0"], "Error: num-images must be at least 1, got 0 (--num-images)"),
+        (
+            ["--max-sequence-length", "600"],
+            "Error: max-sequence-length must be in 1..512, got 600 (--max-sequence-length)",
+        ),
+        (
+            ["--model", "tiny-pro"],
+            "Error: unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext",
+        ),
+    ],
+)
+def test_bad_input_one_line_errors_and_nothing_written(tmp_path, sources, args, message):
+    out = tmp_path / "never.png"
+    result = invoke("run", "--prompt", "a cat", "--output", out, *args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_on_a_non_kontext_model(tmp_path, sources, reference_image):
+    reference_image.save(tmp_path / "ref.png")
+    result = invoke(
+        "run", "--model", "tiny-dev", "--prompt", "x", "--image", tmp_path / "ref.png", "--output", tmp_path / "o.png"
+    )
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: --image is a Kontext reference but tiny-dev is a FluxPipeline: "
+        "use a FLUX.1 Kontext model or drop --image"
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_and_incomplete_model_folders(tmp_path, sources):
+    result = invoke("run", "--model", tmp_path / "nothing", "--prompt", "x", "--output", tmp_path / "o.png")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text("{}")
+    result = invoke("run", "--model", tmp_path / "half", "--prompt", "x", "--output", tmp_path / "o.png")
+    assert result.exit_code == 1
+    assert "is incomplete: missing transformer, vae, text_encoder" in result.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_unwritable_output(tmp_path, sources):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("run", "--prompt", "x", "--output", blocker / "o.png")
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: cannot write {blocker / 'o.png'}: {blocker} is not a folder (--output)"
+    result = invoke("run", "--prompt", "x", "--output", tmp_path / "no" / "o.png")
+    assert (
+        result.output.strip()
+        == f"Error: output folder {tmp_path / 'no'} does not exist: create it or choose another --output"
+    )
+
+
+def test_truncation_warning_on_the_terminal(tmp_path, sources):
+    result = invoke("run", "--prompt", " ".join(["red fox"] * 60), "--steps", 1, "--output", tmp_path / "o.png")
+    assert result.exit_code == 0
+    assert "Warning: CLIP prompt was truncated to 77 tokens" in result.output
+
+
+def test_tiny_command_writes_folder_and_single_file(tmp_path):
+    result = invoke("tiny", "tiny-schnell", "--out", tmp_path / "m", "--single-file", tmp_path / "flux1-m.safetensors")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    result = invoke("run", "--model", tmp_path / "flux1-m.safetensors", "--base-model", tmp_path / "m", "--prompt", "x",
+                    "--steps", 1, "--output", tmp_path / "o.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = invoke("tiny", "tiny-schnell", "--out", tmp_path / "m")
+    assert result.exit_code == 1 and "already exists and is not empty" in result.output

@@ -1,0 +1,79 @@
+import json
+import shutil
+
+import huggingface_hub.constants
+import pytest
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import load_folder, resolve_model
+
+
+def test_tiny_names_resolve_to_the_cache(sources, cache_root):
+    assert sources["tiny-schnell"].root == cache_root / "tiny" / "tiny-schnell"
+    assert resolve_model("tiny-schnell").root == sources["tiny-schnell"].root
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FluxExportError, match="does not exist"):
+        load_folder(tmp_path / "nope")
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(FluxExportError, match="has no model_index.json"):
+        load_folder(tmp_path)
+
+
+def test_incomplete_folder_names_missing_parts(tmp_path, sources):
+    folder = tmp_path / "partial"
+    shutil.copytree(sources["tiny-dev"].root, folder)
+    shutil.rmtree(folder / "vae")
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(FluxExportError) as error:
+        load_folder(folder)
+    assert str(error.value) == f"model folder {folder} is incomplete: missing vae, tokenizer_2"
+
+
+def test_hub_id_offline_names_the_id(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FluxExportError) as error:
+        resolve_model("black-forest-labs/FLUX.1-schnell")
+    assert "'black-forest-labs/FLUX.1-schnell'" in str(error.value)
+    assert "unreachable" in str(error.value)
+
+
+def test_hub_id_from_the_local_hub_cache(monkeypatch, tmp_path, sources):
+    """A hub id resolves through huggingface_hub's cache layout (what a download leaves behind)."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--acme--tiny-flux"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(sources["tiny-schnell"].root, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    source = resolve_model("acme/tiny-flux")
+    assert source.name == "tiny-flux"
+    assert source.root == repo / "snapshots" / revision
+    assert source.configs == sources["tiny-schnell"].configs
+
+
+def test_single_file_needs_a_base_model(tmp_path):
+    checkpoint = tmp_path / "flux1-dev.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(FluxExportError, match="holds only the transformer: add --base-model"):
+        resolve_model(str(checkpoint))
+
+
+def test_invalid_json_is_a_clear_error(tmp_path, sources):
+    folder = tmp_path / "broken"
+    shutil.copytree(sources["tiny-schnell"].root, folder)
+    (folder / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(FluxExportError, match="is not valid JSON"):
+        load_folder(folder)
+
+
+def test_model_defaults(sources):
+    schnell, dev = sources["tiny-schnell"], sources["tiny-dev"]
+    assert (schnell.default_steps, schnell.default_max_sequence_length, schnell.guidance_embeds) == (4, 256, False)
+    assert (dev.default_steps, dev.default_max_sequence_length, dev.guidance_embeds) == (28, 512, True)
+    assert json.loads((schnell.root / "fluxexport_tiny.json").read_text())["variant"] == "tiny-schnell"
+    assert schnell.fingerprint() != dev.fingerprint()
