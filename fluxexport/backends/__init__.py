@@ -17,4 +17,10 @@ def create_backend(
         from fluxexport.backends.torch_backend import TorchBackend
 
         return TorchBackend(source, dtype=dtype, device=device)
+    if name == "onnxruntime":
+        from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        if engines is None:
+            raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")
+        return OnnxRuntimeBackend(source, engines)
     raise FluxExportError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

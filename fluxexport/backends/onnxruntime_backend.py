@@ -1,0 +1,94 @@
+"""ONNX Runtime backend: one InferenceSession per component, I/O named and typed by the manifest (= specs)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxexport.backends.base import Component, Feeds
+from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import read_manifest
+from fluxexport.models.source import ModelSource
+
+# ONNX element type names (as the manifest writes them) → numpy dtypes ORT takes and returns.
+_NUMPY = {"float": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise FluxExportError(
+            "the onnxruntime backend needs ONNX Runtime: pip install 'fluxexport[onnx]' (or onnxruntime-gpu)"
+        ) from None
+    return onnxruntime
+
+
+def default_providers() -> list[str]:
+    """CUDA first when onnxruntime-gpu has it, CPU always."""
+    available = _import_onnxruntime().get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxRuntimeBackend:
+    """Runs exported graphs; the checkpoint supplies only tokenizers and configs."""
+
+    name = "onnxruntime"
+
+    def __init__(self, source: ModelSource, engines: Path, providers: list[str] | None = None, threads: int = 0):
+        self.source = source
+        self.engines = Path(engines)
+        self.manifest = read_manifest(self.engines)
+        exported_from = self.manifest["model"]["fingerprint"]
+        if exported_from != source.fingerprint():
+            raise FluxExportError(
+                f"the graphs in {self.engines} were exported from {self.manifest['model']['name']!r}, not from "
+                f"{source.name!r}: pass the same --model as at export, or export again"
+            )
+        self.providers = providers or default_providers()
+        self.threads = threads
+
+    @functools.cache  # noqa: B019 - one backend per engine folder, kept for the process
+    def component(self, name: str) -> Component:
+        entries = self.manifest["components"]
+        if name not in entries:
+            raise FluxExportError(
+                f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
+                f"run fluxexport export --components {name}"
+            )
+        entry = entries[name]
+        if entry["dtype"] == "bf16":
+            raise FluxExportError(
+                f"{name} in {self.engines} is a bf16 graph, which ONNX Runtime cannot run on CPU: run it with "
+                "TensorRT, or export --dtype fp32 for onnxruntime"
+            )
+        session = self._session(self.engines / entry["file"])
+        inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
+        output_names = [t["name"] for t in entry["outputs"]]
+
+        def run(feeds: Feeds) -> Feeds:
+            arrays = {
+                key: feeds[key].detach().cpu().numpy().astype(dtype, copy=False)
+                for key, dtype in inputs.items()
+                if key in feeds
+            }
+            outputs = session.run(output_names, arrays)
+            return {
+                key: torch.from_numpy(np.asarray(value, dtype=np.float32))
+                for key, value in zip(output_names, outputs, strict=True)
+            }
+
+        return run
+
+    def _session(self, path: Path):
+        onnxruntime = _import_onnxruntime()
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if not path.is_file():
+            raise FluxExportError(f"{path} is missing: the export in {self.engines} is incomplete, export again")
+        return onnxruntime.InferenceSession(str(path), options, providers=self.providers)

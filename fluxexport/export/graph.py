@@ -1,0 +1,94 @@
+"""Passes over an exported onnx_ir model: spec names on I/O axes, no DOUBLE, BF16 Resize wrapped in casts.
+
+They work on onnx_ir (not protobuf) so that multi-GB graphs never have to fit in one protobuf message.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from fluxexport.errors import FluxExportError
+from fluxexport.specs import ComponentSpec
+
+ONNX_DTYPES = {"fp32": ir.DataType.FLOAT, "bf16": ir.DataType.BFLOAT16, "fp16": ir.DataType.FLOAT16}
+
+
+def onnx_dtype(spec_dtype: str, compute: str) -> ir.DataType:
+    """The ONNX element type of a spec tensor when the component computes in `compute`."""
+    if spec_dtype == "int32":
+        return ir.DataType.INT32
+    if spec_dtype == "float32":
+        return ir.DataType.FLOAT
+    return ONNX_DTYPES[compute]
+
+
+def name_axes_from_spec(model: ir.Model, spec: ComponentSpec) -> None:
+    """Give the graph's inputs and outputs the spec's axis names (torch names them `s9`, `8*h_`, …)."""
+    renames: dict[str, str] = {}
+    for values, tensors in ((model.graph.inputs, spec.inputs), (model.graph.outputs, spec.outputs)):
+        for value, tensor in zip(values, tensors, strict=True):
+            if value.name != tensor.name:
+                raise FluxExportError(f"{spec.name}: exported {value.name!r} where the spec says {tensor.name!r}")
+            dims = []
+            for exported, wanted in zip(value.shape, tensor.dims, strict=True):
+                if isinstance(wanted, str):
+                    if isinstance(exported, ir.SymbolicDim) and exported.value:
+                        renames[exported.value] = wanted
+                    dims.append(ir.SymbolicDim(wanted))
+                else:
+                    dims.append(exported)
+            value.shape = ir.Shape(dims)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if value.shape is not None and not value.is_graph_output():
+                value.shape = ir.Shape(
+                    ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                    for d in value.shape
+                )
+
+
+def _all_values(model: ir.Model):
+    yield from model.graph.inputs
+    yield from model.graph.initializers.values()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        yield from node.outputs
+
+
+def double_tensors(model: ir.Model) -> list[str]:
+    """Names of every float64 value or constant in the graph (TensorRT has no DOUBLE)."""
+    found = [value.name for value in _all_values(model) if value.dtype == ir.DataType.DOUBLE]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == ir.DataType.DOUBLE:
+                found.append(f"{node.name}.{attribute.name}")
+    return found
+
+
+def wrap_bf16_resize_in_casts(model: ir.Model) -> int:
+    """TensorRT has no BF16 Resize: replace each BF16 Resize by Cast(fp32) → Resize → Cast(bf16)."""
+    graph, wrapped = model.graph, 0
+    for node in [n for n in graph if n.op_type == "Resize" and n.inputs[0].dtype == ir.DataType.BFLOAT16]:
+        old_output = node.outputs[0]
+        up = ir.Node("", "Cast", [node.inputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT)], name=f"{node.name}_up")
+        resize = ir.Node("", "Resize", [up.outputs[0], *node.inputs[1:]], node.attributes.values(), name=node.name)
+        down = ir.Node(
+            "", "Cast", [resize.outputs[0]], [ir.AttrInt64("to", ir.DataType.BFLOAT16)], name=f"{node.name}_down"
+        )
+        up.outputs[0].dtype = resize.outputs[0].dtype = ir.DataType.FLOAT
+        down.outputs[0].dtype, down.outputs[0].shape = ir.DataType.BFLOAT16, old_output.shape
+        graph.insert_before(node, [up, resize, down])
+        old_output.replace_all_uses_with(down.outputs[0], replace_graph_outputs=True)
+        name = old_output.name
+        graph.remove(node, safe=True)
+        down.outputs[0].name = name
+        wrapped += 1
+    return wrapped
+
+
+def check_io_dtypes(model: ir.Model, spec: ComponentSpec, compute: str) -> None:
+    """The exported inputs/outputs carry exactly the spec's element types."""
+    for values, tensors in ((model.graph.inputs, spec.inputs), (model.graph.outputs, spec.outputs)):
+        for value, tensor in zip(values, tensors, strict=True):
+            expected = onnx_dtype(tensor.dtype, compute)
+            if value.dtype != expected:
+                raise FluxExportError(f"{spec.name}.{tensor.name} is {value.dtype.name}, the spec says {expected.name}")

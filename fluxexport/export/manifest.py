@@ -1,0 +1,62 @@
+"""manifest.json beside exported graphs: what each file is, how it was made, and from what."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fluxexport.errors import FluxExportError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_PACKAGES = ("fluxexport", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FluxExportError(f"{folder} has no {MANIFEST}: export graphs into it with `fluxexport export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FluxExportError(f"{path} is not valid JSON ({error.msg}): export again") from None
+    if manifest.get("format") != FORMAT:
+        raise FluxExportError(f"{path} has format {manifest.get('format')!r}, this fluxexport reads {FORMAT}")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Replace manifest.json atomically (temp file + rename): readers never see half of it."""
+    path = Path(folder) / MANIFEST
+    temporary = path.with_name(f".{MANIFEST}.tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,203 @@
+"""Export components to ONNX with dynamo: dynamic axes from the specs, checked and cleaned, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxexport.backends.torch_backend import parse_dtype
+from fluxexport.errors import FluxExportError
+from fluxexport.export import graph as passes
+from fluxexport.export.manifest import FORMAT, file_sha256, library_versions, now, read_manifest, write_manifest
+from fluxexport.export.wrappers import build_wrapper
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
+
+DEFAULT_OPSET = 20  # the newest opset TensorRT 10.1's ONNX parser documents (see data/tensorrt_onnx_ops.json)
+MIN_OPSET, MAX_OPSET = 18, 23  # what torch's dynamo exporter emits
+PROTOBUF_LIMIT = 2**31 - 2**24  # keep weights inline only well below protobuf's 2 GiB message limit
+
+
+@dataclass(frozen=True)
+class ExportedComponent:
+    name: str
+    path: Path
+    dtype: str
+    seconds: float
+    nodes: int
+    weight_bytes: int
+    external_data: str | None
+    notes: tuple[str, ...] = ()
+
+
+def component_dtype(component: str, requested: str) -> tuple[str, str | None]:
+    """Per-component precision policy: (dtype to export, why it differs from the request or None)."""
+    if requested == "fp16" and component in ("vae_decoder", "vae_encoder"):
+        return "fp32", "the VAE is never exported in fp16 (its activations overflow fp16); kept fp32"
+    if requested == "fp16" and component == "t5":
+        return "bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16"
+    return requested, None
+
+
+def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
+    """torch.export Dims per input, one Dim object per spec axis so that shared axes stay tied."""
+    dims: dict[str, object] = {}
+    for axis, bounds in spec.axes.items():
+        if bounds.multiple == 1:
+            dims[axis] = torch.export.Dim(axis, min=1)
+        else:  # sizes that are multiples of `multiple` (VAE pixels): multiple · Dim
+            dims[axis] = bounds.multiple * torch.export.Dim(f"{axis}_over_{bounds.multiple}", min=1)
+    return tuple(
+        {index: dims[dim] for index, dim in enumerate(tensor.dims) if isinstance(dim, str)} for tensor in spec.inputs
+    )
+
+
+def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int):
+    with torch.no_grad():
+        return torch.onnx.export(
+            module,
+            tuple(feeds.values()),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(spec),
+            input_names=[tensor.name for tensor in spec.inputs],
+            output_names=[tensor.name for tensor in spec.outputs],
+            opset_version=opset,
+            optimize=True,  # onnxscript optimizer: constant folding, dead-node removal
+            verbose=False,
+        )
+
+
+def export_component(
+    source: ModelSource,
+    spec: ComponentSpec,
+    out_dir: Path,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> ExportedComponent:
+    """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically."""
+    import onnx
+    import onnx_ir as ir
+
+    start = time.perf_counter()
+    compute, note = component_dtype(spec.name, dtype)
+    torch_dtype = parse_dtype(compute)
+    module = build_wrapper(spec, source, torch_dtype)
+    feeds = sample_inputs(spec, spec.export_sizes, torch_dtype)
+    try:
+        program = _export_program(module, spec, feeds, opset)
+    except Exception as error:  # torch.export's errors are pages long: keep the first line, point to the cause
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
+    model: ir.Model = program.model
+    passes.name_axes_from_spec(model, spec)
+    passes.check_io_dtypes(model, spec, compute)
+    doubles = passes.double_tensors(model)
+    if doubles:
+        raise FluxExportError(
+            f"{spec.name}: the graph holds float64 tensors ({', '.join(doubles[:3])}); TensorRT has no DOUBLE"
+        )
+    notes = [note] if note else []
+    if compute == "bf16" and (count := passes.wrap_bf16_resize_in_casts(model)):
+        notes.append(f"{count} BF16 Resize nodes wrapped in fp32 casts")
+    weight_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+    external = weight_bytes > PROTOBUF_LIMIT if external_data is None else external_data
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".staging-{spec.name}-"))
+    try:
+        graph_file = staging / f"{spec.name}.onnx"
+        data_name = f"{spec.name}.onnx_data" if external else None
+        ir.save(model, graph_file, external_data=data_name)
+        onnx.checker.check_model(str(graph_file), full_check=False)
+        if not external:  # a stale data file of an earlier external-data export must not linger
+            (out_dir / f"{spec.name}.onnx_data").unlink(missing_ok=True)
+        if data_name:
+            os.replace(staging / data_name, out_dir / data_name)
+        os.replace(graph_file, out_dir / graph_file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportedComponent(
+        spec.name, out_dir / f"{spec.name}.onnx", compute, time.perf_counter() - start, model.graph.num_nodes(),
+        weight_bytes, data_name, tuple(notes),
+    )  # fmt: skip
+
+
+def _tensor_entry(spec: ComponentSpec, compute: str) -> dict:
+    return {
+        direction: [
+            {"name": t.name, "dtype": passes.onnx_dtype(t.dtype, compute).name.lower(), "dims": list(t.dims)}
+            for t in tensors
+        ]
+        for direction, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))
+    }
+
+
+def manifest_entry(spec: ComponentSpec, exported: ExportedComponent, opset: int) -> dict:
+    files = [exported.path] + ([exported.path.with_name(exported.external_data)] if exported.external_data else [])
+    return {
+        "file": exported.path.name,
+        "external_data": exported.external_data,
+        "dtype": exported.dtype,
+        "opset": opset,
+        **_tensor_entry(spec, exported.dtype),
+        "axes": {name: vars(axis) for name, axis in spec.axes.items()},
+        "sha256": {path.name: file_sha256(path) for path in files},
+        "nodes": exported.nodes,
+        "weight_bytes": exported.weight_bytes,
+        "export_seconds": round(exported.seconds, 2),
+        "notes": list(exported.notes),
+        "exported_at": now(),
+    }
+
+
+def export_model(
+    source: ModelSource,
+    out_dir: Path,
+    components: Sequence[str] = COMPONENTS,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    bounds: ExportBounds | None = None,
+    external_data: bool | None = None,
+    on_component: Callable[[str, ExportedComponent | None], None] | None = None,
+) -> dict:
+    """Export `components` of `source` into `out_dir` and keep `manifest.json` in step after each one."""
+    unknown = [name for name in components if name not in COMPONENTS]
+    if unknown:
+        raise FluxExportError(f"unknown component {unknown[0]!r}: choose from {', '.join(COMPONENTS)} (--components)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise FluxExportError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET} (--opset)")
+    parse_dtype(dtype)
+    bounds = bounds or ExportBounds.for_model(source)
+    specs = component_specs(source, bounds)
+    out_dir = Path(out_dir)
+    previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
+    if previous and previous["model"]["fingerprint"] != source.fingerprint():
+        previous = None  # graphs of another checkpoint: start a fresh manifest (files are replaced one by one)
+    manifest = previous or {"format": FORMAT, "components": {}}
+    manifest |= {
+        "model": {
+            "name": source.name,
+            "pipeline_class": source.pipeline_class,
+            "fingerprint": source.fingerprint(),
+            "guidance_embeds": source.guidance_embeds,
+        },
+        "bounds": vars(bounds),
+        "versions": library_versions(),
+    }
+    for name in components:
+        if on_component:
+            on_component(name, None)
+        exported = export_component(source, specs[name], out_dir, dtype, opset, external_data)
+        manifest["components"][name] = manifest_entry(specs[name], exported, opset)
+        write_manifest(out_dir, manifest)
+        if on_component:
+            on_component(name, exported)
+    return manifest

@@ -1,0 +1,199 @@
+"""One declarative spec per exported component: tensor names, dtypes, symbolic axes and their bounds.
+
+Export (dynamic shapes), the ONNX Runtime backend (I/O), `check` (contract), `validate` (shapes to test)
+and later TensorRT profiles and Triton dims all read these; no name or shape is written anywhere else.
+Names follow NVIDIA's TensorRT diffusion demo (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
+# Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
+KONTEXT_REFERENCE_TOKENS = max((w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+KONTEXT_REFERENCE_SIDE = max(max(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
+
+Dim = int | str  # a fixed size, or the name of a symbolic axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output. dtype "float" means the component's compute dtype (fp32/bf16/fp16)."""
+
+    name: str
+    dtype: str  # "float" | "float32" | "int32"
+    dims: tuple[Dim, ...]
+    value_range: tuple[float, float] = (-1.0, 1.0)  # where sample inputs are drawn from
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A symbolic axis: its bounds become torch.export Dims, TensorRT profiles and Triton -1 dims.
+    `multiple` constrains sizes (VAE pixels are multiples of 8); `opt` is the profile's optimum."""
+
+    min: int
+    opt: int
+    max: int
+    multiple: int = 1
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, Axis]
+    export_sizes: dict[str, int]  # sample sizes for export: every axis ≥ 2 and distinct, so none specialises
+    derived: dict[str, tuple[str, int]] = field(default_factory=dict)  # output axis → (input axis, factor)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(tensor for tensor in self.inputs if tensor.name == name)
+
+    def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape of `tensor` for axis sizes (derived output axes computed from their source)."""
+        resolved = dict(sizes)
+        for axis, (source, factor) in self.derived.items():
+            if source in resolved:
+                resolved[axis] = resolved[source] * factor
+        return tuple(dim if isinstance(dim, int) else resolved[dim] for dim in tensor.dims)
+
+
+@dataclass(frozen=True)
+class ExportBounds:
+    """The range an export (and later an engine) must serve."""
+
+    max_batch: int = 4
+    min_resolution: int = 256
+    opt_resolution: int = 1024
+    max_resolution: int = 1360
+    max_text_length: int = 512
+    opt_text_length: int = 512
+
+    @classmethod
+    def for_model(cls, source: ModelSource, **overrides) -> ExportBounds:
+        """Real checkpoints: 256–1360 px like NVIDIA's demo; tiny ones: 64–1024 px around 256."""
+        defaults = {"opt_text_length": source.default_max_sequence_length}
+        if source.is_tiny:
+            defaults |= {"min_resolution": 64, "opt_resolution": source.default_size, "max_resolution": 1024}
+        bounds = cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
+        bounds.check()
+        return bounds
+
+    def check(self) -> None:
+        from fluxexport.errors import FluxExportError
+
+        if not 16 <= self.min_resolution <= self.opt_resolution <= self.max_resolution:
+            raise FluxExportError(
+                f"resolutions must satisfy 16 ≤ min ≤ opt ≤ max, got {self.min_resolution}, "
+                f"{self.opt_resolution}, {self.max_resolution} (--min-resolution/--max-resolution)"
+            )
+        if any(value % 16 for value in (self.min_resolution, self.opt_resolution, self.max_resolution)):
+            raise FluxExportError("resolutions must be multiples of 16 (--min-resolution/--max-resolution)")
+        if self.max_batch < 1:
+            raise FluxExportError(f"max batch must be at least 1, got {self.max_batch} (--max-batch)")
+
+
+def _tokens(side: int) -> int:
+    return (side // 16) ** 2
+
+
+def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> dict[str, ComponentSpec]:
+    """The five component specs for a checkpoint, with widths read from its configs."""
+    bounds = bounds or ExportBounds.for_model(source)
+    batch = Axis(1, 1, bounds.max_batch)
+    clip_length = int(source.clip.get("max_position_embeddings", 77))
+    clip_width = int(source.clip["hidden_size"])
+    t5_width = int(source.t5["d_model"])
+    packed = int(source.transformer.get("in_channels", 64))
+    channels = source.latent_channels
+    scale = source.vae_scale_factor
+    min_side, opt_side, max_side = bounds.min_resolution, bounds.opt_resolution, bounds.max_resolution
+    text = Axis(1, bounds.opt_text_length, bounds.max_text_length)
+
+    image_tokens = Axis(_tokens(min_side), _tokens(opt_side), _tokens(max_side))
+    encoder_max_side = max_side
+    if source.is_kontext:  # noise tokens plus the reference's tokens
+        reference_max = max(KONTEXT_REFERENCE_TOKENS, _tokens(max_side))
+        image_tokens = Axis(
+            image_tokens.min, image_tokens.opt + KONTEXT_REFERENCE_TOKENS, image_tokens.max + reference_max
+        )
+        encoder_max_side = max(max_side, KONTEXT_REFERENCE_SIDE)
+
+    transformer_inputs = [
+        TensorSpec("hidden_states", "float", ("B", "N", packed), (-3.0, 3.0)),
+        TensorSpec("encoder_hidden_states", "float", ("B", "L", t5_width)),
+        TensorSpec("pooled_projections", "float", ("B", clip_width)),
+        TensorSpec("timestep", "float", ("B",), (0.0, 1.0)),
+        TensorSpec("img_ids", "float32", ("N", 3), (0.0, 64.0)),
+        TensorSpec("txt_ids", "float32", ("L", 3), (0.0, 0.0)),
+    ]
+    if source.guidance_embeds:
+        transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
+
+    latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
+    pixel_axis = Axis(min_side, opt_side, encoder_max_side, multiple=scale)
+    return {
+        "clip": ComponentSpec(
+            "clip",
+            inputs=(TensorSpec("input_ids", "int32", ("B", clip_length), (0, int(source.clip["vocab_size"]) - 1)),),
+            outputs=(
+                TensorSpec("text_embeddings", "float", ("B", clip_length, clip_width)),
+                TensorSpec("pooled_embeddings", "float", ("B", clip_width)),
+            ),
+            axes={"B": batch},
+            export_sizes={"B": 2},
+        ),
+        "t5": ComponentSpec(
+            "t5",
+            inputs=(TensorSpec("input_ids", "int32", ("B", "L"), (0, int(source.t5["vocab_size"]) - 1)),),
+            outputs=(TensorSpec("text_embeddings", "float", ("B", "L", t5_width)),),
+            axes={"B": batch, "L": text},
+            export_sizes={"B": 2, "L": 11},
+        ),
+        "transformer": ComponentSpec(
+            "transformer",
+            inputs=tuple(transformer_inputs),
+            outputs=(TensorSpec("latent", "float", ("B", "N", packed)),),
+            axes={"B": batch, "N": image_tokens, "L": text},
+            export_sizes={"B": 2, "N": 24, "L": 13},
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", "float", ("B", channels, "h", "w"), (-3.0, 3.0)),),
+            outputs=(TensorSpec("images", "float", ("B", 3, "H", "W")),),
+            axes={"B": batch, "h": latent_axis, "w": latent_axis},
+            export_sizes={"B": 2, "h": 6, "w": 10},
+            derived={"H": ("h", scale), "W": ("w", scale)},
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("images", "float", ("B", 3, "H", "W")),),
+            outputs=(TensorSpec("latent", "float", ("B", channels, "h", "w")),),
+            axes={"B": batch, "H": pixel_axis, "W": pixel_axis},
+            export_sizes={"B": 2, "H": 48, "W": 80},
+            derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
+        ),
+    }
+
+
+def sample_inputs(
+    spec: ComponentSpec, sizes: dict[str, int], dtype: torch.dtype = torch.float32, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random inputs for `spec` at axis `sizes`: int32 ids in the vocabulary, floats in each tensor's range."""
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for tensor in spec.inputs:
+        shape = spec.shape(tensor, sizes)
+        low, high = tensor.value_range
+        if tensor.dtype == "int32":
+            feeds[tensor.name] = torch.randint(int(low), int(high) + 1, shape, generator=generator, dtype=torch.int32)
+        else:
+            values = torch.rand(shape, generator=generator) * (high - low) + low
+            feeds[tensor.name] = values.to(dtype if tensor.dtype == "float" else torch.float32)
+    return feeds
