@@ -139,5 +139,157 @@ def run(
         click.echo(str(path))
 
 
+def _components(value: str | None) -> list[str]:
+    from fluxexport.specs import COMPONENTS
+
+    return list(COMPONENTS) if not value else [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _print_check(reports) -> bool:
+    rows = [
+        [report.path.name, str(report.opset), str(report.nodes), "ok" if report.ok else "[red]FAIL[/red]",
+         "; ".join(report.problems[:3]) + (" …" if len(report.problems) > 3 else "")]
+        for report in reports
+    ]  # fmt: skip
+    from fluxexport.export.check import tensorrt_support
+
+    console.print(
+        table(
+            f"TensorRT {tensorrt_support()['tensorrt']} compatibility",
+            ["graph", "opset", "nodes", "status", "problems"],
+            rows,
+        )
+    )
+    return all(report.ok for report in reports)
+
+
+@main.command()
+@click.option(
+    "--model",
+    default=TINY_DEFAULT,
+    show_default=True,
+    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
+)
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
+@click.option(
+    "--components", help="Comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder (default: all)."
+)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute dtype; fp16 keeps T5 in bf16 and the VAE in fp32.")  # fmt: skip
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20: TensorRT 10.1's newest).")
+@click.option("--max-batch", type=int, help="Largest batch the graphs must serve (default 4).")
+@click.option("--min-resolution", type=int, help="Smallest image side in pixels (default 256; 64 for tiny models).")
+@click.option("--max-resolution", type=int, help="Largest image side in pixels (default 1360; 1024 for tiny models).")
+@click.option("--external-data/--inline-weights", default=None,
+              help="Weights in a .onnx_data file beside each graph (default: only past 2 GB).")  # fmt: skip
+@click.option("--check/--no-check", "run_check", default=True, show_default=True, help="Run `fluxexport check` after.")
+def export(
+    model,
+    base_model,
+    out,
+    components,
+    dtype,
+    opset,
+    max_batch,
+    min_resolution,
+    max_resolution,
+    external_data,
+    run_check,
+) -> None:
+    """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
+    from fluxexport.export.check import check_folder
+    from fluxexport.export.onnx_export import DEFAULT_OPSET, component_dtype, export_model
+    from fluxexport.models.source import resolve_model
+    from fluxexport.specs import ExportBounds
+
+    source = resolve_model(model, base_model)
+    bounds = ExportBounds.for_model(
+        source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
+    )
+    names = _components(components)
+    out = out or Path("engines") / source.name / "onnx"
+    for name in names:
+        _, reason = component_dtype(name, dtype)
+        if reason:
+            console.print(f"note: {name}: {reason}")
+    rows = []
+    with step_progress(f"export {source.name} → {out}", len(names)) as advance:
+        done = []
+
+        def on_component(name, exported):
+            if exported is None:
+                return
+            done.append(name)
+            advance(len(done), len(names))
+            size = exported.path.stat().st_size + (
+                exported.path.with_name(exported.external_data).stat().st_size if exported.external_data else 0
+            )
+            rows.append([name, exported.dtype, str(exported.nodes), f"{size / 1e6:.1f}", f"{exported.seconds:.1f}"])
+
+        export_model(source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component)
+    console.print(table(f"exported to {out}", ["component", "dtype", "nodes", "MB", "s"], rows))
+    if run_check and not _print_check(check_folder(out)):
+        raise FluxExportError(f"graphs in {out} fail the TensorRT check (see the table above)")
+    click.echo(str(out))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--tensorrt", help="TensorRT version to check against (default: the bundled operator list's).")
+def check(folder: Path, tensorrt: str | None) -> None:
+    """Lint exported graphs for TensorRT: supported ops and types, no DOUBLE, known ranks, opset, contract."""
+    from fluxexport.export.check import check_folder
+
+    if not _print_check(check_folder(folder, tensorrt)):
+        raise FluxExportError(f"graphs in {folder} fail the TensorRT check (see the table above)")
+
+
+@main.command()
+@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs were exported from.")
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Folder of exported graphs.")
+@click.option("--components", help="Comma-separated subset to compare (default: every graph in --engines).")
+@click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the end-to-end comparison.")
+@click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: ENGINES/validation.json).")
+@click.option("--max-rel-l2", type=float, help="Fail above this rel-L2 (default per dtype: fp32 1e-5).")
+@click.option("--min-psnr", type=float, help="Fail below this image PSNR in dB (default per dtype: fp32 50).")
+def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr) -> None:
+    """Compare exported graphs with PyTorch per component and end to end; non-zero exit past thresholds."""
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.models.source import resolve_model
+    from fluxexport.validate import validate as run_validation
+
+    source = resolve_model(model, base_model)
+    candidate = OnnxRuntimeBackend(source, engines, upcast_bf16=True)
+    dtype = candidate.manifest.get("dtype", "fp32")
+    names = _components(components) if components else list(candidate.manifest["components"])
+    reference = TorchBackend(source, dtype=dtype, device="cpu")
+    with step_progress(f"validate {engines}", len(names) + 2) as advance:
+        seen = []
+        result = run_validation(
+            source, candidate, reference, dtype, names, str(engines), steps, max_rel_l2, min_psnr,
+            on_progress=lambda stage: (seen.append(stage), advance(len(seen) - 1, len(names) + 2)),
+        )  # fmt: skip
+    rows = [
+        [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
+         f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.cosine:.6f}", "ok" if c.passed else "[red]FAIL[/red]"]
+        for c in result.components
+    ]  # fmt: skip
+    console.print(
+        table(f"{dtype} graphs vs PyTorch", ["component", "output", "shape", "max abs", "rel-L2", "cosine", ""], rows)
+    )
+    image_rows = [
+        [f"{i.width}×{i.height}", f"{i.psnr:.1f}", str(i.max_abs_diff), "ok" if i.passed else "[red]FAIL[/red]"]
+        for i in result.images
+    ]
+    console.print(table(f"end to end, {steps} steps", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows))
+    path = result.write(report or Path(engines) / "validation.json")
+    click.echo(str(path))
+    if not result.passed:
+        raise FluxExportError(f"{engines} does not match PyTorch within the {dtype} thresholds (see {path})")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +21,16 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("diffusers", "transformers", "torch.onnx", "onnxscript"):
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch.export.*")
+    for name in (
+        "diffusers",
+        "transformers",
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "onnxscript",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers

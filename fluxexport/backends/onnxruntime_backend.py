@@ -38,8 +38,17 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, source: ModelSource, engines: Path, providers: list[str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        source: ModelSource,
+        engines: Path,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        upcast_bf16: bool = False,
+    ):
+        """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them."""
         self.source = source
+        self.upcast_bf16 = upcast_bf16
         self.engines = Path(engines)
         self.manifest = read_manifest(self.engines)
         exported_from = self.manifest["model"]["fingerprint"]
@@ -60,12 +69,13 @@ class OnnxRuntimeBackend:
                 f"run fluxexport export --components {name}"
             )
         entry = entries[name]
-        if entry["dtype"] == "bf16":
+        if entry["dtype"] == "bf16" and not self.upcast_bf16:
             raise FluxExportError(
                 f"{name} in {self.engines} is a bf16 graph, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        session = self._session(self.engines / entry["file"])
+        session = self._session(self.engines / entry["file"], upcast=entry["dtype"] == "bf16")
+        # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
         inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
         output_names = [t["name"] for t in entry["outputs"]]
 
@@ -83,7 +93,7 @@ class OnnxRuntimeBackend:
 
         return run
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, upcast: bool = False):
         onnxruntime = _import_onnxruntime()
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
@@ -91,4 +101,11 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = self.threads
         if not path.is_file():
             raise FluxExportError(f"{path} is missing: the export in {self.engines} is incomplete, export again")
+        if upcast:
+            import onnx_ir as ir
+
+            from fluxexport.export.graph import upcast_bf16_to_fp32
+
+            model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
+            return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=self.providers)
         return onnxruntime.InferenceSession(str(path), options, providers=self.providers)

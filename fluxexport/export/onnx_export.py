@@ -189,6 +189,7 @@ def export_model(
             "fingerprint": source.fingerprint(),
             "guidance_embeds": source.guidance_embeds,
         },
+        "dtype": dtype,
         "bounds": vars(bounds),
         "versions": library_versions(),
     }

@@ -1,0 +1,145 @@
+"""Compare exported graphs with PyTorch: per component across the dynamic range, and end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxexport.backends.base import Backend
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import ComponentSpec, component_specs, sample_inputs
+
+# Per export dtype: the largest rel-L2 a component may show, and the lowest end-to-end PSNR (dB).
+THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0)}
+
+
+@dataclass
+class Comparison:
+    component: str
+    output: str
+    sizes: dict[str, int]
+    seen_at_export: bool
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    passed: bool
+
+
+@dataclass
+class ImageComparison:
+    height: int
+    width: int
+    psnr: float
+    max_abs_diff: int
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    engines: str
+    dtype: str
+    components: list[Comparison] = field(default_factory=list)
+    images: list[ImageComparison] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.components) and all(i.passed for i in self.images)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2, default=float) + "\n")
+        return path
+
+
+def metrics(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
+    """(max abs, rel-L2, cosine) of `actual` against `expected`, in float64."""
+    a, e = actual.double().flatten(), expected.double().flatten()
+    difference = (a - e).norm().item()
+    reference = e.norm().item()
+    rel_l2 = difference / reference if reference else difference
+    cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if reference else 1.0
+    return (a - e).abs().max().item(), rel_l2, cosine
+
+
+def validation_sizes(spec: ComponentSpec) -> list[tuple[dict[str, int], bool]]:
+    """Three shapes per dynamic axis: the export sample, a small one (batch 1), a larger unseen one (batch 3)."""
+
+    def fit(axis: str, value: float) -> int:
+        bounds = spec.axes[axis]
+        value = max(bounds.min, min(bounds.max, int(value)))
+        return max(bounds.multiple, value // bounds.multiple * bounds.multiple)
+
+    small = {axis: 1 if axis == "B" else fit(axis, bounds.min) for axis, bounds in spec.axes.items()}
+    large = {axis: 3 if axis == "B" else fit(axis, spec.export_sizes[axis] * 2.5 + 8) for axis in spec.axes}
+    return [(dict(spec.export_sizes), True), (small, False), (large, False)]
+
+
+def compare_component(
+    spec: ComponentSpec, candidate: Callable, reference: Callable, max_rel_l2: float
+) -> list[Comparison]:
+    results = []
+    for index, (sizes, seen) in enumerate(validation_sizes(spec)):
+        feeds = sample_inputs(spec, sizes, seed=index)
+        expected, actual = reference(feeds), candidate(feeds)
+        for tensor in spec.outputs:
+            max_abs, rel_l2, cosine = metrics(actual[tensor.name], expected[tensor.name])
+            passed = math.isfinite(rel_l2) and rel_l2 <= max_rel_l2
+            results.append(Comparison(spec.name, tensor.name, sizes, seen, max_abs, rel_l2, cosine, passed))
+    return results
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def validation_resolutions(source: ModelSource) -> list[tuple[int, int]]:
+    """The model's default square size and a non-square one (height, width)."""
+    side = source.default_size
+    return [(side, side), (side * 3 // 4 // 16 * 16, side * 5 // 4 // 16 * 16)]
+
+
+def validate(
+    source: ModelSource,
+    candidate: Backend,
+    reference: Backend,
+    dtype: str,
+    components: list[str],
+    engines: str = "",
+    steps: int = 4,
+    max_rel_l2: float | None = None,
+    min_psnr: float | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> ValidationReport:
+    """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images."""
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+    default_rel_l2, default_psnr = THRESHOLDS[dtype]
+    max_rel_l2 = default_rel_l2 if max_rel_l2 is None else max_rel_l2
+    min_psnr = default_psnr if min_psnr is None else min_psnr
+    report = ValidationReport(source.name, engines, dtype)
+    specs = component_specs(source)
+    for name in components:
+        if on_progress:
+            on_progress(name)
+        report.components += compare_component(
+            specs[name], candidate.component(name), reference.component(name), max_rel_l2
+        )
+    for height, width in validation_resolutions(source):
+        if on_progress:
+            on_progress(f"image {width}×{height}")
+        request = GenerationRequest(
+            "a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0
+        )
+        ours = generate(candidate, source, request).images
+        theirs = generate(reference, source, request).images
+        value = psnr(ours, theirs)
+        difference = int(np.abs(ours.astype(int) - theirs.astype(int)).max())
+        report.images.append(ImageComparison(height, width, value, difference, value >= min_psnr))
+    return report
