@@ -90,3 +90,31 @@ def diffusers_images(pipeline, prompt, height, width, steps, seed, num_images=1,
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="session")
+def exports(sources, tmp_path_factory):
+    """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session)."""
+    from fluxexport.export.onnx_export import export_model
+
+    root = tmp_path_factory.mktemp("onnx")
+    return {name: _export(export_model, source, root / name) for name, source in sources.items()}
+
+
+@pytest.fixture(scope="session")
+def bf16_export(sources, tmp_path_factory):
+    from fluxexport.export.onnx_export import export_model
+
+    return _export(export_model, sources["tiny-dev"], tmp_path_factory.mktemp("onnx-bf16"), dtype="bf16")
+
+
+def _export(export_model, source, folder, **kwargs):
+    export_model(source, folder, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ort_backends(sources, exports):
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return {name: OnnxRuntimeBackend(sources[name], exports[name]) for name in sources}

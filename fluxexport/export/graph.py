@@ -116,3 +116,12 @@ def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
             elif attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == bf16:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attribute.value.numpy().astype(np.float32)))
     return model
+
+
+def strip_exporter_metadata(model: ir.Model) -> None:
+    """Drop torch's per-node provenance (stack traces, fx names: ~2 KB a node)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()

@@ -97,6 +97,7 @@ def export_component(
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
     model: ir.Model = program.model
+    passes.strip_exporter_metadata(model)
     passes.name_axes_from_spec(model, spec)
     passes.check_io_dtypes(model, spec, compute)
     doubles = passes.double_tensors(model)

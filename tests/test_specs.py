@@ -1,0 +1,103 @@
+import pytest
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.specs import COMPONENTS, ExportBounds, component_specs, sample_inputs
+
+
+def flux1_source(tmp_path, kontext=False, guidance=True) -> ModelSource:
+    """FLUX.1's real configs (widths, vocabularies), without weights: specs read nothing else."""
+    configs = {
+        "model_index": {"_class_name": "FluxKontextPipeline" if kontext else "FluxPipeline"},
+        "transformer": {"in_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+                        "guidance_embeds": guidance},  # fmt: skip
+        "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16},
+        "text_encoder": {"hidden_size": 768, "max_position_embeddings": 77, "vocab_size": 49408},
+        "text_encoder_2": {"d_model": 4096, "vocab_size": 32128},
+        "scheduler": {},
+    }
+    return ModelSource("flux1", tmp_path, configs=configs)
+
+
+def dims(spec, direction):
+    return {t.name: (t.dtype, t.dims) for t in getattr(spec, direction)}
+
+
+def test_contract_matches_the_architecture_table(tmp_path):
+    specs = component_specs(flux1_source(tmp_path))
+    assert tuple(specs) == COMPONENTS
+    assert dims(specs["clip"], "inputs") == {"input_ids": ("int32", ("B", 77))}
+    assert dims(specs["clip"], "outputs") == {
+        "text_embeddings": ("float", ("B", 77, 768)),
+        "pooled_embeddings": ("float", ("B", 768)),
+    }
+    assert dims(specs["t5"], "outputs") == {"text_embeddings": ("float", ("B", "L", 4096))}
+    assert dims(specs["transformer"], "inputs") == {
+        "hidden_states": ("float", ("B", "N", 64)),
+        "encoder_hidden_states": ("float", ("B", "L", 4096)),
+        "pooled_projections": ("float", ("B", 768)),
+        "timestep": ("float", ("B",)),
+        "img_ids": ("float32", ("N", 3)),
+        "txt_ids": ("float32", ("L", 3)),
+        "guidance": ("float32", ("B",)),
+    }
+    assert dims(specs["transformer"], "outputs") == {"latent": ("float", ("B", "N", 64))}
+    assert dims(specs["vae_decoder"], "inputs") == {"latent": ("float", ("B", 16, "h", "w"))}
+    assert dims(specs["vae_decoder"], "outputs") == {"images": ("float", ("B", 3, "H", "W"))}
+    assert dims(specs["vae_encoder"], "outputs") == {"latent": ("float", ("B", 16, "h", "w"))}
+
+
+def test_schnell_has_no_guidance_input(tmp_path):
+    spec = component_specs(flux1_source(tmp_path, guidance=False))["transformer"]
+    assert "guidance" not in [t.name for t in spec.inputs]
+
+
+def test_real_bounds_follow_the_demo_range(tmp_path):
+    specs = component_specs(flux1_source(tmp_path))
+    transformer = specs["transformer"]
+    assert (transformer.axes["N"].min, transformer.axes["N"].opt, transformer.axes["N"].max) == (256, 4096, 7225)
+    assert (transformer.axes["B"].min, transformer.axes["B"].max) == (1, 4)
+    assert transformer.axes["L"].max == 512
+    assert (specs["vae_decoder"].axes["h"].min, specs["vae_decoder"].axes["h"].max) == (32, 170)
+
+
+def test_kontext_bounds_cover_every_preferred_reference(tmp_path):
+    specs = component_specs(flux1_source(tmp_path, kontext=True))
+    tokens, encoder = specs["transformer"].axes["N"], specs["vae_encoder"].axes
+    for width, height in PREFERRED_KONTEXT_RESOLUTIONS:
+        reference = (width // 16) * (height // 16)
+        assert tokens.min <= reference + 64 * 64 <= tokens.max  # a 1024² target with this reference
+        assert reference + (1360 // 16) ** 2 <= tokens.max  # and the largest target
+        assert encoder["W"].min <= width <= encoder["W"].max and encoder["H"].min <= height <= encoder["H"].max
+
+
+def test_export_samples_never_specialise(sources):
+    for spec in component_specs(sources["tiny-kontext"]).values():
+        assert all(size >= 2 for size in spec.export_sizes.values()), spec.name
+        assert len(set(spec.export_sizes.values()) - {2}) == len(spec.export_sizes) - 1, spec.name
+
+
+def test_sample_inputs_follow_the_spec(sources):
+    spec = component_specs(sources["tiny-dev"])["transformer"]
+    feeds = sample_inputs(spec, {"B": 3, "N": 40, "L": 9})
+    assert [name for name in feeds] == [t.name for t in spec.inputs]
+    assert feeds["hidden_states"].shape == (3, 40, 64) and feeds["img_ids"].shape == (40, 3)
+    assert feeds["txt_ids"].shape == (9, 3) and feeds["timestep"].shape == (3,)
+    assert 0 <= feeds["timestep"].min() and feeds["timestep"].max() <= 1
+    clip = sample_inputs(component_specs(sources["tiny-dev"])["clip"], {"B": 2})
+    assert str(clip["input_ids"].dtype) == "torch.int32"
+    assert int(clip["input_ids"].max()) < sources["tiny-dev"].clip["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"min_resolution": 512, "max_resolution": 256}, "resolutions must satisfy 16 ≤ min ≤ opt ≤ max"),
+        ({"max_resolution": 1368}, "resolutions must be multiples of 16"),
+        ({"max_batch": 0}, "max batch must be at least 1, got 0 (--max-batch)"),
+    ],
+)
+def test_bad_bounds(tmp_path, overrides, message):
+    with pytest.raises(FluxExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ExportBounds.for_model(flux1_source(tmp_path), **overrides)
