@@ -140,7 +140,9 @@ def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
     assert read_manifest(tmp_path)["components"]["transformer"]["dtype"] == "fp16"
     feeds = sample_inputs(spec, {"B": 3, "N": 40, "L": 9})
     session = onnxruntime.InferenceSession(str(tmp_path / "transformer.onnx"))
-    arrays = {k: v.numpy().astype(np.float16 if spec.input(k).dtype == "float" else np.float32) for k, v in feeds.items()}
+    arrays = {
+        k: v.numpy().astype(np.float16 if spec.input(k).dtype == "float" else np.float32) for k, v in feeds.items()
+    }
     got = torch.from_numpy(session.run(None, arrays)[0].astype(np.float32))
     from fluxexport.backends.torch_backend import TorchBackend
 
@@ -151,7 +153,10 @@ def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"components": ["unet"]}, "unknown component 'unet': choose from clip, t5, transformer, vae_decoder, vae_encoder"),
+        (
+            {"components": ["unet"]},
+            "unknown component 'unet': choose from clip, t5, transformer, vae_decoder, vae_encoder",
+        ),
         ({"opset": 17}, "opset 17 is outside 18..23 (--opset)"),
         ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
     ],

@@ -10,8 +10,12 @@ def flux1_source(tmp_path, kontext=False, guidance=True) -> ModelSource:
     """FLUX.1's real configs (widths, vocabularies), without weights: specs read nothing else."""
     configs = {
         "model_index": {"_class_name": "FluxKontextPipeline" if kontext else "FluxPipeline"},
-        "transformer": {"in_channels": 64, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-                        "guidance_embeds": guidance},  # fmt: skip
+        "transformer": {
+            "in_channels": 64,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768,
+            "guidance_embeds": guidance,
+        },  # fmt: skip
         "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16},
         "text_encoder": {"hidden_size": 768, "max_position_embeddings": 77, "vocab_size": 49408},
         "text_encoder_2": {"d_model": 4096, "vocab_size": 32128},
@@ -84,7 +88,7 @@ def test_sample_inputs_follow_the_spec(sources):
     assert [name for name in feeds] == [t.name for t in spec.inputs]
     assert feeds["hidden_states"].shape == (3, 40, 64) and feeds["img_ids"].shape == (40, 3)
     assert feeds["txt_ids"].shape == (9, 3) and feeds["timestep"].shape == (3,)
-    assert 0 <= feeds["timestep"].min() and feeds["timestep"].max() <= 1
+    assert feeds["timestep"].min() >= 0 and feeds["timestep"].max() <= 1
     clip = sample_inputs(component_specs(sources["tiny-dev"])["clip"], {"B": 2})
     assert str(clip["input_ids"].dtype) == "torch.int32"
     assert int(clip["input_ids"].max()) < sources["tiny-dev"].clip["vocab_size"]

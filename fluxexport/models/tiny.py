@@ -43,8 +43,27 @@ def tiny_variant(name: str) -> TinyVariant:
     return TINY_VARIANTS[name]
 
 
-def build_tiny_pipeline(name: str):
-    """Build the tiny pipeline in memory, with weights drawn from a fixed seed per component."""
+@dataclass(frozen=True)
+class ModelShape:
+    """Widths and depths of a random FLUX-shaped model (FLUX.1: 3072 = 24×128, 19 + 38 blocks, T5 4096)."""
+
+    heads: int = 2
+    head_dim: int = 16
+    rope_axes: tuple[int, int, int] = (4, 6, 6)
+    double_blocks: int = 1
+    single_blocks: int = 1
+    text_width: int = 32  # T5 d_model = joint_attention_dim
+    clip_width: int = 32  # CLIP hidden = pooled_projection_dim
+    text_layers: int = 2
+    vae_channels: tuple[int, int, int, int] = (8, 16, 16, 16)
+    vae_groups: int = 4
+
+
+TINY_SHAPE = ModelShape()
+
+
+def build_tiny_pipeline(name: str, shape: ModelShape = TINY_SHAPE):
+    """Build a random pipeline in memory, with weights drawn from a fixed seed per component."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -65,12 +84,12 @@ def build_tiny_pipeline(name: str):
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
+            hidden_size=shape.clip_width,
+            intermediate_size=2 * shape.clip_width,
+            num_hidden_layers=shape.text_layers,
             num_attention_heads=4,
             max_position_embeddings=77,
-            projection_dim=32,
+            projection_dim=shape.clip_width,
             hidden_act="quick_gelu",
             bos_token_id=clip_tokenizer.bos_token_id,
             eos_token_id=clip_tokenizer.eos_token_id,
@@ -81,10 +100,10 @@ def build_tiny_pipeline(name: str):
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
+            d_model=shape.text_width,
+            d_kv=shape.text_width // 4,
+            d_ff=2 * shape.text_width,
+            num_layers=shape.text_layers,
             num_heads=4,
             feed_forward_proj="gated-gelu",
             relative_attention_num_buckets=8,
@@ -98,14 +117,14 @@ def build_tiny_pipeline(name: str):
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
+        num_layers=shape.double_blocks,
+        num_single_layers=shape.single_blocks,
+        attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=shape.text_width,
+        pooled_projection_dim=shape.clip_width,
         guidance_embeds=variant.guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=shape.rope_axes,
     ).eval()
     torch.manual_seed(SEED + 3)
     vae = AutoencoderKL(
@@ -113,10 +132,10 @@ def build_tiny_pipeline(name: str):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=shape.vae_channels,
         layers_per_block=1,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=shape.vae_groups,
         sample_size=DEFAULT_SIZE,
         scaling_factor=0.3611,
         shift_factor=0.1159,
