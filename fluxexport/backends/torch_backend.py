@@ -73,6 +73,12 @@ class TorchBackend:
         return tensor.detach().to("cpu", torch.float32)
 
     @functools.cache  # noqa: B019 - one backend per model, kept for the process
+    def module(self, name: str) -> torch.nn.Module:
+        """The loaded nn.Module behind a component ("vae" serves both VAE components), in eval mode."""
+        loaders = {"clip": load_clip, "t5": load_t5, "transformer": load_transformer, "vae": load_vae}
+        return loaders[name](self.source, self.dtype).to(self.device).eval()
+
+    @functools.cache  # noqa: B019
     def component(self, name: str) -> Component:
         builders = {
             "clip": self._clip,
@@ -85,12 +91,8 @@ class TorchBackend:
             raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(builders)}")
         return builders[name]()
 
-    @functools.cached_property
-    def vae(self):
-        return load_vae(self.source, self.dtype).to(self.device).eval()
-
     def _clip(self) -> Component:
-        model = load_clip(self.source, self.dtype).to(self.device).eval()
+        model = self.module("clip")
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
@@ -103,7 +105,7 @@ class TorchBackend:
         return run
 
     def _t5(self) -> Component:
-        model = load_t5(self.source, self.dtype).to(self.device).eval()
+        model = self.module("t5")
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
@@ -112,7 +114,7 @@ class TorchBackend:
         return run
 
     def _transformer(self) -> Component:
-        model = load_transformer(self.source, self.dtype).to(self.device).eval()
+        model = self.module("transformer")
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
@@ -133,7 +135,7 @@ class TorchBackend:
         return run
 
     def _vae_decoder(self) -> Component:
-        vae = self.vae
+        vae = self.module("vae")
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
@@ -142,7 +144,7 @@ class TorchBackend:
         return run
 
     def _vae_encoder(self) -> Component:
-        vae = self.vae
+        vae = self.module("vae")
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:

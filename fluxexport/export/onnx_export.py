@@ -59,7 +59,7 @@ def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
     )
 
 
-def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int):
+def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int, translations: dict | None):
     with torch.no_grad():
         return torch.onnx.export(
             module,
@@ -70,6 +70,7 @@ def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: 
             output_names=[tensor.name for tensor in spec.outputs],
             opset_version=opset,
             optimize=True,  # onnxscript optimizer: constant folding, dead-node removal
+            custom_translation_table=translations,
             verbose=False,
         )
 
@@ -81,18 +82,24 @@ def export_component(
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
+    module: torch.nn.Module | None = None,
+    translations: dict | None = None,
+    notes: Sequence[str] = (),
 ) -> ExportedComponent:
-    """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically."""
+    """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically.
+
+    `module` replaces the plain wrapper (the FP8 fake-quantized transformer); `translations` maps its custom
+    ops to ONNX functions."""
     import onnx
     import onnx_ir as ir
 
     start = time.perf_counter()
     compute, note = component_dtype(spec.name, dtype)
     torch_dtype = parse_dtype(compute)
-    module = build_wrapper(spec, source, torch_dtype)
+    module = module or build_wrapper(spec, source, torch_dtype)
     feeds = sample_inputs(spec, spec.export_sizes, torch_dtype)
     try:
-        program = _export_program(module, spec, feeds, opset)
+        program = _export_program(module, spec, feeds, opset, translations)
     except Exception as error:  # torch.export's errors are pages long: keep the first line, point to the cause
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
@@ -105,7 +112,7 @@ def export_component(
         raise FluxExportError(
             f"{spec.name}: the graph holds float64 tensors ({', '.join(doubles[:3])}); TensorRT has no DOUBLE"
         )
-    notes = [note] if note else []
+    notes = [*notes, note] if note else list(notes)
     if compute == "bf16" and (count := passes.wrap_bf16_resize_in_casts(model)):
         notes.append(f"{count} BF16 Resize nodes wrapped in fp32 casts")
     weight_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
@@ -159,6 +166,24 @@ def manifest_entry(spec: ComponentSpec, exported: ExportedComponent, opset: int)
     }
 
 
+def open_manifest(source: ModelSource, out_dir: Path, dtype: str, bounds: ExportBounds) -> dict:
+    """The folder's manifest to extend: the existing one if it describes this checkpoint, else a new one."""
+    previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
+    if previous and previous["model"]["fingerprint"] != source.fingerprint():
+        previous = None  # graphs of another checkpoint: start a fresh manifest (files are replaced one by one)
+    manifest = previous or {"format": FORMAT, "components": {}, "dtype": dtype}
+    return manifest | {
+        "model": {
+            "name": source.name,
+            "pipeline_class": source.pipeline_class,
+            "fingerprint": source.fingerprint(),
+            "guidance_embeds": source.guidance_embeds,
+        },
+        "bounds": vars(bounds),
+        "versions": library_versions(),
+    }
+
+
 def export_model(
     source: ModelSource,
     out_dir: Path,
@@ -179,21 +204,7 @@ def export_model(
     bounds = bounds or ExportBounds.for_model(source)
     specs = component_specs(source, bounds)
     out_dir = Path(out_dir)
-    previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
-    if previous and previous["model"]["fingerprint"] != source.fingerprint():
-        previous = None  # graphs of another checkpoint: start a fresh manifest (files are replaced one by one)
-    manifest = previous or {"format": FORMAT, "components": {}}
-    manifest |= {
-        "model": {
-            "name": source.name,
-            "pipeline_class": source.pipeline_class,
-            "fingerprint": source.fingerprint(),
-            "guidance_embeds": source.guidance_embeds,
-        },
-        "dtype": dtype,
-        "bounds": vars(bounds),
-        "versions": library_versions(),
-    }
+    manifest = open_manifest(source, out_dir, dtype, bounds) | {"dtype": dtype}
     for name in components:
         if on_component:
             on_component(name, None)

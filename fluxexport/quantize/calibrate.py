@@ -1,0 +1,132 @@
+"""Calibration: observe the transformer's Linear inputs along real denoising trajectories of our runtime."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from fluxexport.errors import FluxExportError
+from fluxexport.quantize.fp8 import FP8Linear
+
+# Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
+KEEP_HIGH_PRECISION = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+# A built-in calibration set: varied subjects, styles, lengths and text-in-image, in the spirit of the
+# 32-prompt sets the anchors calibrate on.
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon, earth in the sky",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "close-up portrait of an old fisherman with a weathered face, dramatic side light",
+    "a bowl of ramen with a soft-boiled egg, steam rising, food photography",
+    "an isometric illustration of a tiny futuristic city on a floating island",
+    "a red fox sitting in fresh snow in a misty pine forest at dawn",
+    "a neon sign that says 'OPEN 24 HOURS' above a rainy street at night",
+    "a medieval castle on a hill, oil painting in the style of the old masters",
+    "a macro photo of a dew drop on a green leaf reflecting the sky",
+    "a cozy reading nook with a window seat, books and a sleeping cat",
+    "an abstract composition of colorful geometric shapes on a white background",
+    "a vintage travel poster for Mars with bold typography",
+    "a herd of elephants crossing a river in the savanna, aerial view",
+    "a robot chef cooking pancakes in a retro 1950s kitchen",
+    "a detailed pencil sketch of a hummingbird feeding from a flower",
+    "a snowy mountain range reflected in a still alpine lake",
+    "a busy night market in Taipei, lanterns and food stalls, cinematic",
+    "a glass teapot with blooming tea on a wooden table, soft morning light",
+    "a cyberpunk samurai standing on a rooftop in the rain",
+    "children flying kites on a windy beach, summer afternoon",
+    "a still life of lemons and a blue ceramic jug, impressionist style",
+    "a massive waterfall in a tropical jungle with rainbows in the spray",
+    "a chalkboard with the equation E=mc^2 and a drawing of an atom",
+    "a knitted wool toy dinosaur on a bookshelf",
+    "a desert highway at golden hour with a vintage car, long shadows",
+    "an underwater coral reef with a sea turtle and schools of fish",
+    "a minimalist logo of a mountain and a sun, flat vector design",
+    "a gothic cathedral interior with stained glass light beams",
+    "a street musician playing violin in Paris, black and white photo",
+    "a fantasy map of an archipelago with compass rose and sea monsters",
+    "a steaming cup of coffee with latte art of a heart",
+    "a giant tortoise wearing a tiny top hat in a botanical garden",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    prompts: tuple[str, ...] = CALIBRATION_PROMPTS
+    steps: int | None = None  # default: the model's own
+    height: int | None = None  # default: the model's default size
+    width: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+
+
+def quantizable_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the double and single blocks; the kept-high-precision layers are outside them."""
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(QUANTIZED_BLOCKS)
+    }
+
+
+def read_prompts(path) -> tuple[str, ...]:
+    try:
+        lines = [line.strip() for line in open(path, encoding="utf-8")]
+    except OSError as error:
+        raise FluxExportError(f"cannot read calibration prompts {path}: {error.strerror}") from None
+    prompts = tuple(line for line in lines if line and not line.startswith("#"))
+    if not prompts:
+        raise FluxExportError(f"{path} has no prompts: one prompt per line (--calib-prompts)")
+    return prompts
+
+
+def calibrate(
+    backend, source, settings: CalibrationSettings, on_prompt: Callable[[int, int], None] | None = None
+) -> dict[str, float]:
+    """amax of each quantizable Linear's input over every step of every calibration prompt.
+
+    `backend` is a TorchBackend: its transformer module gets forward hooks while our runtime generates.
+    """
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+    transformer = backend.module("transformer")
+    linears = quantizable_linears(transformer)
+    if not linears:
+        raise FluxExportError(f"{source.name}'s transformer has no Linear layers in its blocks to quantize")
+    amax: dict[str, float] = defaultdict(float)
+
+    def observer(name: str):
+        def hook(_module, inputs):
+            amax[name] = max(amax[name], inputs[0].detach().abs().max().float().item())
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(observer(name)) for name, module in linears.items()]
+    try:
+        for index, prompt in enumerate(settings.prompts):
+            request = GenerationRequest(
+                prompt, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale, seed=settings.seed + index,
+            )  # fmt: skip
+            generate(backend, source, request)
+            if on_prompt:
+                on_prompt(index + 1, len(settings.prompts))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(amax)
+
+
+def fake_quantize(transformer: nn.Module, amax: dict[str, float]) -> nn.Module:
+    """Replace each calibrated Linear by an FP8Linear, in place; returns the transformer."""
+    linears = quantizable_linears(transformer)
+    missing = sorted(set(linears) - set(amax))
+    if missing:
+        raise FluxExportError(f"no calibration data for {missing[0]} (and {len(missing) - 1} more): calibrate again")
+    for name, linear in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(transformer.get_submodule(parent_name), child, FP8Linear(linear, amax[name]))
+    return transformer
