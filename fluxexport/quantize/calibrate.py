@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -74,7 +75,7 @@ def quantizable_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
 
 def read_prompts(path) -> tuple[str, ...]:
     try:
-        lines = [line.strip() for line in open(path, encoding="utf-8")]
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as error:
         raise FluxExportError(f"cannot read calibration prompts {path}: {error.strerror}") from None
     prompts = tuple(line for line in lines if line and not line.startswith("#"))

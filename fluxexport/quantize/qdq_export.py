@@ -51,7 +51,7 @@ def write_calibration(out_dir: Path, settings: CalibrationSettings, amax: dict[s
 def quantize_transformer(
     source: ModelSource,
     out_dir: Path,
-    settings: CalibrationSettings = CalibrationSettings(),
+    settings: CalibrationSettings | None = None,
     base_dtype: str = "bf16",
     opset: int = DEFAULT_OPSET,
     bounds: ExportBounds | None = None,
@@ -67,6 +67,7 @@ def quantize_transformer(
         raise FluxExportError(f"unknown base dtype {base_dtype!r}: choose bf16, fp16 or fp32 (--dtype)")
     if opset < MIN_QDQ_OPSET:
         raise FluxExportError(f"FP8 Q/DQ needs opset ≥ {MIN_QDQ_OPSET}, got {opset} (--opset)")
+    settings = settings or CalibrationSettings()
     out_dir = Path(out_dir)
     bounds = bounds or ExportBounds.for_model(source)
     # Calibrate in float32: the scales then do not depend on where calibration ran.
