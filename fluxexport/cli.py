@@ -95,14 +95,17 @@ def _check_output(output: Path, count: int) -> list[Path]:
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
 )
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
-@click.option("--engines", type=click.Path(path_type=Path), help="Folder of exported graphs (onnxruntime backend).")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option(
+    "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
+)
+@click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
-    image_path, keep_reference_size, backend, engines, dtype, device, output,
+    image_path, keep_reference_size, backend, engines, low_vram, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
@@ -126,7 +129,7 @@ def run(
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines)
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         result = generate(engine, source, request, on_step=advance)
     for message in result.warnings:
@@ -263,13 +266,22 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
 
     source = resolve_model(model, base_model)
     candidate = OnnxRuntimeBackend(source, engines, upcast_bf16=True)
-    dtype = candidate.manifest.get("dtype", "fp32")
-    names = _components(components) if components else list(candidate.manifest["components"])
+    entries = candidate.manifest["components"]
+    names = _components(components) if components else list(entries)
+    missing = [name for name in names if name not in entries]
+    if missing:
+        raise FluxExportError(
+            f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
+        )
+    dtypes = {name: entries[name]["dtype"] for name in names}
+    # the reference computes like the graphs: bf16 when they do (FP8 graphs keep their base dtype), else fp32
+    bases = {entries[name].get("base_dtype", entries[name]["dtype"]) for name in names}
+    dtype = "bf16" if bases == {"bf16"} else "fp16" if bases == {"fp16"} else "fp32"
     reference = TorchBackend(source, dtype=dtype, device="cpu")
     with step_progress(f"validate {engines}", len(names) + 2) as advance:
         seen = []
         result = run_validation(
-            source, candidate, reference, dtype, names, str(engines), steps, max_rel_l2, min_psnr,
+            source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr,
             on_progress=lambda stage: (seen.append(stage), advance(len(seen) - 1, len(names) + 2)),
         )  # fmt: skip
     rows = [
@@ -278,7 +290,11 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
         for c in result.components
     ]  # fmt: skip
     console.print(
-        table(f"{dtype} graphs vs PyTorch", ["component", "output", "shape", "max abs", "rel-L2", "cosine", ""], rows)
+        table(
+            f"{result.dtype} graphs vs PyTorch {dtype}",
+            ["component", "output", "shape", "max abs", "rel-L2", "cosine", ""],
+            rows,
+        )
     )
     image_rows = [
         [f"{i.width}×{i.height}", f"{i.psnr:.1f}", str(i.max_abs_diff), "ok" if i.passed else "[red]FAIL[/red]"]
@@ -288,7 +304,173 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
     path = result.write(report or Path(engines) / "validation.json")
     click.echo(str(path))
     if not result.passed:
-        raise FluxExportError(f"{engines} does not match PyTorch within the {dtype} thresholds (see {path})")
+        raise FluxExportError(f"{engines} does not match PyTorch within the {result.dtype} thresholds (see {path})")
+
+
+@main.command()
+@click.option(
+    "--model",
+    default=TINY_DEFAULT,
+    show_default=True,
+    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
+)
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
+              help="Precision of everything that is not FP8 (fp32 runs in ONNX Runtime on CPU).")  # fmt: skip
+@click.option(
+    "--calib-prompts", type=click.Path(path_type=Path), help="Calibration prompts, one per line (default: built-in 32)."
+)
+@click.option("--calib-size", type=int, help="Use the first N calibration prompts.")
+@click.option("--calib-steps", type=int, help="Denoising steps per calibration prompt (default: the model's).")
+@click.option("--calib-resolution", type=int, help="Calibration image side in pixels (default: the model's).")
+@click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
+@click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 2 GB).")
+def quantize(
+    model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, opset, external_data
+) -> None:
+    """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer as a Q/DQ graph."""
+    from fluxexport.export.check import check_graph
+    from fluxexport.export.onnx_export import DEFAULT_OPSET
+    from fluxexport.models.source import resolve_model
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
+    from fluxexport.quantize.qdq_export import quantize_transformer
+
+    source = resolve_model(model, base_model)
+    prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
+    if calib_size is not None:
+        if calib_size < 1:
+            raise FluxExportError(f"calib-size must be at least 1, got {calib_size} (--calib-size)")
+        prompts = prompts[:calib_size]
+    settings = CalibrationSettings(prompts, calib_steps, calib_resolution, calib_resolution)
+    out = out or Path("engines") / source.name / "onnx"
+    with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
+        entry = quantize_transformer(
+            source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data, on_prompt=advance
+        )
+    console.print(entry["notes"][0])
+    if not _print_check([check_graph(out / entry["file"], entry)]):
+        raise FluxExportError(f"{out / entry['file']} fails the TensorRT check (see the table above)")
+    click.echo(str(out / entry["file"]))
+
+
+def _range(value: str, option: str) -> tuple[int, int, int]:
+    """`MIN:OPT:MAX`, `MIN:MAX` or `N` → (min, opt, max)."""
+    try:
+        parts = [int(part) for part in value.split(":")]
+    except ValueError:
+        raise FluxExportError(f"{option} takes N, MIN:MAX or MIN:OPT:MAX, got {value!r}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    elif len(parts) == 2:
+        parts = [parts[0], parts[1], parts[1]]
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
+        raise FluxExportError(f"{option} needs 1 ≤ MIN ≤ OPT ≤ MAX, got {value!r}")
+    return tuple(parts)
+
+
+@main.command()
+@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs came from.")
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--precision", type=click.Choice(["bf16", "fp8", "fp16"]), default="bf16", show_default=True)
+@click.option(
+    "--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Exported graphs (default: engines/<model>/onnx)."
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Engine folder (default: engines/<model>/trt-<precision>)."
+)
+@click.option("--components", help="Comma-separated subset (default: every graph in --onnx).")
+@click.option("--batch", default="1:1:4", show_default=True, help="Batch MIN:OPT:MAX.")
+@click.option("--min-resolution", type=int, default=256, show_default=True)
+@click.option("--opt-resolution", type=int, default=1024, show_default=True)
+@click.option("--max-resolution", type=int, default=1360, show_default=True)
+@click.option(
+    "--resolution-buckets", type=int, default=1, show_default=True, help="Profiles over the resolution range."
+)
+@click.option("--text-len", default="1:512:512", show_default=True, help="T5 tokens MIN:OPT:MAX.")
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--refittable", is_flag=True, help="Engines whose weights can be refitted without a rebuild.")
+@click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory.")
+def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
+          max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming) -> None:  # fmt: skip
+    """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
+    from fluxexport.models.source import resolve_model
+    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+    from fluxexport.tensorrt.environment import import_tensorrt
+
+    import_tensorrt()  # refuse before anything else happens
+    source = resolve_model(model, base_model)
+    options = BuildOptions(
+        precision, _range(batch, "--batch"), (min_resolution, opt_resolution, max_resolution),
+        _range(text_len, "--text-len"), resolution_buckets, optimization_level, refittable, weight_streaming,
+    )  # fmt: skip
+    onnx_dir = onnx_dir or Path("engines") / source.name / "onnx"
+    out = out or Path("engines") / source.name / f"trt-{precision}"
+    names = _components(components) if components else None
+    rows = []
+    with step_progress(f"build {precision} engines → {out}", len(names or [])) as advance:
+        built = []
+
+        def on_component(name, seconds):
+            if seconds is not None:
+                built.append(name)
+                advance(len(built), len(names or built))
+                rows.append([name, f"{seconds:.1f}"])
+
+        build_engines(source, onnx_dir, out, options, names, on_component)
+    console.print(table(f"engines in {out}", ["component", "build s"], rows))
+    click.echo(str(out))
+
+
+@main.command()
+@click.option("--model", default=TINY_DEFAULT, show_default=True)
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="torch backend dtype.",
+)
+@click.option("--device", help="torch device (default: cuda if available).")
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--steps", type=int)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results here.")
+def bench(
+    model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path
+) -> None:
+    """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
+    import json
+
+    from fluxexport.backends import create_backend
+    from fluxexport.benchmark import run_benchmark
+    from fluxexport.models.source import resolve_model
+    from fluxexport.runtime.pipeline import GenerationRequest
+
+    if repeats < 1 or warmup < 0:
+        raise FluxExportError("--repeats must be ≥ 1 and --warmup ≥ 0")
+    source = resolve_model(model, base_model)
+    request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
+                                num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines)
+    with step_progress(f"bench {backend}", warmup + repeats) as advance:
+        result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance)
+    rows = [[stage, f"{ms:.2f}"] for stage, ms in result["median_ms"].items()]
+    title = (
+        f"{backend} {result['device']} · {result['width']}×{result['height']} · {result['steps']} steps · batch {batch}"
+    )
+    console.print(table(title, ["stage", "median ms"], rows))
+    if result["peak_gpu_memory_bytes"] is not None:
+        console.print(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(str(json_path))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec, component_specs, sample_inputs
 
 # Per export dtype: the largest rel-L2 a component may show, and the lowest end-to-end PSNR (dB).
-THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0)}
+THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0), "fp8": (6e-2, 20.0)}
 
 
 @dataclass
@@ -109,28 +109,28 @@ def validate(
     source: ModelSource,
     candidate: Backend,
     reference: Backend,
-    dtype: str,
-    components: list[str],
+    dtypes: dict[str, str],
     engines: str = "",
     steps: int = 4,
     max_rel_l2: float | None = None,
     min_psnr: float | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
-    """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images."""
+    """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images.
+
+    `dtypes` maps each component to compare to its graph's dtype, which sets its threshold; the images'
+    threshold is the loosest of theirs."""
     from fluxexport.runtime.pipeline import GenerationRequest, generate
 
-    default_rel_l2, default_psnr = THRESHOLDS[dtype]
-    max_rel_l2 = default_rel_l2 if max_rel_l2 is None else max_rel_l2
-    min_psnr = default_psnr if min_psnr is None else min_psnr
-    report = ValidationReport(source.name, engines, dtype)
+    if min_psnr is None:
+        min_psnr = min(THRESHOLDS[dtype][1] for dtype in dtypes.values())
+    report = ValidationReport(source.name, engines, "+".join(sorted(set(dtypes.values()))))
     specs = component_specs(source)
-    for name in components:
+    for name, dtype in dtypes.items():
         if on_progress:
             on_progress(name)
-        report.components += compare_component(
-            specs[name], candidate.component(name), reference.component(name), max_rel_l2
-        )
+        limit = THRESHOLDS[dtype][0] if max_rel_l2 is None else max_rel_l2
+        report.components += compare_component(specs[name], candidate.component(name), reference.component(name), limit)
     for height, width in validation_resolutions(source):
         if on_progress:
             on_progress(f"image {width}×{height}")

@@ -6,11 +6,16 @@ from fluxexport.backends.base import Backend
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def create_backend(
-    name: str, source: ModelSource, dtype: str = "fp32", device: str | None = None, engines: str | None = None
+    name: str,
+    source: ModelSource,
+    dtype: str = "fp32",
+    device: str | None = None,
+    engines: str | None = None,
+    low_vram: bool = False,
 ) -> Backend:
     """Build the backend a user named on the command line."""
     if name == "torch":
@@ -23,4 +28,10 @@ def create_backend(
         if engines is None:
             raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")
         return OnnxRuntimeBackend(source, engines)
+    if name == "tensorrt":
+        from fluxexport.tensorrt.backend import TensorRTBackend
+
+        if engines is None:
+            raise FluxExportError("the tensorrt backend runs built engines: add --engines DIR")
+        return TensorRTBackend(source, engines, low_vram=low_vram)
     raise FluxExportError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

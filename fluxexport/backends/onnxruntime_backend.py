@@ -37,6 +37,7 @@ class OnnxRuntimeBackend:
     """Runs exported graphs; the checkpoint supplies only tokenizers and configs."""
 
     name = "onnxruntime"
+    device = torch.device("cpu")  # ORT takes and returns host arrays, whichever provider runs them
 
     def __init__(
         self,
@@ -69,12 +70,14 @@ class OnnxRuntimeBackend:
                 f"run fluxexport export --components {name}"
             )
         entry = entries[name]
-        if entry["dtype"] == "bf16" and not self.upcast_bf16:
+        bf16 = entry.get("base_dtype", entry["dtype"]) == "bf16"  # an FP8 graph computes the rest in its base
+        if bf16 and not self.upcast_bf16:
+            what = "a bf16 graph" if entry["dtype"] == "bf16" else f"an {entry['dtype']} graph on a bf16 base"
             raise FluxExportError(
-                f"{name} in {self.engines} is a bf16 graph, which ONNX Runtime cannot run on CPU: run it with "
+                f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        session = self._session(self.engines / entry["file"], upcast=entry["dtype"] == "bf16")
+        session = self._session(self.engines / entry["file"], upcast=bf16)
         # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
         inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
         output_names = [t["name"] for t in entry["outputs"]]

@@ -70,7 +70,8 @@ class TorchBackend:
 
     @staticmethod
     def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to("cpu", torch.float32)
+        """Outputs stay on the backend's device, as float32 (the runtime's state dtype)."""
+        return tensor.detach().to(torch.float32)
 
     @functools.cache  # noqa: B019 - one backend per model, kept for the process
     def module(self, name: str) -> torch.nn.Module:

@@ -131,8 +131,8 @@ def encode_prompts(
     clip_tokenizer, t5_tokenizer = source.tokenizers
     clip_ids, clip_warnings = tokenize(clip_tokenizer, request.prompts, clip_tokenizer.model_max_length, "CLIP")
     t5_ids, t5_warnings = tokenize(t5_tokenizer, request.prompts_2, request.max_sequence_length, "T5")
-    pooled = backend.component("clip")({"input_ids": clip_ids})["pooled_embeddings"]
-    embeddings = backend.component("t5")({"input_ids": t5_ids})["text_embeddings"]
+    pooled = backend.component("clip")({"input_ids": clip_ids.to(backend.device)})["pooled_embeddings"]
+    embeddings = backend.component("t5")({"input_ids": t5_ids.to(backend.device)})["text_embeddings"]
     repeats = request.num_images_per_prompt
     return (
         embeddings.repeat_interleave(repeats, dim=0),
@@ -145,11 +145,11 @@ def encode_reference(
     backend: Backend, source: ModelSource, image: Image.Image, batch: int, auto_resize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kontext reference → (packed tokens [B,M,4C], ids [M,3] in domain 1)."""
-    pixels = prepare_reference(image, auto_resize, 2 * source.vae_scale_factor)
+    pixels = prepare_reference(image, auto_resize, 2 * source.vae_scale_factor).to(backend.device)
     mean = backend.component("vae_encoder")({"images": pixels})["latent"]
     latents = from_vae_latents(mean, source.vae["scaling_factor"], source.vae.get("shift_factor") or 0.0)
     _, _, h, w = latents.shape
-    return pack_latents(latents).expand(batch, -1, -1).contiguous(), image_ids(h, w, domain=1)
+    return pack_latents(latents).expand(batch, -1, -1).contiguous(), image_ids(h, w, domain=1).to(backend.device)
 
 
 def denoise(
@@ -183,6 +183,13 @@ def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, height:
     return images_to_uint8(backend.component("vae_decoder")({"latent": scaled})["images"])
 
 
+def _stage_end(device: torch.device) -> float:
+    """perf_counter at the end of a stage: on CUDA, after the queued work finished (once per stage)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def generate(
     backend: Backend, source: ModelSource, request: GenerationRequest, on_step: StepCallback | None = None
 ) -> GenerationResult:
@@ -191,35 +198,36 @@ def generate(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     embeddings, pooled, warnings = encode_prompts(backend, source, resolved)
-    timings["text_encode"] = time.perf_counter() - start
+    timings["text_encode"] = _stage_end(backend.device) - start
 
-    batch = resolved.batch
+    batch, device = resolved.batch, backend.device
     tick = time.perf_counter()
-    reference, ids = None, image_ids(*latent_grid(resolved.height, resolved.width, source.vae_scale_factor))
+    reference, ids = None, image_ids(*latent_grid(resolved.height, resolved.width, source.vae_scale_factor)).to(device)
     if resolved.image is not None:
         reference, reference_ids = encode_reference(
             backend, source, resolved.image, batch, resolved.auto_resize_reference
         )
         ids = torch.cat([ids, reference_ids], dim=0)
-        timings["reference_encode"] = time.perf_counter() - tick
+        timings["reference_encode"] = _stage_end(device) - tick
 
+    # noise is drawn on the CPU generator (diffusers' images for a seed), then lives on the backend's device
     latents = pack_latents(
         noise(batch, source.latent_channels, resolved.height, resolved.width, resolved.seed, source.vae_scale_factor)
-    )
-    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler)
+    ).to(device)
+    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler).to(device)
     conditioning = {
         "encoder_hidden_states": embeddings,
         "pooled_projections": pooled,
         "img_ids": ids,
-        "txt_ids": text_ids(embeddings.shape[1]),
+        "txt_ids": text_ids(embeddings.shape[1]).to(device),
     }
     if source.guidance_embeds:
-        conditioning["guidance"] = torch.full((batch,), resolved.guidance_scale, dtype=torch.float32)
+        conditioning["guidance"] = torch.full((batch,), resolved.guidance_scale, dtype=torch.float32, device=device)
 
     transformer = backend.component("transformer")
     tick = time.perf_counter()
     latents = denoise(transformer, latents, sigmas, conditioning, reference, on_step)
-    timings["denoise"] = time.perf_counter() - tick
+    timings["denoise"] = _stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 
     tick = time.perf_counter()

@@ -1,0 +1,61 @@
+"""What the host offers: TensorRT's bindings, the GPU and its compute capability; clear refusals otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fluxexport.errors import FluxExportError
+
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+TENSORRT_HELP = (
+    "build inside the Dockerfile's NGC image (docker build -t fluxexport .), or `pip install tensorrt` on a "
+    "Linux CUDA host (its libraries come from NVIDIA's package index)"
+)
+
+
+def import_tensorrt():
+    """The tensorrt module, or a one-line error that says how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise FluxExportError(f"TensorRT is not installed: {TENSORRT_HELP}") from None
+    except OSError as error:  # the bindings are there, NVIDIA's libraries are not
+        raise FluxExportError(f"TensorRT's libraries cannot be loaded ({error}): {TENSORRT_HELP}") from None
+    return tensorrt
+
+
+def tensorrt_available() -> bool:
+    try:
+        import_tensorrt()
+    except FluxExportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: tuple[int, int]
+    memory_bytes: int
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def current_gpu(index: int = 0) -> Gpu:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FluxExportError("no CUDA GPU is visible: TensorRT engines are built and run on a GPU host")
+    properties = torch.cuda.get_device_properties(index)
+    return Gpu(properties.name, (properties.major, properties.minor), properties.total_memory)
+
+
+def require_fp8(gpu: Gpu) -> None:
+    if gpu.compute_capability < FP8_MIN_COMPUTE_CAPABILITY:
+        major, minor = gpu.compute_capability
+        raise FluxExportError(
+            f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); {gpu.name} is {major}.{minor}: "
+            "build with --precision bf16"
+        )

@@ -1,0 +1,42 @@
+"""Per-component precision policy for engines, and which exported graph each engine is built from.
+
+Networks are strongly typed, so an engine's precision is its ONNX graph's: building `fp8` means building the
+transformer from the FP8 Q/DQ graph and the rest from bf16 graphs.
+"""
+
+from __future__ import annotations
+
+from fluxexport.errors import FluxExportError
+
+PRECISIONS = ("bf16", "fp8", "fp16")
+# component → graph dtype, per requested precision. T5 overflows fp16; the VAE is never fp16 (NVIDIA's notes).
+POLICY: dict[str, dict[str, str]] = {
+    "bf16": {"clip": "bf16", "t5": "bf16", "transformer": "bf16", "vae_decoder": "bf16", "vae_encoder": "bf16"},
+    "fp8": {"clip": "bf16", "t5": "bf16", "transformer": "fp8", "vae_decoder": "bf16", "vae_encoder": "bf16"},
+    "fp16": {"clip": "fp16", "t5": "bf16", "transformer": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"},
+}
+
+
+def graph_dtypes(precision: str, components) -> dict[str, str]:
+    if precision not in POLICY:
+        raise FluxExportError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)} (--precision)")
+    return {name: POLICY[precision][name] for name in components}
+
+
+def graph_problems(manifest: dict, wanted: dict[str, str], folder) -> list[str]:
+    """Why the exported graphs in `folder` cannot make the wanted engines, each with the command that fixes it."""
+    problems = []
+    for name, dtype in wanted.items():
+        entry = manifest["components"].get(name)
+        fix = (
+            f"fluxexport quantize --out {folder}"
+            if dtype == "fp8"
+            else f"fluxexport export --components {name} --dtype {dtype} --out {folder}"
+        )
+        if entry is None:
+            problems.append(f"{name}: no graph in {folder} (run {fix})")
+        elif entry["dtype"] != dtype:
+            problems.append(
+                f"{name}: the graph is {entry['dtype']}, a {dtype} engine needs a {dtype} graph (run {fix})"
+            )
+    return problems

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# On a GPU host with TensorRT (e.g. inside the Dockerfile's image): export the tiny models, build BF16 and
+# FP8 engines, validate the graphs, benchmark torch / TensorRT, and print one summary table.
+#   bash scripts/gpu_check.sh [WORKDIR]
+set -euo pipefail
+work=${1:-engines/gpu-check}
+mkdir -p "$work"
+summary="$work/summary.tsv"
+printf 'model\tstep\tresult\n' > "$summary"
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$summary"; }
+median_total() { python -c "import json, sys; print(round(json.load(open(sys.argv[1]))['median_ms']['total'], 1))" "$1"; }
+psnr() {
+  python - "$1" "$2" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(path), dtype=np.float64) for path in sys.argv[1:])
+mse = ((a - b) ** 2).mean()
+print("inf" if mse == 0 else f"{10 * np.log10(255**2 / mse):.1f}")
+PY
+}
+
+python - <<'PY'
+import tensorrt, torch
+print(f"TensorRT {tensorrt.__version__} · {torch.cuda.get_device_name()} · "
+      f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}")
+PY
+
+for model in tiny-schnell tiny-dev tiny-kontext; do
+  # two graph sets: all bf16, and bf16 with the calibrated FP8 Q/DQ transformer
+  fluxexport export --model "$model" --dtype bf16 --out "$work/$model/onnx-bf16"
+  fluxexport export --model "$model" --dtype bf16 --out "$work/$model/onnx-fp8"
+  fluxexport quantize --model "$model" --out "$work/$model/onnx-fp8" --calib-size 8
+  record "$model" "export bf16 + quantize fp8" ok
+  fluxexport validate --model "$model" --engines "$work/$model/onnx-fp8" --report "$work/$model/validation.json" \
+    && record "$model" "validate graphs (ORT vs torch)" pass || record "$model" "validate graphs (ORT vs torch)" FAIL
+  fluxexport run --model "$model" --backend torch --dtype bf16 --prompt "a red fox" --output "$work/$model/torch.png"
+  fluxexport bench --model "$model" --backend torch --dtype bf16 --json "$work/$model/bench-torch.json"
+  record "$model" "torch bf16 total (ms)" "$(median_total "$work/$model/bench-torch.json")"
+  for precision in bf16 fp8; do
+    engines="$work/$model/trt-$precision"
+    fluxexport build --model "$model" --precision "$precision" --onnx "$work/$model/onnx-$precision" --out "$engines" \
+      --min-resolution 64 --opt-resolution 256 --max-resolution 1024
+    fluxexport run --model "$model" --backend tensorrt --engines "$engines" --prompt "a red fox" \
+      --output "$work/$model/$precision.png"
+    record "$model" "TensorRT $precision vs torch bf16 (PSNR dB)" "$(psnr "$work/$model/$precision.png" "$work/$model/torch.png")"
+    fluxexport bench --model "$model" --backend tensorrt --engines "$engines" --json "$work/$model/bench-$precision.json"
+    record "$model" "TensorRT $precision total (ms)" "$(median_total "$work/$model/bench-$precision.json")"
+  done
+done
+column -t -s $'\t' "$summary"
