@@ -118,3 +118,40 @@ def ort_backends(sources, exports):
     from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return {name: OnnxRuntimeBackend(sources[name], exports[name]) for name in sources}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`tensorrt` and `gpu` tests skip, saying why, where TensorRT or a CUDA GPU is missing."""
+    from fluxexport.tensorrt.environment import tensorrt_available
+
+    has_gpu = torch.cuda.is_available()
+    reasons = {
+        "gpu": None if has_gpu else "needs a CUDA GPU (none visible): run on a GPU host, e.g. scripts/gpu_check.sh",
+        "tensorrt": None
+        if tensorrt_available() and has_gpu
+        else "needs TensorRT and a CUDA GPU: run inside the Dockerfile's NGC image on a GPU host",
+    }
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def fp8_exports(sources, exports, tmp_path_factory):
+    """Per variant: the fp32 graphs with the transformer replaced by an FP8 Q/DQ graph on an fp32 base,
+    calibrated on 3 built-in prompts × 2 steps (runs in ONNX Runtime on CPU)."""
+    import shutil
+
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+    from fluxexport.quantize.qdq_export import quantize_transformer
+
+    root = tmp_path_factory.mktemp("fp8")
+    folders = {}
+    for name, source in sources.items():
+        folder = root / name
+        shutil.copytree(exports[name], folder)
+        settings = CalibrationSettings(CALIBRATION_PROMPTS[:3], steps=2, height=144, width=272)
+        quantize_transformer(source, folder, settings, base_dtype="fp32")
+        folders[name] = folder
+    return folders

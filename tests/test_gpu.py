@@ -1,0 +1,57 @@
+"""Checks that need a GPU (and TensorRT): they run on GPU hosts and skip here with the reason."""
+
+import numpy as np
+import pytest
+from conftest import psnr
+
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_matches_cpu(sources, torch_backends):
+    from fluxexport.backends.torch_backend import TorchBackend
+
+    request = GenerationRequest("a red fox", height=144, width=272, num_inference_steps=4, seed=3)
+    cuda = generate(TorchBackend(sources["tiny-dev"], device="cuda"), sources["tiny-dev"], request).images
+    cpu = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request).images
+    assert psnr(cuda, cpu) >= 40
+
+
+@pytest.mark.gpu
+def test_bench_reports_peak_gpu_memory(sources):
+    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.benchmark import run_benchmark
+
+    result = run_benchmark(TorchBackend(sources["tiny-dev"], "bf16", "cuda"), sources["tiny-dev"],
+                           GenerationRequest("x", num_inference_steps=4), warmup=1, repeats=2)  # fmt: skip
+    assert result["peak_gpu_memory_bytes"] > 0 and result["median_ms"]["denoise_per_step"] > 0
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+    from fluxexport.quantize.qdq_export import quantize_transformer
+    from fluxexport.tensorrt.backend import TensorRTBackend
+    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+    from fluxexport.tensorrt.environment import current_gpu, require_fp8
+
+    source = sources["tiny-dev"]
+    if precision == "fp8":
+        require_fp8(current_gpu())
+    onnx_dir = tmp_path / "onnx"
+    export_model(source, onnx_dir, dtype="bf16")
+    if precision == "fp8":
+        quantize_transformer(source, onnx_dir, CalibrationSettings(CALIBRATION_PROMPTS[:4], steps=4))
+    options = BuildOptions(precision, resolution=(64, 256, 1024), text_length=(1, 512, 512), optimization_level=2)
+    build_engines(source, onnx_dir, tmp_path / "engines", options)
+    backend = TensorRTBackend(source, tmp_path / "engines")
+    request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=4, seed=1)
+    images = generate(backend, source, request).images
+    from fluxexport.backends.torch_backend import TorchBackend
+
+    reference = generate(TorchBackend(source, "bf16", "cuda"), source, request).images
+    assert images.shape == reference.shape
+    assert psnr(images, reference) >= (30 if precision == "bf16" else 22)
+    assert np.array_equal(images, generate(backend, source, request).images)  # CUDA-graph replays are stable

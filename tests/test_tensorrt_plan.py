@@ -1,0 +1,180 @@
+"""Everything around the TensorRT calls, on any machine: profiles, policy, naming, manifests, refusals."""
+
+import pytest
+from click.testing import CliRunner
+from test_specs import flux1_source
+
+from fluxexport.cli import main
+from fluxexport.errors import FluxExportError
+from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.specs import component_specs
+from fluxexport.tensorrt.builder import BuildOptions, profile_requests
+from fluxexport.tensorrt.engines import (
+    check_engine_set,
+    engine_filename,
+    engine_manifest,
+    profiles_from_json,
+    profiles_to_json,
+)
+from fluxexport.tensorrt.environment import Gpu, require_fp8, tensorrt_available
+from fluxexport.tensorrt.precision import POLICY, graph_dtypes, graph_problems
+from fluxexport.tensorrt.profiles import Range, build_profiles, resolution_buckets, select_profile
+
+H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
+A100 = Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 80 * 2**30)
+L40S = Gpu("NVIDIA L40S", (8, 9), 48 * 2**30)
+
+
+def transformer_shapes(height, width, reference=None, batch=1, text=512):
+    tokens = (height // 16) * (width // 16) + (0 if reference is None else (reference[0] // 16) * (reference[1] // 16))
+    return {"hidden_states": (batch, tokens, 64), "encoder_hidden_states": (batch, text, 4096),
+            "pooled_projections": (batch, 768), "timestep": (batch,), "img_ids": (tokens, 3), "txt_ids": (text, 3),
+            "guidance": (batch,)}  # fmt: skip
+
+
+def test_default_profiles_follow_the_specs(tmp_path):
+    specs = component_specs(flux1_source(tmp_path))
+    (profile,) = build_profiles(specs["transformer"], profile_requests(BuildOptions(), kontext=False))
+    assert profile.shapes["hidden_states"] == ((1, 256, 64), (1, 4096, 64), (4, 7225, 64))
+    assert profile.shapes["img_ids"] == ((256, 3), (4096, 3), (7225, 3))  # N tied across inputs
+    assert profile.shapes["encoder_hidden_states"] == ((1, 1, 4096), (1, 512, 4096), (4, 512, 4096))
+    (decoder,) = build_profiles(specs["vae_decoder"], profile_requests(BuildOptions(), kontext=False))
+    assert decoder.shapes["latent"] == ((1, 16, 32, 32), (1, 16, 128, 128), (4, 16, 170, 170))
+    (clip,) = build_profiles(specs["clip"], profile_requests(BuildOptions(resolution_buckets=3), kontext=False))
+    assert clip.shapes["input_ids"] == ((1, 77), (1, 77), (4, 77))  # no image axes: one profile
+
+
+def test_every_kontext_preferred_size_falls_in_a_profile(tmp_path):
+    specs = component_specs(flux1_source(tmp_path, kontext=True))
+    for buckets in (1, 3):
+        requests = profile_requests(BuildOptions(resolution_buckets=buckets), kontext=True)
+        transformer = build_profiles(specs["transformer"], requests)
+        encoder = build_profiles(specs["vae_encoder"], requests)
+        for width, height in PREFERRED_KONTEXT_RESOLUTIONS:
+            # the target at the reference's own size, with the reference, in batch 1 and 4
+            for batch in (1, 4):
+                select_profile(transformer, transformer_shapes(height, width, (width, height), batch), "transformer")
+            select_profile(encoder, {"images": (1, 3, height, width)}, "vae_encoder")
+
+
+def test_resolution_buckets_cover_the_range():
+    buckets = resolution_buckets(256, 1024, 1360, 3)
+    assert buckets[0].min == 256 and buckets[-1].max == 1360
+    assert all(a.max == b.min for a, b in zip(buckets, buckets[1:]))
+    assert all(b.min <= b.opt <= b.max and b.min % 16 == 0 for b in buckets)
+    assert resolution_buckets(256, 1024, 1360, 1) == [Range(256, 1024, 1360)]
+    with pytest.raises(FluxExportError, match="at least one resolution bucket"):
+        resolution_buckets(256, 1024, 1360, 0)
+
+
+def test_select_profile_picks_the_bucket_and_refuses_outside(tmp_path):
+    spec = component_specs(flux1_source(tmp_path))["transformer"]
+    profiles = build_profiles(spec, profile_requests(BuildOptions(resolution_buckets=3), kontext=False))
+    assert select_profile(profiles, transformer_shapes(256, 256), "transformer") == 0
+    assert select_profile(profiles, transformer_shapes(1360, 1360), "transformer") == 2
+    with pytest.raises(FluxExportError) as error:
+        select_profile(profiles, transformer_shapes(2048, 2048), "transformer")
+    message = str(error.value)
+    assert message.startswith("transformer: shapes hidden_states (1, 16384, 64)")
+    assert message.endswith("rebuild with a wider --min/--max-resolution, --batch or --text-len")
+    with pytest.raises(FluxExportError, match="outside the engine's profiles"):
+        select_profile(profiles, transformer_shapes(1024, 1024, batch=8), "transformer")
+
+
+def test_precision_policy():
+    assert graph_dtypes("fp8", ["clip", "t5", "transformer", "vae_decoder"]) == {
+        "clip": "bf16", "t5": "bf16", "transformer": "fp8", "vae_decoder": "bf16"}  # fmt: skip
+    assert all(POLICY[p]["t5"] != "fp16" for p in POLICY)  # T5 overflows fp16
+    assert all(POLICY[p][vae] != "fp16" for p in POLICY for vae in ("vae_decoder", "vae_encoder"))
+    with pytest.raises(FluxExportError, match="unknown precision 'int4': choose one of bf16, fp8, fp16"):
+        graph_dtypes("int4", ["clip"])
+
+
+def test_graph_problems_name_the_fixing_command():
+    manifest = {"components": {"transformer": {"dtype": "bf16"}, "clip": {"dtype": "bf16"}}}
+    problems = graph_problems(manifest, {"transformer": "fp8", "clip": "bf16", "t5": "bf16"}, "out/onnx")
+    assert problems == [
+        "transformer: the graph is bf16, a fp8 engine needs a fp8 graph (run fluxexport quantize --out out/onnx)",
+        "t5: no graph in out/onnx (run fluxexport export --components t5 --dtype bf16 --out out/onnx)",
+    ]
+
+
+def test_engine_names_carry_precision_and_version():
+    assert engine_filename("transformer", "fp8", "10.13.2") == "transformer_fp8.trt_10.13.2.plan"
+
+
+def test_fp8_needs_ada_or_hopper():
+    require_fp8(H100)
+    require_fp8(L40S)
+    with pytest.raises(FluxExportError) as error:
+        require_fp8(A100)
+    assert str(error.value) == (
+        "FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); NVIDIA A100-SXM4-80GB is 8.0: "
+        "build with --precision bf16"
+    )
+
+
+def test_engine_sets_refuse_other_tensorrt_and_other_gpus(tmp_path, sources):
+    manifest = engine_manifest({"name": "tiny-dev"}, "10.13.2", H100, "fp8", {})
+    check_engine_set(manifest, "10.13.2", H100, tmp_path)
+    with pytest.raises(FluxExportError, match="built with TensorRT 10.13.2, this is 11.0.0: rebuild them"):
+        check_engine_set(manifest, "11.0.0", H100, tmp_path)
+    with pytest.raises(
+        FluxExportError,
+        match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\), this GPU is NVIDIA L40S \(8.9\)",
+    ):
+        check_engine_set(manifest, "10.13.2", L40S, tmp_path)
+    with pytest.raises(FluxExportError, match="holds no TensorRT engines"):
+        check_engine_set({"kind": "onnx"}, "10.13.2", H100, tmp_path)
+
+
+def test_profiles_round_trip_through_the_manifest(tmp_path):
+    spec = component_specs(flux1_source(tmp_path, kontext=True))["transformer"]
+    profiles = build_profiles(spec, profile_requests(BuildOptions(resolution_buckets=2), kontext=True))
+    assert profiles_from_json(profiles_to_json(profiles)) == profiles
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here: the refusal cannot be observed")
+def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
+    result = CliRunner().invoke(
+        main, ["build", "--model", "tiny-dev", "--onnx", str(exports["tiny-dev"]), "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: TensorRT is not installed: build inside the Dockerfile's NGC image")
+    assert not (tmp_path / "e").exists()
+    run = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--prompt",
+            "x",
+            "--backend",
+            "tensorrt",
+            "--engines",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o.png"),
+        ],
+    )
+    assert run.exit_code == 1 and "TensorRT is not installed" in run.output
+
+
+@pytest.mark.parametrize(("value", "expected"), [("4", (4, 4, 4)), ("1:4", (1, 4, 4)), ("1:2:4", (1, 2, 4))])
+def test_range_options(value, expected):
+    from fluxexport.cli import _range
+
+    assert _range(value, "--batch") == expected
+
+
+@pytest.mark.parametrize("value", ["0", "4:1", "a:b", "1:2:3:4"])
+def test_bad_range_options(value):
+    from fluxexport.cli import _range
+
+    with pytest.raises(FluxExportError, match="--batch"):
+        _range(value, "--batch")
+
+
+def test_fp8_graphs_handed_to_the_builder_pass_the_check(fp8_exports):
+    from fluxexport.export.check import check_folder
+
+    assert all(report.ok for report in check_folder(fp8_exports["tiny-kontext"]))
