@@ -60,7 +60,7 @@ def test_every_kontext_preferred_size_falls_in_a_profile(tmp_path):
 def test_resolution_buckets_cover_the_range():
     buckets = resolution_buckets(256, 1024, 1360, 3)
     assert buckets[0].min == 256 and buckets[-1].max == 1360
-    assert all(a.max == b.min for a, b in zip(buckets, buckets[1:]))
+    assert all(a.max == b.min for a, b in zip(buckets, buckets[1:], strict=False))
     assert all(b.min <= b.opt <= b.max and b.min % 16 == 0 for b in buckets)
     assert resolution_buckets(256, 1024, 1360, 1) == [Range(256, 1024, 1360)]
     with pytest.raises(FluxExportError, match="at least one resolution bucket"):
