@@ -473,5 +473,51 @@ def bench(
         click.echo(str(json_path))
 
 
+@main.command()
+@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs/engines came from.")
+@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Exported graphs or built engines.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository folder to write.")
+@click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,
+              help="Where python-backend models run (TensorRT plans always run on the GPU).")  # fmt: skip
+@click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
+def triton(model, base_model, engines, out, instance_kind, pipeline_instances) -> None:
+    """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
+    from fluxexport.models.source import resolve_model
+    from fluxexport.triton.repository import write_repository
+
+    source = resolve_model(model, base_model)
+    folder = write_repository(source, engines, out, instance_kind, pipeline_instances)
+    console.print(
+        f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"
+    )
+    click.echo(str(folder))
+
+
+@main.command()
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--tritonserver", "binary", help="tritonserver binary (default: $PATH, then nvidia-pytriton's).")
+@click.option("--python-env", help="Environment that runs the python models (numpy<2; default .venv-triton).")
+def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
+    """Serve a model repository on 127.0.0.1 until Ctrl-C."""
+    import signal
+    import time
+
+    from fluxexport.triton.server import TritonServer, find_tritonserver, python_environment
+
+    server = TritonServer(repository, find_tritonserver(binary), python_environment(python_env))
+    console.print(f"starting {server.binary} (log: {server.log}) …")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with server:
+        console.print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url} — Ctrl-C to stop")
+        try:
+            while server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            console.print("stopping …")
+    if server.process.returncode not in (0, -signal.SIGTERM):
+        raise FluxExportError(f"tritonserver exited with {server.process.returncode} (log: {server.log})")
+
+
 if __name__ == "__main__":
     sys.exit(main())

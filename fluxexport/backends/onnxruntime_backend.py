@@ -33,6 +33,50 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def session_runner(session, entry: dict) -> Component:
+    """A Component around an InferenceSession whose I/O is described by a manifest entry."""
+    # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
+    inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
+    output_names = [t["name"] for t in entry["outputs"]]
+
+    def run(feeds: Feeds) -> Feeds:
+        arrays = {
+            key: feeds[key].detach().cpu().numpy().astype(dtype, copy=False)
+            for key, dtype in inputs.items()
+            if key in feeds
+        }
+        outputs = session.run(output_names, arrays)
+        return {
+            key: torch.from_numpy(np.asarray(value, dtype=np.float32))
+            for key, value in zip(output_names, outputs, strict=True)
+        }
+
+    return run
+
+
+def create_session(path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0):
+    """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights)."""
+    onnxruntime = _import_onnxruntime()
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    # Idle intra-op workers otherwise spin for a while after each run, taking the cores from the Python
+    # code between engine calls (measured: ~10 ms of a 226 ms step on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    if not Path(path).is_file():
+        raise FluxExportError(f"{path} is missing: the export is incomplete, export again")
+    providers = providers or default_providers()
+    if upcast:
+        import onnx_ir as ir
+
+        from fluxexport.export.graph import upcast_bf16_to_fp32
+
+        model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
+        return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
+    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+
+
 class OnnxRuntimeBackend:
     """Runs exported graphs; the checkpoint supplies only tokenizers and configs."""
 
@@ -77,41 +121,7 @@ class OnnxRuntimeBackend:
                 f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        session = self._session(self.engines / entry["file"], upcast=bf16)
-        # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
-        inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
-        output_names = [t["name"] for t in entry["outputs"]]
-
-        def run(feeds: Feeds) -> Feeds:
-            arrays = {
-                key: feeds[key].detach().cpu().numpy().astype(dtype, copy=False)
-                for key, dtype in inputs.items()
-                if key in feeds
-            }
-            outputs = session.run(output_names, arrays)
-            return {
-                key: torch.from_numpy(np.asarray(value, dtype=np.float32))
-                for key, value in zip(output_names, outputs, strict=True)
-            }
-
-        return run
+        return session_runner(self._session(self.engines / entry["file"], upcast=bf16), entry)
 
     def _session(self, path: Path, upcast: bool = False):
-        onnxruntime = _import_onnxruntime()
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        # Idle intra-op workers otherwise spin for a while after each run, taking the cores from the Python
-        # code between engine calls (measured: ~10 ms of a 226 ms step on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if self.threads:
-            options.intra_op_num_threads = self.threads
-        if not path.is_file():
-            raise FluxExportError(f"{path} is missing: the export in {self.engines} is incomplete, export again")
-        if upcast:
-            import onnx_ir as ir
-
-            from fluxexport.export.graph import upcast_bf16_to_fp32
-
-            model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
-            return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=self.providers)
-        return onnxruntime.InferenceSession(str(path), options, providers=self.providers)
+        return create_session(path, upcast, self.providers, self.threads)

@@ -1,0 +1,57 @@
+"""A Backend whose components are other models of the same Triton server, called through BLS.
+
+Only importable inside Triton's python backend (it needs triton_python_backend_utils). CUDA tensors cross
+as DLPack capsules and stay on the GPU; CPU tensors cross as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fluxexport.backends.base import Component, Feeds
+from fluxexport.errors import FluxExportError
+
+_TORCH = {"float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
+
+
+class BlsBackend:
+    name = "triton-bls"
+
+    def __init__(self, components: dict[str, dict], device: str = "cpu"):
+        """`components`: model name → {"inputs": [...], "outputs": [...]} as in the export manifest."""
+        import triton_python_backend_utils as pb_utils
+
+        self.pb_utils = pb_utils
+        self.components = components
+        self.device = torch.device(device)
+
+    def _to_triton(self, name: str, tensor: torch.Tensor, dtype: torch.dtype):
+        tensor = tensor.to(dtype).contiguous()
+        if tensor.is_cuda:
+            return self.pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
+        return self.pb_utils.Tensor(name, tensor.numpy())
+
+    def _from_triton(self, tensor) -> torch.Tensor:
+        if tensor.is_cpu():
+            return torch.from_numpy(tensor.as_numpy().copy()).to(self.device, torch.float32)
+        return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(torch.float32)
+
+    def component(self, name: str) -> Component:
+        if name not in self.components:
+            raise FluxExportError(f"this repository has no {name} model")
+        entry = self.components[name]
+        inputs = {t["name"]: _TORCH.get(t["dtype"], torch.float32) for t in entry["inputs"]}
+        outputs = [t["name"] for t in entry["outputs"]]
+
+        def run(feeds: Feeds) -> Feeds:
+            request = self.pb_utils.InferenceRequest(
+                model_name=name,
+                requested_output_names=outputs,
+                inputs=[self._to_triton(key, feeds[key], dtype) for key, dtype in inputs.items() if key in feeds],
+            )
+            response = request.exec()
+            if response.has_error():
+                raise FluxExportError(f"{name}: {response.error().message()}")
+            return {key: self._from_triton(self.pb_utils.get_output_tensor_by_name(response, key)) for key in outputs}
+
+        return run

@@ -1,0 +1,130 @@
+"""config.pbtxt files derived from the component specs, checked against Triton's ModelConfig schema and ours.
+
+All models use `max_batch_size: 0` with the batch as an explicit -1 dim: the transformer's img_ids/txt_ids
+have no batch axis, so Triton's implicit batching cannot apply to it, and one rule for all keeps clients simple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fluxexport.errors import FluxExportError
+from fluxexport.specs import ComponentSpec
+
+PIPELINE = "flux_pipeline"
+# manifest dtype names (ONNX element types, lower case) → Triton data types
+TRITON_TYPES = {"float": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
+                "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    backend: str | None = None  # "python"
+    platform: str | None = None  # "tensorrt_plan"
+    instance_kind: str = "KIND_CPU"
+    instance_count: int = 1
+    profiles: tuple[str, ...] = ()
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def to_pbtxt(self) -> str:
+        lines = [f'name: "{self.name}"']
+        lines += [f'backend: "{self.backend}"'] if self.backend else [f'platform: "{self.platform}"']
+        lines.append("max_batch_size: 0")
+        for keyword, tensors in (("input", self.inputs), ("output", self.outputs)):
+            lines.append(f"{keyword} [")
+            entries = []
+            for tensor in tensors:
+                optional = " optional: true" if tensor.optional else ""
+                dims = ", ".join(str(d) for d in tensor.dims)
+                entries.append(
+                    f'  {{ name: "{tensor.name}" data_type: {tensor.data_type} dims: [ {dims} ]{optional} }}'
+                )
+            lines.append(",\n".join(entries))
+            lines.append("]")
+        profiles = "".join(f' profile: "{p}"' for p in self.profiles)
+        lines.append(f"instance_group [ {{ count: {self.instance_count} kind: {self.instance_kind}{profiles} }} ]")
+        for key, value in self.parameters.items():
+            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        return "\n".join(lines) + "\n"
+
+
+def _tensor_configs(tensors: list[dict], spec_tensors) -> tuple[TensorConfig, ...]:
+    """Manifest tensors (names, dtypes as exported) with the spec's dims: -1 for every symbolic axis."""
+    configs = []
+    for tensor, spec_tensor in zip(tensors, spec_tensors, strict=True):
+        if tensor["name"] != spec_tensor.name:
+            raise FluxExportError(f"manifest tensor {tensor['name']!r} is not the spec's {spec_tensor.name!r}")
+        dims = tuple(d if isinstance(d, int) else -1 for d in spec_tensor.dims)
+        configs.append(TensorConfig(tensor["name"], TRITON_TYPES[tensor["dtype"]], dims))
+    return tuple(configs)
+
+
+def component_config(spec: ComponentSpec, entry: dict, kind: str, instance_kind: str, count: int = 1) -> ModelConfig:
+    """The config of one component model: `kind` is "onnxruntime" (python backend) or "tensorrt" (a plan)."""
+    inputs = _tensor_configs(entry["inputs"], spec.inputs)
+    outputs = _tensor_configs(entry["outputs"], spec.outputs)
+    if kind == "tensorrt":
+        return ModelConfig(spec.name, inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU",
+                           instance_count=count, profiles=("0",))  # fmt: skip
+    return ModelConfig(spec.name, inputs, outputs, backend="python", instance_kind=instance_kind, instance_count=count)
+
+
+def pipeline_config(kontext: bool, instance_kind: str, count: int = 1) -> ModelConfig:
+    """flux_pipeline: prompt in (and optional settings), uint8 images [B,H,W,3] out."""
+    inputs = [
+        TensorConfig("prompt", "TYPE_STRING", (1,)),
+        TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
+        TensorConfig("height", "TYPE_INT32", (1,), optional=True),
+        TensorConfig("width", "TYPE_INT32", (1,), optional=True),
+        TensorConfig("num_inference_steps", "TYPE_INT32", (1,), optional=True),
+        TensorConfig("guidance_scale", "TYPE_FP32", (1,), optional=True),
+        TensorConfig("seed", "TYPE_INT64", (1,), optional=True),
+        TensorConfig("num_images", "TYPE_INT32", (1,), optional=True),
+    ]
+    if kontext:
+        inputs.append(TensorConfig("image", "TYPE_UINT8", (-1, -1, 3), optional=True))
+    outputs = (TensorConfig("images", "TYPE_UINT8", (-1, -1, -1, 3)),)
+    return ModelConfig(
+        PIPELINE, tuple(inputs), outputs, backend="python", instance_kind=instance_kind, instance_count=count
+    )
+
+
+def check_config(text: str, folder_name: str, spec: ComponentSpec | None = None):
+    """Parse against Triton's ModelConfig protobuf, then our rules: name = folder, dims agree with the spec."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise FluxExportError(f"{folder_name}/config.pbtxt does not fit Triton's schema: {error}") from None
+    if config.name != folder_name:
+        raise FluxExportError(
+            f"{folder_name}/config.pbtxt names the model {config.name!r}: Triton needs the folder name"
+        )
+    if config.max_batch_size != 0:
+        raise FluxExportError(f"{folder_name}: max_batch_size must be 0 (batch is an explicit -1 dim)")
+    if spec is not None:
+        for values, tensors in ((config.input, spec.inputs), (config.output, spec.outputs)):
+            if [v.name for v in values] != [t.name for t in tensors]:
+                raise FluxExportError(
+                    f"{folder_name}: tensors {[v.name for v in values]} are not the spec's {[t.name for t in tensors]}"
+                )
+            for value, tensor in zip(values, tensors, strict=True):
+                expected = [d if isinstance(d, int) else -1 for d in tensor.dims]
+                if list(value.dims) != expected:
+                    raise FluxExportError(
+                        f"{folder_name}.{value.name}: dims {list(value.dims)}, the spec says {expected}"
+                    )
+    return config

@@ -1,0 +1,85 @@
+"""Triton python-backend model: text (and a Kontext image) in, uint8 images out (written by fluxexport).
+
+Tokenization and the runtime are `fluxexport run`'s own; the components are this server's models, called
+through BLS.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import load_folder
+from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
+from fluxexport.triton.bls import BlsBackend
+
+
+def _optional(request, name, cast):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)
+    if value.size != 1:
+        raise FluxExportError(f"{name} must hold one value, got {value.size}")
+    value = value[0]
+    return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.settings = json.loads((folder / "pipeline.json").read_text())
+        self.source = load_folder(folder / "checkpoint", name=self.settings["model"])
+        device = "cuda" if self.settings["kind"] == "tensorrt" and torch.cuda.is_available() else "cpu"
+        self.backend = BlsBackend(self.settings["components"], device)
+
+    def _request(self, request) -> GenerationRequest:
+        prompt = _optional(request, "prompt", str)
+        image = pb_utils.get_input_tensor_by_name(request, "image")
+        reference = None
+        if image is not None:
+            from PIL import Image
+
+            array = image.as_numpy()
+            if array.ndim != 3 or array.shape[2] != 3:
+                raise FluxExportError(f"image must be uint8 [H, W, 3], got shape {list(array.shape)}")
+            reference = Image.fromarray(np.ascontiguousarray(array))
+        return GenerationRequest(
+            prompt=prompt if prompt is not None else "",
+            prompt_2=_optional(request, "prompt_2", str),
+            height=_optional(request, "height", int),
+            width=_optional(request, "width", int),
+            num_inference_steps=_optional(request, "num_inference_steps", int),
+            guidance_scale=_optional(request, "guidance_scale", float),
+            seed=_optional(request, "seed", int) or 0,
+            num_images_per_prompt=_optional(request, "num_images", int) or 1,
+            image=reference,
+        )
+
+    def _check_bounds(self, generation: GenerationRequest) -> None:
+        resolved = resolve_request(self.source, generation)
+        bounds = self.settings["bounds"]
+        for name, value in (("height", resolved.height), ("width", resolved.width)):
+            if not bounds["min_resolution"] <= value <= bounds["max_resolution"]:
+                raise FluxExportError(
+                    f"{name} {value} is outside this deployment's {bounds['min_resolution']}..{bounds['max_resolution']} px"
+                )
+        if resolved.batch > bounds["max_batch"]:
+            raise FluxExportError(f"{resolved.batch} images exceed this deployment's batch limit {bounds['max_batch']}")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                generation = self._request(request)
+                self._check_bounds(generation)
+                images = generate(self.backend, self.source, generation).images
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
+            except FluxExportError as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+            except Exception as error:  # keep serving: answer this request with the failure
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error!r}")))
+        return responses
