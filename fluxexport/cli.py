@@ -501,21 +501,22 @@ def triton(model, base_model, engines, out, instance_kind, pipeline_instances) -
 def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
     """Serve a model repository on 127.0.0.1 until Ctrl-C."""
     import signal
-    import time
+    import threading
 
     from fluxexport.triton.server import TritonServer, find_tritonserver, python_environment
 
     server = TritonServer(repository, find_tritonserver(binary), python_environment(python_env))
+    stop = threading.Event()  # Ctrl-C / SIGTERM only set it: shutdown happens in one place, whenever they come
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     console.print(f"starting {server.binary} (log: {server.log}) …")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     with server:
         console.print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url} — Ctrl-C to stop")
-        try:
-            while server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+        if stop.is_set():
             console.print("stopping …")
-    if server.process.returncode not in (0, -signal.SIGTERM):
+    if not stop.is_set():
         raise FluxExportError(f"tritonserver exited with {server.process.returncode} (log: {server.log})")
 
 

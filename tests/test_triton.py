@@ -1,0 +1,296 @@
+"""Triton model repositories: configs checked without a server, then served by a REAL tritonserver."""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import psnr
+
+from fluxexport.cli import main
+from fluxexport.errors import FluxExportError
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.specs import component_specs
+from fluxexport.triton.config import check_config
+from fluxexport.triton.repository import write_repository
+
+
+def _has_tritonserver() -> bool:
+    from fluxexport.triton.server import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except FluxExportError:
+        return False
+    return True
+
+
+needs_server = pytest.mark.skipif(
+    not _has_tritonserver(),
+    reason="no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)",
+)
+
+
+@pytest.fixture(scope="module")
+def repositories(sources, exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    return {name: write_repository(sources[name], exports[name], root / name) for name in sources}
+
+
+def parse(folder: Path, spec=None):
+    return check_config((folder / "config.pbtxt").read_text(), folder.name, spec)
+
+
+def test_configs_follow_the_specs_and_the_schema(sources, repositories):
+    repository = repositories["tiny-dev"]
+    specs = component_specs(sources["tiny-dev"])
+    assert sorted(p.name for p in repository.iterdir() if p.is_dir()) == [
+        "clip",
+        "flux_pipeline",
+        "t5",
+        "transformer",
+        "vae_decoder",
+    ]
+    for name in ("clip", "t5", "transformer", "vae_decoder"):
+        config = parse(repository / name, specs[name])
+        assert config.backend == "python" and config.max_batch_size == 0
+        assert (repository / name / "1" / "model.onnx").is_file() and (repository / name / "1" / "model.py").is_file()
+    transformer = parse(repository / "transformer")
+    dims = {tensor.name: list(tensor.dims) for tensor in transformer.input}
+    assert dims["img_ids"] == [-1, 3] and dims["txt_ids"] == [-1, 3] and dims["hidden_states"] == [-1, -1, 64]
+    pipeline = parse(repository / "flux_pipeline")
+    assert [t.name for t in pipeline.input] == ["prompt", "prompt_2", "height", "width", "num_inference_steps",
+                                                "guidance_scale", "seed", "num_images"]  # fmt: skip
+    assert [t.optional for t in pipeline.input] == [False] + [True] * 7
+    assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
+    assert "fluxexport serve" in (repository / "README.md").read_text()
+    settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 4}
+
+
+def test_kontext_repository_takes_an_image(repositories):
+    repository = repositories["tiny-kontext"]
+    assert (repository / "vae_encoder" / "config.pbtxt").is_file()
+    image = [t for t in parse(repository / "flux_pipeline").input if t.name == "image"]
+    assert image and list(image[0].dims) == [-1, -1, 3] and image[0].optional
+
+
+def test_plan_repository_configs(sources, exports, tmp_path):
+    """A TensorRT engine folder (plans cannot be built here: stand-in bytes) becomes tensorrt_plan models."""
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    onnx_manifest = json.loads((exports["tiny-dev"] / "manifest.json").read_text())
+    manifest = {"format": 1, "kind": "tensorrt", "model": onnx_manifest["model"], "tensorrt": "10.13.2",
+                "builder": {"resolution": [64, 256, 1024], "batch": [1, 1, 2]}, "components": {}}  # fmt: skip
+    for name, entry in onnx_manifest["components"].items():
+        plan = f"{name}_bf16.trt_10.13.2.plan"
+        (engines / plan).write_bytes(b"plan")
+        manifest["components"][name] = {"file": plan, "inputs": entry["inputs"], "outputs": entry["outputs"]}
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    repository = write_repository(sources["tiny-dev"], engines, tmp_path / "repo")
+    specs = component_specs(sources["tiny-dev"])
+    for name in ("clip", "t5", "transformer", "vae_decoder"):
+        config = parse(repository / name, specs[name])
+        assert config.platform == "tensorrt_plan" and config.max_batch_size == 0
+        assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+        assert list(config.instance_group[0].profile) == ["0"]
+        assert (repository / name / "1" / "model.plan").read_bytes() == b"plan"
+    settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert settings["kind"] == "tensorrt" and settings["bounds"]["max_batch"] == 2
+
+
+def test_config_checks_refuse_mistakes(sources, repositories):
+    text = (repositories["tiny-dev"] / "transformer" / "config.pbtxt").read_text()
+    spec = component_specs(sources["tiny-dev"])["transformer"]
+    with pytest.raises(FluxExportError, match="names the model 'transformer': Triton needs the folder name"):
+        check_config(text, "unet", spec)
+    with pytest.raises(FluxExportError, match=r"transformer.img_ids: dims \[-1, 4\], the spec says \[-1, 3\]"):
+        check_config(
+            text.replace('dims: [ -1, 3 ] },\n  { name: "txt_ids"', 'dims: [ -1, 4 ] },\n  { name: "txt_ids"'),
+            "transformer",
+            spec,
+        )
+    with pytest.raises(FluxExportError, match="does not fit Triton's schema"):
+        check_config(text.replace("max_batch_size", "max_batch"), "transformer", spec)
+
+
+def test_repository_refusals(sources, exports, tmp_path, repositories):
+    with pytest.raises(FluxExportError, match="already exists and is not empty"):
+        write_repository(sources["tiny-dev"], exports["tiny-dev"], repositories["tiny-dev"])
+    with pytest.raises(FluxExportError, match="was made from 'tiny-dev', not 'tiny-schnell'"):
+        write_repository(sources["tiny-schnell"], exports["tiny-dev"], tmp_path / "r1")
+    partial = tmp_path / "partial"
+    shutil.copytree(exports["tiny-dev"], partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    del manifest["components"]["t5"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FluxExportError, match="lacks t5: the pipeline needs clip, t5, transformer, vae_decoder"):
+        write_repository(sources["tiny-dev"], partial, tmp_path / "r2")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_cli_triton(tmp_path, exports, sources):
+    result = CliRunner().invoke(
+        main,
+        ["triton", "--model", "tiny-schnell", "--engines", str(exports["tiny-schnell"]), "--out", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "repository for tiny-schnell: clip, flux_pipeline, t5, transformer, vae_decoder" in result.output
+
+
+# ---- a real server ----------------------------------------------------------------------------------
+
+
+def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=None, image=None, guidance=None):
+    values = [("prompt", np.array([prompt.encode()], dtype=object), "BYTES")]
+    for name, value, dtype, kind in (("height", height, np.int32, "INT32"), ("width", width, np.int32, "INT32"),
+                                     ("num_inference_steps", steps, np.int32, "INT32"), ("seed", seed, np.int64, "INT64"),
+                                     ("guidance_scale", guidance, np.float32, "FP32")):  # fmt: skip
+        if value is not None:
+            values.append((name, np.array([value], dtype=dtype), kind))
+    if image is not None:
+        values.append(("image", image, "UINT8"))
+    inputs = []
+    for name, array, kind in values:
+        tensor = module.InferInput(name, list(array.shape), kind)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.fixture(scope="module", params=["tiny-schnell", "tiny-dev", "tiny-kontext"])
+def served(request, repositories):
+    from fluxexport.triton.server import TritonServer
+
+    if not _has_tritonserver():
+        pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
+    server = TritonServer(repositories[request.param])
+    started = time.perf_counter()
+    with server:
+        print(
+            f"\n{request.param}: tritonserver pid {server.process.pid} ready in {time.perf_counter() - started:.1f} s"
+        )
+        yield request.param, server
+    assert server.process.returncode is not None  # stopped by PID
+    assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
+
+
+@needs_server
+def test_http_and_grpc_images_equal_fluxexport_run(served, sources, ort_backends, reference_image):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    variant, server = served
+    image = np.array(reference_image) if variant == "tiny-kontext" else None
+    for height, width, seed in ((144, 272, 3), (256, 256, 0)):
+        request = GenerationRequest("a red fox in the snow", height=height, width=width, num_inference_steps=3, seed=seed,
+                                    image=reference_image if image is not None else None)  # fmt: skip
+        expected = generate(ort_backends[variant], sources[variant], request).images
+        over_http = (
+            http.InferenceServerClient(server.http_url)
+            .infer("flux_pipeline", pipeline_inputs(http, "a red fox in the snow", height, width, 3, seed, image))
+            .as_numpy("images")
+        )
+        over_grpc = (
+            grpc.InferenceServerClient(server.grpc_url)
+            .infer("flux_pipeline", pipeline_inputs(grpc, "a red fox in the snow", height, width, 3, seed, image))
+            .as_numpy("images")
+        )
+        assert over_http.shape == over_grpc.shape == expected.shape == (1, height, width, 3)
+        assert psnr(over_http, expected) >= 50 and psnr(over_grpc, expected) >= 50
+
+
+@needs_server
+@pytest.mark.parametrize("served", ["tiny-dev"], indirect=True)
+def test_concurrent_load_and_bad_requests(served):
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    _, server = served
+    sizes = [(144, 272), (256, 256), (128, 192), (192, 128)]
+
+    def ask(client, height, width, seed):
+        return client.infer("flux_pipeline", pipeline_inputs(http, "a lighthouse", height, width, 2, seed)).as_numpy(
+            "images"
+        )
+
+    single = {}
+    client = http.InferenceServerClient(server.http_url)
+    for index, (height, width) in enumerate(sizes):
+        single[(height, width, index)] = ask(client, height, width, index)
+
+    latencies, failures, lock = [], [], threading.Lock()
+
+    def worker(number):
+        own = http.InferenceServerClient(server.http_url)
+        for repeat in range(5):
+            index = (number + repeat) % len(sizes)
+            height, width = sizes[index]
+            start = time.perf_counter()
+            try:
+                images = ask(own, height, width, index)
+                ok = np.array_equal(images, single[(height, width, index)])
+            except Exception as error:  # noqa: BLE001 - collected and asserted below
+                ok, images = False, error
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                if not ok:
+                    failures.append((number, repeat, images))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    elapsed = time.perf_counter() - start
+    assert not failures, failures[:3]
+    assert len(latencies) == 40
+    ordered = sorted(latencies)
+    print(f"\n8 clients × 5 requests: {40 / elapsed:.2f} req/s, p50 {statistics.median(ordered) * 1000:.0f} ms, "
+          f"p95 {ordered[int(0.95 * len(ordered)) - 1] * 1000:.0f} ms")  # fmt: skip
+
+    bad = [
+        (dict(height=250, width=256), "height 250 is not a multiple of 16: use 240 or 256"),
+        (dict(height=2048, width=256), "height 2048 is outside this deployment's 64..1024 px"),
+        (dict(height=256, width=256, steps=0), "steps must be at least 1, got 0"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(InferenceServerException, match=message):
+            client.infer(
+                "flux_pipeline",
+                pipeline_inputs(http, "a fox", kwargs["height"], kwargs["width"], kwargs.get("steps", 2)),
+            )
+    with pytest.raises(InferenceServerException, match="prompt is empty"):
+        client.infer("flux_pipeline", pipeline_inputs(http, "   "))
+    assert server.process.poll() is None  # still serving
+    assert np.array_equal(ask(client, 144, 272, 0), single[(144, 272, 0)])
+
+
+@needs_server
+def test_serve_command_stops_cleanly_on_ctrl_c(repositories, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fluxexport.cli", "serve", str(repositories["tiny-schnell"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, COLUMNS="200"),
+    )  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "ready: HTTP 127.0.0.1:" in line or not line:
+            break
+    assert any("ready: HTTP 127.0.0.1:" in line for line in lines), "".join(lines)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, "".join(lines) + output
+    assert "stopping" in output
