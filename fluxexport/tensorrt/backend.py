@@ -38,8 +38,11 @@ def _create_context(trt, engine):
 
 
 def _device_memory_size(engine) -> int:
-    sizes = [engine.get_device_memory_size_for_profile_v2(i) for i in range(engine.num_optimization_profiles)]
-    return max(sizes) if sizes else engine.device_memory_size_v2
+    """Scratch memory the largest profile needs (the _v2 queries exist from TensorRT 10.1)."""
+    per_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if per_profile is not None and engine.num_optimization_profiles:
+        return max(per_profile(i) for i in range(engine.num_optimization_profiles))
+    return getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
 
 
 class _EngineRunner:
@@ -63,7 +66,13 @@ class _EngineRunner:
         self.calls: dict[tuple, int] = {}
 
     def bind_memory(self, block: torch.Tensor) -> None:
-        self.context.set_device_memory(block.data_ptr(), block.numel())
+        if hasattr(self.context, "set_device_memory"):  # TensorRT ≥ 10.1
+            self.context.set_device_memory(block.data_ptr(), block.numel())
+        else:
+            self.context.device_memory = block.data_ptr()
+        # captured graphs point into the previous block: capture again on the new one
+        self.graphs.clear()
+        self.calls.clear()
 
     def _prepare(self, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
         key = tuple(shapes.values())
