@@ -406,15 +406,17 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
     )  # fmt: skip
     onnx_dir = onnx_dir or Path("engines") / source.name / "onnx"
     out = out or Path("engines") / source.name / f"trt-{precision}"
-    names = _components(components) if components else None
+    from fluxexport.export.manifest import read_manifest
+
+    names = _components(components) if components else list(read_manifest(onnx_dir)["components"])
     rows = []
-    with step_progress(f"build {precision} engines → {out}", len(names or [])) as advance:
+    with step_progress(f"build {precision} engines → {out}", len(names)) as advance:
         built = []
 
         def on_component(name, seconds):
             if seconds is not None:
                 built.append(name)
-                advance(len(built), len(names or built))
+                advance(len(built), len(names))
                 rows.append([name, f"{seconds:.1f}"])
 
         build_engines(source, onnx_dir, out, options, names, on_component)
