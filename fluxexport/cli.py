@@ -391,8 +391,10 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--refittable", is_flag=True, help="Engines whose weights can be refitted without a rebuild.")
 @click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory.")
+@click.option("--prepare/--no-prepare", default=True, show_default=True,
+              help="Export/quantize the graphs the engines need when --onnx lacks them (fp8 implies quantize).")  # fmt: skip
 def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
-          max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming) -> None:  # fmt: skip
+          max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
     from fluxexport.models.source import resolve_model
     from fluxexport.tensorrt.builder import BuildOptions, build_engines
@@ -407,8 +409,14 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
     onnx_dir = onnx_dir or Path("engines") / source.name / "onnx"
     out = out or Path("engines") / source.name / f"trt-{precision}"
     from fluxexport.export.manifest import read_manifest
+    from fluxexport.specs import COMPONENTS
 
-    names = _components(components) if components else list(read_manifest(onnx_dir)["components"])
+    if components:
+        names = _components(components)
+    elif (onnx_dir / "manifest.json").is_file():
+        names = list(read_manifest(onnx_dir)["components"])
+    else:
+        names = [name for name in COMPONENTS if name != "vae_encoder" or source.is_kontext]
     rows = []
     with step_progress(f"build {precision} engines → {out}", len(names)) as advance:
         built = []
@@ -419,7 +427,7 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
                 advance(len(built), len(names))
                 rows.append([name, f"{seconds:.1f}"])
 
-        build_engines(source, onnx_dir, out, options, names, on_component)
+        build_engines(source, onnx_dir, out, options, names, on_component, prepare, log=console.print)
     console.print(table(f"engines in {out}", ["component", "build s"], rows))
     click.echo(str(out))
 

@@ -178,3 +178,32 @@ def test_fp8_graphs_handed_to_the_builder_pass_the_check(fp8_exports):
     from fluxexport.export.check import check_folder
 
     assert all(report.ok for report in check_folder(fp8_exports["tiny-kontext"]))
+
+
+def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tmp_path):
+    import shutil
+
+    from fluxexport.export.manifest import read_manifest
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+    from fluxexport.tensorrt.precision import prepare_graphs
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exports["tiny-dev"], folder)  # fp32 graphs: none fits an fp8 engine set
+    before = read_manifest(folder)["components"]["t5"]["sha256"]
+    calibration = CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2, height=128, width=128)
+    logged = []
+    manifest = prepare_graphs(
+        sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append
+    )
+    components = manifest["components"]
+    assert components["clip"]["dtype"] == "bf16" and components["transformer"]["dtype"] == "fp8"
+    assert components["t5"]["sha256"] == before  # not asked for: untouched
+    assert logged == [
+        f"exporting clip as bf16 into {folder}",
+        f"calibrating and quantizing the transformer to FP8 into {folder}",
+    ]
+    assert graph_problems(manifest, graph_dtypes("fp8", ["clip", "transformer"]), folder) == []
+    # a second call finds nothing to do
+    logged.clear()
+    prepare_graphs(sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append)
+    assert logged == []

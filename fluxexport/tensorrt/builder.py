@@ -14,7 +14,7 @@ from fluxexport.models.source import ModelSource
 from fluxexport.specs import component_specs
 from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
 from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8
-from fluxexport.tensorrt.precision import graph_dtypes, graph_problems
+from fluxexport.tensorrt.precision import graph_dtypes, graph_problems, prepare_graphs
 from fluxexport.tensorrt.profiles import ProfileRequest, Range, build_profiles, resolution_buckets
 
 TIMING_CACHE = "timing.cache"
@@ -96,14 +96,20 @@ def build_engines(
     options: BuildOptions,
     components: Sequence[str] | None = None,
     on_component: Callable[[str, float | None], None] | None = None,
+    prepare: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict:
-    """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest."""
+    """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest.
+
+    With `prepare`, graphs of the wrong dtype or missing are exported / quantized first (`prepare_graphs`)."""
     trt = import_tensorrt()
     gpu = current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)
-    onnx_manifest = read_manifest(onnx_dir)
-    components = list(components or onnx_manifest["components"])
+    components = list(components or read_manifest(onnx_dir)["components"])
+    onnx_manifest = (
+        prepare_graphs(source, onnx_dir, options.precision, components, log=log) if prepare else read_manifest(onnx_dir)
+    )
     wanted = graph_dtypes(options.precision, components)
     problems = graph_problems(onnx_manifest, wanted, onnx_dir)
     if problems:

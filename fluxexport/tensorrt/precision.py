@@ -40,3 +40,31 @@ def graph_problems(manifest: dict, wanted: dict[str, str], folder) -> list[str]:
                 f"{name}: the graph is {entry['dtype']}, a {dtype} engine needs a {dtype} graph (run {fix})"
             )
     return problems
+
+
+def prepare_graphs(source, onnx_dir, precision: str, components, calibration=None, log=print) -> dict:
+    """Export or quantize whatever graph the wanted engines lack (`build --precision fp8` implies `quantize`).
+
+    Graphs already of the right dtype are kept; others are (re)written in `onnx_dir` by the same export and
+    quantize code as the commands. Returns the folder's manifest afterwards."""
+    from pathlib import Path
+
+    from fluxexport.export.manifest import read_manifest
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.quantize.qdq_export import quantize_transformer
+
+    onnx_dir = Path(onnx_dir)
+    present = read_manifest(onnx_dir)["components"] if (onnx_dir / "manifest.json").is_file() else {}
+    wanted = graph_dtypes(precision, components)
+    stale = {name: dtype for name, dtype in wanted.items() if present.get(name, {}).get("dtype") != dtype}
+    exports: dict[str, list[str]] = {}
+    for name, dtype in stale.items():
+        if dtype != "fp8":  # the FP8 transformer comes from quantize, below
+            exports.setdefault(dtype, []).append(name)
+    for dtype, names in exports.items():
+        log(f"exporting {', '.join(names)} as {dtype} into {onnx_dir}")
+        export_model(source, onnx_dir, names, dtype)
+    if stale.get("transformer") == "fp8":
+        log(f"calibrating and quantizing the transformer to FP8 into {onnx_dir}")
+        quantize_transformer(source, onnx_dir, calibration, base_dtype="bf16")
+    return read_manifest(onnx_dir)
