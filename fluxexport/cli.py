@@ -13,6 +13,19 @@ from fluxexport.errors import FluxExportError
 TINY_DEFAULT = "tiny-schnell"
 
 
+def model_options(function):
+    """--model and --base-model, the same on every command that reads a checkpoint."""
+    function = click.option(
+        "--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts."
+    )(function)
+    return click.option(
+        "--model",
+        default=TINY_DEFAULT,
+        show_default=True,
+        help="Tiny variant, diffusers folder, hub id or BFL .safetensors (the one the graphs/engines came from).",
+    )(function)
+
+
 def _fail(error: Exception) -> None:
     raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
@@ -70,13 +83,7 @@ def _check_output(output: Path, count: int) -> list[Path]:
 
 
 @main.command()
-@click.option(
-    "--model",
-    default=TINY_DEFAULT,
-    show_default=True,
-    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
-)
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--prompt", required=True, help="Text to draw (CLIP; also T5 unless --prompt-2).")
 @click.option("--prompt-2", help="Text for T5 (defaults to --prompt).")
 @click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
@@ -167,13 +174,7 @@ def _print_check(reports) -> bool:
 
 
 @main.command()
-@click.option(
-    "--model",
-    default=TINY_DEFAULT,
-    show_default=True,
-    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
-)
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
 @click.option(
     "--components", help="Comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder (default: all)."
@@ -249,8 +250,7 @@ def check(folder: Path, tensorrt: str | None) -> None:
 
 
 @main.command()
-@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs were exported from.")
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True, help="Folder of exported graphs.")
 @click.option("--components", help="Comma-separated subset to compare (default: every graph in --engines).")
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the end-to-end comparison.")
@@ -308,13 +308,7 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
 
 
 @main.command()
-@click.option(
-    "--model",
-    default=TINY_DEFAULT,
-    show_default=True,
-    help="Tiny variant, diffusers folder, hub id or BFL .safetensors.",
-)
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="Precision of everything that is not FP8 (fp32 runs in ONNX Runtime on CPU).")  # fmt: skip
@@ -370,8 +364,7 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 
 
 @main.command()
-@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs came from.")
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--precision", type=click.Choice(["bf16", "fp8", "fp16"]), default="bf16", show_default=True)
 @click.option(
     "--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Exported graphs (default: engines/<model>/onnx)."
@@ -433,8 +426,7 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
 
 
 @main.command()
-@click.option("--model", default=TINY_DEFAULT, show_default=True)
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
 @click.option(
@@ -484,8 +476,7 @@ def bench(
 
 
 @main.command()
-@click.option("--model", default=TINY_DEFAULT, show_default=True, help="The checkpoint the graphs/engines came from.")
-@click.option("--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts.")
+@model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True, help="Exported graphs or built engines.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository folder to write.")
 @click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,

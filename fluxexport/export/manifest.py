@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fluxexport.atomic import write_text_atomic
 from fluxexport.errors import FluxExportError
 
 MANIFEST = "manifest.json"
@@ -55,8 +55,4 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Replace manifest.json atomically (temp file + rename): readers never see half of it."""
-    path = Path(folder) / MANIFEST
-    temporary = path.with_name(f".{MANIFEST}.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")

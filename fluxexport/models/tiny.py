@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxexport.atomic import atomic_folder
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import TINY_MARKER, cache_dir
 
@@ -164,25 +163,13 @@ def build_tiny_pipeline(name: str, shape: ModelShape = TINY_SHAPE):
 
 
 def write_tiny(name: str, out: Path) -> Path:
-    """Write tiny variant `name` as a diffusers folder at `out`, atomically (temp folder, then rename)."""
+    """Write tiny variant `name` as a diffusers folder at `out`, atomically (staging folder, then rename)."""
     variant = tiny_variant(name)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FluxExportError(f"{out} already exists and is not empty: choose another --out or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        pipeline = build_tiny_pipeline(name)
-        pipeline.save_pretrained(staging, safe_serialization=True)
+    with atomic_folder(out) as staging:
+        build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)
         marker = {"variant": variant.name, "default_size": DEFAULT_SIZE, "seed": SEED}
         (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def materialise_tiny(name: str) -> Path:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from fluxexport.atomic import write_text_atomic
 from fluxexport.backends.torch_backend import TorchBackend, load_transformer, parse_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import now, write_manifest
@@ -41,11 +41,7 @@ def write_calibration(out_dir: Path, settings: CalibrationSettings, amax: dict[s
         "input_scale": {name: value / E4M3_MAX for name, value in sorted(amax.items())},
         "calibrated_at": now(),
     }
-    path = out_dir / CALIBRATION_FILE
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(out_dir / CALIBRATION_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def quantize_transformer(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
+from fluxexport.atomic import atomic_folder
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import read_manifest
 from fluxexport.models.source import TINY_MARKER, ModelSource
@@ -72,12 +72,8 @@ def write_repository(
     missing = [name for name in needed if name not in entries]
     if missing:
         raise FluxExportError(f"{engines} lacks {', '.join(missing)}: the pipeline needs {', '.join(needed)}")
-    if out.exists() and any(out.iterdir()):
-        raise FluxExportError(f"{out} already exists and is not empty: choose another --out or delete it")
     specs = component_specs(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out) as staging:
         bls_components = {}
         for name in needed:
             entry = entries[name]
@@ -109,12 +105,6 @@ def write_repository(
         settings = {"model": source.name, "kind": kind, "bounds": _bounds(manifest), "components": bls_components}
         (pipeline / "pipeline.json").write_text(json.dumps(settings, indent=2))
         (staging / "README.md").write_text(_readme(source, kind, needed))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

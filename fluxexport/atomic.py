@@ -1,0 +1,39 @@
+"""Writes that never leave half a result: a staging folder or temp file beside the target, then a rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fluxexport.errors import FluxExportError
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a staging folder next to `target`; on success it becomes `target` (which must be absent or empty)."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise FluxExportError(f"{target} already exists and is not empty: choose another --out or delete it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Replace `path` with `text` through a temporary file in the same folder."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
