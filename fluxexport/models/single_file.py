@@ -73,25 +73,25 @@ def _mapping(num_double: int, num_single: int, guidance: bool):
     for leaf in ("weight", "bias"):
         yield ("norm_out.linear." + leaf,), "final_layer.adaLN_modulation.1." + leaf, "swap"
     for index in range(num_double):
-        ours_prefix, theirs_prefix = f"transformer_blocks.{index}.", f"double_blocks.{index}."
-        for ours, theirs in _DOUBLE.items():
-            for leaf in ("weight", "bias"):
-                yield (f"{ours_prefix}{ours}.{leaf}",), f"{theirs_prefix}{theirs}.{leaf}", "rename"
-        for ours, theirs in _DOUBLE_NORMS.items():
-            yield (ours_prefix + ours,), theirs_prefix + theirs, "rename"
-        for theirs, parts in _DOUBLE_FUSED.items():
-            for leaf in ("weight", "bias"):
-                yield tuple(f"{ours_prefix}{p}.{leaf}" for p in parts), f"{theirs_prefix}{theirs}.{leaf}", "fused"
+        yield from _block(
+            f"transformer_blocks.{index}.", f"double_blocks.{index}.", _DOUBLE, _DOUBLE_NORMS, _DOUBLE_FUSED
+        )
     for index in range(num_single):
-        ours_prefix, theirs_prefix = f"single_transformer_blocks.{index}.", f"single_blocks.{index}."
-        for ours, theirs in _SINGLE.items():
-            for leaf in ("weight", "bias"):
-                yield (f"{ours_prefix}{ours}.{leaf}",), f"{theirs_prefix}{theirs}.{leaf}", "rename"
-        for ours, theirs in _SINGLE_NORMS.items():
-            yield (ours_prefix + ours,), theirs_prefix + theirs, "rename"
-        for theirs, parts in _SINGLE_FUSED.items():
-            for leaf in ("weight", "bias"):
-                yield tuple(f"{ours_prefix}{p}.{leaf}" for p in parts), f"{theirs_prefix}{theirs}.{leaf}", "fused"
+        yield from _block(
+            f"single_transformer_blocks.{index}.", f"single_blocks.{index}.", _SINGLE, _SINGLE_NORMS, _SINGLE_FUSED
+        )
+
+
+def _block(ours_prefix: str, theirs_prefix: str, renames: dict, norms: dict, fused: dict):
+    """The parameters of one double or single block, by the block kind's tables."""
+    for ours, theirs in renames.items():
+        for leaf in ("weight", "bias"):
+            yield (f"{ours_prefix}{ours}.{leaf}",), f"{theirs_prefix}{theirs}.{leaf}", "rename"
+    for ours, theirs in norms.items():
+        yield (ours_prefix + ours,), theirs_prefix + theirs, "rename"
+    for theirs, parts in fused.items():
+        for leaf in ("weight", "bias"):
+            yield tuple(f"{ours_prefix}{p}.{leaf}" for p in parts), f"{theirs_prefix}{theirs}.{leaf}", "fused"
 
 
 def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
