@@ -24,6 +24,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torch.export.*")
+    # torch.onnx notes that two inputs share an axis (B, N, L are shared on purpose)
+    warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints.*")
     for name in (
         "diffusers",
         "transformers",
