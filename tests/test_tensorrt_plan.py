@@ -207,3 +207,121 @@ def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tm
     logged.clear()
     prepare_graphs(sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append)
     assert logged == []
+
+
+class _FakeTensorRT:
+    """The slice of TensorRT's documented Python API that build_engine uses, recording what it is asked.
+    It does not build anything: it runs our builder code end to end so that no line of it is unexecuted."""
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 5
+
+    class BuilderFlag:
+        REFIT, WEIGHT_STREAMING = "REFIT", "WEIGHT_STREAMING"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    def __init__(self):
+        self.calls = []
+        fake = self
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                fake.calls.append(("set_shape", name, low, opt, high))
+
+        class Cache:
+            def serialize(self):
+                return b"timing"
+
+        class Config:
+            builder_optimization_level = None
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("pool", pool, size))
+
+            def set_flag(self, flag):
+                fake.calls.append(("flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile",))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("timing_cache_in", bytes(data)))
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("set_timing_cache", ignore_mismatch))
+
+            def get_timing_cache(self):
+                return Cache()
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("network_flags", flags))
+                return object()
+
+            def create_builder_config(self):
+                fake.config = Config()
+                return fake.config
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build", config.builder_optimization_level))
+                return b"serialized-engine"
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+def test_build_engine_drives_the_tensorrt_api(monkeypatch, tmp_path, sources):
+    import fluxexport.tensorrt.builder as builder
+
+    fake = _FakeTensorRT()
+    monkeypatch.setattr(builder, "import_tensorrt", lambda: fake)
+    spec = component_specs(sources["tiny-dev"])["transformer"]
+    options = BuildOptions("bf16", resolution=(64, 256, 1024), resolution_buckets=2, refittable=True,
+                           weight_streaming=True, workspace_gib=1.5)  # fmt: skip
+    profiles = build_profiles(spec, profile_requests(options, kontext=False))
+    (tmp_path / "timing.cache").write_bytes(b"old")
+    seconds = builder.build_engine(
+        tmp_path / "transformer.onnx", tmp_path / "t.plan", profiles, options, tmp_path / "timing.cache"
+    )
+    assert seconds >= 0
+    assert (tmp_path / "t.plan").read_bytes() == b"serialized-engine"
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing"  # persisted for the next build
+    calls = fake.calls
+    assert ("network_flags", 1 << 5) in calls  # strongly typed
+    assert ("timing_cache_in", b"old") in calls and ("set_timing_cache", False) in calls
+    assert ("flag", "REFIT") in calls and ("flag", "WEIGHT_STREAMING") in calls
+    assert ("pool", "WORKSPACE", int(1.5 * 2**30)) in calls
+    assert calls.count(("profile",)) == 2
+    shapes = [c for c in calls if c[0] == "set_shape"]
+    assert len(shapes) == 2 * len(spec.inputs)
+    # buckets 64–544 px and 544–1024 px: N = (side/16)² tokens, tied between hidden_states and img_ids
+    assert [c for c in shapes if c[1] == "img_ids"] == [
+        ("set_shape", "img_ids", (16, 3), (256, 3), (1156, 3)),
+        ("set_shape", "img_ids", (1156, 3), (1156, 3), (4096, 3)),
+    ]
+    assert ("build", 3) in calls
+    assert not list(tmp_path.glob(".*.tmp"))
