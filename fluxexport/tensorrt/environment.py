@@ -38,10 +38,6 @@ class Gpu:
     compute_capability: tuple[int, int]
     memory_bytes: int
 
-    @property
-    def sm(self) -> str:
-        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
-
 
 def current_gpu(index: int = 0) -> Gpu:
     import torch
