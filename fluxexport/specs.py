@@ -18,6 +18,7 @@ COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
 # Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
 KONTEXT_REFERENCE_TOKENS = max((w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
 KONTEXT_REFERENCE_SIDE = max(max(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
+KONTEXT_REFERENCE_MIN_SIDE = min(min(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
 
 Dim = int | str  # a fixed size, or the name of a symbolic axis
 
@@ -99,8 +100,21 @@ class ExportBounds:
             raise FluxExportError(f"max batch must be at least 1, got {self.max_batch} (--max-batch)")
 
 
-def _tokens(side: int) -> int:
+def image_tokens(side: int) -> int:
+    """Packed tokens of a side×side image (16 px per token side: 8× VAE, 2×2 packing)."""
     return (side // 16) ** 2
+
+
+def kontext_tokens(low: int, opt: int, high: int) -> tuple[int, int, int]:
+    """Transformer tokens for Kontext targets of low/opt/high px: the noise tokens plus the reference's,
+    which is a preferred Kontext size (auto-resize) or at most as large as the target (--keep-reference-size)."""
+    largest = max(KONTEXT_REFERENCE_TOKENS, image_tokens(high))
+    return image_tokens(low), image_tokens(opt) + KONTEXT_REFERENCE_TOKENS, image_tokens(high) + largest
+
+
+def kontext_encoder_sides(low: int, opt: int, high: int) -> tuple[int, int, int]:
+    """Pixel sides the VAE encoder sees for Kontext: the targets' range widened to every preferred size."""
+    return min(low, KONTEXT_REFERENCE_MIN_SIDE), opt, max(high, KONTEXT_REFERENCE_SIDE)
 
 
 def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> dict[str, ComponentSpec]:
@@ -116,14 +130,11 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     min_side, opt_side, max_side = bounds.min_resolution, bounds.opt_resolution, bounds.max_resolution
     text = Axis(1, bounds.opt_text_length, bounds.max_text_length)
 
-    image_tokens = Axis(_tokens(min_side), _tokens(opt_side), _tokens(max_side))
-    encoder_max_side = max_side
-    if source.is_kontext:  # noise tokens plus the reference's tokens
-        reference_max = max(KONTEXT_REFERENCE_TOKENS, _tokens(max_side))
-        image_tokens = Axis(
-            image_tokens.min, image_tokens.opt + KONTEXT_REFERENCE_TOKENS, image_tokens.max + reference_max
-        )
-        encoder_max_side = max(max_side, KONTEXT_REFERENCE_SIDE)
+    sides = (min_side, opt_side, max_side)
+    if source.is_kontext:
+        tokens, encoder_sides = Axis(*kontext_tokens(*sides)), kontext_encoder_sides(*sides)
+    else:
+        tokens, encoder_sides = Axis(*(image_tokens(side) for side in sides)), sides
 
     transformer_inputs = [
         TensorSpec("hidden_states", "float", ("B", "N", packed), (-3.0, 3.0)),
@@ -137,7 +148,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
         transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
 
     latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
-    pixel_axis = Axis(min_side, opt_side, encoder_max_side, multiple=scale)
+    pixel_axis = Axis(*encoder_sides, multiple=scale)
     return {
         "clip": ComponentSpec(
             "clip",
@@ -160,7 +171,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
             "transformer",
             inputs=tuple(transformer_inputs),
             outputs=(TensorSpec("latent", "float", ("B", "N", packed)),),
-            axes={"B": batch, "N": image_tokens, "L": text},
+            axes={"B": batch, "N": tokens, "L": text},
             export_sizes={"B": 2, "N": 24, "L": 13},
         ),
         "vae_decoder": ComponentSpec(

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fluxexport.errors import FluxExportError
-from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxexport.specs import ComponentSpec
+from fluxexport.specs import ComponentSpec, image_tokens, kontext_encoder_sides, kontext_tokens
 
 Shape = tuple[int, ...]
 
@@ -56,25 +55,14 @@ def resolution_buckets(low: int, opt: int, high: int, count: int) -> list[Range]
     return [Range(start, min(max(opt, start), end), end) for start, end in zip(edges, edges[1:], strict=False)]
 
 
-def _tokens(side: int) -> int:
-    return (side // 16) ** 2
-
-
 def axis_ranges(spec: ComponentSpec, request: ProfileRequest, vae_scale_factor: int = 8) -> dict[str, Range]:
     """The range of every symbolic axis of `spec` under `request`."""
     b, r, t = request.batch, request.resolution, request.text
     ranges = {"B": b, "L": t}
-    tokens = Range(_tokens(r.min), _tokens(r.opt), _tokens(r.max))
-    if request.kontext and spec.name == "transformer":
-        # the reference's tokens come on top: any preferred Kontext size, or one inside the bucket
-        reference = [(w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
-        tokens = Range(tokens.min, tokens.opt + _tokens(1024), tokens.max + max(max(reference), tokens.max))
-    ranges["N"] = tokens
+    sides = (r.min, r.opt, r.max)
+    ranges["N"] = Range(*(kontext_tokens(*sides) if request.kontext else (image_tokens(s) for s in sides)))
     ranges["h"] = ranges["w"] = Range(r.min // vae_scale_factor, r.opt // vae_scale_factor, r.max // vae_scale_factor)
-    pixels = r
-    if request.kontext and spec.name == "vae_encoder":
-        pixels = Range(min(r.min, 672), r.opt, max(r.max, 1568))  # preferred references span 672–1568 px
-    ranges["H"] = ranges["W"] = pixels
+    ranges["H"] = ranges["W"] = Range(*kontext_encoder_sides(*sides)) if request.kontext else r
     return {axis: ranges[axis] for axis in spec.axes}
 
 
