@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def _check_output(output: Path, count: int) -> list[Path]:
         raise FluxExportError(f"output folder {parent} does not exist: create it or choose another --output")
     if not parent.is_dir():
         raise FluxExportError(f"cannot write {paths[0]}: {parent} is not a folder (--output)")
-    import os
-
     if not os.access(parent, os.W_OK):
         raise FluxExportError(f"cannot write to {parent}: permission denied (--output)")
     return paths

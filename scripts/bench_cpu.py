@@ -45,21 +45,19 @@ class StageTimer:
 
 def bench_diffusers(pipeline, prompt: str, size: int, steps: int) -> dict[str, float]:
     timer = StageTimer()
-    originals = {}
-    for stage, module in (("clip", pipeline.text_encoder), ("t5", pipeline.text_encoder_2),
-                          ("transformer", pipeline.transformer)):  # fmt: skip
-        originals[stage] = module.forward
-        module.forward = timer.wrap(stage, module.forward)
-    originals["vae_decoder"] = pipeline.vae.decode
-    pipeline.vae.decode = timer.wrap("vae_decoder", pipeline.vae.decode)
-    start = time.perf_counter()
-    pipeline(prompt, height=size, width=size, num_inference_steps=steps, max_sequence_length=256,
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
-    total = time.perf_counter() - start
-    for stage, function in originals.items():
-        target = pipeline.vae if stage == "vae_decoder" else {"clip": pipeline.text_encoder, "t5": pipeline.text_encoder_2,
-                                                              "transformer": pipeline.transformer}[stage]  # fmt: skip
-        setattr(target, "decode" if stage == "vae_decoder" else "forward", function)
+    patched = [(pipeline.text_encoder, "forward", "clip"), (pipeline.text_encoder_2, "forward", "t5"),
+               (pipeline.transformer, "forward", "transformer"), (pipeline.vae, "decode", "vae_decoder")]  # fmt: skip
+    originals = [getattr(target, attribute) for target, attribute, _ in patched]
+    for (target, attribute, stage), original in zip(patched, originals, strict=True):
+        setattr(target, attribute, timer.wrap(stage, original))
+    try:
+        start = time.perf_counter()
+        pipeline(prompt, height=size, width=size, num_inference_steps=steps, max_sequence_length=256,
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        total = time.perf_counter() - start
+    finally:
+        for (target, attribute, _), original in zip(patched, originals, strict=True):
+            setattr(target, attribute, original)
     return {**timer.seconds, "total": total}
 
 

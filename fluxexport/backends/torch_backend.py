@@ -69,7 +69,7 @@ class TorchBackend:
         return tensor.to(self.device, torch.long)
 
     @staticmethod
-    def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    def _output(tensor: torch.Tensor) -> torch.Tensor:
         """Outputs stay on the backend's device, as float32 (the runtime's state dtype)."""
         return tensor.detach().to(torch.float32)
 
@@ -99,8 +99,8 @@ class TorchBackend:
         def run(feeds: Feeds) -> Feeds:
             out = model(self._to_device(feeds["input_ids"]), output_hidden_states=False)
             return {
-                "text_embeddings": self._to_host(out.last_hidden_state),
-                "pooled_embeddings": self._to_host(out.pooler_output),
+                "text_embeddings": self._output(out.last_hidden_state),
+                "pooled_embeddings": self._output(out.pooler_output),
             }
 
         return run
@@ -110,7 +110,7 @@ class TorchBackend:
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
-            return {"text_embeddings": self._to_host(model(self._to_device(feeds["input_ids"]))[0])}
+            return {"text_embeddings": self._output(model(self._to_device(feeds["input_ids"]))[0])}
 
         return run
 
@@ -131,7 +131,7 @@ class TorchBackend:
                 guidance=None if guidance is None else guidance.to(self.device, torch.float32),
                 return_dict=False,
             )[0]
-            return {"latent": self._to_host(out)}
+            return {"latent": self._output(out)}
 
         return run
 
@@ -140,7 +140,7 @@ class TorchBackend:
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
-            return {"images": self._to_host(vae.decode(self._to_device(feeds["latent"]), return_dict=False)[0])}
+            return {"images": self._output(vae.decode(self._to_device(feeds["latent"]), return_dict=False)[0])}
 
         return run
 
@@ -150,6 +150,6 @@ class TorchBackend:
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
             posterior = vae.encode(self._to_device(feeds["images"])).latent_dist
-            return {"latent": self._to_host(posterior.mode())}
+            return {"latent": self._output(posterior.mode())}
 
         return run
