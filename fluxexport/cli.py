@@ -503,8 +503,9 @@ def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
     import signal
     import threading
 
-    from fluxexport.triton.server import TritonServer, find_tritonserver, python_environment
+    from fluxexport.triton.server import TritonServer, check_repository, find_tritonserver, python_environment
 
+    check_repository(repository)  # the cheapest mistake first, before looking for a binary and an environment
     server = TritonServer(repository, find_tritonserver(binary), python_environment(python_env))
     stop = threading.Event()  # Ctrl-C / SIGTERM only set it: shutdown happens in one place, whenever they come
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -40,7 +40,8 @@ def test_kontext_run_with_image(tmp_path, sources, reference_image):
     result = invoke("run", "--model", "tiny-kontext", "--prompt", "blue", "--steps", 2, "--image", tmp_path / "ref.png",
                     "--keep-reference-size", "--output", tmp_path / "edit.png")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "edit.png").is_file()
+    assert "reference encode" in result.output  # the reference went through the VAE encoder
+    assert Image.open(tmp_path / "edit.png").size == (256, 256)
 
 
 @pytest.mark.parametrize(
@@ -120,3 +121,29 @@ def test_tiny_command_writes_folder_and_single_file(tmp_path):
     assert result.exit_code == 0, result.output
     result = invoke("tiny", "tiny-schnell", "--out", tmp_path / "m")
     assert result.exit_code == 1 and "already exists and is not empty" in result.output
+
+
+def test_bench_and_serve_refuse_bad_input(tmp_path, sources):
+    result = invoke("bench", "--repeats", 0)
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --repeats must be ≥ 1 and --warmup ≥ 0"
+    (tmp_path / "empty").mkdir()
+    result = invoke("serve", tmp_path / "empty")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path / 'empty'} is not a model repository: write one with `fluxexport triton`"
+    )
+
+
+def test_bench_reports_every_stage(tmp_path, sources):
+    import json
+
+    result = invoke(
+        "bench", "--model", "tiny-dev", "--steps", 2, "--warmup", 0, "--repeats", 2, "--json", tmp_path / "b.json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert (data["backend"], data["steps"], data["repeats"], data["height"]) == ("torch", 2, 2, 256)
+    assert set(data["median_ms"]) == {"text_encode", "denoise", "denoise_per_step", "decode", "wall", "total"}
+    assert data["median_ms"]["denoise_per_step"] * 2 == pytest.approx(data["median_ms"]["denoise"], rel=0.01)
+    assert data["peak_gpu_memory_bytes"] is None

@@ -106,15 +106,20 @@ def _backend_directory(binary: Path) -> Path | None:
     return folder
 
 
+def check_repository(repository: Path) -> Path:
+    repository = Path(repository)
+    if not (repository.is_dir() and any(repository.glob("*/config.pbtxt"))):
+        raise FluxExportError(f"{repository} is not a model repository: write one with `fluxexport triton`")
+    return repository
+
+
 class TritonServer:
     """A tritonserver process bound to 127.0.0.1 on free ports; use as a context manager."""
 
     def __init__(
         self, repository: Path, binary: Path | None = None, environment: Path | None = None, log: Path | None = None
     ):
-        self.repository = Path(repository)
-        if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
-            raise FluxExportError(f"{self.repository} is not a model repository: write one with `fluxexport triton`")
+        self.repository = check_repository(repository)
         self.binary = binary or find_tritonserver()
         self.environment = environment or python_environment()
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
