@@ -30,10 +30,30 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed."""
+    path = Path(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> Path:
+    """Replace `path` with `data` through a temporary file in the same folder."""
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Replace `path` with `text` through a temporary file in the same folder."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-    return path
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)

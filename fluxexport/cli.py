@@ -8,8 +8,11 @@ from pathlib import Path
 
 import click
 
+from fluxexport.backends import BACKENDS
 from fluxexport.console import console, quiet_libraries, step_progress, table, warn
+from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
 from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import default_folder
 
 TINY_DEFAULT = "tiny-schnell"
 
@@ -101,12 +104,12 @@ def _check_output(output: Path, count: int) -> list[Path]:
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
 )
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
 @click.option(
     "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
 )
 @click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
@@ -178,7 +181,7 @@ def _print_check(reports) -> bool:
 @click.option(
     "--components", help="Comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder (default: all)."
 )
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Compute dtype; fp16 keeps T5 in bf16 and the VAE in fp32.")  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20: TensorRT 10.1's newest).")
 @click.option("--max-batch", type=int, help="Largest batch the graphs must serve (default 4).")
@@ -201,8 +204,9 @@ def export(
     run_check,
 ) -> None:
     """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
+    from fluxexport.dtypes import component_precision
     from fluxexport.export.check import check_folder
-    from fluxexport.export.onnx_export import DEFAULT_OPSET, component_dtype, export_model
+    from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
     from fluxexport.models.source import resolve_model
     from fluxexport.specs import ExportBounds
 
@@ -211,9 +215,9 @@ def export(
         source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
     )
     names = _components(components)
-    out = out or Path("engines") / source.name / "onnx"
+    out = out or default_folder(source.name)
     for name in names:
-        _, reason = component_dtype(name, dtype)
+        _, reason = component_precision(name, dtype)
         if reason:
             console.print(f"note: {name}: {reason}")
     rows = []
@@ -258,31 +262,13 @@ def check(folder: Path, tensorrt: str | None) -> None:
 @click.option("--min-psnr", type=float, help="Fail below this image PSNR in dB (default per dtype: fp32 50).")
 def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr) -> None:
     """Compare exported graphs with PyTorch per component and end to end; non-zero exit past thresholds."""
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from fluxexport.backends.torch_backend import TorchBackend
     from fluxexport.models.source import resolve_model
-    from fluxexport.validate import validate as run_validation
+    from fluxexport.validate import validate_folder
 
     source = resolve_model(model, base_model)
-    candidate = OnnxRuntimeBackend(source, engines, upcast_bf16=True)
-    entries = candidate.manifest["components"]
-    names = _components(components) if components else list(entries)
-    missing = [name for name in names if name not in entries]
-    if missing:
-        raise FluxExportError(
-            f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
-        )
-    dtypes = {name: entries[name]["dtype"] for name in names}
-    # the reference computes like the graphs: bf16 when they do (FP8 graphs keep their base dtype), else fp32
-    bases = {entries[name].get("base_dtype", entries[name]["dtype"]) for name in names}
-    dtype = "bf16" if bases == {"bf16"} else "fp16" if bases == {"fp16"} else "fp32"
-    reference = TorchBackend(source, dtype=dtype, device="cpu")
-    with step_progress(f"validate {engines}", len(names) + 2) as advance:
-        seen = []
-        result = run_validation(
-            source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr,
-            on_progress=lambda stage: (seen.append(stage), advance(len(seen) - 1, len(names) + 2)),
-        )  # fmt: skip
+    names = _components(components) if components else None
+    with step_progress(f"validate {engines}", 1) as advance:
+        result, dtype = validate_folder(source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance)
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
          f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.cosine:.6f}", "ok" if c.passed else "[red]FAIL[/red]"]
@@ -309,7 +295,7 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
 @main.command()
 @model_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
               help="Precision of everything that is not FP8 (fp32 runs in ONNX Runtime on CPU).")  # fmt: skip
 @click.option(
     "--calib-prompts", type=click.Path(path_type=Path), help="Calibration prompts, one per line (default: built-in 32)."
@@ -336,7 +322,7 @@ def quantize(
             raise FluxExportError(f"calib-size must be at least 1, got {calib_size} (--calib-size)")
         prompts = prompts[:calib_size]
     settings = CalibrationSettings(prompts, calib_steps, calib_resolution, calib_resolution)
-    out = out or Path("engines") / source.name / "onnx"
+    out = out or default_folder(source.name)
     with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
         entry = quantize_transformer(
             source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data, on_prompt=advance
@@ -364,7 +350,7 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 
 @main.command()
 @model_options
-@click.option("--precision", type=click.Choice(["bf16", "fp8", "fp16"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default="bf16", show_default=True)
 @click.option(
     "--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Exported graphs (default: engines/<model>/onnx)."
 )
@@ -372,14 +358,14 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
     "--out", type=click.Path(path_type=Path), help="Engine folder (default: engines/<model>/trt-<precision>)."
 )
 @click.option("--components", help="Comma-separated subset (default: every graph in --onnx).")
-@click.option("--batch", default="1:1:4", show_default=True, help="Batch MIN:OPT:MAX.")
-@click.option("--min-resolution", type=int, default=256, show_default=True)
-@click.option("--opt-resolution", type=int, default=1024, show_default=True)
-@click.option("--max-resolution", type=int, default=1360, show_default=True)
+@click.option("--batch", help="Batch MIN:OPT:MAX (default: the export's bounds, 1:1:4).")
+@click.option("--min-resolution", type=int, help="Smallest image side (default: the export's, 256).")
+@click.option("--opt-resolution", type=int, help="Profile optimum (default: the export's, 1024).")
+@click.option("--max-resolution", type=int, help="Largest image side (default: the export's, 1360).")
 @click.option(
     "--resolution-buckets", type=int, default=1, show_default=True, help="Profiles over the resolution range."
 )
-@click.option("--text-len", default="1:512:512", show_default=True, help="T5 tokens MIN:OPT:MAX.")
+@click.option("--text-len", help="T5 tokens MIN:OPT:MAX (default: the export's, 1:512:512 for dev).")
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--refittable", is_flag=True, help="Engines whose weights can be refitted without a rebuild.")
 @click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory.")
@@ -389,26 +375,24 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
           max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
     from fluxexport.models.source import resolve_model
-    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+    from fluxexport.tensorrt.builder import BuildOptions, build_bounds, build_engines, engine_components
     from fluxexport.tensorrt.environment import import_tensorrt
 
     import_tensorrt()  # refuse before anything else happens
     source = resolve_model(model, base_model)
-    options = BuildOptions(
-        precision, _range(batch, "--batch"), (min_resolution, opt_resolution, max_resolution),
-        _range(text_len, "--text-len"), resolution_buckets, optimization_level, refittable, weight_streaming,
+    onnx_dir = onnx_dir or default_folder(source.name)
+    out = out or default_folder(source.name, f"trt-{precision}")
+    batch_range = _range(batch, "--batch") if batch else (None, None, None)
+    text_range = _range(text_len, "--text-len") if text_len else (None, None, None)
+    bounds = build_bounds(
+        source, onnx_dir, min_batch=batch_range[0], opt_batch=batch_range[1], max_batch=batch_range[2],
+        min_resolution=min_resolution, opt_resolution=opt_resolution, max_resolution=max_resolution,
+        min_text_length=text_range[0], opt_text_length=text_range[1], max_text_length=text_range[2],
     )  # fmt: skip
-    onnx_dir = onnx_dir or Path("engines") / source.name / "onnx"
-    out = out or Path("engines") / source.name / f"trt-{precision}"
-    from fluxexport.export.manifest import read_manifest
-    from fluxexport.specs import COMPONENTS
-
-    if components:
-        names = _components(components)
-    elif (onnx_dir / "manifest.json").is_file():
-        names = list(read_manifest(onnx_dir)["components"])
-    else:
-        names = [name for name in COMPONENTS if name != "vae_encoder" or source.is_kontext]
+    options = BuildOptions(
+        precision, bounds, resolution_buckets, optimization_level, refittable, weight_streaming
+    )  # fmt: skip
+    names = _components(components) if components else engine_components(source, onnx_dir)
     rows = []
     with step_progress(f"build {precision} engines → {out}", len(names)) as advance:
         built = []
@@ -426,15 +410,9 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
 
 @main.command()
 @model_options
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="torch backend dtype.",
-)
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
 @click.option("--device", help="torch device (default: cuda if available).")
 @click.option("--height", type=int)
 @click.option("--width", type=int)

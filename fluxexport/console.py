@@ -13,7 +13,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
-stdout = Console()
 
 
 def quiet_libraries() -> None:
@@ -56,14 +55,14 @@ def warn(message: str) -> None:
 
 @contextmanager
 def step_progress(description: str, total: int) -> Iterator:
-    """A progress bar; yields `advance(done, total)` for runtime callbacks."""
+    """A progress bar; yields `advance(done, total)` for runtime callbacks (the callback's total wins)."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=False, disable=not console.is_terminal and os.environ.get("CI") == "true",
     )  # fmt: skip
     with progress:
         task = progress.add_task(description, total=total)
-        yield lambda done, _total: progress.update(task, completed=done)
+        yield lambda done, new_total: progress.update(task, completed=done, total=new_total)
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

@@ -7,10 +7,12 @@ Names follow NVIDIA's TensorRT diffusion demo (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from fluxexport.dtypes import COMPUTE
+from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
@@ -25,10 +27,10 @@ Dim = int | str  # a fixed size, or the name of a symbolic axis
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output. dtype "float" means the component's compute dtype (fp32/bf16/fp16)."""
+    """One input or output. dtype COMPUTE ("compute") means the component's precision (fp32/bf16/fp16)."""
 
     name: str
-    dtype: str  # "float" | "float32" | "int32"
+    dtype: str  # COMPUTE | "float32" | "int32"
     dims: tuple[Dim, ...]
     value_range: tuple[float, float] = (-1.0, 1.0)  # where sample inputs are drawn from
 
@@ -64,10 +66,20 @@ class ComponentSpec:
                 resolved[axis] = resolved[source] * factor
         return tuple(dim if isinstance(dim, int) else resolved[dim] for dim in tensor.dims)
 
+    def shape_range(self, tensor: TensorSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(min, opt, max) shapes of an input over the spec's axes: a TensorRT optimization profile's entry."""
+        return tuple(
+            self.shape(tensor, {axis: getattr(bounds, which) for axis, bounds in self.axes.items()})
+            for which in ("min", "opt", "max")
+        )  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class ExportBounds:
-    """The range an export (and later an engine) must serve."""
+    """The range an export (and later an engine's profiles) must serve: min/opt/max batch, image side, T5 tokens.
+
+    Graphs are exported for the whole range; `fluxexport build` makes one TensorRT profile per resolution
+    bucket of it (`with_resolution`), so every bound lives here and the axes follow from `component_specs`."""
 
     max_batch: int = 4
     min_resolution: int = 256
@@ -75,6 +87,9 @@ class ExportBounds:
     max_resolution: int = 1360
     max_text_length: int = 512
     opt_text_length: int = 512
+    min_batch: int = 1
+    opt_batch: int = 1
+    min_text_length: int = 1
 
     @classmethod
     def for_model(cls, source: ModelSource, **overrides) -> ExportBounds:
@@ -86,18 +101,42 @@ class ExportBounds:
         bounds.check()
         return bounds
 
-    def check(self) -> None:
-        from fluxexport.errors import FluxExportError
+    @property
+    def batch(self) -> tuple[int, int, int]:
+        return self.min_batch, self.opt_batch, self.max_batch
 
+    @property
+    def resolution(self) -> tuple[int, int, int]:
+        return self.min_resolution, self.opt_resolution, self.max_resolution
+
+    @property
+    def text_length(self) -> tuple[int, int, int]:
+        return self.min_text_length, self.opt_text_length, self.max_text_length
+
+    def with_resolution(self, low: int, opt: int, high: int) -> ExportBounds:
+        """The same bounds over a narrower resolution range (one TensorRT profile's bucket)."""
+        return replace(self, min_resolution=low, opt_resolution=opt, max_resolution=high)
+
+    def check(self) -> None:
         if not 16 <= self.min_resolution <= self.opt_resolution <= self.max_resolution:
             raise FluxExportError(
                 f"resolutions must satisfy 16 ≤ min ≤ opt ≤ max, got {self.min_resolution}, "
                 f"{self.opt_resolution}, {self.max_resolution} (--min-resolution/--max-resolution)"
             )
-        if any(value % 16 for value in (self.min_resolution, self.opt_resolution, self.max_resolution)):
+        if any(value % 16 for value in self.resolution):
             raise FluxExportError("resolutions must be multiples of 16 (--min-resolution/--max-resolution)")
         if self.max_batch < 1:
             raise FluxExportError(f"max batch must be at least 1, got {self.max_batch} (--max-batch)")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise FluxExportError(f"batch needs 1 ≤ MIN ≤ OPT ≤ MAX, got {':'.join(map(str, self.batch))} (--batch)")
+        if not 1 <= self.min_text_length <= self.opt_text_length <= self.max_text_length:
+            text = ":".join(map(str, self.text_length))
+            raise FluxExportError(f"text length needs 1 ≤ MIN ≤ OPT ≤ MAX, got {text} (--text-len)")
+
+
+def pipeline_components(source: ModelSource) -> tuple[str, ...]:
+    """The components a text-to-image run needs: the four, plus the VAE encoder for Kontext's reference."""
+    return tuple(name for name in COMPONENTS if name != "vae_encoder" or source.is_kontext)
 
 
 def image_tokens(side: int) -> int:
@@ -120,7 +159,7 @@ def kontext_encoder_sides(low: int, opt: int, high: int) -> tuple[int, int, int]
 def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> dict[str, ComponentSpec]:
     """The five component specs for a checkpoint, with widths read from its configs."""
     bounds = bounds or ExportBounds.for_model(source)
-    batch = Axis(1, 1, bounds.max_batch)
+    batch = Axis(*bounds.batch)
     clip_length = int(source.clip.get("max_position_embeddings", 77))
     clip_width = int(source.clip["hidden_size"])
     t5_width = int(source.t5["d_model"])
@@ -128,7 +167,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     channels = source.latent_channels
     scale = source.vae_scale_factor
     min_side, opt_side, max_side = bounds.min_resolution, bounds.opt_resolution, bounds.max_resolution
-    text = Axis(1, bounds.opt_text_length, bounds.max_text_length)
+    text = Axis(*bounds.text_length)
 
     sides = (min_side, opt_side, max_side)
     if source.is_kontext:
@@ -137,10 +176,10 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
         tokens, encoder_sides = Axis(*(image_tokens(side) for side in sides)), sides
 
     transformer_inputs = [
-        TensorSpec("hidden_states", "float", ("B", "N", packed), (-3.0, 3.0)),
-        TensorSpec("encoder_hidden_states", "float", ("B", "L", t5_width)),
-        TensorSpec("pooled_projections", "float", ("B", clip_width)),
-        TensorSpec("timestep", "float", ("B",), (0.0, 1.0)),
+        TensorSpec("hidden_states", COMPUTE, ("B", "N", packed), (-3.0, 3.0)),
+        TensorSpec("encoder_hidden_states", COMPUTE, ("B", "L", t5_width)),
+        TensorSpec("pooled_projections", COMPUTE, ("B", clip_width)),
+        TensorSpec("timestep", COMPUTE, ("B",), (0.0, 1.0)),
         TensorSpec("img_ids", "float32", ("N", 3), (0.0, 64.0)),
         TensorSpec("txt_ids", "float32", ("L", 3), (0.0, 0.0)),
     ]
@@ -154,8 +193,8 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
             "clip",
             inputs=(TensorSpec("input_ids", "int32", ("B", clip_length), (0, int(source.clip["vocab_size"]) - 1)),),
             outputs=(
-                TensorSpec("text_embeddings", "float", ("B", clip_length, clip_width)),
-                TensorSpec("pooled_embeddings", "float", ("B", clip_width)),
+                TensorSpec("text_embeddings", COMPUTE, ("B", clip_length, clip_width)),
+                TensorSpec("pooled_embeddings", COMPUTE, ("B", clip_width)),
             ),
             axes={"B": batch},
             export_sizes={"B": 2},
@@ -163,29 +202,29 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
         "t5": ComponentSpec(
             "t5",
             inputs=(TensorSpec("input_ids", "int32", ("B", "L"), (0, int(source.t5["vocab_size"]) - 1)),),
-            outputs=(TensorSpec("text_embeddings", "float", ("B", "L", t5_width)),),
+            outputs=(TensorSpec("text_embeddings", COMPUTE, ("B", "L", t5_width)),),
             axes={"B": batch, "L": text},
             export_sizes={"B": 2, "L": 11},
         ),
         "transformer": ComponentSpec(
             "transformer",
             inputs=tuple(transformer_inputs),
-            outputs=(TensorSpec("latent", "float", ("B", "N", packed)),),
+            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
             axes={"B": batch, "N": tokens, "L": text},
             export_sizes={"B": 2, "N": 24, "L": 13},
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
-            inputs=(TensorSpec("latent", "float", ("B", channels, "h", "w"), (-3.0, 3.0)),),
-            outputs=(TensorSpec("images", "float", ("B", 3, "H", "W")),),
+            inputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w"), (-3.0, 3.0)),),
+            outputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
             axes={"B": batch, "h": latent_axis, "w": latent_axis},
             export_sizes={"B": 2, "h": 6, "w": 10},
             derived={"H": ("h", scale), "W": ("w", scale)},
         ),
         "vae_encoder": ComponentSpec(
             "vae_encoder",
-            inputs=(TensorSpec("images", "float", ("B", 3, "H", "W")),),
-            outputs=(TensorSpec("latent", "float", ("B", channels, "h", "w")),),
+            inputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
+            outputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w")),),
             axes={"B": batch, "H": pixel_axis, "W": pixel_axis},
             export_sizes={"B": 2, "H": 48, "W": 80},
             derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
@@ -206,5 +245,5 @@ def sample_inputs(
             feeds[tensor.name] = torch.randint(int(low), int(high) + 1, shape, generator=generator, dtype=torch.int32)
         else:
             values = torch.rand(shape, generator=generator) * (high - low) + low
-            feeds[tensor.name] = values.to(dtype if tensor.dtype == "float" else torch.float32)
+            feeds[tensor.name] = values.to(dtype if tensor.dtype == COMPUTE else torch.float32)
     return feeds

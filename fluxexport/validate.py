@@ -143,3 +143,50 @@ def validate(
         difference = int(np.abs(ours.astype(int) - theirs.astype(int)).max())
         report.images.append(ImageComparison(height, width, value, difference, value >= min_psnr))
     return report
+
+
+def reference_dtype(entries: dict[str, dict]) -> str:
+    """The PyTorch dtype to compare graphs with: bf16 (or fp16) when they all compute in it — an FP8 graph
+    computes the rest in its base dtype — else fp32."""
+    bases = {entry.get("base_dtype", entry["dtype"]) for entry in entries.values()}
+    return "bf16" if bases == {"bf16"} else "fp16" if bases == {"fp16"} else "fp32"
+
+
+def validate_folder(
+    source: ModelSource,
+    engines: Path,
+    components: list[str] | None = None,
+    steps: int = 4,
+    max_rel_l2: float | None = None,
+    min_psnr: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[ValidationReport, str]:
+    """Validate the graphs of `engines` (all, or `components`) against PyTorch: (report, reference dtype).
+    `on_progress(done, total)` is called as each component and image comparison starts."""
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.errors import FluxExportError
+
+    with OnnxRuntimeBackend(source, engines, upcast_bf16=True) as candidate:
+        entries = candidate.manifest["components"]
+        names = components or list(entries)
+        missing = [name for name in names if name not in entries]
+        if missing:
+            raise FluxExportError(
+                f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
+            )
+        chosen = {name: entries[name] for name in names}
+        dtype = reference_dtype(chosen)
+        with TorchBackend(source, dtype=dtype, device="cpu") as reference:
+            dtypes = {name: entry["dtype"] for name, entry in chosen.items()}
+            total, started = len(names) + len(validation_resolutions(source)), []
+
+            def stage_started(stage: str) -> None:
+                started.append(stage)
+                if on_progress:
+                    on_progress(len(started) - 1, total)
+
+            report = validate(
+                source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started
+            )
+    return report, dtype

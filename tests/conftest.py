@@ -66,32 +66,6 @@ def reference_image():
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-def diffusers_images(pipeline, prompt, height, width, steps, seed, num_images=1, **kwargs) -> np.ndarray:
-    """uint8 [B,H,W,3] from a diffusers pipeline, rounded as its PIL output is."""
-    from diffusers import FluxKontextPipeline
-
-    if isinstance(pipeline, FluxKontextPipeline):
-        kwargs.setdefault("max_area", height * width)  # keep the requested size, as our runtime does
-    # our T5 length defaults are BFL's (256 schnell, 512 guidance-distilled); diffusers' is always 512
-    kwargs.setdefault("max_sequence_length", 512 if pipeline.transformer.config.guidance_embeds else 256)
-    images = pipeline(
-        prompt=prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        num_images_per_prompt=num_images,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-        **kwargs,
-    ).images
-    return (images * 255).round().astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 @pytest.fixture(scope="session")
 def exports(sources, tmp_path_factory):
     """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session)."""

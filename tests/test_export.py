@@ -8,13 +8,14 @@ import onnxruntime
 import pytest
 import torch
 
+from fluxexport.dtypes import component_precision
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_folder
 from fluxexport.export.manifest import file_sha256, read_manifest
-from fluxexport.export.onnx_export import component_dtype, export_component, export_model
+from fluxexport.export.onnx_export import export_component, export_model
 from fluxexport.specs import COMPONENTS, component_specs, sample_inputs
 
-ELEM = {"float": onnx.TensorProto.FLOAT, "float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
+ELEM = {"compute": onnx.TensorProto.FLOAT, "float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
 
 
 def graph_dims(value):
@@ -126,11 +127,11 @@ def test_interrupted_export_leaves_the_previous_graph(sources, exports, tmp_path
 
 
 def test_dtype_policy():
-    assert component_dtype("transformer", "fp16") == ("fp16", None)
-    assert component_dtype("vae_decoder", "fp16")[0] == "fp32"
-    assert "never exported in fp16" in component_dtype("vae_encoder", "fp16")[1]
-    assert component_dtype("t5", "fp16") == ("bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16")
-    assert component_dtype("vae_decoder", "bf16") == ("bf16", None)
+    assert component_precision("transformer", "fp16") == ("fp16", None)
+    assert component_precision("vae_decoder", "fp16")[0] == "fp32"
+    assert "never exported in fp16" in component_precision("vae_encoder", "fp16")[1]
+    assert component_precision("t5", "fp16") == ("bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16")
+    assert component_precision("vae_decoder", "bf16") == ("bf16", None)
 
 
 def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
@@ -141,7 +142,7 @@ def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
     feeds = sample_inputs(spec, {"B": 3, "N": 40, "L": 9})
     session = onnxruntime.InferenceSession(str(tmp_path / "transformer.onnx"))
     arrays = {
-        k: v.numpy().astype(np.float16 if spec.input(k).dtype == "float" else np.float32) for k, v in feeds.items()
+        k: v.numpy().astype(np.float16 if spec.input(k).dtype == "compute" else np.float32) for k, v in feeds.items()
     }
     got = torch.from_numpy(session.run(None, arrays)[0].astype(np.float32))
     from fluxexport.backends.torch_backend import TorchBackend

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import psnr
 
 from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.validate import psnr
 
 
 @pytest.mark.gpu
@@ -33,6 +33,7 @@ def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
     from fluxexport.export.onnx_export import export_model
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
     from fluxexport.quantize.qdq_export import quantize_transformer
+    from fluxexport.specs import ExportBounds
     from fluxexport.tensorrt.backend import TensorRTBackend
     from fluxexport.tensorrt.builder import BuildOptions, build_engines
     from fluxexport.tensorrt.environment import current_gpu, require_fp8
@@ -44,7 +45,8 @@ def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
     export_model(source, onnx_dir, dtype="bf16")
     if precision == "fp8":
         quantize_transformer(source, onnx_dir, CalibrationSettings(CALIBRATION_PROMPTS[:4], steps=4))
-    options = BuildOptions(precision, resolution=(64, 256, 1024), text_length=(1, 512, 512), optimization_level=2)
+    bounds = ExportBounds(min_resolution=64, opt_resolution=256, max_resolution=1024)
+    options = BuildOptions(precision, bounds, optimization_level=2)
     build_engines(source, onnx_dir, tmp_path / "engines", options)
     backend = TensorRTBackend(source, tmp_path / "engines")
     request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=4, seed=1)

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, psnr
+from helpers import diffusers_images
 from PIL import Image
 
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
-from fluxexport.validate import compare_component, validation_sizes
+from fluxexport.validate import compare_component, psnr, validation_sizes
 
 VARIANTS = ["tiny-schnell", "tiny-dev", "tiny-kontext"]
 COMPONENTS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import diffusers_images, psnr
+from helpers import diffusers_images
 
 from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.validate import psnr
 
 # (height, width, batch, seed, steps): four resolutions, two of them non-square, batch 1 and 2
 CASES = [

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import psnr
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
@@ -11,6 +10,7 @@ from fluxexport.models.single_file import bfl_to_diffusers, diffusers_to_bfl, lo
 from fluxexport.models.source import resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
 from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.validate import psnr
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,9 @@
 import pytest
+from helpers import flux1_source
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.specs import COMPONENTS, ExportBounds, component_specs, sample_inputs
-
-
-def flux1_source(tmp_path, kontext=False, guidance=True) -> ModelSource:
-    """FLUX.1's real configs (widths, vocabularies), without weights: specs read nothing else."""
-    configs = {
-        "model_index": {"_class_name": "FluxKontextPipeline" if kontext else "FluxPipeline"},
-        "transformer": {
-            "in_channels": 64,
-            "joint_attention_dim": 4096,
-            "pooled_projection_dim": 768,
-            "guidance_embeds": guidance,
-        },  # fmt: skip
-        "vae": {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16},
-        "text_encoder": {"hidden_size": 768, "max_position_embeddings": 77, "vocab_size": 49408},
-        "text_encoder_2": {"d_model": 4096, "vocab_size": 32128},
-        "scheduler": {},
-    }
-    return ModelSource("flux1", tmp_path, configs=configs)
 
 
 def dims(spec, direction):
@@ -33,23 +15,23 @@ def test_contract_matches_the_architecture_table(tmp_path):
     assert tuple(specs) == COMPONENTS
     assert dims(specs["clip"], "inputs") == {"input_ids": ("int32", ("B", 77))}
     assert dims(specs["clip"], "outputs") == {
-        "text_embeddings": ("float", ("B", 77, 768)),
-        "pooled_embeddings": ("float", ("B", 768)),
+        "text_embeddings": ("compute", ("B", 77, 768)),
+        "pooled_embeddings": ("compute", ("B", 768)),
     }
-    assert dims(specs["t5"], "outputs") == {"text_embeddings": ("float", ("B", "L", 4096))}
+    assert dims(specs["t5"], "outputs") == {"text_embeddings": ("compute", ("B", "L", 4096))}
     assert dims(specs["transformer"], "inputs") == {
-        "hidden_states": ("float", ("B", "N", 64)),
-        "encoder_hidden_states": ("float", ("B", "L", 4096)),
-        "pooled_projections": ("float", ("B", 768)),
-        "timestep": ("float", ("B",)),
+        "hidden_states": ("compute", ("B", "N", 64)),
+        "encoder_hidden_states": ("compute", ("B", "L", 4096)),
+        "pooled_projections": ("compute", ("B", 768)),
+        "timestep": ("compute", ("B",)),
         "img_ids": ("float32", ("N", 3)),
         "txt_ids": ("float32", ("L", 3)),
         "guidance": ("float32", ("B",)),
     }
-    assert dims(specs["transformer"], "outputs") == {"latent": ("float", ("B", "N", 64))}
-    assert dims(specs["vae_decoder"], "inputs") == {"latent": ("float", ("B", 16, "h", "w"))}
-    assert dims(specs["vae_decoder"], "outputs") == {"images": ("float", ("B", 3, "H", "W"))}
-    assert dims(specs["vae_encoder"], "outputs") == {"latent": ("float", ("B", 16, "h", "w"))}
+    assert dims(specs["transformer"], "outputs") == {"latent": ("compute", ("B", "N", 64))}
+    assert dims(specs["vae_decoder"], "inputs") == {"latent": ("compute", ("B", 16, "h", "w"))}
+    assert dims(specs["vae_decoder"], "outputs") == {"images": ("compute", ("B", 3, "H", "W"))}
+    assert dims(specs["vae_encoder"], "outputs") == {"latent": ("compute", ("B", 16, "h", "w"))}
 
 
 def test_schnell_has_no_guidance_input(tmp_path):

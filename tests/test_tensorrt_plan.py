@@ -2,13 +2,15 @@
 
 import pytest
 from click.testing import CliRunner
-from test_specs import flux1_source
+from helpers import flux1_source
 
 from fluxexport.cli import main
+from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import read_manifest
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxexport.specs import component_specs
-from fluxexport.tensorrt.builder import BuildOptions, profile_requests
+from fluxexport.specs import ExportBounds, component_specs
+from fluxexport.tensorrt.builder import BuildOptions, build_bounds
 from fluxexport.tensorrt.engines import (
     check_engine_set,
     engine_filename,
@@ -17,8 +19,8 @@ from fluxexport.tensorrt.engines import (
     profiles_to_json,
 )
 from fluxexport.tensorrt.environment import Gpu, require_fp8, tensorrt_available
-from fluxexport.tensorrt.precision import POLICY, graph_dtypes, graph_problems
-from fluxexport.tensorrt.profiles import Range, build_profiles, resolution_buckets, select_profile
+from fluxexport.tensorrt.precision import graph_dtypes, graph_problems
+from fluxexport.tensorrt.profiles import build_profiles, resolution_buckets, select_profile
 
 H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
 A100 = Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 80 * 2**30)
@@ -32,60 +34,102 @@ def transformer_shapes(height, width, reference=None, batch=1, text=512):
             "guidance": (batch,)}  # fmt: skip
 
 
+def profiles(source, component, **options):
+    return build_profiles(source, component, BuildOptions(bounds=ExportBounds(), **options).profile_bounds())
+
+
 def test_default_profiles_follow_the_specs(tmp_path):
-    specs = component_specs(flux1_source(tmp_path))
-    (profile,) = build_profiles(specs["transformer"], profile_requests(BuildOptions(), kontext=False))
+    source = flux1_source(tmp_path)
+    (profile,) = profiles(source, "transformer")
     assert profile.shapes["hidden_states"] == ((1, 256, 64), (1, 4096, 64), (4, 7225, 64))
     assert profile.shapes["img_ids"] == ((256, 3), (4096, 3), (7225, 3))  # N tied across inputs
     assert profile.shapes["encoder_hidden_states"] == ((1, 1, 4096), (1, 512, 4096), (4, 512, 4096))
-    (decoder,) = build_profiles(specs["vae_decoder"], profile_requests(BuildOptions(), kontext=False))
+    (decoder,) = profiles(source, "vae_decoder")
     assert decoder.shapes["latent"] == ((1, 16, 32, 32), (1, 16, 128, 128), (4, 16, 170, 170))
-    (clip,) = build_profiles(specs["clip"], profile_requests(BuildOptions(resolution_buckets=3), kontext=False))
+    (clip,) = profiles(source, "clip", resolution_buckets=3)
     assert clip.shapes["input_ids"] == ((1, 77), (1, 77), (4, 77))  # no image axes: one profile
 
 
+def test_profiles_are_the_specs_axes_of_each_bucket(tmp_path):
+    """One source of truth: every profile entry is `component_specs(source, bucket)`'s axis bounds."""
+    source = flux1_source(tmp_path, kontext=True)
+    options = BuildOptions(bounds=ExportBounds(min_batch=2, opt_batch=2, max_batch=3), resolution_buckets=3)
+    for name in ("transformer", "vae_decoder", "vae_encoder"):
+        built = build_profiles(source, name, options.profile_bounds())
+        assert len(built) == 3
+        for profile, bucket in zip(built, options.profile_bounds(), strict=True):
+            spec = component_specs(source, bucket)[name]
+            assert profile.shapes == {tensor.name: spec.shape_range(tensor) for tensor in spec.inputs}
+            assert all(low[0] == 2 and high[0] == 3 for low, _, high in profile.shapes.values() if len(low) > 2)
+
+
+def test_build_defaults_come_from_the_export_bounds(tmp_path, sources, exports):
+    # a folder exported with the tiny defaults: the engines serve the same range unless told otherwise
+    exported = read_manifest(exports["tiny-dev"])["bounds"]
+    bounds = build_bounds(sources["tiny-dev"], exports["tiny-dev"])
+    assert vars(bounds) == exported
+    assert bounds.resolution == (64, 256, 1024)
+    narrowed = build_bounds(sources["tiny-dev"], exports["tiny-dev"], max_resolution=512, min_batch=2, opt_batch=2)
+    assert narrowed.resolution == (64, 256, 512) and narrowed.batch == (2, 2, 4)
+    # no export yet: the model's export defaults
+    assert build_bounds(flux1_source(tmp_path), tmp_path / "none") == ExportBounds(opt_text_length=512)
+    with pytest.raises(FluxExportError, match=r"batch needs 1 ≤ MIN ≤ OPT ≤ MAX, got 3:2:4 \(--batch\)"):
+        build_bounds(sources["tiny-dev"], exports["tiny-dev"], min_batch=3, opt_batch=2)
+
+
 def test_every_kontext_preferred_size_falls_in_a_profile(tmp_path):
-    specs = component_specs(flux1_source(tmp_path, kontext=True))
+    source = flux1_source(tmp_path, kontext=True)
     for buckets in (1, 3):
-        requests = profile_requests(BuildOptions(resolution_buckets=buckets), kontext=True)
-        transformer = build_profiles(specs["transformer"], requests)
-        encoder = build_profiles(specs["vae_encoder"], requests)
+        transformer = profiles(source, "transformer", resolution_buckets=buckets)
+        encoder = profiles(source, "vae_encoder", resolution_buckets=buckets)
         for width, height in PREFERRED_KONTEXT_RESOLUTIONS:
             # the target at the reference's own size, with the reference, in batch 1 and 4
             for batch in (1, 4):
-                select_profile(transformer, transformer_shapes(height, width, (width, height), batch), "transformer")
-            select_profile(encoder, {"images": (1, 3, height, width)}, "vae_encoder")
+                shapes = transformer_shapes(height, width, (width, height), batch)
+                index = select_profile(transformer, shapes, "transformer")
+                assert transformer[index].contains(shapes)
+                # its bucket is the one whose resolution range holds the target
+                if buckets == 1:
+                    assert index == 0
+            assert encoder[select_profile(encoder, {"images": (1, 3, height, width)}, "vae_encoder")].contains(
+                {"images": (1, 3, height, width)}
+            )
+        # the largest target with a reference larger than any the runtime sends (its own size, capped at the
+        # target's, or a preferred one) does not fit: the profiles are tight, not unbounded
+        too_large = transformer_shapes(1360, 1360, (1360 + 16, 1360), 4)
+        with pytest.raises(FluxExportError, match="outside the engine's profiles"):
+            select_profile(transformer, too_large, "transformer")
 
 
 def test_resolution_buckets_cover_the_range():
     buckets = resolution_buckets(256, 1024, 1360, 3)
-    assert buckets[0].min == 256 and buckets[-1].max == 1360
-    assert all(a.max == b.min for a, b in zip(buckets, buckets[1:], strict=False))
-    assert all(b.min <= b.opt <= b.max and b.min % 16 == 0 for b in buckets)
-    assert resolution_buckets(256, 1024, 1360, 1) == [Range(256, 1024, 1360)]
+    assert buckets[0][0] == 256 and buckets[-1][2] == 1360
+    assert all(a[2] == b[0] for a, b in zip(buckets, buckets[1:], strict=False))
+    assert all(low <= opt <= high and low % 16 == 0 for low, opt, high in buckets)
+    assert resolution_buckets(256, 1024, 1360, 1) == [(256, 1024, 1360)]
     with pytest.raises(FluxExportError, match="at least one resolution bucket"):
         resolution_buckets(256, 1024, 1360, 0)
 
 
 def test_select_profile_picks_the_bucket_and_refuses_outside(tmp_path):
-    spec = component_specs(flux1_source(tmp_path))["transformer"]
-    profiles = build_profiles(spec, profile_requests(BuildOptions(resolution_buckets=3), kontext=False))
-    assert select_profile(profiles, transformer_shapes(256, 256), "transformer") == 0
-    assert select_profile(profiles, transformer_shapes(1360, 1360), "transformer") == 2
+    built = profiles(flux1_source(tmp_path), "transformer", resolution_buckets=3)
+    assert select_profile(built, transformer_shapes(256, 256), "transformer") == 0
+    assert select_profile(built, transformer_shapes(1360, 1360), "transformer") == 2
     with pytest.raises(FluxExportError) as error:
-        select_profile(profiles, transformer_shapes(2048, 2048), "transformer")
+        select_profile(built, transformer_shapes(2048, 2048), "transformer")
     message = str(error.value)
     assert message.startswith("transformer: shapes hidden_states (1, 16384, 64)")
     assert message.endswith("rebuild with a wider --min/--max-resolution, --batch or --text-len")
     with pytest.raises(FluxExportError, match="outside the engine's profiles"):
-        select_profile(profiles, transformer_shapes(1024, 1024, batch=8), "transformer")
+        select_profile(built, transformer_shapes(1024, 1024, batch=8), "transformer")
 
 
 def test_precision_policy():
     assert graph_dtypes("fp8", ["clip", "t5", "transformer", "vae_decoder"]) == {
         "clip": "bf16", "t5": "bf16", "transformer": "fp8", "vae_decoder": "bf16"}  # fmt: skip
-    assert all(POLICY[p]["t5"] != "fp16" for p in POLICY)  # T5 overflows fp16
-    assert all(POLICY[p][vae] != "fp16" for p in POLICY for vae in ("vae_decoder", "vae_encoder"))
+    every = PRECISIONS + ENGINE_PRECISIONS
+    assert all(component_precision("t5", p)[0] != "fp16" for p in every)  # T5 overflows fp16
+    assert all(component_precision(vae, p)[0] != "fp16" for p in every for vae in ("vae_decoder", "vae_encoder"))
     with pytest.raises(FluxExportError, match="unknown precision 'int4': choose one of bf16, fp8, fp16"):
         graph_dtypes("int4", ["clip"])
 
@@ -129,9 +173,8 @@ def test_engine_sets_refuse_other_tensorrt_and_other_gpus(tmp_path, sources):
 
 
 def test_profiles_round_trip_through_the_manifest(tmp_path):
-    spec = component_specs(flux1_source(tmp_path, kontext=True))["transformer"]
-    profiles = build_profiles(spec, profile_requests(BuildOptions(resolution_buckets=2), kontext=True))
-    assert profiles_from_json(profiles_to_json(profiles)) == profiles
+    built = profiles(flux1_source(tmp_path, kontext=True), "transformer", resolution_buckets=2)
+    assert profiles_from_json(profiles_to_json(built)) == built
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here: the refusal cannot be observed")
@@ -183,7 +226,6 @@ def test_fp8_graphs_handed_to_the_builder_pass_the_check(fp8_exports):
 def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tmp_path):
     import shutil
 
-    from fluxexport.export.manifest import read_manifest
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
     from fluxexport.tensorrt.precision import prepare_graphs
 
@@ -299,15 +341,17 @@ def test_build_engine_drives_the_tensorrt_api(monkeypatch, tmp_path, sources):
 
     fake = _FakeTensorRT()
     monkeypatch.setattr(builder, "import_tensorrt", lambda: fake)
+    clock = iter([10.0, 12.5])  # perf_counter before and after build_serialized_network
+    monkeypatch.setattr(builder.time, "perf_counter", lambda: next(clock))
     spec = component_specs(sources["tiny-dev"])["transformer"]
-    options = BuildOptions("bf16", resolution=(64, 256, 1024), resolution_buckets=2, refittable=True,
+    options = BuildOptions("bf16", ExportBounds.for_model(sources["tiny-dev"]), resolution_buckets=2, refittable=True,
                            weight_streaming=True, workspace_gib=1.5)  # fmt: skip
-    profiles = build_profiles(spec, profile_requests(options, kontext=False))
+    built = build_profiles(sources["tiny-dev"], "transformer", options.profile_bounds())
     (tmp_path / "timing.cache").write_bytes(b"old")
     seconds = builder.build_engine(
-        tmp_path / "transformer.onnx", tmp_path / "t.plan", profiles, options, tmp_path / "timing.cache"
+        tmp_path / "transformer.onnx", tmp_path / "t.plan", built, options, tmp_path / "timing.cache"
     )
-    assert seconds >= 0
+    assert seconds == 2.5  # the build call's own time, not parsing or writing
     assert (tmp_path / "t.plan").read_bytes() == b"serialized-engine"
     assert (tmp_path / "timing.cache").read_bytes() == b"timing"  # persisted for the next build
     calls = fake.calls
@@ -325,3 +369,4 @@ def test_build_engine_drives_the_tensorrt_api(monkeypatch, tmp_path, sources):
     ]
     assert ("build", 3) in calls
     assert not list(tmp_path.glob(".*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import psnr
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
@@ -22,6 +21,7 @@ from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
 from fluxexport.triton.config import check_config
 from fluxexport.triton.repository import write_repository
+from fluxexport.validate import psnr
 
 
 def _has_tritonserver() -> bool:

@@ -17,9 +17,37 @@ Component = Callable[[Feeds], Feeds]
 
 
 class Backend(Protocol):
-    """Runs FLUX components. `component(name)` loads lazily and returns the same callable each time."""
+    """Runs FLUX components. `component(name)` loads lazily and returns the same callable each time;
+    `close()` releases whatever was loaded (modules, sessions, engines)."""
 
     name: str
     device: torch.device
 
     def component(self, name: str) -> Component: ...
+
+    def close(self) -> None: ...
+
+
+class LoadedComponents:
+    """What the backends share: components loaded once by `_load(name)`, released by `close()` or `with`."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, Component] = {}
+
+    def _load(self, name: str) -> Component:
+        raise NotImplementedError
+
+    def component(self, name: str) -> Component:
+        if name not in self._components:
+            self._components[name] = self._load(name)
+        return self._components[name]
+
+    def close(self) -> None:
+        """Drop every loaded component (and with it its weights, session or engine)."""
+        self._components.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fluxexport.backends.base import Component, Feeds
+from fluxexport.backends.base import Component, Feeds, LoadedComponents
+from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import read_manifest
 from fluxexport.models.source import ModelSource
-
-# ONNX element type names (as the manifest writes them) → numpy dtypes ORT takes and returns.
-_NUMPY = {"float": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 
 def _import_onnxruntime():
@@ -33,13 +30,17 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def session_runner(session, entry: dict) -> Component:
-    """A Component around an InferenceSession whose I/O is described by a manifest entry."""
+def session_runner(session, entry: dict, component: str = "graph") -> Component:
+    """A Component around an InferenceSession whose I/O is described by a manifest entry; a feed the graph
+    does not take is refused (ONNX Runtime would only say "invalid input name")."""
     # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
-    inputs = {t["name"]: _NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
+    inputs = {t["name"]: ELEMENT_NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
     output_names = [t["name"] for t in entry["outputs"]]
 
     def run(feeds: Feeds) -> Feeds:
+        unknown = sorted(set(feeds) - set(inputs))
+        if unknown:
+            raise FluxExportError(f"{component} has no input {unknown[0]!r}: it takes {', '.join(inputs)}")
         arrays = {
             key: feeds[key].detach().cpu().numpy().astype(dtype, copy=False)
             for key, dtype in inputs.items()
@@ -77,8 +78,8 @@ def create_session(path: Path, upcast: bool = False, providers: list[str] | None
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
 
 
-class OnnxRuntimeBackend:
-    """Runs exported graphs; the checkpoint supplies only tokenizers and configs."""
+class OnnxRuntimeBackend(LoadedComponents):
+    """Runs exported graphs; the checkpoint supplies only tokenizers and configs. `close()` drops the sessions."""
 
     name = "onnxruntime"
     device = torch.device("cpu")  # ORT takes and returns host arrays, whichever provider runs them
@@ -92,6 +93,7 @@ class OnnxRuntimeBackend:
         upcast_bf16: bool = False,
     ):
         """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them."""
+        super().__init__()
         self.source = source
         self.upcast_bf16 = upcast_bf16
         self.engines = Path(engines)
@@ -105,8 +107,7 @@ class OnnxRuntimeBackend:
         self.providers = providers or default_providers()
         self.threads = threads
 
-    @functools.cache  # noqa: B019 - one backend per engine folder, kept for the process
-    def component(self, name: str) -> Component:
+    def _load(self, name: str) -> Component:
         entries = self.manifest["components"]
         if name not in entries:
             raise FluxExportError(
@@ -121,7 +122,7 @@ class OnnxRuntimeBackend:
                 f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        return session_runner(self._session(self.engines / entry["file"], upcast=bf16), entry)
+        return session_runner(self._session(self.engines / entry["file"], upcast=bf16), entry, name)
 
     def _session(self, path: Path, upcast: bool = False):
         return create_session(path, upcast, self.providers, self.threads)

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from fluxexport.dtypes import element_type
 from fluxexport.errors import FluxExportError
 from fluxexport.specs import ComponentSpec
-
-ONNX_DTYPES = {"fp32": ir.DataType.FLOAT, "bf16": ir.DataType.BFLOAT16, "fp16": ir.DataType.FLOAT16}
 
 
 def onnx_dtype(spec_dtype: str, compute: str) -> ir.DataType:
     """The ONNX element type of a spec tensor when the component computes in `compute`."""
-    if spec_dtype == "int32":
-        return ir.DataType.INT32
-    if spec_dtype == "float32":
-        return ir.DataType.FLOAT
-    return ONNX_DTYPES[compute]
+    return ir.DataType[element_type(spec_dtype, compute).upper()]
 
 
 def name_axes_from_spec(model: ir.Model, spec: ComponentSpec) -> None:

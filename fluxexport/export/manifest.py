@@ -18,6 +18,11 @@ FORMAT = 1
 _PACKAGES = ("fluxexport", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
 
 
+def default_folder(model_name: str, kind: str = "onnx") -> Path:
+    """Where commands write and read by default: `engines/<model>/onnx`, `engines/<model>/trt-fp8`, …"""
+    return Path("engines") / model_name / kind
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in _PACKAGES:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from fluxexport.backends.torch_backend import parse_dtype
+from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.manifest import FORMAT, file_sha256, library_versions, now, read_manifest, write_manifest
-from fluxexport.export.wrappers import build_wrapper
+from fluxexport.export.streaming import streamed_program
+from fluxexport.models.adapters import build_adapter
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
 
@@ -37,15 +38,6 @@ class ExportedComponent:
     notes: tuple[str, ...] = ()
 
 
-def component_dtype(component: str, requested: str) -> tuple[str, str | None]:
-    """Per-component precision policy: (dtype to export, why it differs from the request or None)."""
-    if requested == "fp16" and component in ("vae_decoder", "vae_encoder"):
-        return "fp32", "the VAE is never exported in fp16 (its activations overflow fp16); kept fp32"
-    if requested == "fp16" and component == "t5":
-        return "bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16"
-    return requested, None
-
-
 def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
     """torch.export Dims per input, one Dim object per spec axis so that shared axes stay tied."""
     dims: dict[str, object] = {}
@@ -59,7 +51,9 @@ def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
     )
 
 
-def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int, translations: dict | None):
+def _export_program(
+    module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int, translations: dict | None, optimize: bool = True
+):
     with torch.no_grad():
         return torch.onnx.export(
             module,
@@ -69,7 +63,7 @@ def _export_program(module: torch.nn.Module, spec: ComponentSpec, feeds, opset: 
             input_names=[tensor.name for tensor in spec.inputs],
             output_names=[tensor.name for tensor in spec.outputs],
             opset_version=opset,
-            optimize=True,  # onnxscript optimizer: constant folding, dead-node removal
+            optimize=optimize,  # onnxscript optimizer: constant folding, dead-node removal
             custom_translation_table=translations,
             verbose=False,
         )
@@ -85,25 +79,35 @@ def export_component(
     module: torch.nn.Module | None = None,
     translations: dict | None = None,
     notes: Sequence[str] = (),
+    streaming: bool = True,
+    on_bytes: Callable[[int, int], None] | None = None,
 ) -> ExportedComponent:
     """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically.
 
-    `module` replaces the plain wrapper (the FP8 fake-quantized transformer); `translations` maps its custom
-    ops to ONNX functions."""
+    By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
+    memory); `streaming=False` loads the model and exports it in memory. `module` replaces the plain adapter
+    (the FP8 fake-quantized transformer, in memory); `translations` maps its custom ops to ONNX functions.
+    `on_bytes(written, total)` follows the weights as they are written."""
     import onnx
     import onnx_ir as ir
 
     start = time.perf_counter()
-    compute, note = component_dtype(spec.name, dtype)
-    torch_dtype = parse_dtype(compute)
-    module = module or build_wrapper(spec, source, torch_dtype)
-    feeds = sample_inputs(spec, spec.export_sizes, torch_dtype)
+    compute, note = component_precision(spec.name, dtype)
+    feeds = sample_inputs(spec, spec.export_sizes, torch_dtype(compute))
     try:
-        program = _export_program(module, spec, feeds, opset, translations)
+        if module is None and streaming:
+            model: ir.Model = streamed_program(
+                source, spec, torch_dtype(compute), feeds,
+                lambda adapter, optimize: _export_program(adapter, spec, feeds, opset, translations, optimize),
+            )  # fmt: skip
+        else:
+            module = module or build_adapter(spec, source, torch_dtype(compute))
+            model = _export_program(module, spec, feeds, opset, translations).model
+    except FluxExportError:
+        raise
     except Exception as error:  # torch.export's errors are pages long: keep the first line, point to the cause
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
-    model: ir.Model = program.model
     passes.strip_exporter_metadata(model)
     passes.name_axes_from_spec(model, spec)
     passes.check_io_dtypes(model, spec, compute)
@@ -119,11 +123,21 @@ def export_component(
     external = weight_bytes > PROTOBUF_LIMIT if external_data is None else external_data
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_dir, weight_bytes)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".staging-{spec.name}-"))
     try:
         graph_file = staging / f"{spec.name}.onnx"
         data_name = f"{spec.name}.onnx_data" if external else None
-        ir.save(model, graph_file, external_data=data_name)
+        written = [0]
+
+        def progress(tensor, _info) -> None:
+            written[0] += tensor.nbytes
+            if on_bytes:
+                on_bytes(written[0], weight_bytes)
+
+        ir.save(model, graph_file, external_data=data_name, callback=progress if data_name else None)
+        if on_bytes:
+            on_bytes(weight_bytes, weight_bytes)
         onnx.checker.check_model(str(graph_file), full_check=False)
         if not external:  # a stale data file of an earlier external-data export must not linger
             (out_dir / f"{spec.name}.onnx_data").unlink(missing_ok=True)
@@ -138,12 +152,19 @@ def export_component(
     )  # fmt: skip
 
 
+def check_free_space(folder: Path, needed: int, margin: float = 1.05) -> None:
+    """Refuse before writing when `folder`'s file system cannot hold `needed` bytes (and 5% to spare)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * margin:
+        raise FluxExportError(
+            f"not enough disk space in {folder}: the graph needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are "
+            "free: free some space or export to another --out"
+        )
+
+
 def _tensor_entry(spec: ComponentSpec, compute: str) -> dict:
     return {
-        direction: [
-            {"name": t.name, "dtype": passes.onnx_dtype(t.dtype, compute).name.lower(), "dims": list(t.dims)}
-            for t in tensors
-        ]
+        direction: [{"name": t.name, "dtype": element_type(t.dtype, compute), "dims": list(t.dims)} for t in tensors]
         for direction, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))
     }
 
@@ -193,6 +214,7 @@ def export_model(
     bounds: ExportBounds | None = None,
     external_data: bool | None = None,
     on_component: Callable[[str, ExportedComponent | None], None] | None = None,
+    on_bytes: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Export `components` of `source` into `out_dir` and keep `manifest.json` in step after each one."""
     unknown = [name for name in components if name not in COMPONENTS]
@@ -200,7 +222,7 @@ def export_model(
         raise FluxExportError(f"unknown component {unknown[0]!r}: choose from {', '.join(COMPONENTS)} (--components)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise FluxExportError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET} (--opset)")
-    parse_dtype(dtype)
+    torch_dtype(dtype)
     bounds = bounds or ExportBounds.for_model(source)
     specs = component_specs(source, bounds)
     out_dir = Path(out_dir)
@@ -208,7 +230,8 @@ def export_model(
     for name in components:
         if on_component:
             on_component(name, None)
-        exported = export_component(source, specs[name], out_dir, dtype, opset, external_data)
+        progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
+        exported = export_component(source, specs[name], out_dir, dtype, opset, external_data, on_bytes=progress)
         manifest["components"][name] = manifest_entry(specs[name], exported, opset)
         write_manifest(out_dir, manifest)
         if on_component:

@@ -94,32 +94,47 @@ def _block(ours_prefix: str, theirs_prefix: str, renames: dict, norms: dict, fus
             yield tuple(f"{ours_prefix}{p}.{leaf}" for p in parts), f"{theirs_prefix}{theirs}.{leaf}", "fused"
 
 
+def bfl_layout(rows_of: dict[str, int]):
+    """Yield (diffusers name, BFL name, kind, rows) for a BFL checkpoint given each tensor's dim-0 size (keys
+    without the `model.diffusion_model.` prefix): `rows` is the [start, stop) slice of a fused tensor, else None.
+    Streaming export reads exactly these slices, one tensor at a time."""
+    if "img_in.weight" not in rows_of or "final_layer.linear.weight" not in rows_of:
+        raise FluxExportError("not a black-forest-labs FLUX transformer checkpoint (no img_in / final_layer keys)")
+    inner = rows_of["img_in.weight"]
+    guidance = "guidance_in.in_layer.weight" in rows_of
+    mapping = list(_mapping(_block_count(rows_of, "double_blocks."), _block_count(rows_of, "single_blocks."), guidance))
+    expected = {theirs for _, theirs, _ in mapping}
+    missing = next((theirs for _, theirs, _ in mapping if theirs not in rows_of), None)
+    if missing:
+        raise FluxExportError(f"checkpoint is missing {missing}: it is truncated or not a FLUX.1 transformer")
+    extra = sorted(set(rows_of) - expected)
+    if extra:
+        raise FluxExportError(
+            f"checkpoint has keys FLUX.1 does not ({', '.join(extra[:3])}): it is not a FLUX.1 transformer"
+        )
+    for ours, theirs, kind in mapping:
+        if kind != "fused":
+            yield ours[0], theirs, kind, None
+            continue
+        # q, k, v are `inner` rows each; a single block's MLP projection takes the remaining rows.
+        sizes = [inner] * len(ours)
+        sizes[-1] = rows_of[theirs] - inner * (len(ours) - 1)
+        start = 0
+        for name, size in zip(ours, sizes, strict=True):
+            yield name, theirs, kind, (start, start + size)
+            start += size
+
+
 def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Convert a BFL transformer state dict to diffusers' FluxTransformer2DModel keys."""
     state = {key.removeprefix(BFL_PREFIX): value for key, value in checkpoint.items()}
-    if "img_in.weight" not in state or "final_layer.linear.weight" not in state:
-        raise FluxExportError("not a black-forest-labs FLUX transformer checkpoint (no img_in / final_layer keys)")
-    inner = state["img_in.weight"].shape[0]
-    num_double = _block_count(state, "double_blocks.")
-    num_single = _block_count(state, "single_blocks.")
-    guidance = "guidance_in.in_layer.weight" in state
     converted: dict[str, torch.Tensor] = {}
-    for ours, theirs, kind in _mapping(num_double, num_single, guidance):
-        if theirs not in state:
-            raise FluxExportError(f"checkpoint is missing {theirs}: it is truncated or not a FLUX.1 transformer")
-        tensor = state.pop(theirs)
+    for ours, theirs, kind, rows in bfl_layout({key: value.shape[0] for key, value in state.items()}):
+        tensor = state[theirs]
         if kind == "swap":
-            converted[ours[0]] = _swap_halves(tensor)
-        elif kind == "fused":
-            # q, k, v are `inner` rows each; a single block's MLP projection takes the remaining rows.
-            sizes = [inner] * len(ours)
-            sizes[-1] = tensor.shape[0] - inner * (len(ours) - 1)
-            converted.update(zip(ours, torch.split(tensor, sizes, dim=0), strict=True))
+            converted[ours] = _swap_halves(tensor)
         else:
-            converted[ours[0]] = tensor
-    if state:
-        extra = ", ".join(sorted(state)[:3])
-        raise FluxExportError(f"checkpoint has keys FLUX.1 does not ({extra}): it is not a FLUX.1 transformer")
+            converted[ours] = tensor if rows is None else tensor[rows[0] : rows[1]]
     return converted
 
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
 
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-TINY_MARKER = "fluxexport_tiny.json"
 KONTEXT_PIPELINE = "FluxKontextPipeline"
 
 
@@ -150,11 +149,6 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
     return ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
 
 
-def cache_dir() -> Path:
-    """Where tiny variants and hub downloads are materialised ($FLUXEXPORT_CACHE, else ~/.cache/fluxexport)."""
-    return Path(os.environ.get("FLUXEXPORT_CACHE", Path.home() / ".cache" / "fluxexport"))
-
-
 def _looks_like_hub_id(reference: str) -> bool:
     parts = reference.split("/")
     return len(parts) == 2 and all(parts) and not reference.startswith((".", "~"))
@@ -181,8 +175,6 @@ def download_from_hub(repo_id: str) -> Path:
 
 def resolve_model(reference: str, base: str | None = None) -> ModelSource:
     """Turn a `--model` value (and `--base-model` for single files) into a ModelSource."""
-    from fluxexport.models.tiny import TINY_VARIANTS, materialise_tiny
-
     if reference.endswith(".safetensors"):
         file = Path(reference)
         if not file.is_file():

@@ -11,12 +11,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxexport.atomic import atomic_folder
+from fluxexport.atomic import atomic_file, atomic_folder
 from fluxexport.errors import FluxExportError
-from fluxexport.models.source import TINY_MARKER, cache_dir
 
 SEED = 0
 DEFAULT_SIZE = 256
+TINY_MARKER = "fluxexport_tiny.json"  # in a tiny model's folder: which variant, its default size
+
+
+def cache_dir() -> Path:
+    """Where tiny variants are materialised ($FLUXEXPORT_CACHE, else ~/.cache/fluxexport)."""
+    return Path(os.environ.get("FLUXEXPORT_CACHE", Path.home() / ".cache" / "fluxexport"))
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,6 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     converted = {BFL_PREFIX + key: value for key, value in diffusers_to_bfl(state).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(converted, str(temporary))
-    os.replace(temporary, path)
+    with atomic_file(path) as temporary:
+        save_file(converted, str(temporary))
     return path

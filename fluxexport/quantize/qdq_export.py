@@ -8,11 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fluxexport.atomic import write_text_atomic
-from fluxexport.backends.torch_backend import TorchBackend, load_transformer, parse_dtype
+from fluxexport.backends.torch_backend import TorchBackend
+from fluxexport.dtypes import torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
-from fluxexport.export.wrappers import TransformerWrapper
+from fluxexport.models.adapters import TransformerWrapper
+from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
 from fluxexport.quantize.calibrate import KEEP_HIGH_PRECISION, CalibrationSettings, calibrate, fake_quantize
 from fluxexport.quantize.fp8 import E4M3_MAX, TRANSLATIONS
@@ -24,7 +26,7 @@ MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 
 def fake_quantized_transformer(source: ModelSource, amax: dict[str, float], dtype: str = "fp32") -> TransformerWrapper:
     """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization."""
-    model = fake_quantize(load_transformer(source, parse_dtype(dtype)).eval(), amax)
+    model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax)
     return TransformerWrapper(model, source.guidance_embeds).eval()
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fluxexport.atomic import atomic_file
 
 
 def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
@@ -48,11 +48,5 @@ def output_paths(output: str | Path, count: int) -> list[Path]:
 
 def save_png_atomic(image: np.ndarray, path: Path) -> None:
     """Write a PNG through a temporary file in the same folder, then rename: never a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(image).save(stream, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary:
+        Image.fromarray(image).save(temporary, format="PNG")

@@ -24,7 +24,7 @@ from fluxexport.runtime.latents import (
     text_ids,
     unpack_latents,
 )
-from fluxexport.runtime.schedule import euler_step, flow_match_sigmas, model_timestep
+from fluxexport.runtime.schedule import check_steps, euler_step, flow_match_sigmas, model_timestep
 
 T5_MAX_SEQUENCE_LENGTH = 512
 StepCallback = Callable[[int, int], None]
@@ -91,9 +91,7 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
     height = request.height or source.default_size
     width = request.width or source.default_size
     check_image_size(height, width, 2 * source.vae_scale_factor)
-    steps = source.default_steps if request.num_inference_steps is None else request.num_inference_steps
-    if steps < 1:
-        raise FluxExportError(f"steps must be at least 1, got {steps} (--steps)")
+    steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
     if request.num_images_per_prompt < 1:
         raise FluxExportError(f"num-images must be at least 1, got {request.num_images_per_prompt} (--num-images)")
     length = request.max_sequence_length or source.default_max_sequence_length

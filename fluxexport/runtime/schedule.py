@@ -35,10 +35,16 @@ def resolution_shift(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
-def flow_match_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
-    """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu)."""
+def check_steps(num_steps: int) -> int:
+    """Refuse a step count below 1 (the one-line error every caller shows)."""
     if num_steps < 1:
         raise FluxExportError(f"steps must be at least 1, got {num_steps} (--steps)")
+    return num_steps
+
+
+def flow_match_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
+    """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu)."""
+    check_steps(num_steps)
     for option in _UNSUPPORTED_OPTIONS:
         if scheduler_config.get(option):
             raise FluxExportError(f"scheduler option {option}={scheduler_config[option]!r} is not supported")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.backends.base import Component, Feeds
+from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
@@ -15,16 +16,9 @@ from fluxexport.tensorrt.environment import current_gpu, import_tensorrt
 from fluxexport.tensorrt.profiles import select_profile
 
 
-def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.BF16: torch.bfloat16,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.INT64: torch.int64,
-        trt.DataType.BOOL: torch.bool,
-    }
-    return table[dtype]
+def _torch_dtype(dtype) -> torch.dtype:
+    """A trt.DataType as torch's dtype (by member name: FLOAT, HALF, BF16, INT32, …)."""
+    return ELEMENT_TORCH[TENSORRT_ELEMENT[dtype.name]]
 
 
 def _create_context(trt, engine):
@@ -58,7 +52,7 @@ class _EngineRunner:
         self.profiles = profiles_from_json(entry["profiles"])
         self.inputs = [t["name"] for t in entry["inputs"]]
         self.outputs = [t["name"] for t in entry["outputs"]]
-        self.dtypes = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
+        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.use_cuda_graphs = use_cuda_graphs
         self.profile = -1
         self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -165,6 +159,18 @@ class TensorRTBackend:
             for other in self.runners.values():
                 other.bind_memory(self.shared_memory)
         runner.bind_memory(self.shared_memory)
+
+    def close(self) -> None:
+        """Free every engine, context and the shared device memory."""
+        self.runners.clear()
+        self.shared_memory = None
+        torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
     def component(self, name: str) -> Component:
         if name not in self.runners:

@@ -2,43 +2,56 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import component_specs
+from fluxexport.specs import ExportBounds, pipeline_components
 from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
 from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8
 from fluxexport.tensorrt.precision import graph_dtypes, graph_problems, prepare_graphs
-from fluxexport.tensorrt.profiles import ProfileRequest, Range, build_profiles, resolution_buckets
+from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
 TIMING_CACHE = "timing.cache"
 
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """How to build: the precision, the bounds the engines serve (the export's by default), and builder knobs."""
+
     precision: str = "bf16"
-    batch: tuple[int, int, int] = (1, 1, 4)
-    resolution: tuple[int, int, int] = (256, 1024, 1360)
-    text_length: tuple[int, int, int] = (1, 512, 512)
+    bounds: ExportBounds = field(default_factory=ExportBounds)
     resolution_buckets: int = 1
     optimization_level: int = 3  # NVIDIA's demo uses 3 for FLUX: 5 builds for hours for little gain
     refittable: bool = False
     weight_streaming: bool = False
     workspace_gib: float | None = None
 
+    def profile_bounds(self) -> list[ExportBounds]:
+        return profile_bounds(self.bounds, self.resolution_buckets)
 
-def profile_requests(options: BuildOptions, kontext: bool) -> list[ProfileRequest]:
-    batch, text = Range(*options.batch), Range(*options.text_length)
-    return [
-        ProfileRequest(batch, bucket, text, kontext)
-        for bucket in resolution_buckets(*options.resolution, options.resolution_buckets)
-    ]
+
+def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -> ExportBounds:
+    """What the engines serve: the exported graphs' bounds (their manifest), else the model's export defaults,
+    with any of `overrides` (ExportBounds fields) applied."""
+    manifest = Path(onnx_dir) / "manifest.json"
+    exported = read_manifest(onnx_dir).get("bounds") if manifest.is_file() else None
+    base = ExportBounds(**exported) if exported else ExportBounds.for_model(source)
+    bounds = replace(base, **{key: value for key, value in overrides.items() if value is not None})
+    bounds.check()
+    return bounds
+
+
+def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
+    """The engines to build by default: every graph of `onnx_dir`, else what the pipeline needs."""
+    if (Path(onnx_dir) / "manifest.json").is_file():
+        return list(read_manifest(onnx_dir)["components"])
+    return list(pipeline_components(source))
 
 
 def _network_flags(trt) -> int:
@@ -48,7 +61,7 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOptions, timing_cache: Path, log=print):
+def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOptions, timing_cache: Path):
     """Parse `onnx_path`, add `profiles`, build, and write `engine_path` atomically; returns build seconds."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -79,13 +92,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOpt
     if serialized is None:
         raise FluxExportError(f"TensorRT failed to build {onnx_path.name} (see its log above)")
     seconds = time.perf_counter() - start
-    temporary = engine_path.with_name(f".{engine_path.name}.tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(memoryview(serialized))
-    os.replace(temporary, engine_path)
-    cache_temporary = timing_cache.with_name(f".{timing_cache.name}.tmp")
-    cache_temporary.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    os.replace(cache_temporary, timing_cache)
+    write_bytes_atomic(engine_path, memoryview(serialized))
+    write_bytes_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return seconds
 
 
@@ -106,7 +114,7 @@ def build_engines(
     gpu = current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)
-    components = list(components or read_manifest(onnx_dir)["components"])
+    components = list(components or engine_components(source, onnx_dir))
     onnx_manifest = (
         prepare_graphs(source, onnx_dir, options.precision, components, log=log) if prepare else read_manifest(onnx_dir)
     )
@@ -115,14 +123,13 @@ def build_engines(
     if problems:
         raise FluxExportError("; ".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
-    specs = component_specs(source)
-    requests = profile_requests(options, source.is_kontext)
+    buckets = options.profile_bounds()
     manifest = engine_manifest(onnx_manifest["model"], trt.__version__, gpu, options.precision, asdict(options))
     for name in components:
         if on_component:
             on_component(name, None)
         entry = onnx_manifest["components"][name]
-        profiles = build_profiles(specs[name], requests, source.vae_scale_factor)
+        profiles = build_profiles(source, name, buckets)
         engine = out_dir / engine_filename(name, wanted[name], trt.__version__)
         seconds = build_engine(onnx_dir / entry["file"], engine, profiles, options, out_dir / TIMING_CACHE)
         manifest["components"][name] = {

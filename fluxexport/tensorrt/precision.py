@@ -6,21 +6,17 @@ transformer from the FP8 Q/DQ graph and the rest from bf16 graphs.
 
 from __future__ import annotations
 
+from fluxexport.dtypes import ENGINE_PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
-
-PRECISIONS = ("bf16", "fp8", "fp16")
-# component → graph dtype, per requested precision. T5 overflows fp16; the VAE is never fp16 (NVIDIA's notes).
-POLICY: dict[str, dict[str, str]] = {
-    "bf16": {"clip": "bf16", "t5": "bf16", "transformer": "bf16", "vae_decoder": "bf16", "vae_encoder": "bf16"},
-    "fp8": {"clip": "bf16", "t5": "bf16", "transformer": "fp8", "vae_decoder": "bf16", "vae_encoder": "bf16"},
-    "fp16": {"clip": "fp16", "t5": "bf16", "transformer": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"},
-}
 
 
 def graph_dtypes(precision: str, components) -> dict[str, str]:
-    if precision not in POLICY:
-        raise FluxExportError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)} (--precision)")
-    return {name: POLICY[precision][name] for name in components}
+    """The graph dtype each engine is built from, by the shared precision policy (`dtypes.component_precision`)."""
+    if precision not in ENGINE_PRECISIONS:
+        raise FluxExportError(
+            f"unknown precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)} (--precision)"
+        )
+    return {name: component_precision(name, precision)[0] for name in components}
 
 
 def graph_problems(manifest: dict, wanted: dict[str, str], folder) -> list[str]:

@@ -1,37 +1,16 @@
-"""Optimization profiles from the component specs: min/opt/max shapes per input, per resolution bucket."""
+"""Optimization profiles from the component specs: min/opt/max shapes per input, per resolution bucket.
+
+No axis is computed here: each bucket is an `ExportBounds`, and its shapes are the specs' axes for it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fluxexport.errors import FluxExportError
-from fluxexport.specs import ComponentSpec, image_tokens, kontext_encoder_sides, kontext_tokens
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import ComponentSpec, ExportBounds, component_specs
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Range:
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self):
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise FluxExportError(f"a profile range needs 1 ≤ min ≤ opt ≤ max, got {self.min}/{self.opt}/{self.max}")
-
-    def contains(self, value: int) -> bool:
-        return self.min <= value <= self.max
-
-
-@dataclass(frozen=True)
-class ProfileRequest:
-    """What one optimization profile serves: batch, image side in pixels, T5 length."""
-
-    batch: Range
-    resolution: Range
-    text: Range
-    kontext: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,43 +25,31 @@ class Profile:
         )
 
 
-def resolution_buckets(low: int, opt: int, high: int, count: int) -> list[Range]:
-    """Split [low, high] px into `count` buckets whose edges (multiples of 16) touch; each bucket's optimum is
-    `opt` clamped into it. A narrower profile lets TensorRT pick kernels for the sizes it will see."""
+def resolution_buckets(low: int, opt: int, high: int, count: int) -> list[tuple[int, int, int]]:
+    """Split [low, high] px into `count` (min, opt, max) buckets whose edges (multiples of 16) touch; each
+    bucket's optimum is `opt` clamped into it. A narrower profile lets TensorRT pick kernels for the sizes it
+    will see."""
     if count < 1:
         raise FluxExportError(f"need at least one resolution bucket, got {count}")
     edges = [low + round((high - low) * i / count / 16) * 16 for i in range(count)] + [high]
-    return [Range(start, min(max(opt, start), end), end) for start, end in zip(edges, edges[1:], strict=False)]
+    return [(start, min(max(opt, start), end), end) for start, end in zip(edges, edges[1:], strict=False)]
 
 
-def axis_ranges(spec: ComponentSpec, request: ProfileRequest, vae_scale_factor: int = 8) -> dict[str, Range]:
-    """The range of every symbolic axis of `spec` under `request`."""
-    b, r, t = request.batch, request.resolution, request.text
-    ranges = {"B": b, "L": t}
-    sides = (r.min, r.opt, r.max)
-    ranges["N"] = Range(*(kontext_tokens(*sides) if request.kontext else (image_tokens(s) for s in sides)))
-    ranges["h"] = ranges["w"] = Range(r.min // vae_scale_factor, r.opt // vae_scale_factor, r.max // vae_scale_factor)
-    ranges["H"] = ranges["W"] = Range(*kontext_encoder_sides(*sides)) if request.kontext else r
-    return {axis: ranges[axis] for axis in spec.axes}
+def profile_bounds(bounds: ExportBounds, buckets: int) -> list[ExportBounds]:
+    """The bounds of each profile: `bounds` with its resolution range split into `buckets`."""
+    return [bounds.with_resolution(*bucket) for bucket in resolution_buckets(*bounds.resolution, buckets)]
 
 
-def build_profile(spec: ComponentSpec, request: ProfileRequest, vae_scale_factor: int = 8) -> Profile:
-    ranges = axis_ranges(spec, request, vae_scale_factor)
-    shapes = {}
-    for tensor in spec.inputs:
-        shapes[tensor.name] = tuple(
-            tuple(dim if isinstance(dim, int) else getattr(ranges[dim], which) for dim in tensor.dims)
-            for which in ("min", "opt", "max")
-        )
-    return Profile(shapes)
+def build_profile(spec: ComponentSpec) -> Profile:
+    """Every input's (min, opt, max) shape, from the spec's axes."""
+    return Profile({tensor.name: spec.shape_range(tensor) for tensor in spec.inputs})
 
 
-def build_profiles(spec: ComponentSpec, requests: list[ProfileRequest], vae_scale_factor: int = 8) -> list[Profile]:
-    """One profile per request (e.g. per resolution bucket); components without image axes need only one."""
-    image_axes = {"N", "h", "w", "H", "W"} & set(spec.axes)
-    if not image_axes:
-        requests = requests[:1]
-    return [build_profile(spec, request, vae_scale_factor) for request in requests]
+def build_profiles(source: ModelSource, component: str, bounds: list[ExportBounds]) -> list[Profile]:
+    """One profile per bucket's bounds, each from `component_specs(source, bucket)`; a component without image
+    axes (the text encoders) needs only one."""
+    profiles = [build_profile(component_specs(source, bucket)[component]) for bucket in bounds]
+    return [profile for index, profile in enumerate(profiles) if profile not in profiles[:index]]
 
 
 def select_profile(profiles: list[Profile], shapes: dict[str, Shape], component: str) -> int:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from fluxexport.backends.base import Component, Feeds
+from fluxexport.dtypes import ELEMENT_TORCH
 from fluxexport.errors import FluxExportError
-
-_TORCH = {"float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
 
 
 class BlsBackend:
@@ -40,7 +39,7 @@ class BlsBackend:
         if name not in self.components:
             raise FluxExportError(f"this repository has no {name} model")
         entry = self.components[name]
-        inputs = {t["name"]: _TORCH.get(t["dtype"], torch.float32) for t in entry["inputs"]}
+        inputs = {t["name"]: ELEMENT_TORCH[t["dtype"]] for t in entry["inputs"]}
         outputs = [t["name"] for t in entry["outputs"]]
 
         def run(feeds: Feeds) -> Feeds:

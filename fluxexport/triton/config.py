@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fluxexport.dtypes import ELEMENT_TRITON
 from fluxexport.errors import FluxExportError
 from fluxexport.specs import ComponentSpec
 
 PIPELINE = "flux_pipeline"
-# manifest dtype names (ONNX element types, lower case) → Triton data types
-TRITON_TYPES = {"float": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
-                "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def _tensor_configs(tensors: list[dict], spec_tensors) -> tuple[TensorConfig, ..
         if tensor["name"] != spec_tensor.name:
             raise FluxExportError(f"manifest tensor {tensor['name']!r} is not the spec's {spec_tensor.name!r}")
         dims = tuple(d if isinstance(d, int) else -1 for d in spec_tensor.dims)
-        configs.append(TensorConfig(tensor["name"], TRITON_TYPES[tensor["dtype"]], dims))
+        configs.append(TensorConfig(tensor["name"], ELEMENT_TRITON[tensor["dtype"]], dims))
     return tuple(configs)
 
 

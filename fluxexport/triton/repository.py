@@ -9,13 +9,14 @@ from importlib import resources
 from pathlib import Path
 
 from fluxexport.atomic import atomic_folder
+from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import read_manifest
-from fluxexport.models.source import TINY_MARKER, ModelSource
-from fluxexport.specs import component_specs
+from fluxexport.models.source import ModelSource
+from fluxexport.models.tiny import TINY_MARKER
+from fluxexport.specs import component_specs, pipeline_components
 from fluxexport.triton.config import PIPELINE, check_config, component_config, pipeline_config
 
-PIPELINE_NEEDS = ("clip", "t5", "transformer", "vae_decoder")
 _CHECKPOINT_FILES = ("model_index.json", TINY_MARKER, "transformer/config.json", "vae/config.json",
                      "text_encoder/config.json", "text_encoder_2/config.json", "scheduler/scheduler_config.json")  # fmt: skip
 
@@ -68,7 +69,7 @@ def write_repository(
             f"{engines} was made from {manifest['model']['name']!r}, not {source.name!r}: pass the same --model"
         )
     entries = manifest["components"]
-    needed = PIPELINE_NEEDS + (("vae_encoder",) if source.is_kontext else ())
+    needed = pipeline_components(source)
     missing = [name for name in needed if name not in entries]
     if missing:
         raise FluxExportError(f"{engines} lacks {', '.join(missing)}: the pipeline needs {', '.join(needed)}")
@@ -91,9 +92,7 @@ def write_repository(
                 (version / "component.json").write_text(json.dumps(entry, indent=2))
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself
-                as_float = [
-                    {**t, "dtype": "float"} if t["dtype"] in ("bfloat16", "float16") else t for t in entry["inputs"]
-                ]
+                as_float = [{**t, "dtype": host_element(t["dtype"])} for t in entry["inputs"]]
                 bls_components[name] = {"inputs": as_float, "outputs": entry["outputs"]}
         pipeline = staging / PIPELINE / "1"
         pipeline.mkdir(parents=True)

@@ -16,7 +16,8 @@ class TritonPythonModel:
         self.entry = json.loads((folder / "component.json").read_text())
         upcast = self.entry.get("base_dtype", self.entry["dtype"]) == "bf16"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args["model_instance_kind"] == "GPU" else None
-        self.run = session_runner(create_session(folder / "model.onnx", upcast, providers), self.entry)
+        session = create_session(folder / "model.onnx", upcast, providers)
+        self.run = session_runner(session, self.entry, args["model_name"])
         self.inputs = [t["name"] for t in self.entry["inputs"]]
 
     def execute(self, requests):

@@ -1,7 +1,9 @@
-"""nn.Modules whose forward takes and returns exactly the spec's tensors, in the spec's order.
+"""One adapter per component: an nn.Module whose forward takes and returns exactly the spec's tensors, in the
+spec's order. The exporter traces them; the PyTorch backend runs them (outputs named by `spec.outputs`).
 
-The only change to the models' math: RoPE frequencies in float32 (diffusers uses float64 on CPU, which
-would put DOUBLE tensors in the graph; TensorRT has none).
+The one switch: `float32_rope`. For export, RoPE frequencies are computed in float32 (diffusers uses float64
+on CPU, which would put DOUBLE tensors in the graph; TensorRT has none); the PyTorch reference keeps
+diffusers' own RoPE, so that it matches diffusers bit for bit.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fluxexport.specs import ComponentSpec
+from fluxexport.errors import FluxExportError
+from fluxexport.models.loaders import MODULE_OF, load_module
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import COMPONENTS, ComponentSpec
 
 
 class Float32RotaryEmbedding(nn.Module):
@@ -67,9 +72,9 @@ class T5Wrapper(nn.Module):
 
 
 class TransformerWrapper(nn.Module):
-    def __init__(self, model: nn.Module, guidance: bool):
+    def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
         super().__init__()
-        self.model = use_float32_rope(model)
+        self.model = use_float32_rope(model) if float32_rope else model
         self.guidance = guidance
 
     def forward(
@@ -108,18 +113,28 @@ class VaeEncoderWrapper(nn.Module):
         return self.vae.encode(images).latent_dist.mode()
 
 
-def build_wrapper(spec: ComponentSpec, source, dtype: torch.dtype) -> nn.Module:
-    """Load the component's weights and wrap them for export, in eval mode and `dtype`."""
-    from fluxexport.backends import torch_backend as loaders
+def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: bool = True) -> nn.Module:
+    """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components)."""
+    if name == "transformer":
+        return TransformerWrapper(module, guidance, float32_rope).eval()
+    adapters = {
+        "clip": ClipWrapper,
+        "t5": T5Wrapper,
+        "vae_decoder": VaeDecoderWrapper,
+        "vae_encoder": VaeEncoderWrapper,
+    }
+    if name not in adapters:
+        raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(COMPONENTS)}")
+    return adapters[name](module).eval()
 
-    if spec.name == "clip":
-        module = ClipWrapper(loaders.load_clip(source, dtype))
-    elif spec.name == "t5":
-        module = T5Wrapper(loaders.load_t5(source, dtype, attn_implementation="eager"))
-    elif spec.name == "transformer":
-        module = TransformerWrapper(loaders.load_transformer(source, dtype), source.guidance_embeds)
-    elif spec.name == "vae_decoder":
-        module = VaeDecoderWrapper(loaders.load_vae(source, dtype))
-    else:
-        module = VaeEncoderWrapper(loaders.load_vae(source, dtype))
-    return module.eval()
+
+def build_adapter(spec: ComponentSpec, source: ModelSource, dtype: torch.dtype) -> nn.Module:
+    """Load the component's weights and wrap them for export (float32 RoPE, traceable T5 attention)."""
+    module = load_module(source, MODULE_OF[spec.name], dtype, for_export=True)
+    return wrap_component(spec.name, module, source.guidance_embeds)
+
+
+def named_outputs(spec: ComponentSpec, result: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """An adapter's positional result, named by the spec's outputs."""
+    values = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+    return {tensor.name: value for tensor, value in zip(spec.outputs, values, strict=True)}

@@ -1,0 +1,74 @@
+"""Precisions and element types: every name and its torch / numpy / ONNX / Triton / TensorRT equivalent, once.
+
+Two vocabularies meet here. A *precision* is what a user asks for (`--dtype fp32|bf16|fp16`, `--precision
+bf16|fp8|fp16`). An *element type* is ONNX's name of a tensor's type, lower case, as manifests write them
+(`float`, `bfloat16`, `float16`, `int32`, …). A spec tensor's dtype is `compute` (the component's precision),
+`float32` or `int32`; `element_type` turns it into an element type.
+
+Only torch and numpy are imported: the Triton python backend imports this module in its own environment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fluxexport.errors import FluxExportError
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a component computes in (export, the torch backend)
+ENGINE_PRECISIONS = ("bf16", "fp8", "fp16")  # what `build --precision` asks for
+COMPUTE = "compute"  # spec dtype: the component's compute precision, whichever it is
+
+TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_ELEMENT = {"fp32": "float", "bf16": "bfloat16", "fp16": "float16"}
+
+# element type → torch / numpy (ONNX Runtime's host arrays; bf16 graphs run upcast, so float32) / Triton
+ELEMENT_TORCH = {
+    "float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8,
+}  # fmt: skip
+ELEMENT_NUMPY = {"float": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+ELEMENT_TRITON = {
+    "float": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING",
+}  # fmt: skip
+# TensorRT DataType member names → element types (looked up by name: TensorRT may not be installed)
+TENSORRT_ELEMENT = {
+    "FLOAT": "float", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
+    "UINT8": "uint8",
+}  # fmt: skip
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """`fp32` → torch.float32, …; an unknown name gets a one-line refusal listing the choices."""
+    if precision not in TORCH:
+        raise FluxExportError(f"unknown dtype {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return TORCH[precision]
+
+
+def element_type(spec_dtype: str, precision: str) -> str:
+    """The element type of a spec tensor (`compute`, `float32`, `int32`) in a component computing in `precision`."""
+    if spec_dtype == COMPUTE:
+        return PRECISION_ELEMENT[precision]
+    return "float" if spec_dtype == "float32" else spec_dtype
+
+
+def host_element(element: str) -> str:
+    """What a caller feeds for an input of this element type: reduced floats are fed as float32."""
+    return "float" if element in ("bfloat16", "float16") else element
+
+
+def component_precision(component: str, requested: str) -> tuple[str, str | None]:
+    """The precision policy, for export and engines alike: (precision of `component`, why it differs or None).
+
+    fp16 keeps T5 in bf16 (it overflows fp16) and the VAE in fp32 (never fp16: NVIDIA's notes); fp8 quantizes
+    only the transformer, everything else is bf16."""
+    if requested not in PRECISIONS + ENGINE_PRECISIONS:
+        raise FluxExportError(f"unknown precision {requested!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+    if requested == "fp16" and component in ("vae_decoder", "vae_encoder"):
+        return "fp32", "the VAE is never exported in fp16 (its activations overflow fp16); kept fp32"
+    if requested == "fp16" and component == "t5":
+        return "bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16"
+    if requested == "fp8" and component != "transformer":
+        return "bf16", None  # only the transformer's block Linears are FP8
+    return requested, None

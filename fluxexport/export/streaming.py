@@ -1,0 +1,160 @@
+"""Export without holding the model: trace on fake weights, fill the initializers from the checkpoint lazily.
+
+1. The component is built from its config with *fake* parameters (torch's FakeTensorMode: shapes and dtypes,
+   no memory) and its real buffers (small: CLIP's position ids), then traced by the same dynamo exporter.
+2. Each initializer gets an `onnx_ir.LazyTensor` that reads its tensor from the memory-mapped safetensors
+   (one shard, one tensor, or the rows of one part of a fused BFL tensor), casts it to the export dtype, and
+   lets it go: `onnx_ir.save` then streams the weights into `.onnx_data` one tensor at a time.
+3. The onnxscript optimizer (what `optimize=True` runs) runs after the weights are attached, so its constant
+   folding sees real values; it only reads small tensors, so the graph is the in-memory export's, node for
+   node, with bit-identical initializers (tests/test_streaming.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import TorchTensor
+from torch import nn
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.adapters import wrap_component
+from fluxexport.models.checkpoint import SUBFOLDERS, CheckpointTensors
+from fluxexport.models.loaders import MODULE_OF
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import ComponentSpec
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation cost) and
+    keep their buffers real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _module_from_config(source: ModelSource, module: str) -> nn.Module:
+    root = source.root
+    if module == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(str(root), subfolder="transformer")
+        )
+    if module == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(root), subfolder="vae"))
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    config = AutoConfig.from_pretrained(root / SUBFOLDERS[module])
+    if module == "t5":
+        config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)
+        return T5EncoderModel(config)
+    return CLIPTextModel(config)
+
+
+def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Module:
+    """`module` ("clip", "t5", "transformer", "vae") built from its config with fake `dtype` parameters (tied
+    parameters stay tied) and real buffers, in eval mode."""
+    with parameters_on_meta():
+        model = _module_from_config(source, module)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, nn.Parameter] = {}
+    for submodule in model.modules():
+        for name, parameter in submodule._parameters.items():
+            if parameter is None:
+                continue
+            if id(parameter) not in fakes:
+                with mode:
+                    fake = torch.empty(
+                        parameter.shape, dtype=dtype if parameter.is_floating_point() else parameter.dtype
+                    )
+                fakes[id(parameter)] = nn.Parameter(fake, requires_grad=False)
+            submodule._parameters[name] = fakes[id(parameter)]
+        for name, buffer in submodule._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                submodule._buffers[name] = buffer.to(dtype)
+    return model.eval()
+
+
+def _checkpoint_names(module: nn.Module) -> dict[int, list[str]]:
+    """Every name a parameter goes by (tied ones have several: T5's `shared` / `encoder.embed_tokens`)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
+
+
+def attach_checkpoint_weights(
+    model: ir.Model, adapter: nn.Module, inner: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype
+) -> int:
+    """Point every initializer that is a parameter (or buffer) of `inner` at its checkpoint tensor, lazily.
+
+    Returns the number of initializers attached; refuses a checkpoint that lacks a tensor the model has."""
+    prefix = next(name for name, child in adapter.named_children() if child is inner) + "."
+    aliases = _checkpoint_names(inner)
+    parameters = {f"{prefix}{name}": aliases[id(p)] for name, p in inner.named_parameters(remove_duplicate=False)}
+    buffers = {f"{prefix}{name}": buffer for name, buffer in inner.named_buffers()}
+    attached = 0
+    for name, value in model.graph.initializers.items():
+        if name in parameters:
+            found = next((alias for alias in parameters[name] if alias in tensors), None)
+            if found is None:
+                raise FluxExportError(
+                    f"the {tensors.module} checkpoint has no tensor {parameters[name][0]!r}: it does not fit its "
+                    "config (truncated download, or another model's weights)"
+                )
+            load = tensors.loader(found, dtype)
+        elif name in buffers:
+            buffer = buffers[name]
+            load = lambda buffer=buffer: buffer  # noqa: E731 - a buffer is small and already real
+        else:
+            continue
+        value.const_value = ir.LazyTensor(
+            lambda load=load, name=name: TorchTensor(load().contiguous(), name),
+            dtype=value.dtype,
+            shape=value.shape,
+            name=name,
+        )
+        attached += 1
+    return attached
+
+
+def streamed_program(
+    source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, feeds: dict[str, torch.Tensor], export
+) -> ir.Model:
+    """The component's optimized graph with lazily loaded weights; `export(module, optimize)` traces it."""
+    module_name = MODULE_OF[spec.name]
+    tensors = CheckpointTensors(source, module_name)
+    inner = empty_module(source, module_name, dtype)
+    adapter = wrap_component(spec.name, inner, source.guidance_embeds)
+    program = export(adapter, False)
+    attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype)
+    fakes = [name for name, value in program.model.graph.initializers.items() if _is_fake(value.const_value)]
+    if fakes:
+        raise FluxExportError(f"{spec.name}: no weight for {fakes[0]} (and {len(fakes) - 1} more) in the checkpoint")
+    program.optimize()  # the same onnxscript optimizer `optimize=True` runs, now on real (lazy) weights
+    return program.model
+
+
+def _is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    raw = getattr(tensor, "raw", None)
+    return isinstance(raw, FakeTensor)

@@ -1,0 +1,116 @@
+"""A checkpoint's tensors, one at a time, straight from its memory-mapped safetensors files.
+
+Nothing here holds a whole model: `CheckpointTensors.load(name)` reads one tensor (or, for black-forest-labs'
+fused projections, the rows of one part of it) when asked. Diffusers folders may be sharded (FLUX.1-dev's
+transformer is 3 shards with an index json, its T5 2 shards); every `*.safetensors` file of the part's
+subfolder is read, by header only, to find which file holds which tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+
+# module → the checkpoint subfolder its weights live in
+SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one model tensor lives: a file and key, and how to cut it out (rows of a fused tensor, or BFL's
+    swapped final-modulation halves)."""
+
+    file: Path
+    key: str
+    rows: tuple[int, int] | None = None  # [start, stop) along dim 0 of a fused tensor
+    swap_halves: bool = False
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise FluxExportError(f"{index[0]} is not a safetensors index ({error}): re-download the model") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [path.name for path in files if not path.is_file()]
+        if missing:
+            raise FluxExportError(f"{folder} lacks shard {missing[0]} named by {index[0].name}: re-download it")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FluxExportError(f"{folder} has no .safetensors weights (only safetensors are read)")
+    return files
+
+
+def _keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise FluxExportError(f"cannot read {path}: {error} (it must be a .safetensors file)") from None
+
+
+def folder_locations(folder: Path) -> dict[str, TensorLocation]:
+    """name → location for every tensor of a (possibly sharded) diffusers/transformers subfolder."""
+    return {key: TensorLocation(path, key) for path in _safetensors_files(folder) for key in _keys(path)}
+
+
+def bfl_locations(path: Path) -> dict[str, TensorLocation]:
+    """diffusers name → location for a black-forest-labs single file: fused qkv / linear1 split by rows."""
+    from safetensors import safe_open
+
+    from fluxexport.models.single_file import BFL_PREFIX, bfl_layout
+
+    keys = _keys(path)
+    prefix = BFL_PREFIX if any(key.startswith(BFL_PREFIX) for key in keys) else ""
+    with safe_open(str(path), framework="pt") as handle:
+        rows_of = {key.removeprefix(prefix): handle.get_slice(key).get_shape()[0] for key in keys}
+    locations = {}
+    for ours, theirs, kind, rows in bfl_layout(rows_of):
+        key = prefix + theirs
+        locations[ours] = TensorLocation(path, key, rows=rows, swap_halves=kind == "swap")
+    return locations
+
+
+class CheckpointTensors:
+    """The tensors of one module of a checkpoint ("clip", "t5", "transformer", "vae"), loaded on demand."""
+
+    def __init__(self, source: ModelSource, module: str):
+        self.module = module
+        if module == "transformer" and source.transformer_file is not None:
+            self.locations = bfl_locations(source.transformer_file)
+        else:
+            self.locations = folder_locations(source.root / SUBFOLDERS[module])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read from its mmapped file (only the needed rows of a fused one), cast to `dtype`."""
+        from safetensors import safe_open
+
+        location = self.locations[name]
+        with safe_open(str(location.file), framework="pt") as handle:
+            if location.rows is not None:
+                start, stop = location.rows
+                tensor = handle.get_slice(location.key)[start:stop]
+            else:
+                tensor = handle.get_tensor(location.key)
+        if location.swap_halves:  # BFL's final AdaLN emits (shift, scale); diffusers' (scale, shift)
+            first, second = tensor.chunk(2, dim=0)
+            tensor = torch.cat([second, first], dim=0)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def loader(self, name: str, dtype: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
+        return lambda: self.load(name, dtype)
