@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from fluxexport.backends import BACKENDS
-from fluxexport.console import console, quiet_libraries, step_progress, table, warn
+from fluxexport.console import byte_progress, console, quiet_libraries, step_progress, table, warn
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import default_folder
@@ -221,20 +221,24 @@ def export(
         if reason:
             console.print(f"note: {name}: {reason}")
     rows = []
-    with step_progress(f"export {source.name} → {out}", len(names)) as advance:
-        done = []
+    console.print(f"export {source.name} → {out}: {', '.join(names)}")
+    with byte_progress() as update:
 
         def on_component(name, exported):
-            if exported is None:
+            if exported is None:  # the bar starts with the first weight written: its rate is the write rate
                 return
-            done.append(name)
-            advance(len(done), len(names))
+            update(name, exported.weight_bytes, exported.weight_bytes)
             size = exported.path.stat().st_size + (
                 exported.path.with_name(exported.external_data).stat().st_size if exported.external_data else 0
             )
             rows.append([name, exported.dtype, str(exported.nodes), f"{size / 1e6:.1f}", f"{exported.seconds:.1f}"])
 
-        export_model(source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component)
+        def on_bytes(name, done, total):
+            update(name, done, total)
+
+        export_model(
+            source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, on_bytes
+        )  # fmt: skip
     console.print(table(f"exported to {out}", ["component", "dtype", "nodes", "MB", "s"], rows))
     if run_check and not _print_check(check_folder(out)):
         raise FluxExportError(f"graphs in {out} fail the TensorRT check (see the table above)")

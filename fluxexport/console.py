@@ -9,7 +9,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -63,6 +71,25 @@ def step_progress(description: str, total: int) -> Iterator:
     with progress:
         task = progress.add_task(description, total=total)
         yield lambda done, new_total: progress.update(task, completed=done, total=new_total)
+
+
+@contextmanager
+def byte_progress() -> Iterator:
+    """One bar per label that moves with bytes written, with the rate; yields `update(label, done, total)`."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False), TransferSpeedColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+        disable=not console.is_terminal and os.environ.get("CI") == "true",
+    )  # fmt: skip
+    tasks: dict[str, int] = {}
+    with progress:
+
+        def update(label: str, done: int, total: int | None) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done, total=total)
+
+        yield update
 
 
 def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

@@ -77,3 +77,23 @@ def test_model_defaults(sources):
     assert (dev.default_steps, dev.default_max_sequence_length, dev.guidance_embeds) == (28, 512, True)
     assert json.loads((schnell.root / "fluxexport_tiny.json").read_text())["variant"] == "tiny-schnell"
     assert schnell.fingerprint() != dev.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("part", "key", "value", "message"),
+    [
+        ("text_encoder", "hidden_size", 48,
+         "text_encoder/config.json hidden_size is 48 but the transformer's pooled_projection_dim is 32"),
+        ("text_encoder_2", "d_model", 64,
+         "text_encoder_2/config.json d_model is 64 but the transformer's joint_attention_dim is 32"),
+        ("vae", "latent_channels", 4, "vae/config.json latent_channels × 4 is 16 but the transformer's in_channels is 64"),
+    ],
+)  # fmt: skip
+def test_parts_of_different_widths_are_refused_at_load(tmp_path, sources, part, key, value, message):
+    folder = tmp_path / "mixed"
+    shutil.copytree(sources["tiny-dev"].root, folder)
+    config = folder / part / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))
+    with pytest.raises(FluxExportError) as error:
+        load_folder(folder)
+    assert str(error.value) == f"{folder}: {message}: the parts come from different models"

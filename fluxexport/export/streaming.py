@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import onnx_ir as ir
@@ -101,17 +101,25 @@ def _checkpoint_names(module: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+Loader = Callable[[], torch.Tensor]
+
+
+def lazy_initializer(load: Loader, name: str, dtype: ir.DataType, shape: ir.Shape) -> ir.LazyTensor:
+    """An initializer whose bytes are produced by `load()` when written, and freed right after."""
+    return ir.LazyTensor(lambda: TorchTensor(load().contiguous(), name), dtype=dtype, shape=shape, name=name)
+
+
 def attach_checkpoint_weights(
     model: ir.Model, adapter: nn.Module, inner: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype
-) -> int:
+) -> dict[str, Loader]:
     """Point every initializer that is a parameter (or buffer) of `inner` at its checkpoint tensor, lazily.
 
-    Returns the number of initializers attached; refuses a checkpoint that lacks a tensor the model has."""
+    Returns each attached initializer's loader; refuses a checkpoint that lacks a tensor the model has."""
     prefix = next(name for name, child in adapter.named_children() if child is inner) + "."
     aliases = _checkpoint_names(inner)
     parameters = {f"{prefix}{name}": aliases[id(p)] for name, p in inner.named_parameters(remove_duplicate=False)}
     buffers = {f"{prefix}{name}": buffer for name, buffer in inner.named_buffers()}
-    attached = 0
+    attached: dict[str, Loader] = {}
     for name, value in model.graph.initializers.items():
         if name in parameters:
             found = next((alias for alias in parameters[name] if alias in tensors), None)
@@ -126,14 +134,38 @@ def attach_checkpoint_weights(
             load = lambda buffer=buffer: buffer  # noqa: E731 - a buffer is small and already real
         else:
             continue
-        value.const_value = ir.LazyTensor(
-            lambda load=load, name=name: TorchTensor(load().contiguous(), name),
-            dtype=value.dtype,
-            shape=value.shape,
-            name=name,
-        )
-        attached += 1
+        value.const_value = lazy_initializer(load, name, value.dtype, value.shape)
+        attached[name] = load
     return attached
+
+
+def fold_weight_transposes(model: ir.Model, loaders: dict[str, Loader]) -> int:
+    """Fold `Transpose(weight)` into a lazily transposed initializer, as the optimizer would, but lazily.
+
+    torch exports a Linear as MatMul(x, Transpose(W)) and the optimizer's constant folding replaces the
+    Transpose by a transposed copy of W held in memory: for FLUX, nearly every weight. Folded here first, each
+    becomes a LazyTensor (read, permute, write, free) under the name the optimizer gives it (the Transpose's
+    output), so the graph is the same and the optimizer finds nothing left to fold."""
+    graph, folded = model.graph, 0
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" else None
+        if source is None or source.name not in loaders or not source.is_initializer():
+            continue
+        rank = len(source.shape)
+        perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else tuple(reversed(range(rank)))
+        output, name = node.outputs[0], node.outputs[0].name
+        shape = ir.Shape([source.shape[axis] for axis in perm])
+        output.name = f"{name}_folded"  # the initializer takes the name the optimizer would give it
+        load = lambda load=loaders[source.name], perm=perm: load().permute(perm)  # noqa: E731
+        value = ir.Value(name=name, shape=shape, type=ir.TensorType(source.dtype),
+                         const_value=lazy_initializer(load, name, source.dtype, shape))  # fmt: skip
+        output.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        graph.register_initializer(value)
+        if not source.uses():
+            graph.initializers.pop(source.name)
+        folded += 1
+    return folded
 
 
 def streamed_program(
@@ -145,10 +177,11 @@ def streamed_program(
     inner = empty_module(source, module_name, dtype)
     adapter = wrap_component(spec.name, inner, source.guidance_embeds)
     program = export(adapter, False)
-    attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype)
+    loaders = attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype)
     fakes = [name for name, value in program.model.graph.initializers.items() if _is_fake(value.const_value)]
     if fakes:
         raise FluxExportError(f"{spec.name}: no weight for {fakes[0]} (and {len(fakes) - 1} more) in the checkpoint")
+    fold_weight_transposes(program.model, loaders)
     program.optimize()  # the same onnxscript optimizer `optimize=True` runs, now on real (lazy) weights
     return program.model
 

@@ -146,7 +146,27 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
         if not path.is_file():
             raise FluxExportError(f"model folder {root} is incomplete: missing {relative}")
         configs[part] = _read_json(path)
+    check_widths(configs, root)
     return ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
+
+
+def check_widths(configs: dict[str, dict[str, Any]], root: Path) -> None:
+    """Refuse components whose widths do not meet the transformer's (torch.export would fail with pages)."""
+    transformer = configs["transformer"]
+    pairs = (
+        ("text_encoder/config.json hidden_size", configs["text_encoder"].get("hidden_size"),
+         "pooled_projection_dim", transformer.get("pooled_projection_dim", 768)),
+        ("text_encoder_2/config.json d_model", configs["text_encoder_2"].get("d_model"),
+         "joint_attention_dim", transformer.get("joint_attention_dim", 4096)),
+        ("vae/config.json latent_channels × 4", 4 * int(configs["vae"].get("latent_channels", 16)),
+         "in_channels", transformer.get("in_channels", 64)),
+    )  # fmt: skip
+    for theirs, width, ours, expected in pairs:
+        if width is not None and int(width) != int(expected):
+            raise FluxExportError(
+                f"{root}: {theirs} is {width} but the transformer's {ours} is {expected}: the parts come from "
+                "different models"
+            )
 
 
 def _looks_like_hub_id(reference: str) -> bool:
