@@ -307,11 +307,16 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
 @click.option("--calib-size", type=int, help="Use the first N calibration prompts.")
 @click.option("--calib-steps", type=int, help="Denoising steps per calibration prompt (default: the model's).")
 @click.option("--calib-resolution", type=int, help="Calibration image side in pixels (default: the model's).")
+@click.option(
+    "--calibration", "calibration_file", type=click.Path(path_type=Path),
+    help="Reuse an earlier calibration.json of this checkpoint: no model runs.",
+)  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
 @click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 2 GB).")
 def quantize(
-    model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, opset, external_data
-) -> None:
+    model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file, opset,
+    external_data,
+) -> None:  # fmt: skip
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer as a Q/DQ graph."""
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
@@ -327,10 +332,18 @@ def quantize(
         prompts = prompts[:calib_size]
     settings = CalibrationSettings(prompts, calib_steps, calib_resolution, calib_resolution)
     out = out or default_folder(source.name)
-    with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
-        entry = quantize_transformer(
-            source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data, on_prompt=advance
-        )
+    if calibration_file is not None:
+        from fluxexport.quantize.qdq_export import read_calibration
+
+        read_calibration(calibration_file, source)  # refuse before anything is exported
+        console.print(f"reusing the scales of {calibration_file}: no calibration run")
+        entry = quantize_transformer(source, out, None, dtype, opset or DEFAULT_OPSET, external_data=external_data,
+                                     calibration_file=calibration_file)  # fmt: skip
+    else:
+        with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
+            entry = quantize_transformer(
+                source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data, on_prompt=advance
+            )
     console.print(entry["notes"][0])
     if not _print_check([check_graph(out / entry["file"], entry)]):
         raise FluxExportError(f"{out / entry['file']} fails the TensorRT check (see the table above)")

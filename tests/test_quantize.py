@@ -63,7 +63,15 @@ def test_only_block_linears_carry_qdq(variant, sources, fp8_exports):
     model = onnx.load(str(fp8_exports[variant] / "transformer.onnx"))
     producers = {output: node for node in model.graph.node for output in node.output}
     ops = [node.op_type for node in model.graph.node]
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") > 0
+    fp8_weights = {  # (the zero point is an FP8 scalar)
+        t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN and len(t.dims) == 2
+    }
+    # weights are stored quantized: their DequantizeLinear reads an FP8 initializer, with no QuantizeLinear
+    weight_dequantizers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in fp8_weights]
+    assert len(weight_dequantizers) == len(fp8_weights) > 0
+    assert ops.count("DequantizeLinear") == ops.count("QuantizeLinear") + len(fp8_weights)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {t.name for t in model.graph.initializer}
+                   for n in model.graph.node)  # fmt: skip
     assert not any(node.domain not in ("", "ai.onnx") for node in model.graph.node)  # no trt:: ops
 
     def dequantized(name):  # through the Transpose the exporter puts between a weight and its MatMul
@@ -77,6 +85,7 @@ def test_only_block_linears_carry_qdq(variant, sources, fp8_exports):
     transformer = fake_quantized_transformer(sources[variant], amax_of(fp8_exports[variant]))
     assert (
         len(quantized)
+        == len(fp8_weights)
         == len(quantizable_linears(transformer.model))
         == sum(1 for name in transformer.model.state_dict() if name.endswith("weight_scale"))
     )
@@ -206,3 +215,58 @@ def test_bad_calibration_input(tmp_path, sources):
     assert result.exit_code == 1 and "calib-size must be at least 1, got 0" in result.output
     with pytest.raises(FluxExportError, match="FP8 Q/DQ needs opset ≥ 19"):
         quantize_transformer(sources["tiny-dev"], tmp_path, opset=18)
+
+
+def test_a_saved_calibration_is_reused_without_running_the_model(sources, fp8_exports, tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    import fluxexport.quantize.qdq_export as qdq_export
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("calibration ran although --calibration was given")
+
+    monkeypatch.setattr(qdq_export, "calibrate", no_model)
+    saved = fp8_exports["tiny-dev"] / "calibration.json"
+    entry = quantize_transformer(sources["tiny-dev"], tmp_path, base_dtype="fp32", calibration_file=saved)
+    assert entry["dtype"] == "fp8"
+    assert (tmp_path / "calibration.json").read_text() == saved.read_text()
+    ours = ir.load(tmp_path / "transformer.onnx").graph.initializers
+    theirs = ir.load(fp8_exports["tiny-dev"] / "transformer.onnx").graph.initializers
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[name].const_value.tobytes() == theirs[name].const_value.tobytes() for name in theirs)
+
+
+def test_a_calibration_of_another_checkpoint_is_refused(sources, fp8_exports, tmp_path):
+    saved = fp8_exports["tiny-dev"] / "calibration.json"
+    result = CliRunner().invoke(
+        main, ["quantize", "--model", "tiny-schnell", "--calibration", str(saved), "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {saved} was calibrated on 'tiny-dev', not on 'tiny-schnell' (checkpoint fingerprints differ): "
+        "calibrate again (drop --calibration)\n"
+    )
+    assert not (tmp_path / "q").exists()
+    broken = tmp_path / "calibration.json"
+    broken.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(FluxExportError, match="is not a fluxexport FP8 calibration"):
+        quantize_transformer(sources["tiny-dev"], tmp_path / "r", calibration_file=broken)
+    with pytest.raises(FluxExportError, match=r"cannot read calibration .*missing.json: No such file"):
+        quantize_transformer(sources["tiny-dev"], tmp_path / "r", calibration_file=tmp_path / "missing.json")
+
+
+def test_fp8_weights_are_stored_in_a_quarter_of_fp32(sources, exports, fp8_exports):
+    """The quantized Linears' weights take one byte per value; everything else is as in the fp32 graph."""
+    import onnx_ir as ir
+
+    fp8 = ir.load(fp8_exports["tiny-dev"] / "transformer.onnx").graph.initializers
+    fp32 = ir.load(exports["tiny-dev"] / "transformer.onnx").graph.initializers
+    stored = [value for value in fp8.values() if value.dtype == ir.DataType.FLOAT8E4M3FN and len(value.shape) == 2]
+    linears = quantizable_linears(
+        fake_quantized_transformer(sources["tiny-dev"], amax_of(fp8_exports["tiny-dev"])).model
+    )
+    assert sum(v.const_value.nbytes for v in stored) == sum(m.weight.numel() for m in linears.values())
+    total = lambda values: sum(v.const_value.nbytes for v in values if v.const_value is not None)  # noqa: E731
+    saved = 3 * sum(m.weight.numel() for m in linears.values())  # 4 bytes → 1 per quantized weight value
+    scales = 4 * 2 * len(linears)  # the input and weight scales (fp32) the FP8 graph adds
+    assert total(fp8.values()) <= total(fp32.values()) - saved + scales

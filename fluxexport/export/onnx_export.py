@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from fluxexport.export.streaming import streamed_program
 from fluxexport.models.adapters import build_adapter
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 DEFAULT_OPSET = 20  # the newest opset TensorRT 10.1's ONNX parser documents (see data/tensorrt_onnx_ops.json)
 MIN_OPSET, MAX_OPSET = 18, 23  # what torch's dynamo exporter emits
@@ -81,13 +85,15 @@ def export_component(
     notes: Sequence[str] = (),
     streaming: bool = True,
     on_bytes: Callable[[int, int], None] | None = None,
+    graph_pass: Callable[[ir.Model], str | None] | None = None,
 ) -> ExportedComponent:
     """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically.
 
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
     memory); `streaming=False` loads the model and exports it in memory. `module` replaces the plain adapter
     (the FP8 fake-quantized transformer, in memory); `translations` maps its custom ops to ONNX functions.
-    `on_bytes(written, total)` follows the weights as they are written."""
+    `on_bytes(written, total)` follows the weights as they are written; `graph_pass` rewrites the graph
+    before it is written (and returns a note for the manifest, or None)."""
     import onnx
     import onnx_ir as ir
 
@@ -119,6 +125,8 @@ def export_component(
     notes = [*notes, note] if note else list(notes)
     if compute == "bf16" and (count := passes.wrap_bf16_resize_in_casts(model)):
         notes.append(f"{count} BF16 Resize nodes wrapped in fp32 casts")
+    if graph_pass is not None and (pass_note := graph_pass(model)):
+        notes.append(pass_note)
     weight_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
     external = weight_bytes > PROTOBUF_LIMIT if external_data is None else external_data
 
