@@ -120,3 +120,20 @@ def strip_exporter_metadata(model: ir.Model) -> None:
         node.doc_string = None
         for value in node.outputs:
             value.metadata_props.clear()
+
+
+def replace_with_initializer(graph: ir.Graph, node: ir.Node, tensor: ir.TensorProtocol) -> ir.Value:
+    """Replace single-output `node` by an initializer holding `tensor`, under the node output's name (what
+    the optimizer's constant folding does), and drop the node's initializer inputs nothing else uses."""
+    output = node.outputs[0]
+    name = output.name
+    output.name = f"{name}_replaced"
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    output.replace_all_uses_with(value, replace_graph_outputs=True)
+    sources = [v for v in node.inputs if v is not None and v.is_initializer()]
+    graph.remove(node, safe=True)
+    graph.register_initializer(value)
+    for source in sources:
+        if not source.uses() and source.name in graph.initializers:
+            graph.initializers.pop(source.name)
+    return value

@@ -21,9 +21,10 @@ from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
 from fluxexport.errors import FluxExportError
+from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.adapters import wrap_component
-from fluxexport.models.checkpoint import SUBFOLDERS, CheckpointTensors
-from fluxexport.models.loaders import MODULE_OF
+from fluxexport.models.checkpoint import CheckpointTensors
+from fluxexport.models.loaders import MODULE_OF, SUBFOLDERS
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec
 
@@ -153,17 +154,9 @@ def fold_weight_transposes(model: ir.Model, loaders: dict[str, Loader]) -> int:
             continue
         rank = len(source.shape)
         perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else tuple(reversed(range(rank)))
-        output, name = node.outputs[0], node.outputs[0].name
-        shape = ir.Shape([source.shape[axis] for axis in perm])
-        output.name = f"{name}_folded"  # the initializer takes the name the optimizer would give it
+        shape, name = ir.Shape([source.shape[axis] for axis in perm]), node.outputs[0].name
         load = lambda load=loaders[source.name], perm=perm: load().permute(perm)  # noqa: E731
-        value = ir.Value(name=name, shape=shape, type=ir.TensorType(source.dtype),
-                         const_value=lazy_initializer(load, name, source.dtype, shape))  # fmt: skip
-        output.replace_all_uses_with(value, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        graph.register_initializer(value)
-        if not source.uses():
-            graph.initializers.pop(source.name)
+        replace_with_initializer(graph, node, lazy_initializer(load, name, source.dtype, shape))
         folded += 1
     return folded
 

@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.loaders import SUBFOLDERS
 from fluxexport.models.source import ModelSource
-
-# module → the checkpoint subfolder its weights live in
-SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
 
 
 @dataclass(frozen=True)

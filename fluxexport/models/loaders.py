@@ -7,13 +7,16 @@ import torch
 from fluxexport.models.single_file import load_bfl_transformer
 from fluxexport.models.source import ModelSource
 
+# module → the checkpoint subfolder its config and weights live in
+SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+
 
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
     """The FluxTransformer2DModel: from the folder, or converted from a BFL single-file checkpoint."""
     from diffusers import FluxTransformer2DModel
 
     if source.transformer_file is None:
-        model = FluxTransformer2DModel.from_pretrained(source.root, subfolder="transformer", torch_dtype=dtype)
+        model = FluxTransformer2DModel.from_pretrained(source.root, subfolder=SUBFOLDERS["transformer"], torch_dtype=dtype)
     else:
         model = load_bfl_transformer(source.transformer_file, source.root, dtype)
     return model.eval()
@@ -22,7 +25,7 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
 def load_clip(source: ModelSource, dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(source.root, subfolder="text_encoder", dtype=dtype).eval()
+    return CLIPTextModel.from_pretrained(source.root, subfolder=SUBFOLDERS["clip"], dtype=dtype).eval()
 
 
 def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
@@ -30,13 +33,13 @@ def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implem
     from transformers import T5EncoderModel
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return T5EncoderModel.from_pretrained(source.root, subfolder="text_encoder_2", dtype=dtype, **kwargs).eval()
+    return T5EncoderModel.from_pretrained(source.root, subfolder=SUBFOLDERS["t5"], dtype=dtype, **kwargs).eval()
 
 
 def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(source.root, subfolder="vae", torch_dtype=dtype).eval()
+    return AutoencoderKL.from_pretrained(source.root, subfolder=SUBFOLDERS["vae"], torch_dtype=dtype).eval()
 
 
 # The module each component runs: both VAE components share one AutoencoderKL.

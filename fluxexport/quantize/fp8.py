@@ -11,11 +11,15 @@ from torch import nn
 E4M3_MAX = 448.0
 
 
+def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (in x's dtype) as FLOAT8E4M3FN, saturating at ±448: what QuantizeLinear (saturate=1) computes."""
+    return (x / scale.to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 @torch.library.custom_op("fluxexport::fp8_qdq", mutates_args=())
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Round x to the E4M3 grid of `scale` (saturating at ±448·scale) and back, as Q→DQ does."""
-    step = scale.to(x.dtype)
-    return (x / step).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype) * step
+    return quantize_e4m3(x, scale).to(x.dtype) * scale.to(x.dtype)
 
 
 @fp8_qdq.register_fake

@@ -12,15 +12,16 @@ from onnx_ir.tensor_adapters import TorchTensor
 
 from fluxexport.atomic import write_text_atomic
 from fluxexport.backends.torch_backend import TorchBackend
-from fluxexport.dtypes import PRECISION_ELEMENT, TORCH, torch_dtype
+from fluxexport.dtypes import ELEMENT_TORCH, torch_dtype
 from fluxexport.errors import FluxExportError
+from fluxexport.export.graph import replace_with_initializer
 from fluxexport.export.manifest import now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
 from fluxexport.models.adapters import TransformerWrapper
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
 from fluxexport.quantize.calibrate import KEEP_HIGH_PRECISION, CalibrationSettings, calibrate, fake_quantize
-from fluxexport.quantize.fp8 import E4M3_MAX, TRANSLATIONS
+from fluxexport.quantize.fp8 import E4M3_MAX, TRANSLATIONS, quantize_e4m3
 from fluxexport.specs import ExportBounds, component_specs
 
 CALIBRATION_FILE = "calibration.json"
@@ -52,20 +53,9 @@ def store_weights_in_fp8(model) -> str | None:
         weight, scale = (ir.convenience.get_const_tensor(value) for value in node.inputs[:2])
         if weight is None or scale is None:
             continue
-        precision = {element: name for name, element in PRECISION_ELEMENT.items()}[weight.dtype.name.lower()]
-        values = torch.from_numpy(weight.numpy().astype("float32")).to(TORCH[precision])
-        step = torch.from_numpy(scale.numpy().astype("float32")).to(values.dtype)
-        quantized = (values / step).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        output, source = node.outputs[0], node.inputs[0]
-        name = output.name
-        output.name = f"{name}_quantizer"
-        value = ir.Value(name=name, shape=ir.Shape(quantized.shape), type=ir.TensorType(ir.DataType.FLOAT8E4M3FN),
-                         const_value=TorchTensor(quantized, name))  # fmt: skip
-        output.replace_all_uses_with(value)
-        graph.remove(node, safe=True)
-        graph.register_initializer(value)
-        if not source.uses():
-            graph.initializers.pop(source.name)
+        values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])
+        quantized = quantize_e4m3(values, torch.from_numpy(scale.numpy().astype("float32")))
+        replace_with_initializer(graph, node, TorchTensor(quantized, node.outputs[0].name))
         stored += 1
     return f"{stored} weights stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
 
