@@ -233,12 +233,7 @@ def export(
             )
             rows.append([name, exported.dtype, str(exported.nodes), f"{size / 1e6:.1f}", f"{exported.seconds:.1f}"])
 
-        def on_bytes(name, done, total):
-            update(name, done, total)
-
-        export_model(
-            source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, on_bytes
-        )  # fmt: skip
+        export_model(source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, update)
     console.print(table(f"exported to {out}", ["component", "dtype", "nodes", "MB", "s"], rows))
     if run_check and not _print_check(check_folder(out)):
         raise FluxExportError(f"graphs in {out} fail the TensorRT check (see the table above)")
@@ -333,12 +328,13 @@ def quantize(
     settings = CalibrationSettings(prompts, calib_steps, calib_resolution, calib_resolution)
     out = out or default_folder(source.name)
     if calibration_file is not None:
-        from fluxexport.quantize.qdq_export import read_calibration
-
-        read_calibration(calibration_file, source)  # refuse before anything is exported
-        console.print(f"reusing the scales of {calibration_file}: no calibration run")
+        given = [flag for flag, value in (("--calib-prompts", calib_prompts), ("--calib-size", calib_size),
+                 ("--calib-steps", calib_steps), ("--calib-resolution", calib_resolution)) if value is not None]  # fmt: skip
+        if given:
+            raise FluxExportError(f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them")
         entry = quantize_transformer(source, out, None, dtype, opset or DEFAULT_OPSET, external_data=external_data,
                                      calibration_file=calibration_file)  # fmt: skip
+        console.print(f"reused the scales of {calibration_file}: no calibration run")
     else:
         with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
             entry = quantize_transformer(
