@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from fluxexport.errors import FluxExportError
+
 Feeds = dict[str, torch.Tensor]
 Component = Callable[[Feeds], Feeds]
 
@@ -26,6 +28,13 @@ class Backend(Protocol):
     def component(self, name: str) -> Component: ...
 
     def close(self) -> None: ...
+
+
+def refuse_unknown_feeds(component: str, feeds: Feeds, inputs) -> None:
+    """A feed the component does not take is an error (engines would drop it or say only "invalid input")."""
+    unknown = sorted(set(feeds) - set(inputs))
+    if unknown:
+        raise FluxExportError(f"{component} has no input {unknown[0]!r}: it takes {', '.join(inputs)}")
 
 
 class LoadedComponents:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxexport.backends.base import Component, Feeds, LoadedComponents
+from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_unknown_feeds
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import read_manifest
@@ -38,9 +38,7 @@ def session_runner(session, entry: dict, component: str = "graph") -> Component:
     output_names = [t["name"] for t in entry["outputs"]]
 
     def run(feeds: Feeds) -> Feeds:
-        unknown = sorted(set(feeds) - set(inputs))
-        if unknown:
-            raise FluxExportError(f"{component} has no input {unknown[0]!r}: it takes {', '.join(inputs)}")
+        refuse_unknown_feeds(component, feeds, inputs)
         arrays = {
             key: feeds[key].detach().cpu().numpy().astype(dtype, copy=False)
             for key, dtype in inputs.items()

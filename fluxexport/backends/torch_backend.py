@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fluxexport.backends.base import Component, Feeds, LoadedComponents
-from fluxexport.dtypes import COMPUTE, torch_dtype
+from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+from fluxexport.dtypes import ELEMENT_TORCH, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.models.adapters import named_outputs, wrap_component
 from fluxexport.models.loaders import MODULE_OF, load_module
@@ -27,7 +27,7 @@ class TorchBackend(LoadedComponents):
     def __init__(self, source: ModelSource, dtype: str = "fp32", device: str | None = None):
         super().__init__()
         self.source = source
-        self.dtype = torch_dtype(dtype)
+        self.precision, self.dtype = dtype, torch_dtype(dtype)
         self.device = torch.device(device or default_device())
         self.specs = component_specs(source)
         self._modules: dict[str, torch.nn.Module] = {}
@@ -44,8 +44,7 @@ class TorchBackend(LoadedComponents):
 
     def _input(self, tensor: torch.Tensor, spec_dtype: str) -> torch.Tensor:
         """A feed in the dtype the adapter takes: the compute dtype, float32, or int32 ids."""
-        dtype = self.dtype if spec_dtype == COMPUTE else torch.float32 if spec_dtype == "float32" else torch.int32
-        return tensor.to(self.device, dtype)
+        return tensor.to(self.device, ELEMENT_TORCH[element_type(spec_dtype, self.precision)])
 
     def _load(self, name: str) -> Component:
         if name not in COMPONENTS:
@@ -55,11 +54,7 @@ class TorchBackend(LoadedComponents):
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:
-            unknown = sorted(set(feeds) - {tensor.name for tensor in spec.inputs})
-            if unknown:
-                raise FluxExportError(
-                    f"{name} has no input {unknown[0]!r}: it takes {', '.join(t.name for t in spec.inputs)}"
-                )
+            refuse_unknown_feeds(name, feeds, [tensor.name for tensor in spec.inputs])
             args = [self._input(feeds[tensor.name], tensor.dtype) for tensor in spec.inputs if tensor.name in feeds]
             # outputs stay on the backend's device, as float32 (the runtime's state dtype)
             return {key: value.detach().to(torch.float32) for key, value in named_outputs(spec, adapter(*args)).items()}
