@@ -12,6 +12,19 @@ from pathlib import Path
 from fluxexport.errors import FluxExportError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_default_mode(path: Path, folder: bool = False) -> Path:
+    """Give a temp file (mkstemp: 0600) or folder (mkdtemp: 0700) the mode a plain open() or mkdir() would:
+    a Triton container running as another user must be able to read what we write."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    return path
+
+
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a staging folder next to `target`; on success it becomes `target` (which must be absent or empty)."""
@@ -21,7 +34,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        yield staging
+        yield with_default_mode(staging, folder=True)
         if target.exists():
             target.rmdir()
         os.replace(staging, target)
@@ -38,7 +51,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(handle)
     temporary = Path(name)
     try:
-        yield temporary
+        yield with_default_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -306,18 +306,31 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
     "--calibration", "calibration_file", type=click.Path(path_type=Path),
     help="Reuse an earlier calibration.json of this checkpoint: no model runs.",
 )  # fmt: skip
+@click.option(
+    "--sequential/--whole-model", default=None,
+    help="Calibrate holding one block at a time, read from the checkpoint, or the whole float32 model "
+    "(default: one block at a time when the model does not fit in free memory).",
+)  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
 @click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 2 GB).")
 def quantize(
-    model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file, opset,
-    external_data,
+    model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
+    sequential, opset, external_data,
 ) -> None:  # fmt: skip
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer as a Q/DQ graph."""
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.models.source import resolve_model
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
-    from fluxexport.quantize.qdq_export import quantize_transformer
+    from fluxexport.quantize.qdq_export import (
+        calibrate_transformer,
+        check_quantize_options,
+        choose_sequential,
+        export_quantized,
+        keep_calibration,
+        read_calibration,
+        write_calibration,
+    )
 
     source = resolve_model(model, base_model)
     prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
@@ -329,17 +342,29 @@ def quantize(
     out = out or default_folder(source.name)
     if calibration_file is not None:
         given = [flag for flag, value in (("--calib-prompts", calib_prompts), ("--calib-size", calib_size),
-                 ("--calib-steps", calib_steps), ("--calib-resolution", calib_resolution)) if value is not None]  # fmt: skip
+                 ("--calib-steps", calib_steps), ("--calib-resolution", calib_resolution),
+                 ("--sequential/--whole-model", sequential)) if value is not None]  # fmt: skip
         if given:
             raise FluxExportError(f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them")
-        entry = quantize_transformer(source, out, None, dtype, opset or DEFAULT_OPSET, external_data=external_data,
-                                     calibration_file=calibration_file)  # fmt: skip
-        console.print(f"reused the scales of {calibration_file}: no calibration run")
+        calibration, _ = read_calibration(calibration_file, source)
+        check_quantize_options(dtype, opset or DEFAULT_OPSET)
+        saved = keep_calibration(out, calibration_file)
+        console.print(f"reusing the scales of {calibration_file}: no calibration run")
     else:
-        with step_progress(f"calibrate {source.name} on {len(prompts)} prompts", len(prompts)) as advance:
-            entry = quantize_transformer(
-                source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data, on_prompt=advance
-            )
+        check_quantize_options(dtype, opset or DEFAULT_OPSET)
+        if sequential is None:
+            sequential, why = choose_sequential(source)
+            console.print(why)
+        unit = "block passes" if sequential else "steps"
+        with step_progress(f"calibrate {source.name} on {len(prompts)} prompts ({unit})", 1) as advance:
+            calibration = calibrate_transformer(source, settings, sequential=sequential, on_progress=advance)
+        saved = write_calibration(out, source, settings, calibration)
+        console.print(f"calibration saved to {saved} (reuse it with --calibration)")
+    with byte_progress() as update:
+        entry = export_quantized(
+            source, out, calibration, saved, dtype, opset or DEFAULT_OPSET, external_data=external_data,
+            on_bytes=lambda done, total: update("transformer (fp8)", done, total),
+        )  # fmt: skip
     console.print(entry["notes"][0])
     if not _print_check([check_graph(out / entry["file"], entry)]):
         raise FluxExportError(f"{out / entry['file']} fails the TensorRT check (see the table above)")

@@ -2,7 +2,9 @@
 
 Writes a random checkpoint with FLUX.1-dev's widths (transformer 3072 = 24×128, T5 d_model 4096 / d_ff 10240,
 CLIP 768, the 16-channel VAE) block by block — it never holds the model — sharded like the published repository,
-then exports it in bf16 in fresh processes and prints peak RSS and wall time per run, streamed and in memory.
+then, each step in a fresh process, exports it in bf16 (streamed, and in memory), calibrates FP8 scales
+(sequentially, one block at a time; and holding the whole model) and writes the FP8 transformer from the
+saved calibration. It prints peak RSS and wall time per step.
 
     python scripts/bench_scale.py                       # 1 double + 2 single blocks, 1-layer T5 (~1.3 GB bf16)
     python scripts/bench_scale.py --full --skip-memory  # the published shape: 19 + 38 blocks, 24-layer T5 (~33 GB)
@@ -43,17 +45,18 @@ SHARD_BYTES = 10 * 2**30  # the published FLUX.1-dev transformer: 3 shards of �
 
 def parameter_shapes(module: str, folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Every parameter's shape, from the config alone (parameters on meta: no memory)."""
-    from fluxexport.export.streaming import _module_from_config, parameters_on_meta
+    from fluxexport.models.meta import module_from_config, parameters_on_meta
     from fluxexport.models.source import ModelSource
 
     configs = {"model_index": {}, "transformer": {}, "vae": {}, "text_encoder": {}, "text_encoder_2": {}}
     with parameters_on_meta():
-        model = _module_from_config(ModelSource("scale", folder, configs=configs), module)
+        model = module_from_config(ModelSource("scale", folder, configs=configs), module)
     return {name: (p.shape, p.dtype) for name, p in model.state_dict().items() if p.is_floating_point()}
 
 
-def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int) -> int:
-    """Random bf16 tensors written shard by shard (≤ SHARD_BYTES each) with an index json; returns bytes."""
+def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int, prefix: str = "") -> int:
+    """Random bf16 tensors written shard by shard (≤ SHARD_BYTES each) with an index json, keys under `prefix`
+    (the published CLIP-L's are `text_model.…`); returns bytes."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -73,10 +76,10 @@ def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int) 
         for name in names:
             shape = shapes[name][0]
             scale = 1.0 if "norm" in name else 0.02  # norms near 1, weights small
-            tensors[name] = (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(torch.bfloat16)
+            tensors[prefix + name] = (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(torch.bfloat16)
         save_file(tensors, str(folder / file))
         total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map |= dict.fromkeys(names, file)
+        weight_map |= dict.fromkeys((prefix + name for name in names), file)
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -104,38 +107,59 @@ def write_checkpoint(root: Path, double: int, single: int, t5_layers: int) -> di
     for seed, (part, (config, config_name, weights_name, module)) in enumerate(parts.items()):
         (root / part).mkdir()
         (root / part / config_name).write_text(json.dumps(config, indent=2))
-        written[module] = write_random_part(root / part, weights_name, parameter_shapes(module, root), seed)
+        prefix = "text_model." if module == "clip" else ""
+        written[module] = write_random_part(root / part, weights_name, parameter_shapes(module, root), seed, prefix)
     return written
 
 
-EXPORT = """
+PROLOGUE = """
 import sys
 from pathlib import Path
 from fluxexport.console import quiet_libraries
 quiet_libraries()
-from fluxexport.export.onnx_export import export_component
 from fluxexport.models.source import load_folder
-from fluxexport.specs import component_specs
 source = load_folder(Path(sys.argv[1]))
-spec = component_specs(source)[sys.argv[2]]
-export_component(source, spec, Path(sys.argv[3]), "bf16", external_data=True, streaming=sys.argv[4] == "stream")
+out = Path(sys.argv[3])
+"""
+EPILOGUE = """
 # VmHWM: this process's own peak RSS (ru_maxrss of a child starts at its parent's RSS at fork)
 peak = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
 print("PEAK", int(peak.split()[1]) * 1024)
 """
+STEPS = {
+    "export": """
+from fluxexport.export.onnx_export import export_component
+from fluxexport.specs import component_specs
+spec = component_specs(source)[sys.argv[2]]
+export_component(source, spec, out, "bf16", external_data=True, streaming=sys.argv[4] == "stream")
+""",
+    "calibrate": """
+from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+from fluxexport.quantize.qdq_export import calibrate_transformer, write_calibration
+settings = CalibrationSettings(CALIBRATION_PROMPTS[:1], steps=1, height=256, width=256)
+calibration = calibrate_transformer(source, settings, "cpu", sequential=sys.argv[4] == "sequential")
+write_calibration(out, source, settings, calibration)
+""",
+    "fp8": """
+from fluxexport.quantize.qdq_export import export_quantized, read_calibration
+calibration, _ = read_calibration(out / "calibration.json", source)
+export_quantized(source, out, calibration, out / "calibration.json", "bf16", external_data=True)
+print("BYTES", sum(path.stat().st_size for path in out.glob("transformer.onnx*")))
+""",
+}
 
 
-def measure(root: Path, component: str, mode: str, out: Path) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one export in a fresh process."""
+def measure(root: Path, step: str, component: str, mode: str, out: Path) -> tuple[float, int, int | None]:
+    """(wall seconds, peak RSS bytes, bytes written if reported) of one step in a fresh process."""
     start = time.perf_counter()
+    script = PROLOGUE + STEPS[step] + EPILOGUE
     run = subprocess.run(
-        [sys.executable, "-c", EXPORT, str(root), component, str(out), mode], capture_output=True, text=True
+        [sys.executable, "-c", script, str(root), component, str(out), mode], capture_output=True, text=True
     )
     if run.returncode != 0:
-        raise SystemExit(f"export of {component} ({mode}) failed:\n{run.stderr[-2000:]}")
-    shutil.rmtree(out, ignore_errors=True)
-    peak = next(int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("PEAK "))
-    return time.perf_counter() - start, peak
+        raise SystemExit(f"{step} of {component} ({mode}) failed:\n{run.stderr[-2000:]}")
+    values = {line.split()[0]: int(line.split()[1]) for line in run.stdout.splitlines() if line[:5] in ("PEAK ", "BYTES")}
+    return time.perf_counter() - start, values["PEAK"], values.get("BYTES")
 
 
 def main() -> None:
@@ -161,17 +185,30 @@ def main() -> None:
         for module, part in (("transformer", "transformer"), ("t5", "text_encoder_2"))
     }
     rows = []
+
+    def record(step: str, component: str, mode: str, out: Path, label: str) -> None:
+        seconds, peak, written = measure(root, step, component, mode, out)
+        rows.append((component, label, sizes[component], seconds, peak, written))
+        print(f"{component} {label}: {seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
+
     for component in ("transformer", "t5"):
         for mode in ("stream",) if args.skip_memory else ("stream", "memory"):
-            seconds, peak = measure(root, component, mode, work / f"onnx-{mode}")
-            rows.append((component, mode, sizes[component], seconds, peak))
-            print(f"{component} {mode}: {seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
+            record("export", component, mode, work / f"onnx-{mode}", f"bf16 export ({mode})")
+            shutil.rmtree(work / f"onnx-{mode}", ignore_errors=True)
+    fp8 = work / "onnx-fp8"
+    for mode in ("sequential",) if args.skip_memory else ("whole", "sequential"):
+        record("calibrate", "transformer", mode, fp8, f"calibrate ({mode}; 1 prompt, 1 step, 256²)")
+    record("fp8", "transformer", "stream", fp8, "FP8 export (bf16 base, from calibration.json)")
+    shutil.rmtree(fp8, ignore_errors=True)
+
     shape = f"{args.double} double + {args.single} single blocks at 3072, T5 {args.t5_layers} layers at 4096"
-    print(f"\nbf16 export, {shape}, {os.cpu_count()} cores ({time.strftime('%Y-%m-%d')})\n")
-    print("| component | export | weights GB (bf16) | wall s | peak RSS GB | peak / weights |")
-    print("|---|---|---:|---:|---:|---:|")
-    for component, mode, weights, seconds, peak in rows:
-        print(f"| {component} | {mode} | {weights / 1e9:.2f} | {seconds:.0f} | {peak / 1e9:.2f} | {peak / weights:.2f}× |")
+    print(f"\n{shape}, {os.cpu_count()} cores ({time.strftime('%Y-%m-%d')})\n")
+    print("| component | step | weights GB (bf16) | wall s | peak RSS GB | peak / weights | written GB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for component, label, weights, seconds, peak, written in rows:
+        size = f"{written / 1e9:.2f}" if written else ""
+        print(f"| {component} | {label} | {weights / 1e9:.2f} | {seconds:.0f} | {peak / 1e9:.2f} | "
+              f"{peak / weights:.2f}× | {size} |")  # fmt: skip
 
 
 if __name__ == "__main__":

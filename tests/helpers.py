@@ -1,8 +1,10 @@
-"""Helpers the test modules share (not tests themselves): diffusers' reference images, FLUX.1-shaped sources."""
+"""Helpers the test modules share (not tests themselves): diffusers' reference images, FLUX.1-shaped sources,
+graph equality."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from fluxexport.models.source import ModelSource
@@ -45,3 +47,37 @@ def flux1_source(tmp_path, kontext=False, guidance=True) -> ModelSource:
         "scheduler": {},
     }
     return ModelSource("flux1", tmp_path, configs=configs)
+
+
+def canonical(model: ir.Model) -> list[tuple]:
+    """The graph as a list of (op, attributes, inputs), each input named by what it is — a graph input, an
+    initializer's dtype and bytes, or (producing node's position, output index) — not by its value name."""
+    position = {node: index for index, node in enumerate(model.graph)}
+    initializers = model.graph.initializers
+
+    def reference(value):
+        if value is None:
+            return None
+        if value.name in initializers and initializers[value.name].const_value is not None:
+            tensor = initializers[value.name].const_value
+            return ("initializer", tensor.dtype, tuple(tensor.shape), tensor.tobytes())
+        if value.producer() is not None:
+            return ("node", position[value.producer()], value.index())
+        return ("input", value.name)
+
+    return [
+        (node.op_type, node.domain, sorted((k, repr(a.value)) for k, a in node.attributes.items()),
+         tuple(reference(v) for v in node.inputs))
+        for node in model.graph
+    ]  # fmt: skip
+
+
+def assert_same_graph(streamed_path, reference_path, same_names=True):
+    """Same computation on bit-identical weights; with `same_names`, also the same node and value names."""
+    streamed, reference = ir.load(streamed_path), ir.load(reference_path)
+    assert canonical(streamed) == canonical(reference)
+    assert [(v.name, v.dtype) for v in streamed.graph.inputs] == [(v.name, v.dtype) for v in reference.graph.inputs]
+    assert [(v.name, v.dtype) for v in streamed.graph.outputs] == [(v.name, v.dtype) for v in reference.graph.outputs]
+    if same_names:
+        assert [(n.op_type, n.name) for n in streamed.graph] == [(n.op_type, n.name) for n in reference.graph]
+        assert sorted(streamed.graph.initializers) == sorted(reference.graph.initializers)

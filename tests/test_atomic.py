@@ -1,5 +1,8 @@
 """Writes never leave half a result: the target is the old content or the new, and no temp file lingers."""
 
+import os
+import stat
+
 import pytest
 
 from fluxexport.atomic import atomic_file, atomic_folder, write_bytes_atomic, write_text_atomic
@@ -67,3 +70,17 @@ def test_atomic_folder_refuses_a_non_empty_target(tmp_path):
     with atomic_folder(tmp_path / "empty") as staging:  # an empty folder may be replaced
         (staging / "a").write_text("a")
     assert (tmp_path / "empty" / "a").is_file()
+
+
+def test_written_files_and_folders_get_the_default_mode(tmp_path):
+    """Temp files are 0600 and temp folders 0700; what we publish must be readable as a plain write's would be
+    (a Triton container often runs as another user)."""
+    mask = os.umask(0o022)
+    try:
+        file = write_text_atomic(tmp_path / "manifest.json", "{}")
+        with atomic_folder(tmp_path / "repository") as staging:
+            (staging / "config.pbtxt").write_text("")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "repository").stat().st_mode) == 0o755

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,40 +15,7 @@ from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.source import load_folder, resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
 from fluxexport.specs import COMPONENTS, component_specs
-
-
-def canonical(model: ir.Model) -> list[tuple]:
-    """The graph as a list of (op, attributes, inputs), each input named by what it is — a graph input, an
-    initializer's dtype and bytes, or (producing node's position, output index) — not by its value name."""
-    position = {node: index for index, node in enumerate(model.graph)}
-    initializers = model.graph.initializers
-
-    def reference(value):
-        if value is None:
-            return None
-        if value.name in initializers and initializers[value.name].const_value is not None:
-            tensor = initializers[value.name].const_value
-            return ("initializer", tensor.dtype, tuple(tensor.shape), tensor.tobytes())
-        if value.producer() is not None:
-            return ("node", position[value.producer()], value.index())
-        return ("input", value.name)
-
-    return [
-        (node.op_type, node.domain, sorted((k, repr(a.value)) for k, a in node.attributes.items()),
-         tuple(reference(v) for v in node.inputs))
-        for node in model.graph
-    ]  # fmt: skip
-
-
-def assert_same_graph(streamed_path, reference_path, same_names=True):
-    """Same computation on bit-identical weights; with `same_names`, also the same node and value names."""
-    streamed, reference = ir.load(streamed_path), ir.load(reference_path)
-    assert canonical(streamed) == canonical(reference)
-    assert [(v.name, v.dtype) for v in streamed.graph.inputs] == [(v.name, v.dtype) for v in reference.graph.inputs]
-    assert [(v.name, v.dtype) for v in streamed.graph.outputs] == [(v.name, v.dtype) for v in reference.graph.outputs]
-    if same_names:
-        assert [(n.op_type, n.name) for n in streamed.graph] == [(n.op_type, n.name) for n in reference.graph]
-        assert sorted(streamed.graph.initializers) == sorted(reference.graph.initializers)
+from tests.helpers import assert_same_graph
 
 
 @pytest.mark.slow

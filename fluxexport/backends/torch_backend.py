@@ -20,13 +20,18 @@ def default_device() -> str:
 class TorchBackend(LoadedComponents):
     """Components as eager PyTorch modules on CPU or CUDA, in fp32, bf16 or fp16.
 
-    RoPE stays diffusers' own (float64 on CPU), so that images match diffusers bit for bit."""
+    RoPE stays diffusers' own (float64 on CPU), so that images match diffusers bit for bit. With
+    `stream_blocks`, the transformer's, T5's and CLIP's blocks are read from the checkpoint one at a time as
+    they run (`models/block_streaming.py`): slow, but the model never has to fit in memory."""
 
     name = "torch"
 
-    def __init__(self, source: ModelSource, dtype: str = "fp32", device: str | None = None):
+    def __init__(
+        self, source: ModelSource, dtype: str = "fp32", device: str | None = None, stream_blocks: bool = False
+    ):
         super().__init__()
         self.source = source
+        self.stream_blocks = stream_blocks
         self.precision, self.dtype = dtype, torch_dtype(dtype)
         self.device = torch.device(device or default_device())
         self.specs = component_specs(source)
@@ -34,7 +39,13 @@ class TorchBackend(LoadedComponents):
 
     def module(self, name: str) -> torch.nn.Module:
         """The loaded nn.Module behind a component ("vae" serves both VAE components), in eval mode."""
-        if name not in self._modules:
+        if name in self._modules:
+            return self._modules[name]
+        if self.stream_blocks:
+            from fluxexport.models.block_streaming import streamed_module
+
+            self._modules[name] = streamed_module(self.source, name, self.dtype, self.device)
+        else:
             self._modules[name] = load_module(self.source, name, self.dtype).to(self.device)
         return self._modules[name]
 

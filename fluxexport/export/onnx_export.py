@@ -86,12 +86,14 @@ def export_component(
     streaming: bool = True,
     on_bytes: Callable[[int, int], None] | None = None,
     graph_pass: Callable[[ir.Model], str | None] | None = None,
+    prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> ExportedComponent:
     """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically.
 
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
-    memory); `streaming=False` loads the model and exports it in memory. `module` replaces the plain adapter
-    (the FP8 fake-quantized transformer, in memory); `translations` maps its custom ops to ONNX functions.
+    memory); `streaming=False` loads the model and exports it in memory. `prepare` rewrites the module before
+    it is traced, in both modes (the FP8 fake quantization); `module` replaces the adapter altogether (in
+    memory); `translations` maps custom ops to ONNX functions.
     `on_bytes(written, total)` follows the weights as they are written; `graph_pass` rewrites the graph
     before it is written (and returns a note for the manifest, or None)."""
     import onnx
@@ -103,11 +105,12 @@ def export_component(
     try:
         if module is None and streaming:
             model: ir.Model = streamed_program(
-                source, spec, torch_dtype(compute), feeds,
+                source, spec, torch_dtype(compute),
                 lambda adapter, optimize: _export_program(adapter, spec, feeds, opset, translations, optimize),
+                prepare,
             )  # fmt: skip
         else:
-            module = module or build_adapter(spec, source, torch_dtype(compute))
+            module = module or build_adapter(spec, source, torch_dtype(compute), prepare)
             model = _export_program(module, spec, feeds, opset, translations).model
     except FluxExportError:
         raise

@@ -12,8 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import onnx_ir as ir
 import torch
@@ -24,55 +23,17 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.adapters import wrap_component
 from fluxexport.models.checkpoint import CheckpointTensors
-from fluxexport.models.loaders import MODULE_OF, SUBFOLDERS
+from fluxexport.models.loaders import MODULE_OF
+from fluxexport.models.meta import module_from_config, parameters_on_meta
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec
-
-
-@contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation cost) and
-    keep their buffers real."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
-        register(module, name, parameter)
-        if parameter is not None and parameter.device.type != "meta":
-            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=False)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-def _module_from_config(source: ModelSource, module: str) -> nn.Module:
-    root = source.root
-    if module == "transformer":
-        from diffusers import FluxTransformer2DModel
-
-        return FluxTransformer2DModel.from_config(
-            FluxTransformer2DModel.load_config(str(root), subfolder="transformer")
-        )
-    if module == "vae":
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(root), subfolder="vae"))
-    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
-
-    config = AutoConfig.from_pretrained(root / SUBFOLDERS[module])
-    if module == "t5":
-        config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)
-        return T5EncoderModel(config)
-    return CLIPTextModel(config)
 
 
 def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Module:
     """`module` ("clip", "t5", "transformer", "vae") built from its config with fake `dtype` parameters (tied
     parameters stay tied) and real buffers, in eval mode."""
     with parameters_on_meta():
-        model = _module_from_config(source, module)
+        model = module_from_config(source, module)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -103,6 +64,7 @@ def _checkpoint_names(module: nn.Module) -> dict[int, list[str]]:
 
 
 Loader = Callable[[], torch.Tensor]
+Prepare = Callable[[nn.Module], nn.Module]
 
 
 def lazy_initializer(load: Loader, name: str, dtype: ir.DataType, shape: ir.Shape) -> ir.LazyTensor:
@@ -162,12 +124,17 @@ def fold_weight_transposes(model: ir.Model, loaders: dict[str, Loader]) -> int:
 
 
 def streamed_program(
-    source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, feeds: dict[str, torch.Tensor], export
+    source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, export, prepare: Prepare | None = None
 ) -> ir.Model:
-    """The component's optimized graph with lazily loaded weights; `export(module, optimize)` traces it."""
+    """The component's optimized graph with lazily loaded weights; `export(module, optimize)` traces it.
+
+    `prepare` rewrites the (fake-weight) module before it is traced, e.g. into the FP8 fake-quantized one;
+    the parameters it keeps keep their names, the buffers it adds must be real."""
     module_name = MODULE_OF[spec.name]
     tensors = CheckpointTensors(source, module_name)
     inner = empty_module(source, module_name, dtype)
+    if prepare is not None:
+        inner = prepare(inner)
     adapter = wrap_component(spec.name, inner, source.guidance_embeds)
     program = export(adapter, False)
     loaders = attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype)

@@ -128,10 +128,11 @@ def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: b
     return adapters[name](module).eval()
 
 
-def build_adapter(spec: ComponentSpec, source: ModelSource, dtype: torch.dtype) -> nn.Module:
-    """Load the component's weights and wrap them for export (float32 RoPE, traceable T5 attention)."""
+def build_adapter(spec: ComponentSpec, source: ModelSource, dtype: torch.dtype, prepare=None) -> nn.Module:
+    """Load the component's weights and wrap them for export (float32 RoPE, traceable T5 attention);
+    `prepare` rewrites the loaded module first (the FP8 fake quantization)."""
     module = load_module(source, MODULE_OF[spec.name], dtype, for_export=True)
-    return wrap_component(spec.name, module, source.guidance_embeds)
+    return wrap_component(spec.name, prepare(module) if prepare else module, source.guidance_embeds)
 
 
 def named_outputs(spec: ComponentSpec, result: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

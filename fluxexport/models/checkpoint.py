@@ -81,6 +81,18 @@ def bfl_locations(path: Path) -> dict[str, TensorLocation]:
     return locations
 
 
+# Prefixes published checkpoints carry that the library's module does not: transformers ≥ 5 builds
+# CLIPTextModel without its `text_model.` level and drops the prefix when loading (its PrefixChange rule).
+DROPPED_PREFIXES = {"clip": "text_model."}
+
+
+def without_prefix(locations: dict[str, TensorLocation], prefix: str | None) -> dict[str, TensorLocation]:
+    """The locations under the module's own names: `prefix` removed where the checkpoint has it."""
+    if not prefix:
+        return locations
+    return {name.removeprefix(prefix): location for name, location in locations.items()}
+
+
 class CheckpointTensors:
     """The tensors of one module of a checkpoint ("clip", "t5", "transformer", "vae"), loaded on demand."""
 
@@ -89,7 +101,8 @@ class CheckpointTensors:
         if module == "transformer" and source.transformer_file is not None:
             self.locations = bfl_locations(source.transformer_file)
         else:
-            self.locations = folder_locations(source.root / SUBFOLDERS[module])
+            locations = folder_locations(source.root / SUBFOLDERS[module])
+            self.locations = without_prefix(locations, DROPPED_PREFIXES.get(module))
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fluxexport.errors import FluxExportError
@@ -15,6 +16,7 @@ from fluxexport.quantize.fp8 import FP8Linear
 # Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
 KEEP_HIGH_PRECISION = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+PROGRESS_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
 # A built-in calibration set: varied subjects, styles, lengths and text-in-image, in the spirit of the
 # 32-prompt sets the anchors calibrate on.
@@ -84,50 +86,120 @@ def read_prompts(path) -> tuple[str, ...]:
     return prompts
 
 
-def calibrate(
-    backend, source, settings: CalibrationSettings, on_prompt: Callable[[int, int], None] | None = None
-) -> dict[str, float]:
-    """amax of each quantizable Linear's input over every step of every calibration prompt.
+def one_sample_at_a_time(component, spec):
+    """A component callable run sample by sample (feeds with a batch axis sliced): the activations, and
+    the numerics, of batch-1 runs."""
+    batched = {tensor.name for tensor in spec.inputs if tensor.dims and tensor.dims[0] == "B"}
 
-    `backend` is a TorchBackend: its transformer module gets forward hooks while our runtime generates.
-    """
-    from fluxexport.runtime.pipeline import GenerationRequest, generate
+    def run(feeds):
+        batch = feeds["hidden_states"].shape[0]
+        outputs = [component({k: v[i : i + 1] if k in batched else v for k, v in feeds.items()}) for i in range(batch)]
+        return {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
+
+    return run
+
+
+def calibration_inputs(backend, source, settings: CalibrationSettings):
+    """(noise latents, sigmas, conditioning) of every calibration prompt, batched: prompt i draws the noise
+    of seed + i, as a generation of it alone would."""
+    from fluxexport.runtime.latents import image_ids, latent_grid, noise, pack_latents
+    from fluxexport.runtime.pipeline import (
+        GenerationRequest,
+        encode_prompts,
+        resolve_request,
+        transformer_conditioning,
+    )
+    from fluxexport.runtime.schedule import flow_match_sigmas
+
+    request = GenerationRequest(
+        list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale, seed=settings.seed,
+    )  # fmt: skip
+    resolved = resolve_request(source, request)
+    embeddings, pooled, _ = encode_prompts(backend, source, resolved)
+    draws = [
+        noise(
+            1, source.latent_channels, resolved.height, resolved.width, settings.seed + index, source.vae_scale_factor
+        )
+        for index in range(len(resolved.prompts))
+    ]
+    latents = pack_latents(torch.cat(draws)).to(backend.device)
+    ids = image_ids(*latent_grid(resolved.height, resolved.width, source.vae_scale_factor)).to(backend.device)
+    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler).to(backend.device)
+    return latents, sigmas, transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """amax of each quantizable Linear's input (over every step of every prompt) and of its weight."""
+
+    input_amax: dict[str, float]
+    weight_amax: dict[str, float]
+
+
+def calibrate(
+    backend, source, settings: CalibrationSettings, on_progress: Callable[[int, int], None] | None = None
+) -> Calibration:
+    """Walk every calibration prompt along our runtime's denoising trajectory and observe the block Linears.
+
+    `backend` is a TorchBackend. All prompts advance together, one step at a time: with a backend that
+    streams blocks (`TorchBackend(stream_blocks=True)`) each block is read once per step and runs every
+    prompt before the next is read; otherwise each prompt runs alone through the loaded transformer. Both
+    see the same inputs, so they give the same scales. `on_progress(done, total)` counts steps, or block
+    passes when blocks stream."""
+    from fluxexport.runtime.pipeline import denoise
 
     transformer = backend.module("transformer")
     linears = quantizable_linears(transformer)
     if not linears:
         raise FluxExportError(f"{source.name}'s transformer has no Linear layers in its blocks to quantize")
-    amax: dict[str, float] = defaultdict(float)
+    input_amax: dict[str, float] = defaultdict(float)
+    weight_amax: dict[str, float] = {}
 
     def observer(name: str):
-        def hook(_module, inputs):
-            amax[name] = max(amax[name], inputs[0].detach().abs().max().float().item())
+        def hook(module, inputs):
+            input_amax[name] = max(input_amax[name], inputs[0].detach().abs().max().float().item())
+            if name not in weight_amax:  # the weight is real here, also in a streamed block
+                weight_amax[name] = module.weight.detach().abs().max().float().item()
 
         return hook
 
     handles = [module.register_forward_pre_hook(observer(name)) for name, module in linears.items()]
+    blocks = [b for prefix in PROGRESS_BLOCKS for b in getattr(transformer, prefix)] if backend.stream_blocks else []
+    steps = [0]
     try:
-        for index, prompt in enumerate(settings.prompts):
-            request = GenerationRequest(
-                prompt, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale, seed=settings.seed + index,
-            )  # fmt: skip
-            generate(backend, source, request)
-            if on_prompt:
-                on_prompt(index + 1, len(settings.prompts))
+        latents, sigmas, conditioning = calibration_inputs(backend, source, settings)
+        total = (len(sigmas) - 1) * max(len(blocks), 1)
+        if blocks and on_progress:
+
+            def block_done(*_):
+                steps[0] += 1
+                on_progress(steps[0], total)
+
+            handles += [block.register_forward_hook(block_done) for block in blocks]
+        component = backend.component("transformer")
+        if not backend.stream_blocks:
+            component = one_sample_at_a_time(component, backend.specs["transformer"])
+        denoise(component, latents, sigmas, conditioning, on_step=None if blocks else on_progress)
     finally:
         for handle in handles:
             handle.remove()
-    return dict(amax)
+    return Calibration(dict(input_amax), weight_amax)
 
 
-def fake_quantize(transformer: nn.Module, amax: dict[str, float]) -> nn.Module:
-    """Replace each calibrated Linear by an FP8Linear, in place; returns the transformer."""
+def fake_quantize(
+    transformer: nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None = None
+) -> nn.Module:
+    """Replace each calibrated Linear by an FP8Linear, in place; returns the transformer.
+
+    Weight scales come from the weights themselves, or from `weight_amax` (amax in the weights' dtype) when
+    the transformer's parameters are not real (the streaming export traces it on fake ones)."""
     linears = quantizable_linears(transformer)
     missing = sorted(set(linears) - set(amax))
     if missing:
         raise FluxExportError(f"no calibration data for {missing[0]} (and {len(missing) - 1} more): calibrate again")
     for name, linear in linears.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(transformer.get_submodule(parent_name), child, FP8Linear(linear, amax[name]))
+        weight = None if weight_amax is None else weight_amax[name]
+        setattr(transformer.get_submodule(parent_name), child, FP8Linear(linear, amax[name], weight))
     return transformer

@@ -36,16 +36,21 @@ def fp8_qdq_onnx(x, scale):
 TRANSLATIONS = {torch.ops.fluxexport.fp8_qdq.default: fp8_qdq_onnx}
 
 
-class FP8Linear(nn.Module):
-    """A Linear whose input and weight pass through per-tensor FP8 Q/DQ (scales = amax / 448)."""
+class FP8Linear(nn.Linear):
+    """A Linear whose input and weight pass through per-tensor FP8 Q/DQ (scales = amax / 448).
 
-    def __init__(self, linear: nn.Linear, input_amax: float):
-        super().__init__()
-        self.linear = linear
-        weight_amax = linear.weight.detach().abs().max().float().item()
+    It shares the Linear's parameters, under the same names (`….to_q.weight`), so the checkpoint's tensors
+    and the exported initializers keep their names. `weight_amax` defaults to the weight's own."""
+
+    def __init__(self, linear: nn.Linear, input_amax: float, weight_amax: float | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        if weight_amax is None:
+            weight_amax = linear.weight.detach().abs().max().float().item()
         self.register_buffer("input_scale", torch.tensor(max(input_amax, 1e-12) / E4M3_MAX, dtype=torch.float32))
         self.register_buffer("weight_scale", torch.tensor(max(weight_amax, 1e-12) / E4M3_MAX, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = fp8_qdq(self.linear.weight, self.weight_scale)
-        return nn.functional.linear(fp8_qdq(x, self.input_scale), weight, self.linear.bias)
+        weight = fp8_qdq(self.weight, self.weight_scale)
+        return nn.functional.linear(fp8_qdq(x, self.input_scale), weight, self.bias)

@@ -18,9 +18,16 @@ from fluxexport.export.graph import replace_with_initializer
 from fluxexport.export.manifest import now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
 from fluxexport.models.adapters import TransformerWrapper
+from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
-from fluxexport.quantize.calibrate import KEEP_HIGH_PRECISION, CalibrationSettings, calibrate, fake_quantize
+from fluxexport.quantize.calibrate import (
+    KEEP_HIGH_PRECISION,
+    Calibration,
+    CalibrationSettings,
+    calibrate,
+    fake_quantize,
+)
 from fluxexport.quantize.fp8 import E4M3_MAX, TRANSLATIONS, quantize_e4m3
 from fluxexport.specs import ExportBounds, component_specs
 
@@ -42,27 +49,48 @@ def store_weights_in_fp8(model) -> str | None:
     initializer DequantizeLinear reads (TensorRT's explicit quantization takes pre-quantized weights), so the
     graph stores FP8 weights — a quarter of fp32, half of bf16 — and computes exactly what Q→DQ did.
 
-    The rounding is the fake quantizer's (x / scale in the weight's dtype, saturated to ±448, nearest-even
-    cast), which is also QuantizeLinear's with saturate=1."""
+    Lazily: each FP8 initializer reads its weight (itself lazy when the export streams) and quantizes it as
+    it is written. The rounding is the fake quantizer's (x / scale in the weight's dtype, saturated to ±448,
+    nearest-even cast), which is also QuantizeLinear's with saturate=1."""
     import onnx_ir as ir
 
     graph, stored = model.graph, 0
     for node in list(graph):
         if node.op_type != "QuantizeLinear" or not node.inputs[0].is_initializer():
             continue
-        weight, scale = (ir.convenience.get_const_tensor(value) for value in node.inputs[:2])
+        weight, scale = node.inputs[0].const_value, ir.convenience.get_const_tensor(node.inputs[1])
         if weight is None or scale is None:
             continue
-        values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])
-        quantized = quantize_e4m3(values, torch.from_numpy(scale.numpy().astype("float32")))
-        replace_with_initializer(graph, node, TorchTensor(quantized, node.outputs[0].name))
+        name, step = node.outputs[0].name, torch.from_numpy(scale.numpy().astype("float32"))
+
+        def quantized(weight=weight, step=step, name=name) -> TorchTensor:
+            values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])
+            return TorchTensor(quantize_e4m3(values, step), name)
+
+        lazy = ir.LazyTensor(quantized, dtype=ir.DataType.FLOAT8E4M3FN, shape=weight.shape, name=name)
+        replace_with_initializer(graph, node, lazy)
         stored += 1
     return f"{stored} weights stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
 
 
+def weights_amax(source: ModelSource, layers, dtype: torch.dtype) -> dict[str, float]:
+    """amax of each layer's weight in `dtype`, read tensor by tensor from the checkpoint (never the model)."""
+    tensors = CheckpointTensors(source, "transformer")
+    return {name: tensors.load(f"{name}.weight", dtype).abs().max().float().item() for name in layers}
+
+
+def in_dtype(amax: dict[str, float], dtype: torch.dtype) -> dict[str, float]:
+    """Float32 weight amax as the amax of the weights cast to `dtype` (rounding is monotonic, so the cast of
+    the max is the max of the casts)."""
+    return {name: torch.tensor(value).to(dtype).float().item() for name, value in amax.items()}
+
+
 def write_calibration(
-    out_dir: Path, source: ModelSource, settings: CalibrationSettings, amax: dict[str, float]
+    out_dir: Path, source: ModelSource, settings: CalibrationSettings, calibration: Calibration
 ) -> Path:
+    """`out_dir/calibration.json`: the scales, what they were measured on, and the checkpoint's fingerprint."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    amax = calibration.input_amax
     record = {
         "format": CALIBRATION_FORMAT,
         "model": {"name": source.name, "fingerprint": source.fingerprint()},
@@ -74,14 +102,16 @@ def write_calibration(
         "kept_high_precision": list(KEEP_HIGH_PRECISION),
         "input_amax": dict(sorted(amax.items())),
         "input_scale": {name: value / E4M3_MAX for name, value in sorted(amax.items())},
+        "weight_amax": dict(sorted(calibration.weight_amax.items())),  # float32, from the checkpoint
         "calibrated_at": now(),
     }
     return write_text_atomic(out_dir / CALIBRATION_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def read_calibration(path: Path, source: ModelSource) -> tuple[dict[str, float], dict]:
-    """(input amax per layer, the record) of an earlier `calibration.json`, refused unless it was made for
-    this checkpoint: scales of another model would quantize silently wrong."""
+def read_calibration(path: Path, source: ModelSource) -> tuple[Calibration, dict]:
+    """(the calibration, the record) of an earlier `calibration.json`, refused unless it was made for this
+    checkpoint: scales of another model would quantize silently wrong. Records without weight amax (older
+    ones) give an empty `weight_amax`: the export then reads the weights for it."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
@@ -97,7 +127,112 @@ def read_calibration(path: Path, source: ModelSource) -> tuple[dict[str, float],
             f"{path} was calibrated on {made_for.get('name', 'an unrecorded model')!r}, not on {source.name!r} "
             "(checkpoint fingerprints differ): calibrate again (drop --calibration)"
         )
-    return {name: float(value) for name, value in record["input_amax"].items()}, record
+    floats = lambda values: {name: float(value) for name, value in values.items()}  # noqa: E731
+    return Calibration(floats(record["input_amax"]), floats(record.get("weight_amax", {}))), record
+
+
+CALIBRATION_MODULES = ("transformer", "t5", "clip")
+
+
+def float32_bytes(source: ModelSource, modules=CALIBRATION_MODULES) -> int:
+    """Bytes of `modules` in float32, from their configs alone (parameters on meta: nothing is read)."""
+    from fluxexport.models.meta import module_from_config, parameters_on_meta
+
+    with parameters_on_meta():
+        models = [module_from_config(source, module) for module in modules]
+    return 4 * sum(p.numel() for model in models for p in model.parameters())
+
+
+def available_bytes(device: str | None) -> int:
+    """Memory free for a model on `device`: the GPU's free memory, or the host's MemAvailable."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.type == "cuda":
+        return torch.cuda.mem_get_info(target)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_sequential(source: ModelSource, device: str | None = None, headroom: float = 0.8) -> tuple[bool, str]:
+    """Whether calibration must hold one block at a time: when the float32 transformer, T5 and CLIP need more
+    than `headroom` of the free memory. Returns the choice and a line that says why."""
+    needed, free = float32_bytes(source), available_bytes(device)
+    sizes = f"the float32 model needs {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free"
+    if needed > headroom * free:
+        return True, f"calibrating one block at a time: {sizes}"
+    return False, f"calibrating the whole model: {sizes} (--sequential holds one block at a time)"
+
+
+def calibrate_transformer(
+    source: ModelSource,
+    settings: CalibrationSettings | None = None,
+    device: str | None = None,
+    sequential: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """Calibrate in float32 (the scales then do not depend on where calibration ran); `sequential` holds one
+    block at a time, read from the checkpoint."""
+    with TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend:
+        return calibrate(backend, source, settings or CalibrationSettings(), on_progress)
+
+
+def keep_calibration(out_dir: Path, calibration_file: Path) -> Path:
+    """The reused calibration file, copied into `out_dir` beside the graph it made (unless it is there)."""
+    if Path(calibration_file).resolve() == (Path(out_dir) / CALIBRATION_FILE).resolve():
+        return Path(out_dir) / CALIBRATION_FILE
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(Path(out_dir) / CALIBRATION_FILE, Path(calibration_file).read_text())
+
+
+def export_quantized(
+    source: ModelSource,
+    out_dir: Path,
+    calibration: Calibration,
+    calibration_path: Path,
+    base_dtype: str = "bf16",
+    opset: int = DEFAULT_OPSET,
+    bounds: ExportBounds | None = None,
+    external_data: bool | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Export `out_dir/transformer.onnx` as an FP8 Q/DQ graph with `calibration`'s scales; no model runs.
+
+    The graph keeps the transformer's contract; its non-quantized math is in `base_dtype` (bf16 for TensorRT,
+    fp32 to run it in ONNX Runtime on CPU). The export streams: the fake-quantized transformer is traced on
+    fake weights, then each weight is read, quantized to FP8 and written in turn."""
+    check_quantize_options(base_dtype, opset)
+    out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
+    amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
+    recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
+    weight_amax = in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
+    spec = component_specs(source, bounds)["transformer"]
+    exported = export_component(
+        source, spec, out_dir, base_dtype, opset, external_data, translations=TRANSLATIONS,
+        notes=[f"FP8 E4M3 per-tensor Q/DQ on {len(amax)} block Linear layers; kept in {base_dtype}: "
+               + ", ".join(KEEP_HIGH_PRECISION)],
+        graph_pass=store_weights_in_fp8, on_bytes=on_bytes,
+        prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
+    )  # fmt: skip
+    manifest = open_manifest(source, out_dir, base_dtype, bounds)
+    entry = manifest_entry(spec, exported, opset) | {
+        "dtype": "fp8",
+        "base_dtype": base_dtype,
+        "quantization": {"format": "fp8_e4m3", "layers": len(amax), "calibration": calibration_path.name},
+    }
+    manifest["components"]["transformer"] = entry
+    write_manifest(out_dir, manifest)
+    return entry
+
+
+def check_quantize_options(base_dtype: str, opset: int) -> None:
+    if base_dtype not in ("bf16", "fp32", "fp16"):
+        raise FluxExportError(f"unknown base dtype {base_dtype!r}: choose bf16, fp16 or fp32 (--dtype)")
+    if opset < MIN_QDQ_OPSET:
+        raise FluxExportError(f"FP8 Q/DQ needs opset ≥ {MIN_QDQ_OPSET}, got {opset} (--opset)")
 
 
 def quantize_transformer(
@@ -109,47 +244,17 @@ def quantize_transformer(
     bounds: ExportBounds | None = None,
     external_data: bool | None = None,
     calibration_device: str | None = None,
-    on_prompt: Callable[[int, int], None] | None = None,
     calibration_file: Path | None = None,
+    sequential: bool = False,
 ) -> dict:
-    """Calibrate on our runtime's trajectories, then export `out_dir/transformer.onnx` as an FP8 Q/DQ graph.
-
-    The graph keeps the transformer's contract; its non-quantized math is in `base_dtype` (bf16 for TensorRT,
-    fp32 to run it in ONNX Runtime on CPU). With `calibration_file` (an earlier `calibration.json` of the same
-    checkpoint) no model runs: its scales are reused."""
-    if base_dtype not in ("bf16", "fp32", "fp16"):
-        raise FluxExportError(f"unknown base dtype {base_dtype!r}: choose bf16, fp16 or fp32 (--dtype)")
-    if opset < MIN_QDQ_OPSET:
-        raise FluxExportError(f"FP8 Q/DQ needs opset ≥ {MIN_QDQ_OPSET}, got {opset} (--opset)")
+    """Calibrate (or reuse `calibration_file`, an earlier `calibration.json` of the same checkpoint: no model
+    runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer (`export_quantized`)."""
+    check_quantize_options(base_dtype, opset)
     settings = settings or CalibrationSettings()
-    out_dir = Path(out_dir)
-    bounds = bounds or ExportBounds.for_model(source)
     if calibration_file is not None:
-        amax, _ = read_calibration(calibration_file, source)
-    else:  # in float32: the scales then do not depend on where calibration ran
-        with TorchBackend(source, "fp32", calibration_device) as backend:
-            amax = calibrate(backend, source, settings, on_prompt)
-    module = fake_quantized_transformer(source, amax, base_dtype)
-    spec = component_specs(source, bounds)["transformer"]
-    quantized = sum(1 for _ in amax)
-    exported = export_component(
-        source, spec, out_dir, base_dtype, opset, external_data, module=module, translations=TRANSLATIONS,
-        notes=[f"FP8 E4M3 per-tensor Q/DQ on {quantized} block Linear layers; kept in {base_dtype}: "
-               + ", ".join(KEEP_HIGH_PRECISION)],
-        graph_pass=store_weights_in_fp8,
-    )  # fmt: skip
-    if calibration_file is not None and Path(calibration_file).resolve() == (out_dir / CALIBRATION_FILE).resolve():
-        calibration = out_dir / CALIBRATION_FILE  # reused in place: kept as it is
-    elif calibration_file is not None:
-        calibration = write_text_atomic(out_dir / CALIBRATION_FILE, Path(calibration_file).read_text())
+        calibration, _ = read_calibration(calibration_file, source)
+        path = keep_calibration(out_dir, calibration_file)
     else:
-        calibration = write_calibration(out_dir, source, settings, amax)
-    manifest = open_manifest(source, out_dir, base_dtype, bounds)
-    entry = manifest_entry(spec, exported, opset) | {
-        "dtype": "fp8",
-        "base_dtype": base_dtype,
-        "quantization": {"format": "fp8_e4m3", "layers": quantized, "calibration": calibration.name},
-    }
-    manifest["components"]["transformer"] = entry
-    write_manifest(out_dir, manifest)
-    return entry
+        calibration = calibrate_transformer(source, settings, calibration_device, sequential)
+        path = write_calibration(Path(out_dir), source, settings, calibration)
+    return export_quantized(source, out_dir, calibration, path, base_dtype, opset, bounds, external_data)

@@ -181,6 +181,23 @@ def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, height:
     return images_to_uint8(backend.component("vae_decoder")({"latent": scaled})["images"])
 
 
+def transformer_conditioning(
+    source: ModelSource, embeddings: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor, guidance_scale: float
+) -> dict[str, torch.Tensor]:
+    """Every transformer input but hidden_states and timestep, on the embeddings' device: the same each step."""
+    device = embeddings.device
+    conditioning = {
+        "encoder_hidden_states": embeddings,
+        "pooled_projections": pooled,
+        "img_ids": ids,
+        "txt_ids": text_ids(embeddings.shape[1]).to(device),
+    }
+    if source.guidance_embeds:
+        batch = embeddings.shape[0]
+        conditioning["guidance"] = torch.full((batch,), guidance_scale, dtype=torch.float32, device=device)
+    return conditioning
+
+
 def _stage_end(device: torch.device) -> float:
     """perf_counter at the end of a stage: on CUDA, after the queued work finished (once per stage)."""
     if device.type == "cuda":
@@ -213,14 +230,7 @@ def generate(
         noise(batch, source.latent_channels, resolved.height, resolved.width, resolved.seed, source.vae_scale_factor)
     ).to(device)
     sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler).to(device)
-    conditioning = {
-        "encoder_hidden_states": embeddings,
-        "pooled_projections": pooled,
-        "img_ids": ids,
-        "txt_ids": text_ids(embeddings.shape[1]).to(device),
-    }
-    if source.guidance_embeds:
-        conditioning["guidance"] = torch.full((batch,), resolved.guidance_scale, dtype=torch.float32, device=device)
+    conditioning = transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
 
     transformer = backend.component("transformer")
     tick = time.perf_counter()

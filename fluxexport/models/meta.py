@@ -1,0 +1,53 @@
+"""Modules built from their config alone: parameters on the meta device (no memory), buffers real."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from fluxexport.models.loaders import SUBFOLDERS
+from fluxexport.models.source import ModelSource
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation cost) and
+    keep their buffers real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        register(module, name, parameter)
+        if parameter is not None and parameter.device.type != "meta":
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def module_from_config(source: ModelSource, module: str, for_export: bool = True) -> nn.Module:
+    """The module ("clip", "t5", "transformer" or "vae") built from the checkpoint's config (weights are not read);
+    `for_export` gives T5 its traceable eager attention (else the library's default, as `load_t5`)."""
+    root = source.root
+    if module == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(str(root), subfolder="transformer")
+        )
+    if module == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(root), subfolder="vae"))
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    config = AutoConfig.from_pretrained(root / SUBFOLDERS[module])
+    if module == "t5":
+        if for_export:
+            config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)
+        return T5EncoderModel(config)
+    return CLIPTextModel(config)
