@@ -42,10 +42,24 @@ def max_relative(a: dict[str, float], b: dict[str, float]) -> float:
     return max(abs(a[name] - b[name]) / abs(b[name]) for name in a)
 
 
-@pytest.mark.parametrize("variant", ["tiny-dev", "tiny-schnell"])
+@pytest.fixture(scope="module")
+def bf16_checkpoint(sources, tmp_path_factory):
+    """tiny-dev with its transformer, T5 and CLIP stored in bf16, as published checkpoints are."""
+    folder = tmp_path_factory.mktemp("bf16") / "tiny-dev-bf16"
+    shutil.copytree(sources["tiny-dev"].root, folder)
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        for weights in (folder / part).glob("*.safetensors"):
+            state = load_file(str(weights))
+            save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    return load_folder(folder)
+
+
+@pytest.mark.parametrize("variant", ["tiny-dev", "tiny-schnell", "bf16-stored"])
 @pytest.mark.parametrize("component", ["transformer", "t5", "clip"])
-def test_streamed_modules_compute_what_loaded_ones_do(variant, component, sources):
-    source = sources[variant]
+def test_streamed_modules_compute_what_loaded_ones_do(variant, component, sources, bf16_checkpoint):
+    """Also from a bf16 checkpoint run in float32: the streamed module holds bf16 and upcasts per module,
+    the loaded one converted everything at load; the numbers are the same."""
+    source = bf16_checkpoint if variant == "bf16-stored" else sources[variant]
     module = {"transformer": "transformer", "t5": "t5", "clip": "clip"}[component]
     loaded = wrap_component(component, load_module(source, module), source.guidance_embeds, float32_rope=False)
     inner = streamed_module(source, module, torch.float32)
@@ -56,6 +70,8 @@ def test_streamed_modules_compute_what_loaded_ones_do(variant, component, source
         for ours, theirs in zip(outputs(streamed, feeds), outputs(loaded, feeds), strict=True):
             # a batch runs through a FLUX block one sample at a time: float32 noise, not a difference
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if variant == "bf16-stored":  # held as stored: half the memory of float32
+        assert {p.dtype for p in inner.parameters() if p.device.type != "meta"} == {torch.bfloat16}
     blocks = [name for name, p in inner.named_parameters() if p.device.type == "meta"]
     assert blocks, "the blocks hold no weights between runs"
     assert all(".block." in name or "blocks." in name or ".layers." in name for name in blocks)

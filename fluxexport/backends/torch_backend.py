@@ -53,6 +53,13 @@ class TorchBackend(LoadedComponents):
         super().close()
         self._modules.clear()
 
+    def release(self, *components: str) -> None:
+        """Drop `components` and their modules (the text encoders once prompts are encoded); they load
+        again if asked for."""
+        for name in components:
+            self._components.pop(name, None)
+            self._modules.pop(MODULE_OF[name], None)
+
     def _input(self, tensor: torch.Tensor, spec_dtype: str) -> torch.Tensor:
         """A feed in the dtype the adapter takes: the compute dtype, float32, or int32 ids."""
         return tensor.to(self.device, ELEMENT_TORCH[element_type(spec_dtype, self.precision)])

@@ -8,6 +8,11 @@ drops them right after, so the model's peak is the shell, one block and the acti
 With a batch, `per_sample` runs a FLUX block sample by sample (one block read serves the whole batch, and
 the activations are those of one sample): this is how calibration walks every prompt through block i before
 reading block i + 1, and how a 24 GB host calibrates a 24 GB transformer.
+
+A bf16 checkpoint run in float32 keeps its tensors in bf16 while they are held (the shells, FLUX's blocks)
+and each leaf module's parameters are upcast only while that module runs (`compute_in`): half the memory,
+the same numbers (bf16 → float32 is exact). T5's and CLIP's blocks are loaded in float32 instead: their
+modules read other modules' weight dtypes (T5's feed-forward casts its input to `wo.weight.dtype`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,40 @@ BLOCK_LISTS = {
     "clip": ("encoder.layers",),
     "vae": (),
 }
-# blocks whose forward takes keyword tensors with a leading batch axis (FLUX's double and single blocks)
+# blocks whose forward takes keyword tensors with a leading batch axis (FLUX's double and single blocks);
+# they also keep the checkpoint's narrower dtype while held (their modules only read their own weights)
 PER_SAMPLE_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is held in: as stored when that is a narrower float than `compute`."""
+    narrower = stored.is_floating_point and compute.is_floating_point and stored.itemsize < compute.itemsize
+    return stored if narrower else compute
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hooks that run every leaf module in `dtype` whatever its parameters are held in: an Embedding gathers
+    in its own dtype and casts the rows; any other module's parameters are upcast while it runs."""
+    for module in model.modules():
+        if not module._parameters:
+            continue
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(lambda _m, _args, output: output.to(dtype))
+            continue
+        held: dict[str, nn.Parameter] = {}
+
+        def upcast(module, _args, held=held):
+            for leaf, parameter in module._parameters.items():
+                if parameter is not None and parameter.dtype != dtype and parameter.is_floating_point():
+                    held[leaf] = parameter
+                    module._parameters[leaf] = nn.Parameter(parameter.to(dtype), requires_grad=False)
+
+        def restore(module, _args, _output, held=held):
+            module._parameters.update(held)
+            held.clear()
+
+        module.register_forward_pre_hook(upcast)
+        module.register_forward_hook(restore, always_call=True)
 
 
 def _set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -49,14 +86,16 @@ def _aliases(module: nn.Module) -> dict[int, list[str]]:
 
 def load_parameters(
     module: nn.Module, names: list[list[str]], tensors: CheckpointTensors, dtype: torch.dtype, device: torch.device,
-    prefix: str = "",
+    prefix: str = "", keep_narrower: bool = False,
 ) -> None:  # fmt: skip
-    """Give each parameter (listed with its aliases, relative to `module`) its checkpoint tensor."""
+    """Give each parameter (listed with its aliases, relative to `module`) its checkpoint tensor, in `dtype`
+    (or, with `keep_narrower`, in the checkpoint's own dtype when that is narrower)."""
     for aliases in names:
         key = next((prefix + alias for alias in aliases if prefix + alias in tensors), None)
         if key is None:
             raise_missing(tensors, prefix + aliases[0])
-        value = tensors.load(key, dtype).to(device)
+        value = tensors.load(key)
+        value = value.to(device, held_dtype(value.dtype, dtype) if keep_narrower else dtype)
         for alias in aliases:
             _set_parameter(module, alias, value)
 
@@ -101,27 +140,29 @@ def per_sample(forward: Callable) -> Callable:
 
 def stream_block(
     block: nn.Module, prefix: str, tensors: CheckpointTensors, dtype: torch.dtype, device: torch.device,
-    one_sample_at_a_time: bool,
+    flux_block: bool,
 ) -> None:  # fmt: skip
-    """Hooks that load `block`'s weights (checkpoint names under `prefix`) before it runs and free them after."""
+    """Hooks that load `block`'s weights (checkpoint names under `prefix`) before it runs and free them after;
+    a FLUX block (`flux_block`) runs one sample at a time and holds the checkpoint's narrower dtype."""
     names = list(_aliases(block).values())
 
     def load(_module, _args, _kwargs=None):
-        load_parameters(block, names, tensors, dtype, device, prefix)
+        load_parameters(block, names, tensors, dtype, device, prefix, keep_narrower=flux_block)
 
     def release(_module, _args, _kwargs, _output=None):
         release_parameters(block)
 
     block.register_forward_pre_hook(load, with_kwargs=True)
     block.register_forward_hook(release, with_kwargs=True, always_call=True)
-    if one_sample_at_a_time:
+    if flux_block:
         block.forward = per_sample(block.forward)  # type: ignore[method-assign]
 
 
 def streamed_module(
     source: ModelSource, module: str, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> nn.Module:
-    """`module` ("clip", "t5", "transformer", "vae") with its shell loaded and its blocks streamed, in eval mode."""
+    """`module` ("clip", "t5", "transformer", "vae") with its shell loaded and its blocks streamed, in eval mode,
+    computing in `dtype`."""
     device = torch.device(device)
     with parameters_on_meta():
         model = module_from_config(source, module, for_export=False)
@@ -133,12 +174,13 @@ def streamed_module(
     }
     in_blocks = {id(p) for block, _ in blocks.values() for p in block.parameters()}
     shell = [names for key, names in _aliases(model).items() if key not in in_blocks]
-    load_parameters(model, shell, tensors, dtype, device)
+    load_parameters(model, shell, tensors, dtype, device, keep_narrower=True)
     for buffer_owner in model.modules():
         for leaf, buffer in buffer_owner._buffers.items():
             if buffer is not None:
                 converted = buffer.to(device, dtype) if buffer.is_floating_point() else buffer.to(device)
                 buffer_owner._buffers[leaf] = converted
-    for prefix, (block, one_sample_at_a_time) in blocks.items():
-        stream_block(block, f"{prefix}.", tensors, dtype, device, one_sample_at_a_time)
+    for prefix, (block, flux_block) in blocks.items():
+        stream_block(block, f"{prefix}.", tensors, dtype, device, flux_block)
+    compute_in(model, dtype)
     return model.eval()

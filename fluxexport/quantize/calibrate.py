@@ -169,6 +169,7 @@ def calibrate(
     steps = [0]
     try:
         latents, sigmas, conditioning = calibration_inputs(backend, source, settings)
+        backend.release("clip", "t5")  # encoded once: their memory goes to the transformer
         total = (len(sigmas) - 1) * max(len(blocks), 1)
         if blocks and on_progress:
 
