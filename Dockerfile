@@ -11,7 +11,7 @@ COPY pyproject.toml README.md ./
 COPY fluxexport ./fluxexport
 COPY scripts ./scripts
 # The image's torch and tensorrt stay; onnxruntime-gpu runs exported graphs on CUDA too.
-RUN pip install --no-cache-dir -e ".[gpu]" && python -c "import tensorrt, fluxexport; print('TensorRT', tensorrt.__version__)"
+RUN pip install --no-cache-dir -e ".[gpu]" && python -c "import tensorrt, polygraphy, fluxexport; print('TensorRT', tensorrt.__version__, 'polygraphy', polygraphy.__version__)"
 
 WORKDIR /work
 ENTRYPOINT ["fluxexport"]

@@ -3,6 +3,8 @@ graph equality."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -81,3 +83,27 @@ def assert_same_graph(streamed_path, reference_path, same_names=True):
     if same_names:
         assert [(n.op_type, n.name) for n in streamed.graph] == [(n.op_type, n.name) for n in reference.graph]
         assert sorted(streamed.graph.initializers) == sorted(reference.graph.initializers)
+
+
+def sanitized_tensorrt_stubs(destination: Path) -> Path:
+    """A copy of tensorrt-stubs (TensorRT's Python API as .pyi, installed with --no-deps) that parses: the
+    generated stubs name parameters after Python keywords (`in`) and put a required `channel_axis` after
+    defaulted ones. Returns the folder to put on MYPYPATH."""
+    import ast
+    import importlib.util
+    import re
+    import shutil
+
+    found = importlib.util.find_spec("tensorrt_stubs")
+    if found is None or found.origin is None:
+        raise RuntimeError("tensorrt-stubs is not installed: pip install --no-deps tensorrt-stubs (README install)")
+    site = Path(found.origin).parent.parent
+    for package in ("tensorrt", "tensorrt_bindings"):
+        shutil.copytree(site / package, destination / package, dirs_exist_ok=True)
+    for stub in destination.rglob("*.pyi"):
+        text = stub.read_text()
+        text = re.sub(r"(?m)^(\s*def .*[(,]\s*)(in|from|is|lambda)(\s*:)", r"\1\2_\3", text)
+        text = text.replace("channel_axis: int) -> IScaleLayer", "channel_axis: int = ...) -> IScaleLayer")
+        ast.parse(text)  # fails loudly if a newer stubs release breaks differently
+        stub.write_text(text)
+    return destination

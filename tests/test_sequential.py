@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_same_graph
 from safetensors.torch import load_file, save_file
 
 from fluxexport.backends.torch_backend import TorchBackend
@@ -26,7 +27,6 @@ from fluxexport.quantize.qdq_export import (
     store_weights_in_fp8,
 )
 from fluxexport.specs import component_specs, sample_inputs
-from tests.helpers import assert_same_graph
 
 SETTINGS = CalibrationSettings(CALIBRATION_PROMPTS[:3], steps=2, height=128, width=160)
 

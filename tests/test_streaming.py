@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_graph
 from safetensors.torch import load_file, save_file
 
 from fluxexport.errors import FluxExportError
@@ -15,7 +16,6 @@ from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.source import load_folder, resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
 from fluxexport.specs import COMPONENTS, component_specs
-from tests.helpers import assert_same_graph
 
 
 @pytest.mark.slow

@@ -1,5 +1,11 @@
 """Everything around the TensorRT calls, on any machine: profiles, policy, naming, manifests, refusals."""
 
+import inspect
+import sys
+import types
+from pathlib import Path
+
+import onnx
 import pytest
 from click.testing import CliRunner
 from helpers import flux1_source
@@ -251,32 +257,40 @@ def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tm
     assert logged == []
 
 
-class _FakeTensorRT:
-    """The slice of TensorRT's documented Python API that build_engine uses, recording what it is asked.
-    It does not build anything: it runs our builder code end to end so that no line of it is unexecuted."""
+class _StandInTensorRT(types.ModuleType):
+    """The slice of TensorRT's documented Python API that polygraphy's CreateConfig drives for our build,
+    recording what it is asked. Nothing is built: it runs our builder and polygraphy's config code end to
+    end, so that every line of ours executes and every polygraphy call is checked against its signature."""
 
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 5
-
-    class BuilderFlag:
-        REFIT, WEIGHT_STREAMING = "REFIT", "WEIGHT_STREAMING"
+    __version__ = "10.13.0.35"
 
     class MemoryPoolType:
         WORKSPACE = "WORKSPACE"
 
-    class Logger:
-        WARNING = 2
+    class BuilderFlag:
+        REFIT, WEIGHT_STREAMING = "REFIT", "WEIGHT_STREAMING"
 
-        def __init__(self, severity):
-            self.severity = severity
+    def __init__(self, inputs: dict[str, tuple]):
+        super().__init__("tensorrt")
+        self.calls: list[tuple] = []
+        calls = self.calls
 
-    def __init__(self):
-        self.calls = []
-        fake = self
+        class Input:
+            def __init__(self, name, shape):
+                self.name, self.shape, self.dtype, self.is_shape_tensor = name, shape, "FLOAT", False
+
+        class Network:  # what the parser makes of the ONNX graph: its inputs, -1 for dynamic axes
+            num_inputs = len(inputs)
+
+            def get_input(self, index):
+                return Input(*list(inputs.items())[index])
+
+            def __iter__(self):
+                return iter(())
 
         class Profile:
             def set_shape(self, name, low, opt, high):
-                fake.calls.append(("set_shape", name, low, opt, high))
+                calls.append(("set_shape", name, tuple(low), tuple(opt), tuple(high)))
 
         class Cache:
             def serialize(self):
@@ -286,87 +300,123 @@ class _FakeTensorRT:
             builder_optimization_level = None
 
             def set_memory_pool_limit(self, pool, size):
-                fake.calls.append(("pool", pool, size))
+                calls.append(("pool", pool, size))
 
             def set_flag(self, flag):
-                fake.calls.append(("flag", flag))
+                calls.append(("flag", flag))
 
             def add_optimization_profile(self, profile):
-                fake.calls.append(("profile",))
+                calls.append(("profile",))
 
             def create_timing_cache(self, data):
-                fake.calls.append(("timing_cache_in", bytes(data)))
+                calls.append(("timing_cache_in", bytes(data)))
                 return Cache()
 
             def set_timing_cache(self, cache, ignore_mismatch):
-                fake.calls.append(("set_timing_cache", ignore_mismatch))
+                calls.append(("set_timing_cache", ignore_mismatch))
 
             def get_timing_cache(self):
                 return Cache()
 
         class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                fake.calls.append(("network_flags", flags))
-                return object()
-
             def create_builder_config(self):
-                fake.config = Config()
-                return fake.config
+                return Config()
 
             def create_optimization_profile(self):
                 return Profile()
 
             def build_serialized_network(self, network, config):
-                fake.calls.append(("build", config.builder_optimization_level))
+                calls.append(("build", config.builder_optimization_level))
                 return b"serialized-engine"
 
-        class OnnxParser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse_from_file(self, path):
-                fake.calls.append(("parse", path))
-                return True
-
-        self.Builder, self.OnnxParser = Builder, OnnxParser
+        self.Builder, self.Network = Builder, Network
 
 
-def test_build_engine_drives_the_tensorrt_api(monkeypatch, tmp_path, sources):
+def _bound(real):
+    """A stand-in for one of polygraphy's functions that first checks the call against the real signature."""
+    signature = inspect.signature(real)
+
+    def check(*args, **kwargs):
+        return signature.bind(*args, **kwargs).arguments
+
+    return check
+
+
+def test_build_engine_drives_tensorrt_through_polygraphy(monkeypatch, tmp_path, sources, exports):
+    import polygraphy.backend.trt as polygraphy_trt
+
     import fluxexport.tensorrt.builder as builder
 
-    fake = _FakeTensorRT()
-    monkeypatch.setattr(builder, "import_tensorrt", lambda: fake)
-    clock = iter([10.0, 12.5])  # perf_counter before and after build_serialized_network
+    graph = onnx.load(str(exports["tiny-dev"] / "transformer.onnx"), load_external_data=False)
+    inputs = {i.name: tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim) for i in graph.graph.input}
+    trt = _StandInTensorRT(inputs)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    parse, build = _bound(polygraphy_trt.NetworkFromOnnxPath), _bound(polygraphy_trt.EngineBytesFromNetwork)
+
+    class NetworkFromOnnxPath:
+        def __init__(self, *args, **kwargs):
+            self.arguments = parse(*args, **kwargs)
+
+        def __call__(self):
+            trt.calls.append(("parse", self.arguments["path"], self.arguments["strongly_typed"]))
+            return trt.Builder(), trt.Network(), object()
+
+    class EngineBytesFromNetwork:
+        def __init__(self, *args, **kwargs):
+            self.arguments = build(*args, **kwargs)
+
+        def __call__(self):
+            network_builder, network, _ = self.arguments["network"]
+            config = self.arguments["config"](network_builder, network)  # polygraphy's own CreateConfig, for real
+            serialized = network_builder.build_serialized_network(network, config)
+            Path(self.arguments["save_timing_cache"]).write_bytes(config.get_timing_cache().serialize())
+            return serialized
+
+    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", NetworkFromOnnxPath)
+    monkeypatch.setattr(polygraphy_trt, "EngineBytesFromNetwork", EngineBytesFromNetwork)
+    clock = iter([10.0, 12.5])  # perf_counter before and after the build
     monkeypatch.setattr(builder.time, "perf_counter", lambda: next(clock))
     spec = component_specs(sources["tiny-dev"])["transformer"]
     options = BuildOptions("bf16", ExportBounds.for_model(sources["tiny-dev"]), resolution_buckets=2, refittable=True,
                            weight_streaming=True, workspace_gib=1.5)  # fmt: skip
     built = build_profiles(sources["tiny-dev"], "transformer", options.profile_bounds())
     (tmp_path / "timing.cache").write_bytes(b"old")
-    seconds = builder.build_engine(
-        tmp_path / "transformer.onnx", tmp_path / "t.plan", built, options, tmp_path / "timing.cache"
-    )
+    onnx_path = exports["tiny-dev"] / "transformer.onnx"
+    seconds = builder.build_engine(onnx_path, tmp_path / "t.plan", built, options, tmp_path / "timing.cache")
     assert seconds == 2.5  # the build call's own time, not parsing or writing
     assert (tmp_path / "t.plan").read_bytes() == b"serialized-engine"
     assert (tmp_path / "timing.cache").read_bytes() == b"timing"  # persisted for the next build
-    calls = fake.calls
-    assert ("network_flags", 1 << 5) in calls  # strongly typed
+    calls = trt.calls
+    assert calls[0] == ("parse", str(onnx_path), True)  # strongly typed, external data found beside it
     assert ("timing_cache_in", b"old") in calls and ("set_timing_cache", False) in calls
     assert ("flag", "REFIT") in calls and ("flag", "WEIGHT_STREAMING") in calls
     assert ("pool", "WORKSPACE", int(1.5 * 2**30)) in calls
     assert calls.count(("profile",)) == 2
     shapes = [c for c in calls if c[0] == "set_shape"]
-    assert len(shapes) == 2 * len(spec.inputs)
+    assert len(shapes) == 2 * len(spec.inputs) and {c[1] for c in shapes} == set(inputs)
     # buckets 64–544 px and 544–1024 px: N = (side/16)² tokens, tied between hidden_states and img_ids
     assert [c for c in shapes if c[1] == "img_ids"] == [
         ("set_shape", "img_ids", (16, 3), (256, 3), (1156, 3)),
         ("set_shape", "img_ids", (1156, 3), (1156, 3), (4096, 3)),
     ]
     assert ("build", 3) in calls
-    assert not list(tmp_path.glob(".*.tmp"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_profile_naming_an_input_the_graph_lacks_is_refused(monkeypatch, tmp_path, sources):
+    """polygraphy checks our profiles against the parsed network's inputs; its error becomes our one line."""
+    import polygraphy.backend.trt as polygraphy_trt
+
+    import fluxexport.tensorrt.builder as builder
+
+    trt = _StandInTensorRT({"hidden_states": (-1, -1, 64)})
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath",
+                        lambda path, **_: lambda: (trt.Builder(), trt.Network(), object()))  # fmt: skip
+    monkeypatch.setattr(polygraphy_trt, "EngineBytesFromNetwork",
+                        lambda network, config, **_: lambda: config(*network[:2]))  # fmt: skip
+    options = BuildOptions("bf16", ExportBounds.for_model(sources["tiny-dev"]))
+    built = build_profiles(sources["tiny-dev"], "transformer", options.profile_bounds())
+    with pytest.raises(FluxExportError, match=r"^TensorRT failed to build transformer\.onnx: Invalid inputs"):
+        builder.build_engine(tmp_path / "transformer.onnx", tmp_path / "t.plan", built, options, tmp_path / "c")
+    assert not (tmp_path / "t.plan").exists()

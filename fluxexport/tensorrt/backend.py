@@ -4,6 +4,7 @@ preallocated per shape, one stream, and CUDA graphs replayed for the transformer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,31 +13,38 @@ from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
-from fluxexport.tensorrt.environment import current_gpu, import_tensorrt
+from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_tensorrt_version, tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile
 
+if TYPE_CHECKING:  # typed by tensorrt-stubs (TensorRT 10.13's API): tests/test_typing.py
+    import tensorrt as trt
 
-def _torch_dtype(dtype) -> torch.dtype:
+RUNTIME_CONFIG_VERSION = (11,)  # contexts get their allocation strategy from an IRuntimeConfig
+
+
+def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     """A trt.DataType as torch's dtype (by member name: FLOAT, HALF, BF16, INT32, …)."""
     return ELEMENT_TORCH[TENSORRT_ELEMENT[dtype.name]]
 
 
-def _create_context(trt, engine):
-    """A context without its own device memory (TensorRT 10: a strategy argument; 11: a runtime config)."""
+def _create_context(engine: trt.ICudaEngine) -> trt.IExecutionContext:
+    """A context without its own device memory: from TensorRT 11 through an IRuntimeConfig, before it with
+    the strategy argument (both are in the 10.13 API)."""
+    import tensorrt as trt
+
     strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-    if hasattr(engine, "create_runtime_config"):
+    if tensorrt_version(trt) >= RUNTIME_CONFIG_VERSION:
         config = engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(strategy)
         return engine.create_execution_context(config)
     return engine.create_execution_context(strategy)
 
 
-def _device_memory_size(engine) -> int:
-    """Scratch memory the largest profile needs (the _v2 queries exist from TensorRT 10.1)."""
-    per_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
-    if per_profile is not None and engine.num_optimization_profiles:
-        return max(per_profile(i) for i in range(engine.num_optimization_profiles))
-    return getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
+def _device_memory_size(engine: trt.ICudaEngine) -> int:
+    """Scratch memory the largest profile needs, weight-streaming scratch included (the _v2 queries)."""
+    if engine.num_optimization_profiles:
+        return max(engine.get_device_memory_size_for_profile_v2(i) for i in range(engine.num_optimization_profiles))
+    return engine.device_memory_size_v2
 
 
 class _EngineRunner:
@@ -46,9 +54,11 @@ class _EngineRunner:
     captures the execution into a CUDA graph, every later one replays it: per step, only the input copies
     and one graph launch reach the GPU."""
 
-    def __init__(self, trt, engine, name: str, entry: dict, stream: torch.cuda.Stream, use_cuda_graphs: bool):
-        self.trt, self.engine, self.name, self.stream = trt, engine, name, stream
-        self.context = _create_context(trt, engine)
+    def __init__(
+        self, engine: trt.ICudaEngine, name: str, entry: dict, stream: torch.cuda.Stream, use_cuda_graphs: bool
+    ):
+        self.engine, self.name, self.stream = engine, name, stream
+        self.context = _create_context(engine)
         self.profiles = profiles_from_json(entry["profiles"])
         self.inputs = [t["name"] for t in entry["inputs"]]
         self.outputs = [t["name"] for t in entry["outputs"]]
@@ -60,10 +70,7 @@ class _EngineRunner:
         self.calls: dict[tuple, int] = {}
 
     def bind_memory(self, block: torch.Tensor) -> None:
-        if hasattr(self.context, "set_device_memory"):  # TensorRT ≥ 10.1
-            self.context.set_device_memory(block.data_ptr(), block.numel())
-        else:
-            self.context.device_memory = block.data_ptr()
+        self.context.set_device_memory(block.data_ptr(), block.numel())
         # captured graphs point into the previous block: capture again on the new one
         self.graphs.clear()
         self.calls.clear()
@@ -79,7 +86,8 @@ class _EngineRunner:
         if key not in self.buffers:
             buffers = {n: torch.empty(s, dtype=self.dtypes[n], device="cuda") for n, s in shapes.items()}
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                dims = self.context.get_tensor_shape(name)  # trt.Dims: indexable, not iterable by its stubs
+                shape = tuple(dims[axis] for axis in range(len(dims)))
                 buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
             self.buffers[key] = buffers
         for name, tensor in self.buffers[key].items():
@@ -122,10 +130,13 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, source: ModelSource, engines: Path, cuda_graphs: bool = True, low_vram: bool = False):
-        self.trt = import_tensorrt()
+        import_tensorrt()
+        import tensorrt as trt
+
+        require_tensorrt_version(trt)
         self.source, self.engines = source, Path(engines)
         self.manifest = read_engine_manifest(self.engines)
-        check_engine_set(self.manifest, self.trt.__version__, current_gpu(), self.engines)
+        check_engine_set(self.manifest, trt.__version__, current_gpu(), self.engines)
         if self.manifest["model"]["fingerprint"] != source.fingerprint():
             raise FluxExportError(
                 f"the engines in {self.engines} were built from {self.manifest['model']['name']!r}, not from "
@@ -135,7 +146,7 @@ class TensorRTBackend:
         self.stream = torch.cuda.Stream()
         self.cuda_graphs = cuda_graphs
         self.low_vram = low_vram  # keep one engine in memory at a time
-        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.runners: dict[str, _EngineRunner] = {}
         self.shared_memory: torch.Tensor | None = None
 
@@ -148,7 +159,7 @@ class TensorRTBackend:
             raise FluxExportError(f"TensorRT cannot deserialize {entries[name]['file']}: rebuild it")
         # CUDA graphs pay off for the transformer, called once per step with the same shapes.
         graphs = self.cuda_graphs and name == "transformer"
-        return _EngineRunner(self.trt, engine, name, entries[name], self.stream, graphs)
+        return _EngineRunner(engine, name, entries[name], self.stream, graphs)
 
     def _share_memory(self, runner: _EngineRunner) -> None:
         """One device block, as large as the largest engine needs, backs every context: they run in turn

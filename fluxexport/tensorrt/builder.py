@@ -1,4 +1,8 @@
-"""Build TensorRT engines from exported graphs with TensorRT's Python API (10.x and 11.x)."""
+"""Build TensorRT engines from exported graphs through polygraphy's TensorRT loaders (TensorRT 10.x and 11.x).
+
+What is polygraphy's: parsing the ONNX file, the builder config (profiles, optimization level, refit, weight
+streaming, workspace, timing cache), building. What is ours: the profiles (from the component specs), the
+precision policy, which graphs to build, naming, and the manifest."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from fluxexport.export.manifest import file_sha256, now, read_manifest, write_ma
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ExportBounds, pipeline_components
 from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
-from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8
+from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8, require_tensorrt_version
 from fluxexport.tensorrt.precision import graph_dtypes, graph_problems, prepare_graphs
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
@@ -54,46 +58,56 @@ def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
     return list(pipeline_components(source))
 
 
-def _network_flags(trt) -> int:
-    # Strongly typed: precision comes from the graph (bf16 / Q/DQ FP8), as NVIDIA's demo builds FLUX.
-    # TensorRT 11 is always strongly typed and keeps the flag only for compatibility.
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)
+POLYGRAPHY_HELP = "pip install polygraphy (in the tensorrt and gpu extras, and in the Dockerfile's image)"
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOptions, timing_cache: Path):
-    """Parse `onnx_path`, add `profiles`, build, and write `engine_path` atomically; returns build seconds."""
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # external data is found beside the graph
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise FluxExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.builder_optimization_level = options.optimization_level
-    if options.workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
-    if options.refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    if options.weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+def polygraphy_profiles(profiles) -> list:
+    """Our profiles (computed from the component specs) as polygraphy `Profile`s, input by input."""
+    from polygraphy.backend.trt import Profile
+
+    converted = []
     for profile in profiles:
-        optimization_profile = builder.create_optimization_profile()
+        polygraphy_profile = Profile()
         for name, (low, opt, high) in profile.shapes.items():
-            optimization_profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(optimization_profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise FluxExportError(f"TensorRT failed to build {onnx_path.name} (see its log above)")
-    seconds = time.perf_counter() - start
+            polygraphy_profile.add(name, min=low, opt=opt, max=high)
+        converted.append(polygraphy_profile)
+    return converted
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOptions, timing_cache: Path) -> float:
+    """Parse `onnx_path` (its external data beside it), build with `profiles`, write `engine_path` atomically;
+    returns the build's seconds. TensorRT is driven through polygraphy's loaders, which carry the API
+    differences between TensorRT releases; the timing cache is loaded, merged and saved by polygraphy
+    (under its file lock, so parallel builds can share it)."""
+    import_tensorrt()
+    import tensorrt as trt
+
+    try:
+        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+        from polygraphy.exception import PolygraphyException
+    except ImportError:
+        raise FluxExportError(f"polygraphy is not installed: {POLYGRAPHY_HELP}") from None
+
+    limits = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gib * 2**30)} if options.workspace_gib else None
+    try:
+        # strongly typed: precision comes from the graph (bf16, or Q/DQ FP8), as NVIDIA's demo builds FLUX;
+        # TensorRT 11 is always strongly typed and keeps the flag for compatibility
+        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()  # (builder, network, parser)
+        config = CreateConfig(
+            profiles=polygraphy_profiles(profiles),
+            builder_optimization_level=options.optimization_level,
+            refittable=options.refittable,
+            weight_streaming=options.weight_streaming,
+            memory_pool_limits=limits,
+            load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+        )
+        start = time.perf_counter()
+        serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
+        seconds = time.perf_counter() - start
+    except PolygraphyException as error:  # polygraphy reports TensorRT's parser and builder errors this way
+        first = next((line for line in str(error).splitlines() if line.strip()), "see the log above")
+        raise FluxExportError(f"TensorRT failed to build {onnx_path.name}: {first}") from None
     write_bytes_atomic(engine_path, memoryview(serialized))
-    write_bytes_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return seconds
 
 
@@ -110,7 +124,10 @@ def build_engines(
     """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest.
 
     With `prepare`, graphs of the wrong dtype or missing are exported / quantized first (`prepare_graphs`)."""
-    trt = import_tensorrt()
+    import_tensorrt()
+    import tensorrt as trt
+
+    require_tensorrt_version(trt)
     gpu = current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)

@@ -24,9 +24,11 @@ def profiles_to_json(profiles: list[Profile]) -> list[dict[str, list[list[int]]]
 
 
 def profiles_from_json(data: list[dict[str, list[list[int]]]]) -> list[Profile]:
-    return [
-        Profile({name: tuple(tuple(shape) for shape in triple) for name, triple in entry.items()}) for entry in data
-    ]
+    def triple(shapes: list[list[int]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        low, opt, high = (tuple(shape) for shape in shapes)
+        return low, opt, high
+
+    return [Profile({name: triple(shapes) for name, shapes in entry.items()}) for entry in data]
 
 
 def engine_manifest(model: dict, tensorrt_version: str, gpu: Gpu, precision: str, options: dict) -> dict[str, Any]:

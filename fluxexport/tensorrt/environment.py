@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 from fluxexport.errors import FluxExportError
 
@@ -13,15 +14,36 @@ TENSORRT_HELP = (
 )
 
 
-def import_tensorrt():
-    """The tensorrt module, or a one-line error that says how to get it."""
+def import_tensorrt() -> ModuleType:
+    """The tensorrt module, or a one-line error that says how to get it. Typed code calls it to refuse
+    clearly, then imports `tensorrt` itself, which tensorrt-stubs types (tests/test_typing.py).
+
+    A `tensorrt` folder with only type stubs (what `pip install tensorrt-stubs` leaves) imports as an empty
+    namespace package: that is not TensorRT either."""
     try:
         import tensorrt
     except ImportError:
         raise FluxExportError(f"TensorRT is not installed: {TENSORRT_HELP}") from None
     except OSError as error:  # the bindings are there, NVIDIA's libraries are not
         raise FluxExportError(f"TensorRT's libraries cannot be loaded ({error}): {TENSORRT_HELP}") from None
+    if not isinstance(getattr(tensorrt, "__version__", None), str):
+        raise FluxExportError(f"TensorRT is not installed (only its type stubs are): {TENSORRT_HELP}")
     return tensorrt
+
+
+def tensorrt_version(trt: ModuleType) -> tuple[int, ...]:
+    """TensorRT's version as numbers, e.g. (10, 13, 0, 35), for the guards of newer calls."""
+    return tuple(int(part) for part in trt.__version__.split(".") if part.isdigit())
+
+
+MIN_TENSORRT = (10, 1)  # the _v2 device-memory queries, set_device_memory, execute_async_v3 by name
+
+
+def require_tensorrt_version(trt: ModuleType) -> None:
+    if tensorrt_version(trt)[:2] < MIN_TENSORRT:
+        raise FluxExportError(
+            f"TensorRT {trt.__version__} is too old: fluxexport needs 10.1 or newer (use a newer NGC image)"
+        )
 
 
 def tensorrt_available() -> bool:
