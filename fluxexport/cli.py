@@ -84,6 +84,17 @@ def _check_output(output: Path, count: int) -> list[Path]:
     return paths
 
 
+fp8_option = click.option(
+    "--fp8/--no-fp8", default=None,
+    help="onnxruntime: run quantize's FP8 transformer, or the base one (default: the FP8 one if the folder has it).",
+)  # fmt: skip
+
+
+def _say_transformer(engine) -> None:
+    if getattr(engine, "transformer_graph", None):
+        console.print(f"transformer: {engine.transformer_graph}")
+
+
 @main.command()
 @model_options
 @click.option("--prompt", required=True, help="Text to draw (CLIP; also T5 unless --prompt-2).")
@@ -109,12 +120,13 @@ def _check_output(output: Path, count: int) -> list[Path]:
     "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
 )
 @click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")
+@fp8_option
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
-    image_path, keep_reference_size, backend, engines, low_vram, dtype, device, output,
+    image_path, keep_reference_size, backend, engines, low_vram, fp8, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
@@ -138,7 +150,10 @@ def run(
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram)
+    engine = create_backend(
+        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8
+    )
+    _say_transformer(engine)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         result = generate(engine, source, request, on_step=advance)
     for message in result.warnings:
@@ -253,30 +268,46 @@ def check(folder: Path, tensorrt: str | None) -> None:
 
 @main.command()
 @model_options
-@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Folder of exported graphs.")
+@click.option("--engines", type=click.Path(path_type=Path), required=True,
+              help="Folder of exported graphs, or of TensorRT engines (fluxexport build).")  # fmt: skip
 @click.option("--components", help="Comma-separated subset to compare (default: every graph in --engines).")
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the end-to-end comparison.")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: ENGINES/validation.json).")
 @click.option("--max-rel-l2", type=float, help="Fail above this rel-L2 (default per dtype: fp32 1e-5).")
 @click.option("--min-psnr", type=float, help="Fail below this image PSNR in dB (default per dtype: fp32 50).")
-def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr) -> None:
-    """Compare exported graphs with PyTorch per component and end to end; non-zero exit past thresholds."""
+@fp8_option
+def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8) -> None:
+    """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
+    with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
+    from fluxexport.export.manifest import read_manifest
     from fluxexport.models.source import resolve_model
     from fluxexport.validate import validate_folder
 
     source = resolve_model(model, base_model)
     names = _components(components) if components else None
+    is_engines = read_manifest(engines).get("kind") == "tensorrt"
     with step_progress(f"validate {engines}", 1) as advance:
-        result, dtype = validate_folder(source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance)
+        if is_engines:
+            from fluxexport.tensorrt.validate_engines import validate_engines
+
+            if fp8 is not None:
+                raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
+            result, dtype = validate_engines(source, engines, names, steps, max_rel_l2, min_psnr, advance)
+        else:
+            result, dtype = validate_folder(
+                source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance, fp8=fp8
+            )
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
+         "ONNX Runtime" if c.against == "onnxruntime" else f"PyTorch {dtype}",
          f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.cosine:.6f}", "ok" if c.passed else "[red]FAIL[/red]"]
         for c in result.components
     ]  # fmt: skip
+    what = "engines" if is_engines else "graphs"
     console.print(
         table(
-            f"{result.dtype} graphs vs PyTorch {dtype}",
-            ["component", "output", "shape", "max abs", "rel-L2", "cosine", ""],
+            f"{result.dtype} {what}",
+            ["component", "output", "shape", "against", "max abs", "rel-L2", "cosine", ""],
             rows,
         )
     )
@@ -459,8 +490,9 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results here.")
+@fp8_option
 def bench(
-    model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path
+    model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path, fp8
 ) -> None:
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
     import json
@@ -475,7 +507,8 @@ def bench(
     source = resolve_model(model, base_model)
     request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
                                 num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines)
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, fp8=fp8)
+    _say_transformer(engine)
     with step_progress(f"bench {backend}", warmup + repeats) as advance:
         result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance)
     rows = [[stage, f"{ms:.2f}"] for stage, ms in result["median_ms"].items()]
@@ -497,13 +530,14 @@ def bench(
 @click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,
               help="Where python-backend models run (TensorRT plans always run on the GPU).")  # fmt: skip
 @click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
-def triton(model, base_model, engines, out, instance_kind, pipeline_instances) -> None:
+@fp8_option
+def triton(model, base_model, engines, out, instance_kind, pipeline_instances, fp8) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
     from fluxexport.models.source import resolve_model
     from fluxexport.triton.repository import write_repository
 
     source = resolve_model(model, base_model)
-    folder = write_repository(source, engines, out, instance_kind, pipeline_instances)
+    folder = write_repository(source, engines, out, instance_kind, pipeline_instances, fp8)
     console.print(
         f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"
     )

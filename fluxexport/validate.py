@@ -29,6 +29,7 @@ class Comparison:
     rel_l2: float
     cosine: float
     passed: bool
+    against: str = "pytorch"  # or "onnxruntime": a TensorRT engine against the graph it was built from
 
 
 @dataclass
@@ -115,6 +116,7 @@ def validate(
     max_rel_l2: float | None = None,
     min_psnr: float | None = None,
     on_progress: Callable[[str], None] | None = None,
+    thresholds: dict[str, tuple[float, float]] = THRESHOLDS,
 ) -> ValidationReport:
     """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images.
 
@@ -123,13 +125,13 @@ def validate(
     from fluxexport.runtime.pipeline import GenerationRequest, generate
 
     if min_psnr is None:
-        min_psnr = min(THRESHOLDS[dtype][1] for dtype in dtypes.values())
+        min_psnr = min(thresholds[dtype][1] for dtype in dtypes.values())
     report = ValidationReport(source.name, engines, "+".join(sorted(set(dtypes.values()))))
     specs = component_specs(source)
     for name, dtype in dtypes.items():
         if on_progress:
             on_progress(name)
-        limit = THRESHOLDS[dtype][0] if max_rel_l2 is None else max_rel_l2
+        limit = thresholds[dtype][0] if max_rel_l2 is None else max_rel_l2
         report.components += compare_component(specs[name], candidate.component(name), reference.component(name), limit)
     for height, width in validation_resolutions(source):
         if on_progress:
@@ -160,15 +162,17 @@ def validate_folder(
     max_rel_l2: float | None = None,
     min_psnr: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    fp8: bool | None = None,
 ) -> tuple[ValidationReport, str]:
     """Validate the graphs of `engines` (all, or `components`) against PyTorch: (report, reference dtype).
-    `on_progress(done, total)` is called as each component and image comparison starts."""
+    `on_progress(done, total)` is called as each component and image comparison starts; `fp8` picks the
+    transformer graph as the ONNX Runtime backend does (the FP8 one when the folder has it)."""
     from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.backends.torch_backend import TorchBackend
     from fluxexport.errors import FluxExportError
 
-    with OnnxRuntimeBackend(source, engines, upcast_bf16=True) as candidate:
-        entries = candidate.manifest["components"]
+    with OnnxRuntimeBackend(source, engines, upcast_bf16=True, fp8=fp8) as candidate:
+        entries = candidate.entries
         names = components or list(entries)
         missing = [name for name in names if name not in entries]
         if missing:

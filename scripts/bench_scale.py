@@ -76,7 +76,9 @@ def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int, 
         for name in names:
             shape = shapes[name][0]
             scale = 1.0 if "norm" in name else 0.02  # norms near 1, weights small
-            tensors[prefix + name] = (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(torch.bfloat16)
+            tensors[prefix + name] = (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(
+                torch.bfloat16
+            )
         save_file(tensors, str(folder / file))
         total += sum(t.numel() * 2 for t in tensors.values())
         weight_map |= dict.fromkeys((prefix + name for name in names), file)
@@ -140,6 +142,12 @@ settings = CalibrationSettings(CALIBRATION_PROMPTS[:1], steps=1, height=256, wid
 calibration = calibrate_transformer(source, settings, "cpu", sequential=sys.argv[4] == "sequential")
 write_calibration(out, source, settings, calibration)
 """,
+    "quantize": """
+from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+from fluxexport.quantize.qdq_export import quantize_transformer
+settings = CalibrationSettings(CALIBRATION_PROMPTS[:1], steps=1, height=256, width=256)
+quantize_transformer(source, out, settings, "bf16", external_data=True, sequential=True)
+""",
     "fp8": """
 from fluxexport.quantize.qdq_export import export_quantized, read_calibration
 calibration, _ = read_calibration(out / "calibration.json", source)
@@ -158,7 +166,9 @@ def measure(root: Path, step: str, component: str, mode: str, out: Path) -> tupl
     )
     if run.returncode != 0:
         raise SystemExit(f"{step} of {component} ({mode}) failed:\n{run.stderr[-2000:]}")
-    values = {line.split()[0]: int(line.split()[1]) for line in run.stdout.splitlines() if line[:5] in ("PEAK ", "BYTES")}
+    values = {
+        line.split()[0]: int(line.split()[1]) for line in run.stdout.splitlines() if line[:5] in ("PEAK ", "BYTES")
+    }
     return time.perf_counter() - start, values["PEAK"], values.get("BYTES")
 
 
@@ -168,7 +178,12 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2)
     parser.add_argument("--t5-layers", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="FLUX.1-dev's depth: 19 + 38 blocks, 24 T5 layers.")
-    parser.add_argument("--skip-memory", action="store_true", help="Skip the in-memory export (it needs ~6× RAM).")
+    parser.add_argument(
+        "--skip-memory",
+        action="store_true",
+        help="Only the streamed / sequential steps: skip "
+        "the in-memory export and whole-model calibration (they need several times the model in RAM).",
+    )
     parser.add_argument("--work", type=Path, help="Folder for the checkpoint and graphs (default: a temp folder).")
     args = parser.parse_args()
     if args.full:
@@ -200,6 +215,9 @@ def main() -> None:
         record("calibrate", "transformer", mode, fp8, f"calibrate ({mode}; 1 prompt, 1 step, 256²)")
     record("fp8", "transformer", "stream", fp8, "FP8 export (bf16 base, from calibration.json)")
     shutil.rmtree(fp8, ignore_errors=True)
+    if not args.skip_memory:  # what `fluxexport quantize --sequential` does, both steps in one process
+        record("quantize", "transformer", "sequential", fp8, "quantize --sequential (one process)")
+        shutil.rmtree(fp8, ignore_errors=True)
 
     shape = f"{args.double} double + {args.single} single blocks at 3072, T5 {args.t5_layers} layers at 4096"
     print(f"\n{shape}, {os.cpu_count()} cores ({time.strftime('%Y-%m-%d')})\n")

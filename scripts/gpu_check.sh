@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU host with TensorRT (e.g. inside the Dockerfile's image): export the tiny models, build BF16 and
-# FP8 engines, validate the graphs, benchmark torch / TensorRT, and print one summary table.
+# FP8 engines from one graph folder, validate graphs and engines, benchmark torch / TensorRT, and print one summary table.
 #   bash scripts/gpu_check.sh [WORKDIR]
 set -euo pipefail
 work=${1:-engines/gpu-check}
@@ -27,20 +27,23 @@ print(f"TensorRT {tensorrt.__version__} · {torch.cuda.get_device_name()} · "
 PY
 
 for model in tiny-schnell tiny-dev tiny-kontext; do
-  # two graph sets: all bf16, and bf16 with the calibrated FP8 Q/DQ transformer
-  fluxexport export --model "$model" --dtype bf16 --out "$work/$model/onnx-bf16"
-  fluxexport export --model "$model" --dtype bf16 --out "$work/$model/onnx-fp8"
-  fluxexport quantize --model "$model" --out "$work/$model/onnx-fp8" --calib-size 8
+  # one graph folder: bf16 graphs, and quantize's FP8 transformer beside the bf16 one
+  onnx="$work/$model/onnx"
+  fluxexport export --model "$model" --dtype bf16 --out "$onnx"
+  fluxexport quantize --model "$model" --out "$onnx" --calib-size 8
   record "$model" "export bf16 + quantize fp8" ok
-  fluxexport validate --model "$model" --engines "$work/$model/onnx-fp8" --report "$work/$model/validation.json" \
+  fluxexport validate --model "$model" --engines "$onnx" --report "$work/$model/validation.json" \
     && record "$model" "validate graphs (ORT vs torch)" pass || record "$model" "validate graphs (ORT vs torch)" FAIL
   fluxexport run --model "$model" --backend torch --dtype bf16 --prompt "a red fox" --output "$work/$model/torch.png"
   fluxexport bench --model "$model" --backend torch --dtype bf16 --json "$work/$model/bench-torch.json"
   record "$model" "torch bf16 total (ms)" "$(median_total "$work/$model/bench-torch.json")"
   for precision in bf16 fp8; do
     engines="$work/$model/trt-$precision"
-    fluxexport build --model "$model" --precision "$precision" --onnx "$work/$model/onnx-$precision" --out "$engines" \
+    fluxexport build --model "$model" --precision "$precision" --onnx "$onnx" --out "$engines" \
       --min-resolution 64 --opt-resolution 256 --max-resolution 1024
+    fluxexport validate --model "$model" --engines "$engines" --report "$engines/validation.json" \
+      && record "$model" "validate TensorRT $precision (vs ORT and torch)" pass \
+      || record "$model" "validate TensorRT $precision (vs ORT and torch)" FAIL
     fluxexport run --model "$model" --backend tensorrt --engines "$engines" --prompt "a red fox" \
       --output "$work/$model/$precision.png"
     record "$model" "TensorRT $precision vs torch bf16 (PSNR dB)" "$(psnr "$work/$model/$precision.png" "$work/$model/torch.png")"

@@ -57,3 +57,10 @@ def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
     assert images.shape == reference.shape
     assert psnr(images, reference) >= (30 if precision == "bf16" else 22)
     assert np.array_equal(images, generate(backend, source, request).images)  # CUDA-graph replays are stable
+    backend.close()
+    from fluxexport.tensorrt.validate_engines import validate_engines
+
+    report, _ = validate_engines(source, tmp_path / "engines", steps=2)
+    assert report.passed, [c for c in report.components if not c.passed]
+    against = {c.against for c in report.components}
+    assert against == {"pytorch", "onnxruntime"} and report.images

@@ -41,7 +41,7 @@ def amax_of(folder):
 def test_qdq_graph_matches_fake_quantized_and_fp32(variant, sources, fp8_exports, torch_backends):
     folder = fp8_exports[variant]
     spec = component_specs(sources[variant])["transformer"]
-    session = onnxruntime.InferenceSession(str(folder / "transformer.onnx"))
+    session = onnxruntime.InferenceSession(str(folder / "transformer.fp8.onnx"))
     fake = fake_quantized_transformer(sources[variant], amax_of(folder))
     fp32 = torch_backends[variant].component("transformer")
     to_fake = []
@@ -60,7 +60,7 @@ def test_qdq_graph_matches_fake_quantized_and_fp32(variant, sources, fp8_exports
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_only_block_linears_carry_qdq(variant, sources, fp8_exports):
-    model = onnx.load(str(fp8_exports[variant] / "transformer.onnx"))
+    model = onnx.load(str(fp8_exports[variant] / "transformer.fp8.onnx"))
     producers = {output: node for node in model.graph.node for output in node.output}
     ops = [node.op_type for node in model.graph.node]
     fp8_weights = {  # (the zero point is an FP8 scalar)
@@ -109,12 +109,12 @@ def test_only_block_linears_carry_qdq(variant, sources, fp8_exports):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp8_graph_is_standard_and_passes_the_check(variant, fp8_exports):
     folder = fp8_exports[variant]
-    entry = read_manifest(folder)["components"]["transformer"]
+    entry = read_manifest(folder)["fp8"]["transformer"]
     assert entry["dtype"] == "fp8" and entry["base_dtype"] == "fp32" and entry["opset"] >= 19
     assert entry["quantization"]["calibration"] == "calibration.json"
-    report = check_graph(folder / "transformer.onnx", entry)
+    report = check_graph(folder / "transformer.fp8.onnx", entry)
     assert report.ok, report.problems
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "transformer.onnx")))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "transformer.fp8.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     quantize_outputs = [node.output[0] for node in model.graph.node if node.op_type == "QuantizeLinear"]
     assert {types[name] for name in quantize_outputs} == {onnx.TensorProto.FLOAT8E4M3FN}
@@ -200,7 +200,7 @@ def test_cli_quantize(tmp_path, sources, exports):
     assert result.exit_code == 0, result.output
     assert "FP8 E4M3 per-tensor Q/DQ on" in result.output and "TensorRT 10.1 compatibility" in result.output
     assert json.loads((out / "calibration.json").read_text())["prompts"] == 2
-    assert read_manifest(out)["components"]["transformer"]["base_dtype"] == "bf16"
+    assert read_manifest(out)["fp8"]["transformer"]["base_dtype"] == "bf16"
     assert read_manifest(out)["components"]["clip"]["dtype"] == "fp32"  # other graphs stay
 
 
@@ -230,8 +230,8 @@ def test_a_saved_calibration_is_reused_without_running_the_model(sources, fp8_ex
     entry = quantize_transformer(sources["tiny-dev"], tmp_path, base_dtype="fp32", calibration_file=saved)
     assert entry["dtype"] == "fp8"
     assert (tmp_path / "calibration.json").read_text() == saved.read_text()
-    ours = ir.load(tmp_path / "transformer.onnx").graph.initializers
-    theirs = ir.load(fp8_exports["tiny-dev"] / "transformer.onnx").graph.initializers
+    ours = ir.load(tmp_path / "transformer.fp8.onnx").graph.initializers
+    theirs = ir.load(fp8_exports["tiny-dev"] / "transformer.fp8.onnx").graph.initializers
     assert sorted(ours) == sorted(theirs)
     assert all(ours[name].const_value.tobytes() == theirs[name].const_value.tobytes() for name in theirs)
 
@@ -263,7 +263,7 @@ def test_fp8_weights_are_stored_in_a_quarter_of_fp32(sources, exports, fp8_expor
     """The quantized Linears' weights take one byte per value; everything else is as in the fp32 graph."""
     import onnx_ir as ir
 
-    fp8 = ir.load(fp8_exports["tiny-dev"] / "transformer.onnx").graph.initializers
+    fp8 = ir.load(fp8_exports["tiny-dev"] / "transformer.fp8.onnx").graph.initializers
     fp32 = ir.load(exports["tiny-dev"] / "transformer.onnx").graph.initializers
     stored = [value for value in fp8.values() if value.dtype == ir.DataType.FLOAT8E4M3FN and len(value.shape) == 2]
     linears = quantizable_linears(
@@ -274,3 +274,42 @@ def test_fp8_weights_are_stored_in_a_quarter_of_fp32(sources, exports, fp8_expor
     saved = 3 * sum(m.weight.numel() for m in linears.values())  # 4 bytes → 1 per quantized weight value
     scales = 4 * 2 * len(linears)  # the input and weight scales (fp32) the FP8 graph adds
     assert total(fp8.values()) <= total(fp32.values()) - saved + scales
+
+
+def test_bf16_and_fp8_transformers_live_side_by_side(fp8_exports, exports, tmp_path):
+    """quantize keeps the base transformer: one folder runs (and builds) either; run says which it runs."""
+    from fluxexport.export.manifest import graph_entries
+
+    folder = fp8_exports["tiny-dev"]
+    manifest = read_manifest(folder)
+    assert manifest["components"]["transformer"]["file"] == "transformer.onnx"
+    assert manifest["components"]["transformer"]["sha256"] == read_manifest(exports["tiny-dev"])["components"][
+        "transformer"]["sha256"]  # fmt: skip
+    assert graph_entries(manifest)["transformer"]["file"] == "transformer.fp8.onnx"  # the FP8 one, when there is one
+    assert graph_entries(manifest, fp8=False)["transformer"]["file"] == "transformer.onnx"
+    runs = {}
+    for flag in ("--fp8", "--no-fp8"):
+        result = CliRunner().invoke(main, [
+            "run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", str(folder), "--prompt", "a fox",
+            "--steps", "1", "--height", "64", "--width", "64", flag, "--output", str(tmp_path / f"{flag}.png"),
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[flag] = result.output
+    assert "transformer: transformer.fp8.onnx (FP8 Q/DQ on fp32)" in runs["--fp8"]
+    assert "transformer: transformer.onnx (fp32)" in runs["--no-fp8"]
+    assert (tmp_path / "--fp8.png").read_bytes() != (tmp_path / "--no-fp8.png").read_bytes()
+
+    # a folder quantized before: its transformer.onnx *is* the FP8 graph, and is read as such
+    old = {"components": {"transformer": {"dtype": "fp8", "file": "transformer.onnx"}, "clip": {"dtype": "bf16"}}}
+    assert graph_entries(old)["transformer"]["dtype"] == "fp8"
+    assert "transformer" not in graph_entries(old, fp8=False)
+    without = {"components": {"transformer": {"dtype": "bf16", "file": "transformer.onnx"}}}
+    assert graph_entries(without)["transformer"]["dtype"] == "bf16" and graph_entries(without, fp8=True) == {}
+    refused = CliRunner().invoke(main, [
+        "run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", str(exports["tiny-dev"]),
+        "--prompt", "a fox", "--steps", "1", "--height", "64", "--width", "64", "--fp8",
+    ])  # fmt: skip
+    assert refused.exit_code == 1
+    assert f"{exports['tiny-dev']} has no FP8 transformer: run fluxexport quantize --out {exports['tiny-dev']}" in (
+        refused.output.replace("\n", "")
+    )

@@ -164,7 +164,7 @@ def test_an_old_calibration_without_weight_amax_reads_the_weights(sources, fp8_e
     calibration, _ = read_calibration(old, source)
     assert calibration.weight_amax == {}
     entry = export_quantized(source, tmp_path / "out", calibration, old, "fp32", 20)
-    assert_same_graph(tmp_path / "out" / entry["file"], fp8_exports["tiny-dev"] / "transformer.onnx")
+    assert_same_graph(tmp_path / "out" / entry["file"], fp8_exports["tiny-dev"] / "transformer.fp8.onnx")
 
 
 def test_quantize_sequential_cli_and_its_refusal(sources, tmp_path):
@@ -175,11 +175,12 @@ def test_quantize_sequential_cli_and_its_refusal(sources, tmp_path):
     assert result.exit_code == 0, result.output
     assert "calibration saved to" in result.output and "reuse it with --calibration" in result.output
     saved = tmp_path / "a" / "calibration.json"
-    refused = runner.invoke(
-        main, ["quantize", "--model", "tiny-schnell", "--calibration", str(saved), "--sequential"]
-    )
+    refused = runner.invoke(main, ["quantize", "--model", "tiny-schnell", "--calibration", str(saved), "--sequential"])
     assert refused.exit_code != 0
-    assert "--calibration reuses saved scales, so --sequential/--whole-model would be ignored: drop one of them" in refused.output
+    assert (
+        "--calibration reuses saved scales, so --sequential/--whole-model would be ignored: drop one of them"
+        in refused.output
+    )
 
 
 def test_calibration_holds_one_block_at_a_time_when_the_model_does_not_fit(sources, monkeypatch):

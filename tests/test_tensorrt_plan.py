@@ -1,6 +1,7 @@
 """Everything around the TensorRT calls, on any machine: profiles, policy, naming, manifests, refusals."""
 
 import inspect
+import re
 import sys
 import types
 from pathlib import Path
@@ -144,9 +145,12 @@ def test_graph_problems_name_the_fixing_command():
     manifest = {"components": {"transformer": {"dtype": "bf16"}, "clip": {"dtype": "bf16"}}}
     problems = graph_problems(manifest, {"transformer": "fp8", "clip": "bf16", "t5": "bf16"}, "out/onnx")
     assert problems == [
-        "transformer: the graph is bf16, a fp8 engine needs a fp8 graph (run fluxexport quantize --out out/onnx)",
+        "transformer: no graph in out/onnx (run fluxexport quantize --out out/onnx)",  # the bf16 one stays bf16
         "t5: no graph in out/onnx (run fluxexport export --components t5 --dtype bf16 --out out/onnx)",
     ]
+    manifest["fp8"] = {"transformer": {"dtype": "fp8", "file": "transformer.fp8.onnx"}}
+    assert graph_problems(manifest, {"transformer": "fp8", "clip": "bf16"}, "out/onnx") == []
+    assert graph_problems(manifest, {"transformer": "bf16", "clip": "bf16"}, "out/onnx") == []
 
 
 def test_engine_names_carry_precision_and_version():
@@ -189,7 +193,9 @@ def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
         main, ["build", "--model", "tiny-dev", "--onnx", str(exports["tiny-dev"]), "--out", str(tmp_path / "e")]
     )
     assert result.exit_code == 1
-    assert result.output.startswith("Error: TensorRT is not installed: build inside the Dockerfile's NGC image")
+    # "(only its type stubs are)" where tensorrt-stubs is installed, as the README's install does
+    assert re.match(r"Error: TensorRT is not installed( \(only its type stubs are\))?: build inside the "
+                    r"Dockerfile's NGC image", result.output)  # fmt: skip
     assert not (tmp_path / "e").exists()
     run = CliRunner().invoke(
         main,
@@ -206,6 +212,55 @@ def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
         ],
     )
     assert run.exit_code == 1 and "TensorRT is not installed" in run.output
+    # validate on an engine folder: the same one line
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "manifest.json").write_text('{"format": 1, "kind": "tensorrt", "components": {}}')
+    checked = CliRunner().invoke(main, ["validate", "--model", "tiny-dev", "--engines", str(tmp_path / "engines")])
+    assert checked.exit_code == 1 and checked.output.startswith("Error: TensorRT is not installed")
+
+
+def test_only_the_tensorrt_stubs_are_not_tensorrt(monkeypatch):
+    """tensorrt-stubs leaves a `tensorrt` folder that imports as an empty namespace package."""
+    from fluxexport.tensorrt.environment import import_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(FluxExportError, match=r"^TensorRT is not installed \(only its type stubs are\): build"):
+        import_tensorrt()
+    old = types.ModuleType("tensorrt")
+    old.__version__ = "8.6.1"
+    from fluxexport.tensorrt.environment import require_tensorrt_version
+
+    with pytest.raises(FluxExportError, match=r"^TensorRT 8\.6\.1 is too old: fluxexport needs 10\.1 or newer"):
+        require_tensorrt_version(old)
+
+
+def test_engine_against_onnxruntime_rows_come_from_polygraphy_results(sources):
+    """What validate --engines makes of polygraphy's Comparator results: one row per shape and output,
+    rel-L2 of the engine against ONNX Runtime, failing past the threshold (and on NaN)."""
+    import numpy as np
+    from polygraphy.comparator import IterationResult, RunResults
+
+    from fluxexport.tensorrt.validate_engines import comparisons_from_results
+    from fluxexport.validate import validation_sizes
+
+    spec = component_specs(sources["tiny-dev"])["clip"]
+    sizes = validation_sizes(spec)
+    rng = np.random.default_rng(0)
+    graph = [{t.name: rng.standard_normal((2, 8)).astype(np.float32) for t in spec.outputs} for _ in sizes]
+    engine = [{name: value * (1 + 1e-3) for name, value in outputs.items()} for outputs in graph]
+    engine[-1][spec.outputs[0].name] = np.full((2, 8), np.nan, dtype=np.float32)
+    results = RunResults([
+        ("clip-tensorrt", [IterationResult(outputs, runner_name="clip-tensorrt") for outputs in engine]),
+        ("clip-onnxruntime", [IterationResult(outputs, runner_name="clip-onnxruntime") for outputs in graph]),
+    ])  # fmt: skip
+    rows = comparisons_from_results(spec, results, sizes, max_rel_l2=1e-2)
+    assert len(rows) == len(sizes) * len(spec.outputs)
+    assert all(row.against == "onnxruntime" and row.component == "clip" for row in rows)
+    assert [row.sizes for row in rows[:: len(spec.outputs)]] == [shape for shape, _ in sizes]
+    assert [row.passed for row in rows] == [True] * (len(rows) - len(spec.outputs)) + [False] + [True] * (
+        len(spec.outputs) - 1
+    )
+    assert rows[0].rel_l2 == pytest.approx(1e-3, rel=1e-3)
 
 
 @pytest.mark.parametrize(("value", "expected"), [("4", (4, 4, 4)), ("1:4", (1, 4, 4)), ("1:2:4", (1, 2, 4))])
@@ -244,7 +299,8 @@ def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tm
         sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append
     )
     components = manifest["components"]
-    assert components["clip"]["dtype"] == "bf16" and components["transformer"]["dtype"] == "fp8"
+    assert components["clip"]["dtype"] == "bf16" and manifest["fp8"]["transformer"]["dtype"] == "fp8"
+    assert components["transformer"]["dtype"] == "fp32"  # the base transformer stays beside the FP8 one
     assert components["t5"]["sha256"] == before  # not asked for: untouched
     assert logged == [
         f"exporting clip as bf16 into {folder}",

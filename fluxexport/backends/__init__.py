@@ -16,6 +16,7 @@ def create_backend(
     device: str | None = None,
     engines: str | None = None,
     low_vram: bool = False,
+    fp8: bool | None = None,
 ) -> Backend:
     """Build the backend a user named on the command line."""
     if name == "torch":
@@ -27,7 +28,7 @@ def create_backend(
 
         if engines is None:
             raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")
-        return OnnxRuntimeBackend(source, engines)
+        return OnnxRuntimeBackend(source, engines, fp8=fp8)
     if name == "tensorrt":
         from fluxexport.tensorrt.backend import TensorRTBackend
 

@@ -10,7 +10,7 @@ import torch
 from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_unknown_feeds
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
+from fluxexport.export.manifest import graph_entries, read_manifest
 from fluxexport.models.source import ModelSource
 
 
@@ -89,8 +89,10 @@ class OnnxRuntimeBackend(LoadedComponents):
         providers: list[str] | None = None,
         threads: int = 0,
         upcast_bf16: bool = False,
+        fp8: bool | None = None,
     ):
-        """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them."""
+        """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them.
+        `fp8`: run `quantize`'s FP8 transformer (True), the base one (False), or the FP8 one if there is one."""
         super().__init__()
         self.source = source
         self.upcast_bf16 = upcast_bf16
@@ -104,9 +106,23 @@ class OnnxRuntimeBackend(LoadedComponents):
             )
         self.providers = providers or default_providers()
         self.threads = threads
+        self.fp8 = fp8
+        self.entries = graph_entries(self.manifest, fp8)
+
+    @property
+    def transformer_graph(self) -> str:
+        """Which transformer graph runs, in words (the CLI prints it)."""
+        entry = self.entries.get("transformer")
+        if entry is None:
+            return "none"
+        if entry["dtype"] == "fp8":
+            return f"{entry['file']} (FP8 Q/DQ on {entry.get('base_dtype', 'bf16')})"
+        return f"{entry['file']} ({entry['dtype']})"
 
     def _load(self, name: str) -> Component:
-        entries = self.manifest["components"]
+        entries = self.entries
+        if name == "transformer" and name not in entries and self.fp8:
+            raise FluxExportError(f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}")
         if name not in entries:
             raise FluxExportError(
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "

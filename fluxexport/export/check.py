@@ -139,13 +139,14 @@ def check_graph(path: Path, entry: dict | None = None, tensorrt: str | None = No
 
 def check_folder(folder: Path, tensorrt: str | None = None) -> list[GraphReport]:
     """Lint every graph the folder's manifest lists (with its contract), plus any other .onnx file in it."""
-    from fluxexport.export.manifest import MANIFEST, read_manifest
+    from fluxexport.export.manifest import FP8, MANIFEST, read_manifest
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FluxExportError(f"{folder} is not a folder of exported graphs")
-    entries = read_manifest(folder)["components"] if (folder / MANIFEST).is_file() else {}
-    listed = {entry["file"]: entry for entry in entries.values()}
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {"components": {}}
+    entries = [*manifest["components"].values(), *manifest.get(FP8, {}).values()]  # base and FP8 graphs
+    listed = {entry["file"]: entry for entry in entries}
     files = sorted({*listed, *(path.name for path in folder.glob("*.onnx"))})
     if not files:
         raise FluxExportError(f"{folder} holds no .onnx graphs: export some with `fluxexport export`")

@@ -61,3 +61,23 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Replace manifest.json atomically (temp file + rename): readers never see half of it."""
     return write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+FP8 = "fp8"  # the manifest section of `quantize`'s graphs, kept beside the base ones
+FP8_STEM = "transformer.fp8"  # its file: transformer.fp8.onnx (+ .onnx_data)
+
+
+def graph_entries(manifest: dict[str, Any], fp8: bool | None = None) -> dict[str, dict]:
+    """The graph each component runs from: the transformer is the FP8 Q/DQ one with `fp8`, the base one
+    without, and the FP8 one when the folder has it with `fp8=None`. A component the choice leaves without
+    a graph is absent (callers say which command makes it)."""
+    entries = dict(manifest["components"])
+    quantized = manifest.get(FP8, {}).get("transformer")
+    if entries.get("transformer", {}).get("dtype") == "fp8":  # folders quantized before both lived side by side
+        quantized = quantized or entries["transformer"]
+        del entries["transformer"]
+    if quantized is not None if fp8 is None else fp8:
+        entries.pop("transformer", None)
+        if quantized is not None:
+            entries["transformer"] = quantized
+    return entries

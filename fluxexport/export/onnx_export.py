@@ -87,8 +87,10 @@ def export_component(
     on_bytes: Callable[[int, int], None] | None = None,
     graph_pass: Callable[[ir.Model], str | None] | None = None,
     prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    stem: str | None = None,
 ) -> ExportedComponent:
-    """Export one component into `out_dir/<name>.onnx` (+ `.onnx_data`), replacing any older file atomically.
+    """Export one component into `out_dir/<stem>.onnx` (+ `.onnx_data`; the stem is the component's name unless
+    given), replacing any older file atomically.
 
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
     memory); `streaming=False` loads the model and exports it in memory. `prepare` rewrites the module before
@@ -135,10 +137,11 @@ def export_component(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir, weight_bytes)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".staging-{spec.name}-"))
+    stem = stem or spec.name
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".staging-{stem}-"))
     try:
-        graph_file = staging / f"{spec.name}.onnx"
-        data_name = f"{spec.name}.onnx_data" if external else None
+        graph_file = staging / f"{stem}.onnx"
+        data_name = f"{stem}.onnx_data" if external else None
         written = [0]
 
         def progress(tensor, _info) -> None:
@@ -151,14 +154,14 @@ def export_component(
             on_bytes(weight_bytes, weight_bytes)
         onnx.checker.check_model(str(graph_file), full_check=False)
         if not external:  # a stale data file of an earlier external-data export must not linger
-            (out_dir / f"{spec.name}.onnx_data").unlink(missing_ok=True)
+            (out_dir / f"{stem}.onnx_data").unlink(missing_ok=True)
         if data_name:
             os.replace(staging / data_name, out_dir / data_name)
         os.replace(graph_file, out_dir / graph_file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportedComponent(
-        spec.name, out_dir / f"{spec.name}.onnx", compute, time.perf_counter() - start, model.graph.num_nodes(),
+        spec.name, out_dir / f"{stem}.onnx", compute, time.perf_counter() - start, model.graph.num_nodes(),
         weight_bytes, data_name, tuple(notes),
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.dtypes import ELEMENT_TORCH, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
-from fluxexport.export.manifest import now, write_manifest
+from fluxexport.export.manifest import FP8, FP8_STEM, now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
 from fluxexport.models.adapters import TransformerWrapper
 from fluxexport.models.checkpoint import CheckpointTensors
@@ -199,7 +199,9 @@ def export_quantized(
     external_data: bool | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Export `out_dir/transformer.onnx` as an FP8 Q/DQ graph with `calibration`'s scales; no model runs.
+    """Export `out_dir/transformer.fp8.onnx` as an FP8 Q/DQ graph with `calibration`'s scales; no model runs.
+    It is recorded in the manifest's `fp8` section beside the base transformer, which stays: one folder
+    builds both bf16 and FP8 engines.
 
     The graph keeps the transformer's contract; its non-quantized math is in `base_dtype` (bf16 for TensorRT,
     fp32 to run it in ONNX Runtime on CPU). The export streams: the fake-quantized transformer is traced on
@@ -214,7 +216,7 @@ def export_quantized(
         source, spec, out_dir, base_dtype, opset, external_data, translations=TRANSLATIONS,
         notes=[f"FP8 E4M3 per-tensor Q/DQ on {len(amax)} block Linear layers; kept in {base_dtype}: "
                + ", ".join(KEEP_HIGH_PRECISION)],
-        graph_pass=store_weights_in_fp8, on_bytes=on_bytes,
+        graph_pass=store_weights_in_fp8, on_bytes=on_bytes, stem=FP8_STEM,
         prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
     )  # fmt: skip
     manifest = open_manifest(source, out_dir, base_dtype, bounds)
@@ -223,7 +225,9 @@ def export_quantized(
         "base_dtype": base_dtype,
         "quantization": {"format": "fp8_e4m3", "layers": len(amax), "calibration": calibration_path.name},
     }
-    manifest["components"]["transformer"] = entry
+    manifest.setdefault(FP8, {})["transformer"] = entry  # beside the base transformer, which stays
+    if manifest["components"].get("transformer", {}).get("dtype") == "fp8":
+        del manifest["components"]["transformer"]  # an FP8 graph of the older layout: superseded
     write_manifest(out_dir, manifest)
     return entry
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
+from fluxexport.export.manifest import file_sha256, graph_entries, now, read_manifest, write_manifest
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ExportBounds, pipeline_components
 from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
 from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8, require_tensorrt_version
-from fluxexport.tensorrt.precision import graph_dtypes, graph_problems, prepare_graphs
+from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems, prepare_graphs
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
 TIMING_CACHE = "timing.cache"
@@ -54,7 +54,7 @@ def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -
 def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
     """The engines to build by default: every graph of `onnx_dir`, else what the pipeline needs."""
     if (Path(onnx_dir) / "manifest.json").is_file():
-        return list(read_manifest(onnx_dir)["components"])
+        return list(graph_entries(read_manifest(onnx_dir)))  # the FP8 transformer counts: it builds one too
     return list(pipeline_components(source))
 
 
@@ -142,10 +142,11 @@ def build_engines(
     out_dir.mkdir(parents=True, exist_ok=True)
     buckets = options.profile_bounds()
     manifest = engine_manifest(onnx_manifest["model"], trt.__version__, gpu, options.precision, asdict(options))
+    graphs = engine_graphs(onnx_manifest, wanted)
     for name in components:
         if on_component:
             on_component(name, None)
-        entry = onnx_manifest["components"][name]
+        entry = graphs[name]
         profiles = build_profiles(source, name, buckets)
         engine = out_dir / engine_filename(name, wanted[name], trt.__version__)
         seconds = build_engine(onnx_dir / entry["file"], engine, profiles, options, out_dir / TIMING_CACHE)
@@ -155,6 +156,7 @@ def build_engines(
             "profiles": profiles_to_json(profiles),
             "inputs": entry["inputs"],
             "outputs": entry["outputs"],
+            "onnx": str((onnx_dir / entry["file"]).resolve()),  # validate compares the engine with it
             "onnx_sha256": entry["sha256"],
             "engine_sha256": file_sha256(engine),
             "build_seconds": round(seconds, 1),

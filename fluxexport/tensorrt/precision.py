@@ -1,13 +1,15 @@
 """Per-component precision policy for engines, and which exported graph each engine is built from.
 
 Networks are strongly typed, so an engine's precision is its ONNX graph's: building `fp8` means building the
-transformer from the FP8 Q/DQ graph and the rest from bf16 graphs.
+transformer from the FP8 Q/DQ graph (`transformer.fp8.onnx`, beside the bf16 one) and the rest from bf16
+graphs, so one export folder builds both engine sets.
 """
 
 from __future__ import annotations
 
 from fluxexport.dtypes import ENGINE_PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import graph_entries
 
 
 def graph_dtypes(precision: str, components) -> dict[str, str]:
@@ -19,11 +21,17 @@ def graph_dtypes(precision: str, components) -> dict[str, str]:
     return {name: component_precision(name, precision)[0] for name in components}
 
 
+def engine_graphs(manifest: dict, wanted: dict[str, str]) -> dict[str, dict]:
+    """The graph each wanted engine is built from: the FP8 transformer (beside the base one) for fp8."""
+    return graph_entries(manifest, fp8=wanted.get("transformer") == "fp8")
+
+
 def graph_problems(manifest: dict, wanted: dict[str, str], folder) -> list[str]:
     """Why the exported graphs in `folder` cannot make the wanted engines, each with the command that fixes it."""
     problems = []
+    graphs = engine_graphs(manifest, wanted)
     for name, dtype in wanted.items():
-        entry = manifest["components"].get(name)
+        entry = graphs.get(name)
         fix = (
             f"fluxexport quantize --out {folder}"
             if dtype == "fp8"
@@ -50,8 +58,9 @@ def prepare_graphs(source, onnx_dir, precision: str, components, calibration=Non
     from fluxexport.quantize.qdq_export import quantize_transformer
 
     onnx_dir = Path(onnx_dir)
-    present = read_manifest(onnx_dir)["components"] if (onnx_dir / "manifest.json").is_file() else {}
     wanted = graph_dtypes(precision, components)
+    manifest = read_manifest(onnx_dir) if (onnx_dir / "manifest.json").is_file() else {"components": {}}
+    present = engine_graphs(manifest, wanted)
     stale = {name: dtype for name, dtype in wanted.items() if present.get(name, {}).get("dtype") != dtype}
     exports: dict[str, list[str]] = {}
     for name, dtype in stale.items():

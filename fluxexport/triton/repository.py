@@ -11,7 +11,7 @@ from pathlib import Path
 from fluxexport.atomic import atomic_folder
 from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
+from fluxexport.export.manifest import graph_entries, read_manifest
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.specs import component_specs, pipeline_components
@@ -58,9 +58,11 @@ def _bounds(manifest: dict) -> dict:
 
 
 def write_repository(
-    source: ModelSource, engines: Path, out: Path, instance_kind: str = "KIND_CPU", pipeline_instances: int = 1
-) -> Path:
-    """A repository at `out` serving the graphs (python backend + ONNX Runtime) or plans (TensorRT) in `engines`."""
+    source: ModelSource, engines: Path, out: Path, instance_kind: str = "KIND_CPU", pipeline_instances: int = 1,
+    fp8: bool | None = None,
+) -> Path:  # fmt: skip
+    """A repository at `out` serving the graphs (python backend + ONNX Runtime) or plans (TensorRT) in `engines`;
+    from graphs, `fp8` picks the transformer as the ONNX Runtime backend does (the FP8 one if there is one)."""
     engines, out = Path(engines), Path(out)
     manifest = read_manifest(engines)
     kind = "tensorrt" if manifest.get("kind") == "tensorrt" else "onnxruntime"
@@ -68,7 +70,7 @@ def write_repository(
         raise FluxExportError(
             f"{engines} was made from {manifest['model']['name']!r}, not {source.name!r}: pass the same --model"
         )
-    entries = manifest["components"]
+    entries = manifest["components"] if kind == "tensorrt" else graph_entries(manifest, fp8)
     needed = pipeline_components(source)
     missing = [name for name in needed if name not in entries]
     if missing:
