@@ -286,12 +286,15 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
     source = resolve_model(model, base_model)
     names = _components(components) if components else None
     is_engines = read_manifest(engines).get("kind") == "tensorrt"
+    if is_engines:
+        from fluxexport.tensorrt.environment import import_tensorrt
+        from fluxexport.tensorrt.validate_engines import validate_engines
+
+        import_tensorrt()  # refuse before anything else happens
+        if fp8 is not None:
+            raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
     with step_progress(f"validate {engines}", 1) as advance:
         if is_engines:
-            from fluxexport.tensorrt.validate_engines import validate_engines
-
-            if fp8 is not None:
-                raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
             result, dtype = validate_engines(source, engines, names, steps, max_rel_l2, min_psnr, advance)
         else:
             result, dtype = validate_folder(

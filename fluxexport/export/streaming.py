@@ -24,7 +24,7 @@ from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.adapters import wrap_component
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.meta import module_from_config, parameters_on_meta
+from fluxexport.models.meta import module_from_config, parameter_aliases, parameters_on_meta
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec
 
@@ -55,14 +55,6 @@ def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Mod
     return model.eval()
 
 
-def _checkpoint_names(module: nn.Module) -> dict[int, list[str]]:
-    """Every name a parameter goes by (tied ones have several: T5's `shared` / `encoder.embed_tokens`)."""
-    names: dict[int, list[str]] = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return names
-
-
 Loader = Callable[[], torch.Tensor]
 Prepare = Callable[[nn.Module], nn.Module]
 
@@ -79,19 +71,13 @@ def attach_checkpoint_weights(
 
     Returns each attached initializer's loader; refuses a checkpoint that lacks a tensor the model has."""
     prefix = next(name for name, child in adapter.named_children() if child is inner) + "."
-    aliases = _checkpoint_names(inner)
+    aliases = parameter_aliases(inner)
     parameters = {f"{prefix}{name}": aliases[id(p)] for name, p in inner.named_parameters(remove_duplicate=False)}
     buffers = {f"{prefix}{name}": buffer for name, buffer in inner.named_buffers()}
     attached: dict[str, Loader] = {}
     for name, value in model.graph.initializers.items():
         if name in parameters:
-            found = next((alias for alias in parameters[name] if alias in tensors), None)
-            if found is None:
-                raise FluxExportError(
-                    f"the {tensors.module} checkpoint has no tensor {parameters[name][0]!r}: it does not fit its "
-                    "config (truncated download, or another model's weights)"
-                )
-            load = tensors.loader(found, dtype)
+            load = tensors.loader(tensors.first_of(parameters[name]), dtype)
         elif name in buffers:
             buffer = buffers[name]
             load = lambda buffer=buffer: buffer  # noqa: E731 - a buffer is small and already real

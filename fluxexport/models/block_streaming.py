@@ -22,9 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fluxexport.errors import FluxExportError
 from fluxexport.models.checkpoint import CheckpointTensors
-from fluxexport.models.meta import module_from_config, parameters_on_meta
+from fluxexport.models.meta import module_from_config, parameter_aliases, parameters_on_meta
 from fluxexport.models.source import ModelSource
 
 # the ModuleLists whose blocks stream, per module; everything else is the shell, loaded once
@@ -76,14 +75,6 @@ def _set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     target._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def _aliases(module: nn.Module) -> dict[int, list[str]]:
-    """Every name a parameter goes by (tied ones have several: T5's `shared` / `encoder.embed_tokens`)."""
-    names: dict[int, list[str]] = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    return names
-
-
 def load_parameters(
     module: nn.Module, names: list[list[str]], tensors: CheckpointTensors, dtype: torch.dtype, device: torch.device,
     prefix: str = "", keep_narrower: bool = False,
@@ -91,20 +82,10 @@ def load_parameters(
     """Give each parameter (listed with its aliases, relative to `module`) its checkpoint tensor, in `dtype`
     (or, with `keep_narrower`, in the checkpoint's own dtype when that is narrower)."""
     for aliases in names:
-        key = next((prefix + alias for alias in aliases if prefix + alias in tensors), None)
-        if key is None:
-            raise_missing(tensors, prefix + aliases[0])
-        value = tensors.load(key)
+        value = tensors.load(tensors.first_of([prefix + alias for alias in aliases]))
         value = value.to(device, held_dtype(value.dtype, dtype) if keep_narrower else dtype)
         for alias in aliases:
             _set_parameter(module, alias, value)
-
-
-def raise_missing(tensors: CheckpointTensors, name: str) -> None:
-    raise FluxExportError(
-        f"the {tensors.module} checkpoint has no tensor {name!r}: it does not fit its config "
-        "(truncated download, or another model's weights)"
-    )
 
 
 def release_parameters(module: nn.Module) -> None:
@@ -144,7 +125,7 @@ def stream_block(
 ) -> None:  # fmt: skip
     """Hooks that load `block`'s weights (checkpoint names under `prefix`) before it runs and free them after;
     a FLUX block (`flux_block`) runs one sample at a time and holds the checkpoint's narrower dtype."""
-    names = list(_aliases(block).values())
+    names = list(parameter_aliases(block).values())
 
     def load(_module, _args, _kwargs=None):
         load_parameters(block, names, tensors, dtype, device, prefix, keep_narrower=flux_block)
@@ -173,7 +154,7 @@ def streamed_module(
         for index, block in enumerate(model.get_submodule(list_name))
     }
     in_blocks = {id(p) for block, _ in blocks.values() for p in block.parameters()}
-    shell = [names for key, names in _aliases(model).items() if key not in in_blocks]
+    shell = [names for key, names in parameter_aliases(model).items() if key not in in_blocks]
     load_parameters(model, shell, tensors, dtype, device, keep_narrower=True)
     for buffer_owner in model.modules():
         for leaf, buffer in buffer_owner._buffers.items():

@@ -107,6 +107,16 @@ class CheckpointTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.locations
 
+    def first_of(self, aliases: list[str]) -> str:
+        """The first of a parameter's names the checkpoint has, or a one-line refusal naming it."""
+        found = next((alias for alias in aliases if alias in self.locations), None)
+        if found is None:
+            raise FluxExportError(
+                f"the {self.module} checkpoint has no tensor {aliases[0]!r}: it does not fit its config "
+                "(truncated download, or another model's weights)"
+            )
+        return found
+
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read from its mmapped file (only the needed rows of a fused one), cast to `dtype`."""
         from safetensors import safe_open

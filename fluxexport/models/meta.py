@@ -51,3 +51,12 @@ def module_from_config(source: ModelSource, module: str, for_export: bool = True
             config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)
         return T5EncoderModel(config)
     return CLIPTextModel(config)
+
+
+def parameter_aliases(module: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter goes by, keyed by its id (tied ones have several: T5's `shared` and
+    `encoder.embed_tokens`)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return names
