@@ -519,6 +519,10 @@ def bench(
         f"{backend} {result['device']} · {result['width']}×{result['height']} · {result['steps']} steps · batch {batch}"
     )
     console.print(table(title, ["stage", "median ms"], rows))
+    console.print(
+        f"transformer: {result['transformer_tflop_per_step']:.4g} TFLOP per step, "
+        f"{result['transformer_tflops']:.3g} TFLOP/s achieved"
+    )
     if result["peak_gpu_memory_bytes"] is not None:
         console.print(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
     if json_path:

@@ -152,7 +152,7 @@ quantize_transformer(source, out, settings, "bf16", external_data=True, sequenti
 from fluxexport.quantize.qdq_export import export_quantized, read_calibration
 calibration, _ = read_calibration(out / "calibration.json", source)
 export_quantized(source, out, calibration, out / "calibration.json", "bf16", external_data=True)
-print("BYTES", sum(path.stat().st_size for path in out.glob("transformer.onnx*")))
+print("BYTES", sum(path.stat().st_size for path in out.glob("transformer.fp8.onnx*")))
 """,
 }
 
@@ -184,6 +184,8 @@ def main() -> None:
         help="Only the streamed / sequential steps: skip "
         "the in-memory export and whole-model calibration (they need several times the model in RAM).",
     )
+    parser.add_argument("--steps", default="export,calibrate,fp8,quantize",
+                        help="Which steps to measure (comma-separated; fp8 needs calibrate).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Folder for the checkpoint and graphs (default: a temp folder).")
     args = parser.parse_args()
     if args.full:
@@ -206,16 +208,20 @@ def main() -> None:
         rows.append((component, label, sizes[component], seconds, peak, written))
         print(f"{component} {label}: {seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
 
-    for component in ("transformer", "t5"):
-        for mode in ("stream",) if args.skip_memory else ("stream", "memory"):
-            record("export", component, mode, work / f"onnx-{mode}", f"bf16 export ({mode})")
-            shutil.rmtree(work / f"onnx-{mode}", ignore_errors=True)
+    steps = set(args.steps.split(","))
+    if "export" in steps:
+        for component in ("transformer", "t5"):
+            for mode in ("stream",) if args.skip_memory else ("stream", "memory"):
+                record("export", component, mode, work / f"onnx-{mode}", f"bf16 export ({mode})")
+                shutil.rmtree(work / f"onnx-{mode}", ignore_errors=True)
     fp8 = work / "onnx-fp8"
-    for mode in ("sequential",) if args.skip_memory else ("whole", "sequential"):
-        record("calibrate", "transformer", mode, fp8, f"calibrate ({mode}; 1 prompt, 1 step, 256²)")
-    record("fp8", "transformer", "stream", fp8, "FP8 export (bf16 base, from calibration.json)")
+    if "calibrate" in steps:
+        for mode in ("sequential",) if args.skip_memory else ("whole", "sequential"):
+            record("calibrate", "transformer", mode, fp8, f"calibrate ({mode}; 1 prompt, 1 step, 256²)")
+    if "fp8" in steps:
+        record("fp8", "transformer", "stream", fp8, "FP8 export (bf16 base, from calibration.json)")
     shutil.rmtree(fp8, ignore_errors=True)
-    if not args.skip_memory:  # what `fluxexport quantize --sequential` does, both steps in one process
+    if "quantize" in steps and not args.skip_memory:  # `fluxexport quantize --sequential`: both in one process
         record("quantize", "transformer", "sequential", fp8, "quantize --sequential (one process)")
         shutil.rmtree(fp8, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import flux1_source
 from PIL import Image
 
 from fluxexport.cli import main
@@ -147,3 +148,25 @@ def test_bench_reports_every_stage(tmp_path, sources):
     assert set(data["median_ms"]) == {"text_encode", "denoise", "denoise_per_step", "decode", "wall", "total"}
     assert data["median_ms"]["denoise_per_step"] * 2 == pytest.approx(data["median_ms"]["denoise"], rel=0.01)
     assert data["peak_gpu_memory_bytes"] is None
+    # arithmetic per step from the model's widths and token counts, and the rate it ran at
+    from fluxexport.benchmark import transformer_flop_per_step
+
+    flop = transformer_flop_per_step(sources["tiny-dev"], 256, 256, 512, 1)
+    assert data["transformer_tflop_per_step"] == pytest.approx(flop / 1e12)
+    seconds = data["median_ms"]["denoise_per_step"] / 1000
+    assert data["transformer_tflops"] == pytest.approx(flop / 1e12 / seconds)
+    assert f"{flop / 1e12:.4g} TFLOP per step" in result.output and "TFLOP/s achieved" in result.output
+
+
+def test_transformer_flop_formula_gives_flux1s_74_tflop(tmp_path):
+    """ARCHITECTURE.md: 74.4 TFLOP per step at 1024² with 512 text tokens (59.5 linear + 14.9 attention),
+    linear in batch, and the tokens of a non-square size."""
+    from fluxexport.benchmark import transformer_flop_per_step
+
+    source = flux1_source(tmp_path)
+    assert transformer_flop_per_step(source, 1024, 1024, 512, 1) / 1e12 == pytest.approx(74.36, abs=0.01)
+    assert transformer_flop_per_step(source, 1024, 1024, 512, 2) == 2 * transformer_flop_per_step(
+        source, 1024, 1024, 512, 1
+    )
+    tokens = (768 // 16) * (1360 // 16) + 256
+    assert transformer_flop_per_step(source, 768, 1360, 256, 1) == 57 * (24 * 3072**2 * tokens + 4 * tokens**2 * 3072)

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.block_streaming import BLOCK_LISTS
 from fluxexport.quantize.fp8 import FP8Linear
 
 # Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
 KEEP_HIGH_PRECISION = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
-PROGRESS_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
 
 # A built-in calibration set: varied subjects, styles, lengths and text-in-image, in the spirit of the
 # 32-prompt sets the anchors calibrate on.
@@ -165,7 +165,8 @@ def calibrate(
         return hook
 
     handles = [module.register_forward_pre_hook(observer(name)) for name, module in linears.items()]
-    blocks = [b for prefix in PROGRESS_BLOCKS for b in getattr(transformer, prefix)] if backend.stream_blocks else []
+    lists = BLOCK_LISTS["transformer"] if backend.stream_blocks else ()
+    blocks = [block for name in lists for block in transformer.get_submodule(name)]
     steps = [0]
     try:
         latents, sigmas, conditioning = calibration_inputs(backend, source, settings)

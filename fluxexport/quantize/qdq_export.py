@@ -249,16 +249,19 @@ def quantize_transformer(
     external_data: bool | None = None,
     calibration_device: str | None = None,
     calibration_file: Path | None = None,
-    sequential: bool = False,
+    sequential: bool | None = None,
 ) -> dict:
     """Calibrate (or reuse `calibration_file`, an earlier `calibration.json` of the same checkpoint: no model
-    runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer (`export_quantized`)."""
+    runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer (`export_quantized`).
+    `sequential=None` holds one block at a time when the float32 model does not fit (`choose_sequential`)."""
     check_quantize_options(base_dtype, opset)
     settings = settings or CalibrationSettings()
     if calibration_file is not None:
         calibration, _ = read_calibration(calibration_file, source)
         path = keep_calibration(out_dir, calibration_file)
     else:
+        if sequential is None:
+            sequential, _ = choose_sequential(source, calibration_device)
         calibration = calibrate_transformer(source, settings, calibration_device, sequential)
         path = write_calibration(Path(out_dir), source, settings, calibration)
     return export_quantized(source, out_dir, calibration, path, base_dtype, opset, bounds, external_data)
