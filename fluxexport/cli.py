@@ -17,8 +17,19 @@ from fluxexport.export.manifest import default_folder
 TINY_DEFAULT = "tiny-schnell"
 
 
+def _remember_loras(ctx: click.Context, _param, values) -> tuple:
+    from fluxexport.models.lora import parse_lora
+
+    ctx.meta["loras"] = tuple(parse_lora(value) for value in values)
+    return ctx.meta["loras"]
+
+
 def model_options(function):
-    """--model and --base-model, the same on every command that reads a checkpoint."""
+    """--model, --base-model and --lora, the same on every command that reads a checkpoint."""
+    function = click.option(
+        "--lora", "loras", multiple=True, expose_value=False, callback=_remember_loras, metavar="FILE[:SCALE]",
+        help="A LoRA (.safetensors; diffusers/PEFT, kohya or XLabs) merged into the model; repeatable.",
+    )(function)  # fmt: skip
     function = click.option(
         "--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts."
     )(function)
@@ -68,6 +79,13 @@ def tiny(variant: str, out: Path, single_file: Path | None) -> None:
     if single_file is not None:
         write_bfl_single_file(folder, single_file)
         console.print(f"wrote its transformer in black-forest-labs layout to {single_file}")
+
+
+def _source(model: str, base_model: str | None):
+    """The --model (and --base-model) checkpoint, with the command's --lora files merged into it."""
+    from fluxexport.models.source import resolve_model
+
+    return resolve_model(model, base_model).with_loras(click.get_current_context().meta.get("loras", ()))
 
 
 def _check_output(output: Path, count: int) -> list[Path]:
@@ -132,11 +150,10 @@ def run(
     from PIL import Image
 
     from fluxexport.backends import create_backend
-    from fluxexport.models.source import resolve_model
     from fluxexport.runtime.images import save_png_atomic
     from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     reference = None
     if image_path is not None:
         try:
@@ -222,10 +239,9 @@ def export(
     from fluxexport.dtypes import component_precision
     from fluxexport.export.check import check_folder
     from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
-    from fluxexport.models.source import resolve_model
     from fluxexport.specs import ExportBounds
 
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     bounds = ExportBounds.for_model(
         source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
     )
@@ -280,10 +296,9 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
     from fluxexport.export.manifest import read_manifest
-    from fluxexport.models.source import resolve_model
     from fluxexport.validate import validate_folder
 
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     names = _components(components) if components else None
     is_engines = read_manifest(engines).get("kind") == "tensorrt"
     if is_engines:
@@ -354,7 +369,6 @@ def quantize(
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer as a Q/DQ graph."""
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
-    from fluxexport.models.source import resolve_model
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
     from fluxexport.quantize.qdq_export import (
         calibrate_transformer,
@@ -366,7 +380,7 @@ def quantize(
         write_calibration,
     )
 
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
     if calib_size is not None:
         if calib_size < 1:
@@ -446,12 +460,11 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
           max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
-    from fluxexport.models.source import resolve_model
     from fluxexport.tensorrt.builder import BuildOptions, build_bounds, build_engines, engine_components
     from fluxexport.tensorrt.environment import import_tensorrt
 
     import_tensorrt()  # refuse before anything else happens
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     onnx_dir = onnx_dir or default_folder(source.name)
     out = out or default_folder(source.name, f"trt-{precision}")
     batch_range = _range(batch, "--batch") if batch else (None, None, None)
@@ -502,12 +515,11 @@ def bench(
 
     from fluxexport.backends import create_backend
     from fluxexport.benchmark import run_benchmark
-    from fluxexport.models.source import resolve_model
     from fluxexport.runtime.pipeline import GenerationRequest
 
     if repeats < 1 or warmup < 0:
         raise FluxExportError("--repeats must be ≥ 1 and --warmup ≥ 0")
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
                                 num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
     engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, fp8=fp8)
@@ -540,10 +552,9 @@ def bench(
 @fp8_option
 def triton(model, base_model, engines, out, instance_kind, pipeline_instances, fp8) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
-    from fluxexport.models.source import resolve_model
     from fluxexport.triton.repository import write_repository
 
-    source = resolve_model(model, base_model)
+    source = _source(model, base_model)
     folder = write_repository(source, engines, out, instance_kind, pipeline_instances, fp8)
     console.print(
         f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"

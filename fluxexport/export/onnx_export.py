@@ -213,6 +213,7 @@ def open_manifest(source: ModelSource, out_dir: Path, dtype: str, bounds: Export
             "pipeline_class": source.pipeline_class,
             "fingerprint": source.fingerprint(),
             "guidance_embeds": source.guidance_embeds,
+            "loras": [lora.record() for lora in source.loras],  # merged into the weights
         },
         "bounds": vars(bounds),
         "versions": library_versions(),

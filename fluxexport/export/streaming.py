@@ -24,7 +24,7 @@ from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.adapters import wrap_component
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.meta import module_from_config, parameter_aliases, parameters_on_meta
+from fluxexport.models.meta import check_loras, module_from_config, parameter_aliases, parameters_on_meta
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec
 
@@ -34,6 +34,7 @@ def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Mod
     parameters stay tied) and real buffers, in eval mode."""
     with parameters_on_meta():
         model = module_from_config(source, module)
+    check_loras(source, module, model)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fluxexport.models.checkpoint import CheckpointTensors
-from fluxexport.models.meta import module_from_config, parameter_aliases, parameters_on_meta
+from fluxexport.models.meta import check_loras, module_from_config, parameter_aliases, parameters_on_meta
 from fluxexport.models.source import ModelSource
 
 # the ModuleLists whose blocks stream, per module; everything else is the shell, loaded once
@@ -147,6 +147,7 @@ def streamed_module(
     device = torch.device(device)
     with parameters_on_meta():
         model = module_from_config(source, module, for_export=False)
+    check_loras(source, module, model)
     tensors = CheckpointTensors(source, module)
     blocks = {
         f"{list_name}.{index}": (block, list_name in PER_SAMPLE_LISTS)

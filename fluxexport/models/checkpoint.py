@@ -98,6 +98,7 @@ class CheckpointTensors:
 
     def __init__(self, source: ModelSource, module: str):
         self.module = module
+        self.loras = source.lora_set  # merged into each tensor as it is read
         if module == "transformer" and source.transformer_file is not None:
             self.locations = bfl_locations(source.transformer_file)
         else:
@@ -131,6 +132,8 @@ class CheckpointTensors:
         if location.swap_halves:  # BFL's final AdaLN emits (shift, scale); diffusers' (scale, shift)
             first, second = tensor.chunk(2, dim=0)
             tensor = torch.cat([second, first], dim=0)
+        if self.loras is not None:
+            tensor = self.loras.merged(self.module, name, tensor)
         return tensor if dtype is None else tensor.to(dtype)
 
     def loader(self, name: str, dtype: torch.dtype | None = None) -> Callable[[], torch.Tensor]:

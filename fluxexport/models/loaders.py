@@ -19,13 +19,21 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
         model = FluxTransformer2DModel.from_pretrained(source.root, subfolder=SUBFOLDERS["transformer"], torch_dtype=dtype)
     else:
         model = load_bfl_transformer(source.transformer_file, source.root, dtype)
-    return model.eval()
+    return with_loras(source, "transformer", model).eval()
+
+
+def with_loras(source: ModelSource, module: str, model):
+    """`model` with the source's LoRAs merged into its weights (in place), checked against it first."""
+    if source.lora_set is not None:
+        source.lora_set.merge_into(module, model)
+    return model
 
 
 def load_clip(source: ModelSource, dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(source.root, subfolder=SUBFOLDERS["clip"], dtype=dtype).eval()
+    model = CLIPTextModel.from_pretrained(source.root, subfolder=SUBFOLDERS["clip"], dtype=dtype)
+    return with_loras(source, "clip", model).eval()
 
 
 def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):

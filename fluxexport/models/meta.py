@@ -60,3 +60,9 @@ def parameter_aliases(module: nn.Module) -> dict[int, list[str]]:
     for name, parameter in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
     return names
+
+
+def check_loras(source: ModelSource, module: str, model: nn.Module) -> None:
+    """Refuse, before anything is read or written, LoRAs that do not fit `model` (built on meta)."""
+    if source.lora_set is not None:
+        source.lora_set.check(module, {name: p.shape for name, p in model.named_parameters()})

@@ -5,6 +5,7 @@ Everything here reads configs and tokenizers only; weights are loaded by the bac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -27,6 +28,18 @@ class ModelSource:
     root: Path
     transformer_file: Path | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+    loras: tuple = ()  # LoraFile, merged into the weights wherever they are read (models/lora.py)
+
+    def with_loras(self, loras) -> ModelSource:
+        """This checkpoint with `loras` (LoraFile) merged into it; checked against the model when read."""
+        return dataclasses.replace(self, loras=tuple(loras))
+
+    @functools.cached_property
+    def lora_set(self):
+        """The LoRAs read once (a LoraSet), or None without any."""
+        from fluxexport.models.lora import LoraSet
+
+        return LoraSet(self.loras) if self.loras else None
 
     @property
     def pipeline_class(self) -> str:
@@ -99,6 +112,8 @@ class ModelSource:
             files.append(self.transformer_file)
         for path in files:
             digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        for lora in self.loras:  # a merged model is another model: its graphs and scales are its own
+            digest.update(f"lora:{lora.sha256}:{lora.scale!r}".encode())
         return digest.hexdigest()[:16]
 
     @functools.cached_property

@@ -1,0 +1,178 @@
+"""LoRAs for FLUX.1, read in every format people publish, merged into the weights as they are read.
+
+Formats are converted by diffusers' own `FluxPipeline.lora_state_dict` (diffusers/PEFT `lora_A`/`lora_B`,
+kohya `lora_unet_…`/`lora_te1_…` with `.alpha`, black-forest-labs/XLabs `…processor…`): no key tables here.
+The merged weight is exactly what diffusers' `fuse_lora(lora_scale=s)` computes: W + s · (alpha / rank) · B·A
+in float32 (alpha = rank, i.e. 1, when the file has no alphas; kohya's are already folded in by the
+conversion), then cast to the checkpoint's dtype. Safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxexport.errors import FluxExportError
+
+# LoRA key prefix (diffusers' naming) → our module; CLIP's `text_model.` level is gone in transformers ≥ 5
+PREFIXES = {"transformer.": "transformer", "text_encoder.": "clip"}
+DROPPED = {"clip": "text_model."}
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One `--lora FILE[:SCALE]`: the file, its strength, and its content hash (for manifests)."""
+
+    path: Path
+    scale: float
+    sha256: str
+
+    def record(self) -> dict:
+        return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale}
+
+
+def parse_lora(value: str) -> LoraFile:
+    """`FILE` or `FILE:SCALE` (scale 1.0 by default) → a LoraFile, refused in one line if unreadable."""
+    path_text, _, scale_text = value.rpartition(":")
+    try:
+        path, scale = (Path(path_text), float(scale_text)) if path_text else (Path(value), 1.0)
+    except ValueError:
+        path, scale = Path(value), 1.0
+    if path.suffix != ".safetensors":
+        raise FluxExportError(f"--lora {value}: only .safetensors LoRA files are read (FILE or FILE:SCALE)")
+    if not path.is_file():
+        raise FluxExportError(f"--lora {value}: {path} does not exist")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return LoraFile(path, scale, digest.hexdigest())
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One adapted Linear of one LoRA: the down (A) and up (B) matrices, optional up bias, and its factor."""
+
+    down: torch.Tensor  # [rank, in]
+    up: torch.Tensor  # [out, rank]
+    bias: torch.Tensor | None
+    factor: float  # user scale · alpha / rank
+
+
+def _converted(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """diffusers' conversion of the file to its own naming, and the per-module alphas it keeps (if any)."""
+    from diffusers import FluxPipeline
+    from safetensors import SafetensorError
+
+    try:
+        state, alphas = FluxPipeline.lora_state_dict(str(lora.path), return_alphas=True)
+    except (SafetensorError, OSError) as error:
+        raise FluxExportError(f"cannot read LoRA {lora.path}: {error}") from None
+    except (KeyError, ValueError, IndexError) as error:
+        raise FluxExportError(f"{lora.path} is not a FLUX LoRA diffusers can convert ({error})") from None
+    # text-encoder keys may come out in diffusers' older naming (`…to_q_lora.down`, kohya's `lora_te1_…`):
+    # diffusers' own converters bring them to PEFT's, as its text-encoder loader does
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    text = {key.removeprefix("text_encoder."): value for key, value in state.items() if key.startswith("text_encoder.")}
+    if text:
+        state = {key: value for key, value in state.items() if not key.startswith("text_encoder.")}
+        state |= {
+            f"text_encoder.{key}": v
+            for key, v in convert_state_dict_to_peft(convert_state_dict_to_diffusers(text)).items()
+        }
+    return state, {key: float(value) for key, value in (alphas or {}).items()}
+
+
+def read_lora(lora: LoraFile) -> dict[str, dict[str, LoraLayer]]:
+    """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file."""
+    state, alphas = _converted(lora)
+    layers: dict[str, dict[str, LoraLayer]] = {}
+    downs = [key for key in state if key.endswith(".lora_A.weight")]
+    if not downs:
+        first = next(iter(state), "no tensors")
+        raise FluxExportError(f"{lora.path} is not a LoRA: no lora_A/lora_down weights (first key: {first})")
+    for key in downs:
+        base = key.removesuffix(".lora_A.weight")
+        prefix = next((p for p in PREFIXES if base.startswith(p)), None)
+        if prefix is None:
+            raise FluxExportError(f"{lora.path}: {key} adapts neither the transformer nor CLIP")
+        up = state.get(f"{base}.lora_B.weight")
+        if up is None:
+            raise FluxExportError(f"{lora.path}: {key} has no lora_B/lora_up partner")
+        if any(k.startswith(f"{base}.lora_magnitude_vector") for k in state):
+            raise FluxExportError(f"{lora.path}: {base} is a DoRA layer, which cannot be merged as W + B·A")
+        module = PREFIXES[prefix]
+        name = base.removeprefix(prefix).removeprefix(DROPPED.get(module, ""))
+        down = state[key].float()
+        alpha = alphas.get(f"{base}.alpha", alphas.get(f"{base.removeprefix(prefix)}.alpha"))
+        factor = lora.scale * ((alpha / down.shape[0]) if alpha is not None else 1.0)
+        bias = state.get(f"{base}.lora_B.bias")
+        layers.setdefault(module, {})[name] = LoraLayer(
+            down, up.float(), None if bias is None else bias.float(), factor
+        )
+    return layers
+
+
+class LoraSet:
+    """The LoRAs of a model source, checked against the model's Linears, as per-tensor weight deltas."""
+
+    def __init__(self, loras: Iterable[LoraFile]):
+        self.loras = tuple(loras)
+        self.layers: dict[str, dict[str, list[LoraLayer]]] = {}
+        for lora in self.loras:
+            for module, layers in read_lora(lora).items():
+                for name, layer in layers.items():
+                    self.layers.setdefault(module, {}).setdefault(name, []).append(layer)
+
+    def check(self, module: str, shapes: dict[str, torch.Size]) -> None:
+        """Refuse (one line, first offending key) a LoRA naming a Linear the model lacks or of another shape;
+        `shapes` maps the model's parameter names to their shapes."""
+        for name, layers in self.layers.get(module, {}).items():
+            weight = shapes.get(f"{name}.weight")
+            if weight is None or len(weight) != 2:
+                raise FluxExportError(
+                    f"a LoRA adapts {module} layer {name!r}, which this model does not have as a Linear: "
+                    "it was made for another model"
+                )
+            for layer in layers:
+                if (layer.up.shape[0], layer.down.shape[1]) != tuple(weight) or layer.up.shape[1] != layer.down.shape[
+                    0
+                ]:
+                    raise FluxExportError(
+                        f"a LoRA's {module} layer {name!r} is {layer.up.shape[0]}×{layer.down.shape[1]} "
+                        f"(rank {layer.down.shape[0]}), the model's weight is {weight[0]}×{weight[1]}: "
+                        "it was made for another model"
+                    )
+
+    def delta(self, module: str, parameter: str) -> torch.Tensor | None:
+        """The float32 change of one parameter (`….weight` or `….bias`) summed over the LoRAs, or None."""
+        owner, _, kind = parameter.rpartition(".")
+        layers = self.layers.get(module, {}).get(owner)
+        if not layers:
+            return None
+        if kind == "weight":
+            return sum((layer.factor * (layer.up @ layer.down) for layer in layers), torch.zeros(()))
+        if kind == "bias" and any(layer.bias is not None for layer in layers):
+            return sum((layer.factor * layer.bias for layer in layers if layer.bias is not None), torch.zeros(()))
+        return None
+
+    def merged(self, module: str, parameter: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (a checkpoint parameter) with the LoRAs merged, in float32, back in its own dtype."""
+        change = self.delta(module, parameter)
+        if change is None:
+            return tensor
+        return (tensor.float() + change).to(tensor.dtype)
+
+    def merge_into(self, module: str, model: torch.nn.Module) -> None:
+        """Merge into a loaded module in place (the PyTorch backend's and in-memory export's path)."""
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        self.check(module, shapes)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if self.delta(module, name) is not None:
+                    parameter.copy_(self.merged(module, name, parameter.detach()))

@@ -1,0 +1,209 @@
+"""LoRAs in the three published formats, merged as diffusers' fuse_lora merges them, wherever weights are read."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import diffusers_images
+from safetensors.torch import load_file, save_file
+
+from fluxexport.backends.torch_backend import TorchBackend
+from fluxexport.cli import main
+from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import read_manifest
+from fluxexport.export.onnx_export import export_component
+from fluxexport.models.loaders import load_clip, load_transformer
+from fluxexport.models.lora import parse_lora
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.specs import component_specs, sample_inputs
+from fluxexport.validate import psnr
+
+RANK = 4
+REQUEST = GenerationRequest("a red fox", height=128, width=128, num_inference_steps=2, seed=3)
+
+
+def write_peft(path, transformer, clip, seed=0):
+    """diffusers/PEFT naming: transformer.<module>.lora_A/lora_B, no alphas (scale 1)."""
+    generator, state = torch.Generator().manual_seed(seed), {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(
+            ("transformer_blocks.0.", "single_transformer_blocks.0.")
+        ):
+            state[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(RANK, module.in_features, generator=generator) * 0.3
+            )
+            state[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, RANK, generator=generator) * 0.3
+            )
+    save_file(state, str(path))
+    return path
+
+
+def write_kohya(path, transformer, clip, seed=1, with_clip=False):
+    """kohya/sd-scripts naming on black-forest-labs' modules (fused qkv), with per-module alphas; with
+    `with_clip`, also CLIP's first attention (`lora_te1_…`)."""
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features
+    generator, state = torch.Generator().manual_seed(seed), {}
+    # (single blocks' linear1 is left out: diffusers' conversion hard-codes FLUX.1's 3072/12288 split for it)
+    for key, out, inp, alpha in (("double_blocks_0_img_attn_qkv", 3 * width, width, 2.0),
+                                 ("double_blocks_0_img_attn_proj", width, width, 8.0),
+                                 ("single_blocks_0_linear2", width, width + mlp, 4.0)):  # fmt: skip
+        state[f"lora_unet_{key}.lora_down.weight"] = torch.randn(RANK, inp, generator=generator) * 0.3
+        state[f"lora_unet_{key}.lora_up.weight"] = torch.randn(out, RANK, generator=generator) * 0.3
+        state[f"lora_unet_{key}.alpha"] = torch.tensor(alpha)
+    for name, module in clip.named_modules() if with_clip else ():
+        if isinstance(module, torch.nn.Linear) and name.startswith("encoder.layers.0.self_attn."):
+            key = "lora_te1_text_model_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=generator) * 0.5
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=generator) * 0.5
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+    return path
+
+
+def write_xlabs(path, transformer, clip, seed=2):
+    """XLabs naming: double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}."""
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    generator, state = torch.Generator().manual_seed(seed), {}
+    for lora, out in (("qkv_lora1", 3 * width), ("qkv_lora2", 3 * width), ("proj_lora1", width), ("proj_lora2", width)):
+        state[f"double_blocks.0.processor.{lora}.down.weight"] = torch.randn(RANK, width, generator=generator) * 0.3
+        state[f"double_blocks.0.processor.{lora}.up.weight"] = torch.randn(out, RANK, generator=generator) * 0.3
+    save_file(state, str(path))
+    return path
+
+
+WRITERS = {"peft": write_peft, "kohya": write_kohya, "xlabs": write_xlabs}
+
+
+@pytest.fixture(scope="module")
+def lora_files(sources, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    transformer, clip = load_transformer(sources["tiny-dev"]), load_clip(sources["tiny-dev"])
+    return {kind: write(folder / f"{kind}.safetensors", transformer, clip) for kind, write in WRITERS.items()}
+
+
+def diffusers_fused(source, files_and_scales):
+    """diffusers' FluxPipeline with each LoRA loaded and fused at its scale, in turn."""
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(source.root, dtype=torch.float32)
+    for path, scale in files_and_scales:
+        pipeline.load_lora_weights(str(path))
+        pipeline.fuse_lora(lora_scale=scale)
+        pipeline.unload_lora_weights()  # the fused weights stay
+    return diffusers_images(pipeline, REQUEST.prompt, REQUEST.height, REQUEST.width, 2, REQUEST.seed)
+
+
+def ours(source, *loras):
+    merged = source.with_loras([parse_lora(value) for value in loras])
+    with TorchBackend(merged, "fp32", "cpu") as backend:
+        return generate(backend, merged, REQUEST).images
+
+
+@pytest.fixture(scope="module")
+def base_images(sources):
+    return ours(sources["tiny-dev"])
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_each_format_merges_as_diffusers_fuse_lora(kind, sources, lora_files, base_images):
+    images = ours(sources["tiny-dev"], f"{lora_files[kind]}:0.7")
+    reference = diffusers_fused(sources["tiny-dev"], [(lora_files[kind], 0.7)])
+    assert psnr(images, reference) >= 50
+    assert psnr(images, base_images) < 45  # the LoRA changes the image
+
+
+
+def test_two_loras_at_once_and_scale_zero(sources, lora_files, base_images):
+    both = ours(sources["tiny-dev"], f"{lora_files['peft']}:0.5", f"{lora_files['kohya']}:0.8")
+    reference = diffusers_fused(sources["tiny-dev"], [(lora_files["peft"], 0.5), (lora_files["kohya"], 0.8)])
+    assert psnr(both, reference) >= 50
+    assert np.array_equal(ours(sources["tiny-dev"], f"{lora_files['xlabs']}:0"), base_images)
+
+
+def test_merged_weights_stream_into_the_export_as_they_load(sources, lora_files, tmp_path):
+    """The streamed export (weights merged tensor by tensor as read) equals the in-memory export of the
+    merged model bit for bit, runs like the merged PyTorch model, and the manifest records the LoRA."""
+    from helpers import assert_same_graph
+
+    from fluxexport.export.onnx_export import export_model
+
+    merged = sources["tiny-dev"].with_loras([parse_lora(f"{lora_files['kohya']}:0.8")])
+    spec = component_specs(merged)["transformer"]
+    export_model(merged, tmp_path / "streamed", ["transformer"])
+    memory = export_component(merged, spec, tmp_path / "memory", streaming=False)
+    assert_same_graph(tmp_path / "streamed" / "transformer.onnx", memory.path)
+    session = onnxruntime.InferenceSession(str(tmp_path / "streamed" / "transformer.onnx"))
+    feeds = sample_inputs(spec, {"B": 2, "N": 24, "L": 7}, seed=1)
+    (latent,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    with TorchBackend(merged, "fp32", "cpu") as backend:
+        expected = backend.component("transformer")(feeds)["latent"].numpy()
+    assert np.linalg.norm(latent - expected) / np.linalg.norm(expected) < 1e-5
+    model = read_manifest(tmp_path / "streamed")["model"]
+    assert model["loras"] == [{"file": "kohya.safetensors", "sha256": parse_lora(str(lora_files["kohya"])).sha256,
+                               "scale": 0.8}]  # fmt: skip
+    assert model["fingerprint"] != sources["tiny-dev"].fingerprint()  # a merged model is another model
+
+
+def test_cli_run_and_export_take_loras(sources, lora_files, base_images, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, [
+        "run", "--model", "tiny-dev", "--prompt", "a red fox", "--height", "128", "--width", "128", "--steps", "2",
+        "--seed", "3", "--lora", f"{lora_files['xlabs']}:0.7", "--output", str(tmp_path / "fox.png"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "fox.png"))
+    assert np.array_equal(image, ours(sources["tiny-dev"], f"{lora_files['xlabs']}:0.7")[0])
+
+
+def test_bad_loras_are_refused_in_one_line(sources, lora_files, tmp_path):
+    weights = next((sources["tiny-dev"].root / "transformer").glob("*.safetensors"))
+    with pytest.raises(FluxExportError, match=r"is not a LoRA: no lora_A/lora_down weights \(first key: "):
+        sources["tiny-dev"].with_loras([parse_lora(str(weights))]).lora_set  # noqa: B018
+    with pytest.raises(FluxExportError, match=r"^--lora x\.pt: only \.safetensors LoRA files are read"):
+        parse_lora("x.pt")
+    with pytest.raises(FluxExportError, match=r"does not exist$"):
+        parse_lora(str(tmp_path / "missing.safetensors:0.5"))
+
+    state = load_file(str(lora_files["peft"]))
+    deeper = {key.replace("transformer.transformer_blocks.0.", "transformer.transformer_blocks.7."): v
+              for key, v in state.items()}  # fmt: skip
+    save_file(deeper, str(tmp_path / "other-model.safetensors"))
+    result = CliRunner().invoke(main, ["export", "--model", "tiny-dev", "--components", "transformer", "--out",
+                                       str(tmp_path / "out"), "--lora", str(tmp_path / "other-model.safetensors")])  # fmt: skip
+    assert result.exit_code == 1
+    assert "a LoRA adapts transformer layer 'transformer_blocks.7.attn." in result.output
+    assert "which this model does not have as a Linear: it was made for another model" in result.output
+    assert not (tmp_path / "out" / "transformer.onnx").exists()
+
+    key = next(k for k in state if k.endswith("to_q.lora_B.weight") and k.startswith("transformer.transformer_blocks"))
+    wrong = dict(state, **{key: torch.zeros(state[key].shape[0] + 1, RANK)})
+    save_file(wrong, str(tmp_path / "wrong-shape.safetensors"))
+    with pytest.raises(FluxExportError, match=r"a LoRA's transformer layer 'transformer_blocks\.0\.attn\.to_q' is "):
+        load_transformer(sources["tiny-dev"].with_loras([parse_lora(str(tmp_path / "wrong-shape.safetensors"))]))
+
+
+def test_kohya_clip_layers_merge_by_kohyas_definition(sources, tmp_path):
+    """CLIP LoRAs (kohya's lora_te1_): W + scale · alpha/rank · up·down, computed here from the raw file.
+    (diffusers 0.42 cannot be the reference: with transformers 5's CLIPTextModel, which has no `text_model`
+    level, its load_lora_weights finds no CLIP layer and leaves the text encoder unchanged.)"""
+    source = sources["tiny-dev"]
+    path = write_kohya(tmp_path / "te.safetensors", load_transformer(source), load_clip(source), with_clip=True)
+    raw = load_file(str(path))
+    merged = dict(load_clip(source.with_loras([parse_lora(f"{path}:0.7")])).named_parameters())
+    base = dict(load_clip(source).named_parameters())
+    checked = 0
+    for name in base:
+        key = "lora_te1_text_model_" + name.removesuffix(".weight").replace(".", "_")
+        if name.endswith(".weight") and f"{key}.lora_down.weight" in raw:
+            up, down = raw[f"{key}.lora_up.weight"], raw[f"{key}.lora_down.weight"]
+            expected = base[name] + 0.7 * (raw[f"{key}.alpha"] / RANK) * (up @ down)
+            torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+            checked += 1
+        else:
+            assert torch.equal(merged[name], base[name]), name
+    assert checked == 4  # q, k, v and out projections of the first layer
