@@ -115,7 +115,6 @@ def test_each_format_merges_as_diffusers_fuse_lora(kind, sources, lora_files, ba
     assert psnr(images, base_images) < 45  # the LoRA changes the image
 
 
-
 def test_two_loras_at_once_and_scale_zero(sources, lora_files, base_images):
     both = ours(sources["tiny-dev"], f"{lora_files['peft']}:0.5", f"{lora_files['kohya']}:0.8")
     reference = diffusers_fused(sources["tiny-dev"], [(lora_files["peft"], 0.5), (lora_files["kohya"], 0.8)])
@@ -207,3 +206,42 @@ def test_kohya_clip_layers_merge_by_kohyas_definition(sources, tmp_path):
         else:
             assert torch.equal(merged[name], base[name]), name
     assert checked == 4  # q, k, v and out projections of the first layer
+
+
+def test_loras_swap_into_an_unmerged_graph_in_onnxruntime(sources, exports, lora_files, tmp_path):
+    """Base graphs run with --lora: the touched initializers are replaced when the session is created, and a
+    long-lived backend swaps LoRAs by recreating only the sessions they touch."""
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    base = sources["tiny-dev"]
+    loras = [f"{lora_files['kohya']}:0.8", f"{lora_files['peft']}:0.5"]
+    merged = base.with_loras([parse_lora(value) for value in loras])
+    with OnnxRuntimeBackend(merged, exports["tiny-dev"]) as backend:
+        assert backend.swapped is not None
+        swapped = generate(backend, merged, REQUEST).images
+        assert psnr(swapped, ours(base, *loras)) >= 50
+        clip = backend.component("clip")
+        backend.set_loras([parse_lora(f"{lora_files['xlabs']}:0.7")])  # transformer-only LoRAs now
+        assert backend.component("clip") is clip  # untouched by either set: kept
+        again = generate(backend, merged, REQUEST).images
+        assert psnr(again, ours(base, f"{lora_files['xlabs']}:0.7")) >= 50
+        backend.set_loras([])
+        assert psnr(generate(backend, merged, REQUEST).images, ours(base)) >= 50
+    result = CliRunner().invoke(main, [
+        "run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", str(exports["tiny-dev"]),
+        "--prompt", "a red fox", "--height", "128", "--width", "128", "--steps", "2", "--seed", "3",
+        "--lora", loras[0], "--lora", loras[1], "--output", str(tmp_path / "fox.png"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "fox.png")), swapped[0])
+
+
+def test_swapping_into_an_fp8_graph_is_refused(sources, fp8_exports, lora_files):
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    merged = sources["tiny-dev"].with_loras([parse_lora(str(lora_files["peft"]))])
+    refusal = r"^LoRAs cannot be swapped into transformer\.fp8\.onnx \(FP8 weights\)"
+    with OnnxRuntimeBackend(merged, fp8_exports["tiny-dev"]) as backend, pytest.raises(FluxExportError, match=refusal):
+        backend.component("transformer")

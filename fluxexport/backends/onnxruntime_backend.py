@@ -11,6 +11,7 @@ from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import graph_entries, read_manifest
+from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource
 
 
@@ -53,10 +54,16 @@ def session_runner(session, entry: dict, component: str = "graph") -> Component:
     return run
 
 
-def create_session(path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0):
-    """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights)."""
+def create_session(
+    path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0, overrides=None
+):
+    """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights);
+    `overrides` (initializer name → float32 array) replace initializers when the session is created."""
     onnxruntime = _import_onnxruntime()
     options = onnxruntime.SessionOptions()
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in (overrides or {}).values()]
+    for name, value in zip(overrides or {}, values, strict=True):
+        options.add_initializer(name, value)
     options.log_severity_level = 3
     # Idle intra-op workers otherwise spin for a while after each run, taking the cores from the Python
     # code between engine calls (measured: ~10 ms of a 226 ms step on 2 cores).
@@ -72,8 +79,11 @@ def create_session(path: Path, upcast: bool = False, providers: list[str] | None
         from fluxexport.export.graph import upcast_bf16_to_fp32
 
         model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
-        return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
-    return onnxruntime.InferenceSession(str(path), options, providers=providers)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
+    else:
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    session._fluxexport_overrides = values  # the session reads replaced initializers from them: keep them alive
+    return session
 
 
 class OnnxRuntimeBackend(LoadedComponents):
@@ -99,7 +109,11 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.engines = Path(engines)
         self.manifest = read_manifest(self.engines)
         exported_from = self.manifest["model"]["fingerprint"]
-        if exported_from != source.fingerprint():
+        self.base = source.with_loras(())  # the checkpoint the graphs were exported from, when LoRAs are swapped
+        self.swapped = None  # the LoRAs applied at session creation (base graphs run with --lora)
+        if exported_from != source.fingerprint() and self._swappable(exported_from, source):
+            self.swapped = source.lora_set
+        elif exported_from != source.fingerprint():
             raise FluxExportError(
                 f"the graphs in {self.engines} were exported from {self.manifest['model']['name']!r}, not from "
                 f"{source.name!r}: pass the same --model as at export, or export again"
@@ -108,6 +122,63 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.threads = threads
         self.fp8 = fp8
         self.entries = graph_entries(self.manifest, fp8)
+
+    def _swappable(self, exported_from: str, source: ModelSource) -> bool:
+        """Graphs of the unmerged base checkpoint, asked to run with LoRAs: they are swapped in."""
+        return (
+            bool(source.loras) and not self.manifest["model"].get("loras") and exported_from == self.base.fingerprint()
+        )
+
+    def set_loras(self, loras) -> None:
+        """Swap LoRAs (LoraFile) in a long-lived backend: only the sessions whose weights they touch (the
+        transformer's, CLIP's) are recreated, with the new weights; the other components stay loaded."""
+        from fluxexport.models.lora import LoraSet
+
+        previous = self.swapped
+        self.swapped = LoraSet(loras) if loras else None
+        touched = {"transformer", "clip"} if previous is None else set(previous.layers)
+        touched |= set(self.swapped.layers) if self.swapped is not None else set()
+        for name in ("transformer", "clip"):
+            if MODULE_OF[name] in touched:
+                self._components.pop(name, None)
+
+    def _lora_overrides(self, name: str, entry: dict) -> dict:
+        """Replacement initializers (name → float32 array) with the swapped LoRAs merged: only the weights
+        the LoRAs touch, read from the base checkpoint, merged in float32, permuted as the graph holds them."""
+        import numpy as np
+
+        from fluxexport.models.checkpoint import CheckpointTensors
+
+        module = MODULE_OF[name]
+        if self.swapped is None or module not in self.swapped.layers:
+            return {}
+        if entry["dtype"] == "fp8":
+            raise FluxExportError(
+                f"LoRAs cannot be swapped into {entry['file']} (FP8 weights): quantize with --lora, or --no-fp8"
+            )
+        if "weights" not in entry:
+            raise FluxExportError(
+                f"{entry['file']} does not record where its weights come from (exported in memory or by an older "
+                f"version): export it again to swap LoRAs, or export with --lora"
+            )
+        from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
+
+        with parameters_on_meta():
+            check_loras(self.source, module, module_from_config(self.base, module))
+        tensors = CheckpointTensors(self.base, module)
+        overrides, placed = {}, set()
+        for initializer, origin in entry["weights"].items():
+            if self.swapped.delta(module, origin["tensor"]) is None:
+                continue
+            merged = self.swapped.merged(module, origin["tensor"], tensors.load(origin["tensor"], torch.float32))
+            if origin["perm"]:
+                merged = merged.permute(origin["perm"])
+            overrides[initializer] = np.ascontiguousarray(merged.numpy())
+            placed.add(origin["tensor"])
+        missing = [f"{layer}.weight" for layer in self.swapped.layers[module] if f"{layer}.weight" not in placed]
+        if missing:
+            raise FluxExportError(f"{entry['file']} has no initializer for {missing[0]}: export with --lora instead")
+        return overrides
 
     @property
     def transformer_graph(self) -> str:
@@ -122,7 +193,9 @@ class OnnxRuntimeBackend(LoadedComponents):
     def _load(self, name: str) -> Component:
         entries = self.entries
         if name == "transformer" and name not in entries and self.fp8:
-            raise FluxExportError(f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}")
+            raise FluxExportError(
+                f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}"
+            )
         if name not in entries:
             raise FluxExportError(
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
@@ -136,7 +209,8 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        return session_runner(self._session(self.engines / entry["file"], upcast=bf16), entry, name)
+        overrides = self._lora_overrides(name, entry)
+        return session_runner(self._session(self.engines / entry["file"], bf16, overrides), entry, name)
 
-    def _session(self, path: Path, upcast: bool = False):
-        return create_session(path, upcast, self.providers, self.threads)
+    def _session(self, path: Path, upcast: bool = False, overrides: dict | None = None):
+        return create_session(path, upcast, self.providers, self.threads, overrides)

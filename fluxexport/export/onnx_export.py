@@ -17,7 +17,7 @@ from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.manifest import FORMAT, file_sha256, library_versions, now, read_manifest, write_manifest
-from fluxexport.export.streaming import streamed_program
+from fluxexport.export.streaming import streamed_program, surviving_origins
 from fluxexport.models.adapters import build_adapter
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
@@ -40,6 +40,7 @@ class ExportedComponent:
     weight_bytes: int
     external_data: str | None
     notes: tuple[str, ...] = ()
+    weights: dict[str, dict] | None = None  # initializer → its checkpoint tensor (streamed exports)
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
@@ -105,11 +106,12 @@ def export_component(
     compute, note = component_precision(spec.name, dtype)
     feeds = sample_inputs(spec, spec.export_sizes, torch_dtype(compute))
     try:
-        if module is None and streaming:
+        origins: dict | None = {} if module is None and streaming else None
+        if origins is not None:
             model: ir.Model = streamed_program(
                 source, spec, torch_dtype(compute),
                 lambda adapter, optimize: _export_program(adapter, spec, feeds, opset, translations, optimize),
-                prepare,
+                prepare, origins,
             )  # fmt: skip
         else:
             module = module or build_adapter(spec, source, torch_dtype(compute), prepare)
@@ -132,6 +134,7 @@ def export_component(
         notes.append(f"{count} BF16 Resize nodes wrapped in fp32 casts")
     if graph_pass is not None and (pass_note := graph_pass(model)):
         notes.append(pass_note)
+    weights = surviving_origins(model, origins) if origins is not None else None
     weight_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
     external = weight_bytes > PROTOBUF_LIMIT if external_data is None else external_data
 
@@ -162,7 +165,7 @@ def export_component(
         shutil.rmtree(staging, ignore_errors=True)
     return ExportedComponent(
         spec.name, out_dir / f"{stem}.onnx", compute, time.perf_counter() - start, model.graph.num_nodes(),
-        weight_bytes, data_name, tuple(notes),
+        weight_bytes, data_name, tuple(notes), weights,
     )  # fmt: skip
 
 
@@ -198,7 +201,7 @@ def manifest_entry(spec: ComponentSpec, exported: ExportedComponent, opset: int)
         "export_seconds": round(exported.seconds, 2),
         "notes": list(exported.notes),
         "exported_at": now(),
-    }
+    } | ({"weights": exported.weights} if exported.weights else {})
 
 
 def open_manifest(source: ModelSource, out_dir: Path, dtype: str, bounds: ExportBounds) -> dict:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx_ir as ir
 import torch
@@ -57,6 +58,17 @@ def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Mod
 
 
 Loader = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightOrigin:
+    """Where an initializer's values come from: a checkpoint tensor, permuted by `perm` (or as is). The
+    manifest keeps these, so weights can be replaced later (LoRAs swapped in ONNX Runtime) by name."""
+
+    tensor: str
+    perm: list[int] | None
+
+
 Prepare = Callable[[nn.Module], nn.Module]
 
 
@@ -66,11 +78,13 @@ def lazy_initializer(load: Loader, name: str, dtype: ir.DataType, shape: ir.Shap
 
 
 def attach_checkpoint_weights(
-    model: ir.Model, adapter: nn.Module, inner: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype
-) -> dict[str, Loader]:
+    model: ir.Model, adapter: nn.Module, inner: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype,
+    origins: dict[str, WeightOrigin] | None = None,
+) -> dict[str, Loader]:  # fmt: skip
     """Point every initializer that is a parameter (or buffer) of `inner` at its checkpoint tensor, lazily.
 
-    Returns each attached initializer's loader; refuses a checkpoint that lacks a tensor the model has."""
+    Returns each attached initializer's loader (and fills `origins`: initializer → checkpoint tensor);
+    refuses a checkpoint that lacks a tensor the model has."""
     prefix = next(name for name, child in adapter.named_children() if child is inner) + "."
     aliases = parameter_aliases(inner)
     parameters = {f"{prefix}{name}": aliases[id(p)] for name, p in inner.named_parameters(remove_duplicate=False)}
@@ -78,7 +92,10 @@ def attach_checkpoint_weights(
     attached: dict[str, Loader] = {}
     for name, value in model.graph.initializers.items():
         if name in parameters:
-            load = tensors.loader(tensors.first_of(parameters[name]), dtype)
+            found = tensors.first_of(parameters[name])
+            load = tensors.loader(found, dtype)
+            if origins is not None:
+                origins[name] = WeightOrigin(found, None)
         elif name in buffers:
             buffer = buffers[name]
             load = lambda buffer=buffer: buffer  # noqa: E731 - a buffer is small and already real
@@ -89,7 +106,9 @@ def attach_checkpoint_weights(
     return attached
 
 
-def fold_weight_transposes(model: ir.Model, loaders: dict[str, Loader]) -> int:
+def fold_weight_transposes(
+    model: ir.Model, loaders: dict[str, Loader], origins: dict[str, WeightOrigin] | None = None
+) -> int:
     """Fold `Transpose(weight)` into a lazily transposed initializer, as the optimizer would, but lazily.
 
     torch exports a Linear as MatMul(x, Transpose(W)) and the optimizer's constant folding replaces the
@@ -105,18 +124,25 @@ def fold_weight_transposes(model: ir.Model, loaders: dict[str, Loader]) -> int:
         perm = tuple(node.attributes["perm"].as_ints()) if "perm" in node.attributes else tuple(reversed(range(rank)))
         shape, name = ir.Shape([source.shape[axis] for axis in perm]), node.outputs[0].name
         load = lambda load=loaders[source.name], perm=perm: load().permute(perm)  # noqa: E731
+        origin = origins.get(source.name) if origins is not None else None
         replace_with_initializer(graph, node, lazy_initializer(load, name, source.dtype, shape))
+        if origins is not None and origin is not None:
+            origins[name] = WeightOrigin(origin.tensor, list(perm))
+            if source.name not in graph.initializers:
+                del origins[source.name]
         folded += 1
     return folded
 
 
 def streamed_program(
-    source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, export, prepare: Prepare | None = None
-) -> ir.Model:
+    source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, export, prepare: Prepare | None = None,
+    origins: dict[str, WeightOrigin] | None = None,
+) -> ir.Model:  # fmt: skip
     """The component's optimized graph with lazily loaded weights; `export(module, optimize)` traces it.
 
     `prepare` rewrites the (fake-weight) module before it is traced, e.g. into the FP8 fake-quantized one;
-    the parameters it keeps keep their names, the buffers it adds must be real."""
+    the parameters it keeps keep their names, the buffers it adds must be real. `origins` is filled with
+    each initializer's checkpoint tensor."""
     module_name = MODULE_OF[spec.name]
     tensors = CheckpointTensors(source, module_name)
     inner = empty_module(source, module_name, dtype)
@@ -124,13 +150,19 @@ def streamed_program(
         inner = prepare(inner)
     adapter = wrap_component(spec.name, inner, source.guidance_embeds)
     program = export(adapter, False)
-    loaders = attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype)
+    loaders = attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype, origins)
     fakes = [name for name, value in program.model.graph.initializers.items() if _is_fake(value.const_value)]
     if fakes:
         raise FluxExportError(f"{spec.name}: no weight for {fakes[0]} (and {len(fakes) - 1} more) in the checkpoint")
-    fold_weight_transposes(program.model, loaders)
+    fold_weight_transposes(program.model, loaders, origins)
     program.optimize()  # the same onnxscript optimizer `optimize=True` runs, now on real (lazy) weights
     return program.model
+
+
+def surviving_origins(model: ir.Model, origins: dict[str, WeightOrigin]) -> dict[str, dict]:
+    """The origins of the initializers the final graph still has, as manifest JSON (sorted)."""
+    kept = model.graph.initializers
+    return {name: {"tensor": o.tensor, "perm": o.perm} for name, o in sorted(origins.items()) if name in kept}
 
 
 def _is_fake(tensor) -> bool:
