@@ -82,8 +82,18 @@ def test_manifest_describes_the_files(sources, exports):
         "pipeline_class": "FluxKontextPipeline",
         "fingerprint": sources["tiny-kontext"].fingerprint(),
         "guidance_embeds": True,
+        "loras": [],  # none merged
     }
     assert set(manifest["components"]) == set(COMPONENTS)
+    # where each streamed initializer's values come from (what a LoRA swap replaces): checkpoint tensors,
+    # the Linear weights transposed as the graph holds them
+    from fluxexport.models.checkpoint import CheckpointTensors
+
+    weights = manifest["components"]["transformer"]["weights"]
+    tensors = CheckpointTensors(sources["tiny-kontext"], "transformer")
+    assert weights and all(origin["tensor"] in tensors for origin in weights.values())
+    queries = [origin["perm"] for origin in weights.values() if origin["tensor"].endswith("attn.to_q.weight")]
+    assert queries and all(perm == [1, 0] for perm in queries)
     assert {"torch", "diffusers", "transformers", "onnx", "onnxscript"} <= set(manifest["versions"])
     transformer = manifest["components"]["transformer"]
     assert transformer["opset"] == 20 and transformer["dtype"] == "fp32" and transformer["external_data"] is None
