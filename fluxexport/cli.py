@@ -495,6 +495,26 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
 
 @main.command()
 @model_options
+@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Engines built with --refittable.")
+@click.option("--reset", is_flag=True, help="Back to the base weights (drops the refitted plans).")
+def refit(model, base_model, engines, reset) -> None:
+    """Refit TensorRT engines with --lora files (no rebuild): only the weights the LoRAs touch change."""
+    from fluxexport.tensorrt.environment import import_tensorrt
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source = _source(model, base_model)
+    if reset and source.loras:
+        raise FluxExportError("--reset goes back to the base weights: drop the --lora options")
+    import_tensorrt()  # refuse before anything else happens
+    manifest = refit_engines(source, engines, reset)
+    rows = [[name, entry["file"], str(entry.get("refitted_weights", 0) if "base_file" in entry else "base")]
+            for name, entry in manifest["components"].items()]  # fmt: skip
+    console.print(table(f"engines in {engines}", ["component", "plan", "weights refitted"], rows))
+    click.echo(str(engines))
+
+
+@main.command()
+@model_options
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")

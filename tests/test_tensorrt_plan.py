@@ -1,13 +1,16 @@
 """Everything around the TensorRT calls, on any machine: profiles, policy, naming, manifests, refusals."""
 
+import ctypes
 import inspect
 import re
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import flux1_source
 
@@ -217,6 +220,8 @@ def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
     (tmp_path / "engines" / "manifest.json").write_text('{"format": 1, "kind": "tensorrt", "components": {}}')
     checked = CliRunner().invoke(main, ["validate", "--model", "tiny-dev", "--engines", str(tmp_path / "engines")])
     assert checked.exit_code == 1 and checked.output.startswith("Error: TensorRT is not installed")
+    refit = CliRunner().invoke(main, ["refit", "--model", "tiny-dev", "--engines", str(tmp_path / "engines")])
+    assert refit.exit_code == 1 and refit.output.startswith("Error: TensorRT is not installed")
 
 
 def test_only_the_tensorrt_stubs_are_not_tensorrt(monkeypatch):
@@ -476,3 +481,122 @@ def test_a_profile_naming_an_input_the_graph_lacks_is_refused(monkeypatch, tmp_p
     with pytest.raises(FluxExportError, match=r"^TensorRT failed to build transformer\.onnx: Invalid inputs"):
         builder.build_engine(tmp_path / "transformer.onnx", tmp_path / "t.plan", built, options, tmp_path / "c")
     assert not (tmp_path / "t.plan").exists()
+
+
+class _RefitTensorRT(types.ModuleType):
+    """The slice of TensorRT's API `fluxexport refit` uses (Runtime, Refitter, Weights), recording the weights
+    it is given as the values behind their host pointers."""
+
+    __version__ = "10.13.0.35"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class DataType:
+        class FLOAT:
+            name = "FLOAT"
+
+    def __init__(self, sizes: dict[str, int]):
+        super().__init__("tensorrt")
+        self.set: dict[str, np.ndarray] = {}
+        fake = self
+
+        class Engine:
+            def __init__(self, plan):
+                self.plan = plan
+
+            def serialize(self):
+                return b"refitted:" + self.plan
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, plan):
+                return Engine(plan)
+
+        class Weights:
+            def __init__(self, dtype, ptr=0, count=0):
+                self.dtype, self.ptr, self.size = dtype, ptr, count
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                pass
+
+            def get_weights_prototype(self, name):
+                return Weights(fake.DataType.FLOAT, 0, sizes[name])
+
+            def set_named_weights(self, name, weights):
+                buffer = (ctypes.c_float * weights.size).from_address(weights.ptr)
+                fake.set[name] = np.ctypeslib.as_array(buffer).copy()
+                return True
+
+            def get_missing_weights(self):
+                return []
+
+            def refit_cuda_engine(self):
+                return True
+
+        self.Runtime, self.Refitter, self.Weights = Runtime, Refitter, Weights
+
+
+def test_refit_sets_only_the_lora_weights_by_initializer_name(monkeypatch, tmp_path, sources, exports):
+    """Kohya LoRA at 0.8 into an fp32 transformer engine: exactly the touched initializers are set, to the
+    merged model's weights as the graph holds them (transposed); the base plan stays; --reset goes back."""
+    from safetensors.torch import save_file
+
+    from fluxexport.export.manifest import write_manifest
+    from fluxexport.models.loaders import load_transformer
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.tensorrt.engines import engine_manifest
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source = sources["tiny-dev"]
+    base = load_transformer(source)
+    width = base.config.num_attention_heads * base.config.attention_head_dim
+    generator = torch.Generator().manual_seed(4)
+    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, width, generator=generator),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(width, 2, generator=generator),
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0)},
+              str(tmp_path / "kohya.safetensors"))  # fmt: skip
+    merged_source = source.with_loras([parse_lora(f"{tmp_path / 'kohya.safetensors'}:0.8")])
+    graph = exports["tiny-dev"] / "transformer.onnx"
+    weights = read_manifest(exports["tiny-dev"])["components"]["transformer"]["weights"]
+    sizes = {name: int(np.prod(t.dims)) for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+             for name in [t.name] if name in weights}  # fmt: skip
+    trt = _RefitTensorRT(sizes)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "transformer_fp32.trt_10.13.0.35.plan").write_bytes(b"base-plan")
+    manifest = engine_manifest(read_manifest(exports["tiny-dev"])["model"], "10.13.0.35", H100, "bf16",
+                               {"refittable": True})  # fmt: skip
+    manifest["components"]["transformer"] = {"file": "transformer_fp32.trt_10.13.0.35.plan", "precision": "fp32",
+                                             "onnx": str(graph)}  # fmt: skip
+    write_manifest(engines, manifest)
+
+    refit_engines(merged_source, engines)
+    expected = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach().T
+    (name,) = trt.set  # only the one layer the LoRA adapts
+    assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight"
+    np.testing.assert_allclose(trt.set[name].reshape(expected.shape), expected.numpy(), rtol=1e-6, atol=1e-6)
+    after = read_manifest(engines)
+    entry = after["components"]["transformer"]
+    assert entry["file"] == "transformer_fp32.lora.trt_10.13.0.35.plan" and entry["refitted_weights"] == 1
+    assert (engines / entry["file"]).read_bytes() == b"refitted:base-plan"
+    assert (engines / "transformer_fp32.trt_10.13.0.35.plan").read_bytes() == b"base-plan"  # the base stays
+    assert after["model"]["fingerprint"] == merged_source.fingerprint()  # run --lora finds these engines
+    assert after["model"]["loras"][0]["scale"] == 0.8
+
+    reset = refit_engines(source, engines, reset=True)
+    assert reset["components"]["transformer"]["file"] == "transformer_fp32.trt_10.13.0.35.plan"
+    assert reset["model"]["fingerprint"] == source.fingerprint() and reset["model"]["loras"] == []
+    assert not (engines / "transformer_fp32.lora.trt_10.13.0.35.plan").exists()
+
+    manifest["builder"] = {"refittable": False}
+    write_manifest(engines, manifest)
+    with pytest.raises(FluxExportError, match=r"are not refittable: rebuild them with fluxexport build --refittable$"):
+        refit_engines(merged_source, engines)

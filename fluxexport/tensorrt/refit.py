@@ -1,0 +1,132 @@
+"""`fluxexport refit`: LoRAs into built engines without rebuilding them (TensorRT's Refitter, by ONNX
+initializer name), and back to the base weights with `--reset`.
+
+A refit always starts from the base plan `build` wrote, which stays as it is: only the weights the LoRAs touch
+are computed (base tensor + delta in float32, cast to the engine's weight type, laid out as the graph holds
+them: the export's manifest records each initializer's checkpoint tensor and transpose), set by name, and the
+refitted plan is written atomically beside the base one. The engine manifest then names the refitted plan, the
+LoRA set and the merged model's fingerprint, so `run --lora …` finds it; `--reset` points back at the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fluxexport.atomic import write_bytes_atomic
+from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
+from fluxexport.models.loaders import MODULE_OF
+from fluxexport.models.source import ModelSource
+from fluxexport.tensorrt.engines import read_engine_manifest
+
+REFITTABLE = ("transformer", "clip")  # the components LoRAs adapt
+
+
+def refit_plan_name(base_file: str) -> str:
+    """`transformer_bf16.trt_10.13.plan` → `transformer_bf16.lora.trt_10.13.plan`."""
+    stem, _, rest = base_file.partition(".trt_")
+    return f"{stem}.lora.trt_{rest}" if rest else f"{Path(base_file).stem}.lora.plan"
+
+
+def graph_weights(entry: dict) -> dict[str, dict]:
+    """The ONNX graph's initializer → checkpoint tensor map the engine was built from (its export manifest)."""
+    graph = Path(entry["onnx"])
+    manifest = read_manifest(graph.parent) if (graph.parent / "manifest.json").is_file() else {"components": {}}
+    graphs = [*manifest["components"].values(), *manifest.get("fp8", {}).values()]
+    found = next((g for g in graphs if g["file"] == graph.name), None)
+    if found is None or "weights" not in found:
+        raise FluxExportError(
+            f"{graph} does not record where its weights come from (exported in memory or by an older version): "
+            "export it again, rebuild with --refittable, then refit"
+        )
+    return found["weights"]
+
+
+def refit_component(engine_file: Path, weights: dict[str, dict], source: ModelSource, module: str) -> tuple[bytes, int]:
+    """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch, and how
+    many weights were set."""
+    import tensorrt as trt
+
+    from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.tensorrt.backend import _torch_dtype
+
+    loras = source.lora_set
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_file.read_bytes())
+    if engine is None:
+        raise FluxExportError(f"TensorRT cannot deserialize {engine_file.name}: rebuild it")
+    refitter = trt.Refitter(engine, logger)
+    base = CheckpointTensors(source.with_loras(()), module)
+    held: list[torch.Tensor] = []  # TensorRT reads the host buffers during refit_cuda_engine: keep them
+    for initializer, origin in weights.items():
+        if loras is None or loras.delta(module, origin["tensor"]) is None:
+            continue
+        merged = loras.merged(module, origin["tensor"], base.load(origin["tensor"], torch.float32))
+        if origin["perm"]:
+            merged = merged.permute(origin["perm"])
+        prototype = refitter.get_weights_prototype(initializer)
+        values = merged.to(_torch_dtype(prototype.dtype)).contiguous()
+        if values.numel() != prototype.size:
+            raise FluxExportError(
+                f"{engine_file.name}: {initializer} holds {prototype.size} values, not {values.numel()}"
+            )
+        held.append(values)
+        if not refitter.set_named_weights(initializer, trt.Weights(prototype.dtype, values.data_ptr(), values.numel())):
+            raise FluxExportError(f"TensorRT refused new weights for {initializer} in {engine_file.name}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise FluxExportError(f"refitting {engine_file.name} leaves {missing[0]} unset: rebuild the engine")
+    if not refitter.refit_cuda_engine():
+        raise FluxExportError(f"TensorRT could not refit {engine_file.name} (see its log above)")
+    return bytes(engine.serialize()), len(held)
+
+
+def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> dict:
+    """Refit `engines` with `source`'s LoRAs (or, with `reset`, go back to the base plans); returns the manifest."""
+    from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version
+
+    engines = Path(engines)
+    manifest = read_engine_manifest(engines)
+    base_fingerprint = manifest["model"].get("base_fingerprint", manifest["model"]["fingerprint"])
+    if base_fingerprint != source.with_loras(()).fingerprint():
+        raise FluxExportError(
+            f"the engines in {engines} were built from {manifest['model']['name']!r}, not from {source.name!r}: "
+            "pass the same --model as at build time"
+        )
+    if not manifest.get("builder", {}).get("refittable"):
+        raise FluxExportError(
+            f"the engines in {engines} are not refittable: rebuild them with fluxexport build --refittable"
+        )
+    if not reset and not source.loras:
+        raise FluxExportError("refit needs at least one --lora FILE[:SCALE] (or --reset for the base weights)")
+    import_tensorrt()
+    import tensorrt as trt
+
+    require_tensorrt_version(trt)
+    for name in [name for name in REFITTABLE if name in manifest["components"]]:
+        entry = manifest["components"][name]
+        base_file = entry.get("base_file", entry["file"])
+        if reset or MODULE_OF[name] not in source.lora_set.layers:
+            if entry["file"] != base_file:
+                (engines / entry["file"]).unlink(missing_ok=True)
+            entry["file"] = base_file
+            entry.pop("base_file", None)
+            entry["engine_sha256"] = file_sha256(engines / base_file)
+            continue
+        if entry["precision"] == "fp8":
+            raise FluxExportError(
+                f"{name} is an FP8 engine: refitting FP8 weights is not supported yet; quantize and build with --lora"
+            )
+        plan, count = refit_component(engines / base_file, graph_weights(entry), source, MODULE_OF[name])
+        refitted = refit_plan_name(base_file)
+        write_bytes_atomic(engines / refitted, memoryview(plan))
+        entry |= {"file": refitted, "base_file": base_file, "engine_sha256": file_sha256(engines / refitted),
+                  "refitted_weights": count, "refitted_at": now()}  # fmt: skip
+    model = manifest["model"]
+    model["base_fingerprint"] = base_fingerprint
+    model["fingerprint"] = base_fingerprint if reset else source.fingerprint()
+    model["loras"] = [] if reset else [lora.record() for lora in source.loras]
+    write_manifest(engines, manifest)
+    return manifest
