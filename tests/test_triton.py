@@ -259,18 +259,25 @@ def test_concurrent_load_and_bad_requests(served):
     print(f"\n8 clients × 5 requests: {40 / elapsed:.2f} req/s, p50 {statistics.median(ordered) * 1000:.0f} ms, "
           f"p95 {ordered[int(0.95 * len(ordered)) - 1] * 1000:.0f} ms")  # fmt: skip
 
+    # refused requests are the client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, in request terms (no CLI flags)
+    import tritonclient.grpc as grpc
+
+    grpc_client = grpc.InferenceServerClient(server.grpc_url)
     bad = [
         (dict(height=250, width=256), "height 250 is not a multiple of 16: use 240 or 256"),
         (dict(height=2048, width=256), "height 2048 is outside this deployment's 64..1024 px"),
-        (dict(height=256, width=256, steps=0), "steps must be at least 1, got 0"),
+        (dict(height=256, width=256, steps=0), "num_inference_steps must be at least 1, got 0"),
     ]
     for kwargs, message in bad:
-        with pytest.raises(InferenceServerException, match=message):
-            client.infer(
-                "flux_pipeline",
-                pipeline_inputs(http, "a fox", kwargs["height"], kwargs["width"], kwargs.get("steps", 2)),
-            )
-    with pytest.raises(InferenceServerException, match="prompt is empty"):
+        for protocol, target, status in ((http, client, "400"), (grpc, grpc_client, "StatusCode.INVALID_ARGUMENT")):
+            with pytest.raises(InferenceServerException) as refused:
+                target.infer(
+                    "flux_pipeline",
+                    pipeline_inputs(protocol, "a fox", kwargs["height"], kwargs["width"], kwargs.get("steps", 2)),
+                )
+            assert refused.value.message().endswith(message) and "--" not in refused.value.message()
+            assert str(refused.value.status()) == status, (protocol.__name__, refused.value)
+    with pytest.raises(InferenceServerException, match="prompt is empty: pass the text to draw in the prompt input"):
         client.infer("flux_pipeline", pipeline_inputs(http, "   "))
     assert server.process.poll() is None  # still serving
     assert np.array_equal(ask(client, 144, 272, 0), single[(144, 272, 0)])

@@ -5,6 +5,7 @@ through BLS.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,31 @@ class TritonPythonModel:
                 self._check_bounds(generation)
                 images = generate(self.backend, self.source, generation).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
-            except FluxExportError as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
-            except Exception as error:  # keep serving: answer this request with the failure
+            except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
+                message = in_request_terms(str(error))
+                responses.append(pb_utils.InferenceResponse(error=invalid_argument(message)))
+            except Exception as error:  # ours: an internal error (HTTP 500); keep serving
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error!r}")))
         return responses
+
+
+# The runtime's messages name command-line flags; a client sends inputs of these names instead.
+REQUEST_INPUTS = {"prompt": "prompt", "num-images": "num_images", "steps": "num_inference_steps",
+                  "guidance": "guidance_scale", "image": "image", "max-sequence-length": "max_sequence_length"}  # fmt: skip
+
+
+def in_request_terms(message: str) -> str:
+    """A runtime message for a request: ` (--height)`-style pointers dropped, other flags named as the request
+    inputs they stand for (`num-images must be …` → `num_images must be …`, `with --prompt` → `in the prompt
+    input`)."""
+    message = re.sub(r" \(--[a-z0-9-]+\)", "", message)
+    message = re.sub(r"with --([a-z0-9-]+)", lambda m: f"in the {REQUEST_INPUTS.get(m[1], m[1])} input", message)
+    for flag, name in REQUEST_INPUTS.items():
+        message = re.sub(rf"(?<![a-z_-]){flag}(?![a-z0-9_-])", name, message)
+    return message
+
+
+def invalid_argument(message: str):
+    """A TritonError with the INVALID_ARG code where the python backend has codes (Triton ≥ 23.04)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
