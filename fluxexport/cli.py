@@ -600,7 +600,9 @@ def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     console.print(f"starting {server.binary} (log: {server.log}) …")
     with server:
-        console.print(f"ready: HTTP {server.http_url}, gRPC {server.grpc_url} — Ctrl-C to stop")
+        console.print(
+            f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} — Ctrl-C to stop"
+        )
         while not stop.is_set() and server.process.poll() is None:
             stop.wait(0.5)
         if stop.is_set():

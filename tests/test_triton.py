@@ -184,6 +184,38 @@ def served(request, repositories):
     assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
 
 
+def pipeline_counts(server) -> dict[str, float]:
+    """flux_pipeline's inference count and successful requests, from Triton's Prometheus metrics."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    counts = {}
+    for metric in ("nv_inference_count", "nv_inference_request_success"):
+        found = re.search(rf'^{metric}{{[^}}]*model="flux_pipeline"[^}}]*}} (\S+)$', text, re.MULTILINE)
+        counts[metric] = float(found[1]) if found else 0.0
+    return counts
+
+
+@needs_server
+def test_metrics_count_the_pipelines_requests(served):
+    import tritonclient.http as http
+
+    _, server = served
+    before = pipeline_counts(server)
+    client = http.InferenceServerClient(server.http_url)
+    for seed in range(3):
+        client.infer("flux_pipeline", pipeline_inputs(http, "a fox", 64, 64, 1, seed))
+    deadline, after = time.monotonic() + 10, pipeline_counts(server)
+    while after["nv_inference_request_success"] - before["nv_inference_request_success"] < 3:
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.2)
+        after = pipeline_counts(server)
+    assert after["nv_inference_request_success"] - before["nv_inference_request_success"] == 3
+    assert after["nv_inference_count"] - before["nv_inference_count"] == 3  # one image per request
+
+
 @needs_server
 def test_http_and_grpc_images_equal_fluxexport_run(served, sources, ort_backends, reference_image):
     import tritonclient.grpc as grpc

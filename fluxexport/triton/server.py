@@ -136,6 +136,11 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Triton's Prometheus metrics (nv_inference_count, queue and compute times per model)."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start(self, timeout: float = 300.0) -> TritonServer:
         self._backends = _backend_directory(self.binary)
         command = [
