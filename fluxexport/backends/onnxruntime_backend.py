@@ -168,7 +168,7 @@ class OnnxRuntimeBackend(LoadedComponents):
         tensors = CheckpointTensors(self.base, module)
         overrides, placed = {}, set()
         for initializer, origin in entry["weights"].items():
-            if self.swapped.delta(module, origin["tensor"]) is None:
+            if not self.swapped.touches(module, origin["tensor"]):
                 continue
             merged = self.swapped.merged(module, origin["tensor"], tensors.load(origin["tensor"], torch.float32))
             if origin["perm"]:

@@ -149,6 +149,12 @@ class LoraSet:
                         "it was made for another model"
                     )
 
+    def touches(self, module: str, parameter: str) -> bool:
+        """Whether a LoRA changes this parameter (without computing the change)."""
+        owner, _, kind = parameter.rpartition(".")
+        layers = self.layers.get(module, {}).get(owner, [])
+        return bool(layers) and (kind == "weight" or (kind == "bias" and any(layer.bias is not None for layer in layers)))
+
     def delta(self, module: str, parameter: str) -> torch.Tensor | None:
         """The float32 change of one parameter (`….weight` or `….bias`) summed over the LoRAs, or None."""
         owner, _, kind = parameter.rpartition(".")
@@ -174,5 +180,5 @@ class LoraSet:
         self.check(module, shapes)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
-                if self.delta(module, name) is not None:
+                if self.touches(module, name):
                     parameter.copy_(self.merged(module, name, parameter.detach()))

@@ -61,7 +61,7 @@ def refit_component(engine_file: Path, weights: dict[str, dict], source: ModelSo
     base = CheckpointTensors(source.with_loras(()), module)
     held: list[torch.Tensor] = []  # TensorRT reads the host buffers during refit_cuda_engine: keep them
     for initializer, origin in weights.items():
-        if loras is None or loras.delta(module, origin["tensor"]) is None:
+        if loras is None or not loras.touches(module, origin["tensor"]):
             continue
         merged = loras.merged(module, origin["tensor"], base.load(origin["tensor"], torch.float32))
         if origin["perm"]:
