@@ -167,9 +167,7 @@ def run(
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
-    engine = create_backend(
-        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8
-    )
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8)
     _say_transformer(engine)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         result = generate(engine, source, request, on_step=advance)
@@ -393,7 +391,9 @@ def quantize(
                  ("--calib-steps", calib_steps), ("--calib-resolution", calib_resolution),
                  ("--sequential/--whole-model", sequential)) if value is not None]  # fmt: skip
         if given:
-            raise FluxExportError(f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them")
+            raise FluxExportError(
+                f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them"
+            )
         calibration, _ = read_calibration(calibration_file, source)
         check_quantize_options(dtype, opset or DEFAULT_OPSET)
         saved = keep_calibration(out, calibration_file)

@@ -26,6 +26,7 @@ PRECISION_ELEMENT = {"fp32": "float", "bf16": "bfloat16", "fp16": "float16"}
 ELEMENT_TORCH = {
     "float": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8,
+    "float8e4m3fn": torch.float8_e4m3fn,
 }  # fmt: skip
 ELEMENT_NUMPY = {"float": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 ELEMENT_TRITON = {
@@ -35,7 +36,7 @@ ELEMENT_TRITON = {
 # TensorRT DataType member names → element types (looked up by name: TensorRT may not be installed)
 TENSORRT_ELEMENT = {
     "FLOAT": "float", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
-    "UINT8": "uint8",
+    "UINT8": "uint8", "FP8": "float8e4m3fn",
 }  # fmt: skip
 
 

@@ -64,7 +64,9 @@ def test_atomic_folder_refuses_a_non_empty_target(tmp_path):
     (tmp_path / "model" / "keep.txt").write_text("mine")
     with pytest.raises(FluxExportError) as error, atomic_folder(tmp_path / "model"):
         pass
-    assert str(error.value) == f"{tmp_path / 'model'} already exists and is not empty: choose another --out or delete it"
+    assert (
+        str(error.value) == f"{tmp_path / 'model'} already exists and is not empty: choose another --out or delete it"
+    )
     assert (tmp_path / "model" / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     with atomic_folder(tmp_path / "empty") as staging:  # an empty folder may be replaced

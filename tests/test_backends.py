@@ -25,7 +25,9 @@ def test_both_backends_name_outputs_from_the_spec(sources, exports):
 @pytest.mark.parametrize("kind", ["torch", "onnxruntime"])
 def test_a_feed_the_component_does_not_take_is_refused(kind, sources, exports):
     source = sources["tiny-schnell"]  # no guidance input
-    backend = TorchBackend(source, device="cpu") if kind == "torch" else OnnxRuntimeBackend(source, exports["tiny-schnell"])
+    backend = (
+        TorchBackend(source, device="cpu") if kind == "torch" else OnnxRuntimeBackend(source, exports["tiny-schnell"])
+    )
     spec = component_specs(source)["transformer"]
     feeds = sample_inputs(spec, spec.export_sizes) | {"guidance": torch.ones(2)}
     with pytest.raises(FluxExportError) as error:

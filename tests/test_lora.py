@@ -238,10 +238,33 @@ def test_loras_swap_into_an_unmerged_graph_in_onnxruntime(sources, exports, lora
     assert np.array_equal(np.asarray(Image.open(tmp_path / "fox.png")), swapped[0])
 
 
-def test_swapping_into_an_fp8_graph_is_refused(sources, fp8_exports, lora_files):
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+def test_loras_swap_into_an_fp8_graph_with_its_scales(sources, fp8_exports, lora_files):
+    """FP8 weights are merged, then quantized with the graph's own scales (what `refit` does to FP8 engines):
+    the graph computes the fake-quantized merged model on the base model's weight scales; scale 0 is the base."""
+    import json
 
-    merged = sources["tiny-dev"].with_loras([parse_lora(str(lora_files["peft"]))])
-    refusal = r"^LoRAs cannot be swapped into transformer\.fp8\.onnx \(FP8 weights\)"
-    with OnnxRuntimeBackend(merged, fp8_exports["tiny-dev"]) as backend, pytest.raises(FluxExportError, match=refusal):
-        backend.component("transformer")
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.quantize.qdq_export import fake_quantized_transformer
+
+    base, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]
+    calibration = json.loads((folder / "calibration.json").read_text())
+    spec = component_specs(base)["transformer"]
+    shapes = [{"B": 1, "N": 16, "L": 5}, {"B": 2, "N": 40, "L": 7}]
+    with OnnxRuntimeBackend(base, folder) as plain:
+        expected_base = [plain.component("transformer")(sample_inputs(spec, s, seed=i)) for i, s in enumerate(shapes)]
+    for value in (f"{lora_files['peft']}:0", f"{lora_files['peft']}:0.8", f"{lora_files['kohya']}:0.5"):
+        merged = base.with_loras([parse_lora(value)])
+        reference = fake_quantized_transformer(
+            merged, calibration["input_amax"], weight_amax=calibration["weight_amax"]
+        )
+        with OnnxRuntimeBackend(merged, folder) as backend:
+            assert backend.entries["transformer"]["dtype"] == "fp8"
+            transformer = backend.component("transformer")
+            for index, sizes in enumerate(shapes):
+                feeds = sample_inputs(spec, sizes, seed=index)
+                ours = transformer(feeds)["latent"]
+                if value.endswith(":0"):
+                    assert torch.equal(ours, expected_base[index]["latent"])
+                with torch.no_grad():
+                    fake = reference(*feeds.values())
+                assert ((ours - fake).norm() / fake.norm()).item() <= 1e-3, (value, sizes)

@@ -250,7 +250,9 @@ def test_a_calibration_of_another_checkpoint_is_refused(sources, fp8_exports, tm
     both = CliRunner().invoke(main, ["quantize", "--model", "tiny-dev", "--calibration", str(saved), "--calib-size", "2",
                                      "--out", str(tmp_path / "q")])  # fmt: skip
     assert both.exit_code == 1
-    assert both.output == "Error: --calibration reuses saved scales, so --calib-size would be ignored: drop one of them\n"
+    assert (
+        both.output == "Error: --calibration reuses saved scales, so --calib-size would be ignored: drop one of them\n"
+    )
     broken = tmp_path / "calibration.json"
     broken.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(FluxExportError, match="is not a fluxexport FP8 calibration"):

@@ -499,7 +499,10 @@ class _RefitTensorRT(types.ModuleType):
         class FLOAT:
             name = "FLOAT"
 
-    def __init__(self, sizes: dict[str, int]):
+        class FP8:
+            name = "FP8"
+
+    def __init__(self, sizes: dict[str, int], fp8: frozenset[str] = frozenset()):
         super().__init__("tensorrt")
         self.set: dict[str, np.ndarray] = {}
         fake = self
@@ -527,10 +530,11 @@ class _RefitTensorRT(types.ModuleType):
                 pass
 
             def get_weights_prototype(self, name):
-                return Weights(fake.DataType.FLOAT, 0, sizes[name])
+                return Weights(fake.DataType.FP8 if name in fp8 else fake.DataType.FLOAT, 0, sizes[name])
 
             def set_named_weights(self, name, weights):
-                buffer = (ctypes.c_float * weights.size).from_address(weights.ptr)
+                element = ctypes.c_uint8 if weights.dtype is fake.DataType.FP8 else ctypes.c_float
+                buffer = (element * weights.size).from_address(weights.ptr)
                 fake.set[name] = np.ctypeslib.as_array(buffer).copy()
                 return True
 
@@ -600,3 +604,58 @@ def test_refit_sets_only_the_lora_weights_by_initializer_name(monkeypatch, tmp_p
     write_manifest(engines, manifest)
     with pytest.raises(FluxExportError, match=r"are not refittable: rebuild them with fluxexport build --refittable$"):
         refit_engines(merged_source, engines)
+
+
+def _kohya_proj_lora(path, source):
+    from safetensors.torch import save_file
+
+    from fluxexport.models.loaders import load_transformer
+
+    base = load_transformer(source)
+    width = base.config.num_attention_heads * base.config.attention_head_dim
+    generator = torch.Generator().manual_seed(4)
+    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, width, generator=generator),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(width, 2, generator=generator) * 0.01,
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0)}, str(path))  # fmt: skip
+    return path
+
+
+def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(monkeypatch, tmp_path, sources, fp8_exports):
+    """An FP8 engine: the merged weight is quantized with the scale the graph's DequantizeLinear holds (its
+    E4M3 bytes set as FP8 weights); at LoRA scale 0 the bytes are exactly the graph's own FP8 initializer."""
+    import onnx_ir as ir
+
+    from fluxexport.export.manifest import write_manifest
+    from fluxexport.models.loaders import load_transformer
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.quantize.fp8 import quantize_e4m3
+    from fluxexport.tensorrt.engines import engine_manifest
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]
+    lora = _kohya_proj_lora(tmp_path / "kohya.safetensors", source)
+    graph = folder / "transformer.fp8.onnx"
+    weights = read_manifest(folder)["fp8"]["transformer"]["weights"]
+    stored = ir.load(graph).graph.initializers
+    name = "model.transformer_blocks.0.attn.to_out.0.weight.fp8"
+    assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight" and weights[name]["fp8_scale"] > 0
+    sizes = {key: int(np.prod(stored[key].shape.dims)) for key in weights}
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "transformer_fp8.trt_10.13.0.35.plan").write_bytes(b"base-plan")
+    manifest = engine_manifest(read_manifest(folder)["model"], "10.13.0.35", H100, "fp8", {"refittable": True})
+    manifest["components"]["transformer"] = {"file": "transformer_fp8.trt_10.13.0.35.plan", "precision": "fp8",
+                                             "onnx": str(graph)}  # fmt: skip
+    write_manifest(engines, manifest)
+    for scale in (0.0, 0.8):
+        trt = _RefitTensorRT(sizes, frozenset(k for k in weights if k.endswith(".fp8")))
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        merged_source = source.with_loras([parse_lora(f"{lora}:{scale}")])
+        refit_engines(merged_source, engines)
+        assert list(trt.set) == [name]  # only the adapted layer; its bias is fp32 and untouched
+        if scale == 0.0:
+            assert np.array_equal(trt.set[name], stored[name].const_value.numpy().view(np.uint8).reshape(-1))
+        merged = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach()
+        expected = quantize_e4m3(merged, torch.tensor(weights[name]["fp8_scale"]))
+        assert np.array_equal(trt.set[name], expected.view(torch.uint8).numpy().reshape(-1))
+        assert read_manifest(engines)["components"]["transformer"]["file"] == "transformer_fp8.lora.trt_10.13.0.35.plan"

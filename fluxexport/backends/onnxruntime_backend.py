@@ -54,14 +54,28 @@ def session_runner(session, entry: dict, component: str = "graph") -> Component:
     return run
 
 
+def ort_value(tensor: torch.Tensor, upcast: bool = False):
+    """An OrtValue holding a CPU tensor: FP8 as FLOAT8E4M3FN bytes, reduced floats as float32 when the graph
+    runs upcast."""
+    import onnx
+
+    onnxruntime = _import_onnxruntime()
+    if tensor.dtype == torch.float8_e4m3fn:
+        raw = tensor.view(torch.uint8).numpy()
+        return onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx.TensorProto.FLOAT8E4M3FN)
+    if upcast or tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy()))
+
+
 def create_session(
     path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0, overrides=None
 ):
     """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights);
-    `overrides` (initializer name → float32 array) replace initializers when the session is created."""
+    `overrides` (initializer name → CPU tensor, FP8 included) replace initializers when the session is created."""
     onnxruntime = _import_onnxruntime()
     options = onnxruntime.SessionOptions()
-    values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in (overrides or {}).values()]
+    values = [ort_value(tensor, upcast) for tensor in (overrides or {}).values()]
     for name, value in zip(overrides or {}, values, strict=True):
         options.add_initializer(name, value)
     options.log_severity_level = 3
@@ -142,20 +156,17 @@ class OnnxRuntimeBackend(LoadedComponents):
             if MODULE_OF[name] in touched:
                 self._components.pop(name, None)
 
-    def _lora_overrides(self, name: str, entry: dict) -> dict:
-        """Replacement initializers (name → float32 array) with the swapped LoRAs merged: only the weights
-        the LoRAs touch, read from the base checkpoint, merged in float32, permuted as the graph holds them."""
-        import numpy as np
-
+    def _lora_overrides(self, name: str, entry: dict) -> dict[str, torch.Tensor]:
+        """Replacement initializers with the swapped LoRAs merged: only the weights the LoRAs touch, read from
+        the base checkpoint, merged in float32 and laid out as the graph holds them (FP8 weights quantized
+        with the graph's own scales, as `refit` does for FP8 engines)."""
+        from fluxexport.dtypes import torch_dtype
         from fluxexport.models.checkpoint import CheckpointTensors
+        from fluxexport.models.lora_weights import merged_initializers
 
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
-        if entry["dtype"] == "fp8":
-            raise FluxExportError(
-                f"LoRAs cannot be swapped into {entry['file']} (FP8 weights): quantize with --lora, or --no-fp8"
-            )
         if "weights" not in entry:
             raise FluxExportError(
                 f"{entry['file']} does not record where its weights come from (exported in memory or by an older "
@@ -166,19 +177,10 @@ class OnnxRuntimeBackend(LoadedComponents):
         with parameters_on_meta():
             check_loras(self.source, module, module_from_config(self.base, module))
         tensors = CheckpointTensors(self.base, module)
-        overrides, placed = {}, set()
-        for initializer, origin in entry["weights"].items():
-            if not self.swapped.touches(module, origin["tensor"]):
-                continue
-            merged = self.swapped.merged(module, origin["tensor"], tensors.load(origin["tensor"], torch.float32))
-            if origin["perm"]:
-                merged = merged.permute(origin["perm"])
-            overrides[initializer] = np.ascontiguousarray(merged.numpy())
-            placed.add(origin["tensor"])
-        missing = [f"{layer}.weight" for layer in self.swapped.layers[module] if f"{layer}.weight" not in placed]
-        if missing:
-            raise FluxExportError(f"{entry['file']} has no initializer for {missing[0]}: export with --lora instead")
-        return overrides
+        dtype = torch_dtype(entry.get("base_dtype", entry["dtype"]))
+        return dict(
+            merged_initializers(entry["weights"], module, self.swapped, lambda t: tensors.load(t, dtype), entry["file"])
+        )
 
     @property
     def transformer_graph(self) -> str:

@@ -159,10 +159,31 @@ def streamed_program(
     return program.model
 
 
+FP8_SUFFIX = ".fp8"  # quantize's FP8 weights: `<weight initializer>.fp8`, read by one DequantizeLinear
+
+
 def surviving_origins(model: ir.Model, origins: dict[str, WeightOrigin]) -> dict[str, dict]:
-    """The origins of the initializers the final graph still has, as manifest JSON (sorted)."""
-    kept = model.graph.initializers
-    return {name: {"tensor": o.tensor, "perm": o.perm} for name, o in sorted(origins.items()) if name in kept}
+    """The origins of the initializers the final graph still has, as manifest JSON (sorted). An FP8 weight
+    (`<name>.fp8`, quantized from the initializer `<name>`) keeps its source's origin and its DequantizeLinear's
+    scale (`fp8_scale`): a LoRA-merged weight is quantized with that same scale."""
+    kept, found = model.graph.initializers, {}
+    for name, value in kept.items():
+        source = origins.get(name.removesuffix(FP8_SUFFIX)) if name.endswith(FP8_SUFFIX) else origins.get(name)
+        if source is None:
+            continue
+        found[name] = {"tensor": source.tensor, "perm": source.perm}
+        if name.endswith(FP8_SUFFIX):
+            found[name]["fp8_scale"] = _dequantize_scale(value)
+    return dict(sorted(found.items()))
+
+
+def _dequantize_scale(value: ir.Value) -> float:
+    """The scale of the one DequantizeLinear that reads an FP8 initializer."""
+    readers = [node for node, _ in value.uses() if node.op_type == "DequantizeLinear"]
+    scale = ir.convenience.get_const_tensor(readers[0].inputs[1]) if len(readers) == 1 else None
+    if scale is None:
+        raise FluxExportError(f"FP8 weight {value.name} is not read by one DequantizeLinear with a constant scale")
+    return float(scale.numpy().reshape(-1)[0])
 
 
 def _is_fake(tensor) -> bool:

@@ -16,7 +16,9 @@ def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
     from diffusers import FluxTransformer2DModel
 
     if source.transformer_file is None:
-        model = FluxTransformer2DModel.from_pretrained(source.root, subfolder=SUBFOLDERS["transformer"], torch_dtype=dtype)
+        model = FluxTransformer2DModel.from_pretrained(
+            source.root, subfolder=SUBFOLDERS["transformer"], torch_dtype=dtype
+        )
     else:
         model = load_bfl_transformer(source.transformer_file, source.root, dtype)
     return with_loras(source, "transformer", model).eval()

@@ -153,7 +153,9 @@ class LoraSet:
         """Whether a LoRA changes this parameter (without computing the change)."""
         owner, _, kind = parameter.rpartition(".")
         layers = self.layers.get(module, {}).get(owner, [])
-        return bool(layers) and (kind == "weight" or (kind == "bias" and any(layer.bias is not None for layer in layers)))
+        return bool(layers) and (
+            kind == "weight" or (kind == "bias" and any(layer.bias is not None for layer in layers))
+        )
 
     def delta(self, module: str, parameter: str) -> torch.Tensor | None:
         """The float32 change of one parameter (`….weight` or `….bias`) summed over the LoRAs, or None."""

@@ -17,6 +17,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
 from fluxexport.export.manifest import FP8, FP8_STEM, now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
+from fluxexport.export.streaming import FP8_SUFFIX
 from fluxexport.models.adapters import TransformerWrapper
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
@@ -35,13 +36,21 @@ CALIBRATION_FILE = "calibration.json"
 MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 
 
-def fake_quantized_transformer(source: ModelSource, amax: dict[str, float], dtype: str = "fp32") -> TransformerWrapper:
-    """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization."""
-    model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax)
+def fake_quantized_transformer(
+    source: ModelSource, amax: dict[str, float], dtype: str = "fp32", weight_amax: dict[str, float] | None = None
+) -> TransformerWrapper:
+    """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization
+    (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales)."""
+    model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax, weight_amax)
     return TransformerWrapper(model, source.guidance_embeds).eval()
 
 
 CALIBRATION_FORMAT = "fp8_e4m3_per_tensor"
+
+
+def fp8_weight_name(weight: str) -> str:
+    """The FP8 initializer of a quantized weight: `….to_q.weight` → `….to_q.weight.fp8`."""
+    return f"{weight}{FP8_SUFFIX}"
 
 
 def store_weights_in_fp8(model) -> str | None:
@@ -61,7 +70,9 @@ def store_weights_in_fp8(model) -> str | None:
         weight, scale = node.inputs[0].const_value, ir.convenience.get_const_tensor(node.inputs[1])
         if weight is None or scale is None:
             continue
-        name, step = node.outputs[0].name, torch.from_numpy(scale.numpy().astype("float32"))
+        # named after its source weight, so the manifest can say which checkpoint tensor it quantizes
+        name, step = fp8_weight_name(node.inputs[0].name), torch.from_numpy(scale.numpy().astype("float32"))
+        node.outputs[0].name = name
 
         def quantized(weight=weight, step=step, name=name) -> TorchTensor:
             values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])

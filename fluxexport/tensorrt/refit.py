@@ -3,7 +3,7 @@ initializer name), and back to the base weights with `--reset`.
 
 A refit always starts from the base plan `build` wrote, which stays as it is: only the weights the LoRAs touch
 are computed (base tensor + delta in float32, cast to the engine's weight type, laid out as the graph holds
-them: the export's manifest records each initializer's checkpoint tensor and transpose), set by name, and the
+them, FP8 weights quantized with the graph's own scales: `models/lora_weights.py`), set by name, and the
 refitted plan is written atomically beside the base one. The engine manifest then names the refitted plan, the
 LoRA set and the merged model's fingerprint, so `run --lora …` finds it; `--reset` points back at the base.
 """
@@ -30,8 +30,9 @@ def refit_plan_name(base_file: str) -> str:
     return f"{stem}.lora.trt_{rest}" if rest else f"{Path(base_file).stem}.lora.plan"
 
 
-def graph_weights(entry: dict) -> dict[str, dict]:
-    """The ONNX graph's initializer → checkpoint tensor map the engine was built from (its export manifest)."""
+def graph_entry(entry: dict) -> dict:
+    """The export manifest's entry of the ONNX graph the engine was built from: its initializer → checkpoint
+    tensor map (`weights`, with FP8 weights' scales) and its base dtype."""
     graph = Path(entry["onnx"])
     manifest = read_manifest(graph.parent) if (graph.parent / "manifest.json").is_file() else {"components": {}}
     graphs = [*manifest["components"].values(), *manifest.get("fp8", {}).values()]
@@ -41,33 +42,33 @@ def graph_weights(entry: dict) -> dict[str, dict]:
             f"{graph} does not record where its weights come from (exported in memory or by an older version): "
             "export it again, rebuild with --refittable, then refit"
         )
-    return found["weights"]
+    return found
 
 
-def refit_component(engine_file: Path, weights: dict[str, dict], source: ModelSource, module: str) -> tuple[bytes, int]:
-    """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch, and how
-    many weights were set."""
+def refit_component(engine_file: Path, graph: dict, source: ModelSource, module: str) -> tuple[bytes, int]:
+    """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
+    weights quantized with the graph's scales), and how many weights were set."""
     import tensorrt as trt
 
+    from fluxexport.dtypes import torch_dtype
     from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.models.lora_weights import merged_initializers
     from fluxexport.tensorrt.backend import _torch_dtype
 
-    loras = source.lora_set
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_file.read_bytes())
     if engine is None:
         raise FluxExportError(f"TensorRT cannot deserialize {engine_file.name}: rebuild it")
     refitter = trt.Refitter(engine, logger)
     base = CheckpointTensors(source.with_loras(()), module)
+    dtype = torch_dtype(graph.get("base_dtype", graph["dtype"]))
     held: list[torch.Tensor] = []  # TensorRT reads the host buffers during refit_cuda_engine: keep them
-    for initializer, origin in weights.items():
-        if loras is None or not loras.touches(module, origin["tensor"]):
-            continue
-        merged = loras.merged(module, origin["tensor"], base.load(origin["tensor"], torch.float32))
-        if origin["perm"]:
-            merged = merged.permute(origin["perm"])
+    merged = merged_initializers(
+        graph["weights"], module, source.lora_set, lambda t: base.load(t, dtype), graph["file"]
+    )
+    for initializer, tensor in merged:
         prototype = refitter.get_weights_prototype(initializer)
-        values = merged.to(_torch_dtype(prototype.dtype)).contiguous()
+        values = tensor.to(_torch_dtype(prototype.dtype)).contiguous()
         if values.numel() != prototype.size:
             raise FluxExportError(
                 f"{engine_file.name}: {initializer} holds {prototype.size} values, not {values.numel()}"
@@ -115,11 +116,7 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> di
             entry.pop("base_file", None)
             entry["engine_sha256"] = file_sha256(engines / base_file)
             continue
-        if entry["precision"] == "fp8":
-            raise FluxExportError(
-                f"{name} is an FP8 engine: refitting FP8 weights is not supported yet; quantize and build with --lora"
-            )
-        plan, count = refit_component(engines / base_file, graph_weights(entry), source, MODULE_OF[name])
+        plan, count = refit_component(engines / base_file, graph_entry(entry), source, MODULE_OF[name])
         refitted = refit_plan_name(base_file)
         write_bytes_atomic(engines / refitted, memoryview(plan))
         entry |= {"file": refitted, "base_file": base_file, "engine_sha256": file_sha256(engines / refitted),

@@ -1,0 +1,68 @@
+"""The weights a LoRA set changes, as a graph or an engine holds them: one code path for the ONNX Runtime swap,
+the Triton components' per-request swap and TensorRT refit.
+
+The export manifest records, per initializer, the checkpoint tensor it holds and its transpose (`perm`), and for
+`quantize`'s FP8 weights the DequantizeLinear scale (`fp8_scale`). A merged weight is the base tensor + the LoRA
+delta in float32, cast back to the graph's base dtype, transposed as the graph holds it and, for FP8 weights,
+quantized with the stored scale (the export's own rounding: x / scale, saturated to ±448). The scale is not
+re-calibrated: a merged weight beyond the base weight's amax saturates (`scripts/bench_lora_fp8.py` measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.lora import LoraSet
+
+BaseTensor = Callable[[str], torch.Tensor]  # checkpoint tensor name → its base values, in the graph's base dtype
+
+
+def merged_initializers(
+    weights: dict[str, dict], module: str, loras: LoraSet, base: BaseTensor, graph: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(initializer name, merged values in the graph's layout and type) for each initializer the LoRAs touch,
+    one at a time; refuses (one line) a LoRA layer the graph holds no initializer for (`graph` names it)."""
+    from fluxexport.quantize.fp8 import quantize_e4m3
+
+    held = {origin["tensor"] for origin in weights.values()}
+    missing = [f"{layer}.weight" for layer in loras.layers.get(module, {}) if f"{layer}.weight" not in held]
+    if missing:
+        raise FluxExportError(f"{graph} has no initializer for {missing[0]}: export with --lora instead")
+    for initializer, origin in weights.items():
+        if not loras.touches(module, origin["tensor"]):
+            continue
+        merged = loras.merged(module, origin["tensor"], base(origin["tensor"]))
+        if origin.get("perm"):
+            merged = merged.permute(origin["perm"])
+        if "fp8_scale" in origin:
+            merged = quantize_e4m3(merged, torch.tensor(origin["fp8_scale"], dtype=torch.float32))
+        yield initializer, merged.contiguous()
+
+
+def graph_base(path: Path, weights: dict[str, dict]) -> BaseTensor:
+    """Base tensors read back from a graph's own initializers (un-transposed): LoRAs can be swapped where only
+    the graphs were shipped (a Triton repository). Not for FP8 weights, whose base values the graph lacks."""
+    import onnx_ir as ir
+
+    if any("fp8_scale" in origin for origin in weights.values()):
+        raise FluxExportError(f"{path.name} holds FP8 weights: LoRAs need the base weights (the checkpoint)")
+    initializers = ir.load(path).graph.initializers  # external data stays on disk until read
+    by_tensor = {origin["tensor"]: (name, origin.get("perm")) for name, origin in weights.items()}
+
+    def read(tensor: str) -> torch.Tensor:
+        name, perm = by_tensor[tensor]
+        values = initializers[name].const_value
+        array = values.numpy()
+        result = torch.from_numpy(np.asarray(array, dtype=np.float32).copy())
+        if values.dtype == ir.DataType.BFLOAT16:
+            result = result.to(torch.bfloat16)
+        elif values.dtype == ir.DataType.FLOAT16:
+            result = result.to(torch.float16)
+        return result.permute(np.argsort(perm).tolist()) if perm else result
+
+    return read
