@@ -569,13 +569,17 @@ def bench(
 @click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,
               help="Where python-backend models run (TensorRT plans always run on the GPU).")  # fmt: skip
 @click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--request-lora", "request_loras", multiple=True, metavar="FILE",
+              help="A LoRA clients may apply per request (input `lora` = its file stem); repeatable.")  # fmt: skip
 @fp8_option
-def triton(model, base_model, engines, out, instance_kind, pipeline_instances, fp8) -> None:
+def triton(model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, fp8) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
+    from fluxexport.models.lora import parse_lora
     from fluxexport.triton.repository import write_repository
 
     source = _source(model, base_model)
-    folder = write_repository(source, engines, out, instance_kind, pipeline_instances, fp8)
+    offered = [parse_lora(path) for path in request_loras]
+    folder = write_repository(source, engines, out, instance_kind, pipeline_instances, fp8, offered)
     console.print(
         f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"
     )

@@ -5,7 +5,7 @@ import onnxruntime
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import diffusers_images
+from helpers import RANK, diffusers_images, write_kohya, write_peft, write_xlabs
 from safetensors.torch import load_file, save_file
 
 from fluxexport.backends.torch_backend import TorchBackend
@@ -19,59 +19,7 @@ from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs, sample_inputs
 from fluxexport.validate import psnr
 
-RANK = 4
 REQUEST = GenerationRequest("a red fox", height=128, width=128, num_inference_steps=2, seed=3)
-
-
-def write_peft(path, transformer, clip, seed=0):
-    """diffusers/PEFT naming: transformer.<module>.lora_A/lora_B, no alphas (scale 1)."""
-    generator, state = torch.Generator().manual_seed(seed), {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(
-            ("transformer_blocks.0.", "single_transformer_blocks.0.")
-        ):
-            state[f"transformer.{name}.lora_A.weight"] = (
-                torch.randn(RANK, module.in_features, generator=generator) * 0.3
-            )
-            state[f"transformer.{name}.lora_B.weight"] = (
-                torch.randn(module.out_features, RANK, generator=generator) * 0.3
-            )
-    save_file(state, str(path))
-    return path
-
-
-def write_kohya(path, transformer, clip, seed=1, with_clip=False):
-    """kohya/sd-scripts naming on black-forest-labs' modules (fused qkv), with per-module alphas; with
-    `with_clip`, also CLIP's first attention (`lora_te1_…`)."""
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    mlp = transformer.single_transformer_blocks[0].proj_mlp.out_features
-    generator, state = torch.Generator().manual_seed(seed), {}
-    # (single blocks' linear1 is left out: diffusers' conversion hard-codes FLUX.1's 3072/12288 split for it)
-    for key, out, inp, alpha in (("double_blocks_0_img_attn_qkv", 3 * width, width, 2.0),
-                                 ("double_blocks_0_img_attn_proj", width, width, 8.0),
-                                 ("single_blocks_0_linear2", width, width + mlp, 4.0)):  # fmt: skip
-        state[f"lora_unet_{key}.lora_down.weight"] = torch.randn(RANK, inp, generator=generator) * 0.3
-        state[f"lora_unet_{key}.lora_up.weight"] = torch.randn(out, RANK, generator=generator) * 0.3
-        state[f"lora_unet_{key}.alpha"] = torch.tensor(alpha)
-    for name, module in clip.named_modules() if with_clip else ():
-        if isinstance(module, torch.nn.Linear) and name.startswith("encoder.layers.0.self_attn."):
-            key = "lora_te1_text_model_" + name.replace(".", "_")
-            state[f"{key}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=generator) * 0.5
-            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=generator) * 0.5
-            state[f"{key}.alpha"] = torch.tensor(2.0)
-    save_file(state, str(path))
-    return path
-
-
-def write_xlabs(path, transformer, clip, seed=2):
-    """XLabs naming: double_blocks.N.processor.{qkv,proj}_lora{1,2}.{down,up}."""
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    generator, state = torch.Generator().manual_seed(seed), {}
-    for lora, out in (("qkv_lora1", 3 * width), ("qkv_lora2", 3 * width), ("proj_lora1", width), ("proj_lora2", width)):
-        state[f"double_blocks.0.processor.{lora}.down.weight"] = torch.randn(RANK, width, generator=generator) * 0.3
-        state[f"double_blocks.0.processor.{lora}.up.weight"] = torch.randn(out, RANK, generator=generator) * 0.3
-    save_file(state, str(path))
-    return path
 
 
 WRITERS = {"peft": write_peft, "kohya": write_kohya, "xlabs": write_xlabs}

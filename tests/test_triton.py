@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_kohya, write_peft
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
@@ -41,9 +42,27 @@ needs_server = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def repositories(sources, exports, tmp_path_factory):
+def request_loras(sources, tmp_path_factory):
+    """A kohya LoRA adapting the transformer and CLIP, a PEFT one adapting the transformer (for tiny-dev)."""
+    from fluxexport.models.loaders import load_clip, load_transformer
+    from fluxexport.models.lora import parse_lora
+
+    folder = tmp_path_factory.mktemp("request-loras")
+    transformer, clip = load_transformer(sources["tiny-dev"]), load_clip(sources["tiny-dev"])
+    kohya = write_kohya(folder / "ink.safetensors", transformer, clip, with_clip=True)
+    peft = write_peft(folder / "watercolor.safetensors", transformer, clip)
+    return {"ink": parse_lora(str(kohya)), "watercolor": parse_lora(str(peft))}
+
+
+@pytest.fixture(scope="module")
+def repositories(sources, exports, request_loras, tmp_path_factory):
+    """One repository per variant; tiny-dev's offers two LoRAs per request."""
     root = tmp_path_factory.mktemp("triton")
-    return {name: write_repository(sources[name], exports[name], root / name) for name in sources}
+    offered = {"tiny-dev": list(request_loras.values())}
+    return {
+        name: write_repository(sources[name], exports[name], root / name, request_loras=offered.get(name, ()))
+        for name in sources
+    }
 
 
 def parse(folder: Path, spec=None):
@@ -69,12 +88,60 @@ def test_configs_follow_the_specs_and_the_schema(sources, repositories):
     assert dims["img_ids"] == [-1, 3] and dims["txt_ids"] == [-1, 3] and dims["hidden_states"] == [-1, -1, 64]
     pipeline = parse(repository / "flux_pipeline")
     assert [t.name for t in pipeline.input] == ["prompt", "prompt_2", "height", "width", "num_inference_steps",
-                                                "guidance_scale", "seed", "num_images"]  # fmt: skip
-    assert [t.optional for t in pipeline.input] == [False] + [True] * 7
+                                                "guidance_scale", "seed", "num_images", "lora", "lora_scale"]  # fmt: skip
+    assert [t.optional for t in pipeline.input] == [False] + [True] * 9
+    assert [list(t.dims) for t in pipeline.input][-2:] == [[-1], [-1]]
     assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
     assert "fluxexport serve" in (repository / "README.md").read_text()
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
     assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 4}
+
+
+def test_request_loras_are_placed_and_recorded(repositories, request_loras):
+    repository = repositories["tiny-dev"]
+    assert sorted(p.name for p in (repository / "flux_pipeline" / "1" / "loras").iterdir()) == [
+        "ink.safetensors", "watercolor.safetensors"]  # fmt: skip
+    settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert settings["loras"] == {
+        "ink": {"file": "ink.safetensors", "sha256": request_loras["ink"].sha256, "modules": ["clip", "transformer"]},
+        "watercolor": {"file": "watercolor.safetensors", "sha256": request_loras["watercolor"].sha256,
+                       "modules": ["transformer"]},
+    }  # fmt: skip
+    for name in ("transformer", "clip"):
+        component = json.loads((repository / name / "1" / "component.json").read_text())
+        assert component["lora_folder"] == "flux_pipeline/1/loras" and component["lora_module"] == name
+    assert "lora_folder" not in json.loads((repository / "t5" / "1" / "component.json").read_text())
+    assert "lora_folder" not in json.loads((repositories["tiny-schnell"] / "clip" / "1" / "component.json").read_text())
+    assert "ink, watercolor" in (repository / "README.md").read_text()
+
+
+def test_request_lora_refusals(sources, exports, fp8_exports, request_loras, tmp_path):
+    from fluxexport.models.lora import parse_lora
+
+    dev, ink = sources["tiny-dev"], request_loras["ink"]
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(ink.path, other / "ink.safetensors")
+    refusals = [
+        (exports["tiny-dev"], [ink, parse_lora(str(other / "ink.safetensors"))], {},
+         "two --request-lora files are named ink: a request names LoRAs by file stem"),
+        (fp8_exports["tiny-dev"], [ink], {},
+         "LoRA ink adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"),
+    ]  # fmt: skip
+    for index, (engines, loras, kwargs, message) in enumerate(refusals):
+        with pytest.raises(FluxExportError, match=f"^{message}$"):
+            write_repository(dev, engines, tmp_path / f"r{index}", request_loras=loras, **kwargs)
+        assert not (tmp_path / f"r{index}").exists()
+    write_repository(dev, fp8_exports["tiny-dev"], tmp_path / "fp32", fp8=False, request_loras=[ink])
+    from safetensors.torch import load_file, save_file
+
+    deeper = {k.replace("double_blocks_0", "double_blocks_7"): v for k, v in load_file(str(ink.path)).items()}
+    save_file(deeper, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(FluxExportError, match="which this model does not have as a Linear"):
+        write_repository(
+            dev, exports["tiny-dev"], tmp_path / "k", request_loras=[parse_lora(str(tmp_path / "deeper.safetensors"))]
+        )
+    assert not (tmp_path / "k").exists()
 
 
 def test_kontext_repository_takes_an_image(repositories):
@@ -106,6 +173,9 @@ def test_plan_repository_configs(sources, exports, tmp_path):
         assert (repository / name / "1" / "model.plan").read_bytes() == b"plan"
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
     assert settings["kind"] == "tensorrt" and settings["bounds"]["max_batch"] == 2
+    with pytest.raises(FluxExportError, match="^per-request LoRAs are swapped by the ONNX Runtime components; "
+                       "TensorRT plans take LoRAs by refit: fluxexport refit --lora FILE, then write"):  # fmt: skip
+        write_repository(sources["tiny-dev"], engines, tmp_path / "repo2", request_loras=[object()])
 
 
 def test_config_checks_refuse_mistakes(sources, repositories):
@@ -150,8 +220,13 @@ def test_cli_triton(tmp_path, exports, sources):
 # ---- a real server ----------------------------------------------------------------------------------
 
 
-def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=None, image=None, guidance=None):
+def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=None, image=None, guidance=None,
+                    loras=None, scales=None):  # fmt: skip
     values = [("prompt", np.array([prompt.encode()], dtype=object), "BYTES")]
+    if loras is not None:
+        values.append(("lora", np.array([name.encode() for name in loras], dtype=object), "BYTES"))
+    if scales is not None:
+        values.append(("lora_scale", np.array(scales, dtype=np.float32), "FP32"))
     for name, value, dtype, kind in (("height", height, np.int32, "INT32"), ("width", width, np.int32, "INT32"),
                                      ("num_inference_steps", steps, np.int32, "INT32"), ("seed", seed, np.int64, "INT64"),
                                      ("guidance_scale", guidance, np.float32, "FP32")):  # fmt: skip
@@ -313,6 +388,54 @@ def test_concurrent_load_and_bad_requests(served):
         client.infer("flux_pipeline", pipeline_inputs(http, "   "))
     assert server.process.poll() is None  # still serving
     assert np.array_equal(ask(client, 144, 272, 0), single[(144, 272, 0)])
+
+
+@needs_server
+@pytest.mark.parametrize("served", ["tiny-dev"], indirect=True)
+def test_loras_per_request_equal_the_swapped_backend(served, sources, exports, request_loras):
+    """`lora`/`lora_scale` swap LoRAs into the served transformer and CLIP: each answer equals `run --backend
+    onnxruntime --lora` on the same graphs; a request without LoRAs gets the base model back."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.models.lora import parse_lora
+
+    _, server = served
+    client, base = http.InferenceServerClient(server.http_url), sources["tiny-dev"]
+
+    def served_image(loras=None, scales=None):
+        inputs = pipeline_inputs(http, "a red fox", 128, 128, 2, 3, loras=loras, scales=scales)
+        return client.infer("flux_pipeline", inputs).as_numpy("images")
+
+    def swapped_image(*values):
+        source = base.with_loras([parse_lora(value) for value in values])
+        with OnnxRuntimeBackend(source, exports["tiny-dev"]) as backend:
+            return generate(backend, source, GenerationRequest("a red fox", height=128, width=128,
+                                                               num_inference_steps=2, seed=3)).images  # fmt: skip
+
+    ink, watercolor = str(request_loras["ink"].path), str(request_loras["watercolor"].path)
+    plain = served_image()
+    assert psnr(plain, swapped_image()) >= 50
+    with_ink = served_image(["ink"], [0.8])
+    assert psnr(with_ink, swapped_image(f"{ink}:0.8")) >= 50 and psnr(with_ink, plain) < 40
+    both = served_image(["watercolor", "ink"], [0.5])
+    assert psnr(both, swapped_image(f"{watercolor}:0.5", f"{ink}:0.5")) >= 50
+    assert np.array_equal(served_image(), plain)  # back to the base weights
+    assert np.array_equal(served_image(["ink"], [0.8]), with_ink)
+    grpc_client = grpc.InferenceServerClient(server.grpc_url)
+    for loras, scales, message in (
+        (["sketch"], None, "lora 'sketch' is not in this repository; it has: ink, watercolor"),
+        (["ink", "watercolor"], [0.5, 0.5, 0.5], "lora_scale holds 3 values for 2 LoRAs: give one, or one each"),
+        (None, [0.5], "lora_scale was given without a lora input: name the LoRAs to apply"),
+    ):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("flux_pipeline", pipeline_inputs(http, "a fox", 64, 64, 1, loras=loras, scales=scales))
+        assert refused.value.message().endswith(message) and str(refused.value.status()) == "400"
+        with pytest.raises(InferenceServerException) as refused:
+            grpc_client.infer("flux_pipeline", pipeline_inputs(grpc, "a fox", 64, 64, 1, loras=loras, scales=scales))
+        assert str(refused.value.status()) == "StatusCode.INVALID_ARGUMENT"
 
 
 @needs_server

@@ -23,6 +23,7 @@ class BlsBackend:
         self.pb_utils = pb_utils
         self.components = components
         self.device = torch.device(device)
+        self.parameters: dict[str, str] = {}  # sent with every component request (the request's LoRA set)
 
     def _to_triton(self, name: str, tensor: torch.Tensor, dtype: torch.dtype):
         tensor = tensor.to(dtype).contiguous()
@@ -43,10 +44,12 @@ class BlsBackend:
         outputs = [t["name"] for t in entry["outputs"]]
 
         def run(feeds: Feeds) -> Feeds:
+            extra = {"parameters": dict(self.parameters)} if self.parameters else {}  # Triton ≥ 23.xx takes them
             request = self.pb_utils.InferenceRequest(
                 model_name=name,
                 requested_output_names=outputs,
                 inputs=[self._to_triton(key, feeds[key], dtype) for key, dtype in inputs.items() if key in feeds],
+                **extra,
             )
             response = request.exec()
             if response.has_error():

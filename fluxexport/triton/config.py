@@ -34,6 +34,7 @@ class ModelConfig:
     instance_count: int = 1
     profiles: tuple[str, ...] = ()
     parameters: dict[str, str] = field(default_factory=dict)
+    gpus: tuple[int, ...] = ()  # KIND_GPU: `count` instances on each of these GPUs (all visible ones if empty)
 
     def to_pbtxt(self) -> str:
         lines = [f'name: "{self.name}"']
@@ -51,7 +52,10 @@ class ModelConfig:
             lines.append(",\n".join(entries))
             lines.append("]")
         profiles = "".join(f' profile: "{p}"' for p in self.profiles)
-        lines.append(f"instance_group [ {{ count: {self.instance_count} kind: {self.instance_kind}{profiles} }} ]")
+        gpus = f" gpus: [ {', '.join(map(str, self.gpus))} ]" if self.gpus and self.instance_kind == "KIND_GPU" else ""
+        lines.append(
+            f"instance_group [ {{ count: {self.instance_count} kind: {self.instance_kind}{gpus}{profiles} }} ]"
+        )
         for key, value in self.parameters.items():
             lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
         return "\n".join(lines) + "\n"
@@ -68,18 +72,23 @@ def _tensor_configs(tensors: list[dict], spec_tensors) -> tuple[TensorConfig, ..
     return tuple(configs)
 
 
-def component_config(spec: ComponentSpec, entry: dict, kind: str, instance_kind: str, count: int = 1) -> ModelConfig:
-    """The config of one component model: `kind` is "onnxruntime" (python backend) or "tensorrt" (a plan)."""
+def component_config(
+    spec: ComponentSpec, entry: dict, kind: str, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = ()
+) -> ModelConfig:
+    """The config of one component model: `kind` is "onnxruntime" (python backend) or "tensorrt" (a plan);
+    GPU instances go on each of `gpus` (every visible GPU when empty)."""
     inputs = _tensor_configs(entry["inputs"], spec.inputs)
     outputs = _tensor_configs(entry["outputs"], spec.outputs)
     if kind == "tensorrt":
         return ModelConfig(spec.name, inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU",
-                           instance_count=count, profiles=("0",))  # fmt: skip
-    return ModelConfig(spec.name, inputs, outputs, backend="python", instance_kind=instance_kind, instance_count=count)
+                           instance_count=count, profiles=("0",), gpus=gpus)  # fmt: skip
+    return ModelConfig(spec.name, inputs, outputs, backend="python", instance_kind=instance_kind, instance_count=count,
+                       gpus=gpus)  # fmt: skip
 
 
-def pipeline_config(kontext: bool, instance_kind: str, count: int = 1) -> ModelConfig:
-    """flux_pipeline: prompt in (and optional settings), uint8 images [B,H,W,3] out."""
+def pipeline_config(kontext: bool, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = ()) -> ModelConfig:
+    """flux_pipeline: prompt in (and optional settings), uint8 images [B,H,W,3] out; with `gpus`, `count`
+    instances per GPU (GPU instances on each, CPU instances `count` × the number of GPUs)."""
     inputs = [
         TensorConfig("prompt", "TYPE_STRING", (1,)),
         TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
@@ -89,13 +98,16 @@ def pipeline_config(kontext: bool, instance_kind: str, count: int = 1) -> ModelC
         TensorConfig("guidance_scale", "TYPE_FP32", (1,), optional=True),
         TensorConfig("seed", "TYPE_INT64", (1,), optional=True),
         TensorConfig("num_images", "TYPE_INT32", (1,), optional=True),
+        TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
+        TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
     ]
     if kontext:
         inputs.append(TensorConfig("image", "TYPE_UINT8", (-1, -1, 3), optional=True))
     outputs = (TensorConfig("images", "TYPE_UINT8", (-1, -1, -1, 3)),)
-    return ModelConfig(
-        PIPELINE, tuple(inputs), outputs, backend="python", instance_kind=instance_kind, instance_count=count
-    )
+    if gpus and instance_kind != "KIND_GPU":
+        count *= len(gpus)
+    return ModelConfig(PIPELINE, tuple(inputs), outputs, backend="python", instance_kind=instance_kind,
+                       instance_count=count, gpus=gpus)  # fmt: skip
 
 
 def check_config(text: str, folder_name: str, spec: ComponentSpec | None = None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from fluxexport.atomic import atomic_folder
 from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import graph_entries, read_manifest
+from fluxexport.models.loaders import MODULE_OF
+from fluxexport.models.lora import LoraFile
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.specs import component_specs, pipeline_components
@@ -57,12 +60,59 @@ def _bounds(manifest: dict) -> dict:
     return {key: bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
 
 
+LORA_FOLDER = f"{PIPELINE}/1/loras"  # the LoRAs clients may pick per request, relative to the repository
+
+
+def _lora_names(source: ModelSource, loras: Sequence[LoraFile], entries: dict, kind: str) -> dict[str, dict]:
+    """Name (file stem) → record of each per-request LoRA, refused in one line before anything is written when
+    it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
+    from fluxexport.models.lora import LoraSet
+    from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
+
+    if loras and kind == "tensorrt":
+        raise FluxExportError(
+            "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
+            "fluxexport refit --lora FILE, then write the repository from the refitted engines"
+        )
+    names: dict[str, dict] = {}
+    for lora in loras:
+        name = lora.path.stem
+        if name in names:
+            raise FluxExportError(f"two --request-lora files are named {name}: a request names LoRAs by file stem")
+        modules = sorted(LoraSet([lora]).layers)
+        for component in (c for c in ("transformer", "clip") if MODULE_OF[c] in modules):
+            with parameters_on_meta():
+                module = MODULE_OF[component]
+                check_loras(source.with_loras([lora]), module, module_from_config(source, module))
+            entry = entries[component]
+            if "weights" not in entry:
+                raise FluxExportError(
+                    f"{entry['file']} does not record where its weights come from: export it again to serve LoRAs"
+                )
+            if entry["dtype"] == "fp8":
+                raise FluxExportError(
+                    f"LoRA {name} adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"
+                )
+        names[name] = {"file": lora.path.name, "sha256": lora.sha256, "modules": modules}
+    return names
+
+
+def kind_of(engines: Path) -> str:
+    return "tensorrt" if read_manifest(Path(engines)).get("kind") == "tensorrt" else "onnxruntime"
+
+
 def write_repository(
     source: ModelSource, engines: Path, out: Path, instance_kind: str = "KIND_CPU", pipeline_instances: int = 1,
-    fp8: bool | None = None,
+    fp8: bool | None = None, request_loras: Sequence[LoraFile] = (), gpus: Sequence[int] = (),
 ) -> Path:  # fmt: skip
     """A repository at `out` serving the graphs (python backend + ONNX Runtime) or plans (TensorRT) in `engines`;
-    from graphs, `fp8` picks the transformer as the ONNX Runtime backend does (the FP8 one if there is one)."""
+    from graphs, `fp8` picks the transformer as the ONNX Runtime backend does (the FP8 one if there is one).
+    `request_loras` are placed in the repository for clients to pick per request (`lora`, `lora_scale`).
+    `gpus` (e.g. 0, 1): each GPU component gets an instance on each, and flux_pipeline one instance per GPU
+    times `pipeline_instances`, so every GPU has requests to serve."""
+    gpus = tuple(sorted(set(gpus)))
+    if gpus and kind_of(engines) != "tensorrt" and instance_kind != "KIND_GPU":
+        raise FluxExportError("--gpus places GPU instances: add --instance-kind KIND_GPU for ONNX Runtime graphs")
     engines, out = Path(engines), Path(out)
     manifest = read_manifest(engines)
     kind = "tensorrt" if manifest.get("kind") == "tensorrt" else "onnxruntime"
@@ -76,13 +126,14 @@ def write_repository(
     if missing:
         raise FluxExportError(f"{engines} lacks {', '.join(missing)}: the pipeline needs {', '.join(needed)}")
     specs = component_specs(source)
+    loras = _lora_names(source, request_loras, entries, kind)
     with atomic_folder(out) as staging:
         bls_components = {}
         for name in needed:
             entry = entries[name]
             version = staging / name / "1"
             version.mkdir(parents=True)
-            config = component_config(specs[name], entry, kind, instance_kind)
+            config = component_config(specs[name], entry, kind, instance_kind, gpus=gpus)
             _write_config(staging / name, config.to_pbtxt(), specs[name])
             if kind == "tensorrt":
                 _link_or_copy(engines / entry["file"], version / "model.plan")
@@ -91,7 +142,9 @@ def write_repository(
                 _link_or_copy(engines / entry["file"], version / "model.onnx")
                 if entry.get("external_data"):
                     _link_or_copy(engines / entry["external_data"], version / entry["external_data"])
-                (version / "component.json").write_text(json.dumps(entry, indent=2))
+                lora_module = MODULE_OF[name] if name in ("transformer", "clip") and loras else None
+                served = entry | ({"lora_folder": LORA_FOLDER, "lora_module": lora_module} if lora_module else {})
+                (version / "component.json").write_text(json.dumps(served, indent=2))
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself
                 as_float = [{**t, "dtype": host_element(t["dtype"])} for t in entry["inputs"]]
@@ -99,17 +152,23 @@ def write_repository(
         pipeline = staging / PIPELINE / "1"
         pipeline.mkdir(parents=True)
         _write_config(
-            staging / PIPELINE, pipeline_config(source.is_kontext, instance_kind, pipeline_instances).to_pbtxt()
+            staging / PIPELINE,
+            pipeline_config(source.is_kontext, instance_kind, pipeline_instances, gpus).to_pbtxt(),
         )
         (pipeline / "model.py").write_text(_template("flux_pipeline.py"))
         _copy_checkpoint(source, pipeline / "checkpoint")
-        settings = {"model": source.name, "kind": kind, "bounds": _bounds(manifest), "components": bls_components}
+        if loras:
+            (staging / LORA_FOLDER).mkdir()
+            for lora in request_loras:
+                _link_or_copy(lora.path, staging / LORA_FOLDER / f"{lora.path.stem}.safetensors")
+        settings = {"model": source.name, "kind": kind, "bounds": _bounds(manifest), "components": bls_components,
+                    "loras": loras, "gpus": list(gpus), "tensorrt": manifest.get("tensorrt") if kind == "tensorrt" else None}  # fmt: skip
         (pipeline / "pipeline.json").write_text(json.dumps(settings, indent=2))
-        (staging / "README.md").write_text(_readme(source, kind, needed))
+        (staging / "README.md").write_text(_readme(source, kind, needed, sorted(loras)))
     return out
 
 
-def _readme(source: ModelSource, kind: str, components) -> str:
+def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str:
     engine = (
         "TensorRT plans (`tensorrt_plan`)" if kind == "tensorrt" else "ONNX graphs run by ONNX Runtime (python backend)"
     )
@@ -118,8 +177,11 @@ def _readme(source: ModelSource, kind: str, components) -> str:
 
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
 (python backend) takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
-`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, and returns `images`
-(UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime.
+`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, `lora` (BYTES [n], names of the
+LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}) and `lora_scale` (FP32 [n] or [1]), and returns
+`images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime. A request's LoRAs
+are swapped into the transformer and CLIP components (only the weights they touch); a component keeps the
+last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation.
 
 Start a server on it (Triton 2.51+, python backend; the python environment needs `fluxexport`,
 `onnxruntime` and numpy<2):

@@ -29,10 +29,39 @@ def _optional(request, name, cast):
     return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
 
 
+def _values(request, name) -> list | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in tensor.as_numpy().reshape(-1).tolist()]
+
+
+def lora_choice(names: list[str] | None, scales: list[float] | None, placed: dict) -> str:
+    """The request's LoRA set as the components' `loras` parameter (JSON [[name, scale], …]; "[]" = none)."""
+    if not names:
+        if scales:
+            raise FluxExportError("lora_scale was given without a lora input: name the LoRAs to apply")
+        return "[]"
+    unknown = [name for name in names if name not in placed]
+    if unknown:
+        have = ", ".join(sorted(placed)) if placed else "none (write the repository with --request-lora FILE)"
+        raise FluxExportError(f"lora {unknown[0]!r} is not in this repository; it has: {have}")
+    if len(set(names)) != len(names):
+        raise FluxExportError(f"lora names a LoRA twice: {', '.join(names)}")
+    scales = scales or [1.0]
+    if len(scales) not in (1, len(names)):
+        raise FluxExportError(f"lora_scale holds {len(scales)} values for {len(names)} LoRAs: give one, or one each")
+    if not all(np.isfinite(scales)):
+        raise FluxExportError("lora_scale must be finite")
+    scales = scales * len(names) if len(scales) == 1 else scales
+    return json.dumps([[name, float(scale)] for name, scale in zip(names, scales, strict=True)])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
         self.settings = json.loads((folder / "pipeline.json").read_text())
+        self.settings.setdefault("loras", {})  # repositories written before per-request LoRAs
         self.source = load_folder(folder / "checkpoint", name=self.settings["model"])
         device = "cuda" if self.settings["kind"] == "tensorrt" and torch.cuda.is_available() else "cpu"
         self.backend = BlsBackend(self.settings["components"], device)
@@ -77,6 +106,8 @@ class TritonPythonModel:
             try:
                 generation = self._request(request)
                 self._check_bounds(generation)
+                loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings["loras"])
+                self.backend.parameters = {"loras": loras} if self.settings["loras"] else {}
                 images = generate(self.backend, self.source, generation).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
             except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)

@@ -1,4 +1,9 @@
-"""Triton python-backend model: one exported FLUX component run by ONNX Runtime (written by fluxexport)."""
+"""Triton python-backend model: one exported FLUX component run by ONNX Runtime (written by fluxexport).
+
+The transformer and CLIP of a repository with per-request LoRAs read the request's `loras` parameter (JSON
+[[name, scale], …], set by flux_pipeline) and swap them in: only the initializers the LoRAs touch are merged
+(from the graph's own base weights) and handed to a new session; the last set stays until another comes.
+"""
 
 import json
 from pathlib import Path
@@ -13,17 +18,49 @@ from fluxexport.backends.onnxruntime_backend import create_session, session_runn
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
+        self.graph = folder / "model.onnx"
         self.entry = json.loads((folder / "component.json").read_text())
-        upcast = self.entry.get("base_dtype", self.entry["dtype"]) == "bf16"
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args["model_instance_kind"] == "GPU" else None
-        session = create_session(folder / "model.onnx", upcast, providers)
-        self.run = session_runner(session, self.entry, args["model_name"])
+        self.name = args["model_name"]
+        self.upcast = self.entry.get("base_dtype", self.entry["dtype"]) == "bf16"
+        self.providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if args["model_instance_kind"] == "GPU" else None
+        )
+        self.loras = (
+            Path(args["model_repository"]).parent / self.entry["lora_folder"] if "lora_folder" in self.entry else None
+        )
         self.inputs = [t["name"] for t in self.entry["inputs"]]
+        self.choice, self.applied = "[]", False  # the LoRA set asked for last, and whether it changed weights
+        self.run = self._runner({})
+
+    def _runner(self, overrides):
+        session = create_session(self.graph, self.upcast, self.providers, overrides=overrides)
+        return session_runner(session, self.entry, self.name)
+
+    def _swap(self, choice: str) -> None:
+        """Apply the LoRA set `choice` (or go back to the base weights) if it is not the one applied."""
+        from fluxexport.models.lora import LoraSet, parse_lora
+        from fluxexport.models.lora_weights import graph_base, merged_initializers
+
+        if choice == self.choice:
+            return
+        chosen = [parse_lora(f"{self.loras / name}.safetensors:{scale}") for name, scale in json.loads(choice)]
+        module = self.entry["lora_module"]
+        loras = LoraSet(chosen) if chosen else None
+        touched = loras is not None and module in loras.layers
+        if touched:
+            base = graph_base(self.graph, self.entry["weights"])
+            merged = merged_initializers(self.entry["weights"], module, loras, base, self.entry["file"])
+            self.run = self._runner(dict(merged))
+        elif self.applied:
+            self.run = self._runner({})
+        self.choice, self.applied = choice, touched
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
+                if self.loras is not None:
+                    self._swap(json.loads(request.parameters() or "{}").get("loras", "[]"))
                 feeds = {}
                 for name in self.inputs:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)

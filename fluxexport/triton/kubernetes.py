@@ -1,0 +1,257 @@
+"""`fluxexport deploy`: Kubernetes manifests that serve a Triton repository written by `fluxexport triton`.
+
+Two ways, both running NVIDIA's Triton (our serving image: `Dockerfile.triton`, the pinned tritonserver release
+plus fluxexport for the python models):
+
+* `inferenceservice.yaml`: a KServe `InferenceService` on KServe's Triton runtime, model repository from
+  `--storage-uri` (s3://, gs://, pvc://…), KServe's own autoscaling between `--replicas MIN:MAX`.
+* `deployment.yaml`: for clusters without KServe, a `Deployment` + `Service` + `HorizontalPodAutoscaler`
+  (autoscaling/v2) scaling on Triton's queue: average queue time per flux_pipeline request, a Pods metric
+  served by prometheus-adapter from Triton's own counters (`prometheus-adapter-rules.yaml`). Chosen over a
+  KEDA ScaledObject because the HPA is a core resource (validated offline against Kubernetes' schema, no
+  operator to install) and prometheus-adapter is what most clusters with Prometheus already run.
+
+Readiness and liveness probe Triton's `/v2/health/ready` and `/v2/health/live`; a startup probe gives engines
+up to `STARTUP_SECONDS` to load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxexport.errors import FluxExportError
+from fluxexport.triton.config import PIPELINE
+
+HTTP, GRPC, METRICS = 8000, 8001, 8002
+KSERVE_HTTP = 8080  # KServe's Triton runtime serves HTTP on 8080
+STARTUP_SECONDS = 1200  # FLUX engines (24 GB) can take minutes to load
+QUEUE_METRIC = "flux_pipeline_queue_us_per_request"
+STORAGE_SCHEMES = ("s3", "gs", "as", "pvc")
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    name: str
+    storage_uri: str
+    image: str
+    release: str  # the Triton release the image is built on (KServe's runtimeVersion)
+    gpus_per_replica: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 4
+    namespace: str | None = None
+    target_queue_ms: float = 2000.0
+    cpu: str = "8"
+    memory: str = "64Gi"
+
+
+def parse_replicas(value: str) -> tuple[int, int]:
+    """`MIN:MAX` (or one number for both) → (min, max), refused in one line unless 1 ≤ min ≤ max."""
+    found = re.fullmatch(r"(\d+)(?::(\d+))?", value.strip())
+    if not found:
+        raise FluxExportError(f"--replicas {value}: write MIN:MAX, e.g. 1:4")
+    low, high = int(found[1]), int(found[2] or found[1])
+    if not 1 <= low <= high:
+        raise FluxExportError(f"--replicas {value}: need 1 ≤ MIN ≤ MAX")
+    return low, high
+
+
+def check_storage_uri(uri: str) -> str:
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in STORAGE_SCHEMES or not uri.split("://", 1)[1].strip("/"):
+        raise FluxExportError(
+            f"--storage-uri {uri}: use s3://BUCKET/PATH, gs://BUCKET/PATH, as://ACCOUNT/CONTAINER/PATH or "
+            "pvc://CLAIM/PATH, where the repository was uploaded"
+        )
+    return uri
+
+
+def kubernetes_name(text: str) -> str:
+    """A DNS-1035 label from a model name: `black-forest-labs/FLUX.1-dev` → `flux-1-dev`."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower().rsplit("/", 1)[-1]).strip("-")
+    name = name if name and name[0].isalpha() else f"flux-{name}".strip("-")
+    return name[:50].rstrip("-")
+
+
+def _metadata(settings: DeploySettings, **extra) -> dict:
+    metadata = {"name": settings.name, "labels": {"app.kubernetes.io/name": settings.name,
+                                                  "app.kubernetes.io/managed-by": "fluxexport"}}  # fmt: skip
+    if settings.namespace:
+        metadata["namespace"] = settings.namespace
+    return metadata | extra
+
+
+def _resources(settings: DeploySettings) -> dict:
+    limits = {"nvidia.com/gpu": str(settings.gpus_per_replica), "cpu": settings.cpu, "memory": settings.memory}
+    return {"limits": limits, "requests": dict(limits)}
+
+
+def _probes(port: int) -> dict:
+    def probe(path: str, period: int, failures: int) -> dict:
+        return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
+
+    return {
+        "startupProbe": probe("/v2/health/ready", 10, STARTUP_SECONDS // 10),
+        "readinessProbe": probe("/v2/health/ready", 5, 3),
+        "livenessProbe": probe("/v2/health/live", 10, 3),
+    }
+
+
+def _repository_mount(settings: DeploySettings) -> tuple[str, list[dict], list[dict]]:
+    """(--model-repository value, volumes, volume mounts): object stores are read by Triton itself, a PVC is
+    mounted read-only at /models."""
+    scheme, rest = settings.storage_uri.split("://", 1)
+    if scheme != "pvc":
+        return settings.storage_uri, [], []
+    claim, _, path = rest.partition("/")
+    volume = {"name": "repository", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+    mount = {"name": "repository", "mountPath": "/models", "readOnly": True}
+    return f"/models/{path}".rstrip("/"), [volume], [mount]
+
+
+SHM = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}  # python backend tensors cross in /dev/shm
+
+
+def inference_service(settings: DeploySettings) -> dict:
+    """KServe v1beta1 InferenceService on KServe's Triton runtime (`kserve-tritonserver`)."""
+    model = {
+        "modelFormat": {"name": "triton"},
+        "runtime": "kserve-tritonserver",
+        "runtimeVersion": f"{settings.release}-py3",
+        "protocolVersion": "v2",
+        "storageUri": settings.storage_uri,
+        "image": settings.image,
+        "args": ["--model-control-mode=none", "--allow-metrics=true", f"--metrics-port={METRICS}"],
+        "resources": _resources(settings),
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        **_probes(KSERVE_HTTP),
+    }
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS)}
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": _metadata(settings, annotations=annotations),
+        "spec": {
+            "predictor": {
+                "minReplicas": settings.min_replicas,
+                "maxReplicas": settings.max_replicas,
+                "model": model,
+                "volumes": [SHM],
+            }
+        },  # fmt: skip
+    }
+
+
+def deployment(settings: DeploySettings) -> list[dict]:
+    """Deployment + Service + HorizontalPodAutoscaler running tritonserver on the repository."""
+    repository, volumes, mounts = _repository_mount(settings)
+    labels = {"app.kubernetes.io/name": settings.name}
+    container = {
+        "name": "tritonserver",
+        "image": settings.image,
+        "command": ["tritonserver"],
+        "args": [
+            f"--model-repository={repository}",
+            "--model-control-mode=none",
+            f"--http-port={HTTP}",
+            f"--grpc-port={GRPC}",
+            f"--metrics-port={METRICS}",
+            "--allow-metrics=true",
+        ],  # fmt: skip
+        "ports": [
+            {"name": "http", "containerPort": HTTP},
+            {"name": "grpc", "containerPort": GRPC},
+            {"name": "metrics", "containerPort": METRICS},
+        ],  # fmt: skip
+        "resources": _resources(settings),
+        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
+        **_probes(HTTP),
+    }
+    pod = {
+        "metadata": {
+            "labels": labels,
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS)},
+        },  # fmt: skip
+        "spec": {
+            "containers": [container],
+            "volumes": [*volumes, SHM],
+            "terminationGracePeriodSeconds": 60,
+        },  # fmt: skip
+    }
+    deploy = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(settings),
+        "spec": {"replicas": settings.min_replicas, "selector": {"matchLabels": labels}, "template": pod},
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(settings),
+        "spec": {"selector": labels, "ports": [{"name": name, "port": port, "targetPort": port}
+                                               for name, port in (("http", HTTP), ("grpc", GRPC), ("metrics", METRICS))]},
+    }  # fmt: skip
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(settings),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": settings.name},
+            "minReplicas": settings.min_replicas,
+            "maxReplicas": settings.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": QUEUE_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(int(settings.target_queue_ms * 1000))},
+                    },
+                }
+            ],  # fmt: skip
+            # a new replica loads engines for minutes: scale up at most one pod a minute, down slowly
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 60,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 600,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}],
+                },
+            },  # fmt: skip
+        },
+    }
+    return [deploy, service, autoscaler]
+
+
+def adapter_rules() -> dict:
+    """prometheus-adapter Helm values: Triton's cumulative queue time over its successful requests, per pod,
+    as `flux_pipeline_queue_us_per_request` (µs a request waited in the queue over the last minute)."""
+    matchers = f'<<.LabelMatchers>>,model="{PIPELINE}"'
+    query = (
+        f"sum(rate(nv_inference_queue_duration_us{{{matchers}}}[1m])) by (<<.GroupBy>>) / "
+        f"clamp_min(sum(rate(nv_inference_request_success{{{matchers}}}[1m])) by (<<.GroupBy>>), 1e-3)"
+    )
+    rule = {
+        "seriesQuery": f'nv_inference_queue_duration_us{{model="{PIPELINE}",namespace!="",pod!=""}}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_METRIC},
+        "metricsQuery": query,
+    }
+    return {"rules": {"custom": [rule]}}
+
+
+def to_yaml(documents: list[dict]) -> str:
+    import yaml
+
+    return "---\n".join(yaml.safe_dump(document, sort_keys=False) for document in documents)
+
+
+def repository_facts(repository: Path) -> dict:
+    """What deploy needs from a repository `fluxexport triton` wrote: its pipeline settings."""
+    settings_file = Path(repository) / PIPELINE / "1" / "pipeline.json"
+    if not settings_file.is_file():
+        raise FluxExportError(f"{repository} is not a repository written by fluxexport triton (no {PIPELINE} model)")
+    return json.loads(settings_file.read_text())
