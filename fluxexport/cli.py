@@ -571,18 +571,80 @@ def bench(
 @click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--request-lora", "request_loras", multiple=True, metavar="FILE",
               help="A LoRA clients may apply per request (input `lora` = its file stem); repeatable.")  # fmt: skip
+@click.option("--gpus", "gpus", default="", metavar="0,1|N",
+              help="GPUs to place instances on: indices, or a count (0..N-1); default every visible GPU.")  # fmt: skip
 @fp8_option
-def triton(model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, fp8) -> None:
+def triton(model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, gpus, fp8) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
     from fluxexport.models.lora import parse_lora
     from fluxexport.triton.repository import write_repository
 
     source = _source(model, base_model)
     offered = [parse_lora(path) for path in request_loras]
-    folder = write_repository(source, engines, out, instance_kind, pipeline_instances, fp8, offered)
+    folder = write_repository(
+        source, engines, out, instance_kind, pipeline_instances, fp8, offered, gpus=_parse_gpus(gpus)
+    )
     console.print(
         f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"
     )
+    click.echo(str(folder))
+
+
+def _parse_gpus(value: str) -> tuple[int, ...]:
+    """`0,1` → (0, 1); `2` → (0, 1); empty → () (every visible GPU)."""
+    value = value.strip()
+    if not value:
+        return ()
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise FluxExportError(f"--gpus {value}: give GPU indices (0,1) or a count (2)") from None
+    if len(numbers) == 1 and "," not in value:
+        if numbers[0] < 1:
+            raise FluxExportError(f"--gpus {value}: a count must be at least 1")
+        return tuple(range(numbers[0]))
+    if min(numbers) < 0 or len(set(numbers)) != len(numbers):
+        raise FluxExportError(f"--gpus {value}: indices must be distinct and ≥ 0")
+    return tuple(sorted(numbers))
+
+
+@main.command()
+@click.option(
+    "--repository",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    help="A repository written by fluxexport triton.",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the manifests.")
+@click.option(
+    "--storage-uri", required=True, help="Where the repository is uploaded: s3://, gs://, as:// or pvc://CLAIM/PATH."
+)
+@click.option("--name", help="Kubernetes name (default: from the model's name).")
+@click.option("--namespace", help="Kubernetes namespace (default: kubectl's).")
+@click.option(
+    "--image", help="Serving image; its tag's Triton release must ship the engines' TensorRT (default: pinned)."
+)
+@click.option("--image-tensorrt", metavar="VERSION", help="The image's TensorRT, for a tag naming no known release.")
+@click.option("--gpus-per-replica", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--replicas", default="1:4", show_default=True, metavar="MIN:MAX")
+@click.option("--target-queue-ms", type=click.FloatRange(min=1), default=2000.0, show_default=True,
+              help="Average queue wait per request above which the autoscaler adds a replica.")  # fmt: skip
+def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt, gpus_per_replica, replicas,
+           target_queue_ms) -> None:  # fmt: skip
+    """Write Kubernetes manifests serving a Triton repository: a KServe InferenceService, or a Deployment +
+    Service + HorizontalPodAutoscaler on Triton's queue metrics."""
+    from fluxexport.triton.kubernetes import deploy_settings, write_deployment
+
+    settings, facts = deploy_settings(
+        repository, storage_uri, name=name, image=image, image_tensorrt=image_tensorrt,
+        gpus_per_replica=gpus_per_replica, replicas=replicas, namespace=namespace, target_queue_ms=target_queue_ms,
+    )  # fmt: skip
+    folder = write_deployment(repository, out, settings, facts)
+    console.print(
+        f"{settings.name}: {settings.image} (Triton {settings.release}), {settings.gpus_per_replica} GPU(s) per "
+        f"replica, {settings.min_replicas}..{settings.max_replicas} replicas, repository {settings.storage_uri}"
+    )
+    console.print(f"next: the commands in {folder / 'README.md'}")
     click.echo(str(folder))
 
 

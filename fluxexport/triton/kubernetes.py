@@ -255,3 +255,77 @@ def repository_facts(repository: Path) -> dict:
     if not settings_file.is_file():
         raise FluxExportError(f"{repository} is not a repository written by fluxexport triton (no {PIPELINE} model)")
     return json.loads(settings_file.read_text())
+
+
+def deploy_settings(
+    repository: Path, storage_uri: str, *, name: str | None = None, image: str | None = None,
+    image_tensorrt: str | None = None, gpus_per_replica: int = 1, replicas: str = "1:4",
+    namespace: str | None = None, target_queue_ms: float = 2000.0,
+) -> tuple[DeploySettings, dict]:  # fmt: skip
+    """Settings checked against the repository (its TensorRT, its GPU placement), and the repository's facts."""
+    from fluxexport.triton.releases import check_image, default_image
+
+    facts = repository_facts(repository)
+    tensorrt = facts.get("tensorrt")
+    image = image or default_image(tensorrt)
+    release = check_image(image, tensorrt, image_tensorrt)
+    placed = facts.get("gpus") or []
+    if placed and max(placed) >= gpus_per_replica:
+        raise FluxExportError(
+            f"{repository} places instances on GPUs {', '.join(map(str, placed))}, a replica has "
+            f"{gpus_per_replica}: pass --gpus-per-replica {max(placed) + 1} or write the repository with fewer --gpus"
+        )
+    low, high = parse_replicas(replicas)
+    settings = DeploySettings(
+        name=name or kubernetes_name(facts["model"]), storage_uri=check_storage_uri(storage_uri), image=image,
+        release=release, gpus_per_replica=gpus_per_replica, min_replicas=low, max_replicas=high,
+        namespace=namespace, target_queue_ms=target_queue_ms,
+    )  # fmt: skip
+    return settings, facts
+
+
+def write_deployment(repository: Path, out: Path, settings: DeploySettings, facts: dict) -> Path:
+    """`out/`: inferenceservice.yaml, deployment.yaml, prometheus-adapter-rules.yaml and a README with the
+    commands, written atomically."""
+    from fluxexport.atomic import atomic_folder
+
+    with atomic_folder(Path(out)) as staging:
+        (staging / "inferenceservice.yaml").write_text(to_yaml([inference_service(settings)]))
+        (staging / "deployment.yaml").write_text(to_yaml(deployment(settings)))
+        (staging / "prometheus-adapter-rules.yaml").write_text(to_yaml([adapter_rules()]))
+        (staging / "README.md").write_text(_readme(Path(repository), settings, facts))
+    return Path(out)
+
+
+def _upload(repository: Path, uri: str) -> str:
+    scheme = uri.split("://", 1)[0]
+    if scheme == "s3":
+        return f"aws s3 sync {repository} {uri}"
+    if scheme == "gs":
+        return f"gcloud storage rsync --recursive {repository} {uri}"
+    if scheme == "as":
+        return f"azcopy sync {repository} 'https://<account>.blob.core.windows.net/{uri.split('://', 1)[1]}'"
+    return f"# copy {repository} into the volume claim's {uri.split('://', 1)[1].partition('/')[2] or '/'} (e.g. kubectl cp through a pod)"
+
+
+def _readme(repository: Path, settings: DeploySettings, facts: dict) -> str:
+    engines = f"TensorRT {facts['tensorrt']} plans" if facts.get("tensorrt") else "ONNX Runtime graphs"
+    return f"""# Serving {facts["model"]} on Kubernetes
+
+Written by `fluxexport deploy` for the repository `{repository}` ({engines}), uploaded to `{settings.storage_uri}`.
+Image `{settings.image}` (Triton {settings.release}); {settings.gpus_per_replica} GPU(s) per replica,
+{settings.min_replicas}..{settings.max_replicas} replicas.
+
+1. Upload the repository: `{_upload(repository, settings.storage_uri)}`
+2. Build and push the serving image (NVIDIA's tritonserver:{settings.release}-py3 plus fluxexport for the
+   python models), from a fluxexport checkout:
+   `docker build -f Dockerfile.triton --build-arg TRITON_RELEASE={settings.release} -t REGISTRY/{settings.image} . && docker push REGISTRY/{settings.image}`
+   and run `fluxexport deploy` again with `--image REGISTRY/{settings.image}`.
+3. Either, with KServe: `kubectl apply -f inferenceservice.yaml`
+   or, without: install prometheus-adapter with `prometheus-adapter-rules.yaml` as Helm values
+   (`helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter -f prometheus-adapter-rules.yaml`),
+   then `kubectl apply -f deployment.yaml`. The HorizontalPodAutoscaler adds a replica when the average time
+   a request waits in flux_pipeline's queue passes {settings.target_queue_ms:g} ms.
+4. Ask: `curl -X POST http://{settings.name}:{HTTP}/v2/models/{PIPELINE}/infer -d '{{"inputs": [{{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red fox"]}}]}}'`
+   Readiness: `/v2/health/ready`; metrics: port {METRICS}, `nv_inference_count{{model="{PIPELINE}"}}`.
+"""
