@@ -106,6 +106,10 @@ fp8_option = click.option(
     "--fp8/--no-fp8", default=None,
     help="onnxruntime: run quantize's FP8 transformer, or the base one (default: the FP8 one if the folder has it).",
 )  # fmt: skip
+optimized_option = click.option(
+    "--optimized/--no-optimized", default=None,
+    help="onnxruntime: run `optimize`'s fused graphs, or the portable ones (default: the fused ones if present).",
+)  # fmt: skip
 
 
 def _say_transformer(engine) -> None:
@@ -139,12 +143,13 @@ def _say_transformer(engine) -> None:
 )
 @click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")
 @fp8_option
+@optimized_option
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
-    image_path, keep_reference_size, backend, engines, low_vram, fp8, dtype, device, output,
+    image_path, keep_reference_size, backend, engines, low_vram, fp8, optimized, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
@@ -167,7 +172,9 @@ def run(
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8)
+    engine = create_backend(
+        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized
+    )
     _say_transformer(engine)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         result = generate(engine, source, request, on_step=advance)
@@ -290,7 +297,8 @@ def check(folder: Path, tensorrt: str | None) -> None:
 @click.option("--max-rel-l2", type=float, help="Fail above this rel-L2 (default per dtype: fp32 1e-5).")
 @click.option("--min-psnr", type=float, help="Fail below this image PSNR in dB (default per dtype: fp32 50).")
 @fp8_option
-def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8) -> None:
+@optimized_option
+def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized) -> None:
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
     from fluxexport.export.manifest import read_manifest
@@ -311,7 +319,7 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
             result, dtype = validate_engines(source, engines, names, steps, max_rel_l2, min_psnr, advance)
         else:
             result, dtype = validate_folder(
-                source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance, fp8=fp8
+                source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance, fp8=fp8, optimized=optimized
             )
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
@@ -527,8 +535,23 @@ def refit(model, base_model, engines, reset) -> None:
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results here.")
 @fp8_option
+@optimized_option
 def bench(
-    model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path, fp8
+    model,
+    base_model,
+    backend,
+    engines,
+    dtype,
+    device,
+    height,
+    width,
+    steps,
+    batch,
+    warmup,
+    repeats,
+    json_path,
+    fp8,
+    optimized,
 ) -> None:
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
     import json
@@ -542,7 +565,7 @@ def bench(
     source = _source(model, base_model)
     request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
                                 num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, fp8=fp8)
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, fp8=fp8, optimized=optimized)
     _say_transformer(engine)
     with step_progress(f"bench {backend}", warmup + repeats) as advance:
         result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance)
@@ -606,6 +629,31 @@ def _parse_gpus(value: str) -> tuple[int, ...]:
     if min(numbers) < 0 or len(set(numbers)) != len(numbers):
         raise FluxExportError(f"--gpus {value}: indices must be distinct and ≥ 0")
     return tuple(sorted(numbers))
+
+
+@main.command()
+@model_options
+@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Folder of exported fp32 graphs.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the graphs will run: CUDA-only fusions (GroupNorm, NhwcConv, packed QKV) need cuda.")  # fmt: skip
+@click.option("--components", help="Comma-separated subset (default: every float32 graph).")
+def optimize(model, base_model, engines, provider, components) -> None:
+    """ONNX Runtime's transformer optimizer over exported graphs (mmdit/t5/clip/vae fusions), written to
+    ENGINES/ort/ for run/bench/validate --backend onnxruntime; the portable graphs stay for TensorRT."""
+    from fluxexport.export.ort_optimize import optimize_graphs
+
+    source = _source(model, base_model)
+    names = [name.strip() for name in components.split(",")] if components else None
+    rows = []
+
+    def done(name: str, entry: dict) -> None:
+        fused = ", ".join(f"{count} {op}" for op, count in entry["fusions"].items()) or "none"
+        rows.append([name, fused, f"{entry['parity_rel_l2']:.1e}", f"{entry['optimize_seconds']:.1f}"])
+
+    with console.status(f"optimizing for ONNX Runtime ({provider}) …"):
+        optimize_graphs(source, engines, provider, names, on_component=done)
+    console.print(table(f"{engines}/ort ({provider})", ["component", "fused ops", "rel-L2 vs portable", "s"], rows))
+    click.echo(str(Path(engines) / "ort"))
 
 
 @main.command()

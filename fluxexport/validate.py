@@ -163,15 +163,17 @@ def validate_folder(
     min_psnr: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     fp8: bool | None = None,
+    optimized: bool | None = None,
 ) -> tuple[ValidationReport, str]:
     """Validate the graphs of `engines` (all, or `components`) against PyTorch: (report, reference dtype).
     `on_progress(done, total)` is called as each component and image comparison starts; `fp8` picks the
-    transformer graph as the ONNX Runtime backend does (the FP8 one when the folder has it)."""
+    transformer graph as the ONNX Runtime backend does (the FP8 one when the folder has it), `optimized` the
+    fused graphs of `optimize` (the default when present: validate checks what `run` runs)."""
     from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.backends.torch_backend import TorchBackend
     from fluxexport.errors import FluxExportError
 
-    with OnnxRuntimeBackend(source, engines, upcast_bf16=True, fp8=fp8) as candidate:
+    with OnnxRuntimeBackend(source, engines, upcast_bf16=True, fp8=fp8, optimized=optimized) as candidate:
         entries = candidate.entries
         names = components or list(entries)
         missing = [name for name in names if name not in entries]

@@ -17,6 +17,7 @@ def create_backend(
     engines: str | None = None,
     low_vram: bool = False,
     fp8: bool | None = None,
+    optimized: bool | None = None,
 ) -> Backend:
     """Build the backend a user named on the command line."""
     if name == "torch":
@@ -28,7 +29,7 @@ def create_backend(
 
         if engines is None:
             raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")
-        return OnnxRuntimeBackend(source, engines, fp8=fp8)
+        return OnnxRuntimeBackend(source, engines, fp8=fp8, optimized=optimized)
     if name == "tensorrt":
         from fluxexport.tensorrt.backend import TensorRTBackend
 

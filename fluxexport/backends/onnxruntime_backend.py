@@ -114,9 +114,12 @@ class OnnxRuntimeBackend(LoadedComponents):
         threads: int = 0,
         upcast_bf16: bool = False,
         fp8: bool | None = None,
+        optimized: bool | None = None,
     ):
         """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them.
-        `fp8`: run `quantize`'s FP8 transformer (True), the base one (False), or the FP8 one if there is one."""
+        `fp8`: run `quantize`'s FP8 transformer (True), the base one (False), or the FP8 one if there is one.
+        `optimized`: run `optimize`'s fused graphs (True), the portable ones (False), or the fused ones where
+        they were made from the portable graphs now in the folder (None)."""
         super().__init__()
         self.source = source
         self.upcast_bf16 = upcast_bf16
@@ -136,6 +139,17 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.threads = threads
         self.fp8 = fp8
         self.entries = graph_entries(self.manifest, fp8)
+        if optimized is not False:
+            from fluxexport.export.ort_optimize import SECTION, optimized_entries
+
+            portable = self.entries
+            self.entries = optimized_entries(self.manifest, portable, self.engines)
+            if optimized and self.entries == portable:
+                made = "stale (exported again since)" if self.manifest.get(SECTION) else "none"
+                raise FluxExportError(
+                    f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --engines {self.engines}"
+                )
+        self.optimized = sorted(name for name, entry in self.entries.items() if "fusions" in entry)
 
     def _swappable(self, exported_from: str, source: ModelSource) -> bool:
         """Graphs of the unmerged base checkpoint, asked to run with LoRAs: they are swapped in."""
@@ -190,6 +204,9 @@ class OnnxRuntimeBackend(LoadedComponents):
             return "none"
         if entry["dtype"] == "fp8":
             return f"{entry['file']} (FP8 Q/DQ on {entry.get('base_dtype', 'bf16')})"
+        if "fusions" in entry:
+            fused = ", ".join(f"{count} {op}" for op, count in entry["fusions"].items()) or "no fusion applied"
+            return f"{entry['file']} ({entry['dtype']}, ONNX Runtime-optimized: {fused})"
         return f"{entry['file']} ({entry['dtype']})"
 
     def _load(self, name: str) -> Component:

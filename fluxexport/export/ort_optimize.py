@@ -1,0 +1,178 @@
+"""`fluxexport optimize`: ONNX Runtime's own transformer optimizer over the exported graphs, for ONNX Runtime.
+
+Each float32 graph goes through `onnxruntime.transformers.optimizer.optimize_model` with the model type ONNX
+Runtime has for it (`mmdit` for the transformer, `t5`, `clip`, `vae`) and the fusion options of the target
+provider (the CPU build lacks the CUDA-only GroupNorm/NhwcConv/packed-QKV kernels, so those fusions are off
+for `--provider cpu`). No fusion is ours. The results, with `com.microsoft` ops, are written to `ort/` beside
+the portable graphs and recorded in the manifest's `onnxruntime` section; the portable graphs, the ones
+TensorRT gets, are untouched. Each optimized graph is checked against its portable graph in ONNX Runtime
+(rel-L2 ≤ `PARITY`) before it is kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
+from fluxexport.models.source import ModelSource
+from fluxexport.specs import component_specs, sample_inputs
+
+SECTION = "onnxruntime"  # manifest section of the optimized graphs
+FOLDER = "ort"
+MODEL_TYPES = {"transformer": "mmdit", "t5": "t5", "clip": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")  # fmt: skip
+PARITY = 1e-4  # rel-L2 of an optimized graph against its portable graph (fused kernels reorder float sums)
+
+
+def _heads_and_width(source: ModelSource, name: str) -> tuple[int, int]:
+    """What the optimizer's attention fusions need (0, 0 = let it detect, as for the VAE)."""
+    import json
+
+    def config(folder: str) -> dict:
+        return json.loads((source.root / folder / "config.json").read_text())
+
+    if name == "transformer":
+        c = config("transformer")
+        return c["num_attention_heads"], c["num_attention_heads"] * c["attention_head_dim"]
+    if name == "t5":
+        c = config("text_encoder_2")
+        return c["num_heads"], c["d_model"]
+    if name == "clip":
+        c = config("text_encoder")
+        return c["num_attention_heads"], c["hidden_size"]
+    return 0, 0
+
+
+def fusion_options(name: str, provider: str):
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(MODEL_TYPES[name])
+    if provider == "cpu":
+        for flag in CUDA_ONLY_FUSIONS:
+            setattr(options, flag, False)
+    return options
+
+
+def _parity(portable: Path, optimized: Path, entry: dict, spec, providers: list[str]) -> float:
+    """Worst rel-L2 of the optimized graph against the portable one, at validate's three shapes per axis."""
+    from fluxexport.backends.onnxruntime_backend import create_session, session_runner
+    from fluxexport.validate import validation_sizes
+
+    runs = [
+        session_runner(create_session(path, providers=providers), entry, spec.name) for path in (portable, optimized)
+    ]
+    worst = 0.0
+    for index, (sizes, _) in enumerate(validation_sizes(spec)):
+        feeds = sample_inputs(spec, sizes, torch.float32, seed=index)
+        expected, actual = (run(feeds) for run in runs)
+        for key, value in expected.items():
+            error = ((actual[key] - value).double().norm() / value.double().norm().clamp_min(1e-12)).item()
+            worst = max(worst, error)
+    return worst
+
+
+def optimize_graphs(
+    source: ModelSource, engines: Path, provider: str = "cpu", components: list[str] | None = None,
+    on_component: Callable[[str, dict], None] | None = None,
+) -> dict:  # fmt: skip
+    """Optimize the float32 graphs in `engines` for ONNX Runtime on `provider`; returns the manifest."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from fluxexport.console import quiet_libraries
+
+    if provider not in PROVIDERS:
+        raise FluxExportError(f"unknown provider {provider!r}: choose cpu or cuda")
+    engines = Path(engines)
+    manifest = read_manifest(engines)
+    if manifest["model"]["fingerprint"] != source.fingerprint():
+        raise FluxExportError(
+            f"the graphs in {engines} were exported from {manifest['model']['name']!r}, not from {source.name!r}: "
+            "pass the same --model as at export"
+        )
+    graphs = manifest["components"]
+    names = components or [name for name in graphs if name in MODEL_TYPES]
+    unknown = [name for name in names if name not in graphs]
+    if unknown:
+        raise FluxExportError(f"{engines} has no {unknown[0]} graph (it has {', '.join(graphs)})")
+    reduced = [name for name in names if graphs[name]["dtype"] != "fp32"]
+    if reduced:
+        raise FluxExportError(
+            f"{reduced[0]} in {engines} is {graphs[reduced[0]]['dtype']}: ONNX Runtime's optimizer takes the "
+            "float32 export (export --dtype fp32)"
+        )
+    quiet_libraries()
+    specs = component_specs(source)
+    section = manifest.setdefault(SECTION, {})
+    (engines / FOLDER).mkdir(exist_ok=True)
+    for name in names:
+        entry = graphs[name]
+        start = time.perf_counter()
+        heads, width = _heads_and_width(source, name)
+        staging = Path(tempfile.mkdtemp(dir=engines / FOLDER, prefix=f".staging-{name}-"))
+        try:
+            model = optimize_model(
+                str(engines / entry["file"]), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
+                optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
+            )  # fmt: skip
+            fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
+            if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
+                section.pop(name, None)
+                write_manifest(engines, manifest)
+                if on_component:
+                    on_component(name, {"fusions": {}, "parity_rel_l2": 0.0,
+                                        "optimize_seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+                continue
+            external = bool(entry.get("external_data"))
+            model.save_model_to_file(str(staging / f"{name}.onnx"), use_external_data_format=external,
+                                     all_tensors_to_one_file=True)  # fmt: skip
+            error = _parity(engines / entry["file"], staging / f"{name}.onnx", entry, specs[name], PROVIDERS[provider])
+            if not error <= PARITY:
+                raise FluxExportError(
+                    f"ONNX Runtime's optimizer changed {name}'s outputs (rel-L2 {error:.2e} > {PARITY:g}): kept the "
+                    "portable graph; report it with the onnxruntime version"
+                )
+            files = sorted(p.name for p in staging.iterdir())
+            for file in files:
+                (staging / file).replace(engines / FOLDER / file)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        data = next((f for f in files if f != f"{name}.onnx"), None)
+        kept = {initializer.name for initializer in model.model.graph.initializer}
+        section[name] = {
+            **{key: entry[key] for key in ("dtype", "opset", "axes", "inputs", "outputs") if key in entry},
+            "file": f"{FOLDER}/{name}.onnx",
+            "external_data": f"{FOLDER}/{data}" if data else None,
+            "model_type": MODEL_TYPES[name], "provider": provider, "fusions": fusions,
+            "from_sha256": file_sha256(engines / entry["file"]), "parity_rel_l2": error,
+            "optimize_seconds": round(time.perf_counter() - start, 2), "optimized_at": now(),
+        }  # fmt: skip
+        if "weights" in entry:  # what survived fusion keeps its origin, so LoRAs can still be swapped in
+            section[name]["weights"] = {k: v for k, v in entry["weights"].items() if k in kept}
+        write_manifest(engines, manifest)
+        if on_component:
+            on_component(name, section[name])
+    return manifest
+
+
+def optimized_entries(manifest: dict, entries: dict[str, dict], engines: Path) -> dict[str, dict]:
+    """`entries` with each component's optimized graph in place of its portable one, where one was made from
+    exactly that portable graph (an export since then makes it stale: the portable one runs)."""
+    chosen = dict(entries)
+    for name, optimized in manifest.get(SECTION, {}).items():
+        base = entries.get(name)
+        if base is None or base["file"] == optimized["file"] or base.get("dtype") == "fp8":
+            continue
+        if base["file"] != manifest["components"].get(name, {}).get("file"):
+            continue
+        if optimized["from_sha256"] == base.get("sha256", {}).get(Path(base["file"]).name):
+            chosen[name] = optimized
+    return chosen
