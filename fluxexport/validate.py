@@ -48,6 +48,7 @@ class ValidationReport:
     dtype: str
     components: list[Comparison] = field(default_factory=list)
     images: list[ImageComparison] = field(default_factory=list)
+    graphs: dict[str, str] = field(default_factory=dict)  # component → the graph file that ran
 
     @property
     def passed(self) -> bool:
@@ -195,4 +196,5 @@ def validate_folder(
             report = validate(
                 source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started
             )
+        report.graphs = {name: entry["file"] for name, entry in entries.items()}
     return report, dtype
