@@ -1,9 +1,10 @@
 """Which Triton container release serves which TensorRT: plans only load on the TensorRT that built them.
 
 NVIDIA's NGC containers of one release (`pytorch:25.10-py3`, `tritonserver:25.10-py3`) ship the same TensorRT,
-so engines built in the Dockerfile's `pytorch:YY.MM` image are served by `tritonserver:YY.MM`. The table is
-NVIDIA's Frameworks Support Matrix at TensorRT major.minor (checked 2026-11-24); a release it lacks is accepted
-when the user states the image's TensorRT (`--image-tensorrt`).
+so engines built in the Dockerfile's `pytorch:YY.MM` image are served by `tritonserver:YY.MM`. The table
+follows NVIDIA's Frameworks Support Matrix at TensorRT major.minor, written from our notes of it: only 24.12 →
+10.7 could be re-checked against NVIDIA's pages from this machine (2026-11-24). Where it is wrong or a release
+is missing, `--image-tensorrt` states the image's TensorRT and wins.
 """
 
 from __future__ import annotations
