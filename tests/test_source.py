@@ -97,3 +97,13 @@ def test_parts_of_different_widths_are_refused_at_load(tmp_path, sources, part, 
     with pytest.raises(FluxExportError) as error:
         load_folder(folder)
     assert str(error.value) == f"{folder}: {message}: the parts come from different models"
+
+
+def test_a_changed_checkpoint_of_the_same_name_is_said_so(sources):
+    from fluxexport.models.source import made_from
+
+    assert made_from("tiny-schnell", sources["tiny-dev"]) == "'tiny-schnell', not from 'tiny-dev'"
+    assert (
+        made_from("tiny-dev", sources["tiny-dev"])
+        == "'tiny-dev' as it was then (its files or LoRAs have changed since)"
+    )

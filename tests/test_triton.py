@@ -196,7 +196,7 @@ def test_config_checks_refuse_mistakes(sources, repositories):
 def test_repository_refusals(sources, exports, tmp_path, repositories):
     with pytest.raises(FluxExportError, match="already exists and is not empty"):
         write_repository(sources["tiny-dev"], exports["tiny-dev"], repositories["tiny-dev"])
-    with pytest.raises(FluxExportError, match="was made from 'tiny-dev', not 'tiny-schnell'"):
+    with pytest.raises(FluxExportError, match="was made from 'tiny-dev', not from 'tiny-schnell'"):
         write_repository(sources["tiny-schnell"], exports["tiny-dev"], tmp_path / "r1")
     partial = tmp_path / "partial"
     shutil.copytree(exports["tiny-dev"], partial)

@@ -12,7 +12,7 @@ from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import graph_entries, read_manifest
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import ModelSource, made_from
 
 
 def _import_onnxruntime():
@@ -132,8 +132,8 @@ class OnnxRuntimeBackend(LoadedComponents):
             self.swapped = source.lora_set
         elif exported_from != source.fingerprint():
             raise FluxExportError(
-                f"the graphs in {self.engines} were exported from {self.manifest['model']['name']!r}, not from "
-                f"{source.name!r}: pass the same --model as at export, or export again"
+                f"the graphs in {self.engines} were exported from {made_from(self.manifest['model']['name'], source)}: "
+                "pass the same --model as at export, or export again"
             )
         self.providers = providers or default_providers()
         self.threads = threads

@@ -21,7 +21,7 @@ import torch
 
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import ModelSource, made_from
 from fluxexport.specs import component_specs, sample_inputs
 
 SECTION = "onnxruntime"  # manifest section of the optimized graphs
@@ -95,7 +95,7 @@ def optimize_graphs(
     manifest = read_manifest(engines)
     if manifest["model"]["fingerprint"] != source.fingerprint():
         raise FluxExportError(
-            f"the graphs in {engines} were exported from {manifest['model']['name']!r}, not from {source.name!r}: "
+            f"the graphs in {engines} were exported from {made_from(manifest['model']['name'], source)}: "
             "pass the same --model as at export"
         )
     graphs = manifest["components"]

@@ -229,3 +229,11 @@ def resolve_model(reference: str, base: str | None = None) -> ModelSource:
     if path.exists() or not _looks_like_hub_id(reference):
         return load_folder(path)
     return load_folder(download_from_hub(reference), name=reference.split("/")[-1])
+
+
+def made_from(recorded: str, source: ModelSource) -> str:
+    """The end of a "made from …" refusal: another model's name, or, under the same name, a checkpoint whose
+    files changed since (its fingerprint moved)."""
+    if recorded != source.name:
+        return f"{recorded!r}, not from {source.name!r}"
+    return f"{recorded!r} as it was then (its files or LoRAs have changed since)"

@@ -11,7 +11,7 @@ import torch
 from fluxexport.backends.base import Component, Feeds
 from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import ModelSource, made_from
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
 from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_tensorrt_version, tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile
@@ -139,8 +139,8 @@ class TensorRTBackend:
         check_engine_set(self.manifest, trt.__version__, current_gpu(), self.engines)
         if self.manifest["model"]["fingerprint"] != source.fingerprint():
             raise FluxExportError(
-                f"the engines in {self.engines} were built from {self.manifest['model']['name']!r}, not from "
-                f"{source.name!r}: pass the same --model as at build time"
+                f"the engines in {self.engines} were built from {made_from(self.manifest['model']['name'], source)}: "
+                "pass the same --model as at build time"
             )
         self.device = torch.device("cuda")
         self.stream = torch.cuda.Stream()

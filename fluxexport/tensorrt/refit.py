@@ -18,7 +18,7 @@ from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import ModelSource, made_from
 from fluxexport.tensorrt.engines import read_engine_manifest
 
 REFITTABLE = ("transformer", "clip")  # the components LoRAs adapt
@@ -93,7 +93,7 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> di
     base_fingerprint = manifest["model"].get("base_fingerprint", manifest["model"]["fingerprint"])
     if base_fingerprint != source.with_loras(()).fingerprint():
         raise FluxExportError(
-            f"the engines in {engines} were built from {manifest['model']['name']!r}, not from {source.name!r}: "
+            f"the engines in {engines} were built from {made_from(manifest['model']['name'], source)}: "
             "pass the same --model as at build time"
         )
     if not manifest.get("builder", {}).get("refittable"):

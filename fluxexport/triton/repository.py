@@ -15,7 +15,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export.manifest import graph_entries, read_manifest
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.lora import LoraFile
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import ModelSource, made_from
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.specs import component_specs, pipeline_components
 from fluxexport.triton.config import PIPELINE, check_config, component_config, pipeline_config
@@ -118,7 +118,7 @@ def write_repository(
     kind = "tensorrt" if manifest.get("kind") == "tensorrt" else "onnxruntime"
     if manifest["model"]["fingerprint"] != source.fingerprint():
         raise FluxExportError(
-            f"{engines} was made from {manifest['model']['name']!r}, not {source.name!r}: pass the same --model"
+            f"{engines} was made from {made_from(manifest['model']['name'], source)}: pass the same --model"
         )
     entries = manifest["components"] if kind == "tensorrt" else graph_entries(manifest, fp8)
     needed = pipeline_components(source)
