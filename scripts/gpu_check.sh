@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU host with TensorRT (e.g. inside the Dockerfile's image): export the tiny models, build BF16 and
-# FP8 engines from one graph folder, validate graphs and engines, benchmark torch / TensorRT, and print one summary table.
+# FP8 engines from one graph folder, validate graphs and engines, benchmark torch / TensorRT, check
+# `optimize --provider cuda` and a LoRA refit, and print one summary table.
 #   bash scripts/gpu_check.sh [WORKDIR]
 set -euo pipefail
 work=${1:-engines/gpu-check}
@@ -51,4 +52,37 @@ for model in tiny-schnell tiny-dev tiny-kontext; do
     record "$model" "TensorRT $precision total (ms)" "$(median_total "$work/$model/bench-$precision.json")"
   done
 done
+# ONNX Runtime's optimizer for CUDA on fp32 graphs, validated on the GPU (onnxruntime-gpu)
+model=tiny-dev
+fp32="$work/$model/onnx-fp32"
+fluxexport export --model "$model" --out "$fp32"
+fluxexport optimize --model "$model" --engines "$fp32" --provider cuda
+fluxexport validate --model "$model" --engines "$fp32" --report "$fp32/validation.json" \
+  && record "$model" "validate optimize --provider cuda (ORT vs torch)" pass \
+  || record "$model" "validate optimize --provider cuda (ORT vs torch)" FAIL
+
+# LoRA refit: refittable bf16 engines, a PEFT LoRA on the first blocks, refit, image vs torch with the LoRA merged
+lora="$work/$model/lora.safetensors"
+python - "$model" "$lora" <<'PY'
+import sys, torch
+from safetensors.torch import save_file
+from fluxexport.models.loaders import load_transformer
+from fluxexport.models.source import resolve_model
+transformer, state = load_transformer(resolve_model(sys.argv[1])), {}
+generator = torch.Generator().manual_seed(0)
+for name, module in transformer.named_modules():
+    if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.0.", "single_transformer_blocks.0.")):
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
+save_file(state, sys.argv[2])
+PY
+refittable="$work/$model/trt-bf16-refittable"
+fluxexport build --model "$model" --precision bf16 --onnx "$work/$model/onnx" --out "$refittable" --refittable \
+  --min-resolution 64 --opt-resolution 256 --max-resolution 1024
+fluxexport refit --model "$model" --engines "$refittable" --lora "$lora:0.8"
+fluxexport run --model "$model" --backend tensorrt --engines "$refittable" --lora "$lora:0.8" --prompt "a red fox" \
+  --output "$work/$model/refit.png"
+fluxexport run --model "$model" --backend torch --dtype bf16 --lora "$lora:0.8" --prompt "a red fox" \
+  --output "$work/$model/torch-lora.png"
+record "$model" "TensorRT refit bf16 vs torch, LoRA 0.8 (PSNR dB)" "$(psnr "$work/$model/refit.png" "$work/$model/torch-lora.png")"
 column -t -s $'\t' "$summary"
