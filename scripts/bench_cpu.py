@@ -27,6 +27,15 @@ MID_SHAPE = dict(
 )  # fmt: skip
 
 
+def mid_source(root: Path):
+    """The mid-size random model written to `root` (a diffusers folder), as a ModelSource."""
+    from fluxexport.models.source import load_folder
+    from fluxexport.models.tiny import ModelShape, build_tiny_pipeline
+
+    build_tiny_pipeline("tiny-schnell", ModelShape(**MID_SHAPE)).save_pretrained(root)
+    return load_folder(root)
+
+
 class StageTimer:
     """Accumulates wall time per named callable; used to wrap engines and modules alike."""
 
@@ -116,15 +125,12 @@ def main() -> None:
     from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.export.onnx_export import export_model
     from fluxexport.export.ort_optimize import optimize_graphs
-    from fluxexport.models.source import load_folder
-    from fluxexport.models.tiny import ModelShape, build_tiny_pipeline
 
     prompt = "an astronaut riding a horse on the moon"
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing it …")
-        build_tiny_pipeline("tiny-schnell", ModelShape(**MID_SHAPE)).save_pretrained(root)
-        source = load_folder(root)
+        source = mid_source(root)
         export_model(source, root / "onnx", ["clip", "t5", "transformer", "vae_decoder"])
         optimize_graphs(source, root / "onnx")
 

@@ -14,26 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from fluxexport.console import console, quiet_libraries, table
-
-
-def write_lora(path: Path, transformer, rank: int) -> Path:
-    """PEFT naming, every Linear of the double and single blocks, B·A about 2% of W."""
-    from safetensors.torch import save_file
-
-    generator, state = torch.Generator().manual_seed(0), {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(
-            ("transformer_blocks.", "single_transformer_blocks.")
-        ):
-            down = torch.randn(rank, module.in_features, generator=generator)
-            up = torch.randn(module.out_features, rank, generator=generator)
-            up *= 0.02 * module.weight.detach().norm() / (up @ down).norm()
-            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
-    save_file(state, str(path))
-    return path
 
 
 def main() -> None:
@@ -47,20 +28,18 @@ def main() -> None:
     from fluxexport.export.onnx_export import export_model
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
-    from fluxexport.models.source import load_folder
-    from fluxexport.models.tiny import ModelShape, build_tiny_pipeline
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_cpu import MID_SHAPE
+    from bench_cpu import mid_source
+    from bench_lora_fp8 import write_lora
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model and exporting its transformer …")
-        build_tiny_pipeline("tiny-schnell", ModelShape(**MID_SHAPE)).save_pretrained(root)
-        source = load_folder(root)
+        source = mid_source(root)
         export_model(source, root / "onnx", ["transformer"])
         # outside the model folder: a .safetensors file in it is part of the checkpoint (its fingerprint)
-        lora = parse_lora(str(write_lora(Path(folder) / "lora.safetensors", load_transformer(source), args.rank)))
+        lora = parse_lora(str(write_lora(Path(folder) / "lora.safetensors", load_transformer(source), args.rank, 0.02)))
         merged = source.with_loras([lora])
         layers = len(merged.lora_set.layers["transformer"])
         times: dict[str, list[float]] = {"base session": [], "swap in the LoRA": [], "swap back to the base": [],

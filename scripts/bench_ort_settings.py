@@ -37,18 +37,15 @@ def main() -> None:
     from fluxexport.backends.onnxruntime_backend import create_session
     from fluxexport.export.onnx_export import export_model
     from fluxexport.export.ort_optimize import optimize_graphs
-    from fluxexport.models.source import load_folder
-    from fluxexport.models.tiny import ModelShape, build_tiny_pipeline
     from fluxexport.specs import component_specs, sample_inputs
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_cpu import MID_SHAPE
+    from bench_cpu import MID_SHAPE, mid_source
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing its transformer …")
-        build_tiny_pipeline("tiny-schnell", ModelShape(**MID_SHAPE)).save_pretrained(root)
-        source = load_folder(root)
+        source = mid_source(root)
         export_model(source, root / "onnx", ["transformer"])
         optimize_graphs(source, root / "onnx", components=["transformer"])
         graph = root / "onnx" / "transformer.onnx"

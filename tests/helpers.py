@@ -164,3 +164,20 @@ def write_xlabs(path, transformer, clip, seed=2):
         state[f"double_blocks.0.processor.{lora}.up.weight"] = torch.randn(out, RANK, generator=generator) * 0.3
     save_file(state, str(path))
     return path
+
+
+def plan_folder(onnx_folder: Path, folder: Path, tensorrt: str = "10.13.2") -> Path:
+    """A TensorRT engine folder from an export's manifest, with stand-in plan bytes (plans cannot be built
+    here): builder bounds 64..1024 px, batch ≤ 2."""
+    import json
+
+    folder.mkdir()
+    onnx_manifest = json.loads((onnx_folder / "manifest.json").read_text())
+    manifest = {"format": 1, "kind": "tensorrt", "model": onnx_manifest["model"], "tensorrt": tensorrt,
+                "builder": {"resolution": [64, 256, 1024], "batch": [1, 1, 2]}, "components": {}}  # fmt: skip
+    for name, entry in onnx_manifest["components"].items():
+        plan = f"{name}_bf16.trt_{tensorrt}.plan"
+        (folder / plan).write_bytes(b"plan")
+        manifest["components"][name] = {"file": plan, "inputs": entry["inputs"], "outputs": entry["outputs"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder

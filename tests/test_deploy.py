@@ -7,6 +7,7 @@ import shutil
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import plan_folder
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
@@ -17,24 +18,10 @@ from fluxexport.triton.repository import write_repository
 KUBERNETES = "1.33"  # a version kubernetes-validate carries schemas for
 
 
-def plan_folder(exports, folder, tensorrt="10.13.0.35"):
-    """A TensorRT engine folder (stand-in plan bytes: plans cannot be built here) from tiny-dev's graphs."""
-    folder.mkdir()
-    onnx_manifest = json.loads((exports["tiny-dev"] / "manifest.json").read_text())
-    manifest = {"format": 1, "kind": "tensorrt", "model": onnx_manifest["model"], "tensorrt": tensorrt,
-                "builder": {"resolution": [256, 1024, 1024], "batch": [1, 1, 2]}, "components": {}}  # fmt: skip
-    for name, entry in onnx_manifest["components"].items():
-        plan = f"{name}_bf16.trt_{tensorrt}.plan"
-        (folder / plan).write_bytes(b"plan")
-        manifest["components"][name] = {"file": plan, "inputs": entry["inputs"], "outputs": entry["outputs"]}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def plan_repository(sources, exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    engines = plan_folder(exports, root / "engines")
+    engines = plan_folder(exports["tiny-dev"], root / "engines", "10.13.0.35")
     return write_repository(sources["tiny-dev"], engines, root / "repository", pipeline_instances=2, gpus=(0, 1))
 
 
@@ -199,7 +186,9 @@ def test_refusals(plan_repository, sources, exports, tmp_path):
         deploy_settings(plan_repository, "s3://m/f", image="registry/flux:v3", image_tensorrt="10.14.1",
                         gpus_per_replica=2)  # fmt: skip
     # engines of a TensorRT no known release ships
-    old = write_repository(sources["tiny-dev"], plan_folder(exports, tmp_path / "old", "9.2.0"), tmp_path / "repo-old")
+    old = write_repository(
+        sources["tiny-dev"], plan_folder(exports["tiny-dev"], tmp_path / "old", "9.2.0"), tmp_path / "repo-old"
+    )
     with pytest.raises(FluxExportError, match=r"^no Triton release in fluxexport's table ships TensorRT 9\.2"):
         deploy_settings(old, "s3://m/f")
 

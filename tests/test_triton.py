@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import write_kohya, write_peft
+from helpers import plan_folder, write_kohya, write_peft
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
@@ -153,16 +153,7 @@ def test_kontext_repository_takes_an_image(repositories):
 
 def test_plan_repository_configs(sources, exports, tmp_path):
     """A TensorRT engine folder (plans cannot be built here: stand-in bytes) becomes tensorrt_plan models."""
-    engines = tmp_path / "engines"
-    engines.mkdir()
-    onnx_manifest = json.loads((exports["tiny-dev"] / "manifest.json").read_text())
-    manifest = {"format": 1, "kind": "tensorrt", "model": onnx_manifest["model"], "tensorrt": "10.13.2",
-                "builder": {"resolution": [64, 256, 1024], "batch": [1, 1, 2]}, "components": {}}  # fmt: skip
-    for name, entry in onnx_manifest["components"].items():
-        plan = f"{name}_bf16.trt_10.13.2.plan"
-        (engines / plan).write_bytes(b"plan")
-        manifest["components"][name] = {"file": plan, "inputs": entry["inputs"], "outputs": entry["outputs"]}
-    (engines / "manifest.json").write_text(json.dumps(manifest))
+    engines = plan_folder(exports["tiny-dev"], tmp_path / "engines")
     repository = write_repository(sources["tiny-dev"], engines, tmp_path / "repo")
     specs = component_specs(sources["tiny-dev"])
     for name in ("clip", "t5", "transformer", "vae_decoder"):
