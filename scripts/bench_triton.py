@@ -17,8 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from fluxexport.console import console, quiet_libraries, table
 
 
@@ -26,17 +24,12 @@ def load(url: str, clients: int, requests: int, size: int, steps: int) -> tuple[
     """Requests/s and latencies of `clients` threads each sending `requests` requests back to back."""
     import tritonclient.http as http
 
+    from fluxexport.triton.client import pipeline_inputs
+
     def inputs(seed: int):
-        values = [("prompt", np.array([b"a lighthouse at dusk"], dtype=object), "BYTES"),
-                  ("height", np.array([size], dtype=np.int32), "INT32"), ("width", np.array([size], dtype=np.int32), "INT32"),
-                  ("num_inference_steps", np.array([steps], dtype=np.int32), "INT32"),
-                  ("seed", np.array([seed], dtype=np.int64), "INT64")]  # fmt: skip
-        tensors = []
-        for name, array, kind in values:
-            tensor = http.InferInput(name, list(array.shape), kind)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        return tensors
+        return pipeline_inputs(
+            http, "a lighthouse at dusk", height=size, width=size, num_inference_steps=steps, seed=seed
+        )
 
     latencies, lock, failures = [], threading.Lock(), []
 

@@ -20,6 +20,7 @@ from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
+from fluxexport.triton.client import pipeline_inputs as client_inputs
 from fluxexport.triton.config import check_config
 from fluxexport.triton.repository import write_repository
 from fluxexport.validate import psnr
@@ -208,29 +209,24 @@ def test_cli_triton(tmp_path, exports, sources):
     assert "repository for tiny-schnell: clip, flux_pipeline, t5, transformer, vae_decoder" in result.output
 
 
+def test_client_inputs_follow_the_pipeline_config():
+    import tritonclient.http as http
+
+    inputs = client_inputs(http, "a fox", height=256, seed=3, lora=["ink", "watercolor"], lora_scale=[0.5])
+    assert [(i.name(), i.datatype(), i.shape()) for i in inputs] == [
+        ("prompt", "BYTES", [1]), ("height", "INT32", [1]), ("seed", "INT64", [1]), ("lora", "BYTES", [2]),
+        ("lora_scale", "FP32", [1])]  # fmt: skip
+    with pytest.raises(ValueError, match="flux_pipeline has no input 'steps' \\(it takes prompt, prompt_2,"):
+        client_inputs(http, "a fox", steps=4)
+
+
 # ---- a real server ----------------------------------------------------------------------------------
 
 
 def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=None, image=None, guidance=None,
                     loras=None, scales=None):  # fmt: skip
-    values = [("prompt", np.array([prompt.encode()], dtype=object), "BYTES")]
-    if loras is not None:
-        values.append(("lora", np.array([name.encode() for name in loras], dtype=object), "BYTES"))
-    if scales is not None:
-        values.append(("lora_scale", np.array(scales, dtype=np.float32), "FP32"))
-    for name, value, dtype, kind in (("height", height, np.int32, "INT32"), ("width", width, np.int32, "INT32"),
-                                     ("num_inference_steps", steps, np.int32, "INT32"), ("seed", seed, np.int64, "INT64"),
-                                     ("guidance_scale", guidance, np.float32, "FP32")):  # fmt: skip
-        if value is not None:
-            values.append((name, np.array([value], dtype=dtype), kind))
-    if image is not None:
-        values.append(("image", image, "UINT8"))
-    inputs = []
-    for name, array, kind in values:
-        tensor = module.InferInput(name, list(array.shape), kind)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return client_inputs(module, prompt, height=height, width=width, num_inference_steps=steps, seed=seed,
+                         image=image, guidance_scale=guidance, lora=loras, lora_scale=scales)  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["tiny-schnell", "tiny-dev", "tiny-kontext"])

@@ -176,20 +176,12 @@ class OnnxRuntimeBackend(LoadedComponents):
         with the graph's own scales, as `refit` does for FP8 engines)."""
         from fluxexport.dtypes import torch_dtype
         from fluxexport.models.checkpoint import CheckpointTensors
-        from fluxexport.models.lora_weights import merged_initializers
+        from fluxexport.models.lora_weights import check_swap, merged_initializers
 
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
-        if "weights" not in entry:
-            raise FluxExportError(
-                f"{entry['file']} does not record where its weights come from (exported in memory or by an older "
-                f"version): export it again to swap LoRAs, or export with --lora"
-            )
-        from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
-
-        with parameters_on_meta():
-            check_loras(self.source, module, module_from_config(self.base, module))
+        check_swap(self.source, module, entry)
         tensors = CheckpointTensors(self.base, module)
         dtype = torch_dtype(entry.get("base_dtype", entry["dtype"]))
         return dict(

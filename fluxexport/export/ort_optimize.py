@@ -125,8 +125,11 @@ def optimize_graphs(
             )  # fmt: skip
             fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
             if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
-                section.pop(name, None)
+                earlier = section.pop(name, None)
                 write_manifest(engines, manifest)
+                for file in (earlier or {}).get("file"), (earlier or {}).get("external_data"):
+                    if file:
+                        (engines / file).unlink(missing_ok=True)
                 if on_component:
                     on_component(name, {"fusions": {}, "parity_rel_l2": 0.0,
                                         "optimize_seconds": round(time.perf_counter() - start, 2)})  # fmt: skip

@@ -22,6 +22,20 @@ from fluxexport.models.lora import LoraSet
 BaseTensor = Callable[[str], torch.Tensor]  # checkpoint tensor name → its base values, in the graph's base dtype
 
 
+def check_swap(source, module: str, entry: dict) -> None:
+    """Refuse (one line), before any weight is read, LoRAs of `source` (a ModelSource with LoRAs) that do not
+    fit `module`, or a graph that does not record where its weights come from."""
+    from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
+
+    with parameters_on_meta():
+        check_loras(source, module, module_from_config(source.with_loras(()), module))
+    if "weights" not in entry:
+        raise FluxExportError(
+            f"{entry['file']} does not record where its weights come from (exported in memory or by an older "
+            "version): export it again to swap LoRAs, or export with --lora"
+        )
+
+
 def merged_initializers(
     weights: dict[str, dict], module: str, loras: LoraSet, base: BaseTensor, graph: str
 ) -> Iterator[tuple[str, torch.Tensor]]:

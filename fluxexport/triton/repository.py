@@ -67,7 +67,7 @@ def _lora_names(source: ModelSource, loras: Sequence[LoraFile], entries: dict, k
     """Name (file stem) → record of each per-request LoRA, refused in one line before anything is written when
     it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
     from fluxexport.models.lora import LoraSet
-    from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
+    from fluxexport.models.lora_weights import check_swap
 
     if loras and kind == "tensorrt":
         raise FluxExportError(
@@ -81,14 +81,8 @@ def _lora_names(source: ModelSource, loras: Sequence[LoraFile], entries: dict, k
             raise FluxExportError(f"two --request-lora files are named {name}: a request names LoRAs by file stem")
         modules = sorted(LoraSet([lora]).layers)
         for component in (c for c in ("transformer", "clip") if MODULE_OF[c] in modules):
-            with parameters_on_meta():
-                module = MODULE_OF[component]
-                check_loras(source.with_loras([lora]), module, module_from_config(source, module))
             entry = entries[component]
-            if "weights" not in entry:
-                raise FluxExportError(
-                    f"{entry['file']} does not record where its weights come from: export it again to serve LoRAs"
-                )
+            check_swap(source.with_loras([lora]), MODULE_OF[component], entry)
             if entry["dtype"] == "fp8":
                 raise FluxExportError(
                     f"LoRA {name} adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"

@@ -1,0 +1,34 @@
+"""The flux_pipeline request a client sends, built from the pipeline's own config (names and types once)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fluxexport.triton.config import pipeline_config
+
+# config.pbtxt type → (numpy dtype, the datatype Triton's clients name)
+WIRE = {"TYPE_STRING": (object, "BYTES"), "TYPE_INT32": (np.int32, "INT32"), "TYPE_INT64": (np.int64, "INT64"),
+        "TYPE_FP32": (np.float32, "FP32"), "TYPE_UINT8": (np.uint8, "UINT8")}  # fmt: skip
+INPUTS = {tensor.name: tensor for tensor in pipeline_config(kontext=True, instance_kind="KIND_CPU").inputs}
+
+
+def pipeline_inputs(protocol, prompt: str, **values) -> list:
+    """InferInputs of `protocol` (`tritonclient.http` or `tritonclient.grpc`) for one flux_pipeline request:
+    `prompt` and any of the optional inputs by name (`height=256`, `seed=3`, `lora=["ink"]`,
+    `lora_scale=[0.8]`, `image=uint8 [H,W,3]`); None leaves an input out."""
+    unknown = sorted(set(values) - set(INPUTS))
+    if unknown:
+        raise ValueError(f"flux_pipeline has no input {unknown[0]!r} (it takes {', '.join(INPUTS)})")
+    inputs = []
+    for name, value in {"prompt": prompt, **values}.items():
+        if value is None:
+            continue
+        dtype, datatype = WIRE[INPUTS[name].data_type]
+        if dtype is object:
+            value = [v.encode() if isinstance(v, str) else v for v in ([value] if isinstance(value, str) else value)]
+        array = np.asarray(value, dtype=dtype)
+        array = array.reshape(1) if array.ndim == 0 else array
+        tensor = protocol.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
