@@ -112,6 +112,20 @@ optimized_option = click.option(
 )  # fmt: skip
 
 
+def tensorrt_run_options(command):
+    """--low-vram, --cuda-graphs/--no-cuda-graphs and --weight-streaming-budget, for the tensorrt backend."""
+    command = click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")(command)
+    command = click.option(
+        "--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+        help="tensorrt: replay the transformer's repeated shapes as CUDA graphs.",
+    )(command)  # fmt: skip
+    return click.option(
+        "--weight-streaming-budget", metavar="BYTES|PERCENT|auto",
+        help="tensorrt: GPU memory for the weights of engines built with --weight-streaming (e.g. 12GiB, 50%, "
+        "auto); the rest streams from host memory on every step, without CUDA graphs.",
+    )(command)  # fmt: skip
+
+
 def _say_transformer(engine) -> None:
     if getattr(engine, "transformer_graph", None):
         console.print(f"transformer: {engine.transformer_graph}")
@@ -141,7 +155,7 @@ def _say_transformer(engine) -> None:
 @click.option(
     "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
 )
-@click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")
+@tensorrt_run_options
 @fp8_option
 @optimized_option
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
@@ -149,7 +163,8 @@ def _say_transformer(engine) -> None:
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
-    image_path, keep_reference_size, backend, engines, low_vram, fp8, optimized, dtype, device, output,
+    image_path, keep_reference_size, backend, engines, low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized,
+    dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
@@ -173,8 +188,9 @@ def run(
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
     engine = create_backend(
-        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized
-    )
+        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized,
+        cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+    )  # fmt: skip
     _say_transformer(engine)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         result = generate(engine, source, request, on_step=advance)
@@ -225,7 +241,8 @@ def _print_check(reports) -> bool:
 @click.option("--min-resolution", type=int, help="Smallest image side in pixels (default 256; 64 for tiny models).")
 @click.option("--max-resolution", type=int, help="Largest image side in pixels (default 1360; 1024 for tiny models).")
 @click.option("--external-data/--inline-weights", default=None,
-              help="Weights in a .onnx_data file beside each graph (default: only past 2 GB).")  # fmt: skip
+              help="Weights in a .onnx_data file beside each graph, or inline (up to 2 GB) "
+                   "(default: beside it past 32 MiB).")  # fmt: skip
 @click.option("--check/--no-check", "run_check", default=True, show_default=True, help="Run `fluxexport check` after.")
 def export(
     model,
@@ -367,7 +384,7 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
     "(default: one block at a time when the model does not fit in free memory).",
 )  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
-@click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 2 GB).")
+@click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 32 MiB).")
 def quantize(
     model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
     sequential, opset, external_data,
@@ -534,6 +551,7 @@ def refit(model, base_model, engines, reset) -> None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results here.")
+@tensorrt_run_options
 @fp8_option
 @optimized_option
 def bench(
@@ -550,6 +568,9 @@ def bench(
     warmup,
     repeats,
     json_path,
+    low_vram,
+    cuda_graphs,
+    weight_streaming_budget,
     fp8,
     optimized,
 ) -> None:
@@ -565,7 +586,10 @@ def bench(
     source = _source(model, base_model)
     request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
                                 num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines, fp8=fp8, optimized=optimized)
+    engine = create_backend(
+        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized,
+        cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+    )  # fmt: skip
     _say_transformer(engine)
     with step_progress(f"bench {backend}", warmup + repeats) as advance:
         result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance)

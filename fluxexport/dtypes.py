@@ -16,7 +16,7 @@ import torch
 from fluxexport.errors import FluxExportError
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a component computes in (export, the torch backend)
-ENGINE_PRECISIONS = ("bf16", "fp8", "fp16")  # what `build --precision` asks for
+ENGINE_PRECISIONS = ("bf16", "fp8", "fp16", "fp32")  # what `build --precision` asks for (fp32: a reference set)
 COMPUTE = "compute"  # spec dtype: the component's compute precision, whichever it is
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

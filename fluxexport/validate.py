@@ -69,8 +69,10 @@ def metrics(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float,
     return (a - e).abs().max().item(), rel_l2, cosine
 
 
-def validation_sizes(spec: ComponentSpec) -> list[tuple[dict[str, int], bool]]:
-    """Three shapes per dynamic axis: the export sample, a small one (batch 1), a larger unseen one (batch 3)."""
+def validation_sizes(spec: ComponentSpec, within_bounds: bool = False) -> list[tuple[dict[str, int], bool]]:
+    """Three shapes per dynamic axis: the export sample, a small one (batch 1), a larger unseen one (batch 3, or
+    the largest the spec's bounds allow). `within_bounds`: the export sample too is moved into the spec's bounds
+    (engines serve only their profiles; a graph takes any size)."""
 
     def fit(axis: str, value: float) -> int:
         bounds = spec.axes[axis]
@@ -78,15 +80,17 @@ def validation_sizes(spec: ComponentSpec) -> list[tuple[dict[str, int], bool]]:
         return max(bounds.multiple, value // bounds.multiple * bounds.multiple)
 
     small = {axis: 1 if axis == "B" else fit(axis, bounds.min) for axis, bounds in spec.axes.items()}
-    large = {axis: 3 if axis == "B" else fit(axis, spec.export_sizes[axis] * 2.5 + 8) for axis in spec.axes}
-    return [(dict(spec.export_sizes), True), (small, False), (large, False)]
+    large = {axis: min(3, spec.axes[axis].max) if axis == "B" else fit(axis, spec.export_sizes[axis] * 2.5 + 8)
+             for axis in spec.axes}  # fmt: skip
+    seen = {axis: fit(axis, size) if within_bounds else size for axis, size in spec.export_sizes.items()}
+    return [(seen, True), (small, False), (large, False)]
 
 
 def compare_component(
-    spec: ComponentSpec, candidate: Callable, reference: Callable, max_rel_l2: float
+    spec: ComponentSpec, candidate: Callable, reference: Callable, max_rel_l2: float, within_bounds: bool = False
 ) -> list[Comparison]:
     results = []
-    for index, (sizes, seen) in enumerate(validation_sizes(spec)):
+    for index, (sizes, seen) in enumerate(validation_sizes(spec, within_bounds)):
         feeds = sample_inputs(spec, sizes, seed=index)
         expected, actual = reference(feeds), candidate(feeds)
         for tensor in spec.outputs:
@@ -118,22 +122,26 @@ def validate(
     min_psnr: float | None = None,
     on_progress: Callable[[str], None] | None = None,
     thresholds: dict[str, tuple[float, float]] = THRESHOLDS,
+    bounds=None,
 ) -> ValidationReport:
     """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images.
 
     `dtypes` maps each component to compare to its graph's dtype, which sets its threshold; the images'
-    threshold is the loosest of theirs."""
+    threshold is the loosest of theirs. `bounds` (ExportBounds): the range the candidate serves, when narrower
+    than the model's export defaults (engines), so that every compared shape lies in it."""
     from fluxexport.runtime.pipeline import GenerationRequest, generate
 
     if min_psnr is None:
         min_psnr = min(thresholds[dtype][1] for dtype in dtypes.values())
     report = ValidationReport(source.name, engines, "+".join(sorted(set(dtypes.values()))))
-    specs = component_specs(source)
+    specs = component_specs(source, bounds) if bounds is not None else component_specs(source)
     for name, dtype in dtypes.items():
         if on_progress:
             on_progress(name)
         limit = thresholds[dtype][0] if max_rel_l2 is None else max_rel_l2
-        report.components += compare_component(specs[name], candidate.component(name), reference.component(name), limit)
+        report.components += compare_component(
+            specs[name], candidate.component(name), reference.component(name), limit, within_bounds=bounds is not None
+        )
     for height, width in validation_resolutions(source):
         if on_progress:
             on_progress(f"image {width}×{height}")

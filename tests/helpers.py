@@ -3,6 +3,8 @@ graph equality."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from fluxexport.models.source import ModelSource
+from fluxexport.tensorrt.environment import Gpu
 
 
 def diffusers_images(pipeline, prompt, height, width, steps, seed, num_images=1, **kwargs) -> np.ndarray:
@@ -166,18 +169,39 @@ def write_xlabs(path, transformer, clip, seed=2):
     return path
 
 
-def plan_folder(onnx_folder: Path, folder: Path, tensorrt: str = "10.13.2") -> Path:
-    """A TensorRT engine folder from an export's manifest, with stand-in plan bytes (plans cannot be built
-    here): builder bounds 64..1024 px, batch ≤ 2."""
-    import json
+@contextlib.contextmanager
+def standin_tensorrt(version: str = "10.13.0.35"):
+    """The stand-in TensorRT (tests/standin_tensorrt.py) as `import tensorrt` for the duration of the block."""
+    from standin_tensorrt import make_tensorrt
 
-    folder.mkdir()
-    onnx_manifest = json.loads((onnx_folder / "manifest.json").read_text())
-    manifest = {"format": 1, "kind": "tensorrt", "model": onnx_manifest["model"], "tensorrt": tensorrt,
-                "builder": {"resolution": [64, 256, 1024], "batch": [1, 1, 2]}, "components": {}}  # fmt: skip
-    for name, entry in onnx_manifest["components"].items():
-        plan = f"{name}_bf16.trt_{tensorrt}.plan"
-        (folder / plan).write_bytes(b"plan")
-        manifest["components"][name] = {"file": plan, "inputs": entry["inputs"], "outputs": entry["outputs"]}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+    trt = make_tensorrt(version)
+    previous = sys.modules.get("tensorrt")
+    sys.modules["tensorrt"] = trt
+    try:
+        yield trt
+    finally:
+        if previous is None:
+            sys.modules.pop("tensorrt", None)
+        else:
+            sys.modules["tensorrt"] = previous
+
+
+H100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
+
+
+def build_folder(source, onnx_folder: Path, out: Path, tensorrt: str = "10.13.0.35", **options) -> Path:
+    """An engine folder written by `fluxexport build`'s own code (`build_engines`: polygraphy's real loaders and
+    config, our profiles, names and manifest) over the stand-in TensorRT, whose plans run with ONNX Runtime.
+    `options` are BuildOptions fields; fp32 engines by default, from the session's fp32 exports, so that their
+    answers can equal ONNX Runtime's on the same graphs."""
+    from fluxexport.specs import ExportBounds
+    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+
+    options.setdefault("precision", "fp32")
+    options.setdefault("bounds", ExportBounds.for_model(source, max_batch=2))
+    options.setdefault("optimization_level", 2)
+    components = options.pop("components", None)
+    with standin_tensorrt(tensorrt):
+        build_engines(source, onnx_folder, out, BuildOptions(**options), components, prepare=False, log=lambda _: None,
+                      device_gpu=lambda: H100)  # fmt: skip
+    return out

@@ -1,18 +1,14 @@
 """Everything around the TensorRT calls, on any machine: profiles, policy, naming, manifests, refusals."""
 
-import ctypes
-import inspect
 import re
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import flux1_source
+from helpers import build_folder, flux1_source, standin_tensorrt
 
 from fluxexport.cli import main
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS, component_precision
@@ -140,7 +136,7 @@ def test_precision_policy():
     every = PRECISIONS + ENGINE_PRECISIONS
     assert all(component_precision("t5", p)[0] != "fp16" for p in every)  # T5 overflows fp16
     assert all(component_precision(vae, p)[0] != "fp16" for p in every for vae in ("vae_decoder", "vae_encoder"))
-    with pytest.raises(FluxExportError, match="unknown precision 'int4': choose one of bf16, fp8, fp16"):
+    with pytest.raises(FluxExportError, match="unknown precision 'int4': choose one of bf16, fp8, fp16, fp32"):
         graph_dtypes("int4", ["clip"])
 
 
@@ -191,7 +187,7 @@ def test_profiles_round_trip_through_the_manifest(tmp_path):
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here: the refusal cannot be observed")
-def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
+def test_build_without_tensorrt_says_how_to_get_it(tmp_path, sources, exports):
     result = CliRunner().invoke(
         main, ["build", "--model", "tiny-dev", "--onnx", str(exports["tiny-dev"]), "--out", str(tmp_path / "e")]
     )
@@ -216,8 +212,7 @@ def test_build_without_tensorrt_says_how_to_get_it(tmp_path, exports):
     )
     assert run.exit_code == 1 and "TensorRT is not installed" in run.output
     # validate on an engine folder: the same one line
-    (tmp_path / "engines").mkdir()
-    (tmp_path / "engines" / "manifest.json").write_text('{"format": 1, "kind": "tensorrt", "components": {}}')
+    build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "engines", components=["clip"])
     checked = CliRunner().invoke(main, ["validate", "--model", "tiny-dev", "--engines", str(tmp_path / "engines")])
     assert checked.exit_code == 1 and checked.output.startswith("Error: TensorRT is not installed")
     refit = CliRunner().invoke(main, ["refit", "--model", "tiny-dev", "--engines", str(tmp_path / "engines")])
@@ -318,292 +313,97 @@ def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tm
     assert logged == []
 
 
-class _StandInTensorRT(types.ModuleType):
-    """The slice of TensorRT's documented Python API that polygraphy's CreateConfig drives for our build,
-    recording what it is asked. Nothing is built: it runs our builder and polygraphy's config code end to
-    end, so that every line of ours executes and every polygraphy call is checked against its signature."""
-
-    __version__ = "10.13.0.35"
-
-    class MemoryPoolType:
-        WORKSPACE = "WORKSPACE"
-
-    class BuilderFlag:
-        REFIT, WEIGHT_STREAMING = "REFIT", "WEIGHT_STREAMING"
-
-    def __init__(self, inputs: dict[str, tuple]):
-        super().__init__("tensorrt")
-        self.calls: list[tuple] = []
-        calls = self.calls
-
-        class Input:
-            def __init__(self, name, shape):
-                self.name, self.shape, self.dtype, self.is_shape_tensor = name, shape, "FLOAT", False
-
-        class Network:  # what the parser makes of the ONNX graph: its inputs, -1 for dynamic axes
-            num_inputs = len(inputs)
-
-            def get_input(self, index):
-                return Input(*list(inputs.items())[index])
-
-            def __iter__(self):
-                return iter(())
-
-        class Profile:
-            def set_shape(self, name, low, opt, high):
-                calls.append(("set_shape", name, tuple(low), tuple(opt), tuple(high)))
-
-        class Cache:
-            def serialize(self):
-                return b"timing"
-
-        class Config:
-            builder_optimization_level = None
-
-            def set_memory_pool_limit(self, pool, size):
-                calls.append(("pool", pool, size))
-
-            def set_flag(self, flag):
-                calls.append(("flag", flag))
-
-            def add_optimization_profile(self, profile):
-                calls.append(("profile",))
-
-            def create_timing_cache(self, data):
-                calls.append(("timing_cache_in", bytes(data)))
-                return Cache()
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                calls.append(("set_timing_cache", ignore_mismatch))
-
-            def get_timing_cache(self):
-                return Cache()
-
-        class Builder:
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                calls.append(("build", config.builder_optimization_level))
-                return b"serialized-engine"
-
-        self.Builder, self.Network = Builder, Network
-
-
-def _bound(real):
-    """A stand-in for one of polygraphy's functions that first checks the call against the real signature."""
-    signature = inspect.signature(real)
-
-    def check(*args, **kwargs):
-        return signature.bind(*args, **kwargs).arguments
-
-    return check
-
-
-def test_build_engine_drives_tensorrt_through_polygraphy(monkeypatch, tmp_path, sources, exports):
-    import polygraphy.backend.trt as polygraphy_trt
+def test_build_engine_drives_tensorrt_through_polygraphy(tmp_path, sources, exports):
+    """polygraphy's real NetworkFromOnnxPath, CreateConfig and EngineBytesFromNetwork over the stand-in TensorRT
+    (tests/standin_tensorrt.py): what the plan was built with is what we asked for."""
+    from standin_tensorrt import read_plan
 
     import fluxexport.tensorrt.builder as builder
 
-    graph = onnx.load(str(exports["tiny-dev"] / "transformer.onnx"), load_external_data=False)
-    inputs = {i.name: tuple(d.dim_value or -1 for d in i.type.tensor_type.shape.dim) for i in graph.graph.input}
-    trt = _StandInTensorRT(inputs)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    parse, build = _bound(polygraphy_trt.NetworkFromOnnxPath), _bound(polygraphy_trt.EngineBytesFromNetwork)
-
-    class NetworkFromOnnxPath:
-        def __init__(self, *args, **kwargs):
-            self.arguments = parse(*args, **kwargs)
-
-        def __call__(self):
-            trt.calls.append(("parse", self.arguments["path"], self.arguments["strongly_typed"]))
-            return trt.Builder(), trt.Network(), object()
-
-    class EngineBytesFromNetwork:
-        def __init__(self, *args, **kwargs):
-            self.arguments = build(*args, **kwargs)
-
-        def __call__(self):
-            network_builder, network, _ = self.arguments["network"]
-            config = self.arguments["config"](network_builder, network)  # polygraphy's own CreateConfig, for real
-            serialized = network_builder.build_serialized_network(network, config)
-            Path(self.arguments["save_timing_cache"]).write_bytes(config.get_timing_cache().serialize())
-            return serialized
-
-    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath", NetworkFromOnnxPath)
-    monkeypatch.setattr(polygraphy_trt, "EngineBytesFromNetwork", EngineBytesFromNetwork)
-    clock = iter([10.0, 12.5])  # perf_counter before and after the build
-    monkeypatch.setattr(builder.time, "perf_counter", lambda: next(clock))
     spec = component_specs(sources["tiny-dev"])["transformer"]
     options = BuildOptions("bf16", ExportBounds.for_model(sources["tiny-dev"]), resolution_buckets=2, refittable=True,
                            weight_streaming=True, workspace_gib=1.5)  # fmt: skip
     built = build_profiles(sources["tiny-dev"], "transformer", options.profile_bounds())
-    (tmp_path / "timing.cache").write_bytes(b"old")
     onnx_path = exports["tiny-dev"] / "transformer.onnx"
-    seconds = builder.build_engine(onnx_path, tmp_path / "t.plan", built, options, tmp_path / "timing.cache")
-    assert seconds == 2.5  # the build call's own time, not parsing or writing
-    assert (tmp_path / "t.plan").read_bytes() == b"serialized-engine"
-    assert (tmp_path / "timing.cache").read_bytes() == b"timing"  # persisted for the next build
-    calls = trt.calls
-    assert calls[0] == ("parse", str(onnx_path), True)  # strongly typed, external data found beside it
-    assert ("timing_cache_in", b"old") in calls and ("set_timing_cache", False) in calls
-    assert ("flag", "REFIT") in calls and ("flag", "WEIGHT_STREAMING") in calls
-    assert ("pool", "WORKSPACE", int(1.5 * 2**30)) in calls
-    assert calls.count(("profile",)) == 2
-    shapes = [c for c in calls if c[0] == "set_shape"]
-    assert len(shapes) == 2 * len(spec.inputs) and {c[1] for c in shapes} == set(inputs)
+    with standin_tensorrt():
+        seconds = builder.build_engine(onnx_path, tmp_path / "t.plan", built, options, tmp_path / "timing.cache")
+    assert seconds >= 0
+    plan = read_plan(tmp_path / "t.plan")
+    assert plan["source"] == str(onnx_path) and plan["strongly_typed"]  # external data found beside it
+    assert {"REFIT", "WEIGHT_STREAMING", "TF32"} <= set(plan["flags"]) and plan["optimization_level"] == 3
+    assert plan["memory_pools"]["WORKSPACE"] == int(1.5 * 2**30)
+    assert [set(profile) for profile in plan["profiles"]] == [{t.name for t in spec.inputs}] * 2
     # buckets 64–544 px and 544–1024 px: N = (side/16)² tokens, tied between hidden_states and img_ids
-    assert [c for c in shapes if c[1] == "img_ids"] == [
-        ("set_shape", "img_ids", (16, 3), (256, 3), (1156, 3)),
-        ("set_shape", "img_ids", (1156, 3), (1156, 3), (4096, 3)),
+    assert [profile["img_ids"] for profile in plan["profiles"]] == [
+        [[16, 3], [256, 3], [1156, 3]],
+        [[1156, 3], [1156, 3], [4096, 3]],
     ]
-    assert ("build", 3) in calls
+    assert (tmp_path / "timing.cache").read_bytes() == b"standin-timing-cache"  # persisted for the next build
+    with standin_tensorrt():  # the next build loads it
+        builder.build_engine(onnx_path, tmp_path / "u.plan", built, options, tmp_path / "timing.cache")
+    assert read_plan(tmp_path / "u.plan")["timing_cache"] == "standin-timing-cache"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_a_profile_naming_an_input_the_graph_lacks_is_refused(monkeypatch, tmp_path, sources):
+def test_a_profile_naming_an_input_the_graph_lacks_is_refused(tmp_path, sources, exports):
     """polygraphy checks our profiles against the parsed network's inputs; its error becomes our one line."""
-    import polygraphy.backend.trt as polygraphy_trt
-
     import fluxexport.tensorrt.builder as builder
+    from fluxexport.tensorrt.profiles import Profile
 
-    trt = _StandInTensorRT({"hidden_states": (-1, -1, 64)})
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(polygraphy_trt, "NetworkFromOnnxPath",
-                        lambda path, **_: lambda: (trt.Builder(), trt.Network(), object()))  # fmt: skip
-    monkeypatch.setattr(polygraphy_trt, "EngineBytesFromNetwork",
-                        lambda network, config, **_: lambda: config(*network[:2]))  # fmt: skip
     options = BuildOptions("bf16", ExportBounds.for_model(sources["tiny-dev"]))
-    built = build_profiles(sources["tiny-dev"], "transformer", options.profile_bounds())
-    with pytest.raises(FluxExportError, match=r"^TensorRT failed to build transformer\.onnx: Invalid inputs"):
-        builder.build_engine(tmp_path / "transformer.onnx", tmp_path / "t.plan", built, options, tmp_path / "c")
+    wrong = [Profile({"hidden_states_x": ((1, 16, 64), (1, 256, 64), (2, 4096, 64))})]
+    with (
+        standin_tensorrt(),
+        pytest.raises(FluxExportError, match=r"^TensorRT failed to build transformer\.onnx: Invalid inputs"),
+    ):
+        builder.build_engine(
+            exports["tiny-dev"] / "transformer.onnx", tmp_path / "t.plan", wrong, options, tmp_path / "c"
+        )
     assert not (tmp_path / "t.plan").exists()
 
 
-class _RefitTensorRT(types.ModuleType):
-    """The slice of TensorRT's API `fluxexport refit` uses (Runtime, Refitter, Weights), recording the weights
-    it is given as the values behind their host pointers."""
+def test_refit_sets_only_the_lora_weights_by_initializer_name(tmp_path, sources, exports):
+    """Kohya LoRA at 0.8 into an fp32 transformer engine `build` wrote: the touched initializer holds the merged
+    model's weight as the graph holds it (transposed), every other weight its own value; the base plan stays;
+    --reset goes back."""
+    from standin_tensorrt import read_plan_weights
 
-    __version__ = "10.13.0.35"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity):
-            self.severity = severity
-
-    class DataType:
-        class FLOAT:
-            name = "FLOAT"
-
-        class FP8:
-            name = "FP8"
-
-    def __init__(self, sizes: dict[str, int], fp8: frozenset[str] = frozenset()):
-        super().__init__("tensorrt")
-        self.set: dict[str, np.ndarray] = {}
-        fake = self
-
-        class Engine:
-            def __init__(self, plan):
-                self.plan = plan
-
-            def serialize(self):
-                return b"refitted:" + self.plan
-
-        class Runtime:
-            def __init__(self, logger):
-                pass
-
-            def deserialize_cuda_engine(self, plan):
-                return Engine(plan)
-
-        class Weights:
-            def __init__(self, dtype, ptr=0, count=0):
-                self.dtype, self.ptr, self.size = dtype, ptr, count
-
-        class Refitter:
-            def __init__(self, engine, logger):
-                pass
-
-            def get_weights_prototype(self, name):
-                return Weights(fake.DataType.FP8 if name in fp8 else fake.DataType.FLOAT, 0, sizes[name])
-
-            def set_named_weights(self, name, weights):
-                element = ctypes.c_uint8 if weights.dtype is fake.DataType.FP8 else ctypes.c_float
-                buffer = (element * weights.size).from_address(weights.ptr)
-                fake.set[name] = np.ctypeslib.as_array(buffer).copy()
-                return True
-
-            def get_missing_weights(self):
-                return []
-
-            def refit_cuda_engine(self):
-                return True
-
-        self.Runtime, self.Refitter, self.Weights = Runtime, Refitter, Weights
-
-
-def test_refit_sets_only_the_lora_weights_by_initializer_name(monkeypatch, tmp_path, sources, exports):
-    """Kohya LoRA at 0.8 into an fp32 transformer engine: exactly the touched initializers are set, to the
-    merged model's weights as the graph holds them (transposed); the base plan stays; --reset goes back."""
-    from safetensors.torch import save_file
-
-    from fluxexport.export.manifest import write_manifest
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
-    from fluxexport.tensorrt.engines import engine_manifest
     from fluxexport.tensorrt.refit import refit_engines
 
     source = sources["tiny-dev"]
-    base = load_transformer(source)
-    width = base.config.num_attention_heads * base.config.attention_head_dim
-    generator = torch.Generator().manual_seed(4)
-    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, width, generator=generator),
-               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(width, 2, generator=generator),
-               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0)},
-              str(tmp_path / "kohya.safetensors"))  # fmt: skip
-    merged_source = source.with_loras([parse_lora(f"{tmp_path / 'kohya.safetensors'}:0.8")])
-    graph = exports["tiny-dev"] / "transformer.onnx"
+    lora = _kohya_proj_lora(tmp_path / "kohya.safetensors", source)
+    merged_source = source.with_loras([parse_lora(f"{lora}:0.8")])
+    engines = build_folder(source, exports["tiny-dev"], tmp_path / "engines", components=["transformer"],
+                           refittable=True)  # fmt: skip
+    base_plan = engines / "transformer_fp32.trt_10.13.0.35.plan"
+    before = base_plan.read_bytes()
     weights = read_manifest(exports["tiny-dev"])["components"]["transformer"]["weights"]
-    sizes = {name: int(np.prod(t.dims)) for t in onnx.load(str(graph), load_external_data=False).graph.initializer
-             for name in [t.name] if name in weights}  # fmt: skip
-    trt = _RefitTensorRT(sizes)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    engines = tmp_path / "engines"
-    engines.mkdir()
-    (engines / "transformer_fp32.trt_10.13.0.35.plan").write_bytes(b"base-plan")
-    manifest = engine_manifest(read_manifest(exports["tiny-dev"])["model"], "10.13.0.35", H100, "bf16",
-                               {"refittable": True})  # fmt: skip
-    manifest["components"]["transformer"] = {"file": "transformer_fp32.trt_10.13.0.35.plan", "precision": "fp32",
-                                             "onnx": str(graph)}  # fmt: skip
-    write_manifest(engines, manifest)
-
-    refit_engines(merged_source, engines)
-    expected = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach().T
-    (name,) = trt.set  # only the one layer the LoRA adapts
-    assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight"
-    np.testing.assert_allclose(trt.set[name].reshape(expected.shape), expected.numpy(), rtol=1e-6, atol=1e-6)
-    after = read_manifest(engines)
-    entry = after["components"]["transformer"]
+    with standin_tensorrt():
+        refit_engines(merged_source, engines)
+    entry = read_manifest(engines)["components"]["transformer"]
     assert entry["file"] == "transformer_fp32.lora.trt_10.13.0.35.plan" and entry["refitted_weights"] == 1
-    assert (engines / entry["file"]).read_bytes() == b"refitted:base-plan"
-    assert (engines / "transformer_fp32.trt_10.13.0.35.plan").read_bytes() == b"base-plan"  # the base stays
+    refitted, base = read_plan_weights(engines / entry["file"]), read_plan_weights(base_plan)
+    changed = [name for name in base if not np.array_equal(base[name], refitted[name])]
+    (name,) = changed  # only the one layer the LoRA adapts
+    assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight"
+    expected = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach().T
+    np.testing.assert_allclose(refitted[name], expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert base_plan.read_bytes() == before  # the base stays
+    after = read_manifest(engines)
     assert after["model"]["fingerprint"] == merged_source.fingerprint()  # run --lora finds these engines
     assert after["model"]["loras"][0]["scale"] == 0.8
 
-    reset = refit_engines(source, engines, reset=True)
+    with standin_tensorrt():
+        reset = refit_engines(source, engines, reset=True)
     assert reset["components"]["transformer"]["file"] == "transformer_fp32.trt_10.13.0.35.plan"
     assert reset["model"]["fingerprint"] == source.fingerprint() and reset["model"]["loras"] == []
     assert not (engines / "transformer_fp32.lora.trt_10.13.0.35.plan").exists()
 
-    manifest["builder"] = {"refittable": False}
-    write_manifest(engines, manifest)
+    plain = build_folder(source, exports["tiny-dev"], tmp_path / "plain", components=["transformer"])
     with pytest.raises(FluxExportError, match=r"are not refittable: rebuild them with fluxexport build --refittable$"):
-        refit_engines(merged_source, engines)
+        refit_engines(merged_source, plain)
 
 
 def _kohya_proj_lora(path, source):
@@ -620,42 +420,35 @@ def _kohya_proj_lora(path, source):
     return path
 
 
-def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(monkeypatch, tmp_path, sources, fp8_exports):
-    """An FP8 engine: the merged weight is quantized with the scale the graph's DequantizeLinear holds (its
-    E4M3 bytes set as FP8 weights); at LoRA scale 0 the bytes are exactly the graph's own FP8 initializer."""
+def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(tmp_path, sources, fp8_exports):
+    """An FP8 engine built from quantize's graph: the merged weight is quantized with the scale the graph's
+    DequantizeLinear holds (its E4M3 bytes set as FP8 weights); at LoRA scale 0 the bytes are exactly the graph's
+    own FP8 initializer."""
     import onnx_ir as ir
+    from standin_tensorrt import read_plan_weights
 
-    from fluxexport.export.manifest import write_manifest
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
     from fluxexport.quantize.fp8 import quantize_e4m3
-    from fluxexport.tensorrt.engines import engine_manifest
     from fluxexport.tensorrt.refit import refit_engines
 
     source, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]
     lora = _kohya_proj_lora(tmp_path / "kohya.safetensors", source)
-    graph = folder / "transformer.fp8.onnx"
     weights = read_manifest(folder)["fp8"]["transformer"]["weights"]
-    stored = ir.load(graph).graph.initializers
+    stored = ir.load(folder / "transformer.fp8.onnx").graph.initializers
     name = "model.transformer_blocks.0.attn.to_out.0.weight.fp8"
     assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight" and weights[name]["fp8_scale"] > 0
-    sizes = {key: int(np.prod(stored[key].shape.dims)) for key in weights}
-    engines = tmp_path / "engines"
-    engines.mkdir()
-    (engines / "transformer_fp8.trt_10.13.0.35.plan").write_bytes(b"base-plan")
-    manifest = engine_manifest(read_manifest(folder)["model"], "10.13.0.35", H100, "fp8", {"refittable": True})
-    manifest["components"]["transformer"] = {"file": "transformer_fp8.trt_10.13.0.35.plan", "precision": "fp8",
-                                             "onnx": str(graph)}  # fmt: skip
-    write_manifest(engines, manifest)
+    engines = build_folder(source, folder, tmp_path / "engines", precision="fp8", components=["transformer"],
+                           refittable=True)  # fmt: skip
     for scale in (0.0, 0.8):
-        trt = _RefitTensorRT(sizes, frozenset(k for k in weights if k.endswith(".fp8")))
-        monkeypatch.setitem(sys.modules, "tensorrt", trt)
         merged_source = source.with_loras([parse_lora(f"{lora}:{scale}")])
-        refit_engines(merged_source, engines)
-        assert list(trt.set) == [name]  # only the adapted layer; its bias is fp32 and untouched
+        with standin_tensorrt():
+            refit_engines(merged_source, engines)
+        entry = read_manifest(engines)["components"]["transformer"]
+        assert entry["file"] == "transformer_fp8.lora.trt_10.13.0.35.plan"
+        held = read_plan_weights(engines / entry["file"])[name].view(np.uint8).reshape(-1)
         if scale == 0.0:
-            assert np.array_equal(trt.set[name], stored[name].const_value.numpy().view(np.uint8).reshape(-1))
+            assert np.array_equal(held, stored[name].const_value.numpy().view(np.uint8).reshape(-1))
         merged = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach()
         expected = quantize_e4m3(merged, torch.tensor(weights[name]["fp8_scale"]))
-        assert np.array_equal(trt.set[name], expected.view(torch.uint8).numpy().reshape(-1))
-        assert read_manifest(engines)["components"]["transformer"]["file"] == "transformer_fp8.lora.trt_10.13.0.35.plan"
+        assert np.array_equal(held, expected.view(torch.uint8).numpy().reshape(-1))

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import plan_folder, write_kohya, write_peft
+from helpers import build_folder, write_kohya, write_peft
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import read_manifest
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
 from fluxexport.triton.client import pipeline_inputs as client_inputs
@@ -153,8 +154,9 @@ def test_kontext_repository_takes_an_image(repositories):
 
 
 def test_plan_repository_configs(sources, exports, tmp_path):
-    """A TensorRT engine folder (plans cannot be built here: stand-in bytes) becomes tensorrt_plan models."""
-    engines = plan_folder(exports["tiny-dev"], tmp_path / "engines")
+    """A TensorRT engine folder (written by build_engines over the stand-in TensorRT) becomes tensorrt_plan models."""
+    engines = build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "engines")
+    plans = read_manifest(engines)["components"]
     repository = write_repository(sources["tiny-dev"], engines, tmp_path / "repo")
     specs = component_specs(sources["tiny-dev"])
     for name in ("clip", "t5", "transformer", "vae_decoder"):
@@ -162,7 +164,7 @@ def test_plan_repository_configs(sources, exports, tmp_path):
         assert config.platform == "tensorrt_plan" and config.max_batch_size == 0
         assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
         assert list(config.instance_group[0].profile) == ["0"]
-        assert (repository / name / "1" / "model.plan").read_bytes() == b"plan"
+        assert (repository / name / "1" / "model.plan").read_bytes() == (engines / plans[name]["file"]).read_bytes()
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
     assert settings["kind"] == "tensorrt" and settings["bounds"]["max_batch"] == 2
     with pytest.raises(FluxExportError, match="^per-request LoRAs are swapped by the ONNX Runtime components; "

@@ -18,8 +18,19 @@ def create_backend(
     low_vram: bool = False,
     fp8: bool | None = None,
     optimized: bool | None = None,
+    cuda_graphs: bool = True,
+    weight_streaming_budget: str | None = None,
 ) -> Backend:
-    """Build the backend a user named on the command line."""
+    """Build the backend a user named on the command line; TensorRT-only settings are refused elsewhere."""
+    if name != "tensorrt" and (weight_streaming_budget is not None or low_vram or not cuda_graphs):
+        flag = (
+            "--weight-streaming-budget"
+            if weight_streaming_budget is not None
+            else "--low-vram"
+            if low_vram
+            else "--no-cuda-graphs"
+        )
+        raise FluxExportError(f"{flag} applies to --backend tensorrt only")
     if name == "torch":
         from fluxexport.backends.torch_backend import TorchBackend
 
@@ -35,5 +46,10 @@ def create_backend(
 
         if engines is None:
             raise FluxExportError("the tensorrt backend runs built engines: add --engines DIR")
-        return TensorRTBackend(source, engines, low_vram=low_vram)
+        from fluxexport.tensorrt.weight_streaming import parse_budget
+
+        budget = parse_budget(weight_streaming_budget) if weight_streaming_budget is not None else None
+        return TensorRTBackend(
+            source, engines, cuda_graphs=cuda_graphs, low_vram=low_vram, weight_streaming_budget=budget
+        )
     raise FluxExportError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

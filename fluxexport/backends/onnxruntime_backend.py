@@ -100,6 +100,21 @@ def create_session(
     return session
 
 
+def swapped_initializers(source: ModelSource, loras, module: str, entry: dict) -> dict[str, torch.Tensor]:
+    """Replacement initializers for a graph of `source`'s base checkpoint with `loras` (a LoraSet) merged: only the
+    weights the LoRAs touch, read from the base checkpoint, merged in float32 and laid out as the graph holds
+    them (FP8 weights quantized with the graph's own scales, as `refit` does for FP8 engines)."""
+    from fluxexport.dtypes import torch_dtype
+    from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.models.lora_weights import check_swap, merged_initializers
+
+    check_swap(source, module, entry)
+    base = source.with_loras(())
+    tensors = CheckpointTensors(base, module)
+    dtype = torch_dtype(entry.get("base_dtype", entry["dtype"]))
+    return dict(merged_initializers(entry["weights"], module, loras, lambda t: tensors.load(t, dtype), entry["file"]))
+
+
 class OnnxRuntimeBackend(LoadedComponents):
     """Runs exported graphs; the checkpoint supplies only tokenizers and configs. `close()` drops the sessions."""
 
@@ -171,22 +186,10 @@ class OnnxRuntimeBackend(LoadedComponents):
                 self._components.pop(name, None)
 
     def _lora_overrides(self, name: str, entry: dict) -> dict[str, torch.Tensor]:
-        """Replacement initializers with the swapped LoRAs merged: only the weights the LoRAs touch, read from
-        the base checkpoint, merged in float32 and laid out as the graph holds them (FP8 weights quantized
-        with the graph's own scales, as `refit` does for FP8 engines)."""
-        from fluxexport.dtypes import torch_dtype
-        from fluxexport.models.checkpoint import CheckpointTensors
-        from fluxexport.models.lora_weights import check_swap, merged_initializers
-
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
-        check_swap(self.source, module, entry)
-        tensors = CheckpointTensors(self.base, module)
-        dtype = torch_dtype(entry.get("base_dtype", entry["dtype"]))
-        return dict(
-            merged_initializers(entry["weights"], module, self.swapped, lambda t: tensors.load(t, dtype), entry["file"])
-        )
+        return swapped_initializers(self.source, self.swapped, module, entry)
 
     @property
     def transformer_graph(self) -> str:

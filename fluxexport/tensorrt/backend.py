@@ -1,10 +1,21 @@
 """TensorRT backend: engines deserialized once, one device-memory block shared by all contexts, buffers
-preallocated per shape, one stream, and CUDA graphs replayed for the transformer's repeated shapes."""
+preallocated per shape, one stream, and CUDA graphs replayed for the transformer's repeated shapes.
+
+A captured CUDA graph is tied to the state of the context it was captured on (shapes, profile, addresses, device
+memory): NVIDIA's guidance is one context per captured graph. So every engine has a *plain* context that runs any
+shape, and each shape that repeats gets a context of its own, bound once to that shape's buffers, launched once
+(the setup work TensorRT does after a shape change cannot be captured) and then captured; the graph is only
+replayed on that context. All contexts share one scratch block: they run in turn on one stream. A failing capture
+is reported once and the shape runs without a graph from then on.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,17 +24,21 @@ from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource, made_from
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
-from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_tensorrt_version, tensorrt_version
+from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version, tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile
+from fluxexport.tensorrt.weight_streaming import WeightBudget
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs (TensorRT 10.13's API): tests/test_typing.py
     import tensorrt as trt
 
 RUNTIME_CONFIG_VERSION = (11,)  # contexts get their allocation strategy from an IRuntimeConfig
+MAX_CAPTURED_SHAPES = 8  # contexts with a captured graph kept per engine (least recently used dropped first)
+
+Shapes = dict[str, tuple[int, ...]]
 
 
-def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
-    """A trt.DataType as torch's dtype (by member name: FLOAT, HALF, BF16, INT32, …)."""
+def torch_dtype_of(dtype: trt.DataType) -> torch.dtype:
+    """A trt.DataType as torch's dtype (by member name: FLOAT, HALF, BF16, INT32, FP8, …)."""
     return ELEMENT_TORCH[TENSORRT_ELEMENT[dtype.name]]
 
 
@@ -36,8 +51,12 @@ def _create_context(engine: trt.ICudaEngine) -> trt.IExecutionContext:
     if tensorrt_version(trt) >= RUNTIME_CONFIG_VERSION:
         config = engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(strategy)
-        return engine.create_execution_context(config)
-    return engine.create_execution_context(strategy)
+        context = engine.create_execution_context(config)
+    else:
+        context = engine.create_execution_context(strategy)
+    if context is None:
+        raise FluxExportError("TensorRT could not create an execution context (see its log above)")
+    return context
 
 
 def _device_memory_size(engine: trt.ICudaEngine) -> int:
@@ -47,108 +66,196 @@ def _device_memory_size(engine: trt.ICudaEngine) -> int:
     return engine.device_memory_size_v2
 
 
+@dataclass
+class _Captured:
+    """A context bound to one shape's buffers, and the CUDA graph captured on it."""
+
+    context: trt.IExecutionContext
+    graph: Any  # torch.cuda.CUDAGraph (or the host stand-in's)
+
+
 class _EngineRunner:
-    """One engine and its context: buffers per input shape and, when enabled, a CUDA graph per shape.
+    """One engine: a plain context for any shape, buffers per shape and, when enabled, a context and a CUDA graph
+    per repeated shape. The first call with a shape runs on the plain context; the second launches the shape on
+    a context of its own and captures that launch; every later one replays the graph there: per step, only the
+    input copies and one graph launch reach the GPU."""
 
-    The first call with a shape runs normally (TensorRT does its shape-dependent setup there), the second
-    captures the execution into a CUDA graph, every later one replays it: per step, only the input copies
-    and one graph launch reach the GPU."""
-
-    def __init__(
-        self, engine: trt.ICudaEngine, name: str, entry: dict, stream: torch.cuda.Stream, use_cuda_graphs: bool
-    ):
-        self.engine, self.name, self.stream = engine, name, stream
-        self.context = _create_context(engine)
+    def __init__(self, engine: trt.ICudaEngine, name: str, entry: dict, device, use_cuda_graphs: bool):
+        self.engine, self.name, self.device = engine, name, device
+        self.plain = _create_context(engine)
+        self.plain_profile = -1
         self.profiles = profiles_from_json(entry["profiles"])
         self.inputs = [t["name"] for t in entry["inputs"]]
         self.outputs = [t["name"] for t in entry["outputs"]]
-        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
+        self.dtypes = {n: torch_dtype_of(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.use_cuda_graphs = use_cuda_graphs
-        self.profile = -1
+        self.memory: torch.Tensor | None = None
         self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.captured: OrderedDict[tuple, _Captured] = OrderedDict()
         self.calls: dict[tuple, int] = {}
+        self.uncapturable: set[tuple] = set()
 
     def bind_memory(self, block: torch.Tensor) -> None:
-        self.context.set_device_memory(block.data_ptr(), block.numel())
-        # captured graphs point into the previous block: capture again on the new one
-        self.graphs.clear()
+        self.memory = block
+        self.plain.set_device_memory(block.data_ptr(), block.numel())
+        # captured graphs point into the previous block: drop them (and their contexts), capture again later
+        self.captured.clear()
         self.calls.clear()
 
-    def _prepare(self, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-        key = tuple(shapes.values())
-        profile = select_profile(self.profiles, shapes, self.name)
-        if profile != self.profile:
-            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self.profile = profile
+    def _check(self, done: bool, what: str) -> None:
+        if not done:
+            raise FluxExportError(f"TensorRT refused to {what} for {self.name} (see its log above)")
+
+    def _bind(
+        self, context: trt.IExecutionContext, shapes: Shapes, buffers: dict[str, torch.Tensor], profile: int | None
+    ) -> None:
+        """Set `context`'s profile (when it changes), input shapes and every tensor address, checking each."""
+        if profile is not None:
+            self._check(context.set_optimization_profile_async(profile, self.device.stream_handle),
+                        f"select optimization profile {profile}")  # fmt: skip
         for name, shape in shapes.items():
-            self.context.set_input_shape(name, shape)
+            self._check(context.set_input_shape(name, shape), f"set {name} to shape {shape}")
+        for name, tensor in buffers.items():
+            self._check(context.set_tensor_address(name, tensor.data_ptr()), f"bind {name}")
+
+    def _buffers(self, key: tuple, shapes: Shapes) -> dict[str, torch.Tensor]:
+        """This shape's input and output buffers (outputs sized by the plain context once it holds `shapes`)."""
         if key not in self.buffers:
-            buffers = {n: torch.empty(s, dtype=self.dtypes[n], device="cuda") for n, s in shapes.items()}
+            buffers = {n: self.device.empty(s, self.dtypes[n]) for n, s in shapes.items()}
             for name in self.outputs:
-                dims = self.context.get_tensor_shape(name)  # trt.Dims: indexable, not iterable by its stubs
-                shape = tuple(dims[axis] for axis in range(len(dims)))
-                buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+                dims = self.plain.get_tensor_shape(name)  # trt.Dims: indexable, not iterable by its stubs
+                buffers[name] = self.device.empty(tuple(dims[a] for a in range(len(dims))), self.dtypes[name])
             self.buffers[key] = buffers
-        for name, tensor in self.buffers[key].items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
         return self.buffers[key]
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise FluxExportError(f"TensorRT failed to run {self.name}")
+    def _launch(self, context: trt.IExecutionContext) -> None:
+        if not context.execute_async_v3(self.device.stream_handle):
+            raise FluxExportError(f"TensorRT failed to run {self.name} (see its log above)")
+
+    def _run_plain(self, key: tuple, shapes: Shapes, profile: int) -> dict[str, torch.Tensor]:
+        changed = profile != self.plain_profile
+        self._bind(self.plain, shapes, {}, profile if changed else None)
+        self.plain_profile = profile
+        buffers = self._buffers(key, shapes)
+        self._bind(self.plain, {}, buffers, None)
+        return buffers
+
+    def _capture(self, key: tuple, shapes: Shapes, profile: int, buffers: dict[str, torch.Tensor]) -> None:
+        """Launch `shapes` on a context of its own (this call's result), then capture one more launch of it. A
+        capture that fails is reported once; the shape then runs on the plain context."""
+        if len(self.captured) >= MAX_CAPTURED_SHAPES:
+            self.captured.popitem(last=False)
+        context = _create_context(self.engine)
+        assert self.memory is not None, "bind_memory comes before any call"
+        context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
+        self._bind(context, shapes, buffers, profile)
+        self._launch(context)  # TensorRT's setup work for these shapes happens here, outside the capture
+        failure = None
+        try:
+            with self.device.capture() as holder:
+                if not context.execute_async_v3(self.device.stream_handle):
+                    failure = "execute_async_v3 failed inside the capture"
+                    raise RuntimeError(failure)
+        except Exception as error:  # noqa: BLE001 - any CUDA or TensorRT refusal ends capturing for this shape
+            self.uncapturable.add(key)
+            warnings.warn(
+                f"{self.name}: no CUDA graph for shapes {tuple(shapes.values())} ({failure or error}); "
+                "running them without one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        self.captured[key] = _Captured(context, holder.graph)
 
     def __call__(self, feeds: Feeds) -> Feeds:
         present = [name for name in self.inputs if name in feeds]
         shapes = {name: tuple(feeds[name].shape) for name in present}
         key = tuple(shapes.values())
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            buffers = self._prepare(shapes)
-            for name in present:
-                buffers[name].copy_(feeds[name], non_blocking=True)
-            calls = self.calls[key] = self.calls.get(key, 0) + 1
-            if key in self.graphs:
-                self.graphs[key].replay()
-            elif self.use_cuda_graphs and calls >= 2:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._execute()
-                self.graphs[key] = graph
-                graph.replay()
+        with self.device.on_stream():
+            captured = self.captured.get(key)
+            if captured is not None:
+                self.captured.move_to_end(key)
+                buffers = self.buffers[key]
+                for name in present:
+                    buffers[name].copy_(feeds[name], non_blocking=True)
+                captured.graph.replay()
             else:
-                self._execute()
+                profile = select_profile(self.profiles, shapes, self.name)
+                calls = self.calls[key] = self.calls.get(key, 0) + 1
+                capture = self.use_cuda_graphs and calls >= 2 and key not in self.uncapturable
+                buffers = self._run_plain(key, shapes, profile)
+                for name in present:
+                    buffers[name].copy_(feeds[name], non_blocking=True)
+                if capture:
+                    self._capture(key, shapes, profile, buffers)
+                if key not in self.captured:  # not captured (or the capture failed): the plain launch
+                    self._launch(self.plain)
             # copies: the buffers are overwritten by the next call with this shape
-            outputs = {name: buffers[name].to(torch.float32, copy=True) for name in self.outputs}
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return outputs
+            return {name: buffers[name].to(torch.float32, copy=True) for name in self.outputs}
 
 
 class TensorRTBackend:
-    """Runs a folder of engines built by `fluxexport build`; the runtime's tensors stay on the GPU."""
+    """Runs a folder of engines built by `fluxexport build`; the runtime's tensors stay on the GPU.
+
+    `weight_streaming_budget`: engines built with `--weight-streaming` keep that much of their weights on the
+    GPU and stream the rest from host memory on each launch (no CUDA graphs then: such launches cannot be
+    captured). `device`: the CUDA calls (`tensorrt/cuda.CudaDevice` on GPU hosts)."""
 
     name = "tensorrt"
 
-    def __init__(self, source: ModelSource, engines: Path, cuda_graphs: bool = True, low_vram: bool = False):
+    def __init__(
+        self,
+        source: ModelSource,
+        engines: Path,
+        cuda_graphs: bool = True,
+        low_vram: bool = False,
+        weight_streaming_budget: WeightBudget | None = None,
+        device=None,
+    ):
         import_tensorrt()
         import tensorrt as trt
 
         require_tensorrt_version(trt)
         self.source, self.engines = source, Path(engines)
         self.manifest = read_engine_manifest(self.engines)
-        check_engine_set(self.manifest, trt.__version__, current_gpu(), self.engines)
+        if device is None:
+            from fluxexport.tensorrt.cuda import CudaDevice
+
+            device = CudaDevice()
+        self.cuda = device
+        check_engine_set(self.manifest, trt.__version__, device.gpu(), self.engines)
         if self.manifest["model"]["fingerprint"] != source.fingerprint():
             raise FluxExportError(
                 f"the engines in {self.engines} were built from {made_from(self.manifest['model']['name'], source)}: "
                 "pass the same --model as at build time"
             )
-        self.device = torch.device("cuda")
-        self.stream = torch.cuda.Stream()
+        if weight_streaming_budget is not None and not self.manifest["builder"].get("weight_streaming"):
+            raise FluxExportError(
+                f"the engines in {self.engines} were built without --weight-streaming: rebuild them with "
+                "fluxexport build --weight-streaming, or run without --weight-streaming-budget"
+            )
+        self.device = device.torch_device
         self.cuda_graphs = cuda_graphs
         self.low_vram = low_vram  # keep one engine in memory at a time
+        self.weight_streaming_budget = weight_streaming_budget
+        self.streamed: dict[str, tuple[int, int]] = {}  # component → (budget, streamable bytes), as set
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.runners: dict[str, _EngineRunner] = {}
         self.shared_memory: torch.Tensor | None = None
+
+    def _set_budget(self, name: str, engine: trt.ICudaEngine) -> bool:
+        """Apply the weight-streaming budget before any context exists; True when weights are streamed."""
+        if self.weight_streaming_budget is None:
+            return False
+        streamable = engine.streamable_weights_size
+        if streamable <= 0:
+            return False  # nothing of this engine streams (e.g. a tiny text encoder)
+        budget = self.weight_streaming_budget.bytes_for(streamable, engine.get_weight_streaming_automatic_budget())
+        engine.weight_streaming_budget_v2 = budget
+        if engine.weight_streaming_budget_v2 != budget:
+            raise FluxExportError(f"TensorRT refused a weight-streaming budget of {budget} bytes for {name}")
+        self.streamed[name] = (budget, streamable)
+        return budget < streamable
 
     def _load(self, name: str) -> _EngineRunner:
         entries = self.manifest["components"]
@@ -157,16 +264,18 @@ class TensorRTBackend:
         engine = self.runtime.deserialize_cuda_engine((self.engines / entries[name]["file"]).read_bytes())
         if engine is None:
             raise FluxExportError(f"TensorRT cannot deserialize {entries[name]['file']}: rebuild it")
-        # CUDA graphs pay off for the transformer, called once per step with the same shapes.
-        graphs = self.cuda_graphs and name == "transformer"
-        return _EngineRunner(engine, name, entries[name], self.stream, graphs)
+        streaming = self._set_budget(name, engine)
+        # CUDA graphs pay off for the transformer, called once per step with the same shapes; a launch that
+        # streams weights cannot be captured
+        graphs = self.cuda_graphs and name == "transformer" and not streaming
+        return _EngineRunner(engine, name, entries[name], self.cuda, graphs)
 
     def _share_memory(self, runner: _EngineRunner) -> None:
         """One device block, as large as the largest engine needs, backs every context: they run in turn
         on one stream, so they never need their scratch memory at the same time."""
         needed = _device_memory_size(runner.engine)
         if self.shared_memory is None or self.shared_memory.numel() < needed:
-            self.shared_memory = torch.empty(needed, dtype=torch.uint8, device="cuda")
+            self.shared_memory = self.cuda.memory_block(needed)
             for other in self.runners.values():
                 other.bind_memory(self.shared_memory)
         runner.bind_memory(self.shared_memory)
@@ -175,7 +284,7 @@ class TensorRTBackend:
         """Free every engine, context and the shared device memory."""
         self.runners.clear()
         self.shared_memory = None
-        torch.cuda.empty_cache()
+        self.cuda.empty_cache()
 
     def __enter__(self):
         return self
@@ -186,8 +295,9 @@ class TensorRTBackend:
     def component(self, name: str) -> Component:
         if name not in self.runners:
             if self.low_vram:
-                self.runners.clear()  # engines are freed with their runners
-                torch.cuda.empty_cache()
+                self.runners.clear()  # engines are freed with their runners (graphs and contexts first)
+                self.shared_memory = None
+                self.cuda.empty_cache()
             runner = self._load(name)
             self._share_memory(runner)
             self.runners[name] = runner

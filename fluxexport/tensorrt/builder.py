@@ -17,7 +17,14 @@ from fluxexport.export.manifest import file_sha256, graph_entries, now, read_man
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ExportBounds, pipeline_components
 from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
-from fluxexport.tensorrt.environment import current_gpu, import_tensorrt, require_fp8, require_tensorrt_version
+from fluxexport.tensorrt.environment import (
+    Gpu,
+    current_gpu,
+    import_tensorrt,
+    require_fp8,
+    require_tensorrt_version,
+    tensorrt_version,
+)
 from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems, prepare_graphs
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
@@ -58,6 +65,30 @@ def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
     return list(pipeline_components(source))
 
 
+# TensorRT 11.3's release notes (known issue): a REFIT build may drop a GEMM bias even when never refitted
+REFIT_BIAS_ISSUE = ((11, 3),)
+
+
+def refuse_refit_bias_issue(version: tuple[int, ...], text: str) -> None:
+    """Refuse `--refittable` on a TensorRT release whose REFIT builds may compute without a GEMM bias."""
+    if version[:2] in REFIT_BIAS_ISSUE:
+        raise FluxExportError(
+            f"TensorRT {text} may drop a GEMM bias from engines built refittable (a known issue of its release "
+            "notes): build --refittable with another TensorRT release, or merge LoRAs at export (export --lora)"
+        )
+
+
+def release_torch_memory() -> None:
+    """Hand PyTorch's cached GPU memory back (after calibration) so that TensorRT's builder can use it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 POLYGRAPHY_HELP = "pip install polygraphy (in the tensorrt and gpu extras, and in the Dockerfile's image)"
 
 
@@ -85,8 +116,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOpt
     try:
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
         from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
     except ImportError:
         raise FluxExportError(f"polygraphy is not installed: {POLYGRAPHY_HELP}") from None
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # our progress bar says what is built; polygraphy's info is noise
 
     limits = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gib * 2**30)} if options.workspace_gib else None
     try:
@@ -100,6 +133,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOpt
             weight_streaming=options.weight_streaming,
             memory_pool_limits=limits,
             load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+            # polygraphy's default (False) clears TensorRT's default TF32: fp32 layers (the VAE of an fp16 set)
+            # would run strict FP32; NVIDIA's demo builds FLUX with TF32 on
+            tf32=True,
         )
         start = time.perf_counter()
         serialized = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
@@ -120,21 +156,27 @@ def build_engines(
     on_component: Callable[[str, float | None], None] | None = None,
     prepare: bool = True,
     log: Callable[[str], None] = print,
+    device_gpu: Callable[[], Gpu] | None = None,
 ) -> dict:
     """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest.
 
-    With `prepare`, graphs of the wrong dtype or missing are exported / quantized first (`prepare_graphs`)."""
+    With `prepare`, graphs of the wrong dtype or missing are exported / quantized first (`prepare_graphs`).
+    `device_gpu` says which GPU builds (the current CUDA device by default)."""
     import_tensorrt()
     import tensorrt as trt
 
     require_tensorrt_version(trt)
-    gpu = current_gpu()
+    if options.refittable:
+        refuse_refit_bias_issue(tensorrt_version(trt), trt.__version__)
+    gpu = device_gpu() if device_gpu else current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)
     components = list(components or engine_components(source, onnx_dir))
-    onnx_manifest = (
-        prepare_graphs(source, onnx_dir, options.precision, components, log=log) if prepare else read_manifest(onnx_dir)
-    )
+    if prepare:
+        onnx_manifest = prepare_graphs(source, onnx_dir, options.precision, components, log=log)
+        release_torch_memory()  # calibration ran PyTorch on this GPU: give its cache back before TensorRT builds
+    else:
+        onnx_manifest = read_manifest(onnx_dir)
     wanted = graph_dtypes(options.precision, components)
     problems = graph_problems(onnx_manifest, wanted, onnx_dir)
     if problems:

@@ -45,15 +45,39 @@ def graph_entry(entry: dict) -> dict:
     return found
 
 
-def refit_component(engine_file: Path, graph: dict, source: ModelSource, module: str) -> tuple[bytes, int]:
+def _initializer_values(graph_path: Path):
+    """Initializer name → its values as a torch tensor of the graph's own type, read one at a time (external
+    data stays on disk until read): the unchanged weights TensorRT may ask for again."""
+    import onnx_ir as ir
+
+    element = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.FLOAT16: torch.float16,
+               ir.DataType.FLOAT8E4M3FN: torch.float8_e4m3fn, ir.DataType.INT32: torch.int32,
+               ir.DataType.INT64: torch.int64}  # fmt: skip
+    initializers = ir.load(graph_path).graph.initializers
+
+    def read(name: str) -> torch.Tensor | None:
+        value = initializers.get(name)
+        if value is None or value.const_value is None or value.const_value.dtype not in element:
+            return None
+        tensor = value.const_value
+        raw = torch.frombuffer(bytearray(tensor.tobytes()), dtype=torch.uint8)
+        return raw.view(element[tensor.dtype]).reshape(tuple(int(d) for d in tensor.shape))
+
+    return read
+
+
+def refit_component(
+    engine_file: Path, graph: dict, graph_path: Path, source: ModelSource, module: str
+) -> tuple[bytes, int]:
     """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
-    weights quantized with the graph's scales), and how many weights were set."""
+    weights quantized with the graph's scales), and how many weights were set. Weights TensorRT still reports
+    missing afterwards (it may ask for unchanged ones too) are set to the graph's own values."""
     import tensorrt as trt
 
     from fluxexport.dtypes import torch_dtype
     from fluxexport.models.checkpoint import CheckpointTensors
     from fluxexport.models.lora_weights import merged_initializers
-    from fluxexport.tensorrt.backend import _torch_dtype
+    from fluxexport.tensorrt.backend import torch_dtype_of
 
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_file.read_bytes())
@@ -63,12 +87,20 @@ def refit_component(engine_file: Path, graph: dict, source: ModelSource, module:
     base = CheckpointTensors(source.with_loras(()), module)
     dtype = torch_dtype(graph.get("base_dtype", graph["dtype"]))
     held: list[torch.Tensor] = []  # TensorRT reads the host buffers during refit_cuda_engine: keep them
-    merged = merged_initializers(
-        graph["weights"], module, source.lora_set, lambda t: base.load(t, dtype), graph["file"]
-    )
-    for initializer, tensor in merged:
+
+    def set_weights(initializer: str, tensor: torch.Tensor, fp8: bool) -> None:
         prototype = refitter.get_weights_prototype(initializer)
-        values = tensor.to(_torch_dtype(prototype.dtype)).contiguous()
+        if prototype.size < 0:
+            raise FluxExportError(
+                f"{engine_file.name}: TensorRT folded {initializer} into other layers at build time, so it cannot "
+                "be refitted: merge this LoRA at export instead (fluxexport export --lora)"
+            )
+        if fp8 and prototype.dtype.name != "FP8":
+            raise FluxExportError(
+                f"{engine_file.name}: {initializer} is an FP8 weight of the graph, but the engine holds it as "
+                f"{prototype.dtype.name}: rebuild the engine from this graph (fluxexport build --refittable)"
+            )
+        values = tensor.to(torch_dtype_of(prototype.dtype)).contiguous()
         if values.numel() != prototype.size:
             raise FluxExportError(
                 f"{engine_file.name}: {initializer} holds {prototype.size} values, not {values.numel()}"
@@ -76,12 +108,27 @@ def refit_component(engine_file: Path, graph: dict, source: ModelSource, module:
         held.append(values)
         if not refitter.set_named_weights(initializer, trt.Weights(prototype.dtype, values.data_ptr(), values.numel())):
             raise FluxExportError(f"TensorRT refused new weights for {initializer} in {engine_file.name}")
+
+    weights = graph["weights"]
+    merged = merged_initializers(weights, module, source.lora_set, lambda t: base.load(t, dtype), graph["file"])
+    for initializer, tensor in merged:
+        set_weights(initializer, tensor, "fp8_scale" in weights[initializer])
+    changed = len(held)
+    unchanged = _initializer_values(graph_path)
+    for initializer in refitter.get_missing_weights():
+        tensor = unchanged(initializer)
+        if tensor is None:
+            raise FluxExportError(
+                f"refitting {engine_file.name} needs {initializer}, which {graph_path.name} does not hold: "
+                "rebuild the engine from this graph"
+            )
+        set_weights(initializer, tensor, tensor.dtype == torch.float8_e4m3fn)
     missing = refitter.get_missing_weights()
     if missing:
         raise FluxExportError(f"refitting {engine_file.name} leaves {missing[0]} unset: rebuild the engine")
     if not refitter.refit_cuda_engine():
         raise FluxExportError(f"TensorRT could not refit {engine_file.name} (see its log above)")
-    return bytes(engine.serialize()), len(held)
+    return bytes(engine.serialize()), changed
 
 
 def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> dict:
@@ -116,7 +163,9 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> di
             entry.pop("base_file", None)
             entry["engine_sha256"] = file_sha256(engines / base_file)
             continue
-        plan, count = refit_component(engines / base_file, graph_entry(entry), source, MODULE_OF[name])
+        plan, count = refit_component(
+            engines / base_file, graph_entry(entry), Path(entry["onnx"]), source, MODULE_OF[name]
+        )
         refitted = refit_plan_name(base_file)
         write_bytes_atomic(engines / refitted, memoryview(plan))
         entry |= {"file": refitted, "base_file": base_file, "engine_sha256": file_sha256(engines / refitted),

@@ -80,8 +80,11 @@ def component_config(
     inputs = _tensor_configs(entry["inputs"], spec.inputs)
     outputs = _tensor_configs(entry["outputs"], spec.outputs)
     if kind == "tensorrt":
+        # every profile of the plan (one per resolution bucket): Triton picks the one each request's shapes
+        # fit; an instance given none uses profile 0 only
+        profiles = tuple(str(index) for index in range(len(entry["profiles"])))
         return ModelConfig(spec.name, inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU",
-                           instance_count=count, profiles=("0",), gpus=gpus)  # fmt: skip
+                           instance_count=count, profiles=profiles, gpus=gpus)  # fmt: skip
     return ModelConfig(spec.name, inputs, outputs, backend="python", instance_kind=instance_kind, instance_count=count,
                        gpus=gpus)  # fmt: skip
 

@@ -52,11 +52,9 @@ def _copy_checkpoint(source: ModelSource, target: Path) -> None:
 
 
 def _bounds(manifest: dict) -> dict:
-    if manifest.get("kind") == "tensorrt":
-        options = manifest["builder"]
-        return {"min_resolution": options["resolution"][0], "max_resolution": options["resolution"][2],
-                "max_batch": options["batch"][2]}  # fmt: skip
-    bounds = manifest["bounds"]
+    """The sizes the repository serves: an engine folder's build bounds (`build` writes them under
+    builder.bounds), or an export's bounds."""
+    bounds = manifest["builder"]["bounds"] if manifest.get("kind") == "tensorrt" else manifest["bounds"]
     return {key: bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
 
 

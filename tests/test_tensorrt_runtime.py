@@ -1,0 +1,374 @@
+"""The TensorRT path as a GPU user runs it, on engine folders `build` itself wrote, over a stand-in TensorRT that
+executes each engine with ONNX Runtime (tests/standin_tensorrt.py): the backend's profiles, buffers, contexts and
+CUDA graphs, weight streaming, validation, refit and the Triton repository. Images must equal the ONNX Runtime
+backend's on the same graphs."""
+
+import gc
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import H100, build_folder, standin_tensorrt
+from standin_tensorrt import HostDevice, read_plan
+
+from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+from fluxexport.errors import FluxExportError
+from fluxexport.export.manifest import read_manifest
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.tensorrt.backend import TensorRTBackend
+from fluxexport.tensorrt.weight_streaming import WeightBudget, parse_budget
+
+A, B, LARGE = (256, 256), (144, 272), (640, 640)  # LARGE lies in the second resolution bucket (544–1024 px)
+
+
+@pytest.fixture(scope="module")
+def engines(sources, exports, tmp_path_factory):
+    """tiny-dev engines in two resolution buckets, refittable, able to stream weights."""
+    out = tmp_path_factory.mktemp("trt") / "engines"
+    return build_folder(sources["tiny-dev"], exports["tiny-dev"], out, resolution_buckets=2, refittable=True,
+                        weight_streaming=True)  # fmt: skip
+
+
+@pytest.fixture
+def trt():
+    with standin_tensorrt() as module:
+        yield module
+
+
+def images(backend, source, size, steps=3, seed=1, **kwargs):
+    request = GenerationRequest("a red fox", height=size[0], width=size[1], num_inference_steps=steps, seed=seed,
+                                **kwargs)  # fmt: skip
+    return generate(backend, source, request).images
+
+
+def test_build_writes_the_configured_engines(engines, exports):
+    manifest = read_manifest(engines)
+    assert manifest["builder"]["bounds"]["max_resolution"] == 1024 and manifest["builder"]["resolution_buckets"] == 2
+    transformer = read_plan(engines / manifest["components"]["transformer"]["file"])
+    # TF32 stays on (polygraphy's CreateConfig would clear it), strongly typed, refit and streaming as asked
+    assert {"TF32", "REFIT", "WEIGHT_STREAMING"} <= set(transformer["flags"]) and transformer["strongly_typed"]
+    assert len(transformer["profiles"]) == 2 and transformer["optimization_level"] == 2
+    assert transformer["profiles"][1]["img_ids"][2] == [4096, 3]  # 1024² px: (1024/16)² tokens
+    assert len(read_plan(engines / manifest["components"]["clip"]["file"])["profiles"]) == 1  # no image axes
+    assert (engines / "timing.cache").is_file()
+
+
+def test_images_equal_onnxruntime_at_alternating_sizes_and_buckets(trt, engines, sources, ort_backends):
+    """Sizes A, A, B, A, LARGE with CUDA graphs: each repeated shape is captured on a context of its own, a replay
+    never follows another shape on its context, and every image equals ONNX Runtime's on the same graphs."""
+    source = sources["tiny-dev"]
+    backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+    for size in (A, A, B, A, LARGE):
+        assert np.array_equal(images(backend, source, size), images(ort_backends["tiny-dev"], source, size)), size
+    state = trt.state
+    assert state.replays > 0 and state.stale_replays == 0 and state.failed_captures == 0
+    transformer = backend.runners["transformer"]
+    assert len(transformer.captured) == 3  # one context and graph per transformer shape
+    assert len({id(c.context) for c in transformer.captured.values()} | {id(transformer.plain)}) == 4
+    assert state.errors == []
+    # without CUDA graphs: the same images, nothing captured
+    plain = TensorRTBackend(source, engines, cuda_graphs=False, device=HostDevice(trt))
+    assert np.array_equal(images(plain, source, B), images(backend, source, B))
+    assert not plain.runners["transformer"].captured
+
+
+def test_the_stand_in_catches_a_graph_replayed_after_another_shape(trt, engines, sources):
+    """What the backend did before: one context, a graph captured for A, then B run on the same context, then A
+    replayed — wrong answers (NaN here). The stand-in must see it, or the test above proves nothing."""
+    import torch
+
+    from fluxexport.specs import component_specs, sample_inputs
+
+    manifest = read_manifest(engines)
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(
+        (engines / manifest["components"]["vae_decoder"]["file"]).read_bytes()
+    )
+    context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    memory = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8)
+    context.set_device_memory(memory.data_ptr(), memory.numel())
+    spec = component_specs(sources["tiny-dev"])["vae_decoder"]
+    device = HostDevice(trt)
+
+    def bind(side):
+        latent = sample_inputs(spec, {"B": 1, "h": side, "w": side})["latent"]
+        context.set_input_shape("latent", tuple(latent.shape))
+        out = torch.empty(context.get_tensor_shape("images"), dtype=torch.float32)
+        context.set_tensor_address("latent", latent.data_ptr())
+        context.set_tensor_address("images", out.data_ptr())
+        return latent, out
+
+    a = bind(16)
+    assert context.execute_async_v3(0)
+    with device.capture() as holder:
+        assert context.execute_async_v3(0)
+    holder.graph.replay()
+    assert torch.isfinite(a[1]).all() and trt.state.stale_replays == 0
+    b = bind(24)  # noqa: F841 - keeps B's buffers alive while it runs
+    assert context.execute_async_v3(0)
+    holder.graph.replay()  # A's graph, after the context ran B
+    assert trt.state.stale_replays == 1 and torch.isnan(a[1]).all()
+    # capturing right after a shape change (no launch in between) is refused
+    bind(16)
+    with pytest.raises(RuntimeError), device.capture():
+        if not context.execute_async_v3(0):
+            raise RuntimeError("capture failed")
+    assert "cannot be captured" in trt.state.errors[-1]
+
+
+def test_a_new_memory_block_drops_the_graphs_and_low_vram_keeps_one_engine(trt, engines, sources, ort_backends):
+    source = sources["tiny-dev"]
+    device = HostDevice(trt)
+    backend = TensorRTBackend(source, engines, device=device)
+    transformer = backend.component("transformer")
+    reference = images(ort_backends["tiny-dev"], source, A)
+    assert np.array_equal(images(backend, source, A), reference)
+    assert transformer.captured
+    # a component needing more scratch than the block holds: a new block, every context rebound
+    transformer.memory = None
+    backend.shared_memory = device.memory_block(16)
+    for runner in backend.runners.values():
+        runner.bind_memory(backend.shared_memory)
+    assert not transformer.captured  # graphs pointed into the old block
+    backend.runners.pop("vae_decoder")
+    backend.component("vae_decoder")  # needs more than 16 bytes: the block grows and everything is rebound
+    assert backend.shared_memory.numel() > 16 and transformer.memory is backend.shared_memory
+    assert np.array_equal(images(backend, source, A), reference) and trt.state.stale_replays == 0
+    backend.close()
+    del backend, transformer
+    gc.collect()
+    before = trt.state.live_engines
+
+    low = TensorRTBackend(source, engines, low_vram=True, device=HostDevice(trt))
+    assert np.array_equal(images(low, source, A), reference)
+    gc.collect()
+    assert len(low.runners) == 1 and trt.state.live_engines == before + 1  # the others were freed as each stage began
+
+
+def test_a_failing_capture_falls_back_to_plain_launches(trt, engines, sources, ort_backends):
+    source = sources["tiny-dev"]
+    device = HostDevice(trt)
+    capture = device.capture
+
+    def failing_capture():
+        trt.state.fail_launches = 1  # the launch inside the capture fails
+        return capture()
+
+    device.capture = failing_capture
+    backend = TensorRTBackend(source, engines, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = images(backend, source, A)
+    assert np.array_equal(ours, images(ort_backends["tiny-dev"], source, A))
+    assert [str(w.message) for w in caught if "CUDA graph" in str(w.message)] == [
+        "transformer: no CUDA graph for shapes ((1, 256, 64), (1, 512, 32), (1, 32), (1,), (256, 3), (512, 3), (1,)) "
+        "(execute_async_v3 failed inside the capture); running them without one"
+    ]
+    assert trt.state.failed_captures == 1 and not backend.runners["transformer"].captured
+    images(backend, source, A)
+    assert trt.state.failed_captures == 1  # never tried again for that shape
+
+
+def test_refusals_of_the_runtime_are_one_line(trt, engines, sources, monkeypatch):
+    source = sources["tiny-dev"]
+    backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+    trt.state.fail_launches = 1
+    with pytest.raises(FluxExportError, match=r"^TensorRT failed to run clip \(see its log above\)$"):
+        images(backend, source, A)
+    monkeypatch.setattr(trt.IExecutionContext, "set_tensor_address", lambda self, name, address: False)
+    with pytest.raises(FluxExportError, match=r"^TensorRT refused to bind input_ids for clip \(see its log above\)$"):
+        images(backend, source, A)
+
+
+def test_weight_streaming_budget_is_set_before_any_context(trt, engines, exports, sources, ort_backends, tmp_path):
+    source = sources["tiny-dev"]
+    backend = TensorRTBackend(source, engines, weight_streaming_budget=parse_budget("50%"), device=HostDevice(trt))
+    assert np.array_equal(images(backend, source, A), images(ort_backends["tiny-dev"], source, A))
+    budget, streamable = backend.streamed["transformer"]
+    assert streamable > 0 and budget == streamable // 2
+    assert backend.runners["transformer"].engine.weight_streaming_budget_v2 == budget
+    assert not backend.runners["transformer"].captured  # a streaming launch is not capturable: no graphs
+    assert trt.state.errors == []  # the budget was accepted: set before any context existed
+    # engines built without --weight-streaming refuse a budget in one line
+    plain = build_folder(source, exports["tiny-dev"], tmp_path / "plain", components=["clip"])
+    with pytest.raises(FluxExportError) as error:
+        TensorRTBackend(source, plain, weight_streaming_budget=WeightBudget("auto"), device=HostDevice(trt))
+    assert str(error.value) == (
+        f"the engines in {plain} were built without --weight-streaming: rebuild them with fluxexport build "
+        "--weight-streaming, or run without --weight-streaming-budget"
+    )
+
+
+@pytest.mark.parametrize(("text", "budget"), [("auto", WeightBudget("auto")), ("50%", WeightBudget("percent", 50)),
+                                              ("12GiB", WeightBudget("bytes", 12 * 2**30)),
+                                              ("8000MB", WeightBudget("bytes", 8e9)), ("4096", WeightBudget("bytes", 4096))])  # fmt: skip
+def test_weight_streaming_budgets_parse(text, budget):
+    assert parse_budget(text) == budget
+    assert WeightBudget("percent", 25).bytes_for(1000, 700) == 250 and WeightBudget("auto").bytes_for(1000, 700) == 700
+    assert WeightBudget("bytes", 5000).bytes_for(1000, 700) == 1000
+
+
+@pytest.mark.parametrize("text", ["lots", "150%", "12 parsecs"])
+def test_bad_weight_streaming_budgets_are_refused(text):
+    with pytest.raises(FluxExportError, match=r"^--weight-streaming-budget takes BYTES \(e\.g\. 12GiB, 8000MB\)"):
+        parse_budget(text)
+
+
+def test_run_on_the_engines_from_the_command_line(trt, engines, sources, ort_backends, monkeypatch, tmp_path):
+    """`run --backend tensorrt` on a built folder (the CUDA calls on the host), its image equal to ONNX Runtime's."""
+    from PIL import Image
+
+    import fluxexport.tensorrt.cuda as cuda
+    from fluxexport.cli import main
+
+    monkeypatch.setattr(cuda, "CudaDevice", lambda: HostDevice(trt))
+    common = ["run", "--model", "tiny-dev", "--prompt", "a red fox", "--steps", "3", "--seed", "1"]
+    result = CliRunner().invoke(main, [*common, "--backend", "tensorrt", "--engines", str(engines),
+                                       "--weight-streaming-budget", "auto", "--output", str(tmp_path / "trt.png")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = images(ort_backends["tiny-dev"], sources["tiny-dev"], A)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "trt.png"))[None], expected)
+    bad = CliRunner().invoke(main, [*common, "--backend", "tensorrt", "--engines", str(engines),
+                                    "--weight-streaming-budget", "lots"])  # fmt: skip
+    assert bad.exit_code == 1 and bad.output.startswith("Error: --weight-streaming-budget takes BYTES")
+    wrong = CliRunner().invoke(main, [*common, "--backend", "torch", "--no-cuda-graphs"])
+    assert wrong.exit_code == 1 and wrong.output == "Error: --no-cuda-graphs applies to --backend tensorrt only\n"
+
+
+def test_validate_engines_in_every_bucket(trt, engines, sources):
+    from fluxexport.tensorrt.validate_engines import validate_engines
+
+    report, reference = validate_engines(sources["tiny-dev"], engines, steps=2, device=HostDevice(trt))
+    assert reference == "fp32" and report.passed, [c for c in report.components if not c.passed]
+    against_onnxruntime = [c for c in report.components if c.against == "onnxruntime"]
+    assert {c.component for c in against_onnxruntime} == set(read_manifest(engines)["components"])
+    # the large validation shape of the VAE lies in the second profile: it ran there
+    decoder = [c for c in against_onnxruntime if c.component == "vae_decoder"]
+    assert max(c.sizes["h"] for c in decoder) * 8 > 544 and all(c.rel_l2 < 1e-5 for c in decoder)
+    assert {c.against for c in report.components} == {"pytorch", "onnxruntime"} and report.images
+
+
+def _lora(path, source):
+    import torch
+    from safetensors.torch import save_file
+
+    from fluxexport.models.loaders import load_transformer
+
+    width = load_transformer(source).config.num_attention_heads * load_transformer(source).config.attention_head_dim
+    generator = torch.Generator().manual_seed(4)
+    save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(2, width, generator=generator),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(width, 2, generator=generator) * 0.2,
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0)}, str(path))  # fmt: skip
+    return path
+
+
+def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
+    """Refit a LoRA into the built engines: TensorRT asks for every other weight too (the stand-in does), which
+    refit supplies from the graph; the refitted engines run the LoRA exactly as ONNX Runtime swaps it into the
+    same graphs, and validate compares them with that graph, not with the base one."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.tensorrt.refit import refit_engines
+    from fluxexport.tensorrt.validate_engines import validate_engines
+
+    source = sources["tiny-dev"]
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
+    manifest = refit_engines(merged, folder)
+    assert manifest["components"]["transformer"]["refitted_weights"] == 1  # the one layer the LoRA adapts
+    swapped = OnnxRuntimeBackend(merged, exports["tiny-dev"])
+    refitted = TensorRTBackend(merged, folder, device=HostDevice(trt))
+    ours = images(refitted, merged, A)
+    assert np.array_equal(ours, images(swapped, merged, A))
+    base = OnnxRuntimeBackend(source, exports["tiny-dev"])
+    assert not np.array_equal(ours, images(base, source, A))  # the LoRA changes the image
+    report, _ = validate_engines(merged, folder, components=["transformer"], steps=2, device=HostDevice(trt))
+    rows = [c for c in report.components if c.against == "onnxruntime"]
+    assert rows and all(c.passed and c.rel_l2 < 1e-5 for c in rows)
+
+
+def test_fp8_refit_equals_the_fp8_swap(trt, sources, fp8_exports, tmp_path):
+    """An FP8 transformer engine built from quantize's graph: refit quantizes the merged weight with the graph's
+    scale, as the ONNX Runtime swap does: the two give the same image."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source = sources["tiny-dev"]
+    folder = build_folder(source, fp8_exports["tiny-dev"], tmp_path / "fp8", precision="fp8",
+                          components=["transformer"], refittable=True)  # fmt: skip
+    for name in ("clip", "t5", "vae_decoder"):  # the other components' engines: fp32 ones from the same graphs
+        build_folder(source, fp8_exports["tiny-dev"], tmp_path / name, components=[name])
+        entry = read_manifest(tmp_path / name)["components"][name]
+        shutil.copy(tmp_path / name / entry["file"], folder / entry["file"])
+        manifest = read_manifest(folder)
+        manifest["components"][name] = entry
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
+    refit_engines(merged, folder)
+    refitted = TensorRTBackend(merged, folder, device=HostDevice(trt))
+    swapped = OnnxRuntimeBackend(merged, fp8_exports["tiny-dev"], fp8=True)
+    assert np.array_equal(images(refitted, merged, A), images(swapped, merged, A))
+
+
+def test_refit_refusals_name_the_weight(trt, engines, sources, tmp_path, monkeypatch):
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source = sources["tiny-dev"]
+    folder = tmp_path / "engines"
+    shutil.copytree(engines, folder)
+    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
+    prototype = trt.Refitter.get_weights_prototype
+    monkeypatch.setattr(trt.Refitter, "get_weights_prototype",
+                        lambda self, name: trt.Weights(trt.DataType.FLOAT, 0, -1) if "to_out" in name
+                        else prototype(self, name))  # fmt: skip
+    with pytest.raises(FluxExportError) as error:
+        refit_engines(merged, folder)
+    assert str(error.value).startswith("transformer_fp32.trt_10.13.0.35.plan: TensorRT folded ")
+    assert str(error.value).endswith(
+        "into other layers at build time, so it cannot be refitted: merge this LoRA at export instead "
+        "(fluxexport export --lora)"
+    )
+    assert read_manifest(folder)["model"]["loras"] == []  # nothing changed
+
+
+def test_refittable_builds_refused_on_tensorrt_11_3(sources, exports, tmp_path):
+    with pytest.raises(FluxExportError) as error:
+        build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "e", tensorrt="11.3.0.1", refittable=True)
+    assert str(error.value) == (
+        "TensorRT 11.3.0.1 may drop a GEMM bias from engines built refittable (a known issue of its release "
+        "notes): build --refittable with another TensorRT release, or merge LoRAs at export (export --lora)"
+    )
+    assert not (tmp_path / "e").exists()
+    build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "f", tensorrt="11.3.0.1", components=["clip"])
+
+
+def test_triton_repository_from_built_engines_serves_every_bucket(engines, sources):
+    """`fluxexport triton --engines` on a folder `build` wrote (it raised KeyError: 'resolution' before): every
+    plan model lists every profile of its plan, so Triton serves all resolution buckets."""
+    from test_triton import parse
+
+    from fluxexport.specs import component_specs
+    from fluxexport.triton.repository import write_repository
+
+    repository = write_repository(sources["tiny-dev"], engines, engines.parent / "repository")
+    specs = component_specs(sources["tiny-dev"])
+    manifest = read_manifest(engines)
+    for name in ("clip", "t5", "transformer", "vae_decoder"):
+        config = parse(repository / name, specs[name])
+        assert config.platform == "tensorrt_plan"
+        expected = ["0", "1"] if name in ("transformer", "vae_decoder") else ["0"]
+        assert list(config.instance_group[0].profile) == expected
+        plan = (repository / name / "1" / "model.plan").read_bytes()
+        assert plan == (engines / manifest["components"][name]["file"]).read_bytes()
+    settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 2}
+
+
+def test_engines_for_another_gpu_are_refused(trt, engines, sources):
+    with pytest.raises(FluxExportError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), this "
+                       r"GPU is stand-in GPU \(8\.9\): rebuild them on this GPU"):  # fmt: skip
+        TensorRTBackend(sources["tiny-dev"], engines, device=HostDevice(trt, compute_capability=(8, 9)))
+    assert H100.compute_capability == (9, 0)
