@@ -4,10 +4,12 @@ Writes a random checkpoint with FLUX.1-dev's widths (transformer 3072 = 24×128,
 CLIP 768, the 16-channel VAE) block by block — it never holds the model — sharded like the published repository,
 then, each step in a fresh process, exports it in bf16 (streamed, and in memory), calibrates FP8 scales
 (sequentially, one block at a time; and holding the whole model) and writes the FP8 transformer from the
-saved calibration. It prints peak RSS and wall time per step.
+saved calibration. It prints peak RSS and wall time per step. `--steps check` exports the transformer with
+the default weight placement and with `--inline-weights`, and runs `fluxexport check` on each folder.
 
     python scripts/bench_scale.py                       # 1 double + 2 single blocks, 1-layer T5 (~1.3 GB bf16)
     python scripts/bench_scale.py --full --skip-memory  # the published shape: 19 + 38 blocks, 24-layer T5 (~33 GB)
+    python scripts/bench_scale.py --steps check         # memory of export and check, by weight placement
 """
 
 from __future__ import annotations
@@ -135,6 +137,19 @@ from fluxexport.specs import component_specs
 spec = component_specs(source)[sys.argv[2]]
 export_component(source, spec, out, "bf16", external_data=True, streaming=sys.argv[4] == "stream")
 """,
+    "placed": """
+from fluxexport.export.onnx_export import export_component
+from fluxexport.specs import component_specs
+spec = component_specs(source)[sys.argv[2]]
+placement = {"default": None, "inline": False, "external": True}[sys.argv[4]]
+exported = export_component(source, spec, out, "bf16", external_data=placement)
+print("BYTES", sum(path.stat().st_size for path in out.glob(f"{sys.argv[2]}.onnx*")))
+""",
+    "check": """
+from fluxexport.export.check import check_folder
+reports = check_folder(out)
+assert all(report.ok for report in reports), [report.problems for report in reports]
+""",
     "calibrate": """
 from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
 from fluxexport.quantize.qdq_export import calibrate_transformer, write_calibration
@@ -185,7 +200,7 @@ def main() -> None:
         "the in-memory export and whole-model calibration (they need several times the model in RAM).",
     )
     parser.add_argument("--steps", default="export,calibrate,fp8,quantize",
-                        help="Which steps to measure (comma-separated; fp8 needs calibrate).")  # fmt: skip
+                        help="Which steps to measure (comma-separated; fp8 needs calibrate; or check).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Folder for the checkpoint and graphs (default: a temp folder).")
     args = parser.parse_args()
     if args.full:
@@ -214,6 +229,12 @@ def main() -> None:
             for mode in ("stream",) if args.skip_memory else ("stream", "memory"):
                 record("export", component, mode, work / f"onnx-{mode}", f"bf16 export ({mode})")
                 shutil.rmtree(work / f"onnx-{mode}", ignore_errors=True)
+    if "check" in steps:  # weights beside the graph (the default at this size) against inline in it
+        for placement in ("default", "inline"):
+            out = work / f"onnx-{placement}"
+            record("placed", "transformer", placement, out, f"bf16 export ({placement} weights)")
+            record("check", "transformer", placement, out, f"check ({placement} weights)")
+            shutil.rmtree(out, ignore_errors=True)
     fp8 = work / "onnx-fp8"
     if "calibrate" in steps:
         for mode in ("sequential",) if args.skip_memory else ("whole", "sequential"):

@@ -1,11 +1,15 @@
 """`fluxexport check` passes exported graphs and fails, readably, on what TensorRT cannot build."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fluxexport.cli import main
 from fluxexport.export.check import check_folder, check_graph, tensorrt_support
@@ -99,6 +103,42 @@ def test_cli_check(tmp_path, exports):
     )
     empty = runner.invoke(main, ["check", str(tmp_path / "none")])
     assert empty.exit_code == 1 and "is not a folder of exported graphs" in empty.output
+
+
+def test_check_never_opens_external_data(tmp_path, exports):
+    folder = tmp_path / "external"
+    shutil.copytree(exports["tiny-dev"], folder)
+    model = onnx.load(str(folder / "transformer.onnx"))
+    onnx.save_model(model, str(folder / "transformer.onnx"), save_as_external_data=True,
+                    location="transformer.onnx_data", size_threshold=1024)  # fmt: skip
+    before = {r.path.name: (r.ok, r.nodes, r.ops, r.problems) for r in check_folder(folder)}
+    (folder / "transformer.onnx_data").unlink()  # a check that read the weights could not pass now
+    after = {r.path.name: (r.ok, r.nodes, r.ops, r.problems) for r in check_folder(folder)}
+    assert after == before and after["transformer.onnx"][0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak RSS from /proc")
+def test_check_never_reads_inline_weights(tmp_path):
+    weight = numpy_helper.from_array(np.ones((4096, 8192), np.float32), "w")  # 128 MiB, inline
+    save_graph(tmp_path / "big.onnx", [helper.make_node("MatMul", ["x", "w"], ["y"])], [float_input("x", dims=("B", 4096))],
+               [float_input("y", dims=("B", 8192))], initializers=[weight])  # fmt: skip
+    del weight
+    script = """
+import sys
+from pathlib import Path
+import onnx.shape_inference
+from fluxexport.export.check import check_graph, tensorrt_support
+tensorrt_support()
+def peak():  # this process's peak RSS so far, bytes
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+before = peak()
+report = check_graph(Path(sys.argv[1]))
+print(report.ok, report.nodes, peak() - before)
+"""
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.onnx")], capture_output=True, text=True)
+    ok, nodes, growth = run.stdout.split()
+    assert (ok, nodes) == ("True", "1"), run.stderr
+    assert int(growth) < 32 * 2**20  # reading the weights alone would add 128 MiB (onnx.load + shape inference: ~5×)
 
 
 def test_unreadable_file(tmp_path):

@@ -113,6 +113,25 @@ def test_truncation_warning_on_the_terminal(tmp_path, sources):
     assert "Warning: CLIP prompt was truncated to 77 tokens" in result.output
 
 
+@pytest.mark.parametrize("part", ["transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+def test_a_truncated_checkpoint_is_one_line_not_a_traceback(tmp_path, sources, part):
+    import shutil
+
+    shutil.copytree(sources["tiny-schnell"].root, tmp_path / "m")
+    broken = tmp_path / "m" / part
+    with broken.open("r+b") as file:  # a download cut short: the header is whole, the tensors are not
+        file.truncate(broken.stat().st_size * 2 // 3)
+    result = invoke("run", "--backend", "torch", "--model", tmp_path / "m", "--prompt", "x", "--steps", 1,
+                    "--output", tmp_path / "o.png")  # fmt: skip
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot read {broken}: Error while deserializing header: incomplete metadata, file not fully "
+        "covered (it must be a .safetensors file)"
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_tiny_command_writes_folder_and_single_file(tmp_path):
     result = invoke("tiny", "tiny-schnell", "--out", tmp_path / "m", "--single-file", tmp_path / "flux1-m.safetensors")
     assert result.exit_code == 0, result.output

@@ -118,6 +118,21 @@ def test_external_data_loads_and_matches_inline(sources, exports, tmp_path):
     assert check_folder(tmp_path)[0].ok
 
 
+def test_weights_go_beside_the_graph_past_the_threshold(sources, tmp_path, monkeypatch):
+    from fluxexport.export import onnx_export
+
+    spec = component_specs(sources["tiny-dev"])["clip"]  # ~180 kB of weights: inline at the real threshold
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 64 * 2**10)
+    exported = export_component(sources["tiny-dev"], spec, tmp_path / "default")  # no external_data: the default
+    assert exported.weight_bytes > 64 * 2**10 and exported.external_data == "clip.onnx_data"
+    assert (tmp_path / "default" / "clip.onnx_data").stat().st_size > 0.9 * exported.weight_bytes
+    assert check_folder(tmp_path / "default")[0].ok
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 64 * 2**10)  # forced inline past protobuf's limit
+    with pytest.raises(FluxExportError, match=r"^clip: 0\.00 GB of weights cannot be inline in one ONNX protobuf"):
+        export_component(sources["tiny-dev"], spec, tmp_path / "inline", external_data=False)
+    assert not (tmp_path / "inline").exists()
+
+
 def test_interrupted_export_leaves_the_previous_graph(sources, exports, tmp_path, monkeypatch):
     import onnx_ir
 

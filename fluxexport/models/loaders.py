@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fluxexport.errors import FluxExportError
 from fluxexport.models.single_file import load_bfl_transformer
 from fluxexport.models.source import ModelSource
 
@@ -11,14 +12,28 @@ from fluxexport.models.source import ModelSource
 SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
 
 
+def from_folder(source: ModelSource, module: str, library_class, **kwargs):
+    """`library_class.from_pretrained` on the module's subfolder, with a broken weights file refused in one line
+    naming it (as `export` does) instead of the library's traceback."""
+    from safetensors import SafetensorError
+
+    from fluxexport.models.checkpoint import folder_locations  # checkpoint.py imports this module
+
+    folder = source.root / SUBFOLDERS[module]
+    folder_locations(folder)  # every file's header: a truncated or foreign file is named here, before loading
+    try:
+        return library_class.from_pretrained(source.root, subfolder=SUBFOLDERS[module], **kwargs)
+    except (SafetensorError, OSError) as error:  # what headers cannot show (diffusers wraps its errors in OSError)
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise FluxExportError(f"cannot load the {module} weights in {folder}: {first}") from None
+
+
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
     """The FluxTransformer2DModel: from the folder, or converted from a BFL single-file checkpoint."""
     from diffusers import FluxTransformer2DModel
 
     if source.transformer_file is None:
-        model = FluxTransformer2DModel.from_pretrained(
-            source.root, subfolder=SUBFOLDERS["transformer"], torch_dtype=dtype
-        )
+        model = from_folder(source, "transformer", FluxTransformer2DModel, torch_dtype=dtype)
     else:
         model = load_bfl_transformer(source.transformer_file, source.root, dtype)
     return with_loras(source, "transformer", model).eval()
@@ -34,7 +49,7 @@ def with_loras(source: ModelSource, module: str, model):
 def load_clip(source: ModelSource, dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel.from_pretrained(source.root, subfolder=SUBFOLDERS["clip"], dtype=dtype)
+    model = from_folder(source, "clip", CLIPTextModel, dtype=dtype)
     return with_loras(source, "clip", model).eval()
 
 
@@ -43,13 +58,13 @@ def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implem
     from transformers import T5EncoderModel
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return T5EncoderModel.from_pretrained(source.root, subfolder=SUBFOLDERS["t5"], dtype=dtype, **kwargs).eval()
+    return from_folder(source, "t5", T5EncoderModel, dtype=dtype, **kwargs).eval()
 
 
 def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(source.root, subfolder=SUBFOLDERS["vae"], torch_dtype=dtype).eval()
+    return from_folder(source, "vae", AutoencoderKL, torch_dtype=dtype).eval()
 
 
 # The module each component runs: both VAE components share one AutoencoderKL.
