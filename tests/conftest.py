@@ -94,9 +94,19 @@ def ort_backends(sources, exports):
     return {name: OnnxRuntimeBackend(sources[name], exports[name]) for name in sources}
 
 
+# Session fixtures that export or quantize (tens of seconds each on 2 cores): a test that needs one, directly or
+# through another fixture, is `slow`, so `pytest -m "not slow"` is the quick loop
+EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """`tensorrt` and `gpu` tests skip, saying why, where TensorRT or a CUDA GPU is missing."""
+    """`tensorrt` and `gpu` tests skip, saying why, where TensorRT or a CUDA GPU is missing; tests that need an
+    export are marked `slow`."""
     from fluxexport.tensorrt.environment import tensorrt_available
+
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
     has_gpu = torch.cuda.is_available()
     reasons = {

@@ -64,3 +64,36 @@ def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
     assert report.passed, [c for c in report.components if not c.passed]
     against = {c.against for c in report.components}
     assert against == {"pytorch", "onnxruntime"} and report.images
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_alternating_sizes_across_buckets_and_weight_streaming(sources, tmp_path):
+    """On a real GPU: two resolution buckets, sizes alternating between them with CUDA graphs equal to CUDA
+    graphs off, and weight streaming at 50% equal to no streaming."""
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.specs import ExportBounds
+    from fluxexport.tensorrt.backend import TensorRTBackend
+    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+    from fluxexport.tensorrt.weight_streaming import parse_budget
+
+    source = sources["tiny-dev"]
+    export_model(source, tmp_path / "onnx", dtype="bf16")
+    bounds = ExportBounds(min_resolution=64, opt_resolution=256, max_resolution=1024, max_batch=2)
+    options = BuildOptions("bf16", bounds, resolution_buckets=2, optimization_level=2, weight_streaming=True)
+    build_engines(source, tmp_path / "onnx", tmp_path / "engines", options)
+    sizes = [(256, 256), (640, 640), (144, 272), (256, 256), (768, 512), (640, 640)]
+
+    def images(backend):
+        return [generate(backend, source, GenerationRequest("a red fox", height=h, width=w, num_inference_steps=3,
+                                                            seed=i)).images for i, (h, w) in enumerate(sizes)]  # fmt: skip
+
+    with TensorRTBackend(source, tmp_path / "engines") as graphs:
+        captured = images(graphs)
+        assert len(graphs.runners["transformer"].captured) == 4
+    with TensorRTBackend(source, tmp_path / "engines", cuda_graphs=False) as plain:
+        for size, a, b in zip(sizes, captured, images(plain), strict=True):
+            assert np.array_equal(a, b), size
+    with TensorRTBackend(source, tmp_path / "engines", weight_streaming_budget=parse_budget("50%")) as streamed:
+        for size, a, b in zip(sizes, captured, images(streamed), strict=True):
+            assert psnr(a, b) >= 40, size
+        assert streamed.streamed["transformer"][0] < streamed.streamed["transformer"][1]

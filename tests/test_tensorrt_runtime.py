@@ -44,6 +44,7 @@ def images(backend, source, size, steps=3, seed=1, **kwargs):
     return generate(backend, source, request).images
 
 
+@pytest.mark.slow
 def test_build_writes_the_configured_engines(engines, exports):
     manifest = read_manifest(engines)
     assert manifest["builder"]["bounds"]["max_resolution"] == 1024 and manifest["builder"]["resolution_buckets"] == 2
@@ -56,6 +57,7 @@ def test_build_writes_the_configured_engines(engines, exports):
     assert (engines / "timing.cache").is_file()
 
 
+@pytest.mark.slow
 def test_images_equal_onnxruntime_at_alternating_sizes_and_buckets(trt, engines, sources, ort_backends):
     """Sizes A, A, B, A, LARGE with CUDA graphs: each repeated shape is captured on a context of its own, a replay
     never follows another shape on its context, and every image equals ONNX Runtime's on the same graphs."""
@@ -75,6 +77,7 @@ def test_images_equal_onnxruntime_at_alternating_sizes_and_buckets(trt, engines,
     assert not plain.runners["transformer"].captured
 
 
+@pytest.mark.slow
 def test_the_stand_in_catches_a_graph_replayed_after_another_shape(trt, engines, sources):
     """What the backend did before: one context, a graph captured for A, then B run on the same context, then A
     replayed — wrong answers (NaN here). The stand-in must see it, or the test above proves nothing."""
@@ -118,6 +121,7 @@ def test_the_stand_in_catches_a_graph_replayed_after_another_shape(trt, engines,
     assert "cannot be captured" in trt.state.errors[-1]
 
 
+@pytest.mark.slow
 def test_a_new_memory_block_drops_the_graphs_and_low_vram_keeps_one_engine(trt, engines, sources, ort_backends):
     source = sources["tiny-dev"]
     device = HostDevice(trt)
@@ -147,6 +151,7 @@ def test_a_new_memory_block_drops_the_graphs_and_low_vram_keeps_one_engine(trt, 
     assert len(low.runners) == 1 and trt.state.live_engines == before + 1  # the others were freed as each stage began
 
 
+@pytest.mark.slow
 def test_a_failing_capture_falls_back_to_plain_launches(trt, engines, sources, ort_backends):
     source = sources["tiny-dev"]
     device = HostDevice(trt)
@@ -171,6 +176,7 @@ def test_a_failing_capture_falls_back_to_plain_launches(trt, engines, sources, o
     assert trt.state.failed_captures == 1  # never tried again for that shape
 
 
+@pytest.mark.slow
 def test_refusals_of_the_runtime_are_one_line(trt, engines, sources, monkeypatch):
     source = sources["tiny-dev"]
     backend = TensorRTBackend(source, engines, device=HostDevice(trt))
@@ -182,6 +188,7 @@ def test_refusals_of_the_runtime_are_one_line(trt, engines, sources, monkeypatch
         images(backend, source, A)
 
 
+@pytest.mark.slow
 def test_weight_streaming_budget_is_set_before_any_context(trt, engines, exports, sources, ort_backends, tmp_path):
     source = sources["tiny-dev"]
     backend = TensorRTBackend(source, engines, weight_streaming_budget=parse_budget("50%"), device=HostDevice(trt))
@@ -216,6 +223,7 @@ def test_bad_weight_streaming_budgets_are_refused(text):
         parse_budget(text)
 
 
+@pytest.mark.slow
 def test_run_on_the_engines_from_the_command_line(trt, engines, sources, ort_backends, monkeypatch, tmp_path):
     """`run --backend tensorrt` on a built folder (the CUDA calls on the host), its image equal to ONNX Runtime's."""
     from PIL import Image
@@ -237,6 +245,7 @@ def test_run_on_the_engines_from_the_command_line(trt, engines, sources, ort_bac
     assert wrong.exit_code == 1 and wrong.output == "Error: --no-cuda-graphs applies to --backend tensorrt only\n"
 
 
+@pytest.mark.slow
 def test_validate_engines_in_every_bucket(trt, engines, sources):
     from fluxexport.tensorrt.validate_engines import validate_engines
 
@@ -264,6 +273,7 @@ def _lora(path, source):
     return path
 
 
+@pytest.mark.slow
 def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
     """Refit a LoRA into the built engines: TensorRT asks for every other weight too (the stand-in does), which
     refit supplies from the graph; the refitted engines run the LoRA exactly as ONNX Runtime swaps it into the
@@ -289,6 +299,7 @@ def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
     assert rows and all(c.passed and c.rel_l2 < 1e-5 for c in rows)
 
 
+@pytest.mark.slow
 def test_fp8_refit_equals_the_fp8_swap(trt, sources, fp8_exports, tmp_path):
     """An FP8 transformer engine built from quantize's graph: refit quantizes the merged weight with the graph's
     scale, as the ONNX Runtime swap does: the two give the same image."""
@@ -312,6 +323,7 @@ def test_fp8_refit_equals_the_fp8_swap(trt, sources, fp8_exports, tmp_path):
     assert np.array_equal(images(refitted, merged, A), images(swapped, merged, A))
 
 
+@pytest.mark.slow
 def test_refit_refusals_name_the_weight(trt, engines, sources, tmp_path, monkeypatch):
     from fluxexport.models.lora import parse_lora
     from fluxexport.tensorrt.refit import refit_engines
@@ -334,6 +346,7 @@ def test_refit_refusals_name_the_weight(trt, engines, sources, tmp_path, monkeyp
     assert read_manifest(folder)["model"]["loras"] == []  # nothing changed
 
 
+@pytest.mark.slow
 def test_refittable_builds_refused_on_tensorrt_11_3(sources, exports, tmp_path):
     with pytest.raises(FluxExportError) as error:
         build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "e", tensorrt="11.3.0.1", refittable=True)
@@ -345,6 +358,7 @@ def test_refittable_builds_refused_on_tensorrt_11_3(sources, exports, tmp_path):
     build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "f", tensorrt="11.3.0.1", components=["clip"])
 
 
+@pytest.mark.slow
 def test_triton_repository_from_built_engines_serves_every_bucket(engines, sources):
     """`fluxexport triton --engines` on a folder `build` wrote (it raised KeyError: 'resolution' before): every
     plan model lists every profile of its plan, so Triton serves all resolution buckets."""
@@ -367,8 +381,35 @@ def test_triton_repository_from_built_engines_serves_every_bucket(engines, sourc
     assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 2}
 
 
+@pytest.mark.slow
 def test_engines_for_another_gpu_are_refused(trt, engines, sources):
     with pytest.raises(FluxExportError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9\.0\), this "
                        r"GPU is stand-in GPU \(8\.9\): rebuild them on this GPU"):  # fmt: skip
         TensorRTBackend(sources["tiny-dev"], engines, device=HostDevice(trt, compute_capability=(8, 9)))
     assert H100.compute_capability == (9, 0)
+
+
+@pytest.mark.slow
+def test_an_fp8_weight_needs_an_fp8_prototype(trt, sources, fp8_exports, tmp_path, monkeypatch):
+    """Quantized bytes set into a weight the engine holds in another type would be read as numbers of that type."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.tensorrt.refit import refit_engines
+
+    source = sources["tiny-dev"]
+    folder = build_folder(source, fp8_exports["tiny-dev"], tmp_path / "fp8", precision="fp8",
+                          components=["transformer"], refittable=True)  # fmt: skip
+    prototype = trt.Refitter.get_weights_prototype
+
+    def as_bf16(self, name):
+        found = prototype(self, name)
+        return trt.Weights(trt.DataType.BF16, 0, found.size) if found.dtype == trt.DataType.FP8 else found
+
+    monkeypatch.setattr(trt.Refitter, "get_weights_prototype", as_bf16)
+    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
+    with pytest.raises(FluxExportError) as error:
+        refit_engines(merged, folder)
+    assert str(error.value) == (
+        "transformer_fp8.trt_10.13.0.35.plan: model.transformer_blocks.0.attn.to_out.0.weight.fp8 is an FP8 weight "
+        "of the graph, but the engine holds it as BF16: rebuild the engine from this graph (fluxexport build "
+        "--refittable)"
+    )
