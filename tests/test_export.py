@@ -118,6 +118,7 @@ def test_external_data_loads_and_matches_inline(sources, exports, tmp_path):
     assert check_folder(tmp_path)[0].ok
 
 
+@pytest.mark.slow
 def test_weights_go_beside_the_graph_past_the_threshold(sources, tmp_path, monkeypatch):
     from fluxexport.export import onnx_export
 
@@ -159,6 +160,7 @@ def test_dtype_policy():
     assert component_precision("vae_decoder", "bf16") == ("bf16", None)
 
 
+@pytest.mark.slow
 def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
     source = sources["tiny-schnell"]
     spec = component_specs(source)["transformer"]
@@ -193,6 +195,7 @@ def test_bad_export_arguments(sources, tmp_path, kwargs, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_export_prints_progress_table_and_check(tmp_path, sources):
     from click.testing import CliRunner
 

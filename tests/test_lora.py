@@ -70,6 +70,7 @@ def test_two_loras_at_once_and_scale_zero(sources, lora_files, base_images):
     assert np.array_equal(ours(sources["tiny-dev"], f"{lora_files['xlabs']}:0"), base_images)
 
 
+@pytest.mark.slow
 def test_merged_weights_stream_into_the_export_as_they_load(sources, lora_files, tmp_path):
     """The streamed export (weights merged tensor by tensor as read) equals the in-memory export of the
     merged model bit for bit, runs like the merged PyTorch model, and the manifest records the LoRA."""

@@ -167,6 +167,7 @@ def test_an_old_calibration_without_weight_amax_reads_the_weights(sources, fp8_e
     assert_same_graph(tmp_path / "out" / entry["file"], fp8_exports["tiny-dev"] / "transformer.fp8.onnx")
 
 
+@pytest.mark.slow
 def test_quantize_sequential_cli_and_its_refusal(sources, tmp_path):
     runner = CliRunner()
     args = ["quantize", "--model", "tiny-schnell", "--dtype", "fp32", "--calib-size", "1", "--calib-steps", "1",

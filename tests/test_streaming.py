@@ -115,6 +115,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused_before_writing(sources, tmp_pa
     assert not (tmp_path / "out" / "clip.onnx").exists()
 
 
+@pytest.mark.slow
 def test_not_enough_disk_space_is_refused_naming_both_sizes(sources, tmp_path, monkeypatch):
     import fluxexport.export.onnx_export as onnx_export
 
@@ -128,6 +129,7 @@ def test_not_enough_disk_space_is_refused_naming_both_sizes(sources, tmp_path, m
     assert not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_streamed_graph_runs_in_onnx_runtime_like_pytorch(sources, tmp_path):
     """Beyond equality with the in-memory graph: the streamed graph itself matches the PyTorch reference."""
     from fluxexport.backends.onnxruntime_backend import create_session
