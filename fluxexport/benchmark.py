@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from fluxexport.backends.base import Backend
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from fluxexport.backends import BACKENDS
+from fluxexport.backend_factory import BACKENDS
 from fluxexport.console import byte_progress, console, quiet_libraries, step_progress, table, warn
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
 from fluxexport.errors import FluxExportError
@@ -114,7 +114,9 @@ optimized_option = click.option(
 
 def tensorrt_run_options(command):
     """--low-vram, --cuda-graphs/--no-cuda-graphs and --weight-streaming-budget, for the tensorrt backend."""
-    command = click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")(command)
+    command = click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")(
+        command
+    )
     command = click.option(
         "--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
         help="tensorrt: replay the transformer's repeated shapes as CUDA graphs.",
@@ -169,7 +171,7 @@ def run(
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
 
-    from fluxexport.backends import create_backend
+    from fluxexport.backend_factory import create_backend
     from fluxexport.runtime.images import save_png_atomic
     from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
@@ -577,7 +579,7 @@ def bench(
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
     import json
 
-    from fluxexport.backends import create_backend
+    from fluxexport.backend_factory import create_backend
     from fluxexport.benchmark import run_benchmark
     from fluxexport.runtime.pipeline import GenerationRequest
 
@@ -664,7 +666,7 @@ def _parse_gpus(value: str) -> tuple[int, ...]:
 def optimize(model, base_model, engines, provider, components) -> None:
     """ONNX Runtime's transformer optimizer over exported graphs (mmdit/t5/clip/vae fusions), written to
     ENGINES/ort/ for run/bench/validate --backend onnxruntime; the portable graphs stay for TensorRT."""
-    from fluxexport.export.ort_optimize import optimize_graphs
+    from fluxexport.backends.ort_optimize import optimize_graphs
 
     source = _source(model, base_model)
     names = [name.strip() for name in components.split(",")] if components else None

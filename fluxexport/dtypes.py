@@ -33,6 +33,8 @@ ELEMENT_TRITON = {
     "float": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32",
     "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING",
 }  # fmt: skip
+E4M3_MAX = 448.0  # the largest FLOAT8E4M3FN value
+
 # TensorRT DataType member names → element types (looked up by name: TensorRT may not be installed)
 TENSORRT_ELEMENT = {
     "FLOAT": "float", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
@@ -57,6 +59,11 @@ def element_type(spec_dtype: str, precision: str) -> str:
 def host_element(element: str) -> str:
     """What a caller feeds for an input of this element type: reduced floats are fed as float32."""
     return "float" if element in ("bfloat16", "float16") else element
+
+
+def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (in x's dtype) as FLOAT8E4M3FN, saturating at ±448: what QuantizeLinear (saturate=1) computes."""
+    return (x / scale.to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def component_precision(component: str, requested: str) -> tuple[str, str | None]:

@@ -247,3 +247,20 @@ def sample_inputs(
             values = torch.rand(shape, generator=generator) * (high - low) + low
             feeds[tensor.name] = values.to(dtype if tensor.dtype == COMPUTE else torch.float32)
     return feeds
+
+
+def validation_sizes(spec: ComponentSpec, within_bounds: bool = False) -> list[tuple[dict[str, int], bool]]:
+    """Three shapes per dynamic axis: the export sample, a small one (batch 1), a larger unseen one (batch 3, or
+    the largest the spec's bounds allow). `within_bounds`: the export sample too is moved into the spec's bounds
+    (engines serve only their profiles; a graph takes any size)."""
+
+    def fit(axis: str, value: float) -> int:
+        bounds = spec.axes[axis]
+        value = max(bounds.min, min(bounds.max, int(value)))
+        return max(bounds.multiple, value // bounds.multiple * bounds.multiple)
+
+    small = {axis: 1 if axis == "B" else fit(axis, bounds.min) for axis, bounds in spec.axes.items()}
+    large = {axis: min(3, spec.axes[axis].max) if axis == "B" else fit(axis, spec.export_sizes[axis] * 2.5 + 8)
+             for axis in spec.axes}  # fmt: skip
+    seen = {axis: fit(axis, size) if within_bounds else size for axis, size in spec.export_sizes.items()}
+    return [(seen, True), (small, False), (large, False)]

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxexport.backends.base import Backend
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import ComponentSpec, component_specs, sample_inputs
+from fluxexport.runtime.backend import Backend
+from fluxexport.specs import ComponentSpec, component_specs, sample_inputs, validation_sizes
 
 # Per export dtype: the largest rel-L2 a component may show, and the lowest end-to-end PSNR (dB).
 THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0), "fp8": (6e-2, 20.0)}
@@ -67,23 +67,6 @@ def metrics(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float,
     rel_l2 = difference / reference if reference else difference
     cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if reference else 1.0
     return (a - e).abs().max().item(), rel_l2, cosine
-
-
-def validation_sizes(spec: ComponentSpec, within_bounds: bool = False) -> list[tuple[dict[str, int], bool]]:
-    """Three shapes per dynamic axis: the export sample, a small one (batch 1), a larger unseen one (batch 3, or
-    the largest the spec's bounds allow). `within_bounds`: the export sample too is moved into the spec's bounds
-    (engines serve only their profiles; a graph takes any size)."""
-
-    def fit(axis: str, value: float) -> int:
-        bounds = spec.axes[axis]
-        value = max(bounds.min, min(bounds.max, int(value)))
-        return max(bounds.multiple, value // bounds.multiple * bounds.multiple)
-
-    small = {axis: 1 if axis == "B" else fit(axis, bounds.min) for axis, bounds in spec.axes.items()}
-    large = {axis: min(3, spec.axes[axis].max) if axis == "B" else fit(axis, spec.export_sizes[axis] * 2.5 + 8)
-             for axis in spec.axes}  # fmt: skip
-    seen = {axis: fit(axis, size) if within_bounds else size for axis, size in spec.export_sizes.items()}
-    return [(seen, True), (small, False), (large, False)]
 
 
 def compare_component(

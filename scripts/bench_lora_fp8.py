@@ -48,9 +48,9 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def saturated_share(folder: Path, merged_source) -> float:
     """Share of the merged FP8-quantized weights beyond the base graph's ±448·scale."""
+    from fluxexport.dtypes import E4M3_MAX
     from fluxexport.export.manifest import read_manifest
     from fluxexport.models.checkpoint import CheckpointTensors
-    from fluxexport.quantize.fp8 import E4M3_MAX
 
     weights = read_manifest(folder)["fp8"]["transformer"]["weights"]
     tensors, loras = CheckpointTensors(merged_source.with_loras(()), "transformer"), merged_source.lora_set

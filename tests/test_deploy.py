@@ -199,7 +199,9 @@ def test_refusals(plan_repository, sources, exports, tmp_path):
                         gpus_per_replica=2)  # fmt: skip
     # engines of a TensorRT no known release ships
     old = write_repository(
-        sources["tiny-dev"], build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "old", "12.0.0.1"), tmp_path / "repo-old"
+        sources["tiny-dev"],
+        build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "old", "12.0.0.1"),
+        tmp_path / "repo-old",
     )
     with pytest.raises(FluxExportError, match=r"^no Triton release in fluxexport's table ships TensorRT 12\.0"):
         deploy_settings(old, "s3://m/f")

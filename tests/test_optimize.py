@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+from fluxexport.backends.ort_optimize import optimize_graphs
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
 from fluxexport.export.manifest import read_manifest
-from fluxexport.export.ort_optimize import optimize_graphs
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.validate import psnr, validate_folder
 

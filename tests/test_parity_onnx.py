@@ -7,8 +7,8 @@ from PIL import Image
 
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.specs import component_specs
-from fluxexport.validate import compare_component, psnr, validation_sizes
+from fluxexport.specs import component_specs, validation_sizes
+from fluxexport.validate import compare_component, psnr
 
 VARIANTS = ["tiny-schnell", "tiny-dev", "tiny-kontext"]
 COMPONENTS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]

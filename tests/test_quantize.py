@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from fluxexport.cli import main
+from fluxexport.dtypes import E4M3_MAX
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
 from fluxexport.export.manifest import read_manifest
@@ -21,7 +22,7 @@ from fluxexport.quantize.calibrate import (
     quantizable_linears,
     read_prompts,
 )
-from fluxexport.quantize.fp8 import E4M3_MAX, fp8_qdq
+from fluxexport.quantize.fp8 import fp8_qdq
 from fluxexport.quantize.qdq_export import fake_quantized_transformer, quantize_transformer
 from fluxexport.specs import component_specs, sample_inputs
 

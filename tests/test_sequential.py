@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from helpers import assert_same_graph
 from safetensors.torch import load_file, save_file
 
+from fluxexport.adapters import wrap_component
 from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.cli import main
 from fluxexport.export.onnx_export import export_component
-from fluxexport.models.adapters import wrap_component
 from fluxexport.models.block_streaming import streamed_module
 from fluxexport.models.loaders import load_module
 from fluxexport.models.source import load_folder, resolve_model

@@ -240,8 +240,8 @@ def test_engine_against_onnxruntime_rows_come_from_polygraphy_results(sources):
     import numpy as np
     from polygraphy.comparator import IterationResult, RunResults
 
+    from fluxexport.specs import validation_sizes
     from fluxexport.tensorrt.validate_engines import comparisons_from_results
-    from fluxexport.validate import validation_sizes
 
     spec = component_specs(sources["tiny-dev"])["clip"]
     sizes = validation_sizes(spec)
@@ -427,9 +427,9 @@ def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(tmp_path, sourc
     import onnx_ir as ir
     from standin_tensorrt import read_plan_weights
 
+    from fluxexport.dtypes import quantize_e4m3
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
-    from fluxexport.quantize.fp8 import quantize_e4m3
     from fluxexport.tensorrt.refit import refit_engines
 
     source, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+from fluxexport.backends.base import LoadedComponents, refuse_unknown_feeds
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import graph_entries, read_manifest
+from fluxexport.export.manifest import OPTIMIZED, graph_entries, optimized_entries, read_manifest
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource, made_from
+from fluxexport.runtime.backend import Component, Feeds
 
 
 def _import_onnxruntime():
@@ -155,12 +156,10 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.fp8 = fp8
         self.entries = graph_entries(self.manifest, fp8)
         if optimized is not False:
-            from fluxexport.export.ort_optimize import SECTION, optimized_entries
-
             portable = self.entries
             self.entries = optimized_entries(self.manifest, portable, self.engines)
             if optimized and self.entries == portable:
-                made = "stale (exported again since)" if self.manifest.get(SECTION) else "none"
+                made = "stale (exported again since)" if self.manifest.get(OPTIMIZED) else "none"
                 raise FluxExportError(
                     f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --engines {self.engines}"
                 )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from fluxexport.backends.base import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+from fluxexport.adapters import named_outputs, wrap_component
+from fluxexport.backends.base import LoadedComponents, refuse_unknown_feeds
 from fluxexport.dtypes import ELEMENT_TORCH, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
-from fluxexport.models.adapters import named_outputs, wrap_component
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Component, Feeds
 from fluxexport.specs import COMPONENTS, component_specs
 
 

@@ -65,6 +65,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 FP8 = "fp8"  # the manifest section of `quantize`'s graphs, kept beside the base ones
 FP8_STEM = "transformer.fp8"  # its file: transformer.fp8.onnx (+ .onnx_data)
+OPTIMIZED = "onnxruntime"  # the manifest section of `optimize`'s graphs (ONNX Runtime's fusions)
 
 
 def graph_entries(manifest: dict[str, Any], fp8: bool | None = None) -> dict[str, dict]:
@@ -81,3 +82,18 @@ def graph_entries(manifest: dict[str, Any], fp8: bool | None = None) -> dict[str
         if quantized is not None:
             entries["transformer"] = quantized
     return entries
+
+
+def optimized_entries(manifest: dict, entries: dict[str, dict], engines: Path) -> dict[str, dict]:
+    """`entries` with each component's optimized graph in place of its portable one, where one was made from
+    exactly that portable graph (an export since then makes it stale: the portable one runs)."""
+    chosen = dict(entries)
+    for name, optimized in manifest.get(OPTIMIZED, {}).items():
+        base = entries.get(name)
+        if base is None or base["file"] == optimized["file"] or base.get("dtype") == "fp8":
+            continue
+        if base["file"] != manifest["components"].get(name, {}).get("file"):
+            continue
+        if optimized["from_sha256"] == base.get("sha256", {}).get(Path(base["file"]).name):
+            chosen[name] = optimized
+    return chosen

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fluxexport.adapters import build_adapter
 from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.manifest import FORMAT, file_sha256, library_versions, now, read_manifest, write_manifest
 from fluxexport.export.streaming import streamed_program, surviving_origins
-from fluxexport.models.adapters import build_adapter
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
 

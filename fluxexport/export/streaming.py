@@ -20,9 +20,9 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
+from fluxexport.adapters import wrap_component
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
-from fluxexport.models.adapters import wrap_component
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.meta import check_loras, module_from_config, parameter_aliases, parameters_on_meta

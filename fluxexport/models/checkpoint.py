@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.loaders import SUBFOLDERS
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import SUBFOLDERS, ModelSource
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,15 @@ from __future__ import annotations
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.checkpoint import folder_locations
 from fluxexport.models.single_file import load_bfl_transformer
-from fluxexport.models.source import ModelSource
-
-# module → the checkpoint subfolder its config and weights live in
-SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+from fluxexport.models.source import SUBFOLDERS, ModelSource
 
 
 def from_folder(source: ModelSource, module: str, library_class, **kwargs):
     """`library_class.from_pretrained` on the module's subfolder, with a broken weights file refused in one line
     naming it (as `export` does) instead of the library's traceback."""
     from safetensors import SafetensorError
-
-    from fluxexport.models.checkpoint import folder_locations  # checkpoint.py imports this module
 
     folder = source.root / SUBFOLDERS[module]
     folder_locations(folder)  # every file's header: a truncated or foreign file is named here, before loading

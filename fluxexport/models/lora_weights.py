@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluxexport.dtypes import quantize_e4m3
 from fluxexport.errors import FluxExportError
 from fluxexport.models.lora import LoraSet
 
@@ -41,8 +42,6 @@ def merged_initializers(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(initializer name, merged values in the graph's layout and type) for each initializer the LoRAs touch,
     one at a time; refuses (one line) a LoRA layer the graph holds no initializer for (`graph` names it)."""
-    from fluxexport.quantize.fp8 import quantize_e4m3
-
     held = {origin["tensor"] for origin in weights.values()}
     missing = [f"{layer}.weight" for layer in loras.layers.get(module, {}) if f"{layer}.weight" not in held]
     if missing:

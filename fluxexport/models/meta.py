@@ -7,8 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from fluxexport.models.loaders import SUBFOLDERS
-from fluxexport.models.source import ModelSource
+from fluxexport.models.source import SUBFOLDERS, ModelSource
 
 
 @contextmanager

@@ -16,6 +16,9 @@ from typing import Any
 from fluxexport.errors import FluxExportError
 from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
 
+# module → the checkpoint subfolder its config and weights live in
+SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+
 REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 KONTEXT_PIPELINE = "FluxKontextPipeline"
 

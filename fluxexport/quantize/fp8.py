@@ -8,12 +8,7 @@ import torch
 from onnxscript import opset20 as op
 from torch import nn
 
-E4M3_MAX = 448.0
-
-
-def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale (in x's dtype) as FLOAT8E4M3FN, saturating at ±448: what QuantizeLinear (saturate=1) computes."""
-    return (x / scale.to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+from fluxexport.dtypes import E4M3_MAX, quantize_e4m3
 
 
 @torch.library.custom_op("fluxexport::fp8_qdq", mutates_args=())

@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
+from fluxexport.adapters import TransformerWrapper
 from fluxexport.atomic import write_text_atomic
 from fluxexport.backends.torch_backend import TorchBackend
-from fluxexport.dtypes import ELEMENT_TORCH, torch_dtype
+from fluxexport.dtypes import E4M3_MAX, ELEMENT_TORCH, quantize_e4m3, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
 from fluxexport.export.manifest import FP8, FP8_STEM, now, write_manifest
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
 from fluxexport.export.streaming import FP8_SUFFIX
-from fluxexport.models.adapters import TransformerWrapper
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
@@ -29,7 +29,7 @@ from fluxexport.quantize.calibrate import (
     calibrate,
     fake_quantize,
 )
-from fluxexport.quantize.fp8 import E4M3_MAX, TRANSLATIONS, quantize_e4m3
+from fluxexport.quantize.fp8 import TRANSLATIONS
 from fluxexport.specs import ExportBounds, component_specs
 
 CALIBRATION_FILE = "calibration.json"

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxexport.backends.base import Backend
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, to_vae_latents
 from fluxexport.runtime.kontext import prepare_reference
 from fluxexport.runtime.latents import (

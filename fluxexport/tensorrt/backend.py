@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fluxexport.backends.base import Component, Feeds
 from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource, made_from
+from fluxexport.runtime.backend import Component, Feeds
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
 from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version, tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile

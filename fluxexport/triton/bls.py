@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from fluxexport.backends.base import Component, Feeds
 from fluxexport.dtypes import ELEMENT_TORCH
 from fluxexport.errors import FluxExportError
+from fluxexport.runtime.backend import Component, Feeds
 
 
 class BlsBackend:

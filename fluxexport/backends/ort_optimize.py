@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from fluxexport.backends.onnxruntime_backend import create_session, session_runner
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
+from fluxexport.export.manifest import OPTIMIZED, file_sha256, now, read_manifest, write_manifest
 from fluxexport.models.source import ModelSource, made_from
-from fluxexport.specs import component_specs, sample_inputs
+from fluxexport.specs import component_specs, sample_inputs, validation_sizes
 
-SECTION = "onnxruntime"  # manifest section of the optimized graphs
 FOLDER = "ort"
 MODEL_TYPES = {"transformer": "mmdit", "t5": "t5", "clip": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -64,9 +64,6 @@ def fusion_options(name: str, provider: str):
 
 def _parity(portable: Path, optimized: Path, entry: dict, spec, providers: list[str]) -> float:
     """Worst rel-L2 of the optimized graph against the portable one, at validate's three shapes per axis."""
-    from fluxexport.backends.onnxruntime_backend import create_session, session_runner
-    from fluxexport.validate import validation_sizes
-
     runs = [
         session_runner(create_session(path, providers=providers), entry, spec.name) for path in (portable, optimized)
     ]
@@ -111,7 +108,7 @@ def optimize_graphs(
         )
     quiet_libraries()
     specs = component_specs(source)
-    section = manifest.setdefault(SECTION, {})
+    section = manifest.setdefault(OPTIMIZED, {})
     (engines / FOLDER).mkdir(exist_ok=True)
     for name in names:
         entry = graphs[name]
@@ -164,18 +161,3 @@ def optimize_graphs(
         if on_component:
             on_component(name, section[name])
     return manifest
-
-
-def optimized_entries(manifest: dict, entries: dict[str, dict], engines: Path) -> dict[str, dict]:
-    """`entries` with each component's optimized graph in place of its portable one, where one was made from
-    exactly that portable graph (an export since then makes it stale: the portable one runs)."""
-    chosen = dict(entries)
-    for name, optimized in manifest.get(SECTION, {}).items():
-        base = entries.get(name)
-        if base is None or base["file"] == optimized["file"] or base.get("dtype") == "fp8":
-            continue
-        if base["file"] != manifest["components"].get(name, {}).get("file"):
-            continue
-        if optimized["from_sha256"] == base.get("sha256", {}).get(Path(base["file"]).name):
-            chosen[name] = optimized
-    return chosen

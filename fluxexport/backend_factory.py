@@ -1,0 +1,58 @@
+"""A backend by the name a user gives it: PyTorch, ONNX Runtime or TensorRT.
+
+It sits above every backend (TensorRT's included, imported only when asked for), so no backend imports it.
+"""
+
+from __future__ import annotations
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Backend
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def create_backend(
+    name: str,
+    source: ModelSource,
+    dtype: str = "fp32",
+    device: str | None = None,
+    engines: str | None = None,
+    low_vram: bool = False,
+    fp8: bool | None = None,
+    optimized: bool | None = None,
+    cuda_graphs: bool = True,
+    weight_streaming_budget: str | None = None,
+) -> Backend:
+    """Build the backend a user named on the command line; TensorRT-only settings are refused elsewhere."""
+    if name != "tensorrt" and (weight_streaming_budget is not None or low_vram or not cuda_graphs):
+        flag = (
+            "--weight-streaming-budget"
+            if weight_streaming_budget is not None
+            else "--low-vram"
+            if low_vram
+            else "--no-cuda-graphs"
+        )
+        raise FluxExportError(f"{flag} applies to --backend tensorrt only")
+    if name == "torch":
+        from fluxexport.backends.torch_backend import TorchBackend
+
+        return TorchBackend(source, dtype=dtype, device=device)
+    if name == "onnxruntime":
+        from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        if engines is None:
+            raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")
+        return OnnxRuntimeBackend(source, engines, fp8=fp8, optimized=optimized)
+    if name == "tensorrt":
+        from fluxexport.tensorrt.backend import TensorRTBackend
+
+        if engines is None:
+            raise FluxExportError("the tensorrt backend runs built engines: add --engines DIR")
+        from fluxexport.tensorrt.weight_streaming import parse_budget
+
+        budget = parse_budget(weight_streaming_budget) if weight_streaming_budget is not None else None
+        return TensorRTBackend(
+            source, engines, cuda_graphs=cuda_graphs, low_vram=low_vram, weight_streaming_budget=budget
+        )
+    raise FluxExportError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
