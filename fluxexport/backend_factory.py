@@ -25,15 +25,10 @@ def create_backend(
     weight_streaming_budget: str | None = None,
 ) -> Backend:
     """Build the backend a user named on the command line; TensorRT-only settings are refused elsewhere."""
-    if name != "tensorrt" and (weight_streaming_budget is not None or low_vram or not cuda_graphs):
-        flag = (
-            "--weight-streaming-budget"
-            if weight_streaming_budget is not None
-            else "--low-vram"
-            if low_vram
-            else "--no-cuda-graphs"
-        )
-        raise FluxExportError(f"{flag} applies to --backend tensorrt only")
+    tensorrt_only = [flag for flag, given in (("--weight-streaming-budget", weight_streaming_budget is not None),
+                                              ("--low-vram", low_vram), ("--no-cuda-graphs", not cuda_graphs)) if given]  # fmt: skip
+    if name != "tensorrt" and tensorrt_only:
+        raise FluxExportError(f"{tensorrt_only[0]} applies to --backend tensorrt only")
     if name == "torch":
         from fluxexport.backends.torch_backend import TorchBackend
 

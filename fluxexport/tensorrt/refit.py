@@ -50,18 +50,18 @@ def _initializer_values(graph_path: Path):
     data stays on disk until read): the unchanged weights TensorRT may ask for again."""
     import onnx_ir as ir
 
-    element = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.FLOAT16: torch.float16,
-               ir.DataType.FLOAT8E4M3FN: torch.float8_e4m3fn, ir.DataType.INT32: torch.int32,
-               ir.DataType.INT64: torch.int64}  # fmt: skip
+    from fluxexport.dtypes import ELEMENT_TORCH
+
     initializers = ir.load(graph_path).graph.initializers
 
     def read(name: str) -> torch.Tensor | None:
         value = initializers.get(name)
-        if value is None or value.const_value is None or value.const_value.dtype not in element:
+        tensor = None if value is None else value.const_value
+        dtype = None if tensor is None else ELEMENT_TORCH.get(tensor.dtype.name.lower())  # BFLOAT16 → bfloat16
+        if tensor is None or dtype is None:
             return None
-        tensor = value.const_value
         raw = torch.frombuffer(bytearray(tensor.tobytes()), dtype=torch.uint8)
-        return raw.view(element[tensor.dtype]).reshape(tuple(int(d) for d in tensor.shape))
+        return raw.view(dtype).reshape(tuple(int(d) for d in tensor.shape))
 
     return read
 
