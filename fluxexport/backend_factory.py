@@ -30,11 +30,11 @@ def create_backend(
     if name != "tensorrt" and tensorrt_only:
         raise FluxExportError(f"{tensorrt_only[0]} applies to --backend tensorrt only")
     if name == "torch":
-        from fluxexport.backends.torch_backend import TorchBackend
+        from fluxexport.pytorch.backend import TorchBackend
 
         return TorchBackend(source, dtype=dtype, device=device)
     if name == "onnxruntime":
-        from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+        from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
         if engines is None:
             raise FluxExportError("the onnxruntime backend runs exported graphs: add --engines DIR")

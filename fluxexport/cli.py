@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
+from fluxexport.artifacts.files import default_folder
 from fluxexport.backend_factory import BACKENDS
 from fluxexport.console import byte_progress, console, quiet_libraries, step_progress, table, warn
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import default_folder
+from fluxexport.onnxruntime.backend import PROVIDERS
+from fluxexport.triton.config import INSTANCE_KINDS
 
 TINY_DEFAULT = "tiny-schnell"
 
@@ -307,6 +310,18 @@ def check(folder: Path, tensorrt: str | None) -> None:
 
 
 @main.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+def upgrade(folders) -> None:
+    """Rewrite the manifest of export or engine folders written by an older fluxexport in this one's format."""
+    from fluxexport.artifacts.files import FORMAT
+    from fluxexport.artifacts.folders import upgrade_folder
+
+    for folder in folders:
+        upgrade_folder(folder)
+        console.print(f"{folder}: manifest format {FORMAT}")
+
+
+@main.command()
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True,
               help="Folder of exported graphs, or of TensorRT engines (fluxexport build).")  # fmt: skip
@@ -320,36 +335,21 @@ def check(folder: Path, tensorrt: str | None) -> None:
 def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized) -> None:
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
-    from fluxexport.export.manifest import read_manifest
-    from fluxexport.validate import validate_folder
+    from fluxexport.validate import validate_any
 
     source = _source(model, base_model)
     names = _components(components) if components else None
-    is_engines = read_manifest(engines).get("kind") == "tensorrt"
-    if is_engines:
-        from fluxexport.tensorrt.environment import import_tensorrt
-        from fluxexport.tensorrt.validate_engines import validate_engines
-
-        import_tensorrt()  # refuse before anything else happens
-        if fp8 is not None:
-            raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
     with step_progress(f"validate {engines}", 1) as advance:
-        if is_engines:
-            result, dtype = validate_engines(source, engines, names, steps, max_rel_l2, min_psnr, advance)
-        else:
-            result, dtype = validate_folder(
-                source, engines, names, steps, max_rel_l2, min_psnr, on_progress=advance, fp8=fp8, optimized=optimized
-            )
+        result, dtype = validate_any(source, engines, names, steps, max_rel_l2, min_psnr, advance, fp8, optimized)
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
          "ONNX Runtime" if c.against == "onnxruntime" else f"PyTorch {dtype}",
          f"{c.max_abs:.2e}", f"{c.rel_l2:.2e}", f"{c.cosine:.6f}", "ok" if c.passed else "[red]FAIL[/red]"]
         for c in result.components
     ]  # fmt: skip
-    what = "engines" if is_engines else "graphs"
     console.print(
         table(
-            f"{result.dtype} {what}",
+            f"{result.dtype} {result.subject}",
             ["component", "output", "shape", "against", "max abs", "rel-L2", "cosine", ""],
             rows,
         )
@@ -395,15 +395,7 @@ def quantize(
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
-    from fluxexport.quantize.qdq_export import (
-        calibrate_transformer,
-        check_quantize_options,
-        choose_sequential,
-        export_quantized,
-        keep_calibration,
-        read_calibration,
-        write_calibration,
-    )
+    from fluxexport.quantize.qdq_export import quantize_transformer
 
     source = _source(model, base_model)
     prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
@@ -421,29 +413,23 @@ def quantize(
             raise FluxExportError(
                 f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them"
             )
-        calibration, _ = read_calibration(calibration_file, source)
-        check_quantize_options(dtype, opset or DEFAULT_OPSET)
-        saved = keep_calibration(out, calibration_file)
-        console.print(f"reusing the scales of {calibration_file}: no calibration run")
-    else:
-        check_quantize_options(dtype, opset or DEFAULT_OPSET)
-        if sequential is None:
-            sequential, why = choose_sequential(source)
-            console.print(why)
-        unit = "block passes" if sequential else "steps"
-        with step_progress(f"calibrate {source.name} on {len(prompts)} prompts ({unit})", 1) as advance:
-            calibration = calibrate_transformer(source, settings, sequential=sequential, on_progress=advance)
-        saved = write_calibration(out, source, settings, calibration)
-        console.print(f"calibration saved to {saved} (reuse it with --calibration)")
-    with byte_progress() as update:
-        entry = export_quantized(
-            source, out, calibration, saved, dtype, opset or DEFAULT_OPSET, external_data=external_data,
-            on_bytes=lambda done, total: update("transformer (fp8)", done, total),
+    with ExitStack() as bars:  # one live bar at a time: calibration's, then the graph's bytes
+        writing: list = []
+
+        def on_bytes(done: int, total: int) -> None:
+            if not writing:
+                writing.append(bars.enter_context(byte_progress()))
+            writing[0]("transformer (fp8)", done, total)
+
+        graph = quantize_transformer(
+            source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data,
+            calibration_file=calibration_file, sequential=sequential, log=console.print,
+            calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes,
         )  # fmt: skip
-    console.print(entry["notes"][0])
-    if not _print_check([check_graph(out / entry["file"], entry)]):
-        raise FluxExportError(f"{out / entry['file']} fails the TensorRT check (see the table above)")
-    click.echo(str(out / entry["file"]))
+    console.print(graph.extra["notes"][0])
+    if not _print_check([check_graph(out / graph.file, graph)]):
+        raise FluxExportError(f"{out / graph.file} fails the TensorRT check (see the table above)")
+    click.echo(str(out / graph.file))
 
 
 def _range(value: str, option: str) -> tuple[int, int, int]:
@@ -487,7 +473,8 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
           max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
-    from fluxexport.tensorrt.builder import BuildOptions, build_bounds, build_engines, engine_components
+    from fluxexport.build import build as build_folder
+    from fluxexport.tensorrt.builder import BuildOptions, build_bounds, engine_components
     from fluxexport.tensorrt.environment import import_tensorrt
 
     import_tensorrt()  # refuse before anything else happens
@@ -515,7 +502,7 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
                 advance(len(built), len(names))
                 rows.append([name, f"{seconds:.1f}"])
 
-        build_engines(source, onnx_dir, out, options, names, on_component, prepare, log=console.print)
+        build_folder(source, onnx_dir, out, options, names, on_component, prepare, log=console.print)
     console.print(table(f"engines in {out}", ["component", "build s"], rows))
     click.echo(str(out))
 
@@ -533,9 +520,9 @@ def refit(model, base_model, engines, reset) -> None:
     if reset and source.loras:
         raise FluxExportError("--reset goes back to the base weights: drop the --lora options")
     import_tensorrt()  # refuse before anything else happens
-    manifest = refit_engines(source, engines, reset)
-    rows = [[name, entry["file"], str(entry.get("refitted_weights", 0) if "base_file" in entry else "base")]
-            for name, entry in manifest["components"].items()]  # fmt: skip
+    folder = refit_engines(source, engines, reset)
+    rows = [[name, plan.file, str(plan.refitted_weights) if plan.is_refitted else "base"]
+            for name, plan in folder.components.items()]  # fmt: skip
     console.print(table(f"engines in {engines}", ["component", "plan", "weights refitted"], rows))
     click.echo(str(engines))
 
@@ -615,7 +602,7 @@ def bench(
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True, help="Exported graphs or built engines.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository folder to write.")
-@click.option("--instance-kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,
+@click.option("--instance-kind", type=click.Choice(INSTANCE_KINDS), default="KIND_CPU", show_default=True,
               help="Where python-backend models run (TensorRT plans always run on the GPU).")  # fmt: skip
 @click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--request-lora", "request_loras", multiple=True, metavar="FILE",
@@ -660,21 +647,21 @@ def _parse_gpus(value: str) -> tuple[int, ...]:
 @main.command()
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True, help="Folder of exported fp32 graphs.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--provider", type=click.Choice(list(PROVIDERS)), default="cpu", show_default=True,
               help="Where the graphs will run: CUDA-only fusions (GroupNorm, NhwcConv, packed QKV) need cuda.")  # fmt: skip
 @click.option("--components", help="Comma-separated subset (default: every float32 graph).")
 def optimize(model, base_model, engines, provider, components) -> None:
     """ONNX Runtime's transformer optimizer over exported graphs (mmdit/t5/clip/vae fusions), written to
     ENGINES/ort/ for run/bench/validate --backend onnxruntime; the portable graphs stay for TensorRT."""
-    from fluxexport.backends.ort_optimize import optimize_graphs
+    from fluxexport.onnxruntime.optimize import optimize_graphs
 
     source = _source(model, base_model)
-    names = [name.strip() for name in components.split(",")] if components else None
+    names = _components(components) if components else None
     rows = []
 
-    def done(name: str, entry: dict) -> None:
-        fused = ", ".join(f"{count} {op}" for op, count in entry["fusions"].items()) or "none"
-        rows.append([name, fused, f"{entry['parity_rel_l2']:.1e}", f"{entry['optimize_seconds']:.1f}"])
+    def done(result) -> None:
+        fused = ", ".join(f"{count} {op}" for op, count in result.fusions.items()) or "none"
+        rows.append([result.component, fused, f"{result.parity_rel_l2:.1e}", f"{result.seconds:.1f}"])
 
     with console.status(f"optimizing for ONNX Runtime ({provider}) …"):
         optimize_graphs(source, engines, provider, names, on_component=done)
@@ -707,7 +694,7 @@ def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt,
            target_queue_ms) -> None:  # fmt: skip
     """Write Kubernetes manifests serving a Triton repository: a KServe InferenceService, or a Deployment +
     Service + HorizontalPodAutoscaler on Triton's queue metrics."""
-    from fluxexport.triton.kubernetes import deploy_settings, write_deployment
+    from fluxexport.deploy.kubernetes import deploy_settings, write_deployment
 
     settings, facts = deploy_settings(
         repository, storage_uri, name=name, image=image, image_tensorrt=image_tensorrt,

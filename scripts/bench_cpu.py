@@ -122,9 +122,9 @@ def main() -> None:
 
     from diffusers import FluxPipeline
 
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from fluxexport.backends.ort_optimize import optimize_graphs
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.onnxruntime.optimize import optimize_graphs
 
     prompt = "an astronaut riding a horse on the moon"
     with tempfile.TemporaryDirectory() as folder:

@@ -48,18 +48,18 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def saturated_share(folder: Path, merged_source) -> float:
     """Share of the merged FP8-quantized weights beyond the base graph's ±448·scale."""
+    from fluxexport.artifacts.folders import open_export
     from fluxexport.dtypes import E4M3_MAX
-    from fluxexport.export.manifest import read_manifest
     from fluxexport.models.checkpoint import CheckpointTensors
 
-    weights = read_manifest(folder)["fp8"]["transformer"]["weights"]
+    weights = open_export(folder).fp8["transformer"].weights or {}
     tensors, loras = CheckpointTensors(merged_source.with_loras(()), "transformer"), merged_source.lora_set
     beyond = total = 0
     for origin in weights.values():
-        if "fp8_scale" not in origin or loras is None or not loras.touches("transformer", origin["tensor"]):
+        if origin.fp8_scale is None or loras is None or not loras.touches("transformer", origin.tensor):
             continue
-        merged = loras.merged("transformer", origin["tensor"], tensors.load(origin["tensor"], torch.float32))
-        beyond += int((merged.abs() > E4M3_MAX * origin["fp8_scale"]).sum())
+        merged = loras.merged("transformer", origin.tensor, tensors.load(origin.tensor, torch.float32))
+        beyond += int((merged.abs() > E4M3_MAX * origin.fp8_scale).sum())
         total += merged.numel()
     return beyond / max(total, 1)
 
@@ -72,16 +72,16 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
 
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.compare import psnr
     from fluxexport.export.onnx_export import export_model
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
     from fluxexport.models.source import resolve_model
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
     from fluxexport.quantize.qdq_export import quantize_transformer
     from fluxexport.runtime.pipeline import GenerationRequest, generate
-    from fluxexport.validate import psnr
 
     settings = CalibrationSettings(CALIBRATION_PROMPTS[:4], steps=args.steps, height=args.size, width=args.size)
     request = GenerationRequest("a red fox in the snow", height=args.size, width=args.size,

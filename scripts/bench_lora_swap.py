@@ -24,10 +24,10 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
 
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.export.onnx_export import export_model
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_cpu import mid_source

@@ -34,9 +34,9 @@ def main() -> None:
 
     import onnxruntime
 
-    from fluxexport.backends.onnxruntime_backend import create_session
-    from fluxexport.backends.ort_optimize import optimize_graphs
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.onnxruntime.backend import create_session
+    from fluxexport.onnxruntime.optimize import optimize_graphs
     from fluxexport.specs import component_specs, sample_inputs
 
     sys.path.insert(0, str(Path(__file__).parent))

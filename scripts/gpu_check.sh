@@ -157,7 +157,7 @@ from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.tensorrt.backend import TensorRTBackend
 from fluxexport.triton.client import pipeline_inputs
 from fluxexport.triton.server import TritonServer, find_tritonserver
-from fluxexport.validate import psnr
+from fluxexport.compare import psnr
 source, engines, repository = resolve_model(sys.argv[1]), sys.argv[2], sys.argv[3]
 backend = TensorRTBackend(source, engines)
 with TritonServer(repository, find_tritonserver()) as server:

@@ -37,7 +37,7 @@ def sources(cache_root):
 
 @pytest.fixture(scope="session")
 def torch_backends(sources):
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     return {name: TorchBackend(source, device="cpu") for name, source in sources.items()}
 
@@ -89,7 +89,7 @@ def _export(export_model, source, folder, **kwargs):
 
 @pytest.fixture(scope="session")
 def ort_backends(sources, exports):
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     return {name: OnnxRuntimeBackend(sources[name], exports[name]) for name in sources}
 

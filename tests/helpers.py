@@ -16,6 +16,14 @@ from fluxexport.models.source import ModelSource
 from fluxexport.tensorrt.environment import Gpu
 
 
+def manifest_json(folder: Path) -> dict:
+    """A folder's manifest.json as the file holds it: the tests read the format itself (what other tools read),
+    the package reads it through `fluxexport.artifacts`."""
+    import json
+
+    return json.loads((Path(folder) / "manifest.json").read_text())
+
+
 def diffusers_images(pipeline, prompt, height, width, steps, seed, num_images=1, **kwargs) -> np.ndarray:
     """uint8 [B,H,W,3] from a diffusers pipeline, rounded as its PIL output is."""
     from diffusers import FluxKontextPipeline
@@ -202,6 +210,5 @@ def build_folder(source, onnx_folder: Path, out: Path, tensorrt: str = "10.13.0.
     options.setdefault("optimization_level", 2)
     components = options.pop("components", None)
     with standin_tensorrt(tensorrt):
-        build_engines(source, onnx_folder, out, BuildOptions(**options), components, prepare=False, log=lambda _: None,
-                      device_gpu=lambda: H100)  # fmt: skip
+        build_engines(source, onnx_folder, out, BuildOptions(**options), components, device_gpu=lambda: H100)
     return out

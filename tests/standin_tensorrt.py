@@ -405,7 +405,7 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
                 import onnx_ir as ir
                 import onnxruntime
 
-                from fluxexport.export.graph import upcast_bf16_to_fp32
+                from fluxexport.onnxruntime.upcast import upcast_bf16_to_fp32
 
                 model = ir.to_proto(upcast_bf16_to_fp32(ir.from_proto(self.model)))
                 options = onnxruntime.SessionOptions()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.errors import FluxExportError
+from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.specs import component_specs, sample_inputs
 
 

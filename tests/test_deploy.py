@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from helpers import build_folder
 
 from fluxexport.cli import main
+from fluxexport.deploy.kubernetes import deploy_settings, write_deployment
 from fluxexport.errors import FluxExportError
 from fluxexport.triton.config import check_config
-from fluxexport.triton.kubernetes import deploy_settings, write_deployment
 from fluxexport.triton.repository import write_repository
 
 KUBERNETES = "1.33"  # a version kubernetes-validate carries schemas for

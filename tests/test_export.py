@@ -7,11 +7,12 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import manifest_json
 
+from fluxexport.artifacts.files import file_sha256
 from fluxexport.dtypes import component_precision
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_folder
-from fluxexport.export.manifest import file_sha256, read_manifest
 from fluxexport.export.onnx_export import export_component, export_model
 from fluxexport.specs import COMPONENTS, component_specs, sample_inputs
 
@@ -60,7 +61,7 @@ def test_every_export_passes_the_tensorrt_check(exports, bf16_export):
 
 
 def test_bf16_graphs(bf16_export):
-    manifest = read_manifest(bf16_export)
+    manifest = manifest_json(bf16_export)
     assert manifest["dtype"] == "bf16"
     assert {c["dtype"] for c in manifest["components"].values()} == {"bf16"}
     decoder = onnx.shape_inference.infer_shapes(onnx.load(str(bf16_export / "vae_decoder.onnx")))
@@ -76,7 +77,7 @@ def test_bf16_graphs(bf16_export):
 
 def test_manifest_describes_the_files(sources, exports):
     folder = exports["tiny-kontext"]
-    manifest = read_manifest(folder)
+    manifest = manifest_json(folder)
     assert manifest["model"] == {
         "name": "tiny-kontext",
         "pipeline_class": "FluxKontextPipeline",
@@ -165,14 +166,14 @@ def test_fp16_transformer_runs_in_onnxruntime(sources, tmp_path):
     source = sources["tiny-schnell"]
     spec = component_specs(source)["transformer"]
     export_model(source, tmp_path, ["transformer"], dtype="fp16")
-    assert read_manifest(tmp_path)["components"]["transformer"]["dtype"] == "fp16"
+    assert manifest_json(tmp_path)["components"]["transformer"]["dtype"] == "fp16"
     feeds = sample_inputs(spec, {"B": 3, "N": 40, "L": 9})
     session = onnxruntime.InferenceSession(str(tmp_path / "transformer.onnx"))
     arrays = {
         k: v.numpy().astype(np.float16 if spec.input(k).dtype == "compute" else np.float32) for k, v in feeds.items()
     }
     got = torch.from_numpy(session.run(None, arrays)[0].astype(np.float32))
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     expected = TorchBackend(source, device="cpu").component("transformer")(feeds)["latent"]
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
+from fluxexport.compare import psnr
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.validate import psnr
 
 
 @pytest.mark.gpu
 def test_torch_backend_on_cuda_matches_cpu(sources, torch_backends):
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     request = GenerationRequest("a red fox", height=144, width=272, num_inference_steps=4, seed=3)
     cuda = generate(TorchBackend(sources["tiny-dev"], device="cuda"), sources["tiny-dev"], request).images
@@ -19,8 +19,8 @@ def test_torch_backend_on_cuda_matches_cpu(sources, torch_backends):
 
 @pytest.mark.gpu
 def test_bench_reports_peak_gpu_memory(sources):
-    from fluxexport.backends.torch_backend import TorchBackend
     from fluxexport.benchmark import run_benchmark
+    from fluxexport.pytorch.backend import TorchBackend
 
     result = run_benchmark(TorchBackend(sources["tiny-dev"], "bf16", "cuda"), sources["tiny-dev"],
                            GenerationRequest("x", num_inference_steps=4), warmup=1, repeats=2)  # fmt: skip
@@ -51,14 +51,14 @@ def test_tensorrt_engines_match_pytorch(precision, sources, tmp_path):
     backend = TensorRTBackend(source, tmp_path / "engines")
     request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=4, seed=1)
     images = generate(backend, source, request).images
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     reference = generate(TorchBackend(source, "bf16", "cuda"), source, request).images
     assert images.shape == reference.shape
     assert psnr(images, reference) >= (30 if precision == "bf16" else 22)
     assert np.array_equal(images, generate(backend, source, request).images)  # CUDA-graph replays are stable
     backend.close()
-    from fluxexport.tensorrt.validate_engines import validate_engines
+    from fluxexport.validate.engines import validate_engines
 
     report, _ = validate_engines(source, tmp_path / "engines", steps=2)
     assert report.passed, [c for c in report.components if not c.passed]

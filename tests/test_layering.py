@@ -17,17 +17,18 @@ ROOT = Path(fluxexport.__file__).parent
 
 # Lowest first; a unit may import its own layer and those before it.
 LAYERS = (
-    ("__init__", "errors", "atomic", "dtypes", "console"),  # no FLUX knowledge
+    ("__init__", "errors", "atomic", "dtypes", "console", "compare"),  # no FLUX knowledge; metrics, thresholds
     ("models",),  # model folders: configs, checkpoints, LoRAs, tiny models
+    ("artifacts",),  # the folders we write, as typed records: exports, engines, Triton repositories
     ("runtime",),  # sampling math, the Backend protocol, the pipeline around it
     ("specs",),  # one spec per component
     ("adapters",),  # the PyTorch module of each spec
-    ("export",),  # ONNX graphs and their manifest
-    ("backends",),  # PyTorch and ONNX Runtime (with `optimize`, its fused graphs)
+    ("pytorch", "onnxruntime", "tensorrt"),  # one room per engine: running it (ORT's optimize, TRT's build, refit)
+    ("export",),  # ONNX graphs
     ("quantize",),  # FP8 calibration and Q/DQ export
-    ("validate",),  # comparisons against the PyTorch reference
-    ("tensorrt",),  # engines: build, run, refit, validate
+    ("validate", "build"),  # comparisons against the PyTorch reference; export what engines need, then build
     ("backend_factory", "benchmark", "triton"),  # a backend by name; serving
+    ("deploy",),  # Kubernetes manifests and releases for a Triton repository
     ("cli",),
 )
 

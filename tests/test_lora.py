@@ -5,19 +5,18 @@ import onnxruntime
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import RANK, diffusers_images, write_kohya, write_peft, write_xlabs
+from helpers import RANK, diffusers_images, manifest_json, write_kohya, write_peft, write_xlabs
 from safetensors.torch import load_file, save_file
 
-from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.cli import main
+from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
 from fluxexport.export.onnx_export import export_component
 from fluxexport.models.loaders import load_clip, load_transformer
 from fluxexport.models.lora import parse_lora
+from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs, sample_inputs
-from fluxexport.validate import psnr
 
 REQUEST = GenerationRequest("a red fox", height=128, width=128, num_inference_steps=2, seed=3)
 
@@ -89,7 +88,7 @@ def test_merged_weights_stream_into_the_export_as_they_load(sources, lora_files,
     with TorchBackend(merged, "fp32", "cpu") as backend:
         expected = backend.component("transformer")(feeds)["latent"].numpy()
     assert np.linalg.norm(latent - expected) / np.linalg.norm(expected) < 1e-5
-    model = read_manifest(tmp_path / "streamed")["model"]
+    model = manifest_json(tmp_path / "streamed")["model"]
     assert model["loras"] == [{"file": "kohya.safetensors", "sha256": parse_lora(str(lora_files["kohya"])).sha256,
                                "scale": 0.8}]  # fmt: skip
     assert model["fingerprint"] != sources["tiny-dev"].fingerprint()  # a merged model is another model
@@ -160,7 +159,7 @@ def test_kohya_clip_layers_merge_by_kohyas_definition(sources, tmp_path):
 def test_loras_swap_into_an_unmerged_graph_in_onnxruntime(sources, exports, lora_files, tmp_path):
     """Base graphs run with --lora: the touched initializers are replaced when the session is created, and a
     long-lived backend swaps LoRAs by recreating only the sessions they touch."""
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     base = sources["tiny-dev"]
     loras = [f"{lora_files['kohya']}:0.8", f"{lora_files['peft']}:0.5"]
@@ -192,7 +191,7 @@ def test_loras_swap_into_an_fp8_graph_with_its_scales(sources, fp8_exports, lora
     the graph computes the fake-quantized merged model on the base model's weight scales; scale 0 is the base."""
     import json
 
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.quantize.qdq_export import fake_quantized_transformer
 
     base, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]

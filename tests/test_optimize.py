@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from helpers import manifest_json
 
-from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-from fluxexport.backends.ort_optimize import optimize_graphs
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
-from fluxexport.export.manifest import read_manifest
+from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+from fluxexport.onnxruntime.optimize import optimize_graphs
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.validate import psnr, validate_folder
+from fluxexport.validate.graphs import psnr, validate_folder
 
 REQUEST = GenerationRequest("a lighthouse at dusk", height=192, width=320, num_inference_steps=3, seed=5)
 
@@ -28,7 +28,7 @@ def optimized(sources, exports, tmp_path_factory):
 
 
 def test_the_optimizer_fuses_what_onnxruntime_fuses(optimized):
-    section = read_manifest(optimized)["onnxruntime"]
+    section = manifest_json(optimized)["onnxruntime"]
     assert sorted(section) == ["clip", "t5", "transformer"]  # the VAE has only CUDA fusions: none kept for CPU
     assert section["transformer"]["fusions"] == {"LayerNormalization": 6, "SimplifiedLayerNormalization": 6}
     assert section["t5"]["fusions"]["SkipSimplifiedLayerNormalization"] == 3
@@ -41,7 +41,7 @@ def test_the_optimizer_fuses_what_onnxruntime_fuses(optimized):
 
 def test_tensorrt_never_gets_the_fused_graphs(optimized):
     """The fused graphs hold com.microsoft ops the TensorRT check refuses; the portable ones still pass."""
-    manifest = read_manifest(optimized)
+    manifest = manifest_json(optimized)
     fused = check_graph(optimized / manifest["onnxruntime"]["t5"]["file"])
     assert not fused.ok and any("com.microsoft::SkipSimplifiedLayerNormalization" in p for p in fused.problems)
     assert check_graph(optimized / manifest["components"]["t5"]["file"], manifest["components"]["t5"]).ok

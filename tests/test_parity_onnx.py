@@ -8,7 +8,7 @@ from PIL import Image
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs, validation_sizes
-from fluxexport.validate import compare_component, psnr
+from fluxexport.validate.graphs import compare_component, psnr
 
 VARIANTS = ["tiny-schnell", "tiny-dev", "tiny-kontext"]
 COMPONENTS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
@@ -93,7 +93,7 @@ def test_cli_run_on_onnxruntime(tmp_path, sources, exports, torch_backends):
 
 
 def test_engines_of_another_model_are_refused(sources, exports):
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     with pytest.raises(FluxExportError) as error:
         OnnxRuntimeBackend(sources["tiny-schnell"], exports["tiny-dev"])
@@ -104,8 +104,8 @@ def test_engines_of_another_model_are_refused(sources, exports):
 
 
 def test_missing_graph_and_bf16_graph_errors(sources, bf16_export, tmp_path):
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     export_model(sources["tiny-dev"], tmp_path, ["clip"])
     with pytest.raises(

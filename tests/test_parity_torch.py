@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from helpers import diffusers_images
 
+from fluxexport.compare import psnr
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.validate import psnr
 
 # (height, width, batch, seed, steps): four resolutions, two of them non-square, batch 1 and 2
 CASES = [

@@ -9,12 +9,12 @@ import onnxruntime
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import manifest_json
 
 from fluxexport.cli import main
 from fluxexport.dtypes import E4M3_MAX
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
-from fluxexport.export.manifest import read_manifest
 from fluxexport.quantize.calibrate import (
     CALIBRATION_PROMPTS,
     KEEP_HIGH_PRECISION,
@@ -110,7 +110,7 @@ def test_only_block_linears_carry_qdq(variant, sources, fp8_exports):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp8_graph_is_standard_and_passes_the_check(variant, fp8_exports):
     folder = fp8_exports[variant]
-    entry = read_manifest(folder)["fp8"]["transformer"]
+    entry = manifest_json(folder)["fp8"]["transformer"]
     assert entry["dtype"] == "fp8" and entry["base_dtype"] == "fp32" and entry["opset"] >= 19
     assert entry["quantization"]["calibration"] == "calibration.json"
     report = check_graph(folder / "transformer.fp8.onnx", entry)
@@ -201,8 +201,8 @@ def test_cli_quantize(tmp_path, sources, exports):
     assert result.exit_code == 0, result.output
     assert "FP8 E4M3 per-tensor Q/DQ on" in result.output and "TensorRT 10.1 compatibility" in result.output
     assert json.loads((out / "calibration.json").read_text())["prompts"] == 2
-    assert read_manifest(out)["fp8"]["transformer"]["base_dtype"] == "bf16"
-    assert read_manifest(out)["components"]["clip"]["dtype"] == "fp32"  # other graphs stay
+    assert manifest_json(out)["fp8"]["transformer"]["base_dtype"] == "bf16"
+    assert manifest_json(out)["components"]["clip"]["dtype"] == "fp32"  # other graphs stay
 
 
 def test_bad_calibration_input(tmp_path, sources):
@@ -281,15 +281,17 @@ def test_fp8_weights_are_stored_in_a_quarter_of_fp32(sources, exports, fp8_expor
 
 def test_bf16_and_fp8_transformers_live_side_by_side(fp8_exports, exports, tmp_path):
     """quantize keeps the base transformer: one folder runs (and builds) either; run says which it runs."""
-    from fluxexport.export.manifest import graph_entries
+    from fluxexport.artifacts.folders import open_export
 
     folder = fp8_exports["tiny-dev"]
-    manifest = read_manifest(folder)
+    manifest = manifest_json(folder)
     assert manifest["components"]["transformer"]["file"] == "transformer.onnx"
-    assert manifest["components"]["transformer"]["sha256"] == read_manifest(exports["tiny-dev"])["components"][
+    assert manifest["components"]["transformer"]["sha256"] == manifest_json(exports["tiny-dev"])["components"][
         "transformer"]["sha256"]  # fmt: skip
-    assert graph_entries(manifest)["transformer"]["file"] == "transformer.fp8.onnx"  # the FP8 one, when there is one
-    assert graph_entries(manifest, fp8=False)["transformer"]["file"] == "transformer.onnx"
+    opened = open_export(folder)
+    assert opened.graphs()["transformer"].file == "transformer.fp8.onnx"  # the FP8 one, when there is one
+    assert opened.graphs(fp8=False)["transformer"].file == "transformer.onnx"
+    assert "transformer" not in open_export(exports["tiny-dev"]).graphs(fp8=True)
     runs = {}
     for flag in ("--fp8", "--no-fp8"):
         result = CliRunner().invoke(main, [
@@ -302,12 +304,6 @@ def test_bf16_and_fp8_transformers_live_side_by_side(fp8_exports, exports, tmp_p
     assert "transformer: transformer.onnx (fp32)" in runs["--no-fp8"]
     assert (tmp_path / "--fp8.png").read_bytes() != (tmp_path / "--no-fp8.png").read_bytes()
 
-    # a folder quantized before: its transformer.onnx *is* the FP8 graph, and is read as such
-    old = {"components": {"transformer": {"dtype": "fp8", "file": "transformer.onnx"}, "clip": {"dtype": "bf16"}}}
-    assert graph_entries(old)["transformer"]["dtype"] == "fp8"
-    assert "transformer" not in graph_entries(old, fp8=False)
-    without = {"components": {"transformer": {"dtype": "bf16", "file": "transformer.onnx"}}}
-    assert graph_entries(without)["transformer"]["dtype"] == "bf16" and graph_entries(without, fp8=True) == {}
     refused = CliRunner().invoke(main, [
         "run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", str(exports["tiny-dev"]),
         "--prompt", "a fox", "--steps", "1", "--height", "64", "--width", "64", "--fp8",

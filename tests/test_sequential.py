@@ -11,13 +11,13 @@ from helpers import assert_same_graph
 from safetensors.torch import load_file, save_file
 
 from fluxexport.adapters import wrap_component
-from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.cli import main
 from fluxexport.export.onnx_export import export_component
-from fluxexport.models.block_streaming import streamed_module
 from fluxexport.models.loaders import load_module
 from fluxexport.models.source import load_folder, resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
+from fluxexport.pytorch.backend import TorchBackend
+from fluxexport.pytorch.block_streaming import streamed_module
 from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, fake_quantize
 from fluxexport.quantize.fp8 import TRANSLATIONS
 from fluxexport.quantize.qdq_export import (

@@ -5,12 +5,12 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
+from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.models.single_file import bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer
 from fluxexport.models.source import resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.validate import psnr
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_mapping_agrees_with_diffusers_converter_at_full_width():
 
 
 def test_single_file_run_equals_folder_run(bfl_checkpoint, sources, torch_backends):
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     source = resolve_model(str(bfl_checkpoint), base="tiny-dev")
     assert source.transformer_file == bfl_checkpoint and source.name == "flux1-tiny"

@@ -132,8 +132,8 @@ def test_not_enough_disk_space_is_refused_naming_both_sizes(sources, tmp_path, m
 @pytest.mark.slow
 def test_streamed_graph_runs_in_onnx_runtime_like_pytorch(sources, tmp_path):
     """Beyond equality with the in-memory graph: the streamed graph itself matches the PyTorch reference."""
-    from fluxexport.backends.onnxruntime_backend import create_session
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.onnxruntime.backend import create_session
+    from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.specs import sample_inputs
 
     source = sources["tiny-dev"]

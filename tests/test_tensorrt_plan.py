@@ -3,24 +3,24 @@
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import build_folder, flux1_source, standin_tensorrt
+from helpers import build_folder, flux1_source, manifest_json, standin_tensorrt
 
 from fluxexport.cli import main
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.specs import ExportBounds, component_specs
 from fluxexport.tensorrt.builder import BuildOptions, build_bounds
 from fluxexport.tensorrt.engines import (
     check_engine_set,
     engine_filename,
-    engine_manifest,
+    new_engine_folder,
     profiles_from_json,
     profiles_to_json,
 )
@@ -71,7 +71,7 @@ def test_profiles_are_the_specs_axes_of_each_bucket(tmp_path):
 
 def test_build_defaults_come_from_the_export_bounds(tmp_path, sources, exports):
     # a folder exported with the tiny defaults: the engines serve the same range unless told otherwise
-    exported = read_manifest(exports["tiny-dev"])["bounds"]
+    exported = manifest_json(exports["tiny-dev"])["bounds"]
     bounds = build_bounds(sources["tiny-dev"], exports["tiny-dev"])
     assert vars(bounds) == exported
     assert bounds.resolution == (64, 256, 1024)
@@ -141,15 +141,22 @@ def test_precision_policy():
 
 
 def test_graph_problems_name_the_fixing_command():
-    manifest = {"components": {"transformer": {"dtype": "bf16"}, "clip": {"dtype": "bf16"}}}
-    problems = graph_problems(manifest, {"transformer": "fp8", "clip": "bf16", "t5": "bf16"}, "out/onnx")
+    from fluxexport.artifacts.folders import ExportFolder
+    from fluxexport.artifacts.records import GraphRecord, ModelRecord
+
+    def graph(file: str, dtype: str) -> GraphRecord:
+        return GraphRecord(file, dtype, "bf16", 20, (), ())
+
+    bf16 = {"transformer": graph("transformer.onnx", "bf16"), "clip": graph("clip.onnx", "bf16")}
+    folder = ExportFolder(Path("out/onnx"), ModelRecord("tiny-dev", "0"), "bf16", {}, bf16)
+    problems = graph_problems(folder, {"transformer": "fp8", "clip": "bf16", "t5": "bf16"})
     assert problems == [
         "transformer: no graph in out/onnx (run fluxexport quantize --out out/onnx)",  # the bf16 one stays bf16
         "t5: no graph in out/onnx (run fluxexport export --components t5 --dtype bf16 --out out/onnx)",
     ]
-    manifest["fp8"] = {"transformer": {"dtype": "fp8", "file": "transformer.fp8.onnx"}}
-    assert graph_problems(manifest, {"transformer": "fp8", "clip": "bf16"}, "out/onnx") == []
-    assert graph_problems(manifest, {"transformer": "bf16", "clip": "bf16"}, "out/onnx") == []
+    folder.fp8 = {"transformer": graph("transformer.fp8.onnx", "fp8")}
+    assert graph_problems(folder, {"transformer": "fp8", "clip": "bf16"}) == []
+    assert graph_problems(folder, {"transformer": "bf16", "clip": "bf16"}) == []
 
 
 def test_engine_names_carry_precision_and_version():
@@ -168,17 +175,23 @@ def test_fp8_needs_ada_or_hopper():
 
 
 def test_engine_sets_refuse_other_tensorrt_and_other_gpus(tmp_path, sources):
-    manifest = engine_manifest({"name": "tiny-dev"}, "10.13.2", H100, "fp8", {})
-    check_engine_set(manifest, "10.13.2", H100, tmp_path)
+    from fluxexport.artifacts.folders import ExportFolder, open_engines
+    from fluxexport.artifacts.records import ModelRecord
+
+    model = ModelRecord("tiny-dev", "0")
+    new_engine_folder(tmp_path / "engines", model, "10.13.2", H100, "fp8", {}).write()
+    folder = open_engines(tmp_path / "engines")
+    check_engine_set(folder, "10.13.2", H100)
     with pytest.raises(FluxExportError, match="built with TensorRT 10.13.2, this is 11.0.0: rebuild them"):
-        check_engine_set(manifest, "11.0.0", H100, tmp_path)
+        check_engine_set(folder, "11.0.0", H100)
     with pytest.raises(
         FluxExportError,
         match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\), this GPU is NVIDIA L40S \(8.9\)",
     ):
-        check_engine_set(manifest, "10.13.2", L40S, tmp_path)
+        check_engine_set(folder, "10.13.2", L40S)
+    ExportFolder(tmp_path / "graphs", model, "fp32", {}).write()
     with pytest.raises(FluxExportError, match="holds no TensorRT engines"):
-        check_engine_set({"kind": "onnx"}, "10.13.2", H100, tmp_path)
+        open_engines(tmp_path / "graphs")
 
 
 def test_profiles_round_trip_through_the_manifest(tmp_path):
@@ -241,7 +254,7 @@ def test_engine_against_onnxruntime_rows_come_from_polygraphy_results(sources):
     from polygraphy.comparator import IterationResult, RunResults
 
     from fluxexport.specs import validation_sizes
-    from fluxexport.tensorrt.validate_engines import comparisons_from_results
+    from fluxexport.validate.engines import comparisons_from_results
 
     spec = component_specs(sources["tiny-dev"])["clip"]
     sizes = validation_sizes(spec)
@@ -287,29 +300,29 @@ def test_fp8_graphs_handed_to_the_builder_pass_the_check(fp8_exports):
 def test_build_prepares_missing_graphs_fp8_implies_quantize(sources, exports, tmp_path):
     import shutil
 
+    from fluxexport.build import export_missing_graphs
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
-    from fluxexport.tensorrt.precision import prepare_graphs
 
     folder = tmp_path / "onnx"
     shutil.copytree(exports["tiny-dev"], folder)  # fp32 graphs: none fits an fp8 engine set
-    before = read_manifest(folder)["components"]["t5"]["sha256"]
+    before = manifest_json(folder)["components"]["t5"]["sha256"]
     calibration = CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2, height=128, width=128)
     logged = []
-    manifest = prepare_graphs(
+    prepared = export_missing_graphs(
         sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append
     )
-    components = manifest["components"]
-    assert components["clip"]["dtype"] == "bf16" and manifest["fp8"]["transformer"]["dtype"] == "fp8"
-    assert components["transformer"]["dtype"] == "fp32"  # the base transformer stays beside the FP8 one
-    assert components["t5"]["sha256"] == before  # not asked for: untouched
+    components = prepared.components
+    assert components["clip"].dtype == "bf16" and prepared.fp8["transformer"].dtype == "fp8"
+    assert components["transformer"].dtype == "fp32"  # the base transformer stays beside the FP8 one
+    assert components["t5"].sha256 == before  # not asked for: untouched
     assert logged == [
         f"exporting clip as bf16 into {folder}",
         f"calibrating and quantizing the transformer to FP8 into {folder}",
     ]
-    assert graph_problems(manifest, graph_dtypes("fp8", ["clip", "transformer"]), folder) == []
+    assert graph_problems(prepared, graph_dtypes("fp8", ["clip", "transformer"])) == []
     # a second call finds nothing to do
     logged.clear()
-    prepare_graphs(sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append)
+    export_missing_graphs(sources["tiny-dev"], folder, "fp8", ["clip", "transformer"], calibration, log=logged.append)
     assert logged == []
 
 
@@ -379,10 +392,10 @@ def test_refit_sets_only_the_lora_weights_by_initializer_name(tmp_path, sources,
                            refittable=True)  # fmt: skip
     base_plan = engines / "transformer_fp32.trt_10.13.0.35.plan"
     before = base_plan.read_bytes()
-    weights = read_manifest(exports["tiny-dev"])["components"]["transformer"]["weights"]
+    weights = manifest_json(exports["tiny-dev"])["components"]["transformer"]["weights"]
     with standin_tensorrt():
         refit_engines(merged_source, engines)
-    entry = read_manifest(engines)["components"]["transformer"]
+    entry = manifest_json(engines)["components"]["transformer"]
     assert entry["file"] == "transformer_fp32.lora.trt_10.13.0.35.plan" and entry["refitted_weights"] == 1
     refitted, base = read_plan_weights(engines / entry["file"]), read_plan_weights(base_plan)
     changed = [name for name in base if not np.array_equal(base[name], refitted[name])]
@@ -391,7 +404,7 @@ def test_refit_sets_only_the_lora_weights_by_initializer_name(tmp_path, sources,
     expected = load_transformer(merged_source).transformer_blocks[0].attn.to_out[0].weight.detach().T
     np.testing.assert_allclose(refitted[name], expected.numpy(), rtol=1e-6, atol=1e-6)
     assert base_plan.read_bytes() == before  # the base stays
-    after = read_manifest(engines)
+    after = manifest_json(engines)
     assert after["model"]["fingerprint"] == merged_source.fingerprint()  # run --lora finds these engines
     assert after["model"]["loras"][0]["scale"] == 0.8
 
@@ -434,7 +447,7 @@ def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(tmp_path, sourc
 
     source, folder = sources["tiny-dev"], fp8_exports["tiny-dev"]
     lora = _kohya_proj_lora(tmp_path / "kohya.safetensors", source)
-    weights = read_manifest(folder)["fp8"]["transformer"]["weights"]
+    weights = manifest_json(folder)["fp8"]["transformer"]["weights"]
     stored = ir.load(folder / "transformer.fp8.onnx").graph.initializers
     name = "model.transformer_blocks.0.attn.to_out.0.weight.fp8"
     assert weights[name]["tensor"] == "transformer_blocks.0.attn.to_out.0.weight" and weights[name]["fp8_scale"] > 0
@@ -444,7 +457,7 @@ def test_refit_of_an_fp8_engine_quantizes_with_the_graphs_scales(tmp_path, sourc
         merged_source = source.with_loras([parse_lora(f"{lora}:{scale}")])
         with standin_tensorrt():
             refit_engines(merged_source, engines)
-        entry = read_manifest(engines)["components"]["transformer"]
+        entry = manifest_json(engines)["components"]["transformer"]
         assert entry["file"] == "transformer_fp8.lora.trt_10.13.0.35.plan"
         held = read_plan_weights(engines / entry["file"])[name].view(np.uint8).reshape(-1)
         if scale == 0.0:

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import H100, build_folder, standin_tensorrt
+from helpers import H100, build_folder, manifest_json, standin_tensorrt
 from standin_tensorrt import HostDevice, read_plan
 
-from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
+from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.tensorrt.backend import TensorRTBackend
 from fluxexport.tensorrt.weight_streaming import WeightBudget, parse_budget
@@ -47,7 +46,7 @@ def images(backend, source, size, steps=3, seed=1, **kwargs):
 
 @pytest.mark.slow
 def test_build_writes_the_configured_engines(engines, exports):
-    manifest = read_manifest(engines)
+    manifest = manifest_json(engines)
     assert manifest["builder"]["bounds"]["max_resolution"] == 1024 and manifest["builder"]["resolution_buckets"] == 2
     transformer = read_plan(engines / manifest["components"]["transformer"]["file"])
     # TF32 stays on (polygraphy's CreateConfig would clear it), strongly typed, refit and streaming as asked
@@ -86,7 +85,7 @@ def test_the_stand_in_catches_a_graph_replayed_after_another_shape(trt, engines,
 
     from fluxexport.specs import component_specs, sample_inputs
 
-    manifest = read_manifest(engines)
+    manifest = manifest_json(engines)
     engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(
         (engines / manifest["components"]["vae_decoder"]["file"]).read_bytes()
     )
@@ -248,12 +247,12 @@ def test_run_on_the_engines_from_the_command_line(trt, engines, sources, ort_bac
 
 @pytest.mark.slow
 def test_validate_engines_in_every_bucket(trt, engines, sources):
-    from fluxexport.tensorrt.validate_engines import validate_engines
+    from fluxexport.validate.engines import validate_engines
 
     report, reference = validate_engines(sources["tiny-dev"], engines, steps=2, device=HostDevice(trt))
     assert reference == "fp32" and report.passed, [c for c in report.components if not c.passed]
     against_onnxruntime = [c for c in report.components if c.against == "onnxruntime"]
-    assert {c.component for c in against_onnxruntime} == set(read_manifest(engines)["components"])
+    assert {c.component for c in against_onnxruntime} == set(manifest_json(engines)["components"])
     # the large validation shape of the VAE lies in the second profile: it ran there
     decoder = [c for c in against_onnxruntime if c.component == "vae_decoder"]
     assert max(c.sizes["h"] for c in decoder) * 8 > 544 and all(c.rel_l2 < 1e-5 for c in decoder)
@@ -282,7 +281,7 @@ def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
     same graphs, and validate compares them with that graph, not with the base one."""
     from fluxexport.models.lora import parse_lora
     from fluxexport.tensorrt.refit import refit_engines
-    from fluxexport.tensorrt.validate_engines import validate_engines
+    from fluxexport.validate.engines import validate_engines
 
     source = sources["tiny-dev"]
     folder = tmp_path / "engines"
@@ -345,7 +344,7 @@ def test_refit_refusals_name_the_weight(trt, engines, sources, tmp_path, monkeyp
         "into other layers at build time, so it cannot be refitted: merge this LoRA at export instead "
         "(fluxexport export --lora)"
     )
-    assert read_manifest(folder)["model"]["loras"] == []  # nothing changed
+    assert manifest_json(folder)["model"]["loras"] == []  # nothing changed
 
 
 @pytest.mark.slow
@@ -371,7 +370,7 @@ def test_triton_repository_from_built_engines_serves_every_bucket(engines, sourc
 
     repository = write_repository(sources["tiny-dev"], engines, engines.parent / "repository")
     specs = component_specs(sources["tiny-dev"])
-    manifest = read_manifest(engines)
+    manifest = manifest_json(engines)
     for name in ("clip", "t5", "transformer", "vae_decoder"):
         config = parse(repository / name, specs[name])
         assert config.platform == "tensorrt_plan"

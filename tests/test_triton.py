@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import build_folder, write_kohya, write_peft
+from helpers import build_folder, manifest_json, write_kohya, write_peft
 
 from fluxexport.cli import main
+from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import read_manifest
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
 from fluxexport.triton.client import pipeline_inputs as client_inputs
 from fluxexport.triton.config import check_config
 from fluxexport.triton.repository import write_repository
-from fluxexport.validate import psnr
 
 
 def _has_tritonserver() -> bool:
@@ -156,7 +155,7 @@ def test_kontext_repository_takes_an_image(repositories):
 def test_plan_repository_configs(sources, exports, tmp_path):
     """A TensorRT engine folder (written by build_engines over the stand-in TensorRT) becomes tensorrt_plan models."""
     engines = build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "engines")
-    plans = read_manifest(engines)["components"]
+    plans = manifest_json(engines)["components"]
     repository = write_repository(sources["tiny-dev"], engines, tmp_path / "repo")
     specs = component_specs(sources["tiny-dev"])
     for name in ("clip", "t5", "transformer", "vae_decoder"):
@@ -190,7 +189,7 @@ def test_config_checks_refuse_mistakes(sources, repositories):
 def test_repository_refusals(sources, exports, tmp_path, repositories):
     with pytest.raises(FluxExportError, match="already exists and is not empty"):
         write_repository(sources["tiny-dev"], exports["tiny-dev"], repositories["tiny-dev"])
-    with pytest.raises(FluxExportError, match="was made from 'tiny-dev', not from 'tiny-schnell'"):
+    with pytest.raises(FluxExportError, match="were exported from 'tiny-dev', not from 'tiny-schnell'"):
         write_repository(sources["tiny-schnell"], exports["tiny-dev"], tmp_path / "r1")
     partial = tmp_path / "partial"
     shutil.copytree(exports["tiny-dev"], partial)
@@ -388,8 +387,8 @@ def test_loras_per_request_equal_the_swapped_backend(served, sources, exports, r
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
     from fluxexport.models.lora import parse_lora
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     _, server = served
     client, base = http.InferenceServerClient(server.http_url), sources["tiny-dev"]

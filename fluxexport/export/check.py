@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from fluxexport.artifacts.files import MANIFEST
+from fluxexport.artifacts.folders import open_export
+from fluxexport.artifacts.records import GraphRecord
 from fluxexport.errors import FluxExportError
 
 # ONNX TensorProto element types → the names onnx-tensorrt's table uses.
@@ -144,27 +147,27 @@ def _shape(value) -> list | None:
     ]
 
 
-def _check_contract(report: GraphReport, model, entry: dict) -> None:
+def _check_contract(report: GraphReport, model, graph: GraphRecord) -> None:
     """Inputs and outputs carry the spec's names, element types, ranks and fixed sizes, in order."""
     import onnx
 
-    for direction, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        expected = entry[direction]
+    for direction, values, expected in (("inputs", model.graph.input, graph.inputs),
+                                        ("outputs", model.graph.output, graph.outputs)):  # fmt: skip
         names = [value.name for value in values]
-        if names != [tensor["name"] for tensor in expected]:
-            report.problems.append(f"{direction} are {names}, the spec says {[t['name'] for t in expected]}")
+        if names != [tensor.name for tensor in expected]:
+            report.problems.append(f"{direction} are {names}, the spec says {[t.name for t in expected]}")
             continue
         for value, tensor in zip(values, expected, strict=True):
             dtype = onnx.helper.tensor_dtype_to_string(value.type.tensor_type.elem_type).removeprefix("TensorProto.")
-            if dtype.lower() != tensor["dtype"]:
-                report.problems.append(f"{value.name} is {dtype.lower()}, the spec says {tensor['dtype']}")
+            if dtype.lower() != tensor.dtype:
+                report.problems.append(f"{value.name} is {dtype.lower()}, the spec says {tensor.dtype}")
             dims = _shape(value)
-            if dims is None or len(dims) != len(tensor["dims"]):
+            if dims is None or len(dims) != len(tensor.dims):
                 report.problems.append(
-                    f"{value.name} has rank {None if dims is None else len(dims)}, the spec says {len(tensor['dims'])}"
+                    f"{value.name} has rank {None if dims is None else len(dims)}, the spec says {len(tensor.dims)}"
                 )
                 continue
-            for axis, (got, want) in enumerate(zip(dims, tensor["dims"], strict=True)):
+            for axis, (got, want) in enumerate(zip(dims, tensor.dims, strict=True)):
                 if isinstance(want, int) and got != want:
                     report.problems.append(f"{value.name} axis {axis} is {got}, the spec fixes it at {want}")
                 if isinstance(want, str) and not isinstance(got, str):
@@ -173,8 +176,8 @@ def _check_contract(report: GraphReport, model, entry: dict) -> None:
                     )
 
 
-def check_graph(path: Path, entry: dict | None = None, tensorrt: str | None = None) -> GraphReport:
-    """Lint one .onnx file; `entry` is its manifest entry (the spec contract), when there is one."""
+def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | None = None) -> GraphReport:
+    """Lint one .onnx file; `record` is its manifest record (the spec contract), when there is one."""
     import onnx
 
     support = tensorrt_support(tensorrt)
@@ -222,21 +225,21 @@ def check_graph(path: Path, entry: dict | None = None, tensorrt: str | None = No
     dynamic_rank = [v.name for v in [*graph.input, *graph.output, *graph.value_info] if _shape(v) is None]
     if dynamic_rank:
         report.problems.append(f"tensors of unknown rank: {', '.join(dynamic_rank[:3])}")
-    if entry is not None:
-        _check_contract(report, model, entry)
+    if record is not None:
+        _check_contract(report, model, record)
     return report
 
 
 def check_folder(folder: Path, tensorrt: str | None = None) -> list[GraphReport]:
     """Lint every graph the folder's manifest lists (with its contract), plus any other .onnx file in it."""
-    from fluxexport.export.manifest import FP8, MANIFEST, read_manifest
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FluxExportError(f"{folder} is not a folder of exported graphs")
-    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {"components": {}}
-    entries = [*manifest["components"].values(), *manifest.get(FP8, {}).values()]  # base and FP8 graphs
-    listed = {entry["file"]: entry for entry in entries}
+    exported = open_export(folder) if (folder / MANIFEST).is_file() else None
+    # the portable and FP8 graphs (optimize's fused ones are ONNX Runtime's, in ort/, not TensorRT's)
+    listed = (
+        {g.file: g for section in (exported.components, exported.fp8) for g in section.values()} if exported else {}
+    )
     files = sorted({*listed, *(path.name for path in folder.glob("*.onnx"))})
     if not files:
         raise FluxExportError(f"{folder} holds no .onnx graphs: export some with `fluxexport export`")

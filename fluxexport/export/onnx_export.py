@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from fluxexport.adapters import build_adapter
+from fluxexport.artifacts.files import file_sha256, library_versions, now
+from fluxexport.artifacts.folders import ExportFolder, new_export
+from fluxexport.artifacts.records import GraphRecord, TensorRecord, WeightOrigin
 from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
-from fluxexport.export.manifest import FORMAT, file_sha256, library_versions, now, read_manifest, write_manifest
 from fluxexport.export.streaming import streamed_program, surviving_origins
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
@@ -53,7 +55,7 @@ class ExportedComponent:
     weight_bytes: int
     external_data: str | None
     notes: tuple[str, ...] = ()
-    weights: dict[str, dict] | None = None  # initializer → its checkpoint tensor (streamed exports)
+    weights: dict[str, WeightOrigin] | None = None  # initializer → its checkpoint tensor (streamed exports)
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
@@ -197,48 +199,29 @@ def check_free_space(folder: Path, needed: int, margin: float = 1.05) -> None:
         )
 
 
-def _tensor_entry(spec: ComponentSpec, compute: str) -> dict:
-    return {
-        direction: [{"name": t.name, "dtype": element_type(t.dtype, compute), "dims": list(t.dims)} for t in tensors]
-        for direction, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs))
-    }
+def _tensors(tensors, compute: str) -> tuple[TensorRecord, ...]:
+    return tuple(TensorRecord(t.name, element_type(t.dtype, compute), tuple(t.dims)) for t in tensors)
 
 
-def manifest_entry(spec: ComponentSpec, exported: ExportedComponent, opset: int) -> dict:
+def graph_record(spec: ComponentSpec, exported: ExportedComponent, opset: int, base_dtype: str | None = None,
+                 **extra) -> GraphRecord:  # fmt: skip
+    """The manifest record of a freshly exported graph: its contract (the spec's I/O in the graph's types),
+    digests, weight origins and how it was made; `base_dtype` for an FP8 graph (its other math)."""
     files = [exported.path] + ([exported.path.with_name(exported.external_data)] if exported.external_data else [])
-    return {
-        "file": exported.path.name,
-        "external_data": exported.external_data,
-        "dtype": exported.dtype,
-        "opset": opset,
-        **_tensor_entry(spec, exported.dtype),
-        "axes": {name: vars(axis) for name, axis in spec.axes.items()},
-        "sha256": {path.name: file_sha256(path) for path in files},
-        "nodes": exported.nodes,
-        "weight_bytes": exported.weight_bytes,
-        "export_seconds": round(exported.seconds, 2),
-        "notes": list(exported.notes),
-        "exported_at": now(),
-    } | ({"weights": exported.weights} if exported.weights else {})
+    return GraphRecord(
+        file=exported.path.name, dtype=exported.dtype, base_dtype=base_dtype or exported.dtype, opset=opset,
+        inputs=_tensors(spec.inputs, exported.dtype), outputs=_tensors(spec.outputs, exported.dtype),
+        axes={name: vars(axis) for name, axis in spec.axes.items()}, external_data=exported.external_data,
+        sha256={path.name: file_sha256(path) for path in files}, weights=exported.weights or None,
+        extra={"nodes": exported.nodes, "weight_bytes": exported.weight_bytes,
+               "export_seconds": round(exported.seconds, 2), "notes": list(exported.notes), "exported_at": now()}
+        | extra,
+    )  # fmt: skip
 
 
-def open_manifest(source: ModelSource, out_dir: Path, dtype: str, bounds: ExportBounds) -> dict:
-    """The folder's manifest to extend: the existing one if it describes this checkpoint, else a new one."""
-    previous = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
-    if previous and previous["model"]["fingerprint"] != source.fingerprint():
-        previous = None  # graphs of another checkpoint: start a fresh manifest (files are replaced one by one)
-    manifest = previous or {"format": FORMAT, "components": {}, "dtype": dtype}
-    return manifest | {
-        "model": {
-            "name": source.name,
-            "pipeline_class": source.pipeline_class,
-            "fingerprint": source.fingerprint(),
-            "guidance_embeds": source.guidance_embeds,
-            "loras": [lora.record() for lora in source.loras],  # merged into the weights
-        },
-        "bounds": vars(bounds),
-        "versions": library_versions(),
-    }
+def open_folder_for(source: ModelSource, out_dir: Path, dtype: str, bounds: ExportBounds) -> ExportFolder:
+    """The folder's record to extend: the existing one if it describes this checkpoint, else a new one."""
+    return new_export(out_dir, source, dtype, vars(bounds), library_versions())
 
 
 def export_model(
@@ -251,7 +234,7 @@ def export_model(
     external_data: bool | None = None,
     on_component: Callable[[str, ExportedComponent | None], None] | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
-) -> dict:
+) -> ExportFolder:
     """Export `components` of `source` into `out_dir` and keep `manifest.json` in step after each one."""
     unknown = [name for name in components if name not in COMPONENTS]
     if unknown:
@@ -262,14 +245,15 @@ def export_model(
     bounds = bounds or ExportBounds.for_model(source)
     specs = component_specs(source, bounds)
     out_dir = Path(out_dir)
-    manifest = open_manifest(source, out_dir, dtype, bounds) | {"dtype": dtype}
+    folder = open_folder_for(source, out_dir, dtype, bounds)
+    folder.dtype = dtype
     for name in components:
         if on_component:
             on_component(name, None)
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
         exported = export_component(source, specs[name], out_dir, dtype, opset, external_data, on_bytes=progress)
-        manifest["components"][name] = manifest_entry(specs[name], exported, opset)
-        write_manifest(out_dir, manifest)
+        folder.components[name] = graph_record(specs[name], exported, opset)
+        folder.write()
         if on_component:
             on_component(name, exported)
-    return manifest
+    return folder

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import onnx_ir as ir
 import torch
@@ -21,6 +20,7 @@ from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
 from fluxexport.adapters import wrap_component
+from fluxexport.artifacts.records import WeightOrigin
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.checkpoint import CheckpointTensors
@@ -60,15 +60,6 @@ def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Mod
 Loader = Callable[[], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class WeightOrigin:
-    """Where an initializer's values come from: a checkpoint tensor, permuted by `perm` (or as is). The
-    manifest keeps these, so weights can be replaced later (LoRAs swapped in ONNX Runtime) by name."""
-
-    tensor: str
-    perm: list[int] | None
-
-
 Prepare = Callable[[nn.Module], nn.Module]
 
 
@@ -95,7 +86,7 @@ def attach_checkpoint_weights(
             found = tensors.first_of(parameters[name])
             load = tensors.loader(found, dtype)
             if origins is not None:
-                origins[name] = WeightOrigin(found, None)
+                origins[name] = WeightOrigin(found)
         elif name in buffers:
             buffer = buffers[name]
             load = lambda buffer=buffer: buffer  # noqa: E731 - a buffer is small and already real
@@ -127,7 +118,7 @@ def fold_weight_transposes(
         origin = origins.get(source.name) if origins is not None else None
         replace_with_initializer(graph, node, lazy_initializer(load, name, source.dtype, shape))
         if origins is not None and origin is not None:
-            origins[name] = WeightOrigin(origin.tensor, list(perm))
+            origins[name] = WeightOrigin(origin.tensor, tuple(perm))
             if source.name not in graph.initializers:
                 del origins[source.name]
         folded += 1
@@ -162,8 +153,8 @@ def streamed_program(
 FP8_SUFFIX = ".fp8"  # quantize's FP8 weights: `<weight initializer>.fp8`, read by one DequantizeLinear
 
 
-def surviving_origins(model: ir.Model, origins: dict[str, WeightOrigin]) -> dict[str, dict]:
-    """The origins of the initializers the final graph still has, as manifest JSON (sorted). An FP8 weight
+def surviving_origins(model: ir.Model, origins: dict[str, WeightOrigin]) -> dict[str, WeightOrigin]:
+    """The origins of the initializers the final graph still has (sorted by name). An FP8 weight
     (`<name>.fp8`, quantized from the initializer `<name>`) keeps its source's origin and its DequantizeLinear's
     scale (`fp8_scale`): a LoRA-merged weight is quantized with that same scale."""
     kept, found = model.graph.initializers, {}
@@ -171,9 +162,8 @@ def surviving_origins(model: ir.Model, origins: dict[str, WeightOrigin]) -> dict
         source = origins.get(name.removesuffix(FP8_SUFFIX)) if name.endswith(FP8_SUFFIX) else origins.get(name)
         if source is None:
             continue
-        found[name] = {"tensor": source.tensor, "perm": source.perm}
-        if name.endswith(FP8_SUFFIX):
-            found[name]["fp8_scale"] = _dequantize_scale(value)
+        scale = _dequantize_scale(value) if name.endswith(FP8_SUFFIX) else None
+        found[name] = WeightOrigin(source.tensor, source.perm, scale)
     return dict(sorted(found.items()))
 
 

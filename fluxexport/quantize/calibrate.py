@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.block_streaming import BLOCK_LISTS
+from fluxexport.pytorch.block_streaming import BLOCK_LISTS
 from fluxexport.quantize.fp8 import FP8Linear
 
 # Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.

@@ -5,23 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
 from fluxexport.adapters import TransformerWrapper
+from fluxexport.artifacts.files import now
+from fluxexport.artifacts.folders import FP8_STEM
+from fluxexport.artifacts.records import GraphRecord
 from fluxexport.atomic import write_text_atomic
-from fluxexport.backends.torch_backend import TorchBackend
 from fluxexport.dtypes import E4M3_MAX, ELEMENT_TORCH, quantize_e4m3, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
-from fluxexport.export.manifest import FP8, FP8_STEM, now, write_manifest
-from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, manifest_entry, open_manifest
+from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, graph_record, open_folder_for
 from fluxexport.export.streaming import FP8_SUFFIX
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
+from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.quantize.calibrate import (
     KEEP_HIGH_PRECISION,
     Calibration,
@@ -209,7 +213,7 @@ def export_quantized(
     bounds: ExportBounds | None = None,
     external_data: bool | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> GraphRecord:
     """Export `out_dir/transformer.fp8.onnx` as an FP8 Q/DQ graph with `calibration`'s scales; no model runs.
     It is recorded in the manifest's `fp8` section beside the base transformer, which stays: one folder
     builds both bf16 and FP8 engines.
@@ -230,17 +234,12 @@ def export_quantized(
         graph_pass=store_weights_in_fp8, on_bytes=on_bytes, stem=FP8_STEM,
         prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
     )  # fmt: skip
-    manifest = open_manifest(source, out_dir, base_dtype, bounds)
-    entry = manifest_entry(spec, exported, opset) | {
-        "dtype": "fp8",
-        "base_dtype": base_dtype,
-        "quantization": {"format": "fp8_e4m3", "layers": len(amax), "calibration": calibration_path.name},
-    }
-    manifest.setdefault(FP8, {})["transformer"] = entry  # beside the base transformer, which stays
-    if manifest["components"].get("transformer", {}).get("dtype") == "fp8":
-        del manifest["components"]["transformer"]  # an FP8 graph of the older layout: superseded
-    write_manifest(out_dir, manifest)
-    return entry
+    folder = open_folder_for(source, out_dir, base_dtype, bounds)
+    quantization = {"format": "fp8_e4m3", "layers": len(amax), "calibration": calibration_path.name}
+    graph = replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
+    folder.fp8["transformer"] = graph  # beside the base transformer, which stays
+    folder.write()
+    return graph
 
 
 def check_quantize_options(base_dtype: str, opset: int) -> None:
@@ -261,18 +260,30 @@ def quantize_transformer(
     calibration_device: str | None = None,
     calibration_file: Path | None = None,
     sequential: bool | None = None,
-) -> dict:
+    log: Callable[[str], None] = lambda _: None,
+    calibration_progress: Callable[[str], AbstractContextManager[Callable[[int, int], None]]] | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> GraphRecord:
     """Calibrate (or reuse `calibration_file`, an earlier `calibration.json` of the same checkpoint: no model
     runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer (`export_quantized`).
-    `sequential=None` holds one block at a time when the float32 model does not fit (`choose_sequential`)."""
+    `sequential=None` holds one block at a time when the float32 model does not fit (`choose_sequential`).
+    `log` hears what was decided; `calibration_progress(title)` gives the calibration's progress callback
+    (done, total) for the duration of a `with`; `on_bytes(done, total)` follows the graph's writing."""
     check_quantize_options(base_dtype, opset)
     settings = settings or CalibrationSettings()
+    out_dir = Path(out_dir)
     if calibration_file is not None:
         calibration, _ = read_calibration(calibration_file, source)
         path = keep_calibration(out_dir, calibration_file)
+        log(f"reusing the scales of {calibration_file}: no calibration run")
     else:
         if sequential is None:
-            sequential, _ = choose_sequential(source, calibration_device)
-        calibration = calibrate_transformer(source, settings, calibration_device, sequential)
-        path = write_calibration(Path(out_dir), source, settings, calibration)
-    return export_quantized(source, out_dir, calibration, path, base_dtype, opset, bounds, external_data)
+            sequential, why = choose_sequential(source, calibration_device)
+            log(why)
+        unit = "block passes" if sequential else "steps"
+        title = f"calibrate {source.name} on {len(settings.prompts)} prompts ({unit})"
+        with calibration_progress(title) if calibration_progress else nullcontext(None) as advance:
+            calibration = calibrate_transformer(source, settings, calibration_device, sequential, on_progress=advance)
+        path = write_calibration(out_dir, source, settings, calibration)
+        log(f"calibration saved to {path} (reuse it with --calibration)")
+    return export_quantized(source, out_dir, calibration, path, base_dtype, opset, bounds, external_data, on_bytes)

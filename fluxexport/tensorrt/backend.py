@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fluxexport.artifacts.folders import open_engines
+from fluxexport.artifacts.records import EngineRecord
 from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
-from fluxexport.models.source import ModelSource, made_from
+from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds
-from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json, read_engine_manifest
+from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json
 from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version, tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile
 from fluxexport.tensorrt.weight_streaming import WeightBudget
@@ -80,13 +82,13 @@ class _EngineRunner:
     a context of its own and captures that launch; every later one replays the graph there: per step, only the
     input copies and one graph launch reach the GPU."""
 
-    def __init__(self, engine: trt.ICudaEngine, name: str, entry: dict, device, use_cuda_graphs: bool):
+    def __init__(self, engine: trt.ICudaEngine, name: str, entry: EngineRecord, device, use_cuda_graphs: bool):
         self.engine, self.name, self.device = engine, name, device
         self.plain = _create_context(engine)
         self.plain_profile = -1
-        self.profiles = profiles_from_json(entry["profiles"])
-        self.inputs = [t["name"] for t in entry["inputs"]]
-        self.outputs = [t["name"] for t in entry["outputs"]]
+        self.profiles = profiles_from_json(entry.profiles)
+        self.inputs = entry.input_names()
+        self.outputs = entry.output_names()
         self.dtypes = {n: torch_dtype_of(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.use_cuda_graphs = use_cuda_graphs
         self.memory: torch.Tensor | None = None
@@ -217,19 +219,15 @@ class TensorRTBackend:
 
         require_tensorrt_version(trt)
         self.source, self.engines = source, Path(engines)
-        self.manifest = read_engine_manifest(self.engines)
+        self.folder = open_engines(self.engines)
         if device is None:
             from fluxexport.tensorrt.cuda import CudaDevice
 
             device = CudaDevice()
         self.cuda = device
-        check_engine_set(self.manifest, trt.__version__, device.gpu(), self.engines)
-        if self.manifest["model"]["fingerprint"] != source.fingerprint():
-            raise FluxExportError(
-                f"the engines in {self.engines} were built from {made_from(self.manifest['model']['name'], source)}: "
-                "pass the same --model as at build time"
-            )
-        if weight_streaming_budget is not None and not self.manifest["builder"].get("weight_streaming"):
+        check_engine_set(self.folder, trt.__version__, device.gpu())
+        self.folder.check_made_from(source)
+        if weight_streaming_budget is not None and not self.folder.weight_streaming:
             raise FluxExportError(
                 f"the engines in {self.engines} were built without --weight-streaming: rebuild them with "
                 "fluxexport build --weight-streaming, or run without --weight-streaming-budget"
@@ -258,17 +256,17 @@ class TensorRTBackend:
         return budget < streamable
 
     def _load(self, name: str) -> _EngineRunner:
-        entries = self.manifest["components"]
-        if name not in entries:
+        record = self.folder.components.get(name)
+        if record is None:
             raise FluxExportError(f"{self.engines} has no {name} engine: run fluxexport build --components {name}")
-        engine = self.runtime.deserialize_cuda_engine((self.engines / entries[name]["file"]).read_bytes())
+        engine = self.runtime.deserialize_cuda_engine((self.engines / record.file).read_bytes())
         if engine is None:
-            raise FluxExportError(f"TensorRT cannot deserialize {entries[name]['file']}: rebuild it")
+            raise FluxExportError(f"TensorRT cannot deserialize {record.file}: rebuild it")
         streaming = self._set_budget(name, engine)
         # CUDA graphs pay off for the transformer, called once per step with the same shapes; a launch that
         # streams weights cannot be captured
         graphs = self.cuda_graphs and name == "transformer" and not streaming
-        return _EngineRunner(engine, name, entries[name], self.cuda, graphs)
+        return _EngineRunner(engine, name, record, self.cuda, graphs)
 
     def _share_memory(self, runner: _EngineRunner) -> None:
         """One device block, as large as the largest engine needs, backs every context: they run in turn

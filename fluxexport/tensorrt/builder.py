@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fluxexport.artifacts.files import MANIFEST, file_sha256, now
+from fluxexport.artifacts.folders import EngineFolder, open_export
+from fluxexport.artifacts.records import EngineRecord
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import file_sha256, graph_entries, now, read_manifest, write_manifest
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ExportBounds, pipeline_components
-from fluxexport.tensorrt.engines import engine_filename, engine_manifest, profiles_to_json
+from fluxexport.tensorrt.engines import engine_filename, new_engine_folder, profiles_to_json
 from fluxexport.tensorrt.environment import (
     Gpu,
     current_gpu,
@@ -25,7 +27,7 @@ from fluxexport.tensorrt.environment import (
     require_tensorrt_version,
     tensorrt_version,
 )
-from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems, prepare_graphs
+from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
 TIMING_CACHE = "timing.cache"
@@ -50,8 +52,7 @@ class BuildOptions:
 def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -> ExportBounds:
     """What the engines serve: the exported graphs' bounds (their manifest), else the model's export defaults,
     with any of `overrides` (ExportBounds fields) applied."""
-    manifest = Path(onnx_dir) / "manifest.json"
-    exported = read_manifest(onnx_dir).get("bounds") if manifest.is_file() else None
+    exported = open_export(onnx_dir).bounds if (Path(onnx_dir) / MANIFEST).is_file() else None
     base = ExportBounds(**exported) if exported else ExportBounds.for_model(source)
     bounds = replace(base, **{key: value for key, value in overrides.items() if value is not None})
     bounds.check()
@@ -60,8 +61,8 @@ def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -
 
 def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
     """The engines to build by default: every graph of `onnx_dir`, else what the pipeline needs."""
-    if (Path(onnx_dir) / "manifest.json").is_file():
-        return list(graph_entries(read_manifest(onnx_dir)))  # the FP8 transformer counts: it builds one too
+    if (Path(onnx_dir) / MANIFEST).is_file():
+        return list(open_export(onnx_dir).graphs())  # the FP8 transformer counts: it builds one too
     return list(pipeline_components(source))
 
 
@@ -147,21 +148,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles, options: BuildOpt
     return seconds
 
 
-def build_engines(
-    source: ModelSource,
-    onnx_dir: Path,
-    out_dir: Path,
-    options: BuildOptions,
-    components: Sequence[str] | None = None,
-    on_component: Callable[[str, float | None], None] | None = None,
-    prepare: bool = True,
-    log: Callable[[str], None] = print,
-    device_gpu: Callable[[], Gpu] | None = None,
-) -> dict:
-    """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest.
-
-    With `prepare`, graphs of the wrong dtype or missing are exported / quantized first (`prepare_graphs`).
-    `device_gpu` says which GPU builds (the current CUDA device by default)."""
+def check_build_host(options: BuildOptions, device_gpu: Callable[[], Gpu] | None = None) -> Gpu:
+    """Refuse, before anything is exported or built, a host that cannot build these engines: no TensorRT, an
+    unsupported release, a refittable build on a release with the REFIT bias issue, FP8 on a GPU without it.
+    Returns the GPU that builds (`device_gpu`, the current CUDA device by default)."""
     import_tensorrt()
     import tensorrt as trt
 
@@ -171,40 +161,49 @@ def build_engines(
     gpu = device_gpu() if device_gpu else current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)
+    return gpu
+
+
+def build_engines(
+    source: ModelSource,
+    onnx_dir: Path,
+    out_dir: Path,
+    options: BuildOptions,
+    components: Sequence[str] | None = None,
+    on_component: Callable[[str, float | None], None] | None = None,
+    device_gpu: Callable[[], Gpu] | None = None,
+) -> EngineFolder:
+    """Build one engine per component from `onnx_dir`'s graphs into `out_dir`, with a manifest; graphs of the
+    wrong dtype or missing are refused with the command that makes them (`fluxexport.build` exports them
+    first). `device_gpu` says which GPU builds (the current CUDA device by default)."""
+    import tensorrt as trt
+
+    gpu = check_build_host(options, device_gpu)
     components = list(components or engine_components(source, onnx_dir))
-    if prepare:
-        onnx_manifest = prepare_graphs(source, onnx_dir, options.precision, components, log=log)
-        release_torch_memory()  # calibration ran PyTorch on this GPU: give its cache back before TensorRT builds
-    else:
-        onnx_manifest = read_manifest(onnx_dir)
+    exported = open_export(onnx_dir, source)
     wanted = graph_dtypes(options.precision, components)
-    problems = graph_problems(onnx_manifest, wanted, onnx_dir)
+    problems = graph_problems(exported, wanted)
     if problems:
         raise FluxExportError("; ".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
     buckets = options.profile_bounds()
-    manifest = engine_manifest(onnx_manifest["model"], trt.__version__, gpu, options.precision, asdict(options))
-    graphs = engine_graphs(onnx_manifest, wanted)
+    folder = new_engine_folder(out_dir, exported.model, trt.__version__, gpu, options.precision, asdict(options))
+    graphs = engine_graphs(exported, wanted)
     for name in components:
         if on_component:
             on_component(name, None)
-        entry = graphs[name]
+        graph = graphs[name]
         profiles = build_profiles(source, name, buckets)
         engine = out_dir / engine_filename(name, wanted[name], trt.__version__)
-        seconds = build_engine(onnx_dir / entry["file"], engine, profiles, options, out_dir / TIMING_CACHE)
-        manifest["components"][name] = {
-            "file": engine.name,
-            "precision": wanted[name],
-            "profiles": profiles_to_json(profiles),
-            "inputs": entry["inputs"],
-            "outputs": entry["outputs"],
-            "onnx": str((onnx_dir / entry["file"]).resolve()),  # validate compares the engine with it
-            "onnx_sha256": entry["sha256"],
-            "engine_sha256": file_sha256(engine),
-            "build_seconds": round(seconds, 1),
-            "built_at": now(),
-        }
-        write_manifest(out_dir, manifest)
+        seconds = build_engine(onnx_dir / graph.file, engine, profiles, options, out_dir / TIMING_CACHE)
+        folder.components[name] = EngineRecord(
+            file=engine.name, precision=wanted[name], profiles=tuple(profiles_to_json(profiles)),
+            inputs=graph.inputs, outputs=graph.outputs,
+            onnx=str((onnx_dir / graph.file).resolve()),  # validate compares the engine with it; refit reads it
+            engine_sha256=file_sha256(engine),
+            extra={"onnx_sha256": graph.sha256, "build_seconds": round(seconds, 1), "built_at": now()},
+        )  # fmt: skip
+        folder.write()
         if on_component:
             on_component(name, seconds)
-    return manifest
+    return folder

@@ -4,10 +4,10 @@ engine set was built by another TensorRT or for another GPU."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from fluxexport.artifacts.folders import EngineFolder
+from fluxexport.artifacts.records import GpuRecord, ModelRecord
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import FORMAT, read_manifest
 from fluxexport.tensorrt.environment import Gpu
 from fluxexport.tensorrt.profiles import Profile
 
@@ -23,7 +23,7 @@ def profiles_to_json(profiles: list[Profile]) -> list[dict[str, list[list[int]]]
     ]
 
 
-def profiles_from_json(data: list[dict[str, list[list[int]]]]) -> list[Profile]:
+def profiles_from_json(data) -> list[Profile]:
     def triple(shapes: list[list[int]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         low, opt, high = (tuple(shape) for shape in shapes)
         return low, opt, high
@@ -31,40 +31,25 @@ def profiles_from_json(data: list[dict[str, list[list[int]]]]) -> list[Profile]:
     return [Profile({name: triple(shapes) for name, shapes in entry.items()}) for entry in data]
 
 
-def engine_manifest(model: dict, tensorrt_version: str, gpu: Gpu, precision: str, options: dict) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "kind": "tensorrt",
-        "model": model,
-        "precision": precision,
-        "tensorrt": tensorrt_version,
-        "gpu": {"name": gpu.name, "compute_capability": list(gpu.compute_capability), "memory_bytes": gpu.memory_bytes},
-        "builder": options,
-        "components": {},
-    }
+def new_engine_folder(
+    folder: Path, model: ModelRecord, tensorrt_version: str, gpu: Gpu, precision: str, options: dict
+) -> EngineFolder:
+    gpu_record = GpuRecord(gpu.name, gpu.compute_capability, gpu.memory_bytes)
+    return EngineFolder(Path(folder), model, precision, tensorrt_version, gpu_record, options)
 
 
-def check_engine_set(manifest: dict, tensorrt_version: str, gpu: Gpu, folder: Path) -> None:
+def check_engine_set(folder: EngineFolder, tensorrt_version: str, gpu: Gpu) -> None:
     """Refuse engines that this TensorRT or this GPU cannot run (TensorRT plans are neither portable across
     versions nor across compute capabilities)."""
-    if manifest.get("kind") != "tensorrt":
-        raise FluxExportError(f"{folder} holds no TensorRT engines: build them with `fluxexport build`")
-    if manifest["tensorrt"] != tensorrt_version:
+    if folder.tensorrt != tensorrt_version:
         raise FluxExportError(
-            f"the engines in {folder} were built with TensorRT {manifest['tensorrt']}, this is {tensorrt_version}: "
+            f"the engines in {folder.path} were built with TensorRT {folder.tensorrt}, this is {tensorrt_version}: "
             "rebuild them with `fluxexport build`"
         )
-    built_for = tuple(manifest["gpu"]["compute_capability"])
-    if built_for != gpu.compute_capability:
+    built_for = folder.gpu.compute_capability
+    if built_for != tuple(gpu.compute_capability):
         raise FluxExportError(
-            f"the engines in {folder} were built for {manifest['gpu']['name']} (compute capability "
+            f"the engines in {folder.path} were built for {folder.gpu.name} (compute capability "
             f"{built_for[0]}.{built_for[1]}), this GPU is {gpu.name} ({gpu.compute_capability[0]}."
             f"{gpu.compute_capability[1]}): rebuild them on this GPU"
         )
-
-
-def read_engine_manifest(folder: Path) -> dict:
-    manifest = read_manifest(folder)
-    if manifest.get("kind") != "tensorrt":
-        raise FluxExportError(f"{folder} holds no TensorRT engines: build them with `fluxexport build`")
-    return manifest

@@ -3,7 +3,7 @@ initializer name), and back to the base weights with `--reset`.
 
 A refit always starts from the base plan `build` wrote, which stays as it is: only the weights the LoRAs touch
 are computed (base tensor + delta in float32, cast to the engine's weight type, laid out as the graph holds
-them, FP8 weights quantized with the graph's own scales: `models/lora_weights.py`), set by name, and the
+them, FP8 weights quantized with the graph's own scales: `artifacts/weights.py`), set by name, and the
 refitted plan is written atomically beside the base one. The engine manifest then names the refitted plan, the
 LoRA set and the merged model's fingerprint, so `run --lora …` finds it; `--reset` points back at the base.
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from fluxexport.artifacts.files import file_sha256, now
+from fluxexport.artifacts.folders import EngineFolder, open_engines
+from fluxexport.artifacts.records import GraphRecord
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import file_sha256, now, read_manifest, write_manifest
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.source import ModelSource, made_from
-from fluxexport.tensorrt.engines import read_engine_manifest
+from fluxexport.models.source import ModelSource
 
 REFITTABLE = ("transformer", "clip")  # the components LoRAs adapt
 
@@ -28,21 +29,6 @@ def refit_plan_name(base_file: str) -> str:
     """`transformer_bf16.trt_10.13.plan` → `transformer_bf16.lora.trt_10.13.plan`."""
     stem, _, rest = base_file.partition(".trt_")
     return f"{stem}.lora.trt_{rest}" if rest else f"{Path(base_file).stem}.lora.plan"
-
-
-def graph_entry(entry: dict) -> dict:
-    """The export manifest's entry of the ONNX graph the engine was built from: its initializer → checkpoint
-    tensor map (`weights`, with FP8 weights' scales) and its base dtype."""
-    graph = Path(entry["onnx"])
-    manifest = read_manifest(graph.parent) if (graph.parent / "manifest.json").is_file() else {"components": {}}
-    graphs = [*manifest["components"].values(), *manifest.get("fp8", {}).values()]
-    found = next((g for g in graphs if g["file"] == graph.name), None)
-    if found is None or "weights" not in found:
-        raise FluxExportError(
-            f"{graph} does not record where its weights come from (exported in memory or by an older version): "
-            "export it again, rebuild with --refittable, then refit"
-        )
-    return found
 
 
 def _initializer_values(graph_path: Path):
@@ -67,16 +53,16 @@ def _initializer_values(graph_path: Path):
 
 
 def refit_component(
-    engine_file: Path, graph: dict, graph_path: Path, source: ModelSource, module: str
+    engine_file: Path, graph: GraphRecord, graph_path: Path, source: ModelSource, module: str
 ) -> tuple[bytes, int]:
     """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
     weights quantized with the graph's scales), and how many weights were set. Weights TensorRT still reports
     missing afterwards (it may ask for unchanged ones too) are set to the graph's own values."""
     import tensorrt as trt
 
+    from fluxexport.artifacts.weights import merged_initializers
     from fluxexport.dtypes import torch_dtype
     from fluxexport.models.checkpoint import CheckpointTensors
-    from fluxexport.models.lora_weights import merged_initializers
     from fluxexport.tensorrt.backend import torch_dtype_of
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -85,7 +71,7 @@ def refit_component(
         raise FluxExportError(f"TensorRT cannot deserialize {engine_file.name}: rebuild it")
     refitter = trt.Refitter(engine, logger)
     base = CheckpointTensors(source.with_loras(()), module)
-    dtype = torch_dtype(graph.get("base_dtype", graph["dtype"]))
+    dtype = torch_dtype(graph.base_dtype)
     held: list[torch.Tensor] = []  # TensorRT reads the host buffers during refit_cuda_engine: keep them
 
     def set_weights(initializer: str, tensor: torch.Tensor, fp8: bool) -> None:
@@ -109,10 +95,10 @@ def refit_component(
         if not refitter.set_named_weights(initializer, trt.Weights(prototype.dtype, values.data_ptr(), values.numel())):
             raise FluxExportError(f"TensorRT refused new weights for {initializer} in {engine_file.name}")
 
-    weights = graph["weights"]
-    merged = merged_initializers(weights, module, source.lora_set, lambda t: base.load(t, dtype), graph["file"])
+    weights = graph.require_weight_origins("export it again, rebuild with --refittable, then refit")
+    merged = merged_initializers(weights, module, source.lora_set, lambda t: base.load(t, dtype), graph.file)
     for initializer, tensor in merged:
-        set_weights(initializer, tensor, "fp8_scale" in weights[initializer])
+        set_weights(initializer, tensor, weights[initializer].fp8_scale is not None)
     changed = len(held)
     unchanged = _initializer_values(graph_path)
     for initializer in refitter.get_missing_weights():
@@ -131,19 +117,20 @@ def refit_component(
     return bytes(engine.serialize()), changed
 
 
-def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> dict:
-    """Refit `engines` with `source`'s LoRAs (or, with `reset`, go back to the base plans); returns the manifest."""
+def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> EngineFolder:
+    """Refit `engines` with `source`'s LoRAs (or, with `reset`, go back to the base plans); returns the folder."""
+    from dataclasses import replace
+
     from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version
 
     engines = Path(engines)
-    manifest = read_engine_manifest(engines)
-    base_fingerprint = manifest["model"].get("base_fingerprint", manifest["model"]["fingerprint"])
-    if base_fingerprint != source.with_loras(()).fingerprint():
+    folder = open_engines(engines)
+    if folder.model.base != source.with_loras(()).fingerprint():
         raise FluxExportError(
-            f"the engines in {engines} were built from {made_from(manifest['model']['name'], source)}: "
+            f"the engines in {engines} were built from {folder.model.made_from(source)}: "
             "pass the same --model as at build time"
         )
-    if not manifest.get("builder", {}).get("refittable"):
+    if not folder.refittable:
         raise FluxExportError(
             f"the engines in {engines} are not refittable: rebuild them with fluxexport build --refittable"
         )
@@ -153,26 +140,25 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> di
     import tensorrt as trt
 
     require_tensorrt_version(trt)
-    for name in [name for name in REFITTABLE if name in manifest["components"]]:
-        entry = manifest["components"][name]
-        base_file = entry.get("base_file", entry["file"])
+    for name in [name for name in REFITTABLE if name in folder.components]:
+        engine = folder.components[name]
+        base_file = engine.base_plan
+        extra = {key: value for key, value in engine.extra.items() if key != "refitted_at"}
         if reset or MODULE_OF[name] not in source.lora_set.layers:
-            if entry["file"] != base_file:
-                (engines / entry["file"]).unlink(missing_ok=True)
-            entry["file"] = base_file
-            entry.pop("base_file", None)
-            entry["engine_sha256"] = file_sha256(engines / base_file)
+            if engine.file != base_file:
+                (engines / engine.file).unlink(missing_ok=True)
+            folder.components[name] = replace(engine, file=base_file, base_file=None, refitted_weights=None,
+                                              engine_sha256=file_sha256(engines / base_file), extra=extra)  # fmt: skip
             continue
         plan, count = refit_component(
-            engines / base_file, graph_entry(entry), Path(entry["onnx"]), source, MODULE_OF[name]
+            engines / base_file, folder.built_from(name), Path(engine.onnx), source, MODULE_OF[name]
         )
         refitted = refit_plan_name(base_file)
         write_bytes_atomic(engines / refitted, memoryview(plan))
-        entry |= {"file": refitted, "base_file": base_file, "engine_sha256": file_sha256(engines / refitted),
-                  "refitted_weights": count, "refitted_at": now()}  # fmt: skip
-    model = manifest["model"]
-    model["base_fingerprint"] = base_fingerprint
-    model["fingerprint"] = base_fingerprint if reset else source.fingerprint()
-    model["loras"] = [] if reset else [lora.record() for lora in source.loras]
-    write_manifest(engines, manifest)
-    return manifest
+        folder.components[name] = replace(
+            engine, file=refitted, base_file=base_file, engine_sha256=file_sha256(engines / refitted),
+            refitted_weights=count, extra=extra | {"refitted_at": now()},
+        )  # fmt: skip
+    folder.model = folder.model.with_loras(source.with_loras(()) if reset else source)
+    folder.write()
+    return folder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fluxexport.artifacts.repository import ComponentIO
 from fluxexport.dtypes import ELEMENT_TORCH
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.backend import Component, Feeds
@@ -16,8 +17,8 @@ from fluxexport.runtime.backend import Component, Feeds
 class BlsBackend:
     name = "triton-bls"
 
-    def __init__(self, components: dict[str, dict], device: str = "cpu"):
-        """`components`: model name → {"inputs": [...], "outputs": [...]} as in the export manifest."""
+    def __init__(self, components: dict[str, ComponentIO], device: str = "cpu"):
+        """`components`: model name → its inputs and outputs (the repository's `PipelineSettings`)."""
         import triton_python_backend_utils as pb_utils
 
         self.pb_utils = pb_utils
@@ -39,9 +40,9 @@ class BlsBackend:
     def component(self, name: str) -> Component:
         if name not in self.components:
             raise FluxExportError(f"this repository has no {name} model")
-        entry = self.components[name]
-        inputs = {t["name"]: ELEMENT_TORCH[t["dtype"]] for t in entry["inputs"]}
-        outputs = [t["name"] for t in entry["outputs"]]
+        io = self.components[name]
+        inputs = {t.name: ELEMENT_TORCH[t.dtype] for t in io.inputs}
+        outputs = [t.name for t in io.outputs]
 
         def run(feeds: Feeds) -> Feeds:
             extra = {"parameters": dict(self.parameters)} if self.parameters else {}  # Triton ≥ 23.xx takes them

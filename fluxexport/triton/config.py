@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fluxexport.artifacts.records import EngineRecord, GraphRecord, TensorRecord
+from fluxexport.artifacts.repository import PIPELINE
 from fluxexport.dtypes import ELEMENT_TRITON
 from fluxexport.errors import FluxExportError
 from fluxexport.specs import ComponentSpec
 
-PIPELINE = "flux_pipeline"
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")  # where Triton places a model's instances
 
 
 @dataclass(frozen=True)
@@ -61,28 +63,29 @@ class ModelConfig:
         return "\n".join(lines) + "\n"
 
 
-def _tensor_configs(tensors: list[dict], spec_tensors) -> tuple[TensorConfig, ...]:
+def _tensor_configs(tensors: tuple[TensorRecord, ...], spec_tensors) -> tuple[TensorConfig, ...]:
     """Manifest tensors (names, dtypes as exported) with the spec's dims: -1 for every symbolic axis."""
     configs = []
     for tensor, spec_tensor in zip(tensors, spec_tensors, strict=True):
-        if tensor["name"] != spec_tensor.name:
-            raise FluxExportError(f"manifest tensor {tensor['name']!r} is not the spec's {spec_tensor.name!r}")
+        if tensor.name != spec_tensor.name:
+            raise FluxExportError(f"manifest tensor {tensor.name!r} is not the spec's {spec_tensor.name!r}")
         dims = tuple(d if isinstance(d, int) else -1 for d in spec_tensor.dims)
-        configs.append(TensorConfig(tensor["name"], ELEMENT_TRITON[tensor["dtype"]], dims))
+        configs.append(TensorConfig(tensor.name, ELEMENT_TRITON[tensor.dtype], dims))
     return tuple(configs)
 
 
 def component_config(
-    spec: ComponentSpec, entry: dict, kind: str, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = ()
-) -> ModelConfig:
-    """The config of one component model: `kind` is "onnxruntime" (python backend) or "tensorrt" (a plan);
-    GPU instances go on each of `gpus` (every visible GPU when empty)."""
-    inputs = _tensor_configs(entry["inputs"], spec.inputs)
-    outputs = _tensor_configs(entry["outputs"], spec.outputs)
-    if kind == "tensorrt":
+    spec: ComponentSpec, record: GraphRecord | EngineRecord, instance_kind: str, count: int = 1,
+    gpus: tuple[int, ...] = (),
+) -> ModelConfig:  # fmt: skip
+    """The config of one component model: a plan (`tensorrt_plan`) for an engine record, the python backend
+    (ONNX Runtime) for a graph record; GPU instances go on each of `gpus` (every visible GPU when empty)."""
+    inputs = _tensor_configs(record.inputs, spec.inputs)
+    outputs = _tensor_configs(record.outputs, spec.outputs)
+    if isinstance(record, EngineRecord):
         # every profile of the plan (one per resolution bucket): Triton picks the one each request's shapes
         # fit; an instance given none uses profile 0 only
-        profiles = tuple(str(index) for index in range(len(entry["profiles"])))
+        profiles = tuple(str(index) for index in range(len(record.profiles)))
         return ModelConfig(spec.name, inputs, outputs, platform="tensorrt_plan", instance_kind="KIND_GPU",
                            instance_count=count, profiles=profiles, gpus=gpus)  # fmt: skip
     return ModelConfig(spec.name, inputs, outputs, backend="python", instance_kind=instance_kind, instance_count=count,

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
+from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_folder
+from fluxexport.artifacts.records import EngineRecord, GraphRecord
+from fluxexport.artifacts.repository import PIPELINE, ComponentIO, PipelineSettings, ServedGraph
 from fluxexport.atomic import atomic_folder
 from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import graph_entries, read_manifest
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.lora import LoraFile
-from fluxexport.models.source import ModelSource, made_from
+from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.specs import component_specs, pipeline_components
-from fluxexport.triton.config import PIPELINE, check_config, component_config, pipeline_config
+from fluxexport.triton.config import check_config, component_config, pipeline_config
 
 _CHECKPOINT_FILES = ("model_index.json", TINY_MARKER, "transformer/config.json", "vae/config.json",
                      "text_encoder/config.json", "text_encoder_2/config.json", "scheduler/scheduler_config.json")  # fmt: skip
@@ -51,21 +53,21 @@ def _copy_checkpoint(source: ModelSource, target: Path) -> None:
         shutil.copytree(source.root / folder, target / folder)
 
 
-def _bounds(manifest: dict) -> dict:
-    """The sizes the repository serves: an engine folder's build bounds (`build` writes them under
-    builder.bounds), or an export's bounds."""
-    bounds = manifest["builder"]["bounds"] if manifest.get("kind") == "tensorrt" else manifest["bounds"]
-    return {key: bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
+def _bounds(folder: ExportFolder | EngineFolder) -> dict:
+    """The sizes the repository serves: an engine folder's build bounds, or an export's bounds."""
+    return {key: folder.bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
 
 
 LORA_FOLDER = f"{PIPELINE}/1/loras"  # the LoRAs clients may pick per request, relative to the repository
 
 
-def _lora_names(source: ModelSource, loras: Sequence[LoraFile], entries: dict, kind: str) -> dict[str, dict]:
+def _lora_names(
+    source: ModelSource, loras: Sequence[LoraFile], entries: dict[str, GraphRecord | EngineRecord], kind: str
+) -> dict[str, dict]:
     """Name (file stem) → record of each per-request LoRA, refused in one line before anything is written when
     it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
+    from fluxexport.artifacts.weights import check_swap
     from fluxexport.models.lora import LoraSet
-    from fluxexport.models.lora_weights import check_swap
 
     if loras and kind == "tensorrt":
         raise FluxExportError(
@@ -79,18 +81,15 @@ def _lora_names(source: ModelSource, loras: Sequence[LoraFile], entries: dict, k
             raise FluxExportError(f"two --request-lora files are named {name}: a request names LoRAs by file stem")
         modules = sorted(LoraSet([lora]).layers)
         for component in (c for c in ("transformer", "clip") if MODULE_OF[c] in modules):
-            entry = entries[component]
-            check_swap(source.with_loras([lora]), MODULE_OF[component], entry)
-            if entry["dtype"] == "fp8":
+            graph = entries[component]
+            assert isinstance(graph, GraphRecord)  # plans were refused above
+            check_swap(source.with_loras([lora]), MODULE_OF[component], graph)
+            if graph.is_fp8:
                 raise FluxExportError(
                     f"LoRA {name} adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"
                 )
         names[name] = {"file": lora.path.name, "sha256": lora.sha256, "modules": modules}
     return names
-
-
-def kind_of(engines: Path) -> str:
-    return "tensorrt" if read_manifest(Path(engines)).get("kind") == "tensorrt" else "onnxruntime"
 
 
 def write_repository(
@@ -103,16 +102,15 @@ def write_repository(
     `gpus` (e.g. 0, 1): each GPU component gets an instance on each, and flux_pipeline one instance per GPU
     times `pipeline_instances`, so every GPU has requests to serve."""
     gpus = tuple(sorted(set(gpus)))
-    if gpus and kind_of(engines) != "tensorrt" and instance_kind != "KIND_GPU":
-        raise FluxExportError("--gpus places GPU instances: add --instance-kind KIND_GPU for ONNX Runtime graphs")
     engines, out = Path(engines), Path(out)
-    manifest = read_manifest(engines)
-    kind = "tensorrt" if manifest.get("kind") == "tensorrt" else "onnxruntime"
-    if manifest["model"]["fingerprint"] != source.fingerprint():
-        raise FluxExportError(
-            f"{engines} was made from {made_from(manifest['model']['name'], source)}: pass the same --model"
-        )
-    entries = manifest["components"] if kind == "tensorrt" else graph_entries(manifest, fp8)
+    folder = open_folder(engines)
+    kind = "tensorrt" if isinstance(folder, EngineFolder) else "onnxruntime"
+    if gpus and kind != "tensorrt" and instance_kind != "KIND_GPU":
+        raise FluxExportError("--gpus places GPU instances: add --instance-kind KIND_GPU for ONNX Runtime graphs")
+    folder.check_made_from(source, "pass the same --model")
+    entries: dict[str, GraphRecord | EngineRecord] = (
+        dict(folder.components) if isinstance(folder, EngineFolder) else dict(folder.graphs(fp8))
+    )
     needed = pipeline_components(source)
     missing = [name for name in needed if name not in entries]
     if missing:
@@ -122,25 +120,24 @@ def write_repository(
     with atomic_folder(out) as staging:
         bls_components = {}
         for name in needed:
-            entry = entries[name]
+            record = entries[name]
             version = staging / name / "1"
             version.mkdir(parents=True)
-            config = component_config(specs[name], entry, kind, instance_kind, gpus=gpus)
+            config = component_config(specs[name], record, instance_kind, gpus=gpus)
             _write_config(staging / name, config.to_pbtxt(), specs[name])
-            if kind == "tensorrt":
-                _link_or_copy(engines / entry["file"], version / "model.plan")
-                bls_components[name] = {"inputs": entry["inputs"], "outputs": entry["outputs"]}
+            if isinstance(record, EngineRecord):
+                _link_or_copy(engines / record.file, version / "model.plan")
+                bls_components[name] = ComponentIO(record.inputs, record.outputs)
             else:
-                _link_or_copy(engines / entry["file"], version / "model.onnx")
-                if entry.get("external_data"):
-                    _link_or_copy(engines / entry["external_data"], version / entry["external_data"])
+                _link_or_copy(engines / record.file, version / "model.onnx")
+                if record.external_data:
+                    _link_or_copy(engines / record.external_data, version / record.external_data)
                 lora_module = MODULE_OF[name] if name in ("transformer", "clip") and loras else None
-                served = entry | ({"lora_folder": LORA_FOLDER, "lora_module": lora_module} if lora_module else {})
-                (version / "component.json").write_text(json.dumps(served, indent=2))
+                ServedGraph(record, LORA_FOLDER if lora_module else None, lora_module).write(version)
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself
-                as_float = [{**t, "dtype": host_element(t["dtype"])} for t in entry["inputs"]]
-                bls_components[name] = {"inputs": as_float, "outputs": entry["outputs"]}
+                as_float = tuple(replace(t, dtype=host_element(t.dtype)) for t in record.inputs)
+                bls_components[name] = ComponentIO(as_float, record.outputs)
         pipeline = staging / PIPELINE / "1"
         pipeline.mkdir(parents=True)
         _write_config(
@@ -153,9 +150,8 @@ def write_repository(
             (staging / LORA_FOLDER).mkdir()
             for lora in request_loras:
                 _link_or_copy(lora.path, staging / LORA_FOLDER / f"{lora.path.stem}.safetensors")
-        settings = {"model": source.name, "kind": kind, "bounds": _bounds(manifest), "components": bls_components,
-                    "loras": loras, "gpus": list(gpus), "tensorrt": manifest.get("tensorrt") if kind == "tensorrt" else None}  # fmt: skip
-        (pipeline / "pipeline.json").write_text(json.dumps(settings, indent=2))
+        tensorrt = folder.tensorrt if isinstance(folder, EngineFolder) else None
+        PipelineSettings(source.name, kind, _bounds(folder), bls_components, loras, gpus, tensorrt).write(pipeline)
         (staging / "README.md").write_text(_readme(source, kind, needed, sorted(loras)))
     return out
 

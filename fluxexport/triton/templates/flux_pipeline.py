@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from fluxexport.artifacts.repository import PipelineSettings
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import load_folder
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
@@ -60,11 +61,10 @@ def lora_choice(names: list[str] | None, scales: list[float] | None, placed: dic
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.settings = json.loads((folder / "pipeline.json").read_text())
-        self.settings.setdefault("loras", {})  # repositories written before per-request LoRAs
-        self.source = load_folder(folder / "checkpoint", name=self.settings["model"])
-        device = "cuda" if self.settings["kind"] == "tensorrt" and torch.cuda.is_available() else "cpu"
-        self.backend = BlsBackend(self.settings["components"], device)
+        self.settings = PipelineSettings.read(folder)
+        self.source = load_folder(folder / "checkpoint", name=self.settings.model)
+        device = "cuda" if self.settings.kind == "tensorrt" and torch.cuda.is_available() else "cpu"
+        self.backend = BlsBackend(self.settings.components, device)
 
     def _request(self, request) -> GenerationRequest:
         prompt = _optional(request, "prompt", str)
@@ -91,7 +91,7 @@ class TritonPythonModel:
 
     def _check_bounds(self, generation: GenerationRequest) -> None:
         resolved = resolve_request(self.source, generation)
-        bounds = self.settings["bounds"]
+        bounds = self.settings.bounds
         for name, value in (("height", resolved.height), ("width", resolved.width)):
             if not bounds["min_resolution"] <= value <= bounds["max_resolution"]:
                 raise FluxExportError(
@@ -106,8 +106,8 @@ class TritonPythonModel:
             try:
                 generation = self._request(request)
                 self._check_bounds(generation)
-                loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings["loras"])
-                self.backend.parameters = {"loras": loras} if self.settings["loras"] else {}
+                loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings.loras)
+                self.backend.parameters = {"loras": loras} if self.settings.loras else {}
                 images = generate(self.backend, self.source, generation).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
             except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)

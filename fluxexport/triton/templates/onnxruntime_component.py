@@ -12,45 +12,43 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from fluxexport.backends.onnxruntime_backend import create_session, session_runner
+from fluxexport.artifacts.repository import ServedGraph
+from fluxexport.onnxruntime.backend import PROVIDERS, create_session, lora_overrides, session_runner
 
 
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.graph = folder / "model.onnx"
-        self.entry = json.loads((folder / "component.json").read_text())
+        self.path = folder / "model.onnx"
+        self.served = ServedGraph.read(folder)
+        self.graph = self.served.graph
         self.name = args["model_name"]
-        self.upcast = self.entry.get("base_dtype", self.entry["dtype"]) == "bf16"
-        self.providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"] if args["model_instance_kind"] == "GPU" else None
-        )
-        self.loras = (
-            Path(args["model_repository"]).parent / self.entry["lora_folder"] if "lora_folder" in self.entry else None
-        )
-        self.inputs = [t["name"] for t in self.entry["inputs"]]
+        self.upcast = self.graph.base_dtype == "bf16"
+        self.providers = PROVIDERS["cuda"] if args["model_instance_kind"] == "GPU" else None
+        folder_name = self.served.lora_folder
+        self.loras = Path(args["model_repository"]).parent / folder_name if folder_name else None
+        self.inputs = self.graph.input_names()
         self.choice, self.applied = "[]", False  # the LoRA set asked for last, and whether it changed weights
         self.run = self._runner({})
 
     def _runner(self, overrides):
-        session = create_session(self.graph, self.upcast, self.providers, overrides=overrides)
-        return session_runner(session, self.entry, self.name)
+        session = create_session(self.path, self.upcast, self.providers, overrides=overrides)
+        return session_runner(session, self.graph, self.name)
 
     def _swap(self, choice: str) -> None:
         """Apply the LoRA set `choice` (or go back to the base weights) if it is not the one applied."""
+        from fluxexport.artifacts.weights import graph_base
         from fluxexport.models.lora import LoraSet, parse_lora
-        from fluxexport.models.lora_weights import graph_base, merged_initializers
 
         if choice == self.choice:
             return
         chosen = [parse_lora(f"{self.loras / name}.safetensors:{scale}") for name, scale in json.loads(choice)]
-        module = self.entry["lora_module"]
+        module = self.served.lora_module
         loras = LoraSet(chosen) if chosen else None
         touched = loras is not None and module in loras.layers
         if touched:
-            base = graph_base(self.graph, self.entry["weights"])
-            merged = merged_initializers(self.entry["weights"], module, loras, base, self.entry["file"])
-            self.run = self._runner(dict(merged))
+            base = graph_base(self.path, self.graph.require_weight_origins("write the repository again"))
+            self.run = self._runner(lora_overrides(self.graph, module, loras, base))
         elif self.applied:
             self.run = self._runner({})
         self.choice, self.applied = choice, touched

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluxexport.artifacts.records import GraphRecord, WeightOrigin
 from fluxexport.dtypes import quantize_e4m3
 from fluxexport.errors import FluxExportError
 from fluxexport.models.lora import LoraSet
@@ -23,49 +24,45 @@ from fluxexport.models.lora import LoraSet
 BaseTensor = Callable[[str], torch.Tensor]  # checkpoint tensor name → its base values, in the graph's base dtype
 
 
-def check_swap(source, module: str, entry: dict) -> None:
+def check_swap(source, module: str, graph: GraphRecord) -> dict[str, WeightOrigin]:
     """Refuse (one line), before any weight is read, LoRAs of `source` (a ModelSource with LoRAs) that do not
-    fit `module`, or a graph that does not record where its weights come from."""
+    fit `module`, or a graph that does not record where its weights come from; returns those origins."""
     from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
 
     with parameters_on_meta():
         check_loras(source, module, module_from_config(source.with_loras(()), module))
-    if "weights" not in entry:
-        raise FluxExportError(
-            f"{entry['file']} does not record where its weights come from (exported in memory or by an older "
-            "version): export it again to swap LoRAs, or export with --lora"
-        )
+    return graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
 
 
 def merged_initializers(
-    weights: dict[str, dict], module: str, loras: LoraSet, base: BaseTensor, graph: str
+    weights: dict[str, WeightOrigin], module: str, loras: LoraSet, base: BaseTensor, graph: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(initializer name, merged values in the graph's layout and type) for each initializer the LoRAs touch,
     one at a time; refuses (one line) a LoRA layer the graph holds no initializer for (`graph` names it)."""
-    held = {origin["tensor"] for origin in weights.values()}
+    held = {origin.tensor for origin in weights.values()}
     missing = [f"{layer}.weight" for layer in loras.layers.get(module, {}) if f"{layer}.weight" not in held]
     if missing:
         raise FluxExportError(f"{graph} has no initializer for {missing[0]}: export with --lora instead")
     for initializer, origin in weights.items():
-        if not loras.touches(module, origin["tensor"]):
+        if not loras.touches(module, origin.tensor):
             continue
-        merged = loras.merged(module, origin["tensor"], base(origin["tensor"]))
-        if origin.get("perm"):
-            merged = merged.permute(origin["perm"])
-        if "fp8_scale" in origin:
-            merged = quantize_e4m3(merged, torch.tensor(origin["fp8_scale"], dtype=torch.float32))
+        merged = loras.merged(module, origin.tensor, base(origin.tensor))
+        if origin.perm:
+            merged = merged.permute(origin.perm)
+        if origin.fp8_scale is not None:
+            merged = quantize_e4m3(merged, torch.tensor(origin.fp8_scale, dtype=torch.float32))
         yield initializer, merged.contiguous()
 
 
-def graph_base(path: Path, weights: dict[str, dict]) -> BaseTensor:
+def graph_base(path: Path, weights: dict[str, WeightOrigin]) -> BaseTensor:
     """Base tensors read back from a graph's own initializers (un-transposed): LoRAs can be swapped where only
     the graphs were shipped (a Triton repository). Not for FP8 weights, whose base values the graph lacks."""
     import onnx_ir as ir
 
-    if any("fp8_scale" in origin for origin in weights.values()):
+    if any(origin.fp8_scale is not None for origin in weights.values()):
         raise FluxExportError(f"{path.name} holds FP8 weights: LoRAs need the base weights (the checkpoint)")
     initializers = ir.load(path).graph.initializers  # external data stays on disk until read
-    by_tensor = {origin["tensor"]: (name, origin.get("perm")) for name, origin in weights.items()}
+    by_tensor = {origin.tensor: (name, origin.perm) for name, origin in weights.items()}
 
     def read(tensor: str) -> torch.Tensor:
         name, perm = by_tensor[tensor]

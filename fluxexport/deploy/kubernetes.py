@@ -17,13 +17,12 @@ up to `STARTUP_SECONDS` to load.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxexport.artifacts.repository import PIPELINE, PipelineSettings, read_pipeline_settings
 from fluxexport.errors import FluxExportError
-from fluxexport.triton.config import PIPELINE
 
 HTTP, GRPC, METRICS = 8000, 8001, 8002
 KSERVE_HTTP = 8080  # KServe's Triton runtime serves HTTP on 8080
@@ -249,27 +248,19 @@ def to_yaml(documents: list[dict]) -> str:
     return "---\n".join(yaml.safe_dump(document, sort_keys=False) for document in documents)
 
 
-def repository_facts(repository: Path) -> dict:
-    """What deploy needs from a repository `fluxexport triton` wrote: its pipeline settings."""
-    settings_file = Path(repository) / PIPELINE / "1" / "pipeline.json"
-    if not settings_file.is_file():
-        raise FluxExportError(f"{repository} is not a repository written by fluxexport triton (no {PIPELINE} model)")
-    return json.loads(settings_file.read_text())
-
-
 def deploy_settings(
     repository: Path, storage_uri: str, *, name: str | None = None, image: str | None = None,
     image_tensorrt: str | None = None, gpus_per_replica: int = 1, replicas: str = "1:4",
     namespace: str | None = None, target_queue_ms: float = 2000.0,
-) -> tuple[DeploySettings, dict]:  # fmt: skip
+) -> tuple[DeploySettings, PipelineSettings]:  # fmt: skip
     """Settings checked against the repository (its TensorRT, its GPU placement), and the repository's facts."""
-    from fluxexport.triton.releases import check_image, default_image
+    from fluxexport.deploy.releases import check_image, default_image
 
-    facts = repository_facts(repository)
-    tensorrt = facts.get("tensorrt")
+    facts = read_pipeline_settings(repository)
+    tensorrt = facts.tensorrt
     image = image or default_image(tensorrt)
     release = check_image(image, tensorrt, image_tensorrt)
-    placed = facts.get("gpus") or []
+    placed = facts.gpus
     if placed and max(placed) >= gpus_per_replica:
         raise FluxExportError(
             f"{repository} places instances on GPUs {', '.join(map(str, placed))}, a replica has "
@@ -277,14 +268,14 @@ def deploy_settings(
         )
     low, high = parse_replicas(replicas)
     settings = DeploySettings(
-        name=name or kubernetes_name(facts["model"]), storage_uri=check_storage_uri(storage_uri), image=image,
+        name=name or kubernetes_name(facts.model), storage_uri=check_storage_uri(storage_uri), image=image,
         release=release, gpus_per_replica=gpus_per_replica, min_replicas=low, max_replicas=high,
         namespace=namespace, target_queue_ms=target_queue_ms,
     )  # fmt: skip
     return settings, facts
 
 
-def write_deployment(repository: Path, out: Path, settings: DeploySettings, facts: dict) -> Path:
+def write_deployment(repository: Path, out: Path, settings: DeploySettings, facts: PipelineSettings) -> Path:
     """`out/`: inferenceservice.yaml, deployment.yaml, prometheus-adapter-rules.yaml and a README with the
     commands, written atomically."""
     from fluxexport.atomic import atomic_folder
@@ -308,9 +299,9 @@ def _upload(repository: Path, uri: str) -> str:
     return f"# copy {repository} into the volume claim's {uri.split('://', 1)[1].partition('/')[2] or '/'} (e.g. kubectl cp through a pod)"
 
 
-def _readme(repository: Path, settings: DeploySettings, facts: dict) -> str:
-    engines = f"TensorRT {facts['tensorrt']} plans" if facts.get("tensorrt") else "ONNX Runtime graphs"
-    return f"""# Serving {facts["model"]} on Kubernetes
+def _readme(repository: Path, settings: DeploySettings, facts: PipelineSettings) -> str:
+    engines = f"TensorRT {facts.tensorrt} plans" if facts.tensorrt else "ONNX Runtime graphs"
+    return f"""# Serving {facts.model} on Kubernetes
 
 Written by `fluxexport deploy` for the repository `{repository}` ({engines}), uploaded to `{settings.storage_uri}`.
 Image `{settings.image}` (Triton {settings.release}); {settings.gpus_per_replica} GPU(s) per replica,

@@ -15,40 +15,47 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fluxexport.backends.onnxruntime_backend import create_session, session_runner
+from fluxexport.artifacts.files import file_sha256, now
+from fluxexport.artifacts.folders import ExportFolder, open_export
+from fluxexport.artifacts.records import GraphRecord
+from fluxexport.compare import metrics
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import OPTIMIZED, file_sha256, now, read_manifest, write_manifest
-from fluxexport.models.source import ModelSource, made_from
+from fluxexport.models.source import ModelSource
+from fluxexport.onnxruntime.backend import PROVIDERS, create_session, session_runner
 from fluxexport.specs import component_specs, sample_inputs, validation_sizes
 
 FOLDER = "ort"
 MODEL_TYPES = {"transformer": "mmdit", "t5": "t5", "clip": "clip", "vae_decoder": "vae", "vae_encoder": "vae"}
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
                      "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")  # fmt: skip
 PARITY = 1e-4  # rel-L2 of an optimized graph against its portable graph (fused kernels reorder float sums)
 
 
+@dataclass(frozen=True)
+class Optimized:
+    """What `optimize` did to one component: ONNX Runtime's fusions (none: the portable graph runs), the
+    optimized graph's worst rel-L2 against the portable one, and the seconds it took."""
+
+    component: str
+    fusions: dict[str, int]
+    parity_rel_l2: float
+    seconds: float
+
+
 def _heads_and_width(source: ModelSource, name: str) -> tuple[int, int]:
     """What the optimizer's attention fusions need (0, 0 = let it detect, as for the VAE)."""
-    import json
-
-    def config(folder: str) -> dict:
-        return json.loads((source.root / folder / "config.json").read_text())
-
     if name == "transformer":
-        c = config("transformer")
+        c = source.transformer
         return c["num_attention_heads"], c["num_attention_heads"] * c["attention_head_dim"]
     if name == "t5":
-        c = config("text_encoder_2")
-        return c["num_heads"], c["d_model"]
+        return source.t5["num_heads"], source.t5["d_model"]
     if name == "clip":
-        c = config("text_encoder")
-        return c["num_attention_heads"], c["hidden_size"]
+        return source.clip["num_attention_heads"], source.clip["hidden_size"]
     return 0, 0
 
 
@@ -62,26 +69,26 @@ def fusion_options(name: str, provider: str):
     return options
 
 
-def _parity(portable: Path, optimized: Path, entry: dict, spec, providers: list[str]) -> float:
+def _parity(portable: Path, optimized: Path, graph: GraphRecord, spec, providers: list[str]) -> float:
     """Worst rel-L2 of the optimized graph against the portable one, at validate's three shapes per axis."""
     runs = [
-        session_runner(create_session(path, providers=providers), entry, spec.name) for path in (portable, optimized)
+        session_runner(create_session(path, providers=providers), graph, spec.name) for path in (portable, optimized)
     ]
     worst = 0.0
     for index, (sizes, _) in enumerate(validation_sizes(spec)):
         feeds = sample_inputs(spec, sizes, torch.float32, seed=index)
         expected, actual = (run(feeds) for run in runs)
         for key, value in expected.items():
-            error = ((actual[key] - value).double().norm() / value.double().norm().clamp_min(1e-12)).item()
-            worst = max(worst, error)
+            worst = max(worst, metrics(actual[key], value)[1])
     return worst
 
 
 def optimize_graphs(
     source: ModelSource, engines: Path, provider: str = "cpu", components: list[str] | None = None,
-    on_component: Callable[[str, dict], None] | None = None,
-) -> dict:  # fmt: skip
-    """Optimize the float32 graphs in `engines` for ONNX Runtime on `provider`; returns the manifest."""
+    on_component: Callable[[Optimized], None] | None = None,
+) -> ExportFolder:  # fmt: skip
+    """Optimize the float32 graphs in `engines` for ONNX Runtime on `provider`; returns the folder. `on_component`
+    hears what was done to each component."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     from fluxexport.console import quiet_libraries
@@ -89,52 +96,46 @@ def optimize_graphs(
     if provider not in PROVIDERS:
         raise FluxExportError(f"unknown provider {provider!r}: choose cpu or cuda")
     engines = Path(engines)
-    manifest = read_manifest(engines)
-    if manifest["model"]["fingerprint"] != source.fingerprint():
-        raise FluxExportError(
-            f"the graphs in {engines} were exported from {made_from(manifest['model']['name'], source)}: "
-            "pass the same --model as at export"
-        )
-    graphs = manifest["components"]
+    folder = open_export(engines)
+    folder.check_made_from(source, "pass the same --model as at export")
+    graphs = folder.components
     names = components or [name for name in graphs if name in MODEL_TYPES]
     unknown = [name for name in names if name not in graphs]
     if unknown:
         raise FluxExportError(f"{engines} has no {unknown[0]} graph (it has {', '.join(graphs)})")
-    reduced = [name for name in names if graphs[name]["dtype"] != "fp32"]
+    reduced = [name for name in names if graphs[name].dtype != "fp32"]
     if reduced:
         raise FluxExportError(
-            f"{reduced[0]} in {engines} is {graphs[reduced[0]]['dtype']}: ONNX Runtime's optimizer takes the "
+            f"{reduced[0]} in {engines} is {graphs[reduced[0]].dtype}: ONNX Runtime's optimizer takes the "
             "float32 export (export --dtype fp32)"
         )
     quiet_libraries()
     specs = component_specs(source)
-    section = manifest.setdefault(OPTIMIZED, {})
+    section = folder.optimized
     (engines / FOLDER).mkdir(exist_ok=True)
     for name in names:
-        entry = graphs[name]
+        graph = graphs[name]
         start = time.perf_counter()
         heads, width = _heads_and_width(source, name)
         staging = Path(tempfile.mkdtemp(dir=engines / FOLDER, prefix=f".staging-{name}-"))
         try:
             model = optimize_model(
-                str(engines / entry["file"]), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
+                str(engines / graph.file), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
                 optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
             )  # fmt: skip
             fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
             if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
                 earlier = section.pop(name, None)
-                write_manifest(engines, manifest)
-                for file in (earlier or {}).get("file"), (earlier or {}).get("external_data"):
-                    if file:
-                        (engines / file).unlink(missing_ok=True)
+                folder.write()
+                for file in earlier.files if earlier else ():
+                    (engines / file).unlink(missing_ok=True)
                 if on_component:
-                    on_component(name, {"fusions": {}, "parity_rel_l2": 0.0,
-                                        "optimize_seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+                    on_component(Optimized(name, {}, 0.0, round(time.perf_counter() - start, 2)))
                 continue
-            external = bool(entry.get("external_data"))
+            external = bool(graph.external_data)
             model.save_model_to_file(str(staging / f"{name}.onnx"), use_external_data_format=external,
                                      all_tensors_to_one_file=True)  # fmt: skip
-            error = _parity(engines / entry["file"], staging / f"{name}.onnx", entry, specs[name], PROVIDERS[provider])
+            error = _parity(engines / graph.file, staging / f"{name}.onnx", graph, specs[name], PROVIDERS[provider])
             if not error <= PARITY:
                 raise FluxExportError(
                     f"ONNX Runtime's optimizer changed {name}'s outputs (rel-L2 {error:.2e} > {PARITY:g}): kept the "
@@ -147,17 +148,15 @@ def optimize_graphs(
             shutil.rmtree(staging, ignore_errors=True)
         data = next((f for f in files if f != f"{name}.onnx"), None)
         kept = {initializer.name for initializer in model.model.graph.initializer}
-        section[name] = {
-            **{key: entry[key] for key in ("dtype", "opset", "axes", "inputs", "outputs") if key in entry},
-            "file": f"{FOLDER}/{name}.onnx",
-            "external_data": f"{FOLDER}/{data}" if data else None,
-            "model_type": MODEL_TYPES[name], "provider": provider, "fusions": fusions,
-            "from_sha256": file_sha256(engines / entry["file"]), "parity_rel_l2": error,
-            "optimize_seconds": round(time.perf_counter() - start, 2), "optimized_at": now(),
-        }  # fmt: skip
-        if "weights" in entry:  # what survived fusion keeps its origin, so LoRAs can still be swapped in
-            section[name]["weights"] = {k: v for k, v in entry["weights"].items() if k in kept}
-        write_manifest(engines, manifest)
+        # what survived fusion keeps its origin, so LoRAs can still be swapped in
+        weights = None if graph.weights is None else {k: v for k, v in graph.weights.items() if k in kept}
+        section[name] = replace(
+            graph, file=f"{FOLDER}/{name}.onnx", external_data=f"{FOLDER}/{data}" if data else None,
+            sha256={}, weights=weights, fusions=fusions, from_sha256=file_sha256(engines / graph.file),
+            extra={"model_type": MODEL_TYPES[name], "provider": provider, "parity_rel_l2": error,
+                   "optimize_seconds": round(time.perf_counter() - start, 2), "optimized_at": now()},  # for people
+        )  # fmt: skip
+        folder.write()
         if on_component:
-            on_component(name, section[name])
-    return manifest
+            on_component(Optimized(name, fusions, error, section[name].extra["optimize_seconds"]))
+    return folder

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluxexport.artifacts.folders import EngineFolder, open_engines
+from fluxexport.compare import TENSORRT_THRESHOLDS, Comparison, ValidationReport, compare_outputs, reference_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import ComponentSpec, ExportBounds, component_specs, sample_inputs
-from fluxexport.validate import Comparison, ValidationReport, metrics, validate, validation_sizes
+from fluxexport.specs import ComponentSpec, ExportBounds, component_specs, sample_inputs, validation_sizes
+from fluxexport.validate.graphs import validate
 
-# Engines against PyTorch (and against ONNX Runtime on their own graph): rel-L2 per component, PSNR end to end
-TENSORRT_THRESHOLDS = {"fp32": (1e-3, 40.0), "fp16": (2e-2, 30.0), "bf16": (1e-2, 25.0), "fp8": (6e-2, 20.0)}
+BASE_OF_PRECISION = {"fp8": "bf16"}  # an FP8 engine computes the rest in bf16 (its Q/DQ graph's base)
 
 
 def comparisons_from_results(
@@ -32,12 +33,9 @@ def comparisons_from_results(
     (_, engine_runs), (_, onnx_runs) = list(results.items())
     rows = []
     for (shape, seen), engine, graph in zip(sizes, engine_runs, onnx_runs, strict=True):
-        for tensor in spec.outputs:
-            actual = torch.as_tensor(engine[tensor.name]).float().cpu()
-            expected = torch.as_tensor(graph[tensor.name]).float().cpu()
-            max_abs, rel_l2, cosine = metrics(actual, expected)
-            passed = rel_l2 == rel_l2 and rel_l2 <= max_rel_l2  # NaN fails
-            rows.append(Comparison(spec.name, tensor.name, shape, seen, max_abs, rel_l2, cosine, passed, "onnxruntime"))
+        actual, expected = ({t.name: torch.as_tensor(run[t.name]).float().cpu() for t in spec.outputs}
+                            for run in (engine, graph))  # fmt: skip
+        rows += compare_outputs(spec.name, actual, expected, shape, seen, max_rel_l2, "onnxruntime")
     return rows
 
 
@@ -103,20 +101,20 @@ def compare_with_onnxruntime(
     return comparisons_from_results(spec, results, sizes, max_rel_l2)
 
 
-def graph_session(source: ModelSource, name: str, entry: dict, loras: list):
-    """ONNX Runtime on the graph `entry`'s engine was built from, with the LoRAs a refit put in the engine
+def graph_session(source: ModelSource, folder: EngineFolder, name: str):
+    """ONNX Runtime on the graph `name`'s engine was built from, with the LoRAs a refit put in the engine
     swapped in (their merged weights as replacement initializers)."""
-    from fluxexport.backends.onnxruntime_backend import create_session, default_providers, swapped_initializers
     from fluxexport.models.loaders import MODULE_OF
-    from fluxexport.tensorrt.refit import graph_entry
+    from fluxexport.onnxruntime.backend import create_session, default_providers, swapped_initializers
 
-    onnx_path = Path(entry["onnx"])
+    engine = folder.components[name]
+    onnx_path = Path(engine.onnx)
     if not onnx_path.is_file():
         raise FluxExportError(f"{name}: its graph {onnx_path} is gone: the engine cannot be compared with it")
     overrides = {}
-    if "base_file" in entry and loras:  # refitted: the graph with the same LoRAs
-        overrides = swapped_initializers(source, source.lora_set, MODULE_OF[name], graph_entry(entry))
-    bf16_base = entry["precision"] in ("bf16", "fp8")
+    if engine.is_refitted and folder.model.loras:  # refitted: the graph with the same LoRAs
+        overrides = swapped_initializers(source, source.lora_set, MODULE_OF[name], folder.built_from(name))
+    bf16_base = engine.precision in ("bf16", "fp8")
     return create_session(onnx_path, bf16_base, default_providers(), overrides=overrides)
 
 
@@ -132,10 +130,9 @@ def validate_engines(
 ) -> tuple[ValidationReport, str]:
     """Validate a folder of TensorRT engines: (report, PyTorch reference dtype). Refuses in one line where
     TensorRT or polygraphy is missing. `device`: the CUDA calls (`tensorrt/cuda.CudaDevice` by default)."""
-    from fluxexport.backends.torch_backend import TorchBackend
+    from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.tensorrt.backend import TensorRTBackend
     from fluxexport.tensorrt.builder import POLYGRAPHY_HELP
-    from fluxexport.tensorrt.engines import read_engine_manifest
     from fluxexport.tensorrt.environment import import_tensorrt
     from fluxexport.tensorrt.profiles import profile_bounds
 
@@ -145,21 +142,17 @@ def validate_engines(
     except ImportError:
         raise FluxExportError(f"polygraphy is not installed: {POLYGRAPHY_HELP}") from None
     engines = Path(engines)
-    manifest = read_engine_manifest(engines)
-    entries = manifest["components"]
-    names = components or list(entries)
-    missing = [name for name in names if name not in entries]
+    folder = open_engines(engines)
+    names = components or list(folder.components)
+    missing = [name for name in names if name not in folder.components]
     if missing:
         raise FluxExportError(f"{engines} has no {missing[0]} engine: fluxexport build --components {missing[0]}")
-    precisions = {name: entries[name]["precision"] for name in names}
-    reference = "fp32" if "fp32" in precisions.values() else "bf16"
-    bounds = ExportBounds(**manifest["builder"]["bounds"])  # every compared shape within the engines' profiles
+    precisions = {name: folder.components[name].precision for name in names}
+    reference = reference_dtype(BASE_OF_PRECISION.get(precision, precision) for precision in precisions.values())
+    bounds = ExportBounds(**folder.bounds)  # every compared shape within the engines' profiles
     specs = component_specs(source, bounds)
-    buckets = [
-        component_specs(source, bucket) for bucket in profile_bounds(bounds, manifest["builder"]["resolution_buckets"])
-    ]
+    buckets = [component_specs(source, bucket) for bucket in profile_bounds(bounds, folder.resolution_buckets)]
     total, started = len(names) * 2 + 2, [0]
-    loras = manifest["model"].get("loras", [])
 
     def stage_started(_stage: str) -> None:
         if on_progress:
@@ -172,11 +165,11 @@ def validate_engines(
                 source, candidate, torch_reference, precisions, str(engines), steps, max_rel_l2, min_psnr,
                 stage_started, thresholds=TENSORRT_THRESHOLDS, bounds=bounds,
             )  # fmt: skip
+        report.subject = "engines"
         for name in names:
             stage_started(name)
-            entry = entries[name]
-            limit = TENSORRT_THRESHOLDS[entry["precision"]][0] if max_rel_l2 is None else max_rel_l2
-            session = graph_session(source, name, entry, loras)
+            limit = TENSORRT_THRESHOLDS[precisions[name]][0] if max_rel_l2 is None else max_rel_l2
+            session = graph_session(source, folder, name)
             engine = candidate.component(name)
             sizes = bucket_sizes(specs[name], [bucket[name] for bucket in buckets])
             report.components += compare_with_onnxruntime(specs[name], engine, candidate.device, session, limit, sizes)

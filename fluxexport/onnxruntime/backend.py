@@ -7,13 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxexport.backends.base import LoadedComponents, refuse_unknown_feeds
+from fluxexport.artifacts.folders import open_export
+from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
-from fluxexport.export.manifest import OPTIMIZED, graph_entries, optimized_entries, read_manifest
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.source import ModelSource, made_from
-from fluxexport.runtime.backend import Component, Feeds
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+
+# Execution providers by where the graphs run; CPU always last, as ONNX Runtime's fallback
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 def _import_onnxruntime():
@@ -29,15 +32,15 @@ def _import_onnxruntime():
 def default_providers() -> list[str]:
     """CUDA first when onnxruntime-gpu has it, CPU always."""
     available = _import_onnxruntime().get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return [p for p in PROVIDERS["cuda"] if p in available]
 
 
-def session_runner(session, entry: dict, component: str = "graph") -> Component:
-    """A Component around an InferenceSession whose I/O is described by a manifest entry; a feed the graph
+def session_runner(session, graph: GraphRecord, component: str = "graph") -> Component:
+    """A Component around an InferenceSession whose I/O is described by the graph's record; a feed the graph
     does not take is refused (ONNX Runtime would only say "invalid input name")."""
     # bf16 inputs become float32 once upcast; fp16 graphs take float16 arrays
-    inputs = {t["name"]: ELEMENT_NUMPY.get(t["dtype"], np.float32) for t in entry["inputs"]}
-    output_names = [t["name"] for t in entry["outputs"]]
+    inputs = {t.name: ELEMENT_NUMPY.get(t.dtype, np.float32) for t in graph.inputs}
+    output_names = graph.output_names()
 
     def run(feeds: Feeds) -> Feeds:
         refuse_unknown_feeds(component, feeds, inputs)
@@ -91,7 +94,7 @@ def create_session(
     if upcast:
         import onnx_ir as ir
 
-        from fluxexport.export.graph import upcast_bf16_to_fp32
+        from fluxexport.onnxruntime.upcast import upcast_bf16_to_fp32
 
         model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
@@ -101,19 +104,28 @@ def create_session(
     return session
 
 
-def swapped_initializers(source: ModelSource, loras, module: str, entry: dict) -> dict[str, torch.Tensor]:
-    """Replacement initializers for a graph of `source`'s base checkpoint with `loras` (a LoraSet) merged: only the
-    weights the LoRAs touch, read from the base checkpoint, merged in float32 and laid out as the graph holds
-    them (FP8 weights quantized with the graph's own scales, as `refit` does for FP8 engines)."""
+def lora_overrides(graph: GraphRecord, module: str, loras, base) -> dict[str, torch.Tensor]:
+    """Replacement initializers for `graph` with `loras` (a LoraSet) merged: only the weights the LoRAs touch,
+    from `base` (checkpoint tensor name → its base values: the checkpoint's, or the graph's own where only graphs
+    were shipped, `artifacts.weights.graph_base`), merged in float32 and laid out as the graph holds them (FP8
+    weights quantized with the graph's own scales, as `refit` does for FP8 engines). One code path for `run
+    --lora` on base graphs and the Triton components' per-request LoRAs."""
+    from fluxexport.artifacts.weights import merged_initializers
+
+    weights = graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
+    return dict(merged_initializers(weights, module, loras, base, graph.file))
+
+
+def swapped_initializers(source: ModelSource, loras, module: str, graph: GraphRecord) -> dict[str, torch.Tensor]:
+    """`lora_overrides` from the base checkpoint of `source`, after its LoRAs are checked against the module."""
+    from fluxexport.artifacts.weights import check_swap
     from fluxexport.dtypes import torch_dtype
     from fluxexport.models.checkpoint import CheckpointTensors
-    from fluxexport.models.lora_weights import check_swap, merged_initializers
 
-    check_swap(source, module, entry)
-    base = source.with_loras(())
-    tensors = CheckpointTensors(base, module)
-    dtype = torch_dtype(entry.get("base_dtype", entry["dtype"]))
-    return dict(merged_initializers(entry["weights"], module, loras, lambda t: tensors.load(t, dtype), entry["file"]))
+    check_swap(source, module, graph)
+    tensors = CheckpointTensors(source.with_loras(()), module)
+    dtype = torch_dtype(graph.base_dtype)
+    return lora_overrides(graph, module, loras, lambda tensor: tensors.load(tensor, dtype))
 
 
 class OnnxRuntimeBackend(LoadedComponents):
@@ -140,36 +152,22 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.source = source
         self.upcast_bf16 = upcast_bf16
         self.engines = Path(engines)
-        self.manifest = read_manifest(self.engines)
-        exported_from = self.manifest["model"]["fingerprint"]
-        self.base = source.with_loras(())  # the checkpoint the graphs were exported from, when LoRAs are swapped
+        self.folder = open_export(self.engines)
         self.swapped = None  # the LoRAs applied at session creation (base graphs run with --lora)
-        if exported_from != source.fingerprint() and self._swappable(exported_from, source):
+        if self.folder.model.swaps_in(source):
             self.swapped = source.lora_set
-        elif exported_from != source.fingerprint():
-            raise FluxExportError(
-                f"the graphs in {self.engines} were exported from {made_from(self.manifest['model']['name'], source)}: "
-                "pass the same --model as at export, or export again"
-            )
+        else:
+            self.folder.check_made_from(source)
         self.providers = providers or default_providers()
         self.threads = threads
         self.fp8 = fp8
-        self.entries = graph_entries(self.manifest, fp8)
-        if optimized is not False:
-            portable = self.entries
-            self.entries = optimized_entries(self.manifest, portable, self.engines)
-            if optimized and self.entries == portable:
-                made = "stale (exported again since)" if self.manifest.get(OPTIMIZED) else "none"
-                raise FluxExportError(
-                    f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --engines {self.engines}"
-                )
-        self.optimized = sorted(name for name, entry in self.entries.items() if "fusions" in entry)
-
-    def _swappable(self, exported_from: str, source: ModelSource) -> bool:
-        """Graphs of the unmerged base checkpoint, asked to run with LoRAs: they are swapped in."""
-        return (
-            bool(source.loras) and not self.manifest["model"].get("loras") and exported_from == self.base.fingerprint()
-        )
+        self.entries = self.folder.graphs(fp8, optimized)
+        self.optimized = sorted(name for name, graph in self.entries.items() if graph.is_optimized)
+        if optimized and not self.optimized:
+            made = "stale (exported again since)" if self.folder.optimized else "none"
+            raise FluxExportError(
+                f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --engines {self.engines}"
+            )
 
     def set_loras(self, loras) -> None:
         """Swap LoRAs (LoraFile) in a long-lived backend: only the sessions whose weights they touch (the
@@ -184,24 +182,17 @@ class OnnxRuntimeBackend(LoadedComponents):
             if MODULE_OF[name] in touched:
                 self._components.pop(name, None)
 
-    def _lora_overrides(self, name: str, entry: dict) -> dict[str, torch.Tensor]:
+    def _lora_overrides(self, name: str, graph: GraphRecord) -> dict[str, torch.Tensor]:
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
-        return swapped_initializers(self.source, self.swapped, module, entry)
+        return swapped_initializers(self.source, self.swapped, module, graph)
 
     @property
     def transformer_graph(self) -> str:
         """Which transformer graph runs, in words (the CLI prints it)."""
-        entry = self.entries.get("transformer")
-        if entry is None:
-            return "none"
-        if entry["dtype"] == "fp8":
-            return f"{entry['file']} (FP8 Q/DQ on {entry.get('base_dtype', 'bf16')})"
-        if "fusions" in entry:
-            fused = ", ".join(f"{count} {op}" for op, count in entry["fusions"].items()) or "no fusion applied"
-            return f"{entry['file']} ({entry['dtype']}, ONNX Runtime-optimized: {fused})"
-        return f"{entry['file']} ({entry['dtype']})"
+        graph = self.entries.get("transformer")
+        return "none" if graph is None else graph.describe()
 
     def _load(self, name: str) -> Component:
         entries = self.entries
@@ -214,16 +205,16 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
                 f"run fluxexport export --components {name}"
             )
-        entry = entries[name]
-        bf16 = entry.get("base_dtype", entry["dtype"]) == "bf16"  # an FP8 graph computes the rest in its base
+        graph = entries[name]
+        bf16 = graph.base_dtype == "bf16"  # an FP8 graph computes the rest in its base
         if bf16 and not self.upcast_bf16:
-            what = "a bf16 graph" if entry["dtype"] == "bf16" else f"an {entry['dtype']} graph on a bf16 base"
+            what = "a bf16 graph" if graph.dtype == "bf16" else f"an {graph.dtype} graph on a bf16 base"
             raise FluxExportError(
                 f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
                 "TensorRT, or export --dtype fp32 for onnxruntime"
             )
-        overrides = self._lora_overrides(name, entry)
-        return session_runner(self._session(self.engines / entry["file"], bf16, overrides), entry, name)
+        overrides = self._lora_overrides(name, graph)
+        return session_runner(self._session(self.engines / graph.file, bf16, overrides), graph, name)
 
     def _session(self, path: Path, upcast: bool = False, overrides: dict | None = None):
         return create_session(path, upcast, self.providers, self.threads, overrides)

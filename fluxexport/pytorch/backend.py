@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from fluxexport.adapters import named_outputs, wrap_component
-from fluxexport.backends.base import LoadedComponents, refuse_unknown_feeds
 from fluxexport.dtypes import ELEMENT_TORCH, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.backend import Component, Feeds
+from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
 from fluxexport.specs import COMPONENTS, component_specs
 
 
@@ -43,7 +42,7 @@ class TorchBackend(LoadedComponents):
         if name in self._modules:
             return self._modules[name]
         if self.stream_blocks:
-            from fluxexport.models.block_streaming import streamed_module
+            from fluxexport.pytorch.block_streaming import streamed_module
 
             self._modules[name] = streamed_module(self.source, name, self.dtype, self.device)
         else:

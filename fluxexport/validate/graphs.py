@@ -1,72 +1,26 @@
-"""Compare exported graphs with PyTorch: per component across the dynamic range, and end to end."""
+"""Compare exported graphs with PyTorch: per component across the dynamic range, and end to end (the metrics
+and thresholds are `fluxexport.compare`'s)."""
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from fluxexport.compare import (
+    THRESHOLDS,
+    Comparison,
+    ImageComparison,
+    ValidationReport,
+    compare_outputs,
+    psnr,
+    reference_dtype,
+)
+from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
 from fluxexport.specs import ComponentSpec, component_specs, sample_inputs, validation_sizes
-
-# Per export dtype: the largest rel-L2 a component may show, and the lowest end-to-end PSNR (dB).
-THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0), "fp8": (6e-2, 20.0)}
-
-
-@dataclass
-class Comparison:
-    component: str
-    output: str
-    sizes: dict[str, int]
-    seen_at_export: bool
-    max_abs: float
-    rel_l2: float
-    cosine: float
-    passed: bool
-    against: str = "pytorch"  # or "onnxruntime": a TensorRT engine against the graph it was built from
-
-
-@dataclass
-class ImageComparison:
-    height: int
-    width: int
-    psnr: float
-    max_abs_diff: int
-    passed: bool
-
-
-@dataclass
-class ValidationReport:
-    model: str
-    engines: str
-    dtype: str
-    components: list[Comparison] = field(default_factory=list)
-    images: list[ImageComparison] = field(default_factory=list)
-    graphs: dict[str, str] = field(default_factory=dict)  # component → the graph file that ran
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.components) and all(i.passed for i in self.images)
-
-    def write(self, path: Path) -> Path:
-        path.write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2, default=float) + "\n")
-        return path
-
-
-def metrics(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
-    """(max abs, rel-L2, cosine) of `actual` against `expected`, in float64."""
-    a, e = actual.double().flatten(), expected.double().flatten()
-    difference = (a - e).norm().item()
-    reference = e.norm().item()
-    rel_l2 = difference / reference if reference else difference
-    cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if reference else 1.0
-    return (a - e).abs().max().item(), rel_l2, cosine
 
 
 def compare_component(
@@ -76,16 +30,9 @@ def compare_component(
     for index, (sizes, seen) in enumerate(validation_sizes(spec, within_bounds)):
         feeds = sample_inputs(spec, sizes, seed=index)
         expected, actual = reference(feeds), candidate(feeds)
-        for tensor in spec.outputs:
-            max_abs, rel_l2, cosine = metrics(actual[tensor.name], expected[tensor.name])
-            passed = math.isfinite(rel_l2) and rel_l2 <= max_rel_l2
-            results.append(Comparison(spec.name, tensor.name, sizes, seen, max_abs, rel_l2, cosine, passed))
+        results += compare_outputs(spec.name, actual, {t.name: expected[t.name] for t in spec.outputs}, sizes, seen,
+                                   max_rel_l2)  # fmt: skip
     return results
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def validation_resolutions(source: ModelSource) -> list[tuple[int, int]]:
@@ -139,13 +86,6 @@ def validate(
     return report
 
 
-def reference_dtype(entries: dict[str, dict]) -> str:
-    """The PyTorch dtype to compare graphs with: bf16 (or fp16) when they all compute in it — an FP8 graph
-    computes the rest in its base dtype — else fp32."""
-    bases = {entry.get("base_dtype", entry["dtype"]) for entry in entries.values()}
-    return "bf16" if bases == {"bf16"} else "fp16" if bases == {"fp16"} else "fp32"
-
-
 def validate_folder(
     source: ModelSource,
     engines: Path,
@@ -161,9 +101,8 @@ def validate_folder(
     `on_progress(done, total)` is called as each component and image comparison starts; `fp8` picks the
     transformer graph as the ONNX Runtime backend does (the FP8 one when the folder has it), `optimized` the
     fused graphs of `optimize` (the default when present: validate checks what `run` runs)."""
-    from fluxexport.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from fluxexport.backends.torch_backend import TorchBackend
-    from fluxexport.errors import FluxExportError
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.pytorch.backend import TorchBackend
 
     with OnnxRuntimeBackend(source, engines, upcast_bf16=True, fp8=fp8, optimized=optimized) as candidate:
         entries = candidate.entries
@@ -174,9 +113,9 @@ def validate_folder(
                 f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
             )
         chosen = {name: entries[name] for name in names}
-        dtype = reference_dtype(chosen)
+        dtype = reference_dtype(graph.base_dtype for graph in chosen.values())
         with TorchBackend(source, dtype=dtype, device="cpu") as reference:
-            dtypes = {name: entry["dtype"] for name, entry in chosen.items()}
+            dtypes = {name: graph.dtype for name, graph in chosen.items()}
             total, started = len(names) + len(validation_resolutions(source)), []
 
             def stage_started(stage: str) -> None:
@@ -187,5 +126,5 @@ def validate_folder(
             report = validate(
                 source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started
             )
-        report.graphs = {name: entry["file"] for name, entry in entries.items()}
+        report.graphs = {name: graph.file for name, graph in entries.items()}
     return report, dtype

@@ -1,0 +1,98 @@
+"""How close a candidate is to its reference, with no backend in sight: the metrics, the thresholds per dtype,
+the rows of a validation report, and the PyTorch dtype a set of graphs or engines is compared with."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Per dtype: the largest rel-L2 a component may show, and the lowest end-to-end PSNR (dB).
+THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0), "fp8": (6e-2, 20.0)}
+# Engines against PyTorch (and against ONNX Runtime on their own graph): TensorRT picks its own kernels
+TENSORRT_THRESHOLDS = {"fp32": (1e-3, 40.0), "fp16": (2e-2, 30.0), "bf16": (1e-2, 25.0), "fp8": (6e-2, 20.0)}
+
+
+@dataclass
+class Comparison:
+    component: str
+    output: str
+    sizes: dict[str, int]
+    seen_at_export: bool
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    passed: bool
+    against: str = "pytorch"  # or "onnxruntime": a TensorRT engine against the graph it was built from
+
+
+@dataclass
+class ImageComparison:
+    height: int
+    width: int
+    psnr: float
+    max_abs_diff: int
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    engines: str
+    dtype: str
+    components: list[Comparison] = field(default_factory=list)
+    images: list[ImageComparison] = field(default_factory=list)
+    graphs: dict[str, str] = field(default_factory=dict)  # component → the graph file that ran
+    subject: str = "graphs"  # or "engines"
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.components) and all(i.passed for i in self.images)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps({**asdict(self), "passed": self.passed}, indent=2, default=float) + "\n")
+        return path
+
+
+def metrics(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, float]:
+    """(max abs, rel-L2, cosine) of `actual` against `expected`, in float64."""
+    a, e = actual.double().flatten(), expected.double().flatten()
+    difference = (a - e).norm().item()
+    reference = e.norm().item()
+    rel_l2 = difference / reference if reference else difference
+    cosine = torch.nn.functional.cosine_similarity(a, e, dim=0).item() if reference else 1.0
+    return (a - e).abs().max().item(), rel_l2, cosine
+
+
+def within(rel_l2: float, limit: float) -> bool:
+    """A rel-L2 passes when finite and at most `limit` (NaN and inf fail)."""
+    return math.isfinite(rel_l2) and rel_l2 <= limit
+
+
+def compare_outputs(
+    component: str, actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], sizes: dict[str, int],
+    seen: bool, limit: float, against: str = "pytorch",
+) -> list[Comparison]:  # fmt: skip
+    """One row per output of `expected`: the candidate's outputs at one shape against the reference's."""
+    rows = []
+    for name, reference in expected.items():
+        max_abs, rel_l2, cosine = metrics(actual[name], reference)
+        rows.append(Comparison(component, name, sizes, seen, max_abs, rel_l2, cosine, within(rel_l2, limit), against))
+    return rows
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def reference_dtype(base_dtypes: Iterable[str]) -> str:
+    """The PyTorch dtype to compare with: bf16 (or fp16) when every graph or engine computes in it (an FP8 one
+    computes the rest in its base dtype), else fp32."""
+    bases = set(base_dtypes)
+    return "bf16" if bases == {"bf16"} else "fp16" if bases == {"fp16"} else "fp32"
