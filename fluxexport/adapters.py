@@ -52,7 +52,7 @@ def use_float32_rope(transformer: nn.Module) -> nn.Module:
     return transformer
 
 
-class ClipWrapper(nn.Module):
+class ClipAdapter(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -62,7 +62,7 @@ class ClipWrapper(nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
-class T5Wrapper(nn.Module):
+class T5Adapter(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -71,7 +71,7 @@ class T5Wrapper(nn.Module):
         return self.model(input_ids.to(torch.int64))[0]
 
 
-class TransformerWrapper(nn.Module):
+class TransformerAdapter(nn.Module):
     def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
         super().__init__()
         self.model = use_float32_rope(model) if float32_rope else model
@@ -93,7 +93,7 @@ class TransformerWrapper(nn.Module):
         )[0]
 
 
-class VaeDecoderWrapper(nn.Module):
+class VaeDecoderAdapter(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
@@ -102,7 +102,7 @@ class VaeDecoderWrapper(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
-class VaeEncoderWrapper(nn.Module):
+class VaeEncoderAdapter(nn.Module):
     """Returns the posterior mean (what FluxKontextPipeline uses: sample_mode="argmax")."""
 
     def __init__(self, vae: nn.Module):
@@ -116,12 +116,12 @@ class VaeEncoderWrapper(nn.Module):
 def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: bool = True) -> nn.Module:
     """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components)."""
     if name == "transformer":
-        return TransformerWrapper(module, guidance, float32_rope).eval()
+        return TransformerAdapter(module, guidance, float32_rope).eval()
     adapters = {
-        "clip": ClipWrapper,
-        "t5": T5Wrapper,
-        "vae_decoder": VaeDecoderWrapper,
-        "vae_encoder": VaeEncoderWrapper,
+        "clip": ClipAdapter,
+        "t5": T5Adapter,
+        "vae_decoder": VaeDecoderAdapter,
+        "vae_encoder": VaeEncoderAdapter,
     }
     if name not in adapters:
         raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(COMPONENTS)}")

@@ -10,6 +10,7 @@ import torch
 
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.cache import CacheSettings
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
 
@@ -32,8 +33,10 @@ def run_benchmark(
     warmup: int = 1,
     repeats: int = 5,
     on_run: Callable[[int, int], None] | None = None,
+    cache: CacheSettings | None = None,
 ) -> dict:
-    """Warm up, then time `repeats` generations; the runtime's own stage timings (synced once per stage)."""
+    """Warm up, then time `repeats` generations; the runtime's own stage timings (synced once per stage).
+    With a step `cache`, `computed_steps` says how many steps ran the transformer (the same in every run)."""
     resolved = resolve_request(source, request)
     cuda = backend.device.type == "cuda"
     runs: list[dict[str, float]] = []
@@ -41,7 +44,7 @@ def run_benchmark(
         if cuda and index == warmup:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = generate(backend, source, request)
+        result = generate(backend, source, request, cache=cache)
         timings = dict(result.timings, wall=time.perf_counter() - start)
         if index >= warmup:
             runs.append(timings)
@@ -61,6 +64,8 @@ def run_benchmark(
         "steps": resolved.steps,
         "batch": resolved.batch,
         "repeats": repeats,
+        "cache": result.cache,
+        "computed_steps": result.computed_steps,
         "median_ms": median_ms,
         # the transformer's arithmetic per denoising step, and the rate the run achieved (per-step time)
         "transformer_tflop_per_step": flop / 1e12,

@@ -115,6 +115,13 @@ optimized_option = click.option(
 )  # fmt: skip
 
 
+cache_option = click.option(
+    "--cache", "cache_text", metavar="NAME[:key=value,…]",
+    help="Step cache: none (default) or taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
+    "TaylorSeerCacheConfig lite mode); skipped steps never run the transformer.",
+)  # fmt: skip
+
+
 def tensorrt_run_options(command):
     """--low-vram, --cuda-graphs/--no-cuda-graphs and --weight-streaming-budget, for the tensorrt backend."""
     command = click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")(
@@ -163,21 +170,24 @@ def _say_transformer(engine) -> None:
 @tensorrt_run_options
 @fp8_option
 @optimized_option
+@cache_option
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
     image_path, keep_reference_size, backend, engines, low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized,
-    dtype, device, output,
+    cache_text, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
 
     from fluxexport.backend_factory import create_backend
+    from fluxexport.runtime.cache import parse_cache
     from fluxexport.runtime.images import save_png_atomic
     from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
+    cache = parse_cache(cache_text)
     source = _source(model, base_model)
     reference = None
     if image_path is not None:
@@ -198,13 +208,15 @@ def run(
     )  # fmt: skip
     _say_transformer(engine)
     with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
-        result = generate(engine, source, request, on_step=advance)
+        result = generate(engine, source, request, on_step=advance, cache=cache)
     for message in result.warnings:
         warn(message)
     for image, path in zip(result.images, paths, strict=True):
         save_png_atomic(image, path)
     rows = [[stage.replace("_", " "), f"{seconds * 1000:.1f}"] for stage, seconds in result.timings.items()]
+    rows.append(["transformer steps computed", f"{result.computed_steps} of {resolved.steps}"])
     console.print(table(f"{backend} · {resolved.steps} steps · batch {resolved.batch}", ["stage", "ms"], rows))
+    console.print(result.cache_summary)
     for path in paths:
         click.echo(str(path))
 
@@ -335,10 +347,11 @@ def upgrade(folders) -> None:
 def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized) -> None:
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
-    from fluxexport.validate import validate_any
+    from fluxexport.validate import check_validation_host, validate_any
 
     source = _source(model, base_model)
     names = _components(components) if components else None
+    check_validation_host(engines, fp8)  # refuse before the progress bar
     with step_progress(f"validate {engines}", 1) as advance:
         result, dtype = validate_any(source, engines, names, steps, max_rel_l2, min_psnr, advance, fp8, optimized)
     rows = [
@@ -426,7 +439,7 @@ def quantize(
             calibration_file=calibration_file, sequential=sequential, log=console.print,
             calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes,
         )  # fmt: skip
-    console.print(graph.extra["notes"][0])
+    console.print(graph.notes[0])
     if not _print_check([check_graph(out / graph.file, graph)]):
         raise FluxExportError(f"{out / graph.file} fails the TensorRT check (see the table above)")
     click.echo(str(out / graph.file))
@@ -543,6 +556,7 @@ def refit(model, base_model, engines, reset) -> None:
 @tensorrt_run_options
 @fp8_option
 @optimized_option
+@cache_option
 def bench(
     model,
     base_model,
@@ -562,14 +576,17 @@ def bench(
     weight_streaming_budget,
     fp8,
     optimized,
+    cache_text,
 ) -> None:
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
     import json
 
     from fluxexport.backend_factory import create_backend
     from fluxexport.benchmark import run_benchmark
+    from fluxexport.runtime.cache import parse_cache
     from fluxexport.runtime.pipeline import GenerationRequest
 
+    cache = parse_cache(cache_text)
     if repeats < 1 or warmup < 0:
         raise FluxExportError("--repeats must be ≥ 1 and --warmup ≥ 0")
     source = _source(model, base_model)
@@ -581,12 +598,13 @@ def bench(
     )  # fmt: skip
     _say_transformer(engine)
     with step_progress(f"bench {backend}", warmup + repeats) as advance:
-        result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance)
+        result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance, cache=cache)
     rows = [[stage, f"{ms:.2f}"] for stage, ms in result["median_ms"].items()]
     title = (
         f"{backend} {result['device']} · {result['width']}×{result['height']} · {result['steps']} steps · batch {batch}"
     )
     console.print(table(title, ["stage", "median ms"], rows))
+    console.print(f"transformer: computed {result['computed_steps']} of {result['steps']} steps ({result['cache']})")
     console.print(
         f"transformer: {result['transformer_tflop_per_step']:.4g} TFLOP per step, "
         f"{result['transformer_tflops']:.3g} TFLOP/s achieved"

@@ -21,20 +21,6 @@ import torch
 
 from fluxexport.console import console, quiet_libraries, table
 
-MID_SHAPE = dict(
-    heads=4, head_dim=128, rope_axes=(16, 56, 56), double_blocks=2, single_blocks=4, text_width=512,
-    clip_width=256, text_layers=4, vae_channels=(32, 64, 128, 128), vae_groups=32,
-)  # fmt: skip
-
-
-def mid_source(root: Path):
-    """The mid-size random model written to `root` (a diffusers folder), as a ModelSource."""
-    from fluxexport.models.source import load_folder
-    from fluxexport.models.tiny import ModelShape, build_tiny_pipeline
-
-    build_tiny_pipeline("tiny-schnell", ModelShape(**MID_SHAPE)).save_pretrained(root)
-    return load_folder(root)
-
 
 class StageTimer:
     """Accumulates wall time per named callable; used to wrap engines and modules alike."""
@@ -123,6 +109,7 @@ def main() -> None:
     from diffusers import FluxPipeline
 
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.tiny import write_mid
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.onnxruntime.optimize import optimize_graphs
 
@@ -130,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing it …")
-        source = mid_source(root)
+        source = write_mid(root)
         export_model(source, root / "onnx", ["clip", "t5", "transformer", "vae_decoder"])
         optimize_graphs(source, root / "onnx")
 

@@ -25,23 +25,6 @@ from fluxexport.console import console, quiet_libraries, table
 STRENGTHS = (0.0, 1.0, 2.0, 4.0, 8.0)  # LoRA scale applied to one file whose B·A is 2% of W at scale 1
 
 
-def write_lora(path: Path, transformer, rank: int, relative: float) -> Path:
-    """A PEFT-named LoRA on every Linear of the double and single blocks, B·A sized to `relative`·‖W‖ each."""
-    from safetensors.torch import save_file
-
-    generator, state = torch.Generator().manual_seed(0), {}
-    for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith(
-            ("transformer_blocks.", "single_transformer_blocks.")
-        ):
-            down = torch.randn(rank, module.in_features, generator=generator)
-            up = torch.randn(module.out_features, rank, generator=generator)
-            up *= relative * module.weight.detach().norm() / (up @ down).norm()
-            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
-    save_file(state, str(path))
-    return path
-
-
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).double().norm() / b.double().norm()).item()
 
@@ -77,6 +60,7 @@ def main() -> None:
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
     from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny import write_random_lora
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
@@ -117,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = resolve_model("tiny-dev")
-        lora = write_lora(root / "lora.safetensors", load_transformer(base), args.rank, 0.02)
+        lora = write_random_lora(root / "lora.safetensors", load_transformer(base), args.rank, 0.02)
         console.print(f"exporting and quantizing tiny-dev (calibration: 4 prompts × {args.steps} steps) …")
         base_folder = fp8_graphs(base, root / "base")
         rows = []

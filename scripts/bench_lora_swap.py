@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,19 +26,18 @@ def main() -> None:
     from fluxexport.export.onnx_export import export_model
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
+    from fluxexport.models.tiny import write_mid, write_random_lora
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_cpu import mid_source
-    from bench_lora_fp8 import write_lora
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model and exporting its transformer …")
-        source = mid_source(root)
+        source = write_mid(root)
         export_model(source, root / "onnx", ["transformer"])
         # outside the model folder: a .safetensors file in it is part of the checkpoint (its fingerprint)
-        lora = parse_lora(str(write_lora(Path(folder) / "lora.safetensors", load_transformer(source), args.rank, 0.02)))
+        lora = parse_lora(
+            str(write_random_lora(Path(folder) / "lora.safetensors", load_transformer(source), args.rank, 0.02))
+        )
         merged = source.with_loras([lora])
         layers = len(merged.lora_set.layers["transformer"])
         times: dict[str, list[float]] = {"base session": [], "swap in the LoRA": [], "swap back to the base": [],

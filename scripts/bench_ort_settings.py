@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,17 +34,15 @@ def main() -> None:
     import onnxruntime
 
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.tiny import MID_SHAPE, write_mid
     from fluxexport.onnxruntime.backend import create_session
     from fluxexport.onnxruntime.optimize import optimize_graphs
     from fluxexport.specs import component_specs, sample_inputs
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_cpu import MID_SHAPE, mid_source
-
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing its transformer …")
-        source = mid_source(root)
+        source = write_mid(root)
         export_model(source, root / "onnx", ["transformer"])
         optimize_graphs(source, root / "onnx", components=["transformer"])
         graph = root / "onnx" / "transformer.onnx"
@@ -99,7 +96,7 @@ def main() -> None:
                 run()
                 times[name].append(time.perf_counter() - start)
         shares = kernel_shares(graph, feeds)
-    heads, head_dim = MID_SHAPE["heads"], MID_SHAPE["head_dim"]
+    heads, head_dim = MID_SHAPE.heads, MID_SHAPE.head_dim
     attention = attention_kernels(tokens + 256, heads, head_dim, args.calls)
     base = statistics.median(times[next(iter(times))])
     rows = [

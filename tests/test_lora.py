@@ -206,7 +206,7 @@ def test_loras_swap_into_an_fp8_graph_with_its_scales(sources, fp8_exports, lora
             merged, calibration["input_amax"], weight_amax=calibration["weight_amax"]
         )
         with OnnxRuntimeBackend(merged, folder) as backend:
-            assert backend.entries["transformer"]["dtype"] == "fp8"
+            assert backend.entries["transformer"].dtype == "fp8"
             transformer = backend.component("transformer")
             for index, sizes in enumerate(shapes):
                 feeds = sample_inputs(spec, sizes, seed=index)

@@ -7,13 +7,15 @@ import pytest
 from click.testing import CliRunner
 from helpers import manifest_json
 
+from fluxexport.artifacts.folders import open_export
 from fluxexport.cli import main
+from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
 from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 from fluxexport.onnxruntime.optimize import optimize_graphs
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.validate.graphs import psnr, validate_folder
+from fluxexport.validate.graphs import validate_folder
 
 REQUEST = GenerationRequest("a lighthouse at dusk", height=192, width=320, num_inference_steps=3, seed=5)
 
@@ -44,7 +46,7 @@ def test_tensorrt_never_gets_the_fused_graphs(optimized):
     manifest = manifest_json(optimized)
     fused = check_graph(optimized / manifest["onnxruntime"]["t5"]["file"])
     assert not fused.ok and any("com.microsoft::SkipSimplifiedLayerNormalization" in p for p in fused.problems)
-    assert check_graph(optimized / manifest["components"]["t5"]["file"], manifest["components"]["t5"]).ok
+    assert check_graph(optimized / manifest["components"]["t5"]["file"], open_export(optimized).components["t5"]).ok
 
 
 def test_run_uses_the_fused_graphs_and_they_match(sources, optimized, torch_backends):
@@ -74,7 +76,7 @@ def test_a_stale_optimization_is_not_used(sources, optimized, tmp_path):
     manifest["onnxruntime"]["transformer"]["from_sha256"] = "0" * 64  # made from another export
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with OnnxRuntimeBackend(sources["tiny-dev"], folder) as backend:
-        assert backend.entries["transformer"]["file"] == "transformer.onnx" and backend.optimized == ["clip", "t5"]
+        assert backend.entries["transformer"].file == "transformer.onnx" and backend.optimized == ["clip", "t5"]
 
 
 def test_refusals(sources, exports, bf16_export, tmp_path):

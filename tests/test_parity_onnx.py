@@ -5,10 +5,11 @@ import pytest
 from helpers import diffusers_images
 from PIL import Image
 
+from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs, validation_sizes
-from fluxexport.validate.graphs import compare_component, psnr
+from fluxexport.validate.graphs import compare_component
 
 VARIANTS = ["tiny-schnell", "tiny-dev", "tiny-kontext"]
 COMPONENTS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]

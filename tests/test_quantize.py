@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from helpers import manifest_json
 
+from fluxexport.artifacts.folders import open_export
 from fluxexport.cli import main
 from fluxexport.dtypes import E4M3_MAX
 from fluxexport.errors import FluxExportError
@@ -113,7 +114,7 @@ def test_fp8_graph_is_standard_and_passes_the_check(variant, fp8_exports):
     entry = manifest_json(folder)["fp8"]["transformer"]
     assert entry["dtype"] == "fp8" and entry["base_dtype"] == "fp32" and entry["opset"] >= 19
     assert entry["quantization"]["calibration"] == "calibration.json"
-    report = check_graph(folder / "transformer.fp8.onnx", entry)
+    report = check_graph(folder / "transformer.fp8.onnx", open_export(folder).fp8["transformer"])
     assert report.ok, report.problems
     model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "transformer.fp8.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
@@ -229,7 +230,7 @@ def test_a_saved_calibration_is_reused_without_running_the_model(sources, fp8_ex
     monkeypatch.setattr(qdq_export, "calibrate", no_model)
     saved = fp8_exports["tiny-dev"] / "calibration.json"
     entry = quantize_transformer(sources["tiny-dev"], tmp_path, base_dtype="fp32", calibration_file=saved)
-    assert entry["dtype"] == "fp8"
+    assert entry.dtype == "fp8"
     assert (tmp_path / "calibration.json").read_text() == saved.read_text()
     ours = ir.load(tmp_path / "transformer.fp8.onnx").graph.initializers
     theirs = ir.load(fp8_exports["tiny-dev"] / "transformer.fp8.onnx").graph.initializers

@@ -150,8 +150,8 @@ def test_streamed_fp8_export_equals_the_in_memory_one(base_dtype, sources, calib
         prepare=lambda transformer: fake_quantize(transformer, calibration.input_amax),
         graph_pass=store_weights_in_fp8,
     )  # fmt: skip
-    assert_same_graph(tmp_path / "streamed" / entry["file"], reference.path)
-    assert entry["weight_bytes"] == reference.weight_bytes
+    assert_same_graph(tmp_path / "streamed" / entry.file, reference.path)
+    assert entry.extra["weight_bytes"] == reference.weight_bytes
 
 
 def test_an_old_calibration_without_weight_amax_reads_the_weights(sources, fp8_exports, tmp_path):
@@ -164,7 +164,7 @@ def test_an_old_calibration_without_weight_amax_reads_the_weights(sources, fp8_e
     calibration, _ = read_calibration(old, source)
     assert calibration.weight_amax == {}
     entry = export_quantized(source, tmp_path / "out", calibration, old, "fp32", 20)
-    assert_same_graph(tmp_path / "out" / entry["file"], fp8_exports["tiny-dev"] / "transformer.fp8.onnx")
+    assert_same_graph(tmp_path / "out" / entry.file, fp8_exports["tiny-dev"] / "transformer.fp8.onnx")
 
 
 @pytest.mark.slow

@@ -410,8 +410,9 @@ def test_refit_sets_only_the_lora_weights_by_initializer_name(tmp_path, sources,
 
     with standin_tensorrt():
         reset = refit_engines(source, engines, reset=True)
-    assert reset["components"]["transformer"]["file"] == "transformer_fp32.trt_10.13.0.35.plan"
-    assert reset["model"]["fingerprint"] == source.fingerprint() and reset["model"]["loras"] == []
+    assert reset.components["transformer"].file == "transformer_fp32.trt_10.13.0.35.plan"
+    assert reset.model.fingerprint == source.fingerprint() and reset.model.loras == ()
+    assert manifest_json(engines) == reset.to_json()  # what it returns is what it wrote
     assert not (engines / "transformer_fp32.lora.trt_10.13.0.35.plan").exists()
 
     plain = build_folder(source, exports["tiny-dev"], tmp_path / "plain", components=["transformer"])

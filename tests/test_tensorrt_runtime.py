@@ -287,8 +287,8 @@ def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
     folder = tmp_path / "engines"
     shutil.copytree(engines, folder)
     merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
-    manifest = refit_engines(merged, folder)
-    assert manifest["components"]["transformer"]["refitted_weights"] == 1  # the one layer the LoRA adapts
+    refitted_folder = refit_engines(merged, folder)
+    assert refitted_folder.components["transformer"].refitted_weights == 1  # the one layer the LoRA adapts
     swapped = OnnxRuntimeBackend(merged, exports["tiny-dev"])
     refitted = TensorRTBackend(merged, folder, device=HostDevice(trt))
     ours = images(refitted, merged, A)

@@ -109,6 +109,11 @@ class GraphRecord:
         return self.dtype == "fp8"
 
     @property
+    def notes(self) -> list[str]:
+        """What the export noted for people (passes applied, layers kept in high precision)."""
+        return list(self.extra.get("notes", []))
+
+    @property
     def is_optimized(self) -> bool:
         return self.fusions is not None
 

@@ -59,7 +59,7 @@ class PipelineSettings:
         return cls(
             data["model"], data["kind"], data["bounds"],
             {name: ComponentIO.from_json(io) for name, io in data["components"].items()},
-            data.get("loras", {}), tuple(data.get("gpus", ())), data.get("tensorrt"),
+            data["loras"], tuple(data["gpus"]), data["tensorrt"],
         )  # fmt: skip
 
     def write(self, version: Path) -> None:

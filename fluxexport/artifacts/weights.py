@@ -27,10 +27,9 @@ BaseTensor = Callable[[str], torch.Tensor]  # checkpoint tensor name → its bas
 def check_swap(source, module: str, graph: GraphRecord) -> dict[str, WeightOrigin]:
     """Refuse (one line), before any weight is read, LoRAs of `source` (a ModelSource with LoRAs) that do not
     fit `module`, or a graph that does not record where its weights come from; returns those origins."""
-    from fluxexport.models.meta import check_loras, module_from_config, parameters_on_meta
+    from fluxexport.models.meta import weightless_module
 
-    with parameters_on_meta():
-        check_loras(source, module, module_from_config(source.with_loras(()), module))
+    weightless_module(source, module)  # refuses LoRAs that do not fit it
     return graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
 
 

@@ -25,7 +25,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import MODULE_OF
-from fluxexport.models.meta import check_loras, module_from_config, parameter_aliases, parameters_on_meta
+from fluxexport.models.meta import parameter_aliases, weightless_module
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec
 
@@ -33,9 +33,7 @@ from fluxexport.specs import ComponentSpec
 def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Module:
     """`module` ("clip", "t5", "transformer", "vae") built from its config with fake `dtype` parameters (tied
     parameters stay tied) and real buffers, in eval mode."""
-    with parameters_on_meta():
-        model = module_from_config(source, module)
-    check_loras(source, module, model)
+    model = weightless_module(source, module)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -65,3 +65,13 @@ def check_loras(source: ModelSource, module: str, model: nn.Module) -> None:
     """Refuse, before anything is read or written, LoRAs that do not fit `model` (built on meta)."""
     if source.lora_set is not None:
         source.lora_set.check(module, {name: p.shape for name, p in model.named_parameters()})
+
+
+def weightless_module(source: ModelSource, module: str, for_export: bool = True) -> nn.Module:
+    """`module` built from the checkpoint's config with its parameters on the meta device (nothing read or
+    allocated), after `source`'s LoRAs were checked against it: where every module without weights starts (the
+    streamed export's fake-weight module, the block-streamed PyTorch module, the LoRA swap's check)."""
+    with parameters_on_meta():
+        model = module_from_config(source, module, for_export)
+    check_loras(source, module, model)
+    return model

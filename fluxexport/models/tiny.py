@@ -64,6 +64,11 @@ class ModelShape:
 
 
 TINY_SHAPE = ModelShape()
+# The benchmarks' mid-size model: FLUX.1's head width (128) and RoPE axes, 4 heads, a few blocks
+MID_SHAPE = ModelShape(
+    heads=4, head_dim=128, rope_axes=(16, 56, 56), double_blocks=2, single_blocks=4, text_width=512,
+    clip_width=256, text_layers=4, vae_channels=(32, 64, 128, 128), vae_groups=32,
+)  # fmt: skip
 
 
 def build_tiny_pipeline(name: str, shape: ModelShape = TINY_SHAPE):
@@ -201,4 +206,31 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as temporary:
         save_file(converted, str(temporary))
+    return path
+
+
+def write_mid(root: Path):
+    """The benchmarks' mid-size random model (`MID_SHAPE`) written to `root` as a diffusers folder; its source."""
+    from fluxexport.models.source import load_folder
+
+    build_tiny_pipeline("tiny-schnell", MID_SHAPE).save_pretrained(root)
+    return load_folder(root)
+
+
+def write_random_lora(path: Path, transformer, rank: int, relative: float) -> Path:
+    """A PEFT-named random LoRA on every Linear of the double and single blocks, B·A sized to `relative`·‖W‖
+    each (benchmarks of LoRA swaps and of FP8 saturation)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator, state = torch.Generator().manual_seed(0), {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(
+            ("transformer_blocks.", "single_transformer_blocks.")
+        ):
+            down = torch.randn(rank, module.in_features, generator=generator)
+            up = torch.randn(module.out_features, rank, generator=generator)
+            up *= relative * module.weight.detach().norm() / (up @ down).norm()
+            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
+    save_file(state, str(path))
     return path

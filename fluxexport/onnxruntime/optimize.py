@@ -148,15 +148,16 @@ def optimize_graphs(
             shutil.rmtree(staging, ignore_errors=True)
         data = next((f for f in files if f != f"{name}.onnx"), None)
         kept = {initializer.name for initializer in model.model.graph.initializer}
+        seconds = round(time.perf_counter() - start, 2)
         # what survived fusion keeps its origin, so LoRAs can still be swapped in
         weights = None if graph.weights is None else {k: v for k, v in graph.weights.items() if k in kept}
         section[name] = replace(
             graph, file=f"{FOLDER}/{name}.onnx", external_data=f"{FOLDER}/{data}" if data else None,
             sha256={}, weights=weights, fusions=fusions, from_sha256=file_sha256(engines / graph.file),
             extra={"model_type": MODEL_TYPES[name], "provider": provider, "parity_rel_l2": error,
-                   "optimize_seconds": round(time.perf_counter() - start, 2), "optimized_at": now()},  # for people
+                   "optimize_seconds": seconds, "optimized_at": now()},  # for people
         )  # fmt: skip
         folder.write()
         if on_component:
-            on_component(Optimized(name, fusions, error, section[name].extra["optimize_seconds"]))
+            on_component(Optimized(name, fusions, error, seconds))
     return folder

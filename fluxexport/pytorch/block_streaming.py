@@ -18,12 +18,13 @@ modules read other modules' weight dtypes (T5's feed-forward casts its input to 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from fluxexport.models.checkpoint import CheckpointTensors
-from fluxexport.models.meta import check_loras, module_from_config, parameter_aliases, parameters_on_meta
+from fluxexport.models.meta import parameter_aliases, weightless_module
 from fluxexport.models.source import ModelSource
 
 # the ModuleLists whose blocks stream, per module; everything else is the shell, loaded once
@@ -96,25 +97,38 @@ def release_parameters(module: nn.Module) -> None:
                 submodule._parameters[leaf] = nn.Parameter(parameter.to("meta"), requires_grad=False)
 
 
+def _concatenated(outputs: list):
+    """Per-sample outputs (tensors, tuples or dicts of them) joined along the batch axis."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        return {name: torch.cat([output[name] for output in outputs]) for name in first}
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def run_per_sample(run: Callable[[dict], Any], inputs: dict, batch: int, batched: Callable[[str, Any], bool]):
+    """`run` on each sample of `inputs` (the entries `batched` names sliced along the batch axis, the others as
+    they are), the outputs concatenated: the activations, and the numerics, of batch-1 runs."""
+    if batch == 1:
+        return run(inputs)
+    slices = [{k: v[i : i + 1] if batched(k, v) else v for k, v in inputs.items()} for i in range(batch)]
+    return _concatenated([run(sliced) for sliced in slices])
+
+
 def per_sample(forward: Callable) -> Callable:
-    """A FLUX block's forward run one sample at a time: tensor keywords are sliced along the batch axis
-    (the RoPE tuple, shared by all samples, is not) and the outputs concatenated back."""
+    """A FLUX block's forward run one sample at a time: tensor keywords with the batch axis are sliced (the RoPE
+    tuple, shared by all samples, is not)."""
 
     def run(*args, **kwargs):
-        batch = kwargs["hidden_states"].shape[0]
-        if args or batch == 1:
+        if args:
             return forward(*args, **kwargs)
-        outputs = []
-        for index in range(batch):
-            sliced = {
-                key: value[index : index + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (batch,)
-                else value
-                for key, value in kwargs.items()
-            }  # fmt: skip
-            outputs.append(forward(**sliced))
-        if isinstance(outputs[0], torch.Tensor):
-            return torch.cat(outputs)
-        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+        batch = kwargs["hidden_states"].shape[0]
+
+        def batched(_key, value) -> bool:
+            return isinstance(value, torch.Tensor) and value.shape[:1] == (batch,)
+
+        return run_per_sample(lambda sliced: forward(**sliced), kwargs, batch, batched)
 
     return run
 
@@ -145,9 +159,7 @@ def streamed_module(
     """`module` ("clip", "t5", "transformer", "vae") with its shell loaded and its blocks streamed, in eval mode,
     computing in `dtype`."""
     device = torch.device(device)
-    with parameters_on_meta():
-        model = module_from_config(source, module, for_export=False)
-    check_loras(source, module, model)
+    model = weightless_module(source, module, for_export=False)
     tensors = CheckpointTensors(source, module)
     blocks = {
         f"{list_name}.{index}": (block, list_name in PER_SAMPLE_LISTS)

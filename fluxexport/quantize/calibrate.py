@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fluxexport.errors import FluxExportError
-from fluxexport.pytorch.block_streaming import BLOCK_LISTS
+from fluxexport.pytorch.block_streaming import BLOCK_LISTS, run_per_sample
 from fluxexport.quantize.fp8 import FP8Linear
 
 # Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
@@ -87,14 +87,11 @@ def read_prompts(path) -> tuple[str, ...]:
 
 
 def one_sample_at_a_time(component, spec):
-    """A component callable run sample by sample (feeds with a batch axis sliced): the activations, and
-    the numerics, of batch-1 runs."""
+    """A component callable run sample by sample (the feeds with the spec's batch axis sliced)."""
     batched = {tensor.name for tensor in spec.inputs if tensor.dims and tensor.dims[0] == "B"}
 
     def run(feeds):
-        batch = feeds["hidden_states"].shape[0]
-        outputs = [component({k: v[i : i + 1] if k in batched else v for k, v in feeds.items()}) for i in range(batch)]
-        return {name: torch.cat([output[name] for output in outputs]) for name in outputs[0]}
+        return run_per_sample(component, feeds, feeds["hidden_states"].shape[0], lambda key, _value: key in batched)
 
     return run
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
-from fluxexport.adapters import TransformerWrapper
+from fluxexport.adapters import TransformerAdapter
 from fluxexport.artifacts.files import now
 from fluxexport.artifacts.folders import FP8_STEM
 from fluxexport.artifacts.records import GraphRecord
@@ -42,11 +42,11 @@ MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 
 def fake_quantized_transformer(
     source: ModelSource, amax: dict[str, float], dtype: str = "fp32", weight_amax: dict[str, float] | None = None
-) -> TransformerWrapper:
+) -> TransformerAdapter:
     """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization
     (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales)."""
     model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax, weight_amax)
-    return TransformerWrapper(model, source.guidance_embeds).eval()
+    return TransformerAdapter(model, source.guidance_embeds).eval()
 
 
 CALIBRATION_FORMAT = "fp8_e4m3_per_tensor"

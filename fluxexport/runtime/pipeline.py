@@ -13,6 +13,7 @@ from PIL import Image
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.cache import CacheSettings, StepCache
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, to_vae_latents
 from fluxexport.runtime.kontext import prepare_reference
 from fluxexport.runtime.latents import (
@@ -74,6 +75,14 @@ class GenerationResult:
     request: ResolvedRequest
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     warnings: list[str] = field(default_factory=list)
+    computed_steps: int | None = None  # full transformer evaluations (fewer than the steps with a step cache)
+    cache: str = "none"
+
+    @property
+    def cache_summary(self) -> str:
+        """`transformer: computed 9 of 12 steps (taylorseer:interval=5,order=1,warmup=3)`."""
+        computed = self.request.steps if self.computed_steps is None else self.computed_steps
+        return f"transformer: computed {computed} of {self.request.steps} steps ({self.cache})"
 
 
 def _as_list(prompt: str | Sequence[str]) -> list[str]:
@@ -157,15 +166,17 @@ def denoise(
     conditioning: dict[str, torch.Tensor],
     reference: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
+    cache: StepCache | None = None,
 ) -> torch.Tensor:
-    """The Euler loop: `conditioning` holds every transformer input except hidden_states and timestep."""
+    """The Euler loop: `conditioning` holds every transformer input except hidden_states and timestep; `cache`
+    (a step cache's state for this generation) decides which steps run the transformer."""
     batch, tokens, _ = latents.shape
     steps = len(sigmas) - 1
+    cache = cache or CacheSettings().new_state()
     for index in range(steps):
         hidden = latents if reference is None else torch.cat([latents, reference], dim=1)
-        velocity = transformer(
-            {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch), **conditioning}
-        )["latent"][:, :tokens]
+        feeds = {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch), **conditioning}
+        velocity = cache(lambda feeds=feeds: transformer(feeds))["latent"][:, :tokens]
         latents = euler_step(latents, velocity, sigmas[index], sigmas[index + 1])
         if on_step is not None:
             on_step(index + 1, steps)
@@ -206,9 +217,14 @@ def _stage_end(device: torch.device) -> float:
 
 
 def generate(
-    backend: Backend, source: ModelSource, request: GenerationRequest, on_step: StepCallback | None = None
+    backend: Backend,
+    source: ModelSource,
+    request: GenerationRequest,
+    on_step: StepCallback | None = None,
+    cache: CacheSettings | None = None,
 ) -> GenerationResult:
-    """Run the whole pipeline; the same seed and settings give diffusers' image."""
+    """Run the whole pipeline; the same seed and settings give diffusers' image (with `cache`, diffusers' image
+    with the same cache hook)."""
     resolved = resolve_request(source, request)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -233,8 +249,10 @@ def generate(
     conditioning = transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
 
     transformer = backend.component("transformer")
+    cache = cache or CacheSettings()
+    state = cache.new_state()
     tick = time.perf_counter()
-    latents = denoise(transformer, latents, sigmas, conditioning, reference, on_step)
+    latents = denoise(transformer, latents, sigmas, conditioning, reference, on_step, state)
     timings["denoise"] = _stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 
@@ -242,4 +260,4 @@ def generate(
     images = decode(backend, source, latents, resolved.height, resolved.width)
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    return GenerationResult(images, resolved, timings, warnings)
+    return GenerationResult(images, resolved, timings, warnings, state.computed, str(cache))

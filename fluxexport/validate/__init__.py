@@ -13,6 +13,19 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 
 
+def check_validation_host(folder: Path, fp8: bool | None = None) -> bool:
+    """Refuse, before anything runs, what cannot validate `folder`: engines without TensorRT here, or a graph
+    choice (`fp8`) for engines, whose precision is fixed. True when the folder holds engines."""
+    if not isinstance(open_folder(folder), EngineFolder):
+        return False
+    from fluxexport.tensorrt.environment import import_tensorrt
+
+    import_tensorrt()
+    if fp8 is not None:
+        raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
+    return True
+
+
 def validate_any(
     source: ModelSource,
     folder: Path,
@@ -26,11 +39,9 @@ def validate_any(
 ) -> tuple[ValidationReport, str]:
     """Validate the graphs or engines in `folder`: (report, PyTorch reference dtype). `fp8` and `optimized`
     pick graphs, so an engine folder (whose precision is fixed) refuses `fp8`."""
-    if isinstance(open_folder(folder), EngineFolder):
+    if check_validation_host(folder, fp8):
         from fluxexport.validate.engines import validate_engines
 
-        if fp8 is not None:
-            raise FluxExportError("--fp8/--no-fp8 picks a graph; an engine folder's precision is fixed: drop it")
         return validate_engines(source, folder, components, steps, max_rel_l2, min_psnr, on_progress)
     from fluxexport.validate.graphs import validate_folder
 
