@@ -109,6 +109,7 @@ def main() -> None:
     from diffusers import FluxPipeline
 
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.source import load_folder
     from fluxexport.models.tiny import write_mid
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.onnxruntime.optimize import optimize_graphs
@@ -117,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing it …")
-        source = write_mid(root)
+        source = load_folder(write_mid(root))
         export_model(source, root / "onnx", ["clip", "t5", "transformer", "vae_decoder"])
         optimize_graphs(source, root / "onnx")
 

@@ -26,13 +26,14 @@ def main() -> None:
     from fluxexport.export.onnx_export import export_model
     from fluxexport.models.loaders import load_transformer
     from fluxexport.models.lora import parse_lora
+    from fluxexport.models.source import load_folder
     from fluxexport.models.tiny import write_mid, write_random_lora
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model and exporting its transformer …")
-        source = write_mid(root)
+        source = load_folder(write_mid(root))
         export_model(source, root / "onnx", ["transformer"])
         # outside the model folder: a .safetensors file in it is part of the checkpoint (its fingerprint)
         lora = parse_lora(

@@ -34,6 +34,7 @@ def main() -> None:
     import onnxruntime
 
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.source import load_folder
     from fluxexport.models.tiny import MID_SHAPE, write_mid
     from fluxexport.onnxruntime.backend import create_session
     from fluxexport.onnxruntime.optimize import optimize_graphs
@@ -42,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-schnell"
         console.print("building the mid-size model, exporting and optimizing its transformer …")
-        source = write_mid(root)
+        source = load_folder(write_mid(root))
         export_model(source, root / "onnx", ["transformer"])
         optimize_graphs(source, root / "onnx", components=["transformer"])
         graph = root / "onnx" / "transformer.onnx"

@@ -217,11 +217,9 @@ def open_export(folder: Path, source: ModelSource | None = None) -> ExportFolder
 
 
 def open_engines(folder: Path, source: ModelSource | None = None) -> EngineFolder:
-    data = _read_json(folder)
-    if data.get("kind") != TENSORRT:
-        raise FluxExportError(f"{folder} holds no TensorRT engines: build them with `fluxexport build`")
     opened = open_folder(folder)
-    assert isinstance(opened, EngineFolder)
+    if not isinstance(opened, EngineFolder):
+        raise FluxExportError(f"{folder} holds no TensorRT engines: build them with `fluxexport build`")
     if source is not None:
         opened.check_made_from(source)
     return opened

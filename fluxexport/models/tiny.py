@@ -209,12 +209,11 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     return path
 
 
-def write_mid(root: Path):
-    """The benchmarks' mid-size random model (`MID_SHAPE`) written to `root` as a diffusers folder; its source."""
-    from fluxexport.models.source import load_folder
-
+def write_mid(root: Path) -> Path:
+    """The benchmarks' mid-size random model (`MID_SHAPE`) written to `root` as a diffusers folder
+    (`models.source.load_folder` reads it)."""
     build_tiny_pipeline("tiny-schnell", MID_SHAPE).save_pretrained(root)
-    return load_folder(root)
+    return Path(root)
 
 
 def write_random_lora(path: Path, transformer, rank: int, relative: float) -> Path:
