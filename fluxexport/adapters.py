@@ -14,7 +14,7 @@ from torch import nn
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import COMPONENTS, ComponentSpec
+from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec
 
 
 class Float32RotaryEmbedding(nn.Module):
@@ -93,6 +93,60 @@ class TransformerAdapter(nn.Module):
         )[0]
 
 
+class TransformerHeadAdapter(nn.Module):
+    """The transformer's embedders and first double block, as diffusers' forward runs them: the first block's
+    image residual (what First Block Cache compares), its image and text outputs, and the time embedding."""
+
+    def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
+        super().__init__()
+        self.model = use_float32_rope(model) if float32_rope else model
+        self.guidance = guidance
+
+    def forward(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
+    ):
+        model, dtype = self.model, hidden_states.dtype
+        hidden = model.x_embedder(hidden_states)
+        timestep = timestep.to(hidden.dtype) * 1000
+        if self.guidance:
+            temb = model.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+        else:
+            temb = model.time_text_embed(timestep, pooled_projections)
+        text = model.context_embedder(encoder_hidden_states)
+        rope = model.pos_embed(torch.cat((txt_ids.to(dtype), img_ids.to(dtype)), dim=0))
+        text, image = model.transformer_blocks[0](
+            hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope
+        )
+        return image - hidden, image, text, temb
+
+
+class TransformerTailAdapter(nn.Module):
+    """Every block after the first (the other double blocks, then the single ones): the image stream after them."""
+
+    def __init__(self, model: nn.Module, float32_rope: bool = True):
+        super().__init__()
+        self.model = use_float32_rope(model) if float32_rope else model
+
+    def forward(self, image_hidden, text_hidden, temb, img_ids, txt_ids):
+        model, dtype = self.model, image_hidden.dtype
+        rope = model.pos_embed(torch.cat((txt_ids.to(dtype), img_ids.to(dtype)), dim=0))
+        image, text = image_hidden, text_hidden
+        for block in [*model.transformer_blocks[1:], *model.single_transformer_blocks]:
+            text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+        return image
+
+
+class TransformerOutAdapter(nn.Module):
+    """The output layers (adaptive norm, projection to the packed latent)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_hidden, temb):
+        return self.model.proj_out(self.model.norm_out(image_hidden, temb))
+
+
 class VaeDecoderAdapter(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -117,6 +171,12 @@ def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: b
     """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components)."""
     if name == "transformer":
         return TransformerAdapter(module, guidance, float32_rope).eval()
+    if name == "transformer_head":
+        return TransformerHeadAdapter(module, guidance, float32_rope).eval()
+    if name == "transformer_tail":
+        return TransformerTailAdapter(module, float32_rope).eval()
+    if name == "transformer_out":
+        return TransformerOutAdapter(module).eval()
     adapters = {
         "clip": ClipAdapter,
         "t5": T5Adapter,
@@ -124,7 +184,7 @@ def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: b
         "vae_encoder": VaeEncoderAdapter,
     }
     if name not in adapters:
-        raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(COMPONENTS)}")
+        raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(KNOWN_COMPONENTS)}")
     return adapters[name](module).eval()
 
 

@@ -261,6 +261,8 @@ def _print_check(reports) -> bool:
               help="Weights in a .onnx_data file beside each graph, or inline (up to 2 GB) "
                    "(default: beside it past 32 MiB).")  # fmt: skip
 @click.option("--check/--no-check", "run_check", default=True, show_default=True, help="Run `fluxexport check` after.")
+@click.option("--transformer-parts", is_flag=True,
+              help="Also the transformer in three parts (head, tail, out) that `--cache first-block` runs.")  # fmt: skip
 def export(
     model,
     base_model,
@@ -273,18 +275,20 @@ def export(
     max_resolution,
     external_data,
     run_check,
+    transformer_parts,
 ) -> None:
     """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
     from fluxexport.dtypes import component_precision
     from fluxexport.export.check import check_folder
     from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
-    from fluxexport.specs import ExportBounds
+    from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds
 
     source = _source(model, base_model)
     bounds = ExportBounds.for_model(
         source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
     )
     names = _components(components)
+    names += [part for part in TRANSFORMER_PARTS if transformer_parts and part not in names]
     out = out or default_folder(source.name)
     for name in names:
         _, reason = component_precision(name, dtype)
@@ -344,16 +348,23 @@ def upgrade(folders) -> None:
 @click.option("--min-psnr", type=float, help="Fail below this image PSNR in dB (default per dtype: fp32 50).")
 @fp8_option
 @optimized_option
-def validate(model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized) -> None:
+@cache_option
+def validate(
+    model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized, cache_text
+) -> None:  # fmt: skip
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
+    from fluxexport.runtime.cache import parse_cache
     from fluxexport.validate import check_validation_host, validate_any
 
+    cache = parse_cache(cache_text)
     source = _source(model, base_model)
     names = _components(components) if components else None
     check_validation_host(engines, fp8)  # refuse before the progress bar
     with step_progress(f"validate {engines}", 1) as advance:
-        result, dtype = validate_any(source, engines, names, steps, max_rel_l2, min_psnr, advance, fp8, optimized)
+        result, dtype = validate_any(
+            source, engines, names, steps, max_rel_l2, min_psnr, advance, fp8, optimized, cache
+        )
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
          "ONNX Runtime" if c.against == "onnxruntime" else f"PyTorch {dtype}",
@@ -371,7 +382,11 @@ def validate(model, base_model, engines, components, steps, report, max_rel_l2, 
         [f"{i.width}×{i.height}", f"{i.psnr:.1f}", str(i.max_abs_diff), "ok" if i.passed else "[red]FAIL[/red]"]
         for i in result.images
     ]
-    console.print(table(f"end to end, {steps} steps", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows))
+    console.print(
+        table(
+            f"end to end, {steps} steps, cache {result.cache}", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows
+        )
+    )
     path = result.write(report or Path(engines) / "validation.json")
     click.echo(str(path))
     if not result.passed:

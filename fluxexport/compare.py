@@ -49,6 +49,7 @@ class ValidationReport:
     images: list[ImageComparison] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)  # component → the graph file that ran
     subject: str = "graphs"  # or "engines"
+    cache: str = "none"  # the step cache of the end-to-end images
 
     @property
     def passed(self) -> bool:

@@ -17,6 +17,10 @@ from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
+# The transformer in three parts, for First Block Cache (`--cache first-block`): the head (embedders and the first
+# double block), the tail (every other block) and the output layers; exported on demand (`--transformer-parts`)
+TRANSFORMER_PARTS = ("transformer_head", "transformer_tail", "transformer_out")
+KNOWN_COMPONENTS = COMPONENTS + TRANSFORMER_PARTS
 # Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
 KONTEXT_REFERENCE_TOKENS = max((w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
 KONTEXT_REFERENCE_SIDE = max(max(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
@@ -186,6 +190,37 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     if source.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
 
+    width = int(source.transformer["num_attention_heads"]) * int(source.transformer["attention_head_dim"])
+    image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
+    text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
+    temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))
+    ids = transformer_inputs[4:6]
+    transformer_axes = {"B": batch, "N": tokens, "L": text}
+    transformer_sizes = {"B": 2, "N": 24, "L": 13}
+    parts = {
+        "transformer_head": ComponentSpec(
+            "transformer_head",
+            inputs=tuple(transformer_inputs),
+            outputs=(TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)), image_hidden, text_hidden, temb),
+            axes=transformer_axes,
+            export_sizes=transformer_sizes,
+        ),
+        "transformer_tail": ComponentSpec(
+            "transformer_tail",
+            inputs=(image_hidden, text_hidden, temb, *ids),
+            outputs=(TensorSpec("tail_hidden", COMPUTE, ("B", "N", width)),),  # the image stream after every block
+            axes=transformer_axes,
+            export_sizes=transformer_sizes,
+        ),
+        "transformer_out": ComponentSpec(
+            "transformer_out",
+            inputs=(image_hidden, temb),
+            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
+            axes={"B": batch, "N": tokens},
+            export_sizes={"B": 2, "N": 24},
+        ),
+    }
+
     latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
     pixel_axis = Axis(*encoder_sides, multiple=scale)
     return {
@@ -229,7 +264,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
             export_sizes={"B": 2, "H": 48, "W": 80},
             derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
         ),
-    }
+    } | parts
 
 
 def sample_inputs(

@@ -46,7 +46,7 @@ bounds=(--min-resolution 64 --opt-resolution 256 --max-resolution 1024 --resolut
 
 for model in tiny-schnell tiny-dev tiny-kontext; do
   onnx="$work/$model/onnx"
-  step "$model" "export bf16" fluxexport export --model "$model" --dtype bf16 --out "$onnx" || continue
+  step "$model" "export bf16" fluxexport export --model "$model" --dtype bf16 --transformer-parts --out "$onnx" || continue
   if [ "$fp8_ok" = 1 ]; then
     step "$model" "quantize fp8" fluxexport quantize --model "$model" --out "$onnx" --calib-size 8
   else
@@ -91,6 +91,15 @@ PY
       && { same "$work/$model/$precision-lowvram.png" "$work/$model/$precision.png" \
            || record "$model" "TensorRT $precision --low-vram = default" "FAIL (images differ)"; }
     if [ "$precision" = bf16 ]; then
+      # step caches around the engines: how many steps ran, and the image against the same steps without a cache
+      fluxexport run --model "$model" --backend tensorrt --engines "$engines" --prompt "a red fox" --steps 12 \
+        --output "$work/$model/steps12.png" >/dev/null 2>&1
+      for cache in taylorseer:interval=3,warmup=2 first-block:threshold=0.2; do
+        step "$model" "TensorRT bf16 --cache $cache" fluxexport run --model "$model" --backend tensorrt \
+          --engines "$engines" --prompt "a red fox" --steps 12 --cache "$cache" --output "$work/$model/${cache%%:*}.png"
+        record "$model" "--cache $cache vs none, 12 steps (PSNR dB)" \
+          "$(psnr "$work/$model/${cache%%:*}.png" "$work/$model/steps12.png")"
+      done
       step "$model" "TensorRT bf16 weight streaming 50%" fluxexport run --model "$model" --backend tensorrt \
         --engines "$engines" --weight-streaming-budget 50% --prompt "a red fox" --output "$work/$model/streamed.png"
       record "$model" "weight streaming 50% vs no streaming (PSNR dB)" "$(psnr "$work/$model/streamed.png" "$work/$model/bf16.png")"

@@ -1,10 +1,11 @@
-"""Step caching: `--cache taylorseer` equals diffusers' own TaylorSeer hook (lite mode) image for image, on the
-same computed steps, around any backend's transformer."""
+"""Step caching: `--cache taylorseer` and `--cache first-block` equal diffusers' own hooks (TaylorSeer in lite mode,
+First Block Cache) image for image, on the same computed steps, around any backend's transformer."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import diffusers_images
 
@@ -21,12 +22,16 @@ def test_cache_settings_parse_with_diffusers_defaults():
     assert str(parse_cache(None)) == "none" and str(parse_cache("none")) == "none"
     assert parse_cache("taylorseer").knobs == {"interval": 5, "order": 1, "warmup": 3}
     assert str(parse_cache("taylorseer:interval=3, warmup=2")) == "taylorseer:interval=3,order=1,warmup=2"
+    assert parse_cache("first-block").knobs == {"threshold": 0.05}
+    assert str(parse_cache("first-block:threshold=0.2")) == "first-block:threshold=0.2"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("magic", "unknown cache 'magic': choose one of none, taylorseer (--cache)"),
+        ("magic", "unknown cache 'magic': choose one of none, first-block, taylorseer (--cache)"),
+        ("first-block:threshold=-1", "first-block threshold must be a number ≥ 0, got -1 (--cache)"),
+        ("first-block:interval=2", "first-block has no key 'interval': it takes threshold (--cache)"),
         ("taylorseer:speed=2", "taylorseer has no key 'speed': it takes interval, order, warmup (--cache)"),
         ("none:interval=2", "none has no key 'interval': it takes no keys (--cache)"),
         ("taylorseer:interval=0", "taylorseer interval must be an integer ≥ 1, got 0 (--cache)"),
@@ -87,6 +92,52 @@ def test_taylorseer_equals_diffusers_hook(knobs, steps, batch, sources, torch_ba
     assert not np.array_equal(plain, ours.images)  # the cache changed something: predicted steps ran
 
 
+def _count_calls(module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(("threshold", "steps", "batch"), [(0.2, 12, 1), (0.5, 12, 1), (0.4, 8, 2)])
+def test_first_block_cache_equals_diffusers_hook(threshold, steps, batch, sources, torch_backends, diffusers_pipelines):
+    """The transformer in parts (head, tail, out) with diffusers' decisions: the same steps computed, the same
+    image bit for bit (counted on the first single block, which a skipped step never reaches)."""
+    from diffusers import FirstBlockCacheConfig
+
+    cache = CacheSettings("first-block", {"threshold": threshold})
+    request = GenerationRequest(
+        PROMPT, height=256, width=256, num_inference_steps=steps, seed=1, num_images_per_prompt=batch,
+        guidance_scale=3.5,
+    )  # fmt: skip
+    ours = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request, cache=cache)
+    pipeline = diffusers_pipelines["tiny-dev"]
+    counted = pipeline.transformer.single_transformer_blocks[0].attn
+    calls = _count_calls(counted)
+    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        theirs = diffusers_images(pipeline, PROMPT, 256, 256, steps, 1, batch, guidance_scale=3.5)
+    finally:
+        pipeline.transformer.disable_cache()
+        counted._forward_hooks.clear()
+    assert ours.computed_steps == calls[0] < steps
+    assert np.array_equal(ours.images, theirs)  # bit-exact on CPU fp32
+
+
+def test_first_block_parts_equal_the_whole_transformer(sources, torch_backends):
+    """head → tail → out computes exactly what the single transformer computes."""
+    from fluxexport.specs import component_specs, sample_inputs
+
+    backend, spec = torch_backends["tiny-dev"], component_specs(sources["tiny-dev"])["transformer"]
+    feeds = sample_inputs(spec, {"B": 2, "N": 24, "L": 13})
+    head = backend.component("transformer_head")(feeds)
+    tail = backend.component("transformer_tail")(
+        {key: head[key] for key in ("image_hidden", "text_hidden", "temb")}
+        | {k: feeds[k] for k in ("img_ids", "txt_ids")}
+    )
+    out = backend.component("transformer_out")({"image_hidden": tail["tail_hidden"], "temb": head["temb"]})
+    assert torch.equal(out["latent"], backend.component("transformer")(feeds)["latent"])
+
+
 def test_taylorseer_on_onnxruntime_graphs(sources, ort_backends, torch_backends):
     """The same cache around the ONNX Runtime graphs: the same steps computed, the same image within 45 dB."""
     cache = parse_cache("taylorseer:interval=3,warmup=2")
@@ -106,5 +157,78 @@ def test_run_reports_the_computed_steps(tmp_path, sources):
     assert "transformer: computed 5 of 12 steps (taylorseer:interval=3,order=1,warmup=2)" in result.output
     refused = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--prompt", PROMPT, "--cache", "teacache"])
     assert refused.exit_code == 1
-    assert refused.output == "Error: unknown cache 'teacache': choose one of none, taylorseer (--cache)\n"
+    assert refused.output == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer (--cache)\n"
     assert not (tmp_path / "flux.png").exists()
+
+
+def test_validate_compares_images_made_with_the_same_cache(exports, tmp_path):
+    import json
+
+    report = tmp_path / "validation.json"
+    result = CliRunner().invoke(main, [
+        "validate", "--model", "tiny-dev", "--engines", str(exports["tiny-dev"]), "--components", "clip",
+        "--steps", "6", "--cache", "taylorseer:interval=2,warmup=2", "--report", str(report),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["cache"] == "taylorseer:interval=2,order=1,warmup=2" and data["passed"] is True
+    assert "end to end, 6 steps, cache taylorseer:interval=2,order=1,warmup=2" in result.output
+
+
+@pytest.fixture(scope="module")
+def parts_folder(sources, exports, tmp_path_factory):
+    """tiny-dev's session export plus the transformer in parts, through `export --transformer-parts`."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("parts") / "onnx"
+    shutil.copytree(exports["tiny-dev"], folder)
+    result = CliRunner().invoke(main, [
+        "export", "--model", "tiny-dev", "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder, torch_backends):
+    """The parts pass the TensorRT check; the cache around them decides as around PyTorch, within 45 dB."""
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    assert set(open_export(parts_folder).components) >= {"transformer_head", "transformer_tail", "transformer_out"}
+    cache = parse_cache("first-block:threshold=0.2")
+    request = GenerationRequest(PROMPT, height=256, width=256, num_inference_steps=12, seed=1, guidance_scale=3.5)
+    with OnnxRuntimeBackend(sources["tiny-dev"], parts_folder) as graphs:
+        cached = generate(graphs, sources["tiny-dev"], request, cache=cache)
+    reference = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request, cache=cache)
+    assert cached.computed_steps == reference.computed_steps < 12
+    assert psnr(cached.images, reference.images) >= 45
+    with pytest.raises(FluxExportError) as error:
+        generate(
+            OnnxRuntimeBackend(sources["tiny-dev"], exports["tiny-dev"]), sources["tiny-dev"], request, cache=cache
+        )
+    assert str(error.value).startswith(f"{exports['tiny-dev']} has no transformer_head graph (it has clip, ")
+    assert str(error.value).endswith(
+        f"run fluxexport export --transformer-parts (what --cache first-block runs) --out {exports['tiny-dev']}"
+    )
+
+
+def test_first_block_cache_on_engines(sources, parts_folder, tmp_path):
+    """Engines of the parts (built by `build`'s own code over the stand-in TensorRT) give the ONNX Runtime image."""
+    from helpers import build_folder, standin_tensorrt
+    from standin_tensorrt import HostDevice
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.specs import TRANSFORMER_PARTS
+    from fluxexport.tensorrt.backend import TensorRTBackend
+
+    source = sources["tiny-dev"]
+    names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
+    engines = build_folder(source, parts_folder, tmp_path / "engines", components=names)
+    cache = parse_cache("first-block:threshold=0.2")
+    request = GenerationRequest(PROMPT, height=256, width=256, num_inference_steps=8, seed=2, guidance_scale=3.5)
+    with standin_tensorrt() as trt, TensorRTBackend(source, engines, device=HostDevice(trt)) as backend:
+        ours = generate(backend, source, request, cache=cache)
+    with OnnxRuntimeBackend(source, parts_folder) as graphs:
+        expected = generate(graphs, source, request, cache=cache)
+    assert ours.computed_steps == expected.computed_steps < 8
+    assert np.array_equal(ours.images, expected.images)

@@ -19,6 +19,7 @@ from helpers import build_folder, manifest_json, write_kohya, write_peft
 from fluxexport.cli import main
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
+from fluxexport.runtime.cache import parse_cache
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
 from fluxexport.triton.client import pipeline_inputs as client_inputs
@@ -89,9 +90,10 @@ def test_configs_follow_the_specs_and_the_schema(sources, repositories):
     assert dims["img_ids"] == [-1, 3] and dims["txt_ids"] == [-1, 3] and dims["hidden_states"] == [-1, -1, 64]
     pipeline = parse(repository / "flux_pipeline")
     assert [t.name for t in pipeline.input] == ["prompt", "prompt_2", "height", "width", "num_inference_steps",
-                                                "guidance_scale", "seed", "num_images", "lora", "lora_scale"]  # fmt: skip
-    assert [t.optional for t in pipeline.input] == [False] + [True] * 9
-    assert [list(t.dims) for t in pipeline.input][-2:] == [[-1], [-1]]
+                                                "guidance_scale", "seed", "num_images", "lora", "lora_scale",
+                                                "cache"]  # fmt: skip
+    assert [t.optional for t in pipeline.input] == [False] + [True] * 10
+    assert [list(t.dims) for t in pipeline.input][-3:] == [[-1], [-1], [1]]
     assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
     assert "fluxexport serve" in (repository / "README.md").read_text()
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
@@ -225,9 +227,9 @@ def test_client_inputs_follow_the_pipeline_config():
 
 
 def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=None, image=None, guidance=None,
-                    loras=None, scales=None):  # fmt: skip
+                    loras=None, scales=None, cache=None):  # fmt: skip
     return client_inputs(module, prompt, height=height, width=width, num_inference_steps=steps, seed=seed,
-                         image=image, guidance_scale=guidance, lora=loras, lora_scale=scales)  # fmt: skip
+                         image=image, guidance_scale=guidance, lora=loras, lora_scale=scales, cache=cache)  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["tiny-schnell", "tiny-dev", "tiny-kontext"])
@@ -302,6 +304,17 @@ def test_http_and_grpc_images_equal_fluxexport_run(served, sources, ort_backends
         )
         assert over_http.shape == over_grpc.shape == expected.shape == (1, height, width, 3)
         assert psnr(over_http, expected) >= 50 and psnr(over_grpc, expected) >= 50
+    # a request's step cache: the image `run --cache` makes on the same graphs
+    cache = "taylorseer:interval=2,warmup=2"
+    request = GenerationRequest("a red fox in the snow", height=256, width=256, num_inference_steps=6, seed=0,
+                                image=reference_image if image is not None else None)  # fmt: skip
+    expected = generate(ort_backends[variant], sources[variant], request, cache=parse_cache(cache)).images
+    cached = (
+        http.InferenceServerClient(server.http_url)
+        .infer("flux_pipeline", pipeline_inputs(http, "a red fox in the snow", 256, 256, 6, 0, image, cache=cache))
+        .as_numpy("images")
+    )
+    assert psnr(cached, expected) >= 50
 
 
 @needs_server
@@ -362,13 +375,24 @@ def test_concurrent_load_and_bad_requests(served):
         (dict(height=250, width=256), "height 250 is not a multiple of 16: use 240 or 256"),
         (dict(height=2048, width=256), "height 2048 is outside this deployment's 64..1024 px"),
         (dict(height=256, width=256, steps=0), "num_inference_steps must be at least 1, got 0"),
+        (
+            dict(height=256, width=256, cache="magic"),
+            "unknown cache 'magic': choose one of none, first-block, taylorseer",
+        ),
     ]
     for kwargs, message in bad:
         for protocol, target, status in ((http, client, "400"), (grpc, grpc_client, "StatusCode.INVALID_ARGUMENT")):
             with pytest.raises(InferenceServerException) as refused:
                 target.infer(
                     "flux_pipeline",
-                    pipeline_inputs(protocol, "a fox", kwargs["height"], kwargs["width"], kwargs.get("steps", 2)),
+                    pipeline_inputs(
+                        protocol,
+                        "a fox",
+                        kwargs["height"],
+                        kwargs["width"],
+                        kwargs.get("steps", 2),
+                        cache=kwargs.get("cache"),
+                    ),  # fmt: skip
                 )
             assert refused.value.message().endswith(message) and "--" not in refused.value.message()
             assert str(refused.value.status()) == status, (protocol.__name__, refused.value)

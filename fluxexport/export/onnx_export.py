@@ -22,7 +22,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.streaming import streamed_program, surviving_origins
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
+from fluxexport.specs import COMPONENTS, KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -236,9 +236,11 @@ def export_model(
     on_bytes: Callable[[str, int, int], None] | None = None,
 ) -> ExportFolder:
     """Export `components` of `source` into `out_dir` and keep `manifest.json` in step after each one."""
-    unknown = [name for name in components if name not in COMPONENTS]
+    unknown = [name for name in components if name not in KNOWN_COMPONENTS]
     if unknown:
-        raise FluxExportError(f"unknown component {unknown[0]!r}: choose from {', '.join(COMPONENTS)} (--components)")
+        raise FluxExportError(
+            f"unknown component {unknown[0]!r}: choose from {', '.join(KNOWN_COMPONENTS)} (--components)"
+        )
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise FluxExportError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET} (--opset)")
     torch_dtype(dtype)

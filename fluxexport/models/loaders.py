@@ -64,7 +64,8 @@ def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
 
 
 # The module each component runs: both VAE components share one AutoencoderKL.
-MODULE_OF = {"clip": "clip", "t5": "t5", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
+MODULE_OF = {"clip": "clip", "t5": "t5", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae",
+             "transformer_head": "transformer", "transformer_tail": "transformer", "transformer_out": "transformer"}  # fmt: skip
 
 
 def load_module(source: ModelSource, module: str, dtype: torch.dtype = torch.float32, for_export: bool = False):

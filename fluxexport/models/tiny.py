@@ -209,10 +209,10 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
     return path
 
 
-def write_mid(root: Path) -> Path:
-    """The benchmarks' mid-size random model (`MID_SHAPE`) written to `root` as a diffusers folder
-    (`models.source.load_folder` reads it)."""
-    build_tiny_pipeline("tiny-schnell", MID_SHAPE).save_pretrained(root)
+def write_mid(root: Path, variant: str = "tiny-schnell") -> Path:
+    """The benchmarks' mid-size random model (`MID_SHAPE`) of `variant`'s kind (schnell, or dev: guidance and its
+    resolution-shifted schedule) written to `root` as a diffusers folder (`models.source.load_folder` reads it)."""
+    build_tiny_pipeline(variant, MID_SHAPE).save_pretrained(root)
     return Path(root)
 
 

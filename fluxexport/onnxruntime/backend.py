@@ -14,6 +14,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+from fluxexport.specs import TRANSFORMER_PARTS
 
 # Execution providers by where the graphs run; CPU always last, as ONNX Runtime's fallback
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -186,6 +187,11 @@ class OnnxRuntimeBackend(LoadedComponents):
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
+        if name in TRANSFORMER_PARTS:  # each part holds some of the weights a LoRA adapts
+            raise FluxExportError(
+                f"{name}: LoRAs are not swapped into the transformer's parts: merge them at export "
+                "(fluxexport export --lora FILE --transformer-parts), or run without --cache first-block"
+            )
         return swapped_initializers(self.source, self.swapped, module, graph)
 
     @property
@@ -201,9 +207,12 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}"
             )
         if name not in entries:
+            fix = "--transformer-parts (what --cache first-block runs)" if name in TRANSFORMER_PARTS else (
+                f"--components {name}"
+            )  # fmt: skip
             raise FluxExportError(
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
-                f"run fluxexport export --components {name}"
+                f"run fluxexport export {fix} --out {self.engines}"
             )
         graph = entries[name]
         bf16 = graph.base_dtype == "bf16"  # an FP8 graph computes the rest in its base

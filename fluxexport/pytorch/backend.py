@@ -10,7 +10,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
-from fluxexport.specs import COMPONENTS, component_specs
+from fluxexport.specs import KNOWN_COMPONENTS, component_specs
 
 
 def default_device() -> str:
@@ -65,8 +65,8 @@ class TorchBackend(LoadedComponents):
         return tensor.to(self.device, ELEMENT_TORCH[element_type(spec_dtype, self.precision)])
 
     def _load(self, name: str) -> Component:
-        if name not in COMPONENTS:
-            raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(COMPONENTS)}")
+        if name not in KNOWN_COMPONENTS:
+            raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(KNOWN_COMPONENTS)}")
         spec = self.specs[name]
         adapter = wrap_component(name, self.module(MODULE_OF[name]), self.source.guidance_embeds, float32_rope=False)
 

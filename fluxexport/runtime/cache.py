@@ -1,6 +1,11 @@
 """Step caching: skip transformer evaluations that the last computed ones predict well, decided by the runtime
 around any backend's transformer (a skipped step never reaches the engine).
 
+`first-block` is diffusers' `FirstBlockCacheConfig`: every step runs the transformer's head (embedders and the first
+double block, the `transformer_head` component); when the first block's image residual changed by at most
+`threshold` (mean |Δ| / mean |previous|, against the last computed step) the other blocks are skipped and their
+residual from the last computed step is added instead; the output layers (`transformer_out`) always run.
+
 `taylorseer` is diffusers' `TaylorSeerCacheConfig(use_lite_mode=True)`: the whole transformer output is computed
 during `warmup` steps and then every `interval`-th step, and in between predicted by a Taylor expansion of order
 `order` from the last computed outputs (divided differences over the step distance, stored in bfloat16 as
@@ -23,8 +28,10 @@ Output = dict[str, torch.Tensor]
 # name → its knobs and their defaults (diffusers' defaults)
 CACHES: dict[str, dict[str, int | float]] = {
     "none": {},
+    "first-block": {"threshold": 0.05},
     "taylorseer": {"interval": 5, "order": 1, "warmup": 3},
 }
+PARTS = ("transformer_head", "transformer_tail", "transformer_out")  # what first-block runs
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,10 @@ class CacheSettings:
             raise FluxExportError(f"{self.name} has no key {unknown[0]!r}: it takes {takes} (--cache)")
         object.__setattr__(self, "knobs", CACHES[self.name] | dict(self.knobs))
         for key, value in self.knobs.items():
+            if key == "threshold":
+                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                    raise FluxExportError(f"{self.name} threshold must be a number ≥ 0, got {value!r} (--cache)")
+                continue
             low = 1 if key in ("interval", "order") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise FluxExportError(f"{self.name} {key} must be an integer ≥ {low}, got {value!r} (--cache)")
@@ -51,10 +62,17 @@ class CacheSettings:
         knobs = ",".join(f"{key}={value}" for key, value in self.knobs.items())
         return f"{self.name}:{knobs}" if knobs else self.name
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The transformer components this cache runs."""
+        return PARTS if self.name == "first-block" else ("transformer",)
+
     def new_state(self) -> StepCache:
         """A fresh cache for one generation (state never carries over between generations)."""
         if self.name == "taylorseer":
             return TaylorSeer(**self.knobs)  # type: ignore[arg-type]
+        if self.name == "first-block":
+            return FirstBlockCache(float(self.knobs["threshold"]))
         return NoCache()
 
 
@@ -81,25 +99,57 @@ def _number(text: str) -> int | float | str:
     return text
 
 
+Components = Callable[[str], Callable[[Output], Output]]  # a component by name (a Backend's `component`)
+
+
 class StepCache:
-    """Decides, step by step, whether the transformer runs; counts the steps it computed."""
+    """Decides, step by step, whether the transformer runs; counts the steps it computed. Called with the step's
+    transformer feeds and the backend's components by name."""
 
     def __init__(self) -> None:
         self.steps = 0  # transformer calls asked for
         self.computed = 0  # of them, full evaluations
 
-    def __call__(self, compute: Callable[[], Output]) -> Output:
+    def __call__(self, feeds: Output, component: Components) -> Output:
         raise NotImplementedError
-
-    def summary(self) -> str:
-        return f"transformer: computed {self.computed} of {self.steps} steps"
 
 
 class NoCache(StepCache):
-    def __call__(self, compute: Callable[[], Output]) -> Output:
+    def __call__(self, feeds: Output, component: Components) -> Output:
         self.steps += 1
         self.computed += 1
-        return compute()
+        return component("transformer")(feeds)
+
+
+class FirstBlockCache(StepCache):
+    """First Block Cache on the transformer in parts (`transformer_head`, `_tail`, `_out`), as diffusers' hook."""
+
+    def __init__(self, threshold: float = 0.05) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.residual: torch.Tensor | None = None  # the first block's image residual at the last computed step
+        self.tail_residual: torch.Tensor | None = None  # what the other blocks added then
+
+    def changed(self, residual: torch.Tensor) -> float:
+        """diffusers' metric: mean |r − r_prev| / mean |r_prev|, one number for the whole batch."""
+        assert self.residual is not None
+        return ((residual - self.residual).abs().mean() / self.residual.abs().mean()).item()
+
+    def __call__(self, feeds: Output, component: Components) -> Output:
+        self.steps += 1
+        head = component("transformer_head")(feeds)
+        residual, image = head["first_block_residual"], head["image_hidden"]
+        if self.residual is None or self.changed(residual) > self.threshold:
+            self.residual = residual
+            tail = {"image_hidden": image, "text_hidden": head["text_hidden"], "temb": head["temb"],
+                    "img_ids": feeds["img_ids"], "txt_ids": feeds["txt_ids"]}  # fmt: skip
+            image = component("transformer_tail")(tail)["tail_hidden"]
+            self.tail_residual = image - head["image_hidden"]
+            self.computed += 1
+        else:
+            assert self.tail_residual is not None
+            image = self.tail_residual + image
+        return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
 
 
 class TaylorSeer(StepCache):
@@ -116,11 +166,11 @@ class TaylorSeer(StepCache):
         """diffusers' schedule: every step of the warm-up, then every `interval`-th one after it."""
         return step < self.warmup or (step - self.warmup - 1) % self.interval == 0
 
-    def __call__(self, compute: Callable[[], Output]) -> Output:
+    def __call__(self, feeds: Output, component: Components) -> Output:
         step = self.steps
         self.steps += 1
         if self.computes(step) or self.last_update is None:
-            outputs = compute()
+            outputs = component("transformer")(feeds)
             self.computed += 1
             self._update(step, outputs)
             return outputs

@@ -160,7 +160,7 @@ def encode_reference(
 
 
 def denoise(
-    transformer,
+    transformer: Callable | Callable[[str], Callable],
     latents: torch.Tensor,
     sigmas: torch.Tensor,
     conditioning: dict[str, torch.Tensor],
@@ -168,15 +168,19 @@ def denoise(
     on_step: StepCallback | None = None,
     cache: StepCache | None = None,
 ) -> torch.Tensor:
-    """The Euler loop: `conditioning` holds every transformer input except hidden_states and timestep; `cache`
-    (a step cache's state for this generation) decides which steps run the transformer."""
+    """The Euler loop: `conditioning` holds every transformer input except hidden_states and timestep. Without a
+    `cache`, `transformer` is the transformer component; with one (a step cache's state for this generation),
+    it gives the transformer components the cache runs by name (a Backend's `component`)."""
     batch, tokens, _ = latents.shape
     steps = len(sigmas) - 1
-    cache = cache or CacheSettings().new_state()
+    if cache is None:
+        cache, component = CacheSettings().new_state(), {"transformer": transformer}.__getitem__
+    else:
+        component = transformer
     for index in range(steps):
         hidden = latents if reference is None else torch.cat([latents, reference], dim=1)
         feeds = {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch), **conditioning}
-        velocity = cache(lambda feeds=feeds: transformer(feeds))["latent"][:, :tokens]
+        velocity = cache(feeds, component)["latent"][:, :tokens]
         latents = euler_step(latents, velocity, sigmas[index], sigmas[index + 1])
         if on_step is not None:
             on_step(index + 1, steps)
@@ -248,11 +252,12 @@ def generate(
     sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler).to(device)
     conditioning = transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
 
-    transformer = backend.component("transformer")
     cache = cache or CacheSettings()
+    for name in cache.components:  # load before the clock starts, as the transformer always was
+        backend.component(name)
     state = cache.new_state()
     tick = time.perf_counter()
-    latents = denoise(transformer, latents, sigmas, conditioning, reference, on_step, state)
+    latents = denoise(backend.component, latents, sigmas, conditioning, reference, on_step, state)
     timings["denoise"] = _stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 

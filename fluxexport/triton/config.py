@@ -106,6 +106,7 @@ def pipeline_config(kontext: bool, instance_kind: str, count: int = 1, gpus: tup
         TensorConfig("num_images", "TYPE_INT32", (1,), optional=True),
         TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
         TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
+        TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
     ]
     if kontext:
         inputs.append(TensorConfig("image", "TYPE_UINT8", (-1, -1, 3), optional=True))

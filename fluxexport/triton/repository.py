@@ -19,7 +19,7 @@ from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.lora import LoraFile
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
-from fluxexport.specs import component_specs, pipeline_components
+from fluxexport.specs import TRANSFORMER_PARTS, component_specs, pipeline_components
 from fluxexport.triton.config import check_config, component_config, pipeline_config
 
 _CHECKPOINT_FILES = ("model_index.json", TINY_MARKER, "transformer/config.json", "vae/config.json",
@@ -111,10 +111,12 @@ def write_repository(
     entries: dict[str, GraphRecord | EngineRecord] = (
         dict(folder.components) if isinstance(folder, EngineFolder) else dict(folder.graphs(fp8))
     )
-    needed = pipeline_components(source)
+    needed = list(pipeline_components(source))
     missing = [name for name in needed if name not in entries]
     if missing:
         raise FluxExportError(f"{engines} lacks {', '.join(missing)}: the pipeline needs {', '.join(needed)}")
+    if not request_loras:  # the parts serve `cache: first-block` requests (LoRAs are not swapped into them)
+        needed += [name for name in TRANSFORMER_PARTS if name in entries]
     specs = component_specs(source)
     loras = _lora_names(source, request_loras, entries, kind)
     with atomic_folder(out) as staging:
@@ -166,7 +168,8 @@ def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
 (python backend) takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
 `num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, `lora` (BYTES [n], names of the
-LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}) and `lora_scale` (FP32 [n] or [1]), and returns
+LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}), `lora_scale` (FP32 [n] or [1]) and `cache`
+(BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and returns
 `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime. A request's LoRAs
 are swapped into the transformer and CLIP components (only the weights they touch); a component keeps the
 last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation.

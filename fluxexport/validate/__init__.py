@@ -11,6 +11,7 @@ from fluxexport.artifacts.folders import EngineFolder, open_folder
 from fluxexport.compare import ValidationReport
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.cache import CacheSettings
 
 
 def check_validation_host(folder: Path, fp8: bool | None = None) -> bool:
@@ -36,13 +37,15 @@ def validate_any(
     on_progress: Callable[[int, int], None] | None = None,
     fp8: bool | None = None,
     optimized: bool | None = None,
+    cache: CacheSettings | None = None,
 ) -> tuple[ValidationReport, str]:
     """Validate the graphs or engines in `folder`: (report, PyTorch reference dtype). `fp8` and `optimized`
-    pick graphs, so an engine folder (whose precision is fixed) refuses `fp8`."""
+    pick graphs, so an engine folder (whose precision is fixed) refuses `fp8`; `cache` is the step cache both
+    sides generate the end-to-end images with."""
     if check_validation_host(folder, fp8):
         from fluxexport.validate.engines import validate_engines
 
-        return validate_engines(source, folder, components, steps, max_rel_l2, min_psnr, on_progress)
+        return validate_engines(source, folder, components, steps, max_rel_l2, min_psnr, on_progress, cache=cache)
     from fluxexport.validate.graphs import validate_folder
 
-    return validate_folder(source, folder, components, steps, max_rel_l2, min_psnr, on_progress, fp8, optimized)
+    return validate_folder(source, folder, components, steps, max_rel_l2, min_psnr, on_progress, fp8, optimized, cache)

@@ -19,6 +19,7 @@ from fluxexport.artifacts.folders import EngineFolder, open_engines
 from fluxexport.compare import TENSORRT_THRESHOLDS, Comparison, ValidationReport, compare_outputs, reference_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.cache import CacheSettings
 from fluxexport.specs import ComponentSpec, ExportBounds, component_specs, sample_inputs, validation_sizes
 from fluxexport.validate.graphs import validate
 
@@ -127,6 +128,7 @@ def validate_engines(
     min_psnr: float | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     device=None,
+    cache: CacheSettings | None = None,
 ) -> tuple[ValidationReport, str]:
     """Validate a folder of TensorRT engines: (report, PyTorch reference dtype). Refuses in one line where
     TensorRT or polygraphy is missing. `device`: the CUDA calls (`tensorrt/cuda.CudaDevice` by default)."""
@@ -163,7 +165,7 @@ def validate_engines(
         with TorchBackend(source, reference, candidate.device.type) as torch_reference:
             report = validate(
                 source, candidate, torch_reference, precisions, str(engines), steps, max_rel_l2, min_psnr,
-                stage_started, thresholds=TENSORRT_THRESHOLDS, bounds=bounds,
+                stage_started, thresholds=TENSORRT_THRESHOLDS, bounds=bounds, cache=cache,
             )  # fmt: skip
         report.subject = "engines"
         for name in names:

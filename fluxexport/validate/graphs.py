@@ -20,6 +20,7 @@ from fluxexport.compare import (
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.cache import CacheSettings
 from fluxexport.specs import ComponentSpec, component_specs, sample_inputs, validation_sizes
 
 
@@ -53,17 +54,20 @@ def validate(
     on_progress: Callable[[str], None] | None = None,
     thresholds: dict[str, tuple[float, float]] = THRESHOLDS,
     bounds=None,
+    cache: CacheSettings | None = None,
 ) -> ValidationReport:
     """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images.
 
     `dtypes` maps each component to compare to its graph's dtype, which sets its threshold; the images'
     threshold is the loosest of theirs. `bounds` (ExportBounds): the range the candidate serves, when narrower
-    than the model's export defaults (engines), so that every compared shape lies in it."""
+    than the model's export defaults (engines), so that every compared shape lies in it. `cache`: the step
+    cache both sides generate the images with."""
     from fluxexport.runtime.pipeline import GenerationRequest, generate
 
     if min_psnr is None:
         min_psnr = min(thresholds[dtype][1] for dtype in dtypes.values())
     report = ValidationReport(source.name, engines, "+".join(sorted(set(dtypes.values()))))
+    report.cache = str(cache or CacheSettings())
     specs = component_specs(source, bounds) if bounds is not None else component_specs(source)
     for name, dtype in dtypes.items():
         if on_progress:
@@ -78,8 +82,8 @@ def validate(
         request = GenerationRequest(
             "a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0
         )
-        ours = generate(candidate, source, request).images
-        theirs = generate(reference, source, request).images
+        ours = generate(candidate, source, request, cache=cache).images
+        theirs = generate(reference, source, request, cache=cache).images
         value = psnr(ours, theirs)
         difference = int(np.abs(ours.astype(int) - theirs.astype(int)).max())
         report.images.append(ImageComparison(height, width, value, difference, value >= min_psnr))
@@ -96,6 +100,7 @@ def validate_folder(
     on_progress: Callable[[int, int], None] | None = None,
     fp8: bool | None = None,
     optimized: bool | None = None,
+    cache: CacheSettings | None = None,
 ) -> tuple[ValidationReport, str]:
     """Validate the graphs of `engines` (all, or `components`) against PyTorch: (report, reference dtype).
     `on_progress(done, total)` is called as each component and image comparison starts; `fp8` picks the
@@ -124,7 +129,8 @@ def validate_folder(
                     on_progress(len(started) - 1, total)
 
             report = validate(
-                source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started
-            )
+                source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started,
+                cache=cache,
+            )  # fmt: skip
         report.graphs = {name: graph.file for name, graph in entries.items()}
     return report, dtype

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 from fluxexport.artifacts.repository import PipelineSettings
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import load_folder
+from fluxexport.runtime.cache import parse_cache
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 from fluxexport.triton.bls import BlsBackend
 
@@ -108,7 +109,8 @@ class TritonPythonModel:
                 self._check_bounds(generation)
                 loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings.loras)
                 self.backend.parameters = {"loras": loras} if self.settings.loras else {}
-                images = generate(self.backend, self.source, generation).images
+                cache = parse_cache(_optional(request, "cache", str))
+                images = generate(self.backend, self.source, generation, cache=cache).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
             except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
                 message = in_request_terms(str(error))

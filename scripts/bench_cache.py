@@ -1,0 +1,85 @@
+"""What step caching buys: wall time, computed transformer steps and image PSNR against no cache, per setting.
+
+The mid-size random model of `bench_cpu.py` with FLUX.1-dev's kind (guidance, resolution-shifted schedule) on
+ONNX Runtime (the portable graphs and the transformer in parts), FLUX.1-dev's 28 steps. All settings run in one
+process, interleaved, median of the repeats. Random weights make the quality column indicative only: a trained
+model's steps change differently, so thresholds compute other step counts there.
+
+Beside it, a paper estimate for FLUX.1-dev at 1024² on an H100 from ARCHITECTURE.md's FLOP model: 74.4 TFLOP
+per transformer step, 75 ms at dense BF16 peak; a step First Block Cache skips still runs the head (the embedders
+and one of 57 blocks), one TaylorSeer predicts costs nothing.
+
+    python scripts/bench_cache.py [--repeats 3] [--size 256] [--steps 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from fluxexport.console import console, quiet_libraries, table
+
+SETTINGS = ("none", "taylorseer", "taylorseer:interval=3,warmup=2", "first-block:threshold=0.05",
+            "first-block:threshold=0.1", "first-block:threshold=0.2")  # fmt: skip
+H100_STEP_MS = 75.0  # FLUX.1 at 1024², 512 text tokens: 74.4 TFLOP at ~990 TFLOP/s dense BF16
+HEAD_SHARE = 1 / 57  # a skipped First Block Cache step runs one of FLUX.1's 57 blocks (embedders aside)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=28)
+    args = parser.parse_args()
+    quiet_libraries()
+
+    from fluxexport.compare import psnr
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.source import load_folder
+    from fluxexport.models.tiny import write_mid
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.cache import parse_cache
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+    from fluxexport.specs import COMPONENTS, TRANSFORMER_PARTS
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "mid-dev"
+        console.print("building the mid-size dev model, exporting it and its transformer in parts …")
+        source = load_folder(write_mid(root, "tiny-dev"))
+        export_model(source, root / "onnx", [*COMPONENTS, *TRANSFORMER_PARTS])
+        backend = OnnxRuntimeBackend(source, root / "onnx")
+        request = GenerationRequest("a red fox in the snow", height=args.size, width=args.size,
+                                    num_inference_steps=args.steps, seed=0)  # fmt: skip
+        caches = {text: parse_cache(text) for text in SETTINGS}
+        generate(backend, source, request, cache=caches["first-block:threshold=0.2"])  # load every session
+        runs: dict[str, list] = {text: [] for text in SETTINGS}
+        for _ in range(args.repeats):
+            for text, cache in caches.items():
+                runs[text].append(generate(backend, source, request, cache=cache))
+
+    def median(text: str, stage: str) -> float:
+        return 1000 * statistics.median(result.timings[stage] for result in runs[text])
+
+    rows, base = [], median("none", "denoise")
+    reference = runs["none"][0].images
+    for text in SETTINGS:
+        computed = runs[text][0].computed_steps
+        skipped = args.steps - computed
+        head = HEAD_SHARE if text.startswith("first-block") else 0.0
+        estimate = H100_STEP_MS * (computed + skipped * head)
+        quality = psnr(runs[text][0].images, reference)
+        rows.append([
+            text, f"{computed}/{args.steps}", f"{median(text, 'denoise'):.0f}", f"{median(text, 'total'):.0f}",
+            f"{base / median(text, 'denoise'):.2f}×", "same" if quality == float("inf") else f"{quality:.1f}",
+            f"{estimate:.0f}", f"{H100_STEP_MS * args.steps / estimate:.2f}×",
+        ])  # fmt: skip
+    title = f"step caches · mid-size dev model · {args.size}² · {args.steps} steps · ONNX Runtime CPU"
+    columns = ["--cache", "computed", "denoise ms", "total ms", "denoise ×", "PSNR vs none dB",
+               "H100 est. denoise ms", "H100 est. ×"]  # fmt: skip
+    console.print(table(title, columns, rows))
+
+
+if __name__ == "__main__":
+    main()
