@@ -93,14 +93,9 @@ class TransformerAdapter(nn.Module):
         )[0]
 
 
-class TransformerHeadAdapter(nn.Module):
+class TransformerHeadAdapter(TransformerAdapter):
     """The transformer's embedders and first double block, as diffusers' forward runs them: the first block's
     image residual (what First Block Cache compares), its image and text outputs, and the time embedding."""
-
-    def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
-        super().__init__()
-        self.model = use_float32_rope(model) if float32_rope else model
-        self.guidance = guidance
 
     def forward(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from fluxexport.console import console, quiet_libraries, table
 
-SETTINGS = ("none", "taylorseer", "taylorseer:interval=3,warmup=2", "first-block:threshold=0.05",
-            "first-block:threshold=0.1", "first-block:threshold=0.2")  # fmt: skip
+# first-block:threshold=0 computes every step through the three parts: what the parts cost over the single graph
+SETTINGS = ("none", "first-block:threshold=0", "taylorseer", "taylorseer:interval=3,warmup=2",
+            "first-block:threshold=0.05", "first-block:threshold=0.1", "first-block:threshold=0.2")  # fmt: skip
 H100_STEP_MS = 75.0  # FLUX.1 at 1024², 512 text tokens: 74.4 TFLOP at ~990 TFLOP/s dense BF16
 HEAD_SHARE = 1 / 57  # a skipped First Block Cache step runs one of FLUX.1's 57 blocks (embedders aside)
 

@@ -172,7 +172,6 @@ def test_validate_compares_images_made_with_the_same_cache(exports, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["cache"] == "taylorseer:interval=2,order=1,warmup=2" and data["passed"] is True
-    assert "end to end, 6 steps, cache taylorseer:interval=2,order=1,warmup=2" in result.output
 
 
 @pytest.fixture(scope="module")
