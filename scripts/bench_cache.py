@@ -9,7 +9,7 @@ Beside it, a paper estimate for FLUX.1-dev at 1024² on an H100 from ARCHITECTUR
 per transformer step, 75 ms at dense BF16 peak; a step First Block Cache skips still runs the head (the embedders
 and one of 57 blocks), one TaylorSeer predicts costs nothing.
 
-    python scripts/bench_cache.py [--repeats 3] [--size 256] [--steps 28]
+    COLUMNS=200 python scripts/bench_cache.py [--repeats 5] [--size 256] [--steps 28]
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from fluxexport.console import console, quiet_libraries, table
 
 # first-block:threshold=0 computes every step through the three parts: what the parts cost over the single graph
 SETTINGS = ("none", "first-block:threshold=0", "taylorseer", "taylorseer:interval=3,warmup=2",
-            "first-block:threshold=0.05", "first-block:threshold=0.1", "first-block:threshold=0.2")  # fmt: skip
+            "first-block:threshold=0.2", "first-block:threshold=0.5", "first-block:threshold=1")  # fmt: skip
 H100_STEP_MS = 75.0  # FLUX.1 at 1024², 512 text tokens: 74.4 TFLOP at ~990 TFLOP/s dense BF16
 HEAD_SHARE = 1 / 57  # a skipped First Block Cache step runs one of FLUX.1's 57 blocks (embedders aside)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=28)
     args = parser.parse_args()

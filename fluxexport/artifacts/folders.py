@@ -115,10 +115,6 @@ class ExportFolder:
                 chosen[name] = graph
         return chosen
 
-    def stale_optimized(self) -> bool:
-        """`optimize` ran, but every one of its graphs was made from a portable graph exported over since."""
-        return bool(self.optimized) and not any(g.is_optimized for g in self.graphs(optimized=True).values())
-
     def every_graph(self) -> dict[str, GraphRecord]:
         """File → record of every graph the folder holds (portable, FP8, optimized)."""
         return {g.file: g for section in (self.components, self.fp8, self.optimized) for g in section.values()}
