@@ -8,7 +8,7 @@ import pytest
 from helpers import sanitized_tensorrt_stubs
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ["fluxexport/tensorrt"]  # builder, backend, validate_engines: every TensorRT and polygraphy call
+CHECKED = ["fluxexport/tensorrt", "fluxexport/validate/engines.py"]  # every TensorRT and polygraphy call
 
 
 @pytest.fixture(scope="module")
