@@ -190,7 +190,9 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     if source.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
 
-    width = int(source.transformer["num_attention_heads"]) * int(source.transformer["attention_head_dim"])
+    width = int(source.transformer.get("num_attention_heads", 24)) * int(
+        source.transformer.get("attention_head_dim", 128)
+    )
     image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
     text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
     temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))

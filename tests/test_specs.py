@@ -3,7 +3,7 @@ from helpers import flux1_source
 
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxexport.specs import COMPONENTS, ExportBounds, component_specs, sample_inputs
+from fluxexport.specs import COMPONENTS, TRANSFORMER_PARTS, ExportBounds, component_specs, sample_inputs
 
 
 def dims(spec, direction):
@@ -12,7 +12,13 @@ def dims(spec, direction):
 
 def test_contract_matches_the_architecture_table(tmp_path):
     specs = component_specs(flux1_source(tmp_path))
-    assert tuple(specs) == COMPONENTS
+    assert tuple(specs) == COMPONENTS + TRANSFORMER_PARTS  # the five, then the transformer in parts (first-block)
+    assert dims(specs["transformer_head"], "outputs") == {
+        name: ("compute", ("B", axis, 3072))
+        for name, axis in (("first_block_residual", "N"), ("image_hidden", "N"), ("text_hidden", "L"))
+    } | {"temb": ("compute", ("B", 3072))}
+    assert dims(specs["transformer_tail"], "outputs") == {"tail_hidden": ("compute", ("B", "N", 3072))}
+    assert dims(specs["transformer_out"], "outputs") == {"latent": ("compute", ("B", "N", 64))}
     assert dims(specs["clip"], "inputs") == {"input_ids": ("int32", ("B", 77))}
     assert dims(specs["clip"], "outputs") == {
         "text_embeddings": ("compute", ("B", 77, 768)),
