@@ -54,11 +54,24 @@ def test_taylorseer_computes_diffusers_schedule():
     assert computed == [0, 1, 2, 4, 9, 14, 19, 24]
 
 
-def _count_transformer_runs(pipeline) -> list[int]:
-    """Calls of the first block's attention: a step diffusers' TaylorSeer predicts never reaches it."""
-    calls = [0]
-    pipeline.transformer.transformer_blocks[0].attn.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+def _generate_both(cache, config, counted: str, steps: int, batch: int, sources, torch_backends, pipelines):
+    """(our result with `cache`, diffusers' images with the same hook `config`, diffusers' full transformer runs:
+    calls of the module `counted` inside its transformer, which a skipped or predicted step never reaches)."""
+    request = GenerationRequest(
+        PROMPT, height=256, width=256, num_inference_steps=steps, seed=1, num_images_per_prompt=batch,
+        guidance_scale=3.5,
+    )  # fmt: skip
+    ours = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request, cache=cache)
+    pipeline = pipelines["tiny-dev"]
+    module, calls = pipeline.transformer.get_submodule(counted), [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    pipeline.transformer.enable_cache(config)
+    try:
+        theirs = diffusers_images(pipeline, PROMPT, 256, 256, steps, 1, batch, guidance_scale=3.5)
+    finally:
+        pipeline.transformer.disable_cache()
+        module._forward_hooks.clear()
+    return ours, theirs, calls[0]
 
 
 @pytest.mark.parametrize(
@@ -68,34 +81,22 @@ def test_taylorseer_equals_diffusers_hook(knobs, steps, batch, sources, torch_ba
     from diffusers import TaylorSeerCacheConfig
 
     cache = CacheSettings("taylorseer", knobs)
-    request = GenerationRequest(
-        PROMPT, height=256, width=256, num_inference_steps=steps, seed=1, num_images_per_prompt=batch,
-        guidance_scale=3.5,
-    )  # fmt: skip
-    ours = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request, cache=cache)
-    pipeline = diffusers_pipelines["tiny-dev"]
     k = cache.knobs
     config = TaylorSeerCacheConfig(
         cache_interval=k["interval"], max_order=k["order"], disable_cache_before_step=k["warmup"], use_lite_mode=True
     )
-    calls = _count_transformer_runs(pipeline)
-    pipeline.transformer.enable_cache(config)
-    try:
-        theirs = diffusers_images(pipeline, PROMPT, 256, 256, steps, 1, batch, guidance_scale=3.5)
-    finally:
-        pipeline.transformer.disable_cache()
-        pipeline.transformer.transformer_blocks[0].attn._forward_hooks.clear()
-    assert ours.computed_steps == calls[0] < steps
+    ours, theirs, runs = _generate_both(
+        cache, config, "transformer_blocks.0.attn", steps, batch, sources, torch_backends, diffusers_pipelines
+    )
+    assert ours.computed_steps == runs < steps
     assert psnr(ours.images, theirs) >= 50
     assert np.array_equal(ours.images, theirs)  # bit-exact on CPU fp32
+    request = GenerationRequest(
+        PROMPT, height=256, width=256, num_inference_steps=steps, seed=1, num_images_per_prompt=batch,
+        guidance_scale=3.5,
+    )  # fmt: skip
     plain = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request).images
     assert not np.array_equal(plain, ours.images)  # the cache changed something: predicted steps ran
-
-
-def _count_calls(module) -> list[int]:
-    calls = [0]
-    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
 
 
 @pytest.mark.parametrize(("threshold", "steps", "batch"), [(0.2, 12, 1), (0.5, 12, 1), (0.4, 8, 2)])
@@ -105,21 +106,11 @@ def test_first_block_cache_equals_diffusers_hook(threshold, steps, batch, source
     from diffusers import FirstBlockCacheConfig
 
     cache = CacheSettings("first-block", {"threshold": threshold})
-    request = GenerationRequest(
-        PROMPT, height=256, width=256, num_inference_steps=steps, seed=1, num_images_per_prompt=batch,
-        guidance_scale=3.5,
+    ours, theirs, runs = _generate_both(
+        cache, FirstBlockCacheConfig(threshold=threshold), "single_transformer_blocks.0.attn", steps, batch, sources,
+        torch_backends, diffusers_pipelines,
     )  # fmt: skip
-    ours = generate(torch_backends["tiny-dev"], sources["tiny-dev"], request, cache=cache)
-    pipeline = diffusers_pipelines["tiny-dev"]
-    counted = pipeline.transformer.single_transformer_blocks[0].attn
-    calls = _count_calls(counted)
-    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    try:
-        theirs = diffusers_images(pipeline, PROMPT, 256, 256, steps, 1, batch, guidance_scale=3.5)
-    finally:
-        pipeline.transformer.disable_cache()
-        counted._forward_hooks.clear()
-    assert ours.computed_steps == calls[0] < steps
+    assert ours.computed_steps == runs < steps
     assert np.array_equal(ours.images, theirs)  # bit-exact on CPU fp32
 
 

@@ -48,6 +48,12 @@ def _check_format(data: dict[str, Any], folder: Path) -> None:
         raise FluxExportError(f"{Path(folder) / MANIFEST} has format {found!r}, this fluxexport reads {FORMAT}")
 
 
+def _write(folder: Path, data: dict[str, Any]) -> Path:
+    """Replace `folder`'s manifest.json atomically (temp file + rename): readers never see half of it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(folder / MANIFEST, json.dumps(data, indent=2) + "\n")
+
+
 def _graphs(section: dict[str, Any]) -> dict[str, GraphRecord]:
     return {name: GraphRecord.from_json(entry) for name, entry in section.items()}
 
@@ -88,9 +94,7 @@ class ExportFolder:
         return data
 
     def write(self) -> Path:
-        """Replace manifest.json atomically (temp file + rename): readers never see half of it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        return write_text_atomic(self.path / MANIFEST, json.dumps(self.to_json(), indent=2) + "\n")
+        return _write(self.path, self.to_json())
 
     def check_made_from(self, source: ModelSource, fix: str = "pass the same --model as at export, or export again"):
         if not self.model.is_of(source):
@@ -150,8 +154,7 @@ class EngineFolder:
         }  # fmt: skip
 
     def write(self) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        return write_text_atomic(self.path / MANIFEST, json.dumps(self.to_json(), indent=2) + "\n")
+        return _write(self.path, self.to_json())
 
     @property
     def bounds(self) -> dict[str, int]:
