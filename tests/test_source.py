@@ -30,7 +30,7 @@ def test_incomplete_folder_names_missing_parts(tmp_path, sources):
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(FluxExportError) as error:
         load_folder(folder)
-    assert str(error.value) == f"model folder {folder} is incomplete: missing vae, tokenizer_2"
+    assert str(error.value) == f"FLUX.1 model folder {folder} is incomplete: missing vae, tokenizer_2"
 
 
 def test_hub_id_offline_names_the_id(monkeypatch, tmp_path):

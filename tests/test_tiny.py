@@ -60,5 +60,5 @@ def test_write_refuses_a_non_empty_folder(tmp_path):
 def test_unknown_variant(tmp_path):
     with pytest.raises(FluxExportError) as error:
         write_tiny("tiny-pro", tmp_path / "x")
-    assert str(error.value) == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext"
+    assert str(error.value) == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-klein, tiny-klein-base"
     assert not (tmp_path / "x").exists()

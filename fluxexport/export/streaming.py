@@ -19,7 +19,7 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 from torch import nn
 
-from fluxexport.adapters import wrap_component
+from fluxexport.adapters import adapter_for
 from fluxexport.artifacts.records import WeightOrigin
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
@@ -137,7 +137,7 @@ def streamed_program(
     inner = empty_module(source, module_name, dtype)
     if prepare is not None:
         inner = prepare(inner)
-    adapter = wrap_component(spec.name, inner, source.guidance_embeds)
+    adapter = adapter_for(source, spec.name, inner)
     program = export(adapter, False)
     loaders = attach_checkpoint_weights(program.model, adapter, inner, tensors, dtype, origins)
     fakes = [name for name, value in program.model.graph.initializers.items() if _is_fake(value.const_value)]

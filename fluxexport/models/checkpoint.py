@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.source import SUBFOLDERS, ModelSource
+from fluxexport.models.source import ModelSource
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class CheckpointTensors:
         if module == "transformer" and source.transformer_file is not None:
             self.locations = bfl_locations(source.transformer_file)
         else:
-            locations = folder_locations(source.root / SUBFOLDERS[module])
+            locations = folder_locations(source.root / source.subfolders[module])
             self.locations = without_prefix(locations, DROPPED_PREFIXES.get(module))
 
     def __contains__(self, name: str) -> bool:

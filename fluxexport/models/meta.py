@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from fluxexport.models.source import SUBFOLDERS, ModelSource
+from fluxexport.models.source import ModelSource
 
 
 @contextmanager
@@ -33,18 +33,24 @@ def module_from_config(source: ModelSource, module: str, for_export: bool = True
     `for_export` gives T5 its traceable eager attention (else the library's default, as `load_t5`)."""
     root = source.root
     if module == "transformer":
-        from diffusers import FluxTransformer2DModel
+        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
-        return FluxTransformer2DModel.from_config(
-            FluxTransformer2DModel.load_config(str(root), subfolder="transformer")
-        )
+        library_class = Flux2Transformer2DModel if source.is_flux2 else FluxTransformer2DModel
+        return library_class.from_config(library_class.load_config(str(root), subfolder="transformer"))
     if module == "vae":
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(root), subfolder="vae"))
+        library_class = AutoencoderKLFlux2 if source.is_flux2 else AutoencoderKL
+        return library_class.from_config(library_class.load_config(str(root), subfolder="vae"))
+    import transformers
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
-    config = AutoConfig.from_pretrained(root / SUBFOLDERS[module])
+    config = AutoConfig.from_pretrained(root / source.subfolders[module])
+    if module == "text_encoder":  # FLUX.2's LM, by the class its config names
+        if for_export:
+            config._attn_implementation = "eager"
+        architecture = (config.architectures or ["Qwen3ForCausalLM"])[0]
+        return getattr(transformers, architecture)(config)
     if module == "t5":
         if for_export:
             config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)

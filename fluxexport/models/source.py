@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.family import FLUX1, FLUX2, Family, detect_family
 from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
 
-# module → the checkpoint subfolder its config and weights live in
-SUBFOLDERS = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+# module → the checkpoint subfolder its config and weights live in (FLUX.1; `ModelSource.subfolders` per family)
+SUBFOLDERS = FLUX1.subfolders
 
-REQUIRED_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 KONTEXT_PIPELINE = "FluxKontextPipeline"
 
 
@@ -47,6 +47,38 @@ class ModelSource:
     @property
     def pipeline_class(self) -> str:
         return self.configs["model_index"].get("_class_name", "FluxPipeline")
+
+    @property
+    def family(self) -> Family:
+        return detect_family(self.configs["model_index"], self.configs.get("transformer"))
+
+    @property
+    def is_flux2(self) -> bool:
+        return self.family is FLUX2
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components this family exports (FLUX.1: clip, t5, …; FLUX.2: text_encoder, …)."""
+        return self.family.components
+
+    @property
+    def subfolders(self) -> dict[str, str]:
+        return self.family.subfolders
+
+    @property
+    def is_distilled(self) -> bool:
+        """FLUX.2: a step-distilled model runs without true CFG (model_index.json's `is_distilled`)."""
+        return bool(self.configs["model_index"].get("is_distilled", False))
+
+    @property
+    def text_encoder(self) -> dict[str, Any]:
+        """FLUX.2's text encoder config (a causal LM read at intermediate layers)."""
+        return self.configs["text_encoder"]
+
+    @property
+    def text_encoder_layers(self) -> tuple[int, ...]:
+        """FLUX.2: the hidden-state layers stacked into the prompt embedding (diffusers' defaults per pipeline)."""
+        return (10, 20, 30) if self.pipeline_class == "Flux2Pipeline" else (9, 18, 27)
 
     @property
     def is_kontext(self) -> bool:
@@ -97,15 +129,22 @@ class ModelSource:
 
     @property
     def default_steps(self) -> int:
+        if self.is_flux2:
+            return 4 if self.is_distilled else 50
         return 28 if self.guidance_embeds else 4
 
     @property
     def default_max_sequence_length(self) -> int:
-        return 512 if self.guidance_embeds else 256
+        return 512 if self.guidance_embeds or self.is_flux2 else 256
 
     @property
     def default_guidance(self) -> float:
-        return 3.5
+        return 4.0 if self.is_flux2 else 3.5
+
+    @property
+    def uses_true_cfg(self) -> bool:
+        """FLUX.2 base models run the transformer twice a step (a negative prompt); distilled ones and FLUX.1 once."""
+        return self.is_flux2 and not self.is_distilled and not self.guidance_embeds
 
     def fingerprint(self) -> str:
         """A short hash of the configs and weight file sizes: identifies the checkpoint in manifests."""
@@ -121,9 +160,11 @@ class ModelSource:
 
     @functools.cached_property
     def tokenizers(self):
-        """(CLIP tokenizer, T5 tokenizer), loaded once from the folder."""
-        from transformers import CLIPTokenizer, T5TokenizerFast
+        """FLUX.1: (CLIP tokenizer, T5 tokenizer); FLUX.2: (its LM's tokenizer,); loaded once from the folder."""
+        from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
 
+        if self.is_flux2:
+            return (AutoTokenizer.from_pretrained(self.root / "tokenizer"),)
         return (
             CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
             T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
@@ -147,24 +188,21 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
     if not (root / "model_index.json").is_file():
         raise FluxExportError(f"{root} has no model_index.json: it is not a diffusers pipeline folder")
     configs: dict[str, dict[str, Any]] = {"model_index": _read_json(root / "model_index.json")}
-    missing = [part for part in REQUIRED_PARTS if not (root / part).is_dir()]
+    transformer_config = root / "transformer" / "config.json"
+    family = detect_family(
+        configs["model_index"], _read_json(transformer_config) if transformer_config.is_file() else None
+    )
+    missing = [part for part in family.required_parts if not (root / part).is_dir()]
     if transformer_file is not None and "transformer" in missing:
         missing.remove("transformer")
     if missing:
-        raise FluxExportError(f"model folder {root} is incomplete: missing {', '.join(missing)}")
-    config_files = {
-        "transformer": "transformer/config.json",
-        "vae": "vae/config.json",
-        "text_encoder": "text_encoder/config.json",
-        "text_encoder_2": "text_encoder_2/config.json",
-        "scheduler": "scheduler/scheduler_config.json",
-    }
-    for part, relative in config_files.items():
+        raise FluxExportError(f"{family.title} model folder {root} is incomplete: missing {', '.join(missing)}")
+    for part, relative in family.config_files.items():
         path = root / relative
         if not path.is_file():
-            raise FluxExportError(f"model folder {root} is incomplete: missing {relative}")
+            raise FluxExportError(f"{family.title} model folder {root} is incomplete: missing {relative}")
         configs[part] = _read_json(path)
-    check_widths(configs, root)
+    (check_flux2_widths if family is FLUX2 else check_widths)(configs, root)
     return ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
 
 
@@ -181,6 +219,25 @@ def check_widths(configs: dict[str, dict[str, Any]], root: Path) -> None:
     )  # fmt: skip
     for theirs, width, ours, expected in pairs:
         if width is not None and int(width) != int(expected):
+            raise FluxExportError(
+                f"{root}: {theirs} is {width} but the transformer's {ours} is {expected}: the parts come from "
+                "different models"
+            )
+
+
+def check_flux2_widths(configs: dict[str, dict[str, Any]], root: Path) -> None:
+    """FLUX.2: the stacked text layers must make the transformer's joint width, the VAE's patches its channels."""
+    transformer, text = configs["transformer"], configs["text_encoder"]
+    text = text.get("text_config", text)  # Mistral3 nests its language model's config
+    layers = 3  # both pipelines stack three hidden-state layers
+    pairs = (
+        (f"text_encoder/config.json hidden_size × {layers}", layers * int(text.get("hidden_size", 0)),
+         "joint_attention_dim", transformer.get("joint_attention_dim", 15360)),
+        ("vae/config.json latent_channels × 4", 4 * int(configs["vae"].get("latent_channels", 32)),
+         "in_channels", transformer.get("in_channels", 128)),
+    )  # fmt: skip
+    for theirs, width, ours, expected in pairs:
+        if int(width) != int(expected):
             raise FluxExportError(
                 f"{root}: {theirs} is {width} but the transformer's {ours} is {expected}: the parts come from "
                 "different models"

@@ -32,12 +32,20 @@ class TinyVariant:
     guidance_embeds: bool
     dynamic_shifting: bool
     pipeline_class: str
+    is_distilled: bool = False  # FLUX.2 [klein]: the step-distilled model runs without true CFG
+
+    @property
+    def is_flux2(self) -> bool:
+        return self.pipeline_class.startswith("Flux2")
 
 
 TINY_VARIANTS: dict[str, TinyVariant] = {
     "tiny-schnell": TinyVariant("tiny-schnell", False, False, "FluxPipeline"),
     "tiny-dev": TinyVariant("tiny-dev", True, True, "FluxPipeline"),
     "tiny-kontext": TinyVariant("tiny-kontext", True, True, "FluxKontextPipeline"),
+    # FLUX.2 [klein]: the distilled model (4 steps, no CFG) and the base model (true CFG with a negative prompt)
+    "tiny-klein": TinyVariant("tiny-klein", False, True, "Flux2KleinPipeline", is_distilled=True),
+    "tiny-klein-base": TinyVariant("tiny-klein-base", False, True, "Flux2KleinPipeline"),
 }
 
 
@@ -71,8 +79,93 @@ MID_SHAPE = ModelShape(
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Flux2Shape:
+    """Widths and depths of a random FLUX.2-shaped model. FLUX.2 [klein] 4B: 24 heads × 128, 5 + 20 blocks,
+    Qwen3-4B (2560 wide, 36 layers) read at layers 9/18/27; the tiny one keeps 28 text layers so that those exist."""
+
+    heads: int = 2
+    head_dim: int = 16
+    rope_axes: tuple[int, int, int, int] = (4, 4, 4, 4)
+    double_blocks: int = 1
+    single_blocks: int = 1
+    text_width: int = 32  # the LM's hidden size; the transformer's joint width is 3× it
+    text_layers: int = 28
+    vae_channels: tuple[int, int, int, int] = (8, 16, 16, 16)
+    vae_groups: int = 4
+
+
+TINY_FLUX2_SHAPE = Flux2Shape()
+
+
+def build_tiny_flux2_pipeline(variant: TinyVariant, shape: Flux2Shape = TINY_FLUX2_SHAPE):
+    """A random FLUX.2 [klein]-shaped pipeline (Qwen3 text encoder, Flux2 transformer and VAE), seeded per part."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fluxexport.models.tokenizers import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.text_width,
+            intermediate_size=2 * shape.text_width,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=shape.text_width // 2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    torch.manual_seed(SEED + 2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=shape.double_blocks,
+        num_single_layers=shape.single_blocks,
+        attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=3 * shape.text_width,
+        timestep_guidance_channels=32,
+        axes_dims_rope=shape.rope_axes,
+        guidance_embeds=variant.guidance_embeds,
+    ).eval()
+    torch.manual_seed(SEED + 3)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=shape.vae_channels,
+        layers_per_block=1,
+        latent_channels=32,
+        norm_num_groups=shape.vae_groups,
+        sample_size=DEFAULT_SIZE,
+    ).eval()
+    with torch.no_grad():  # statistics other than (0, 1), so that the latent normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=variant.is_distilled,
+    )
+
+
 def build_tiny_pipeline(name: str, shape: ModelShape = TINY_SHAPE):
     """Build a random pipeline in memory, with weights drawn from a fixed seed per component."""
+    if tiny_variant(name).is_flux2:
+        return build_tiny_flux2_pipeline(tiny_variant(name))
     import torch
     from diffusers import (
         AutoencoderKL,

@@ -1,7 +1,9 @@
-"""Real CLIP (BPE) and T5 (sentencepiece) tokenizers trained offline on a small built-in corpus.
+"""Real CLIP (BPE), T5 (sentencepiece) and Qwen (byte-level BPE, chat template) tokenizers trained offline on
+a small built-in corpus.
 
 Tiny models need tokenizers of the real classes, built without the network: a byte-level BPE with CLIP's
-`</w>` word ends, and a sentencepiece unigram model with byte fallback for T5.
+`</w>` word ends, a sentencepiece unigram model with byte fallback for T5, and for FLUX.2 a GPT-2-style
+byte-level BPE with Qwen's special tokens and a chat template that renders as Qwen3's does.
 """
 
 from __future__ import annotations
@@ -39,7 +41,19 @@ def learn_bpe_merges(corpus: list[str], num_merges: int) -> list[tuple[str, str]
     """Classic BPE on `</w>`-terminated words; ties go to the lexicographically largest pair, so the
     result is the same on every machine (the `tokenizers` trainer breaks ties by hash order)."""
     words = Counter(word for line in corpus for word in _WORD_PATTERN.findall(line.lower()))
-    segmented = {tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in words.items()}
+    return _learn_merges({tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in words.items()}, num_merges)
+
+
+def learn_byte_level_merges(corpus: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """BPE over GPT-2's byte-level pre-tokenization (a leading space is `Ġ`), deterministic as above."""
+    from tokenizers import pre_tokenizers
+
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = Counter(word for line in corpus for word, _ in splitter.pre_tokenize_str(line))
+    return _learn_merges({tuple(word): count for word, count in words.items()}, num_merges)
+
+
+def _learn_merges(segmented: dict[tuple[str, ...], int], num_merges: int) -> list[tuple[str, str]]:
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
@@ -105,3 +119,34 @@ def build_t5_tokenizer(vocab_size: int = 400, model_max_length: int = 512):
         tokenizer = T5TokenizerFast.from_pretrained(folder, model_max_length=model_max_length)
         tokenizer.model_max_length = model_max_length
         return tokenizer
+
+
+# Qwen's special tokens; the chat template renders a conversation as Qwen3's own template does for FLUX.2's
+# prompts (user turns, a generation prompt, and the empty thinking block of `enable_thinking=False`).
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def build_qwen_tokenizer(num_merges: int = 400, model_max_length: int = 512):
+    """A Qwen2Tokenizer (byte-level BPE learned here, Qwen's special tokens, a chat template), pad <|endoftext|>."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    merges = learn_byte_level_merges(training_corpus(), num_merges)
+    pieces = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(pair) for pair in merges]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.model_max_length = model_max_length
+    return tokenizer

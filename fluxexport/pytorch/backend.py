@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxexport.adapters import named_outputs, wrap_component
+from fluxexport.adapters import adapter_for, named_outputs
 from fluxexport.dtypes import ELEMENT_TORCH, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
@@ -68,7 +68,7 @@ class TorchBackend(LoadedComponents):
         if name not in KNOWN_COMPONENTS:
             raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(KNOWN_COMPONENTS)}")
         spec = self.specs[name]
-        adapter = wrap_component(name, self.module(MODULE_OF[name]), self.source.guidance_embeds, float32_rope=False)
+        adapter = adapter_for(self.source, name, self.module(MODULE_OF[name]), float32_rope=False)
 
         @torch.inference_mode()
         def run(feeds: Feeds) -> Feeds:

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime import flux2
 from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.cache import CacheSettings, StepCache
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, to_vae_latents
 from fluxexport.runtime.kontext import prepare_reference
 from fluxexport.runtime.latents import (
-    check_image_size,
     image_ids,
     latent_grid,
     noise,
@@ -25,110 +23,18 @@ from fluxexport.runtime.latents import (
     text_ids,
     unpack_latents,
 )
-from fluxexport.runtime.schedule import check_steps, euler_step, flow_match_sigmas, model_timestep
+from fluxexport.runtime.request import (
+    GenerationRequest,
+    GenerationResult,
+    ResolvedRequest,
+    StepCallback,
+    resolve_request,
+    stage_end,
+    tokenize,
+)
+from fluxexport.runtime.schedule import euler_step, flow_match_sigmas, model_timestep
 
-T5_MAX_SEQUENCE_LENGTH = 512
-StepCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What a user asks for, in diffusers' vocabulary; None means the model's default."""
-
-    prompt: str | Sequence[str]
-    prompt_2: str | Sequence[str] | None = None
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
-    num_images_per_prompt: int = 1
-    max_sequence_length: int | None = None
-    image: Image.Image | None = None
-    auto_resize_reference: bool = True
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A request with every default filled in and every value checked."""
-
-    prompts: list[str]
-    prompts_2: list[str]
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    seed: int
-    num_images_per_prompt: int
-    max_sequence_length: int
-    image: Image.Image | None
-    auto_resize_reference: bool
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.num_images_per_prompt
-
-
-@dataclass
-class GenerationResult:
-    images: np.ndarray  # uint8 [B,H,W,3]
-    request: ResolvedRequest
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    warnings: list[str] = field(default_factory=list)
-    computed_steps: int | None = None  # full transformer evaluations (fewer than the steps with a step cache)
-    cache: str = "none"
-
-    @property
-    def cache_summary(self) -> str:
-        """`transformer: computed 9 of 12 steps (taylorseer:interval=5,order=1,warmup=3)`."""
-        computed = self.request.steps if self.computed_steps is None else self.computed_steps
-        return f"transformer: computed {computed} of {self.request.steps} steps ({self.cache})"
-
-
-def _as_list(prompt: str | Sequence[str]) -> list[str]:
-    return [prompt] if isinstance(prompt, str) else list(prompt)
-
-
-def resolve_request(source: ModelSource, request: GenerationRequest) -> ResolvedRequest:
-    """Fill in model-aware defaults and refuse bad input with a one-line error naming the fix."""
-    prompts = _as_list(request.prompt)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise FluxExportError("prompt is empty: pass the text to draw with --prompt")
-    prompts_2 = _as_list(request.prompt_2) if request.prompt_2 is not None else prompts
-    if len(prompts_2) != len(prompts):
-        raise FluxExportError(f"got {len(prompts)} prompts but {len(prompts_2)} prompt_2 values: give one per prompt")
-    height = request.height or source.default_size
-    width = request.width or source.default_size
-    check_image_size(height, width, 2 * source.vae_scale_factor)
-    steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
-    if request.num_images_per_prompt < 1:
-        raise FluxExportError(f"num-images must be at least 1, got {request.num_images_per_prompt} (--num-images)")
-    length = request.max_sequence_length or source.default_max_sequence_length
-    if not 1 <= length <= T5_MAX_SEQUENCE_LENGTH:
-        raise FluxExportError(
-            f"max-sequence-length must be in 1..{T5_MAX_SEQUENCE_LENGTH}, got {length} (--max-sequence-length)"
-        )
-    if request.image is not None and not source.is_kontext:
-        raise FluxExportError(
-            f"--image is a Kontext reference but {source.name} is a {source.pipeline_class}: "
-            "use a FLUX.1 Kontext model or drop --image"
-        )
-    guidance = source.default_guidance if request.guidance_scale is None else request.guidance_scale
-    return ResolvedRequest(
-        prompts, prompts_2, height, width, steps, float(guidance), request.seed,
-        request.num_images_per_prompt, length, request.image, request.auto_resize_reference,
-    )  # fmt: skip
-
-
-def tokenize(tokenizer, prompts: list[str], max_length: int, label: str) -> tuple[torch.Tensor, list[str]]:
-    """Token ids [B,max_length] int32, padded and truncated as diffusers does, and a warning if truncated."""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    warnings = []
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > max_length:
-        removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
-        warnings.append(f"{label} prompt was truncated to {max_length} tokens; dropped: {removed}")
-    return ids.input_ids.to(torch.int32), warnings
+__all__ = ["GenerationRequest", "GenerationResult", "ResolvedRequest", "denoise", "generate", "resolve_request"]
 
 
 def encode_prompts(
@@ -213,13 +119,6 @@ def transformer_conditioning(
     return conditioning
 
 
-def _stage_end(device: torch.device) -> float:
-    """perf_counter at the end of a stage: on CUDA, after the queued work finished (once per stage)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def generate(
     backend: Backend,
     source: ModelSource,
@@ -228,12 +127,14 @@ def generate(
     cache: CacheSettings | None = None,
 ) -> GenerationResult:
     """Run the whole pipeline; the same seed and settings give diffusers' image (with `cache`, diffusers' image
-    with the same cache hook)."""
+    with the same cache hook). FLUX.2 checkpoints run FLUX.2's pipeline (`runtime.flux2`)."""
+    if source.is_flux2:
+        return flux2.generate(backend, source, request, on_step, cache)
     resolved = resolve_request(source, request)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     embeddings, pooled, warnings = encode_prompts(backend, source, resolved)
-    timings["text_encode"] = _stage_end(backend.device) - start
+    timings["text_encode"] = stage_end(backend.device) - start
 
     batch, device = resolved.batch, backend.device
     tick = time.perf_counter()
@@ -243,7 +144,7 @@ def generate(
             backend, source, resolved.image, batch, resolved.auto_resize_reference
         )
         ids = torch.cat([ids, reference_ids], dim=0)
-        timings["reference_encode"] = _stage_end(device) - tick
+        timings["reference_encode"] = stage_end(device) - tick
 
     # noise is drawn on the CPU generator (diffusers' images for a seed), then lives on the backend's device
     latents = pack_latents(
@@ -258,7 +159,7 @@ def generate(
     state = cache.new_state()
     tick = time.perf_counter()
     latents = denoise(backend.component, latents, sigmas, conditioning, reference, on_step, state)
-    timings["denoise"] = _stage_end(device) - tick
+    timings["denoise"] = stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 
     tick = time.perf_counter()

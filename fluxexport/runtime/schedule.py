@@ -35,6 +35,18 @@ def resolution_shift(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift: fitted on token count and step count (diffusers' compute_empirical_mu, same constants)."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    at_200_steps = a2 * image_seq_len + b2
+    at_10_steps = a1 * image_seq_len + b1
+    slope = (at_200_steps - at_10_steps) / 190.0
+    return float(slope * num_steps + (at_200_steps - 200.0 * slope))
+
+
 def check_steps(num_steps: int) -> int:
     """Refuse a step count below 1 (the one-line error every caller shows)."""
     if num_steps < 1:
@@ -42,8 +54,10 @@ def check_steps(num_steps: int) -> int:
     return num_steps
 
 
-def flow_match_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any]) -> torch.Tensor:
-    """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu)."""
+def flow_match_sigmas(
+    num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any], mu: float | None = None
+) -> torch.Tensor:
+    """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu; FLUX.2 passes its own)."""
     check_steps(num_steps)
     for option in _UNSUPPORTED_OPTIONS:
         if scheduler_config.get(option):
@@ -51,12 +65,16 @@ def flow_match_sigmas(num_steps: int, image_seq_len: int, scheduler_config: Mapp
     # float32 from here on, in the order diffusers computes, so that every sigma matches bit for bit.
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
     if scheduler_config.get("use_dynamic_shifting", False):
-        mu = resolution_shift(
-            image_seq_len,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
+        mu = (
+            mu
+            if mu is not None
+            else resolution_shift(
+                image_seq_len,
+                scheduler_config.get("base_image_seq_len", 256),
+                scheduler_config.get("max_image_seq_len", 4096),
+                scheduler_config.get("base_shift", 0.5),
+                scheduler_config.get("max_shift", 1.15),
+            )
         )
         if scheduler_config.get("time_shift_type", "exponential") == "linear":
             sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)

@@ -7,145 +7,32 @@ Names follow NVIDIA's TensorRT diffusion demo (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
 import torch
 
 from fluxexport.dtypes import COMPUTE
-from fluxexport.errors import FluxExportError
+from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.specs.core import Axis, ComponentSpec, Dim, ExportBounds, TensorSpec, image_tokens
+from fluxexport.specs.flux2 import flux2_specs
+
+__all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
 
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
 # The transformer in three parts, for First Block Cache (`--cache first-block`): the head (embedders and the first
 # double block), the tail (every other block) and the output layers; exported on demand (`--transformer-parts`)
 TRANSFORMER_PARTS = ("transformer_head", "transformer_tail", "transformer_out")
-KNOWN_COMPONENTS = COMPONENTS + TRANSFORMER_PARTS
+KNOWN_COMPONENTS = COMPONENTS + TRANSFORMER_PARTS + ("text_encoder",)  # FLUX.2's one text encoder
 # Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
 KONTEXT_REFERENCE_TOKENS = max((w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
 KONTEXT_REFERENCE_SIDE = max(max(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
 KONTEXT_REFERENCE_MIN_SIDE = min(min(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)
 
-Dim = int | str  # a fixed size, or the name of a symbolic axis
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output. dtype COMPUTE ("compute") means the component's precision (fp32/bf16/fp16)."""
-
-    name: str
-    dtype: str  # COMPUTE | "float32" | "int32"
-    dims: tuple[Dim, ...]
-    value_range: tuple[float, float] = (-1.0, 1.0)  # where sample inputs are drawn from
-
-
-@dataclass(frozen=True)
-class Axis:
-    """A symbolic axis: its bounds become torch.export Dims, TensorRT profiles and Triton -1 dims.
-    `multiple` constrains sizes (VAE pixels are multiples of 8); `opt` is the profile's optimum."""
-
-    min: int
-    opt: int
-    max: int
-    multiple: int = 1
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    axes: dict[str, Axis]
-    export_sizes: dict[str, int]  # sample sizes for export: every axis ≥ 2 and distinct, so none specialises
-    derived: dict[str, tuple[str, int]] = field(default_factory=dict)  # output axis → (input axis, factor)
-
-    def input(self, name: str) -> TensorSpec:
-        return next(tensor for tensor in self.inputs if tensor.name == name)
-
-    def shape(self, tensor: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
-        """Concrete shape of `tensor` for axis sizes (derived output axes computed from their source)."""
-        resolved = dict(sizes)
-        for axis, (source, factor) in self.derived.items():
-            if source in resolved:
-                resolved[axis] = resolved[source] * factor
-        return tuple(dim if isinstance(dim, int) else resolved[dim] for dim in tensor.dims)
-
-    def shape_range(self, tensor: TensorSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(min, opt, max) shapes of an input over the spec's axes: a TensorRT optimization profile's entry."""
-        return tuple(
-            self.shape(tensor, {axis: getattr(bounds, which) for axis, bounds in self.axes.items()})
-            for which in ("min", "opt", "max")
-        )  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class ExportBounds:
-    """The range an export (and later an engine's profiles) must serve: min/opt/max batch, image side, T5 tokens.
-
-    Graphs are exported for the whole range; `fluxexport build` makes one TensorRT profile per resolution
-    bucket of it (`with_resolution`), so every bound lives here and the axes follow from `component_specs`."""
-
-    max_batch: int = 4
-    min_resolution: int = 256
-    opt_resolution: int = 1024
-    max_resolution: int = 1360
-    max_text_length: int = 512
-    opt_text_length: int = 512
-    min_batch: int = 1
-    opt_batch: int = 1
-    min_text_length: int = 1
-
-    @classmethod
-    def for_model(cls, source: ModelSource, **overrides) -> ExportBounds:
-        """Real checkpoints: 256–1360 px like NVIDIA's demo; tiny ones: 64–1024 px around 256."""
-        defaults = {"opt_text_length": source.default_max_sequence_length}
-        if source.is_tiny:
-            defaults |= {"min_resolution": 64, "opt_resolution": source.default_size, "max_resolution": 1024}
-        bounds = cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
-        bounds.check()
-        return bounds
-
-    @property
-    def batch(self) -> tuple[int, int, int]:
-        return self.min_batch, self.opt_batch, self.max_batch
-
-    @property
-    def resolution(self) -> tuple[int, int, int]:
-        return self.min_resolution, self.opt_resolution, self.max_resolution
-
-    @property
-    def text_length(self) -> tuple[int, int, int]:
-        return self.min_text_length, self.opt_text_length, self.max_text_length
-
-    def with_resolution(self, low: int, opt: int, high: int) -> ExportBounds:
-        """The same bounds over a narrower resolution range (one TensorRT profile's bucket)."""
-        return replace(self, min_resolution=low, opt_resolution=opt, max_resolution=high)
-
-    def check(self) -> None:
-        if not 16 <= self.min_resolution <= self.opt_resolution <= self.max_resolution:
-            raise FluxExportError(
-                f"resolutions must satisfy 16 ≤ min ≤ opt ≤ max, got {self.min_resolution}, "
-                f"{self.opt_resolution}, {self.max_resolution} (--min-resolution/--max-resolution)"
-            )
-        if any(value % 16 for value in self.resolution):
-            raise FluxExportError("resolutions must be multiples of 16 (--min-resolution/--max-resolution)")
-        if self.max_batch < 1:
-            raise FluxExportError(f"max batch must be at least 1, got {self.max_batch} (--max-batch)")
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise FluxExportError(f"batch needs 1 ≤ MIN ≤ OPT ≤ MAX, got {':'.join(map(str, self.batch))} (--batch)")
-        if not 1 <= self.min_text_length <= self.opt_text_length <= self.max_text_length:
-            text = ":".join(map(str, self.text_length))
-            raise FluxExportError(f"text length needs 1 ≤ MIN ≤ OPT ≤ MAX, got {text} (--text-len)")
-
 
 def pipeline_components(source: ModelSource) -> tuple[str, ...]:
-    """The components a text-to-image run needs: the four, plus the VAE encoder for Kontext's reference."""
-    return tuple(name for name in COMPONENTS if name != "vae_encoder" or source.is_kontext)
-
-
-def image_tokens(side: int) -> int:
-    """Packed tokens of a side×side image (16 px per token side: 8× VAE, 2×2 packing)."""
-    return (side // 16) ** 2
+    """The components a text-to-image run needs: all but the VAE encoder, which Kontext's and FLUX.2's reference
+    images need too."""
+    return tuple(name for name in source.components if name != "vae_encoder" or source.is_kontext or source.is_flux2)
 
 
 def kontext_tokens(low: int, opt: int, high: int) -> tuple[int, int, int]:
@@ -161,8 +48,11 @@ def kontext_encoder_sides(low: int, opt: int, high: int) -> tuple[int, int, int]
 
 
 def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> dict[str, ComponentSpec]:
-    """The five component specs for a checkpoint, with widths read from its configs."""
+    """The component specs of a checkpoint's family, with widths read from its configs (FLUX.1: the five and the
+    transformer's parts; FLUX.2: `specs.flux2`)."""
     bounds = bounds or ExportBounds.for_model(source)
+    if source.family is FLUX2:
+        return flux2_specs(source, bounds)
     batch = Axis(*bounds.batch)
     clip_length = int(source.clip.get("max_position_embeddings", 77))
     clip_width = int(source.clip["hidden_size"])

@@ -1,7 +1,8 @@
 """One adapter per component: an nn.Module whose forward takes and returns exactly the spec's tensors, in the
 spec's order. The exporter traces them; the PyTorch backend runs them (outputs named by `spec.outputs`).
 
-The one switch: `float32_rope`. For export, RoPE frequencies are computed in float32 (diffusers uses float64
+FLUX.2's adapters are in `adapters/flux2.py`; `wrap_component(…, family=…)` picks them. The one switch:
+`float32_rope`. For export, RoPE frequencies are computed in float32 (diffusers uses float64
 on CPU, which would put DOUBLE tensors in the graph; TensorRT has none); the PyTorch reference keeps
 diffusers' own RoPE, so that it matches diffusers bit for bit.
 """
@@ -11,45 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fluxexport.adapters.flux2 import FLUX2_ADAPTERS
+from fluxexport.adapters.rope import Float32RotaryEmbedding, use_float32_rope
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec
 
-
-class Float32RotaryEmbedding(nn.Module):
-    """FluxPosEmbed with float32 frequencies: same cos/sin layout, no float64 anywhere."""
-
-    def __init__(self, theta: int, axes_dim: list[int]):
-        super().__init__()
-        self.theta = theta
-        self.axes_dim = list(axes_dim)
-
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.embeddings import get_1d_rotary_pos_embed
-
-        positions = ids.float()
-        cos, sin = zip(
-            *(
-                get_1d_rotary_pos_embed(
-                    dim,
-                    positions[:, axis],
-                    theta=self.theta,
-                    repeat_interleave_real=True,
-                    use_real=True,
-                    freqs_dtype=torch.float32,
-                )  # fmt: skip
-                for axis, dim in enumerate(self.axes_dim)
-            ),
-            strict=True,
-        )
-        return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
-
-
-def use_float32_rope(transformer: nn.Module) -> nn.Module:
-    """Swap the transformer's RoPE module for the float32 one (in place; returns the transformer)."""
-    transformer.pos_embed = Float32RotaryEmbedding(transformer.pos_embed.theta, transformer.pos_embed.axes_dim)
-    return transformer
+__all__ = [
+    "Float32RotaryEmbedding",
+    "adapter_for",
+    "build_adapter",
+    "named_outputs",
+    "use_float32_rope",
+    "wrap_component",
+]
 
 
 class ClipAdapter(nn.Module):
@@ -162,8 +139,20 @@ class VaeEncoderAdapter(nn.Module):
         return self.vae.encode(images).latent_dist.mode()
 
 
-def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: bool = True) -> nn.Module:
-    """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components)."""
+def wrap_component(
+    name: str,
+    module: nn.Module,
+    guidance: bool,
+    float32_rope: bool = True,
+    *,
+    family: str = "flux1",
+    text_layers: tuple[int, ...] = (9, 18, 27),
+) -> nn.Module:
+    """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components);
+    FLUX.2 components (`family="flux2"`) get FLUX.2's adapters (`text_layers`: the LM layers its text encoder
+    stacks)."""
+    if family == "flux2":
+        return FLUX2_ADAPTERS.wrap(name, module, guidance, float32_rope, text_layers)
     if name == "transformer":
         return TransformerAdapter(module, guidance, float32_rope).eval()
     if name == "transformer_head":
@@ -183,11 +172,17 @@ def wrap_component(name: str, module: nn.Module, guidance: bool, float32_rope: b
     return adapters[name](module).eval()
 
 
+def adapter_for(source: ModelSource, name: str, module: nn.Module, float32_rope: bool = True) -> nn.Module:
+    """`wrap_component` for a checkpoint: its family's adapter, its guidance and text layers."""
+    return wrap_component(name, module, source.guidance_embeds, float32_rope,
+                          family=source.family.name, text_layers=source.text_encoder_layers)  # fmt: skip
+
+
 def build_adapter(spec: ComponentSpec, source: ModelSource, dtype: torch.dtype, prepare=None) -> nn.Module:
     """Load the component's weights and wrap them for export (float32 RoPE, traceable T5 attention);
     `prepare` rewrites the loaded module first (the FP8 fake quantization)."""
     module = load_module(source, MODULE_OF[spec.name], dtype, for_export=True)
-    return wrap_component(spec.name, prepare(module) if prepare else module, source.guidance_embeds)
+    return adapter_for(source, spec.name, prepare(module) if prepare else module)
 
 
 def named_outputs(spec: ComponentSpec, result: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:

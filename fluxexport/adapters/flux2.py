@@ -1,0 +1,136 @@
+"""FLUX.2's adapters: each takes and returns exactly its spec's tensors (`specs.flux2_specs`).
+
+- text encoder: the causal LM run up to the deepest layer it is read at (layers past it never run), its hidden
+  states at `layers` stacked per token into one [B, L, 3·hidden] embedding, as diffusers' pipelines stack them;
+- transformer: `Flux2Transformer2DModel` on 2-D ids (float32 RoPE for export);
+- VAE decoder / encoder: with the batch-norm (un)normalisation and the 2×2 (un)patchify inside, so that both take
+  and give the transformer's 128-channel latent and the runtime never reads VAE statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fluxexport.adapters.rope import use_float32_rope
+from fluxexport.errors import FluxExportError
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (Qwen3ForCausalLM.model) or of a VLM's language model (Mistral3)."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+class TextEncoderAdapter(nn.Module):
+    def __init__(self, model: nn.Module, layers: tuple[int, ...]):
+        super().__init__()
+        stack = language_model(model)
+        deepest = max(layers)
+        if deepest >= len(stack.layers):  # hidden_states[k] for k < depth is a layer's raw output (no final norm)
+            raise FluxExportError(
+                f"the text encoder has {len(stack.layers)} layers but FLUX.2 reads layer {deepest}: "
+                "the text encoder does not belong to this model"
+            )
+        self.stack = copy.copy(stack)  # a shallow copy: the layers are shared, the list is cut
+        self.stack.layers = stack.layers[: deepest + 1]
+        self.layers = tuple(layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.stack(
+            input_ids=input_ids.to(torch.int64),
+            attention_mask=attention_mask.to(torch.int64),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        stacked = torch.stack([out.hidden_states[index] for index in self.layers], dim=1)  # B, layers, L, D
+        batch, count, length, width = stacked.shape
+        return stacked.permute(0, 2, 1, 3).reshape(batch, length, count * width)
+
+
+class TransformerAdapter(nn.Module):
+    def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
+        super().__init__()
+        self.model = use_float32_rope(model) if float32_rope else model
+        self.guidance = guidance
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance=None):
+        return self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep.to(hidden_states.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance if self.guidance else None,
+            return_dict=False,
+        )[0]
+
+
+def batch_norm_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) [1,C,1,1] of the VAE's latent batch norm, as the pipelines compute them."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] → [B,4C,H/2,W/2]: each 2×2 patch into channels (diffusers' _patchify_latents)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return patches.reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(latents: torch.Tensor) -> torch.Tensor:
+    """[B,4C,h,w] → [B,C,2h,2w]; the inverse of `patchify`."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return patches.reshape(b, c // 4, h * 2, w * 2)
+
+
+class VaeDecoderAdapter(nn.Module):
+    """Normalised patchified latent [B,128,h,w] → images [B,3,16h,16w]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        mean, std = batch_norm_stats(self.vae, latent)
+        return self.vae.decode(unpatchify(latent * std + mean), return_dict=False)[0]
+
+
+class VaeEncoderAdapter(nn.Module):
+    """Images [B,3,H,W] → the posterior mean, patchified and normalised [B,128,H/16,W/16] (sample_mode "argmax")."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images):
+        latent = patchify(self.vae.encode(images).latent_dist.mode())
+        mean, std = batch_norm_stats(self.vae, latent)
+        return (latent - mean) / std
+
+
+class Flux2Adapters:
+    """FLUX.2's component → adapter table."""
+
+    names = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+
+    def wrap(
+        self, name: str, module: nn.Module, guidance: bool, float32_rope: bool, text_layers: tuple[int, ...]
+    ) -> nn.Module:
+        if name == "text_encoder":
+            return TextEncoderAdapter(module, text_layers).eval()
+        if name == "transformer":
+            return TransformerAdapter(module, guidance, float32_rope).eval()
+        if name == "vae_decoder":
+            return VaeDecoderAdapter(module).eval()
+        if name == "vae_encoder":
+            return VaeEncoderAdapter(module).eval()
+        raise FluxExportError(f"FLUX.2 has no component {name!r}: choose one of {', '.join(self.names)}")
+
+
+FLUX2_ADAPTERS = Flux2Adapters()

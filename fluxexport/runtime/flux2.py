@@ -1,0 +1,214 @@
+"""FLUX.2's pipeline around any Backend, number for number as diffusers' Flux2KleinPipeline / Flux2Pipeline.
+
+What differs from FLUX.1: one text encoder (a causal LM read at intermediate layers) fed chat-templated prompts
+with an attention mask; noise drawn directly as 2×2-patchified 128-channel latents; 4-axis RoPE ids (t, h, w, l);
+the empirical shift `mu`; true CFG with a negative prompt on base models; reference images as extra tokens at
+RoPE times 10, 20, …. The VAE components take and give the normalised, patchified latents (the batch-norm
+statistics live inside the graphs), so the runtime never reads VAE weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Backend, Component
+from fluxexport.runtime.cache import CacheSettings
+from fluxexport.runtime.images import images_to_uint8
+from fluxexport.runtime.latents import latent_grid
+from fluxexport.runtime.references import prepare_reference, reference_ids
+from fluxexport.runtime.request import (
+    GenerationRequest,
+    GenerationResult,
+    ResolvedRequest,
+    StepCallback,
+    resolve_request,
+    stage_end,
+)
+from fluxexport.runtime.schedule import empirical_mu, euler_step, flow_match_sigmas, model_timestep
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as a user turn of the tokenizer's chat template, with the generation prompt, thinking off."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        for prompt in prompts
+    ]
+
+
+def tokenize_chat(tokenizer, prompts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(input_ids and attention_mask [B,max_length] int32, warnings): padded and truncated as diffusers does."""
+    texts = chat_prompts(tokenizer, prompts)
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    warnings = []
+    full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > max_length:
+        warnings.append(f"text encoder prompt was truncated to {max_length} tokens (chat template included)")
+    feeds = {"input_ids": tokens.input_ids.to(torch.int32), "attention_mask": tokens.attention_mask.to(torch.int32)}
+    return feeds, warnings
+
+
+def encode_prompts(
+    backend: Backend, source: ModelSource, prompts: list[str], max_length: int, repeats: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Prompt embeddings [B·repeats, L, 3·hidden] (each prompt repeated per image) and any warnings."""
+    (tokenizer,) = source.tokenizers
+    feeds, warnings = tokenize_chat(tokenizer, prompts, max_length)
+    embeddings = backend.component("text_encoder")({k: v.to(backend.device) for k, v in feeds.items()})
+    return embeddings["text_embeddings"].repeat_interleave(repeats, dim=0), warnings
+
+
+def text_ids(length: int) -> torch.Tensor:
+    """RoPE ids [L,4] of text tokens: (0, 0, 0, position)."""
+    ids = torch.zeros(length, 4)
+    ids[:, 3] = torch.arange(length)
+    return ids
+
+
+def latent_ids(h: int, w: int) -> torch.Tensor:
+    """RoPE ids [h·w, 4] of the noise tokens on an h×w patch grid: (0, row, col, 0)."""
+    ids = torch.zeros(h, w, 4)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(-1, 4)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B,C,h,w] → [B, h·w, C]: one token per patch, row-major."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, h·w, C] → [B,C,h,w]; the inverse of `pack`."""
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def noise(batch: int, channels: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Gaussian patchified latents [B,C,h,w] float32 from a CPU generator: diffusers' draw for the seed."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
+
+
+def encode_references(
+    backend: Backend, source: ModelSource, references, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference images → (packed tokens [B,M,128], ids [M,4]), each image at its own RoPE time."""
+    tokens, ids = [], []
+    for index, image in enumerate(references):
+        pixels = prepare_reference(image, 2 * source.vae_scale_factor).to(backend.device)
+        latent = backend.component("vae_encoder")({"images": pixels})["latent"]
+        _, _, h, w = latent.shape
+        tokens.append(pack(latent)[0])
+        ids.append(reference_ids(h, w, index))
+    packed = torch.cat(tokens, dim=0)[None].expand(batch, -1, -1).contiguous()
+    return packed, torch.cat(ids, dim=0).to(backend.device)
+
+
+def denoise(
+    transformer: Component,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    conditioning: dict[str, torch.Tensor],
+    negative: dict[str, torch.Tensor] | None,
+    guidance_scale: float,
+    reference: torch.Tensor | None = None,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """The Euler loop; with `negative` (true CFG) a second transformer run per step, combined as diffusers does."""
+    batch, tokens, _ = latents.shape
+    steps = len(sigmas) - 1
+    for index in range(steps):
+        hidden = latents if reference is None else torch.cat([latents, reference], dim=1)
+        step = {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch)}
+        velocity = transformer(step | conditioning)["latent"][:, :tokens]
+        if negative is not None:
+            unconditional = transformer(step | negative)["latent"][:, :tokens]
+            velocity = unconditional + guidance_scale * (velocity - unconditional)
+        latents = euler_step(latents, velocity, sigmas[index], sigmas[index + 1])
+        if on_step is not None:
+            on_step(index + 1, steps)
+    return latents
+
+
+def conditioning(
+    source: ModelSource, embeddings: torch.Tensor, ids: torch.Tensor, guidance_scale: float
+) -> dict[str, torch.Tensor]:
+    """Every transformer input but hidden_states and timestep: the same each step."""
+    feeds = {
+        "encoder_hidden_states": embeddings,
+        "img_ids": ids,
+        "txt_ids": text_ids(embeddings.shape[1]).to(embeddings.device),
+    }
+    if source.guidance_embeds:
+        feeds["guidance"] = torch.full((embeddings.shape[0],), guidance_scale, device=embeddings.device)
+    return feeds
+
+
+def decode(backend: Backend, latents: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """Packed latents → uint8 images [B,H,W,3] (the decoder graph un-normalises and un-patchifies)."""
+    return images_to_uint8(backend.component("vae_decoder")({"latent": unpack(latents, h, w)})["images"])
+
+
+def check_cache(cache: CacheSettings | None) -> None:
+    if cache is not None and cache.name != "none":
+        raise FluxExportError(f"--cache {cache.name} runs on FLUX.1 models only for now: run FLUX.2 without --cache")
+
+
+def generate(
+    backend: Backend,
+    source: ModelSource,
+    request: GenerationRequest,
+    on_step: StepCallback | None = None,
+    cache: CacheSettings | None = None,
+) -> GenerationResult:
+    """Run FLUX.2's pipeline; the same seed and settings give diffusers' image."""
+    check_cache(cache)
+    resolved: ResolvedRequest = resolve_request(source, request)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    repeats, device = resolved.num_images_per_prompt, backend.device
+    embeddings, warnings = encode_prompts(backend, source, resolved.prompts, resolved.max_sequence_length, repeats)
+    negative_embeddings = None
+    if resolved.negative_prompts is not None:
+        negative_embeddings, _ = encode_prompts(
+            backend, source, resolved.negative_prompts, resolved.max_sequence_length, repeats
+        )
+    timings["text_encode"] = stage_end(device) - start
+
+    batch = resolved.batch
+    h, w = (side // 2 for side in latent_grid(resolved.height, resolved.width, source.vae_scale_factor))
+    ids, reference = latent_ids(h, w).to(device), None
+    if resolved.references:
+        tick = time.perf_counter()
+        reference, extra_ids = encode_references(backend, source, resolved.references, batch)
+        ids = torch.cat([ids, extra_ids], dim=0)
+        timings["reference_encode"] = stage_end(device) - tick
+
+    latents = pack(noise(batch, 4 * source.latent_channels, h, w, resolved.seed)).to(device)
+    mu = empirical_mu(latents.shape[1], resolved.steps)
+    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler, mu=mu).to(device)
+    positive = conditioning(source, embeddings, ids, resolved.guidance_scale)
+    negative = None
+    if negative_embeddings is not None and resolved.guidance_scale > 1:
+        negative = conditioning(source, negative_embeddings, ids, resolved.guidance_scale)
+
+    transformer = backend.component("transformer")  # loaded before the clock starts
+    tick = time.perf_counter()
+    latents = denoise(transformer, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step)
+    timings["denoise"] = stage_end(device) - tick
+    timings["denoise_per_step"] = timings["denoise"] / resolved.steps
+
+    tick = time.perf_counter()
+    images = decode(backend, latents, h, w)
+    timings["decode"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - start
+    computed = resolved.steps * (2 if negative is not None else 1)
+    return GenerationResult(images, resolved, timings, warnings, computed if negative is None else None, "none")
