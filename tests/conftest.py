@@ -87,6 +87,36 @@ def _export(export_model, source, folder, **kwargs):
     return folder
 
 
+FLUX2_VARIANTS = ("tiny-klein", "tiny-klein-base")
+
+
+@pytest.fixture(scope="session")
+def flux2_sources(cache_root):
+    """FLUX.2 [klein] tiny variants: the distilled model and the base model (true CFG)."""
+    from fluxexport.models.source import resolve_model
+
+    return {name: resolve_model(name) for name in FLUX2_VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def flux2_pipelines(flux2_sources):
+    from diffusers import Flux2KleinPipeline
+
+    pipelines = {}
+    for name, source in flux2_sources.items():
+        pipelines[name] = Flux2KleinPipeline.from_pretrained(source.root)
+        pipelines[name].set_progress_bar_config(disable=True)
+    return pipelines
+
+
+@pytest.fixture(scope="session")
+def flux2_export(flux2_sources, tmp_path_factory):
+    """fp32 ONNX exports of tiny-klein's four components (the base model's graphs differ only in weights)."""
+    from fluxexport.export.onnx_export import export_model
+
+    return _export(export_model, flux2_sources["tiny-klein"], tmp_path_factory.mktemp("onnx-klein"))
+
+
 @pytest.fixture(scope="session")
 def ort_backends(sources, exports):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
@@ -96,7 +126,7 @@ def ort_backends(sources, exports):
 
 # Session fixtures that export or quantize (tens of seconds each on 2 cores): a test that needs one, directly or
 # through another fixture, is `slow`, so `pytest -m "not slow"` is the quick loop
-EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports"}
+EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export"}
 
 
 def pytest_collection_modifyitems(config, items):

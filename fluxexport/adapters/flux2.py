@@ -34,12 +34,14 @@ class TextEncoderAdapter(nn.Module):
                 f"the text encoder has {len(stack.layers)} layers but FLUX.2 reads layer {deepest}: "
                 "the text encoder does not belong to this model"
             )
-        self.stack = copy.copy(stack)  # a shallow copy: the layers are shared, the list is cut
-        self.stack.layers = stack.layers[: deepest + 1]
+        self.model = model  # the only child, so that parameters keep the checkpoint's names
+        cut = copy.copy(stack)  # a shallow copy: the layers are shared, the list is cut
+        cut.layers = stack.layers[: deepest + 1]
+        object.__setattr__(self, "_stack", cut)  # not a child: its parameters are the model's
         self.layers = tuple(layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.stack(
+        out = self._stack(
             input_ids=input_ids.to(torch.int64),
             attention_mask=attention_mask.to(torch.int64),
             output_hidden_states=True,

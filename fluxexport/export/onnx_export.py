@@ -22,7 +22,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.streaming import streamed_program, surviving_origins
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import COMPONENTS, KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
+from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -227,7 +227,7 @@ def open_folder_for(source: ModelSource, out_dir: Path, dtype: str, bounds: Expo
 def export_model(
     source: ModelSource,
     out_dir: Path,
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] | None = None,
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     bounds: ExportBounds | None = None,
@@ -235,7 +235,9 @@ def export_model(
     on_component: Callable[[str, ExportedComponent | None], None] | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
 ) -> ExportFolder:
-    """Export `components` of `source` into `out_dir` and keep `manifest.json` in step after each one."""
+    """Export `components` of `source` (default: every component of its family) into `out_dir` and keep
+    `manifest.json` in step after each one."""
+    components = list(components or source.components)
     unknown = [name for name in components if name not in KNOWN_COMPONENTS]
     if unknown:
         raise FluxExportError(
@@ -246,6 +248,11 @@ def export_model(
     torch_dtype(dtype)
     bounds = bounds or ExportBounds.for_model(source)
     specs = component_specs(source, bounds)
+    foreign = [name for name in components if name not in specs]
+    if foreign:
+        raise FluxExportError(
+            f"{source.family.title} has no component {foreign[0]!r}: choose from {', '.join(specs)} (--components)"
+        )
     out_dir = Path(out_dir)
     folder = open_folder_for(source, out_dir, dtype, bounds)
     folder.dtype = dtype

@@ -77,8 +77,18 @@ class ModelSource:
 
     @property
     def text_encoder_layers(self) -> tuple[int, ...]:
-        """FLUX.2: the hidden-state layers stacked into the prompt embedding (diffusers' defaults per pipeline)."""
+        """FLUX.2: the hidden-state layers stacked into the prompt embedding (diffusers' defaults per pipeline;
+        a tiny model's marker names its own)."""
+        if self.is_tiny:
+            layers = self.tiny_marker.get("text_encoder_layers")
+            if layers:
+                return tuple(layers)
         return (10, 20, 30) if self.pipeline_class == "Flux2Pipeline" else (9, 18, 27)
+
+    @property
+    def tiny_marker(self) -> dict[str, Any]:
+        """A tiny model's marker (variant, default size, …); empty for real checkpoints."""
+        return json.loads((self.root / TINY_MARKER).read_text()) if self.is_tiny else {}
 
     @property
     def is_kontext(self) -> bool:
@@ -124,7 +134,7 @@ class ModelSource:
     def default_size(self) -> int:
         """1024 px for real checkpoints; a small size for tiny ones (their marker says which)."""
         if self.is_tiny:
-            return int(json.loads((self.root / TINY_MARKER).read_text())["default_size"])
+            return int(self.tiny_marker["default_size"])
         return 1024
 
     @property

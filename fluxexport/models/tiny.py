@@ -82,7 +82,9 @@ MID_SHAPE = ModelShape(
 @dataclass(frozen=True)
 class Flux2Shape:
     """Widths and depths of a random FLUX.2-shaped model. FLUX.2 [klein] 4B: 24 heads × 128, 5 + 20 blocks,
-    Qwen3-4B (2560 wide, 36 layers) read at layers 9/18/27; the tiny one keeps 28 text layers so that those exist."""
+    Qwen3-4B (2560 wide, 36 layers) read at layers 9/18/27. The tiny one reads layers 1/2/3 of 5 (its marker says
+    so; diffusers takes them as `text_encoder_out_layers`): 28 layers would make its text encoder export take
+    minutes, and a layer past the deepest read one still exists, so the cut is exercised."""
 
     heads: int = 2
     head_dim: int = 16
@@ -90,7 +92,8 @@ class Flux2Shape:
     double_blocks: int = 1
     single_blocks: int = 1
     text_width: int = 32  # the LM's hidden size; the transformer's joint width is 3× it
-    text_layers: int = 28
+    text_layers: int = 5
+    text_out_layers: tuple[int, int, int] = (1, 2, 3)
     vae_channels: tuple[int, int, int, int] = (8, 16, 16, 16)
     vae_groups: int = 4
 
@@ -271,6 +274,8 @@ def write_tiny(name: str, out: Path) -> Path:
     with atomic_folder(out) as staging:
         build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)
         marker = {"variant": variant.name, "default_size": DEFAULT_SIZE, "seed": SEED}
+        if variant.is_flux2:
+            marker["text_encoder_layers"] = list(TINY_FLUX2_SHAPE.text_out_layers)
         (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return Path(out)
 

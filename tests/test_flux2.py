@@ -1,0 +1,233 @@
+"""FLUX.2 [klein] through the toolchain: the family read from the checkpoint, the PyTorch runtime equal to
+diffusers' Flux2KleinPipeline bit for bit (distilled and base with true CFG, batches, odd sizes, reference images),
+and the exported graphs equal to PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fluxexport.compare import psnr
+from fluxexport.errors import FluxExportError
+from fluxexport.models.family import FLUX1, FLUX2, detect_family
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.runtime.schedule import empirical_mu
+from fluxexport.specs import component_specs
+
+
+def diffusers_flux2(pipeline, prompt, seed, **kwargs) -> np.ndarray:
+    """uint8 images from diffusers, reading the tiny model's text layers (1, 2, 3) as our runtime does."""
+    kwargs.setdefault("text_encoder_out_layers", (1, 2, 3))
+    images = pipeline(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+    return (images * 255).round().astype(np.uint8)
+
+
+def test_family_is_read_from_the_checkpoint():
+    assert detect_family({"_class_name": "Flux2KleinPipeline"}) is FLUX2
+    assert detect_family({"_class_name": "Flux2Pipeline"}) is FLUX2
+    assert detect_family({"_class_name": "FluxKontextPipeline"}) is FLUX1
+    assert detect_family({}, {"_class_name": "Flux2Transformer2DModel"}) is FLUX2
+    assert detect_family({}) is FLUX1
+    with pytest.raises(FluxExportError) as error:
+        detect_family({"_class_name": "StableDiffusionPipeline"})
+    assert str(error.value) == (
+        "pipeline 'StableDiffusionPipeline' is not a FLUX model fluxexport knows: it exports FluxPipeline, "
+        "FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline"
+    )
+
+
+def test_tiny_klein_is_a_flux2_folder(flux2_sources):
+    klein, base = flux2_sources["tiny-klein"], flux2_sources["tiny-klein-base"]
+    assert klein.family is FLUX2 and klein.components == ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    assert klein.is_distilled and not klein.uses_true_cfg and klein.default_steps == 4
+    assert not base.is_distilled and base.uses_true_cfg and base.default_steps == 50
+    assert klein.text_encoder_layers == (1, 2, 3)
+    index = json.loads((klein.root / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["is_distilled"] is True
+    (tokenizer,) = klein.tokenizers
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a cat"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_incomplete_flux2_folder_names_its_missing_parts(flux2_sources, tmp_path):
+    import shutil
+
+    from fluxexport.models.source import load_folder
+
+    folder = tmp_path / "klein"
+    shutil.copytree(flux2_sources["tiny-klein"].root, folder)
+    shutil.rmtree(folder / "tokenizer")
+    with pytest.raises(FluxExportError) as error:
+        load_folder(folder)
+    assert str(error.value) == f"FLUX.2 model folder {folder} is incomplete: missing tokenizer"
+
+
+@pytest.mark.parametrize(("tokens", "steps"), [(256, 4), (1024, 50), (4096, 28), (5000, 4)])
+def test_empirical_mu_equals_diffusers(tokens, steps):
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    assert empirical_mu(tokens, steps) == compute_empirical_mu(tokens, steps)
+
+
+def test_flux2_specs_read_widths_from_the_configs(flux2_sources):
+    specs = component_specs(flux2_sources["tiny-klein"])
+    assert tuple(specs) == ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    transformer = specs["transformer"]
+    assert [tensor.name for tensor in transformer.inputs] == [
+        "hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids"
+    ]  # fmt: skip
+    assert transformer.input("encoder_hidden_states").dims == ("B", "L", 96)  # 3 stacked layers × 32
+    assert transformer.input("img_ids").dims == ("N", 4)
+    assert specs["vae_decoder"].inputs[0].dims == ("B", 128, "h", "w")
+
+
+# (prompts, height, width, images per prompt, seed, steps): batch 1 and 2, odd and non-square sizes
+CASES = [
+    (["a cat on the moon"], 256, 192, 1, 3, 4),
+    (["an astronaut riding a horse", "a red fox in the snow"], 144, 272, 1, 0, 2),
+    (["a castle"], 320, 176, 2, 7, 3),
+]
+
+
+@pytest.mark.parametrize("variant", ["tiny-klein", "tiny-klein-base"])
+@pytest.mark.parametrize(("prompts", "height", "width", "per_prompt", "seed", "steps"), CASES)
+def test_pytorch_runtime_equals_flux2_klein_pipeline(
+    variant, prompts, height, width, per_prompt, seed, steps, flux2_sources, flux2_pipelines
+):
+    source = flux2_sources[variant]
+    request = GenerationRequest(
+        prompts, height=height, width=width, num_inference_steps=steps, seed=seed, num_images_per_prompt=per_prompt,
+        guidance_scale=4.0,
+    )  # fmt: skip
+    ours = generate(_torch(source), source, request).images
+    theirs = diffusers_flux2(
+        flux2_pipelines[variant], prompts, seed, height=height, width=width, num_inference_steps=steps,
+        num_images_per_prompt=per_prompt, guidance_scale=4.0,
+    )  # fmt: skip
+    assert ours.shape == theirs.shape == (len(prompts) * per_prompt, height, width, 3)
+    assert np.array_equal(ours, theirs)  # bit-exact on CPU fp32
+
+
+def test_reference_images_equal_diffusers(flux2_sources, flux2_pipelines, reference_image):
+    """One reference (its size becomes the output's), then two at an explicit size (times 10 and 20)."""
+    source = flux2_sources["tiny-klein"]
+    second = reference_image.rotate(90, expand=True).resize((90, 130))
+    for references, size in (([reference_image], {}), ([reference_image, second], {"height": 128, "width": 160})):
+        request = GenerationRequest("a cat", image=references, seed=1, num_inference_steps=3, **size)
+        ours = generate(_torch(source), source, request).images
+        theirs = diffusers_flux2(flux2_pipelines["tiny-klein"], "a cat", 1, image=references, num_inference_steps=3,
+                                 **size)  # fmt: skip
+        assert ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs)
+    assert ours.shape == (1, 128, 160, 3)
+
+
+def test_flux2_requests_are_refused_in_one_line(flux2_sources, reference_image):
+    from fluxexport.runtime.request import resolve_request
+
+    klein, base = flux2_sources["tiny-klein"], flux2_sources["tiny-klein-base"]
+    cases = [
+        (klein, GenerationRequest("x", prompt_2="y"), "tiny-klein is FLUX.2, which has one text encoder: drop --prompt-2"),
+        (klein, GenerationRequest("x", negative_prompt="blurry"),
+         "tiny-klein runs without true CFG (a distilled or guidance-embedded model): drop --negative-prompt"),
+        (base, GenerationRequest(["x", "y"], negative_prompt=["a", "b", "c"]),
+         "got 2 prompts but 3 negative prompts: give one, or one per prompt"),
+        (klein, GenerationRequest("x", image=reference_image.resize((300, 40))),
+         "reference image 1 is 300×40: both sides must be at least 64 px (--image)"),
+        (klein, GenerationRequest("x", image=reference_image.resize((600, 70))),
+         "reference image 1 is 600×70: its aspect ratio must be at most 8:1 (--image)"),
+    ]  # fmt: skip
+    for source, request, message in cases:
+        with pytest.raises(FluxExportError) as error:
+            resolve_request(source, request)
+        assert str(error.value) == message
+
+
+def test_negative_prompt_drives_true_cfg(flux2_sources):
+    """The base model's negative prompt is the unconditional branch: "" is diffusers' default, another changes
+    the image; with guidance ≤ 1 there is no second branch and the negative prompt does nothing."""
+    source = flux2_sources["tiny-klein-base"]
+    backend = _torch(source)
+
+    def image(negative, guidance=4.0):
+        request = GenerationRequest("a cat", negative_prompt=negative, num_inference_steps=2, height=64, width=64,
+                                    guidance_scale=guidance)  # fmt: skip
+        return generate(backend, source, request).images
+
+    assert np.array_equal(image(None), image(""))
+    assert not np.array_equal(image(None), image("a dog"))
+    assert np.array_equal(image("", guidance=1.0), image("a dog", guidance=1.0))
+
+
+_BACKENDS: dict = {}
+
+
+def _torch(source):
+    from fluxexport.pytorch.backend import TorchBackend
+
+    return _BACKENDS.setdefault(source.name, TorchBackend(source, device="cpu"))
+
+
+# --- exported graphs --------------------------------------------------------------------------------------------
+
+
+def test_export_writes_the_four_flux2_graphs_and_they_pass_check(flux2_export):
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.export.check import check_folder
+
+    folder = open_export(flux2_export)
+    assert set(folder.components) == {"text_encoder", "transformer", "vae_decoder", "vae_encoder"}
+    reports = check_folder(flux2_export)
+    assert reports and all(report.ok for report in reports), [report.problems for report in reports]
+    import onnx
+
+    graph = onnx.load(str(flux2_export / "text_encoder.onnx"), load_external_data=False).graph
+    names = {initializer.name for initializer in graph.initializer}
+    assert any(".layers.3." in name for name in names)  # the deepest layer read (hidden state 3) runs …
+    assert not any(".layers.4." in name or "lm_head" in name for name in names)  # … and nothing after it
+
+
+def test_graphs_equal_pytorch_on_real_prompts_with_padding(flux2_sources, flux2_export):
+    """The text encoder on chat-templated prompts padded to different lengths (the mask is real), the VAE
+    graphs with the batch-norm statistics of the checkpoint (not the defaults)."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.flux2 import tokenize_chat
+
+    source = flux2_sources["tiny-klein"]
+    ort, reference = OnnxRuntimeBackend(source, flux2_export), _torch(source)
+    feeds, _ = tokenize_chat(source.tokenizers[0], ["a cat on the moon", "a dog"], 40)
+    assert feeds["attention_mask"].sum(dim=1).tolist()[0] > feeds["attention_mask"].sum(dim=1).tolist()[1]
+    generator = torch.Generator().manual_seed(0)
+    cases = {
+        "text_encoder": feeds,
+        "vae_decoder": {"latent": torch.randn(2, 128, 5, 3, generator=generator)},
+        "vae_encoder": {"images": torch.rand(1, 3, 96, 144, generator=generator) * 2 - 1},
+    }
+    for name, component_feeds in cases.items():
+        ours, theirs = ort.component(name)(component_feeds), reference.component(name)(component_feeds)
+        for key, value in theirs.items():
+            assert ((ours[key] - value).norm() / value.norm()).item() < 1e-5, (name, key)
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        {"prompt": ["a cat on the moon", "a dog"], "height": 320, "width": 192, "seed": 3},  # sizes not exported
+        {"prompt": "a cat", "num_inference_steps": 3, "seed": 1, "use_reference": True},
+    ],
+)
+def test_onnx_runtime_images_match_pytorch(request_kwargs, flux2_sources, flux2_export, reference_image):
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = flux2_sources["tiny-klein"]
+    if request_kwargs.pop("use_reference", False):
+        request_kwargs["image"] = reference_image
+    request = GenerationRequest(**request_kwargs)
+    ours = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
+    theirs = generate(_torch(source), source, request).images
+    assert psnr(ours, theirs) >= 40
