@@ -29,14 +29,15 @@ class TextEncoderAdapter(nn.Module):
         super().__init__()
         stack = language_model(model)
         deepest = max(layers)
-        if deepest >= len(stack.layers):  # hidden_states[k] for k < depth is a layer's raw output (no final norm)
+        if deepest > len(stack.layers):
             raise FluxExportError(
-                f"the text encoder has {len(stack.layers)} layers but FLUX.2 reads layer {deepest}: "
+                f"the text encoder has {len(stack.layers)} layers but FLUX.2 reads hidden state {deepest}: "
                 "the text encoder does not belong to this model"
             )
         self.model = model  # the only child, so that parameters keep the checkpoint's names
         cut = copy.copy(stack)  # a shallow copy: the layers are shared, the list is cut
-        cut.layers = stack.layers[: deepest + 1]
+        if deepest < len(stack.layers):  # hidden state k < depth is layer k's raw output: no final norm after it
+            cut.layers, cut.norm = stack.layers[:deepest], nn.Identity()
         object.__setattr__(self, "_stack", cut)  # not a child: its parameters are the model's
         self.layers = tuple(layers)
 
