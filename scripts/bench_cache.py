@@ -2,12 +2,13 @@
 
 The mid-size random model of `bench_cpu.py` with FLUX.1-dev's kind (guidance, resolution-shifted schedule) on
 ONNX Runtime (the portable graphs and the transformer in parts), FLUX.1-dev's 28 steps. All settings run in one
-process, interleaved, median of the repeats. Random weights make the quality column indicative only: a trained
-model's steps change differently, so thresholds compute other step counts there.
+process, interleaved, median of the repeats. MagCache's ratios are calibrated first on the same graphs (two other
+prompts, every step computed), as a user calibrates a checkpoint once. Random weights make the quality column
+indicative only: a trained model's steps change differently, so thresholds compute other step counts there.
 
 Beside it, a paper estimate for FLUX.1-dev at 1024² on an H100 from ARCHITECTURE.md's FLOP model: 74.4 TFLOP
 per transformer step, 75 ms at dense BF16 peak; a step First Block Cache skips still runs the head (the embedders
-and one of 57 blocks), one TaylorSeer predicts costs nothing.
+and one of 57 blocks), as does one MagCache skips; one TaylorSeer predicts costs nothing.
 
     COLUMNS=200 python scripts/bench_cache.py [--repeats 5] [--size 256] [--steps 28]
 """
@@ -23,9 +24,10 @@ from fluxexport.console import console, quiet_libraries, table
 
 # first-block:threshold=0 computes every step through the three parts: what the parts cost over the single graph
 SETTINGS = ("none", "first-block:threshold=0", "taylorseer", "taylorseer:interval=3,warmup=2",
-            "first-block:threshold=0.2", "first-block:threshold=0.5", "first-block:threshold=1")  # fmt: skip
+            "first-block:threshold=0.2", "first-block:threshold=0.5", "first-block:threshold=1",
+            "magcache", "magcache:threshold=0.2", "magcache:threshold=0.5,max_skip_steps=5")  # fmt: skip
 H100_STEP_MS = 75.0  # FLUX.1 at 1024², 512 text tokens: 74.4 TFLOP at ~990 TFLOP/s dense BF16
-HEAD_SHARE = 1 / 57  # a skipped First Block Cache step runs one of FLUX.1's 57 blocks (embedders aside)
+HEAD_SHARE = 1 / 57  # a skipped First Block Cache or MagCache step runs one of FLUX.1's 57 blocks (embedders aside)
 
 
 def main() -> None:
@@ -41,7 +43,9 @@ def main() -> None:
     from fluxexport.models.source import load_folder
     from fluxexport.models.tiny import write_mid
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-    from fluxexport.runtime.cache import parse_cache
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS
+    from fluxexport.runtime.magcache import write_ratios
+    from fluxexport.runtime.pipeline import calibrate_mag_ratios
     from fluxexport.runtime.pipeline import GenerationRequest, generate
     from fluxexport.specs import COMPONENTS, TRANSFORMER_PARTS
 
@@ -53,7 +57,10 @@ def main() -> None:
         backend = OnnxRuntimeBackend(source, root / "onnx")
         request = GenerationRequest("a red fox in the snow", height=args.size, width=args.size,
                                     num_inference_steps=args.steps, seed=0)  # fmt: skip
-        caches = {text: parse_cache(text) for text in SETTINGS}
+        calibration = GenerationRequest(list(CALIBRATION_PROMPTS[:2]), height=args.size, width=args.size,
+                                        num_inference_steps=args.steps, seed=1)  # fmt: skip
+        ratios = write_ratios(root / "magcache.json", calibrate_mag_ratios(backend, source, calibration))
+        caches = {text: _settings(text, ratios, args.steps) for text in SETTINGS}
         generate(backend, source, request, cache=caches["first-block:threshold=0.2"])  # load every session
         runs: dict[str, list] = {text: [] for text in SETTINGS}
         for _ in range(args.repeats):
@@ -68,7 +75,7 @@ def main() -> None:
     for text in SETTINGS:
         computed = runs[text][0].computed_steps
         skipped = args.steps - computed
-        head = HEAD_SHARE if text.startswith("first-block") else 0.0
+        head = HEAD_SHARE if text.startswith(("first-block", "magcache")) else 0.0
         estimate = H100_STEP_MS * (computed + skipped * head)
         quality = psnr(runs[text][0].images, reference)
         rows.append([
@@ -80,6 +87,17 @@ def main() -> None:
     columns = ["--cache", "computed", "denoise ms", "total ms", "denoise ×", "PSNR vs none dB",
                "H100 est. denoise ms", "H100 est. ×"]  # fmt: skip
     console.print(table(title, columns, rows))
+
+
+def _settings(text: str, ratios: Path, steps: int):
+    """A row's cache; magcache's with the calibrated ratios and the run's step count."""
+    from dataclasses import replace
+
+    from fluxexport.runtime.cache import parse_cache
+
+    if not text.startswith("magcache"):
+        return parse_cache(text)
+    return replace(parse_cache(f"{text}{',' if ':' in text else ':'}ratios={ratios}"), steps=steps)
 
 
 if __name__ == "__main__":

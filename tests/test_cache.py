@@ -29,7 +29,7 @@ def test_cache_settings_parse_with_diffusers_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("magic", "unknown cache 'magic': choose one of none, first-block, taylorseer (--cache)"),
+        ("magic", "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache (--cache)"),
         ("first-block:threshold=-1", "first-block threshold must be a number ≥ 0, got -1 (--cache)"),
         ("first-block:interval=2", "first-block has no key 'interval': it takes threshold (--cache)"),
         ("taylorseer:speed=2", "taylorseer has no key 'speed': it takes interval, order, warmup (--cache)"),
@@ -148,7 +148,7 @@ def test_run_reports_the_computed_steps(tmp_path, sources):
     assert "transformer: computed 5 of 12 steps (taylorseer:interval=3,order=1,warmup=2)" in result.output
     refused = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--prompt", PROMPT, "--cache", "teacache"])
     assert refused.exit_code == 1
-    assert refused.output == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer (--cache)\n"
+    assert refused.output == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer, magcache (--cache)\n"
     assert not (tmp_path / "flux.png").exists()
 
 

@@ -72,7 +72,8 @@ class TransformerAdapter(nn.Module):
 
 class TransformerHeadAdapter(TransformerAdapter):
     """The transformer's embedders and first double block, as diffusers' forward runs them: the first block's
-    image residual (what First Block Cache compares), its image and text outputs, and the time embedding."""
+    image residual (what First Block Cache compares), its image and text outputs, the time embedding, and the
+    image stream that entered the first block (what MagCache subtracts)."""
 
     def forward(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
@@ -89,7 +90,7 @@ class TransformerHeadAdapter(TransformerAdapter):
         text, image = model.transformer_blocks[0](
             hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope
         )
-        return image - hidden, image, text, temb
+        return image - hidden, image, text, temb, hidden
 
 
 class TransformerTailAdapter(nn.Module):

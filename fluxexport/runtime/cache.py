@@ -11,35 +11,47 @@ during `warmup` steps and then every `interval`-th step, and in between predicte
 `order` from the last computed outputs (divided differences over the step distance, stored in bfloat16 as
 diffusers stores them). `--cache NAME[:key=value,…]` is parsed by `parse_cache`; knob names and defaults follow
 diffusers' configs (`cache_interval` → interval, `max_order` → order, `disable_cache_before_step` → warmup).
+
+`magcache` is diffusers' `MagCacheConfig` (runtime/magcache.py) on the same three parts: the head and the output
+layers run every step; the other blocks run on the steps that the checkpoint's magnitude ratios (`ratios=FILE`
+from a calibration run, or `ratios=flux-dev`) and `threshold`, `max_skip_steps`, `retention_ratio` compute, and
+on the others the blocks' residual from the last computed step is added to the embedded image stream.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.runtime.magcache import MagCache, MagCalibration, interpolate_ratios, mag_schedule, read_ratios
+from fluxexport.runtime.step_cache import PARTS, Components, NoCache, Output, StepCache, tail_feeds
 
-Output = dict[str, torch.Tensor]
+__all__ = ["CACHES", "CacheSettings", "MagCalibration", "NoCache", "StepCache", "parse_cache", "tail_feeds"]
 
-# name → its knobs and their defaults (diffusers' defaults)
-CACHES: dict[str, dict[str, int | float]] = {
+
+Knob = int | float | str
+# name → its knobs and their defaults (diffusers' defaults; magcache's ratios have none: "" until given)
+CACHES: dict[str, dict[str, Knob]] = {
     "none": {},
     "first-block": {"threshold": 0.05},
     "taylorseer": {"interval": 5, "order": 1, "warmup": 3},
+    "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "ratios": ""},
 }
-PARTS = ("transformer_head", "transformer_tail", "transformer_out")  # what first-block runs
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """A step cache by name, with its knobs (missing ones take diffusers' defaults)."""
+    """A step cache by name, with its knobs (missing ones take diffusers' defaults). `steps` is the run's step
+    count where a cache needs it before the first step (magcache: diffusers' `num_inference_steps`);
+    `new_state(steps)` may give it instead."""
 
     name: str = "none"
-    knobs: dict[str, int | float] = field(default_factory=dict)
+    knobs: dict[str, Knob] = field(default_factory=dict)
+    steps: int | None = None
+    mag_ratios: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)  # magcache: as read
 
     def __post_init__(self) -> None:
         if self.name not in CACHES:
@@ -50,13 +62,9 @@ class CacheSettings:
             raise FluxExportError(f"{self.name} has no key {unknown[0]!r}: it takes {takes} (--cache)")
         object.__setattr__(self, "knobs", CACHES[self.name] | dict(self.knobs))
         for key, value in self.knobs.items():
-            if key == "threshold":
-                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                    raise FluxExportError(f"{self.name} threshold must be a number ≥ 0, got {value!r} (--cache)")
-                continue
-            low = 1 if key in ("interval", "order") else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise FluxExportError(f"{self.name} {key} must be an integer ≥ {low}, got {value!r} (--cache)")
+            _check_knob(self.name, key, value)
+        if self.name == "magcache":
+            object.__setattr__(self, "mag_ratios", tuple(read_ratios(str(self.knobs["ratios"]))))
 
     def __str__(self) -> str:
         knobs = ",".join(f"{key}={value}" for key, value in self.knobs.items())
@@ -65,15 +73,49 @@ class CacheSettings:
     @property
     def components(self) -> tuple[str, ...]:
         """The transformer components this cache runs."""
-        return PARTS if self.name == "first-block" else ("transformer",)
+        return PARTS if self.name in ("first-block", "magcache") else ("transformer",)
 
-    def new_state(self) -> StepCache:
-        """A fresh cache for one generation (state never carries over between generations)."""
+    def new_state(self, steps: int | None = None) -> StepCache:
+        """A fresh cache for one generation of `steps` steps (state never carries over between generations)."""
         if self.name == "taylorseer":
             return TaylorSeer(**self.knobs)  # type: ignore[arg-type]
         if self.name == "first-block":
             return FirstBlockCache(float(self.knobs["threshold"]))
+        if self.name == "magcache":
+            return self._magcache(steps or self.steps)
         return NoCache()
+
+    def _magcache(self, steps: int | None) -> StepCache:
+        if steps is None:
+            raise FluxExportError("magcache needs the run's step count: pass new_state(steps) or CacheSettings(steps=)")
+        knobs = self.knobs
+        schedule = mag_schedule(
+            interpolate_ratios(self.mag_ratios, steps), float(knobs["threshold"]), int(knobs["max_skip_steps"]),
+            float(knobs["retention_ratio"]),
+        )  # fmt: skip
+        return MagCache(schedule)
+
+
+def _check_knob(cache: str, key: str, value: Knob) -> None:
+    """Refuse a knob value in one line (`ratios` is checked by reading it)."""
+    if key == "ratios":
+        if value == "":
+            raise FluxExportError(
+                "magcache needs ratios: pass ratios=FILE (written by fluxexport calibrate-magcache) or ratios=flux-dev "
+                "(diffusers' FLUX.1-dev ratios) (--cache)"
+            )
+        return
+    if key == "threshold":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise FluxExportError(f"{cache} threshold must be a number ≥ 0, got {value!r} (--cache)")
+        return
+    if key == "retention_ratio":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise FluxExportError(f"{cache} retention_ratio must be a number in [0, 1], got {value!r} (--cache)")
+        return
+    low = 1 if key in ("interval", "order") else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise FluxExportError(f"{cache} {key} must be an integer ≥ {low}, got {value!r} (--cache)")
 
 
 def parse_cache(text: str | None) -> CacheSettings:
@@ -81,7 +123,7 @@ def parse_cache(text: str | None) -> CacheSettings:
     if not text:
         return CacheSettings()
     name, _, rest = text.strip().partition(":")
-    knobs: dict[str, int | float] = {}
+    knobs: dict[str, Knob] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, equals, value = item.partition("=")
         if not equals or not value.strip():
@@ -90,7 +132,7 @@ def parse_cache(text: str | None) -> CacheSettings:
     return CacheSettings(name.strip(), knobs)
 
 
-def _number(text: str) -> int | float | str:
+def _number(text: str) -> Knob:
     for kind in (int, float):
         try:
             return kind(text)
@@ -99,30 +141,10 @@ def _number(text: str) -> int | float | str:
     return text
 
 
-Components = Callable[[str], Callable[[Output], Output]]  # a component by name (a Backend's `component`)
-
-
-class StepCache:
-    """Decides, step by step, whether the transformer runs; counts the steps it computed. Called with the step's
-    transformer feeds and the backend's components by name."""
-
-    def __init__(self) -> None:
-        self.steps = 0  # transformer calls asked for
-        self.computed = 0  # of them, full evaluations
-
-    def __call__(self, feeds: Output, component: Components) -> Output:
-        raise NotImplementedError
-
-
-class NoCache(StepCache):
-    def __call__(self, feeds: Output, component: Components) -> Output:
-        self.steps += 1
-        self.computed += 1
-        return component("transformer")(feeds)
-
-
 class FirstBlockCache(StepCache):
     """First Block Cache on the transformer in parts (`transformer_head`, `_tail`, `_out`), as diffusers' hook."""
+
+    name, components = "first-block", PARTS
 
     def __init__(self, threshold: float = 0.05) -> None:
         super().__init__()
@@ -141,9 +163,7 @@ class FirstBlockCache(StepCache):
         residual, image = head["first_block_residual"], head["image_hidden"]
         if self.residual is None or self.changed(residual) > self.threshold:
             self.residual = residual
-            tail = {"image_hidden": image, "text_hidden": head["text_hidden"], "temb": head["temb"],
-                    "img_ids": feeds["img_ids"], "txt_ids": feeds["txt_ids"]}  # fmt: skip
-            image = component("transformer_tail")(tail)["tail_hidden"]
+            image = component("transformer_tail")(tail_feeds(head, feeds))["tail_hidden"]
             self.tail_residual = image - head["image_hidden"]
             self.computed += 1
         else:
@@ -154,6 +174,8 @@ class FirstBlockCache(StepCache):
 
 class TaylorSeer(StepCache):
     """TaylorSeer on the transformer's whole output (diffusers' lite mode), step by step."""
+
+    name = "taylorseer"
 
     def __init__(self, interval: int = 5, order: int = 1, warmup: int = 3, factors_dtype=torch.bfloat16) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ import torch
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend, Component
-from fluxexport.runtime.cache import CacheSettings
+from fluxexport.runtime.cache import CacheSettings, StepCache
 from fluxexport.runtime.images import images_to_uint8
 from fluxexport.runtime.latents import latent_grid
 from fluxexport.runtime.references import prepare_reference, reference_ids
@@ -157,7 +157,7 @@ def decode(backend: Backend, latents: torch.Tensor, h: int, w: int) -> np.ndarra
     return images_to_uint8(backend.component("vae_decoder")({"latent": unpack(latents, h, w)})["images"])
 
 
-def check_cache(cache: CacheSettings | None) -> None:
+def check_cache(cache: CacheSettings | StepCache | None) -> None:
     if cache is not None and cache.name != "none":
         raise FluxExportError(f"--cache {cache.name} runs on FLUX.1 models only for now: run FLUX.2 without --cache")
 
@@ -167,7 +167,7 @@ def generate(
     source: ModelSource,
     request: GenerationRequest,
     on_step: StepCallback | None = None,
-    cache: CacheSettings | None = None,
+    cache: CacheSettings | StepCache | None = None,
 ) -> GenerationResult:
     """Run FLUX.2's pipeline; the same seed and settings give diffusers' image."""
     check_cache(cache)
@@ -210,5 +210,4 @@ def generate(
     images = decode(backend, latents, h, w)
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    computed = resolved.steps * (2 if negative is not None else 1)
-    return GenerationResult(images, resolved, timings, warnings, computed if negative is None else None, "none")
+    return GenerationResult(images, resolved, timings, warnings, None, "none")

@@ -12,7 +12,7 @@ from PIL import Image
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime import flux2
 from fluxexport.runtime.backend import Backend
-from fluxexport.runtime.cache import CacheSettings, StepCache
+from fluxexport.runtime.cache import CacheSettings, MagCalibration, StepCache
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, to_vae_latents
 from fluxexport.runtime.kontext import prepare_reference
 from fluxexport.runtime.latents import (
@@ -124,7 +124,7 @@ def generate(
     source: ModelSource,
     request: GenerationRequest,
     on_step: StepCallback | None = None,
-    cache: CacheSettings | None = None,
+    cache: CacheSettings | StepCache | None = None,
 ) -> GenerationResult:
     """Run the whole pipeline; the same seed and settings give diffusers' image (with `cache`, diffusers' image
     with the same cache hook). FLUX.2 checkpoints run FLUX.2's pipeline (`runtime.flux2`)."""
@@ -156,7 +156,7 @@ def generate(
     cache = cache or CacheSettings()
     for name in cache.components:  # load before the clock starts, as the transformer always was
         backend.component(name)
-    state = cache.new_state()
+    state = cache if isinstance(cache, StepCache) else cache.new_state(resolved.steps)
     tick = time.perf_counter()
     latents = denoise(backend.component, latents, sigmas, conditioning, reference, on_step, state)
     timings["denoise"] = stage_end(device) - tick
@@ -167,3 +167,12 @@ def generate(
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
     return GenerationResult(images, resolved, timings, warnings, state.computed, str(cache))
+
+
+def calibrate_mag_ratios(backend: Backend, source: ModelSource, request: GenerationRequest) -> list[float]:
+    """MagCache's magnitude ratios of `request`'s run (every prompt in one batch, every step computed through the
+    transformer's parts), as diffusers' calibrate mode measures them on the same request: one per step, to store
+    with `magcache.write_ratios`."""
+    calibration = MagCalibration()
+    generate(backend, source, request, cache=calibration)
+    return calibration.ratios

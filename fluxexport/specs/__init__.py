@@ -93,7 +93,13 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
         "transformer_head": ComponentSpec(
             "transformer_head",
             inputs=tuple(transformer_inputs),
-            outputs=(TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)), image_hidden, text_hidden, temb),
+            outputs=(
+                TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)),
+                image_hidden,
+                text_hidden,
+                temb,
+                TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
+            ),
             axes=transformer_axes,
             export_sizes=transformer_sizes,
         ),

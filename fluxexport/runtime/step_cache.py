@@ -1,0 +1,46 @@
+"""What every step cache is: a callable that decides, step by step, whether the transformer runs, and counts
+the steps it computed; and what the caches on the transformer's parts share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Output = dict[str, torch.Tensor]
+PARTS = ("transformer_head", "transformer_tail", "transformer_out")  # what first-block and magcache run
+
+
+Components = Callable[[str], Callable[[Output], Output]]  # a component by name (a Backend's `component`)
+
+
+class StepCache:
+    """Decides, step by step, whether the transformer runs; counts the steps it computed. Called with the step's
+    transformer feeds and the backend's components by name. `components`: the transformer components it runs
+    (loaded before a run's clock starts)."""
+
+    name = "none"
+    components: tuple[str, ...] = ("transformer",)
+
+    def __init__(self) -> None:
+        self.steps = 0  # transformer calls asked for
+        self.computed = 0  # of them, full evaluations
+
+    def __call__(self, feeds: Output, component: Components) -> Output:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NoCache(StepCache):
+    def __call__(self, feeds: Output, component: Components) -> Output:
+        self.steps += 1
+        self.computed += 1
+        return component("transformer")(feeds)
+
+
+def tail_feeds(head: Output, feeds: Output) -> Output:
+    """What `transformer_tail` takes: the head's streams and time embedding, the step's RoPE ids."""
+    keep = ("image_hidden", "text_hidden", "temb")
+    return {key: head[key] for key in keep} | {key: feeds[key] for key in ("img_ids", "txt_ids")}
