@@ -10,7 +10,7 @@ from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_export
 from fluxexport.export.onnx_export import export_model
 from fluxexport.models.source import ModelSource
-from fluxexport.quantize.qdq_export import quantize_transformer
+from fluxexport.quantize.qdq_export import CALIBRATION_FILE, fp8_components, quantize_transformer
 from fluxexport.tensorrt.builder import BuildOptions, build_engines, check_build_host, release_torch_memory
 from fluxexport.tensorrt.environment import Gpu
 from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes
@@ -28,15 +28,30 @@ def export_missing_graphs(
     stale = {name: dtype for name, dtype in wanted.items() if name not in present or present[name].dtype != dtype}
     exports: dict[str, list[str]] = {}
     for name, dtype in stale.items():
-        if dtype != "fp8":  # the FP8 transformer comes from quantize, below
+        if dtype != "fp8":  # the FP8 transformer and parts come from quantize, below
             exports.setdefault(dtype, []).append(name)
     for dtype, names in exports.items():
         log(f"exporting {', '.join(names)} as {dtype} into {onnx_dir}")
         export_model(source, onnx_dir, names, dtype)
-    if stale.get("transformer") == "fp8":
-        log(f"calibrating and quantizing the transformer to FP8 into {onnx_dir}")
-        quantize_transformer(source, onnx_dir, calibration, base_dtype="bf16")
+    quantize_missing(source, onnx_dir, [name for name, dtype in stale.items() if dtype == "fp8"], calibration, log)
     return open_export(onnx_dir)
+
+
+def quantize_missing(source: ModelSource, onnx_dir: Path, missing: list[str], calibration=None, log=print) -> None:
+    """Quantize the `missing` FP8 graphs into `onnx_dir`. Parts beside an FP8 transformer are quantized with its
+    scales (the folder's calibration.json: the parts then compute what it computes); otherwise calibrate anew
+    and quantize the transformer with every part the folder holds, so that all share the new scales."""
+    if not missing:
+        return
+    saved = onnx_dir / CALIBRATION_FILE
+    if "transformer" not in missing and saved.is_file():
+        log(f"quantizing {', '.join(missing)} to FP8 into {onnx_dir} with the scales of {saved}")
+        quantize_transformer(source, onnx_dir, base_dtype="bf16", calibration_file=saved, components=missing)
+        return
+    names = fp8_components(onnx_dir, missing)
+    what = "the transformer" if names == ["transformer"] else ", ".join(names)
+    log(f"calibrating and quantizing {what} to FP8 into {onnx_dir}")
+    quantize_transformer(source, onnx_dir, calibration, base_dtype="bf16", components=names)
 
 
 def build(

@@ -19,9 +19,16 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 
 FP8 = "fp8"  # the manifest section of `quantize`'s graphs, kept beside the base ones
-FP8_STEM = "transformer.fp8"  # its file: transformer.fp8.onnx (+ .onnx_data)
+# What `quantize` makes FP8: the transformer, whole and in the three parts First Block Cache runs (the names of
+# specs.TRANSFORMER_PARTS, which sits above this layer; tests/test_parts_fp8_lora.py checks that they agree)
+FP8_COMPONENTS = ("transformer", "transformer_head", "transformer_tail", "transformer_out")
 OPTIMIZED = "onnxruntime"  # the manifest section of `optimize`'s graphs (ONNX Runtime's fusions)
 TENSORRT = "tensorrt"  # the `kind` of an engine folder's manifest
+
+
+def fp8_stem(component: str) -> str:
+    """The file stem of `quantize`'s graph of `component`: transformer.fp8(.onnx, .onnx_data), transformer_head.fp8…"""
+    return f"{component}.fp8"
 
 
 def _read_json(folder: Path) -> dict[str, Any]:
@@ -60,8 +67,8 @@ def _graphs(section: dict[str, Any]) -> dict[str, GraphRecord]:
 
 @dataclass
 class ExportFolder:
-    """A folder of exported graphs: the portable ones (`components`), `quantize`'s FP8 transformer (`fp8`)
-    and `optimize`'s ONNX Runtime graphs (`optimized`), all made from `model`."""
+    """A folder of exported graphs: the portable ones (`components`), `quantize`'s FP8 transformer and parts
+    (`fp8`) and `optimize`'s ONNX Runtime graphs (`optimized`), all made from `model`."""
 
     path: Path
     model: ModelRecord
@@ -100,17 +107,22 @@ class ExportFolder:
         if not self.model.is_of(source):
             raise FluxExportError(f"the graphs in {self.path} were exported from {self.model.made_from(source)}: {fix}")
 
+    def runs_fp8(self, fp8: bool | None = None) -> bool:
+        """Whether the transformer, whole and in parts, runs `quantize`'s FP8 graphs: as `fp8` says, or (None)
+        when the folder has an FP8 transformer."""
+        return "transformer" in self.fp8 if fp8 is None else fp8
+
     def graphs(self, fp8: bool | None = None, optimized: bool | None = False) -> dict[str, GraphRecord]:
-        """The graph each component runs. The transformer is `quantize`'s FP8 one with `fp8`, the base one
-        without, and the FP8 one when there is one with `fp8=None`; a component the choice leaves without a
-        graph is absent. With `optimized` (True or None), a component runs its ONNX Runtime-optimized graph
-        where one was made from exactly the portable graph now in the folder (an export since makes it stale)."""
+        """The graph each component runs. The transformer and its parts run `quantize`'s FP8 graphs when
+        `runs_fp8(fp8)`, their base ones otherwise, never a mix: a component the choice leaves without a graph
+        (an FP8 run of a folder whose parts were not quantized) is absent. With `optimized` (True or None), a
+        component runs its ONNX Runtime-optimized graph where one was made from exactly the portable graph now
+        in the folder (an export since makes it stale)."""
         chosen = dict(self.components)
-        quantized = self.fp8.get("transformer")
-        if quantized is not None if fp8 is None else fp8:
-            chosen.pop("transformer", None)
-            if quantized is not None:
-                chosen["transformer"] = quantized
+        if self.runs_fp8(fp8):
+            for name in FP8_COMPONENTS:
+                chosen.pop(name, None)
+            chosen |= {name: graph for name, graph in self.fp8.items() if name in FP8_COMPONENTS}
         if optimized is False:
             return chosen
         for name, graph in self.optimized.items():
@@ -118,6 +130,10 @@ class ExportFolder:
             if base is not None and base is self.components.get(name) and graph.from_sha256 == base.digest:
                 chosen[name] = graph
         return chosen
+
+    def graph_names(self) -> list[str]:
+        """Every component the folder has a graph of, base or FP8 (what `build` makes engines of by default)."""
+        return list(dict.fromkeys([*self.components, *self.fp8]))
 
     def every_graph(self) -> dict[str, GraphRecord]:
         """File → record of every graph the folder holds (portable, FP8, optimized)."""

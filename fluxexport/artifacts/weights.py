@@ -10,7 +10,7 @@ re-calibrated: a merged weight beyond the base weight's amax saturates (`scripts
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,34 @@ def check_swap(source, module: str, graph: GraphRecord) -> dict[str, WeightOrigi
     return graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
 
 
-def merged_initializers(
-    weights: dict[str, WeightOrigin], module: str, loras: LoraSet, base: BaseTensor, graph: str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(initializer name, merged values in the graph's layout and type) for each initializer the LoRAs touch,
-    one at a time; refuses (one line) a LoRA layer the graph holds no initializer for (`graph` names it)."""
-    held = {origin.tensor for origin in weights.values()}
+def refuse_unheld(loras: LoraSet, module: str, held: Collection[str], graph: str, siblings: bool = False) -> None:
+    """Refuse (one line) a LoRA layer of `module` whose weight is not among the checkpoint tensors `held` (by
+    `graph`, and with `siblings` by the transformer's other parts too)."""
     missing = [f"{layer}.weight" for layer in loras.layers.get(module, {}) if f"{layer}.weight" not in held]
     if missing:
-        raise FluxExportError(f"{graph} has no initializer for {missing[0]}: export with --lora instead")
+        where = f"{graph} (nor any other part of the transformer)" if siblings else graph
+        raise FluxExportError(f"{where} has no initializer for {missing[0]}: export with --lora instead")
+
+
+def sibling_tensors(graphs: dict[str, GraphRecord], name: str, parts: Collection[str]) -> set[str]:
+    """The checkpoint tensors held by the graphs of `parts` (the transformer's, for First Block Cache) other than
+    `name`'s: a LoRA layer one part lacks is another's. Empty when `name` is not one of `parts`."""
+    if name not in parts:
+        return set()
+    others = [graph for part, graph in graphs.items() if part in parts and part != name]
+    return {origin.tensor for graph in others for origin in (graph.weights or {}).values()}
+
+
+def merged_initializers(
+    weights: dict[str, WeightOrigin], module: str, loras: LoraSet, base: BaseTensor, graph: str,
+    elsewhere: Collection[str] = (),
+) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """(initializer name, merged values in the graph's layout and type) for each initializer the LoRAs touch,
+    one at a time; refuses (one line) a LoRA layer the graph holds no initializer for (`graph` names it), unless
+    its weight is `elsewhere`: a checkpoint tensor a sibling graph holds (one part of the transformer holds some
+    of the weights a LoRA adapts, the other parts the rest)."""
+    held = {origin.tensor for origin in weights.values()} | set(elsewhere)
+    refuse_unheld(loras, module, held, graph, siblings=bool(elsewhere))
     for initializer, origin in weights.items():
         if not loras.touches(module, origin.tensor):
             continue

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fluxexport.artifacts.folders import open_export
+from fluxexport.artifacts.folders import FP8_COMPONENTS, open_export
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
@@ -16,6 +17,7 @@ from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
 from fluxexport.specs import TRANSFORMER_PARTS
 
+LORA_COMPONENTS = ("transformer", "clip", *TRANSFORMER_PARTS)  # the components whose weights LoRAs adapt
 # Execution providers by where the graphs run; CPU always last, as ONNX Runtime's fallback
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -105,28 +107,45 @@ def create_session(
     return session
 
 
-def lora_overrides(graph: GraphRecord, module: str, loras, base) -> dict[str, torch.Tensor]:
+def lora_overrides(
+    graph: GraphRecord, module: str, loras, base, elsewhere: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
     """Replacement initializers for `graph` with `loras` (a LoraSet) merged: only the weights the LoRAs touch,
     from `base` (checkpoint tensor name → its base values: the checkpoint's, or the graph's own where only graphs
     were shipped, `artifacts.weights.graph_base`), merged in float32 and laid out as the graph holds them (FP8
-    weights quantized with the graph's own scales, as `refit` does for FP8 engines). One code path for `run
-    --lora` on base graphs and the Triton components' per-request LoRAs."""
+    weights quantized with the graph's own scales, as `refit` does for FP8 engines). `elsewhere`: the checkpoint
+    tensors the graph's siblings hold (the transformer's other parts), which the LoRAs may adapt too. One code
+    path for `run --lora` on base graphs and the Triton components' per-request LoRAs."""
     from fluxexport.artifacts.weights import merged_initializers
 
     weights = graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
-    return dict(merged_initializers(weights, module, loras, base, graph.file))
+    return dict(merged_initializers(weights, module, loras, base, graph.file, elsewhere))
 
 
-def swapped_initializers(source: ModelSource, loras, module: str, graph: GraphRecord) -> dict[str, torch.Tensor]:
-    """`lora_overrides` from the base checkpoint of `source`, after its LoRAs are checked against the module."""
+def swapped_initializers(
+    source: ModelSource, loras, module: str, graph: GraphRecord, elsewhere: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """`lora_overrides` from the base checkpoint of `source`, after its LoRAs are checked against the module.
+    `elsewhere`: the checkpoint tensors the graph's sibling parts hold; None where they are not known here (one
+    engine compared with its graph): then a part of the transformer takes the layers it holds, and the others
+    are taken to be its siblings' (check_swap has checked them against the module)."""
     from fluxexport.artifacts.weights import check_swap
     from fluxexport.dtypes import torch_dtype
     from fluxexport.models.checkpoint import CheckpointTensors
 
     check_swap(source, module, graph)
+    if elsewhere is None:
+        part = _is_transformer_part(graph)
+        elsewhere = {f"{layer}.weight" for layer in loras.layers.get(module, {})} if part else ()
     tensors = CheckpointTensors(source.with_loras(()), module)
     dtype = torch_dtype(graph.base_dtype)
-    return lora_overrides(graph, module, loras, lambda tensor: tensors.load(tensor, dtype))
+    return lora_overrides(graph, module, loras, lambda tensor: tensors.load(tensor, dtype), elsewhere)
+
+
+def _is_transformer_part(graph: GraphRecord) -> bool:
+    """Whether `graph` is one of the transformer's parts: export names each graph after its component
+    (`transformer_head.onnx`), quantize and optimize too (`transformer_head.fp8.onnx`, `onnxruntime/…`)."""
+    return Path(graph.file).name.partition(".")[0] in TRANSFORMER_PARTS
 
 
 class OnnxRuntimeBackend(LoadedComponents):
@@ -179,20 +198,20 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.swapped = LoraSet(loras) if loras else None
         touched = {"transformer", "clip"} if previous is None else set(previous.layers)
         touched |= set(self.swapped.layers) if self.swapped is not None else set()
-        for name in ("transformer", "clip"):
+        for name in LORA_COMPONENTS:
             if MODULE_OF[name] in touched:
                 self._components.pop(name, None)
 
     def _lora_overrides(self, name: str, graph: GraphRecord) -> dict[str, torch.Tensor]:
+        """The LoRAs' merged weights `name`'s graph holds; each part of the transformer takes those of its own
+        weights (the LoRA layers it lacks are its sibling parts')."""
         module = MODULE_OF[name]
         if self.swapped is None or module not in self.swapped.layers:
             return {}
-        if name in TRANSFORMER_PARTS:  # each part holds some of the weights a LoRA adapts
-            raise FluxExportError(
-                f"{name}: LoRAs are not swapped into the transformer's parts: merge them at export "
-                "(fluxexport export --lora FILE --transformer-parts), or run without --cache first-block"
-            )
-        return swapped_initializers(self.source, self.swapped, module, graph)
+        from fluxexport.artifacts.weights import sibling_tensors
+
+        elsewhere = sibling_tensors(self.entries, name, TRANSFORMER_PARTS)
+        return swapped_initializers(self.source, self.swapped, module, graph, elsewhere)
 
     @property
     def transformer_graph(self) -> str:
@@ -205,6 +224,11 @@ class OnnxRuntimeBackend(LoadedComponents):
         if name == "transformer" and name not in entries and self.fp8:
             raise FluxExportError(
                 f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}"
+            )
+        if name in FP8_COMPONENTS and name not in entries and self.folder.runs_fp8(self.fp8):
+            raise FluxExportError(
+                f"{self.engines} has no FP8 {name} graph to run beside the FP8 transformer: run fluxexport "
+                f"quantize --transformer-parts --out {self.engines}, or run with --no-fp8"
             )
         if name not in entries:
             fix = "--transformer-parts (what --cache first-block runs)" if name in TRANSFORMER_PARTS else (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -13,14 +13,20 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
 from fluxexport.adapters import TransformerAdapter
-from fluxexport.artifacts.files import now
-from fluxexport.artifacts.folders import FP8_STEM
+from fluxexport.artifacts.files import MANIFEST, now
+from fluxexport.artifacts.folders import FP8_COMPONENTS, fp8_stem, open_export
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.atomic import write_text_atomic
 from fluxexport.dtypes import E4M3_MAX, ELEMENT_TORCH, quantize_e4m3, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import replace_with_initializer
-from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, graph_record, open_folder_for
+from fluxexport.export.onnx_export import (
+    DEFAULT_OPSET,
+    ExportedComponent,
+    export_component,
+    graph_record,
+    open_folder_for,
+)
 from fluxexport.export.streaming import FP8_SUFFIX
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
@@ -34,7 +40,7 @@ from fluxexport.quantize.calibrate import (
     fake_quantize,
 )
 from fluxexport.quantize.fp8 import TRANSLATIONS
-from fluxexport.specs import ExportBounds, component_specs
+from fluxexport.specs import TRANSFORMER_PARTS, ComponentSpec, ExportBounds, component_specs
 
 CALIBRATION_FILE = "calibration.json"
 MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
@@ -203,6 +209,50 @@ def keep_calibration(out_dir: Path, calibration_file: Path) -> Path:
     return write_text_atomic(Path(out_dir) / CALIBRATION_FILE, Path(calibration_file).read_text())
 
 
+def fp8_components(out_dir: Path, wanted: Sequence[str] = ()) -> list[str]:
+    """What `quantize` makes FP8 in `out_dir`: the transformer, each of its parts the folder holds (base or FP8:
+    the parts then compute with the transformer's scales) and any of `wanted`, in the transformer's order."""
+    held: set[str] = set()
+    if (Path(out_dir) / MANIFEST).is_file():
+        folder = open_export(out_dir)
+        held = set(folder.components) | set(folder.fp8)
+    return ["transformer", *(part for part in TRANSFORMER_PARTS if part in held or part in wanted)]
+
+
+def _check_fp8_components(components: Sequence[str]) -> None:
+    if not components:
+        raise FluxExportError(f"nothing to quantize: name any of {', '.join(FP8_COMPONENTS)}")
+    unknown = [name for name in components if name not in FP8_COMPONENTS]
+    if unknown:
+        raise FluxExportError(f"quantize makes FP8 graphs of {', '.join(FP8_COMPONENTS)}, not of {unknown[0]}")
+
+
+def _export_fp8_graph(
+    source: ModelSource, spec: ComponentSpec, out_dir: Path, scales: tuple[dict[str, float], dict[str, float]],
+    base_dtype: str, opset: int, external_data: bool | None, on_bytes: Callable[[int, int], None] | None,
+) -> ExportedComponent:  # fmt: skip
+    """`out_dir/<component>.fp8.onnx`: the component of the fake-quantized transformer (`scales`: input and
+    weight amax per block Linear), traced on fake weights, its weights quantized to FP8 as they stream."""
+    amax, weight_amax = scales
+    return export_component(
+        source, spec, out_dir, base_dtype, opset, external_data, translations=TRANSLATIONS,
+        graph_pass=store_weights_in_fp8, on_bytes=on_bytes, stem=fp8_stem(spec.name),
+        prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
+    )  # fmt: skip
+
+
+def _fp8_record(
+    spec: ComponentSpec, exported: ExportedComponent, opset: int, base_dtype: str, calibration_path: Path
+) -> GraphRecord:
+    """The manifest record of an FP8 graph: its quantized layers (those of its blocks), the calibration behind
+    its scales and what stayed in the base dtype."""
+    layers = sum(origin.fp8_scale is not None for origin in (exported.weights or {}).values())
+    kept = f"FP8 E4M3 per-tensor Q/DQ on {layers} block Linear layers; kept in {base_dtype}: "
+    exported = replace(exported, notes=(kept + ", ".join(KEEP_HIGH_PRECISION), *exported.notes))
+    quantization = {"format": "fp8_e4m3", "layers": layers, "calibration": calibration_path.name}
+    return replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
+
+
 def export_quantized(
     source: ModelSource,
     out_dir: Path,
@@ -212,34 +262,35 @@ def export_quantized(
     opset: int = DEFAULT_OPSET,
     bounds: ExportBounds | None = None,
     external_data: bool | None = None,
-    on_bytes: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[str, int, int], None] | None = None,
+    components: Sequence[str] | None = None,
 ) -> GraphRecord:
     """Export `out_dir/transformer.fp8.onnx` as an FP8 Q/DQ graph with `calibration`'s scales; no model runs.
     It is recorded in the manifest's `fp8` section beside the base transformer, which stays: one folder
-    builds both bf16 and FP8 engines.
+    builds both bf16 and FP8 engines. `components` (default `fp8_components`: the transformer and the parts
+    the folder holds) says which graphs: each part gets `<part>.fp8.onnx` with the very same scales, since the
+    parts are the transformer's modules cut differently. Returns the first graph's record (the transformer's).
 
-    The graph keeps the transformer's contract; its non-quantized math is in `base_dtype` (bf16 for TensorRT,
-    fp32 to run it in ONNX Runtime on CPU). The export streams: the fake-quantized transformer is traced on
-    fake weights, then each weight is read, quantized to FP8 and written in turn."""
+    The graphs keep their contracts; their non-quantized math is in `base_dtype` (bf16 for TensorRT, fp32 to
+    run them in ONNX Runtime on CPU). The export streams: the fake-quantized transformer is traced on fake
+    weights, then each weight is read, quantized to FP8 and written in turn. `on_bytes(component, done, total)`
+    follows the writing."""
     check_quantize_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
+    names = list(fp8_components(out_dir) if components is None else components)
+    _check_fp8_components(names)
     amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
     recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
     weight_amax = in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
-    spec = component_specs(source, bounds)["transformer"]
-    exported = export_component(
-        source, spec, out_dir, base_dtype, opset, external_data, translations=TRANSLATIONS,
-        notes=[f"FP8 E4M3 per-tensor Q/DQ on {len(amax)} block Linear layers; kept in {base_dtype}: "
-               + ", ".join(KEEP_HIGH_PRECISION)],
-        graph_pass=store_weights_in_fp8, on_bytes=on_bytes, stem=FP8_STEM,
-        prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
-    )  # fmt: skip
-    folder = open_folder_for(source, out_dir, base_dtype, bounds)
-    quantization = {"format": "fp8_e4m3", "layers": len(amax), "calibration": calibration_path.name}
-    graph = replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
-    folder.fp8["transformer"] = graph  # beside the base transformer, which stays
-    folder.write()
-    return graph
+    specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
+    for name in names:
+        progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
+        exported = _export_fp8_graph(
+            source, specs[name], out_dir, (amax, weight_amax), base_dtype, opset, external_data, progress
+        )
+        folder.fp8[name] = _fp8_record(specs[name], exported, opset, base_dtype, calibration_path)  # beside the base
+        folder.write()
+    return folder.fp8[names[0]]
 
 
 def check_quantize_options(base_dtype: str, opset: int) -> None:
@@ -262,13 +313,15 @@ def quantize_transformer(
     sequential: bool | None = None,
     log: Callable[[str], None] = lambda _: None,
     calibration_progress: Callable[[str], AbstractContextManager[Callable[[int, int], None]]] | None = None,
-    on_bytes: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[str, int, int], None] | None = None,
+    components: Sequence[str] | None = None,
 ) -> GraphRecord:
     """Calibrate (or reuse `calibration_file`, an earlier `calibration.json` of the same checkpoint: no model
-    runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer (`export_quantized`).
+    runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer and, by default, the parts
+    the folder holds (`export_quantized`'s `components`).
     `sequential=None` holds one block at a time when the float32 model does not fit (`choose_sequential`).
     `log` hears what was decided; `calibration_progress(title)` gives the calibration's progress callback
-    (done, total) for the duration of a `with`; `on_bytes(done, total)` follows the graph's writing."""
+    (done, total) for the duration of a `with`; `on_bytes(component, done, total)` follows the graphs' writing."""
     check_quantize_options(base_dtype, opset)
     settings = settings or CalibrationSettings()
     out_dir = Path(out_dir)
@@ -286,4 +339,6 @@ def quantize_transformer(
             calibration = calibrate_transformer(source, settings, calibration_device, sequential, on_progress=advance)
         path = write_calibration(out_dir, source, settings, calibration)
         log(f"calibration saved to {path} (reuse it with --calibration)")
-    return export_quantized(source, out_dir, calibration, path, base_dtype, opset, bounds, external_data, on_bytes)
+    return export_quantized(
+        source, out_dir, calibration, path, base_dtype, opset, bounds, external_data, on_bytes, components
+    )

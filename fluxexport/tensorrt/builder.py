@@ -62,7 +62,7 @@ def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -
 def engine_components(source: ModelSource, onnx_dir: Path) -> list[str]:
     """The engines to build by default: every graph of `onnx_dir`, else what the pipeline needs."""
     if (Path(onnx_dir) / MANIFEST).is_file():
-        return list(open_export(onnx_dir).graphs())  # the FP8 transformer counts: it builds one too
+        return open_export(onnx_dir).graph_names()  # an FP8 graph counts: it builds one too
     return list(pipeline_components(source))
 
 

@@ -1,8 +1,8 @@
 """Per-component precision policy for engines, and which exported graph each engine is built from.
 
 Networks are strongly typed, so an engine's precision is its ONNX graph's: building `fp8` means building the
-transformer from the FP8 Q/DQ graph (`transformer.fp8.onnx`, beside the bf16 one) and the rest from bf16
-graphs, so one export folder builds both engine sets.
+transformer, whole and in parts, from the FP8 Q/DQ graphs (`transformer.fp8.onnx`, `transformer_head.fp8.onnx`,
+…, beside the bf16 ones) and the rest from bf16 graphs, so one export folder builds both engine sets.
 """
 
 from __future__ import annotations
@@ -11,20 +11,32 @@ from fluxexport.artifacts.folders import ExportFolder
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ENGINE_PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
+from fluxexport.specs import TRANSFORMER_PARTS
 
 
 def graph_dtypes(precision: str, components) -> dict[str, str]:
-    """The graph dtype each engine is built from, by the shared precision policy (`dtypes.component_precision`)."""
+    """The graph dtype each engine is built from, by the shared precision policy (`dtypes.component_precision`):
+    the transformer's parts follow the transformer."""
     if precision not in ENGINE_PRECISIONS:
         raise FluxExportError(
             f"unknown precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)} (--precision)"
         )
-    return {name: component_precision(name, precision)[0] for name in components}
+    return {name: component_precision(_policy_name(name), precision)[0] for name in components}
+
+
+def _policy_name(component: str) -> str:
+    return "transformer" if component in TRANSFORMER_PARTS else component
 
 
 def engine_graphs(folder: ExportFolder, wanted: dict[str, str]) -> dict[str, GraphRecord]:
-    """The graph each wanted engine is built from: the FP8 transformer (beside the base one) for fp8."""
-    return folder.graphs(fp8=wanted.get("transformer") == "fp8")
+    """The graph each wanted engine is built from: the FP8 transformer and parts (beside the base ones) for fp8."""
+    return folder.graphs(fp8="fp8" in wanted.values())
+
+
+def quantize_command(folder: ExportFolder, component: str) -> str:
+    """The command that makes `component`'s FP8 graph in `folder`."""
+    parts = " --transformer-parts" if component in TRANSFORMER_PARTS else ""
+    return f"fluxexport quantize{parts} --out {folder.path}"
 
 
 def graph_problems(folder: ExportFolder, wanted: dict[str, str]) -> list[str]:
@@ -34,7 +46,7 @@ def graph_problems(folder: ExportFolder, wanted: dict[str, str]) -> list[str]:
     for name, dtype in wanted.items():
         graph = graphs.get(name)
         fix = (
-            f"fluxexport quantize --out {folder.path}"
+            quantize_command(folder, name)
             if dtype == "fp8"
             else f"fluxexport export --components {name} --dtype {dtype} --out {folder.path}"
         )

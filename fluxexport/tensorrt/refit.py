@@ -6,10 +6,13 @@ are computed (base tensor + delta in float32, cast to the engine's weight type, 
 them, FP8 weights quantized with the graph's own scales: `artifacts/weights.py`), set by name, and the
 refitted plan is written atomically beside the base one. The engine manifest then names the refitted plan, the
 LoRA set and the merged model's fingerprint, so `run --lora …` finds it; `--reset` points back at the base.
+The transformer's parts (First Block Cache's engines) are refitted like the transformer, each with the LoRA
+deltas of the weights it holds; a part the LoRAs do not touch keeps its base plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -17,12 +20,14 @@ import torch
 from fluxexport.artifacts.files import file_sha256, now
 from fluxexport.artifacts.folders import EngineFolder, open_engines
 from fluxexport.artifacts.records import GraphRecord
+from fluxexport.artifacts.weights import refuse_unheld, sibling_tensors
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource
+from fluxexport.specs import TRANSFORMER_PARTS
 
-REFITTABLE = ("transformer", "clip")  # the components LoRAs adapt
+REFITTABLE = ("transformer", "clip", *TRANSFORMER_PARTS)  # the components LoRAs adapt (the parts, for the cache)
 
 
 def refit_plan_name(base_file: str) -> str:
@@ -53,11 +58,13 @@ def _initializer_values(graph_path: Path):
 
 
 def refit_component(
-    engine_file: Path, graph: GraphRecord, graph_path: Path, source: ModelSource, module: str
-) -> tuple[bytes, int]:
+    engine_file: Path, graph: GraphRecord, graph_path: Path, source: ModelSource, module: str,
+    elsewhere: Collection[str] = (),
+) -> tuple[bytes, int]:  # fmt: skip
     """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
     weights quantized with the graph's scales), and how many weights were set. Weights TensorRT still reports
-    missing afterwards (it may ask for unchanged ones too) are set to the graph's own values."""
+    missing afterwards (it may ask for unchanged ones too) are set to the graph's own values. `elsewhere`: the
+    checkpoint tensors the engines of the transformer's other parts hold (LoRA layers this part lacks)."""
     import tensorrt as trt
 
     from fluxexport.artifacts.weights import merged_initializers
@@ -96,7 +103,8 @@ def refit_component(
             raise FluxExportError(f"TensorRT refused new weights for {initializer} in {engine_file.name}")
 
     weights = graph.require_weight_origins("export it again, rebuild with --refittable, then refit")
-    merged = merged_initializers(weights, module, source.lora_set, lambda t: base.load(t, dtype), graph.file)
+    load = lambda tensor: base.load(tensor, dtype)  # noqa: E731
+    merged = merged_initializers(weights, module, source.lora_set, load, graph.file, elsewhere)
     for initializer, tensor in merged:
         set_weights(initializer, tensor, weights[initializer].fp8_scale is not None)
     changed = len(held)
@@ -115,6 +123,22 @@ def refit_component(
     if not refitter.refit_cuda_engine():
         raise FluxExportError(f"TensorRT could not refit {engine_file.name} (see its log above)")
     return bytes(engine.serialize()), changed
+
+
+def _touched(name: str, graph: GraphRecord, source: ModelSource, elsewhere: Collection[str]) -> bool:
+    """Whether `source`'s LoRAs change a weight of `name`'s engine. A whole component counts whenever the LoRAs
+    adapt its module (refit refuses there a LoRA layer the graph lacks). A part of the transformer may hold none
+    of the weights a LoRA adapts, and then keeps its base plan, once the LoRA layers are known to be held by it
+    or by its sibling parts (`elsewhere`)."""
+    module = MODULE_OF[name]
+    if source.lora_set is None or module not in source.lora_set.layers:
+        return False
+    if name not in TRANSFORMER_PARTS:
+        return True
+    weights = graph.require_weight_origins("export it again, rebuild with --refittable, then refit")
+    held = {origin.tensor for origin in weights.values()}
+    refuse_unheld(source.lora_set, module, held | set(elsewhere), graph.file, siblings=True)
+    return any(source.lora_set.touches(module, tensor) for tensor in held)
 
 
 def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> EngineFolder:
@@ -140,19 +164,21 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> En
     import tensorrt as trt
 
     require_tensorrt_version(trt)
-    for name in [name for name in REFITTABLE if name in folder.components]:
+    names = [name for name in REFITTABLE if name in folder.components]
+    graphs = {} if reset else {name: folder.built_from(name) for name in names}
+    for name in names:
         engine = folder.components[name]
         base_file = engine.base_plan
         extra = {key: value for key, value in engine.extra.items() if key != "refitted_at"}
-        if reset or MODULE_OF[name] not in source.lora_set.layers:
+        elsewhere = sibling_tensors(graphs, name, TRANSFORMER_PARTS)
+        if reset or not _touched(name, graphs[name], source, elsewhere):
             if engine.file != base_file:
                 (engines / engine.file).unlink(missing_ok=True)
             folder.components[name] = replace(engine, file=base_file, base_file=None, refitted_weights=None,
                                               engine_sha256=file_sha256(engines / base_file), extra=extra)  # fmt: skip
             continue
-        plan, count = refit_component(
-            engines / base_file, folder.built_from(name), Path(engine.onnx), source, MODULE_OF[name]
-        )
+        plan, count = refit_component(engines / base_file, graphs[name], Path(engine.onnx), source, MODULE_OF[name],
+                                      elsewhere)  # fmt: skip
         refitted = refit_plan_name(base_file)
         write_bytes_atomic(engines / refitted, memoryview(plan))
         folder.components[name] = replace(

@@ -12,6 +12,7 @@ from pathlib import Path
 from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_folder
 from fluxexport.artifacts.records import EngineRecord, GraphRecord
 from fluxexport.artifacts.repository import PIPELINE, ComponentIO, PipelineSettings, ServedGraph
+from fluxexport.artifacts.weights import sibling_tensors
 from fluxexport.atomic import atomic_folder
 from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
@@ -19,6 +20,7 @@ from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.lora import LoraFile
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
+from fluxexport.onnxruntime.backend import LORA_COMPONENTS
 from fluxexport.specs import TRANSFORMER_PARTS, component_specs, pipeline_components
 from fluxexport.triton.config import check_config, component_config, pipeline_config
 
@@ -66,7 +68,6 @@ def _lora_names(
 ) -> dict[str, dict]:
     """Name (file stem) → record of each per-request LoRA, refused in one line before anything is written when
     it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
-    from fluxexport.artifacts.weights import check_swap
     from fluxexport.models.lora import LoraSet
 
     if loras and kind == "tensorrt":
@@ -74,22 +75,43 @@ def _lora_names(
             "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
             "fluxexport refit --lora FILE, then write the repository from the refitted engines"
         )
+    graphs = {name: graph for name, graph in entries.items() if isinstance(graph, GraphRecord)}  # plans: refused
     names: dict[str, dict] = {}
     for lora in loras:
         name = lora.path.stem
         if name in names:
             raise FluxExportError(f"two --request-lora files are named {name}: a request names LoRAs by file stem")
         modules = sorted(LoraSet([lora]).layers)
-        for component in (c for c in ("transformer", "clip") if MODULE_OF[c] in modules):
-            graph = entries[component]
-            assert isinstance(graph, GraphRecord)  # plans were refused above
-            check_swap(source.with_loras([lora]), MODULE_OF[component], graph)
-            if graph.is_fp8:
-                raise FluxExportError(
-                    f"LoRA {name} adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"
-                )
+        for component in (c for c in LORA_COMPONENTS if c in graphs and MODULE_OF[c] in modules):
+            _check_swappable(source.with_loras([lora]), component, graphs, name)
         names[name] = {"file": lora.path.name, "sha256": lora.sha256, "modules": modules}
     return names
+
+
+def _check_swappable(source: ModelSource, component: str, graphs: dict[str, GraphRecord], name: str) -> None:
+    """Refuse LoRA `name` (the LoRAs of `source`) unless `component`'s graph can take it: a base graph that
+    records its weights' origins and, for a part of the transformer, the parts hold every layer between them."""
+    from fluxexport.artifacts.weights import check_swap, refuse_unheld
+
+    graph, module = graphs[component], MODULE_OF[component]
+    held = {origin.tensor for origin in check_swap(source, module, graph).values()}
+    if component in TRANSFORMER_PARTS:
+        elsewhere = sibling_tensors(graphs, component, TRANSFORMER_PARTS)
+        refuse_unheld(source.lora_set, module, held | elsewhere, graph.file, siblings=True)
+    if graph.is_fp8:
+        raise FluxExportError(
+            f"LoRA {name} adapts the transformer, whose graph here is FP8: write the repository with --no-fp8"
+        )
+
+
+def _lora_placement(name: str, entries: dict[str, GraphRecord | EngineRecord], loras: bool) -> tuple:
+    """ServedGraph's fields for the graph of `name`: where its per-request LoRAs are, which module they adapt
+    and, for a part of the transformer, the tensors its sibling parts hold (`loras`: any placed)."""
+    graph = entries[name]
+    if not loras or name not in LORA_COMPONENTS:
+        return graph, None, None
+    graphs = {part: entry for part, entry in entries.items() if isinstance(entry, GraphRecord)}
+    return graph, LORA_FOLDER, MODULE_OF[name], tuple(sorted(sibling_tensors(graphs, name, TRANSFORMER_PARTS)))
 
 
 def write_repository(
@@ -115,8 +137,7 @@ def write_repository(
     missing = [name for name in needed if name not in entries]
     if missing:
         raise FluxExportError(f"{engines} lacks {', '.join(missing)}: the pipeline needs {', '.join(needed)}")
-    if not request_loras:  # the parts serve `cache: first-block` requests (LoRAs are not swapped into them)
-        needed += [name for name in TRANSFORMER_PARTS if name in entries]
+    needed += [name for name in TRANSFORMER_PARTS if name in entries]  # the parts serve `cache: first-block`
     specs = component_specs(source)
     loras = _lora_names(source, request_loras, entries, kind)
     with atomic_folder(out) as staging:
@@ -134,8 +155,7 @@ def write_repository(
                 _link_or_copy(engines / record.file, version / "model.onnx")
                 if record.external_data:
                     _link_or_copy(engines / record.external_data, version / record.external_data)
-                lora_module = MODULE_OF[name] if name in ("transformer", "clip") and loras else None
-                ServedGraph(record, LORA_FOLDER if lora_module else None, lora_module).write(version)
+                ServedGraph(*_lora_placement(name, entries, bool(loras))).write(version)
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself
                 as_float = tuple(replace(t, dtype=host_element(t.dtype)) for t in record.inputs)

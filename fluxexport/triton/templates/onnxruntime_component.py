@@ -1,8 +1,9 @@
 """Triton python-backend model: one exported FLUX component run by ONNX Runtime (written by fluxexport).
 
-The transformer and CLIP of a repository with per-request LoRAs read the request's `loras` parameter (JSON
-[[name, scale], …], set by flux_pipeline) and swap them in: only the initializers the LoRAs touch are merged
-(from the graph's own base weights) and handed to a new session; the last set stays until another comes.
+The transformer (whole and in parts) and CLIP of a repository with per-request LoRAs read the request's `loras`
+parameter (JSON [[name, scale], …], set by flux_pipeline) and swap them in: only the initializers the LoRAs
+touch are merged (from the graph's own base weights) and handed to a new session; the last set stays until
+another comes. A part of the transformer takes the deltas of the weights it holds (its siblings hold the rest).
 """
 
 import json
@@ -48,7 +49,7 @@ class TritonPythonModel:
         touched = loras is not None and module in loras.layers
         if touched:
             base = graph_base(self.path, self.graph.require_weight_origins("write the repository again"))
-            self.run = self._runner(lora_overrides(self.graph, module, loras, base))
+            self.run = self._runner(lora_overrides(self.graph, module, loras, base, self.served.lora_elsewhere))
         elif self.applied:
             self.run = self._runner({})
         self.choice, self.applied = choice, touched
