@@ -74,7 +74,7 @@ def main() -> None:
     help="Also write the transformer as a black-forest-labs single-file checkpoint here.",
 )
 def tiny(variant: str, out: Path, single_file: Path | None) -> None:
-    """Write a tiny random FLUX model (tiny-schnell, tiny-dev, tiny-kontext) as a diffusers folder."""
+    """Write a tiny random FLUX model (FLUX.1: tiny-schnell, tiny-dev, tiny-kontext; FLUX.2: tiny-klein, tiny-klein-base) as a diffusers folder."""
     from fluxexport.models.tiny import write_bfl_single_file, write_tiny
 
     folder = write_tiny(variant, out)
@@ -145,20 +145,24 @@ def _say_transformer(engine) -> None:
 
 @main.command()
 @model_options
-@click.option("--prompt", required=True, help="Text to draw (CLIP; also T5 unless --prompt-2).")
-@click.option("--prompt-2", help="Text for T5 (defaults to --prompt).")
+@click.option("--prompt", required=True, help="Text to draw (FLUX.1: CLIP, and T5 unless --prompt-2).")
+@click.option("--prompt-2", help="FLUX.1: text for T5 (defaults to --prompt).")
+@click.option("--negative-prompt", help='FLUX.2 base models (true CFG): what to steer away from (default "").')
 @click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
 @click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--steps", type=int, help="Denoising steps (default: 4 for schnell, 28 for guidance-distilled).")
-@click.option("--guidance", type=float, help="Embedded guidance scale (dev, Kontext; default 3.5).")
+@click.option("--steps", type=int,
+              help="Denoising steps (default: 4 schnell and FLUX.2 klein, 28 FLUX.1 dev, 50 FLUX.2 base).")  # fmt: skip
+@click.option("--guidance", type=float,
+              help="Guidance scale: embedded (FLUX.1 dev, Kontext; default 3.5) or true CFG (FLUX.2 base; 4).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--max-sequence-length", type=int, help="T5 tokens (default: 256 schnell, 512 dev/Kontext).")
 @click.option(
     "--image",
-    "image_path",
+    "image_paths",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Kontext reference image.",
+    help="Reference image: one for FLUX.1 Kontext; FLUX.2 takes several (repeat --image).",
 )
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
@@ -175,9 +179,9 @@ def _say_transformer(engine) -> None:
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
-    model, base_model, prompt, prompt_2, height, width, steps, guidance, seed, num_images, max_sequence_length,
-    image_path, keep_reference_size, backend, engines, low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized,
-    cache_text, dtype, device, output,
+    model, base_model, prompt, prompt_2, negative_prompt, height, width, steps, guidance, seed, num_images,
+    max_sequence_length, image_paths, keep_reference_size, backend, engines, low_vram, cuda_graphs,
+    weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from PIL import Image
@@ -189,16 +193,17 @@ def run(
 
     cache = parse_cache(cache_text)
     source = _source(model, base_model)
-    reference = None
-    if image_path is not None:
+    references = []
+    for image_path in image_paths:
         try:
-            reference = Image.open(image_path).convert("RGB")
+            references.append(Image.open(image_path).convert("RGB"))
         except OSError as error:
             raise FluxExportError(f"cannot read --image {image_path}: {error}") from None
     request = GenerationRequest(
         prompt=prompt, prompt_2=prompt_2, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance, seed=seed, num_images_per_prompt=num_images,
-        max_sequence_length=max_sequence_length, image=reference, auto_resize_reference=not keep_reference_size,
+        max_sequence_length=max_sequence_length, image=references or None,
+        auto_resize_reference=not keep_reference_size, negative_prompt=negative_prompt,
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     paths = _check_output(output, resolved.batch)
@@ -221,10 +226,13 @@ def run(
         click.echo(str(path))
 
 
-def _components(value: str | None) -> list[str]:
+def _components(value: str | None, source=None) -> list[str]:
+    """`--components a,b` as a list; without it, every component of `source`'s family (FLUX.1's five)."""
     from fluxexport.specs import COMPONENTS
 
-    return list(COMPONENTS) if not value else [part.strip() for part in value.split(",") if part.strip()]
+    if value:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(source.components if source is not None else COMPONENTS)
 
 
 def _print_check(reports) -> bool:
@@ -287,7 +295,7 @@ def export(
     bounds = ExportBounds.for_model(
         source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
     )
-    names = _components(components)
+    names = _components(components, source)
     names += [part for part in TRANSFORMER_PARTS if transformer_parts and part not in names]
     out = out or default_folder(source.name)
     for name in names:
@@ -415,15 +423,21 @@ def validate(
 )  # fmt: skip
 @click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
 @click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 32 MiB).")
+@click.option("--transformer-parts", is_flag=True,
+              help="Also the transformer's parts (--cache first-block), with the same scales (default: the parts "
+              "--out holds).")  # fmt: skip
 def quantize(
     model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
-    sequential, opset, external_data,
+    sequential, opset, external_data, transformer_parts,
 ) -> None:  # fmt: skip
-    """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer as a Q/DQ graph."""
+    """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer (and its parts) as Q/DQ
+    graphs."""
+    from fluxexport.artifacts.folders import open_export
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
-    from fluxexport.quantize.qdq_export import quantize_transformer
+    from fluxexport.quantize.qdq_export import fp8_components, quantize_transformer
+    from fluxexport.specs import TRANSFORMER_PARTS
 
     source = _source(model, base_model)
     prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
@@ -441,23 +455,29 @@ def quantize(
             raise FluxExportError(
                 f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them"
             )
-    with ExitStack() as bars:  # one live bar at a time: calibration's, then the graph's bytes
+    names = fp8_components(out, TRANSFORMER_PARTS if transformer_parts else ())
+    with ExitStack() as bars:  # one live bar at a time: calibration's, then the graphs' bytes
         writing: list = []
 
-        def on_bytes(done: int, total: int) -> None:
+        def on_bytes(name: str, done: int, total: int) -> None:
             if not writing:
                 writing.append(bars.enter_context(byte_progress()))
-            writing[0]("transformer (fp8)", done, total)
+            writing[0](f"{name} (fp8)", done, total)
 
-        graph = quantize_transformer(
+        quantize_transformer(
             source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data,
             calibration_file=calibration_file, sequential=sequential, log=console.print,
-            calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes,
+            calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes, components=names,
         )  # fmt: skip
-    console.print(graph.notes[0])
-    if not _print_check([check_graph(out / graph.file, graph)]):
-        raise FluxExportError(f"{out / graph.file} fails the TensorRT check (see the table above)")
-    click.echo(str(out / graph.file))
+    graphs = [open_export(out).fp8[name] for name in names]
+    for graph in graphs:
+        console.print(f"{graph.file}: {graph.notes[0]}")
+    reports = [check_graph(out / graph.file, graph) for graph in graphs]
+    if not _print_check(reports):
+        failed = next(report.path for report in reports if not report.ok)
+        raise FluxExportError(f"{failed} fails the TensorRT check (see the table above)")
+    for graph in graphs:
+        click.echo(str(out / graph.file))
 
 
 def _range(value: str, option: str) -> tuple[int, int, int]:

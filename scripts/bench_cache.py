@@ -45,8 +45,7 @@ def main() -> None:
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS
     from fluxexport.runtime.magcache import write_ratios
-    from fluxexport.runtime.pipeline import calibrate_mag_ratios
-    from fluxexport.runtime.pipeline import GenerationRequest, generate
+    from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios, generate
     from fluxexport.specs import COMPONENTS, TRANSFORMER_PARTS
 
     with tempfile.TemporaryDirectory() as folder:

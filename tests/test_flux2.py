@@ -231,3 +231,27 @@ def test_onnx_runtime_images_match_pytorch(request_kwargs, flux2_sources, flux2_
     ours = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
     theirs = generate(_torch(source), source, request).images
     assert psnr(ours, theirs) >= 40
+
+
+def test_tensorrt_engines_equal_onnx_runtime(flux2_sources, flux2_export, tmp_path, reference_image):
+    """Engines built by `build`'s own code (profiles from the FLUX.2 specs, two resolution buckets) over the
+    stand-in TensorRT give ONNX Runtime's images, with and without a reference image."""
+    from helpers import build_folder, standin_tensorrt
+    from standin_tensorrt import HostDevice
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.tensorrt.backend import TensorRTBackend
+
+    source = flux2_sources["tiny-klein"]
+    engines = build_folder(source, flux2_export, tmp_path / "engines", resolution_buckets=2)
+    assert {path.name.split("_fp32")[0] for path in engines.glob("*.plan")} == set(source.components)
+    requests = [
+        GenerationRequest("a cat", height=128, width=192, num_inference_steps=2),
+        GenerationRequest("a cat", image=reference_image, height=256, width=256, num_inference_steps=2),
+    ]
+    with standin_tensorrt() as trt:
+        backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+        for request in requests:
+            ours = generate(backend, source, request).images
+            theirs = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
+            assert np.array_equal(ours, theirs)

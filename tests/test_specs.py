@@ -15,7 +15,12 @@ def test_contract_matches_the_architecture_table(tmp_path):
     assert tuple(specs) == COMPONENTS + TRANSFORMER_PARTS  # the five, then the transformer in parts (first-block)
     assert dims(specs["transformer_head"], "outputs") == {
         name: ("compute", ("B", axis, 3072))
-        for name, axis in (("first_block_residual", "N"), ("image_hidden", "N"), ("text_hidden", "L"))
+        for name, axis in (
+            ("first_block_residual", "N"),
+            ("image_hidden", "N"),
+            ("text_hidden", "L"),
+            ("image_embedded", "N"),
+        )
     } | {"temb": ("compute", ("B", 3072))}
     assert dims(specs["transformer_tail"], "outputs") == {"tail_hidden": ("compute", ("B", "N", 3072))}
     assert dims(specs["transformer_out"], "outputs") == {"latent": ("compute", ("B", "N", 64))}

@@ -60,5 +60,23 @@ def test_write_refuses_a_non_empty_folder(tmp_path):
 def test_unknown_variant(tmp_path):
     with pytest.raises(FluxExportError) as error:
         write_tiny("tiny-pro", tmp_path / "x")
-    assert str(error.value) == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-klein, tiny-klein-base"
+    assert (
+        str(error.value)
+        == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-klein, tiny-klein-base"
+    )
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cached_tiny_model_of_an_older_revision_is_written_again(tmp_path, monkeypatch):
+    import json
+
+    from fluxexport.models.tiny import TINY_MARKER, TINY_REVISION, materialise_tiny
+
+    monkeypatch.setenv("FLUXEXPORT_CACHE", str(tmp_path))
+    folder = materialise_tiny("tiny-schnell")
+    marker = json.loads((folder / TINY_MARKER).read_text())
+    (folder / TINY_MARKER).write_text(json.dumps(marker | {"revision": TINY_REVISION - 1}))
+    (folder / "stale.txt").write_text("from the older revision")
+    assert materialise_tiny("tiny-schnell") == folder
+    assert json.loads((folder / TINY_MARKER).read_text())["revision"] == TINY_REVISION
+    assert not (folder / "stale.txt").exists() and not list(folder.parent.glob(".tiny-schnell.*"))

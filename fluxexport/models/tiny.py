@@ -17,6 +17,8 @@ from fluxexport.errors import FluxExportError
 SEED = 0
 DEFAULT_SIZE = 256
 TINY_MARKER = "fluxexport_tiny.json"  # in a tiny model's folder: which variant, its default size
+# Bumped whenever a tiny variant's definition changes: a cached folder of another revision is written again.
+TINY_REVISION = 2
 
 
 def cache_dir() -> Path:
@@ -273,22 +275,35 @@ def write_tiny(name: str, out: Path) -> Path:
     variant = tiny_variant(name)
     with atomic_folder(out) as staging:
         build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)
-        marker = {"variant": variant.name, "default_size": DEFAULT_SIZE, "seed": SEED}
+        marker = {"variant": variant.name, "default_size": DEFAULT_SIZE, "seed": SEED, "revision": TINY_REVISION}
         if variant.is_flux2:
             marker["text_encoder_layers"] = list(TINY_FLUX2_SHAPE.text_out_layers)
         (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return Path(out)
 
 
+def is_current(folder: Path) -> bool:
+    """Whether `folder` holds a tiny model written by this revision of the tiny definitions."""
+    marker = folder / TINY_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("revision") == TINY_REVISION
+
+
 def materialise_tiny(name: str) -> Path:
-    """The cached folder of a tiny variant, written on first use."""
+    """The cached folder of a tiny variant, written on first use (and again when its definition changed)."""
+    import shutil
+
     folder = cache_dir() / "tiny" / name
-    if not (folder / TINY_MARKER).is_file():
-        try:
-            write_tiny(name, folder)
-        except FluxExportError:
-            if not (folder / TINY_MARKER).is_file():  # another process may have won the race
-                raise
+    if is_current(folder):
+        return folder
+    if folder.exists():  # an older revision: moved aside, then removed, so that no reader sees half of it
+        stale = folder.with_name(f".{name}.stale.{os.getpid()}")
+        os.replace(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        write_tiny(name, folder)
+    except FluxExportError:
+        if not is_current(folder):  # another process may have won the race
+            raise
     return folder
 
 

@@ -210,4 +210,4 @@ def generate(
     images = decode(backend, latents, h, w)
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    return GenerationResult(images, resolved, timings, warnings, None, "none")
+    return GenerationResult(images, resolved, timings, warnings, resolved.steps, "none")
