@@ -255,3 +255,84 @@ def test_tensorrt_engines_equal_onnx_runtime(flux2_sources, flux2_export, tmp_pa
             ours = generate(backend, source, request).images
             theirs = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
             assert np.array_equal(ours, theirs)
+
+
+# --- LoRAs -------------------------------------------------------------------------------------------------------
+
+
+def _flux2_lora(path, source, alpha: float | None = None):
+    """A random PEFT-named LoRA (rank 4) on every Linear of tiny-klein's blocks; with `alpha`, saved with the PEFT
+    metadata diffusers writes (`lora_alpha`), so that its scale is alpha / rank."""
+    from safetensors.torch import load_file, save_file
+
+    from fluxexport.models.loaders import load_transformer
+    from fluxexport.models.tiny import write_random_lora
+
+    write_random_lora(path, load_transformer(source), rank=4, relative=0.3)
+    if alpha is not None:
+        state = load_file(str(path))
+        targets = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in state})
+        config = {"transformer.r": 4, "transformer.lora_alpha": alpha, "transformer.target_modules": targets}
+        save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})  # as diffusers saves it
+    return path
+
+
+def test_loras_merge_as_diffusers_fuse_lora(flux2_sources, flux2_pipelines, tmp_path):
+    """PEFT-format LoRAs, with and without the metadata's alpha (scale alpha/rank), at a user scale: our PyTorch
+    image equals diffusers' Flux2KleinPipeline after load_lora_weights + fuse_lora, bit for bit."""
+    from diffusers import Flux2KleinPipeline
+
+    from fluxexport.models.lora import parse_lora
+
+    source = flux2_sources["tiny-klein"]
+    for alpha, scale in ((None, 0.8), (2.0, 1.0)):
+        path = _flux2_lora(tmp_path / f"lora_{alpha}.safetensors", source, alpha)
+        pipeline = Flux2KleinPipeline.from_pretrained(source.root)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.load_lora_weights(str(path))
+        pipeline.fuse_lora(lora_scale=scale)
+        pipeline.unload_lora_weights()
+        theirs = diffusers_flux2(pipeline, "a cat", 2, height=128, width=128, num_inference_steps=2)
+        merged = source.with_loras([parse_lora(f"{path}:{scale}")])
+        from fluxexport.pytorch.backend import TorchBackend
+
+        request = GenerationRequest("a cat", height=128, width=128, num_inference_steps=2, seed=2)
+        ours = generate(TorchBackend(merged, device="cpu"), merged, request).images
+        assert np.array_equal(ours, theirs), alpha
+        assert not np.array_equal(ours, generate(_torch(source), source, request).images)
+
+
+def test_a_flux2_lora_on_a_flux1_model_is_refused(flux2_sources, sources, tmp_path):
+    from fluxexport.models.lora import parse_lora
+
+    path = _flux2_lora(tmp_path / "klein.safetensors", flux2_sources["tiny-klein"])
+    with pytest.raises(FluxExportError, match=r"^a LoRA adapts transformer layer .*: it was made for another model$"):
+        sources["tiny-dev"].with_loras([parse_lora(str(path))]).lora_set.check(
+            "transformer", {name: p.shape for name, p in _tiny_dev_transformer(sources).named_parameters()}
+        )
+
+
+def _tiny_dev_transformer(sources):
+    from fluxexport.models.loaders import load_transformer
+
+    return load_transformer(sources["tiny-dev"])
+
+
+def test_loras_swap_into_the_flux2_graphs_in_onnxruntime(flux2_sources, flux2_export, tmp_path):
+    """A FLUX.2 LoRA on the base graphs (initializers replaced when the session is created) gives the image of
+    PyTorch with the LoRA merged."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.pytorch.backend import TorchBackend
+
+    source = flux2_sources["tiny-klein"]
+    path = _flux2_lora(tmp_path / "klein.safetensors", source, alpha=8.0)
+    merged = source.with_loras([parse_lora(f"{path}:0.7")])
+    request = GenerationRequest("a cat", height=128, width=192, num_inference_steps=2, seed=4)
+    with OnnxRuntimeBackend(merged, flux2_export) as backend:
+        assert backend.swapped is not None and set(backend.swapped.layers) == {"transformer"}
+        swapped = generate(backend, merged, request).images
+    reference = generate(TorchBackend(merged, device="cpu"), merged, request).images
+    base = generate(_torch(source), source, request).images
+    # ONNX Runtime against PyTorch on the same weights (~85 dB), far closer than to the image without the LoRA
+    assert psnr(swapped, reference) >= 70 > psnr(swapped, base) + 10

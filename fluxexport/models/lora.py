@@ -1,7 +1,9 @@
-"""LoRAs for FLUX.1, read in every format people publish, merged into the weights as they are read.
+"""LoRAs for FLUX.1 and FLUX.2, read in every format people publish, merged into the weights as they are read.
 
 Formats are converted by diffusers' own `FluxPipeline.lora_state_dict` (diffusers/PEFT `lora_A`/`lora_B`,
-kohya `lora_unet_…`/`lora_te1_…` with `.alpha`, black-forest-labs/XLabs `…processor…`): no key tables here.
+kohya `lora_unet_…`/`lora_te1_…` with `.alpha`, black-forest-labs/XLabs `…processor…`) and, for FLUX.2,
+`Flux2KleinPipeline.lora_state_dict` (diffusers/PEFT with the `lora_alpha` of its metadata, kohya, ai-toolkit's
+`diffusion_model.…`): no key tables here. FLUX.2 LoRAs adapt the transformer only.
 The merged weight is exactly what diffusers' `fuse_lora(lora_scale=s)` computes: W + s · (alpha / rank) · B·A
 in float32 (alpha = rank, i.e. 1, when the file has no alphas; kohya's are already folded in by the
 conversion), then cast to the checkpoint's dtype. Safetensors only.
@@ -63,10 +65,41 @@ class LoraLayer:
     factor: float  # user scale · alpha / rank
 
 
-def _converted(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _converted_flux2(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """FLUX.2: diffusers' conversion, and each layer's alpha from the PEFT metadata diffusers saves with it
+    (`lora_alpha`, `alpha_pattern`); kohya's and ai-toolkit's conversions fold their alphas in."""
+    import re
+
+    from diffusers import Flux2KleinPipeline
+    from safetensors import SafetensorError
+
+    try:
+        state, metadata = Flux2KleinPipeline.lora_state_dict(str(lora.path), return_lora_metadata=True)
+    except (SafetensorError, OSError) as error:
+        raise FluxExportError(f"cannot read LoRA {lora.path}: {error}") from None
+    except (KeyError, ValueError, IndexError) as error:
+        raise FluxExportError(f"{lora.path} is not a FLUX.2 LoRA diffusers can convert ({error})") from None
+    alphas: dict[str, float] = {}
+    metadata = {key.removeprefix("transformer."): value for key, value in (metadata or {}).items()}
+    if metadata.get("lora_alpha") is not None:
+        patterns = metadata.get("alpha_pattern") or {}
+        for key in state:
+            if key.endswith(".lora_A.weight"):
+                base = key.removesuffix(".lora_A.weight")
+                name = base.removeprefix("transformer.")
+                alpha = next((a for pattern, a in patterns.items() if re.search(rf"(^|\.){re.escape(pattern)}$", name)),
+                             metadata["lora_alpha"])  # fmt: skip
+                alphas[f"{base}.alpha"] = float(alpha)
+    return state, alphas
+
+
+def _converted(lora: LoraFile, family: str = "flux1") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """diffusers' conversion of the file to its own naming, and the per-module alphas it keeps (if any)."""
     from diffusers import FluxPipeline
     from safetensors import SafetensorError
+
+    if family == "flux2":
+        return _converted_flux2(lora)
 
     try:
         state, alphas = FluxPipeline.lora_state_dict(str(lora.path), return_alphas=True)
@@ -88,17 +121,21 @@ def _converted(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, float
     return state, {key: float(value) for key, value in (alphas or {}).items()}
 
 
-def read_lora(lora: LoraFile) -> dict[str, dict[str, LoraLayer]]:
-    """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file."""
-    state, alphas = _converted(lora)
+def read_lora(lora: LoraFile, family: str = "flux1") -> dict[str, dict[str, LoraLayer]]:
+    """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file of a FLUX.1 or
+    FLUX.2 (`family`) model."""
+    state, alphas = _converted(lora, family)
     layers: dict[str, dict[str, LoraLayer]] = {}
     downs = [key for key in state if key.endswith(".lora_A.weight")]
     if not downs:
         first = next(iter(state), "no tensors")
         raise FluxExportError(f"{lora.path} is not a LoRA: no lora_A/lora_down weights (first key: {first})")
+    prefixes = PREFIXES if family == "flux1" else {"transformer.": "transformer"}
     for key in downs:
         base = key.removesuffix(".lora_A.weight")
-        prefix = next((p for p in PREFIXES if base.startswith(p)), None)
+        prefix = next((p for p in prefixes if base.startswith(p)), None)
+        if prefix is None and family == "flux2":
+            raise FluxExportError(f"{lora.path}: {key} does not adapt the transformer (FLUX.2 LoRAs adapt only it)")
         if prefix is None:
             raise FluxExportError(f"{lora.path}: {key} adapts neither the transformer nor CLIP")
         up = state.get(f"{base}.lora_B.weight")
@@ -106,7 +143,7 @@ def read_lora(lora: LoraFile) -> dict[str, dict[str, LoraLayer]]:
             raise FluxExportError(f"{lora.path}: {key} has no lora_B/lora_up partner")
         if any(k.startswith(f"{base}.lora_magnitude_vector") for k in state):
             raise FluxExportError(f"{lora.path}: {base} is a DoRA layer, which cannot be merged as W + B·A")
-        module = PREFIXES[prefix]
+        module = prefixes[prefix]
         name = base.removeprefix(prefix).removeprefix(DROPPED.get(module, ""))
         down = state[key].float()
         alpha = alphas.get(f"{base}.alpha", alphas.get(f"{base.removeprefix(prefix)}.alpha"))
@@ -121,11 +158,11 @@ def read_lora(lora: LoraFile) -> dict[str, dict[str, LoraLayer]]:
 class LoraSet:
     """The LoRAs of a model source, checked against the model's Linears, as per-tensor weight deltas."""
 
-    def __init__(self, loras: Iterable[LoraFile]):
+    def __init__(self, loras: Iterable[LoraFile], family: str = "flux1"):
         self.loras = tuple(loras)
         self.layers: dict[str, dict[str, list[LoraLayer]]] = {}
         for lora in self.loras:
-            for module, layers in read_lora(lora).items():
+            for module, layers in read_lora(lora, family).items():
                 for name, layer in layers.items():
                     self.layers.setdefault(module, {}).setdefault(name, []).append(layer)
 

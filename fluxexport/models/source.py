@@ -42,7 +42,7 @@ class ModelSource:
         """The LoRAs read once (a LoraSet), or None without any."""
         from fluxexport.models.lora import LoraSet
 
-        return LoraSet(self.loras) if self.loras else None
+        return LoraSet(self.loras, self.family.name) if self.loras else None
 
     @property
     def pipeline_class(self) -> str:

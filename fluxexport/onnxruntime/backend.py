@@ -195,7 +195,7 @@ class OnnxRuntimeBackend(LoadedComponents):
         from fluxexport.models.lora import LoraSet
 
         previous = self.swapped
-        self.swapped = LoraSet(loras) if loras else None
+        self.swapped = LoraSet(loras, self.source.family.name) if loras else None
         touched = {"transformer", "clip"} if previous is None else set(previous.layers)
         touched |= set(self.swapped.layers) if self.swapped is not None else set()
         for name in LORA_COMPONENTS:
@@ -231,7 +231,7 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"quantize --transformer-parts --out {self.engines}, or run with --no-fp8"
             )
         if name not in entries:
-            fix = "--transformer-parts (what --cache first-block runs)" if name in TRANSFORMER_PARTS else (
+            fix = "--transformer-parts (what --cache first-block and magcache run)" if name in TRANSFORMER_PARTS else (
                 f"--components {name}"
             )  # fmt: skip
             raise FluxExportError(
