@@ -117,8 +117,11 @@ optimized_option = click.option(
 
 cache_option = click.option(
     "--cache", "cache_text", metavar="NAME[:key=value,…]",
-    help="Step cache: none (default) or taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
-    "TaylorSeerCacheConfig lite mode); skipped steps never run the transformer.",
+    help="Step cache: none (default), taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
+    "TaylorSeerCacheConfig lite mode), first-block (threshold=0.05) or magcache (threshold=0.06, max_skip_steps=3, "
+    "retention_ratio=0.2, ratios=FILE|flux-dev: diffusers' MagCacheConfig; FILE from calibrate-magcache); "
+    "first-block and magcache need the transformer in parts (export --transformer-parts); skipped steps never run "
+    "the transformer's blocks.",
 )  # fmt: skip
 
 
@@ -224,6 +227,75 @@ def run(
     console.print(result.cache_summary)
     for path in paths:
         click.echo(str(path))
+
+
+def _check_out_file(out: Path) -> None:
+    """Refuse an --out file that cannot be written, before anything runs."""
+    parent = out.parent
+    if out.is_dir():
+        raise FluxExportError(f"cannot write {out}: it is a folder (--out)")
+    if not parent.exists():
+        raise FluxExportError(f"folder {parent} does not exist: create it or choose another --out")
+    if not parent.is_dir():
+        raise FluxExportError(f"cannot write {out}: {parent} is not a folder (--out)")
+    if not os.access(parent, os.W_OK):
+        raise FluxExportError(f"cannot write to {parent}: permission denied (--out)")
+
+
+@main.command("calibrate-magcache")
+@model_options
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Text to calibrate on; repeatable (all prompts run as one batch).")  # fmt: skip
+@click.option("--steps", type=int, default=28, show_default=True, help="Denoising steps: one ratio each.")
+@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--guidance", type=float, help="Embedded guidance scale (FLUX.1 dev, Kontext; default 3.5).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@click.option("--engines", type=click.Path(path_type=Path),
+              help="Graphs or engines holding the transformer in parts (export --transformer-parts).")  # fmt: skip
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
+@click.option("--device", help="torch device (default: cuda if available, else cpu).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="JSON file to write, for --cache magcache:ratios=FILE.")  # fmt: skip
+def calibrate_magcache(
+    model, base_model, prompts, steps, height, width, guidance, seed, backend, engines, dtype, device, out
+) -> None:  # fmt: skip
+    """Measure MagCache's magnitude ratios (one per step, every step computed) for --cache magcache:ratios=FILE,
+    as diffusers' MagCacheConfig(calibrate=True) does (FLUX.1)."""
+    from fluxexport.backend_factory import create_backend
+    from fluxexport.runtime.magcache import write_ratios
+    from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios, resolve_request
+
+    source = _source(model, base_model)
+    if source.is_flux2:
+        raise FluxExportError(f"magcache runs on FLUX.1 models only: {source.name} is a FLUX.2 model (--model)")
+    request = GenerationRequest(
+        list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed
+    )
+    resolved = resolve_request(source, request)  # validate everything before any weight is loaded
+    _check_out_file(out)
+    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines)
+    _say_transformer(engine)
+    title = f"calibrate magcache {source.name} {resolved.width}×{resolved.height} · batch {resolved.batch}"
+    with step_progress(title, resolved.steps) as advance:
+        ratios = calibrate_mag_ratios(engine, source, request, on_step=advance)
+    try:
+        path = write_ratios(
+            out, ratios, model=source.name, prompts=resolved.prompts, height=resolved.height, width=resolved.width,
+            steps=resolved.steps,
+        )  # fmt: skip
+    except OSError as error:
+        raise FluxExportError(f"cannot write {out}: {error.strerror or error} (--out)") from None
+    per_row = 7  # a short table: seven steps a row
+    rows = [
+        [f"{first + 1}–{min(first + per_row, len(ratios))}",
+         *(f"{ratio:.4f}" for ratio in ratios[first : first + per_row])]
+        for first in range(0, len(ratios), per_row)
+    ]  # fmt: skip
+    columns = ["steps", "ratios", *[""] * (min(per_row, len(ratios)) - 1)]
+    console.print(table(f"magcache ratios ({resolved.steps} steps)", columns, rows))
+    click.echo(str(path))
 
 
 def _components(value: str | None, source=None) -> list[str]:

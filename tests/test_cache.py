@@ -148,7 +148,10 @@ def test_run_reports_the_computed_steps(tmp_path, sources):
     assert "transformer: computed 5 of 12 steps (taylorseer:interval=3,order=1,warmup=2)" in result.output
     refused = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--prompt", PROMPT, "--cache", "teacache"])
     assert refused.exit_code == 1
-    assert refused.output == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer, magcache (--cache)\n"
+    assert (
+        refused.output
+        == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer, magcache (--cache)\n"
+    )
     assert not (tmp_path / "flux.png").exists()
 
 
@@ -198,7 +201,7 @@ def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder,
         )
     assert str(error.value).startswith(f"{exports['tiny-dev']} has no transformer_head graph (it has clip, ")
     assert str(error.value).endswith(
-        f"run fluxexport export --transformer-parts (what --cache first-block runs) --out {exports['tiny-dev']}"
+        f"run fluxexport export --transformer-parts (what --cache first-block and magcache run) --out {exports['tiny-dev']}"
     )
 
 

@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import diffusers_images
 from test_cache import PROMPT, _generate_both
 
+from fluxexport.cli import main
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.cache import CacheSettings, parse_cache
@@ -149,3 +151,58 @@ def test_magcache_equals_diffusers_hook(knobs, steps, batch, ratios_file, calibr
     assert ours.computed_steps == runs < steps
     assert psnr(ours.images, theirs) >= 50
     assert np.array_equal(ours.images, theirs)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def test_calibrate_magcache_command_writes_the_ratios_run_uses(calibrated, sources, tmp_path):
+    """The command's file holds `calibrate_mag_ratios`' ratios of the same request, and `run` skips steps with it."""
+    out = tmp_path / "ratios.json"
+    prompts = [arg for prompt in CALIBRATION_PROMPTS for arg in ("--prompt", prompt)]
+    result = _invoke("calibrate-magcache", "--model", "tiny-dev", "--backend", "torch", *prompts, "--steps",
+                     CALIBRATION_STEPS, "--height", 256, "--width", 256, "--guidance", 3.5, "--seed", 1, "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out)
+    assert f"magcache ratios ({CALIBRATION_STEPS} steps)" in result.output
+    written = json.loads(out.read_text())
+    assert written["ratios"] == calibrated
+    assert {key: written[key] for key in ("model", "prompts", "height", "width", "steps")} == {
+        "model": "tiny-dev", "prompts": CALIBRATION_PROMPTS, "height": 256, "width": 256, "steps": CALIBRATION_STEPS,
+    }  # fmt: skip
+    result = _invoke("run", "--model", "tiny-dev", "--prompt", PROMPT, "--steps", CALIBRATION_STEPS, "--seed", 1,
+                     "--cache", f"magcache:ratios={out}", "--output", tmp_path / "cached.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = " ".join(result.output.split())  # the console wraps long lines
+    computed = int(summary.split("transformer: computed ")[1].split(" of ")[0])
+    assert f"transformer: computed {computed} of {CALIBRATION_STEPS} steps (magcache:threshold=0.06," in summary
+    assert 0 < computed < CALIBRATION_STEPS
+    assert (tmp_path / "cached.png").is_file()
+
+
+def test_calibrate_magcache_refuses_bad_input_in_one_line(sources, tmp_path):
+    def refusal(*args):
+        result = _invoke("calibrate-magcache", "--prompt", "a fox", "--steps", 2, *args)
+        assert result.exit_code != 0
+        return result.output.strip().splitlines()[-1]
+
+    assert refusal("--model", "tiny-klein", "--out", tmp_path / "r.json") == (
+        "Error: magcache runs on FLUX.1 models only: tiny-klein is a FLUX.2 model (--model)"
+    )
+    assert refusal("--model", "tiny-dev") == "Error: Missing option '--out'."
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert refusal("--model", "tiny-dev", "--out", blocker / "r.json") == (
+        f"Error: cannot write {blocker / 'r.json'}: {blocker} is not a folder (--out)"
+    )
+    assert refusal("--model", "tiny-dev", "--out", tmp_path / "no" / "r.json") == (
+        f"Error: folder {tmp_path / 'no'} does not exist: create it or choose another --out"
+    )
+    assert refusal("--model", "tiny-dev", "--out", tmp_path) == (
+        f"Error: cannot write {tmp_path}: it is a folder (--out)"
+    )
+    assert refusal("--model", "tiny-dev", "--height", 250, "--out", tmp_path / "r.json") == (
+        "Error: height 250 is not a multiple of 16: use 240 or 256 (--height)"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]  # nothing written, nothing half-written

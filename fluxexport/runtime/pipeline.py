@@ -169,10 +169,12 @@ def generate(
     return GenerationResult(images, resolved, timings, warnings, state.computed, str(cache))
 
 
-def calibrate_mag_ratios(backend: Backend, source: ModelSource, request: GenerationRequest) -> list[float]:
+def calibrate_mag_ratios(
+    backend: Backend, source: ModelSource, request: GenerationRequest, on_step: StepCallback | None = None
+) -> list[float]:
     """MagCache's magnitude ratios of `request`'s run (every prompt in one batch, every step computed through the
     transformer's parts), as diffusers' calibrate mode measures them on the same request: one per step, to store
     with `magcache.write_ratios`."""
     calibration = MagCalibration()
-    generate(backend, source, request, cache=calibration)
+    generate(backend, source, request, on_step, calibration)
     return calibration.ratios
