@@ -379,6 +379,7 @@ def test_concurrent_load_and_bad_requests(served):
             dict(height=256, width=256, cache="magic"),
             "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache",
         ),
+        (dict(height=256, width=256, cache="magcache:ratios=/etc/hostname"), "NAME.json), got '/etc/hostname'"),
     ]
     for kwargs, message in bad:
         for protocol, target, status in ((http, client, "400"), (grpc, grpc_client, "StatusCode.INVALID_ARGUMENT")):

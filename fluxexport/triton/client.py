@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from fluxexport.triton.config import pipeline_config
+from fluxexport.triton.config import REFERENCE_INPUTS, pipeline_config
 
 # config.pbtxt type → (numpy dtype, the datatype Triton's clients name)
 WIRE = {"TYPE_STRING": (object, "BYTES"), "TYPE_INT32": (np.int32, "INT32"), "TYPE_INT64": (np.int64, "INT64"),
         "TYPE_FP32": (np.float32, "FP32"), "TYPE_UINT8": (np.uint8, "UINT8")}  # fmt: skip
-INPUTS = {tensor.name: tensor for tensor in pipeline_config(kontext=True, instance_kind="KIND_CPU").inputs}
+# every family's inputs, FLUX.1's first (a repository's own config says which of them it takes)
+INPUTS = {
+    tensor.name: tensor
+    for flux2 in (False, True)
+    for tensor in pipeline_config(kontext=True, instance_kind="KIND_CPU", flux2=flux2).inputs
+}
 
 
 def pipeline_inputs(protocol, prompt: str, **values) -> list:
     """InferInputs of `protocol` (`tritonclient.http` or `tritonclient.grpc`) for one flux_pipeline request:
     `prompt` and any of the optional inputs by name (`height=256`, `seed=3`, `lora=["ink"]`,
-    `lora_scale=[0.8]`, `image=uint8 [H,W,3]`); None leaves an input out."""
+    `lora_scale=[0.8]`, `image=uint8 [H,W,3]`, `negative_prompt="blurry"`); None leaves an input out. FLUX.2's
+    several references may come as one list, `image=[first, second]`: they become `image`, `image_2`, …"""
+    values = _numbered_references(values)
     unknown = sorted(set(values) - set(INPUTS))
     if unknown:
         raise ValueError(f"flux_pipeline has no input {unknown[0]!r} (it takes {', '.join(INPUTS)})")
@@ -32,3 +39,14 @@ def pipeline_inputs(protocol, prompt: str, **values) -> list:
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def _numbered_references(values: dict) -> dict:
+    """`image=[a, b, …]` (arrays [H,W,3]) → `image=a, image_2=b, …`; anything else as given."""
+    images = values.get("image")
+    if not (isinstance(images, list | tuple) and images and all(isinstance(i, np.ndarray) for i in images)):
+        return values
+    if len(images) > len(REFERENCE_INPUTS):
+        raise ValueError(f"flux_pipeline takes at most {len(REFERENCE_INPUTS)} reference images, got {len(images)}")
+    named = {key: value for key, value in values.items() if key != "image"}
+    return named | dict(zip(REFERENCE_INPUTS, images, strict=False))

@@ -92,29 +92,58 @@ def component_config(
                        gpus=gpus)  # fmt: skip
 
 
-def pipeline_config(kontext: bool, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = ()) -> ModelConfig:
+MAX_REFERENCE_IMAGES = 10  # FLUX.2 requests: `image`, `image_2` … `image_10` (FLUX.2's announced 10 references)
+REFERENCE_INPUTS = ("image", *(f"image_{number}" for number in range(2, MAX_REFERENCE_IMAGES + 1)))
+
+
+def pipeline_config(
+    kontext: bool, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = (), flux2: bool = False
+) -> ModelConfig:
     """flux_pipeline: prompt in (and optional settings), uint8 images [B,H,W,3] out; with `gpus`, `count`
-    instances per GPU (GPU instances on each, CPU instances `count` × the number of GPUs)."""
-    inputs = [
-        TensorConfig("prompt", "TYPE_STRING", (1,)),
-        TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
+    instances per GPU (GPU instances on each, CPU instances `count` × the number of GPUs). FLUX.1 takes one
+    Kontext reference as `image`; FLUX.2 (`flux2`) a negative prompt and references `image`, `image_2`, …: one
+    input per picture, each uint8 [H,W,3] as Kontext's, so references of different sizes need no padding."""
+    inputs = _flux2_inputs() if flux2 else _flux1_inputs(kontext)
+    outputs = (TensorConfig("images", "TYPE_UINT8", (-1, -1, -1, 3)),)
+    if gpus and instance_kind != "KIND_GPU":
+        count *= len(gpus)
+    return ModelConfig(PIPELINE, inputs, outputs, backend="python", instance_kind=instance_kind,
+                       instance_count=count, gpus=gpus)  # fmt: skip
+
+
+def _settings_inputs() -> list[TensorConfig]:
+    return [
         TensorConfig("height", "TYPE_INT32", (1,), optional=True),
         TensorConfig("width", "TYPE_INT32", (1,), optional=True),
         TensorConfig("num_inference_steps", "TYPE_INT32", (1,), optional=True),
         TensorConfig("guidance_scale", "TYPE_FP32", (1,), optional=True),
         TensorConfig("seed", "TYPE_INT64", (1,), optional=True),
         TensorConfig("num_images", "TYPE_INT32", (1,), optional=True),
+    ]
+
+
+def _flux1_inputs(kontext: bool) -> tuple[TensorConfig, ...]:
+    inputs = [
+        TensorConfig("prompt", "TYPE_STRING", (1,)),
+        TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
+        *_settings_inputs(),
         TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
         TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
         TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
     ]
     if kontext:
         inputs.append(TensorConfig("image", "TYPE_UINT8", (-1, -1, 3), optional=True))
-    outputs = (TensorConfig("images", "TYPE_UINT8", (-1, -1, -1, 3)),)
-    if gpus and instance_kind != "KIND_GPU":
-        count *= len(gpus)
-    return ModelConfig(PIPELINE, tuple(inputs), outputs, backend="python", instance_kind=instance_kind,
-                       instance_count=count, gpus=gpus)  # fmt: skip
+    return tuple(inputs)
+
+
+def _flux2_inputs() -> tuple[TensorConfig, ...]:
+    """FLUX.2 has one text encoder (no prompt_2) and runs without step caches or per-request LoRAs for now."""
+    return (
+        TensorConfig("prompt", "TYPE_STRING", (1,)),
+        TensorConfig("negative_prompt", "TYPE_STRING", (1,), optional=True),  # base models (true CFG) only
+        *_settings_inputs(),
+        *(TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS),
+    )
 
 
 def check_config(text: str, folder_name: str, spec: ComponentSpec | None = None):

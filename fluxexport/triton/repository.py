@@ -22,10 +22,7 @@ from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.onnxruntime.backend import LORA_COMPONENTS
 from fluxexport.specs import TRANSFORMER_PARTS, component_specs, pipeline_components
-from fluxexport.triton.config import check_config, component_config, pipeline_config
-
-_CHECKPOINT_FILES = ("model_index.json", TINY_MARKER, "transformer/config.json", "vae/config.json",
-                     "text_encoder/config.json", "text_encoder_2/config.json", "scheduler/scheduler_config.json")  # fmt: skip
+from fluxexport.triton.config import MAX_REFERENCE_IMAGES, check_config, component_config, pipeline_config
 
 
 def _template(name: str) -> str:
@@ -45,13 +42,14 @@ def _write_config(folder: Path, text: str, spec=None) -> None:
 
 
 def _copy_checkpoint(source: ModelSource, target: Path) -> None:
-    """Configs and tokenizers only: what the pipeline model needs to tokenize, schedule and scale."""
-    for relative in _CHECKPOINT_FILES:
+    """Configs and tokenizers only (the family's own: FLUX.2 has one text encoder and one tokenizer): what the
+    pipeline model needs to tokenize, schedule and scale."""
+    for relative in ("model_index.json", TINY_MARKER, *source.family.config_files.values()):
         path = source.root / relative
         if path.is_file():
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target / relative)
-    for folder in ("tokenizer", "tokenizer_2"):
+    for folder in source.family.tokenizer_folders:
         shutil.copytree(source.root / folder, target / folder)
 
 
@@ -70,6 +68,11 @@ def _lora_names(
     it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
     from fluxexport.models.lora import LoraSet
 
+    if loras and source.is_flux2:
+        raise FluxExportError(
+            f"per-request LoRAs are swapped into FLUX.1 components only; {source.name} is FLUX.2: merge the LoRA "
+            "in with fluxexport export --lora FILE, then write the repository with the same --lora"
+        )
     if loras and kind == "tensorrt":
         raise FluxExportError(
             "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
@@ -164,7 +167,7 @@ def write_repository(
         pipeline.mkdir(parents=True)
         _write_config(
             staging / PIPELINE,
-            pipeline_config(source.is_kontext, instance_kind, pipeline_instances, gpus).to_pbtxt(),
+            pipeline_config(source.is_kontext, instance_kind, pipeline_instances, gpus, source.is_flux2).to_pbtxt(),
         )
         (pipeline / "model.py").write_text(_template("flux_pipeline.py"))
         _copy_checkpoint(source, pipeline / "checkpoint")
@@ -182,17 +185,11 @@ def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str
     engine = (
         "TensorRT plans (`tensorrt_plan`)" if kind == "tensorrt" else "ONNX graphs run by ONNX Runtime (python backend)"
     )
-    kontext = " and `image` (uint8 [H,W,3], the Kontext reference)" if source.is_kontext else ""
+    inputs = _flux2_inputs_text(source) if source.is_flux2 else _flux1_inputs_text(source, loras)
     return f"""# Triton model repository for {source.name}
 
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
-(python backend) takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
-`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, `lora` (BYTES [n], names of the
-LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}), `lora_scale` (FP32 [n] or [1]) and `cache`
-(BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and returns
-`images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime. A request's LoRAs
-are swapped into the transformer and CLIP components (only the weights they touch); a component keeps the
-last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation.
+(python backend) {inputs}
 
 Start a server on it (Triton 2.51+, python backend; the python environment needs `fluxexport`,
 `onnxruntime` and numpy<2):
@@ -203,3 +200,28 @@ Start a server on it (Triton 2.51+, python backend; the python environment needs
 Every config.pbtxt uses `max_batch_size: 0` with an explicit -1 batch dim: the transformer's `img_ids` and
 `txt_ids` have no batch axis.
 """
+
+
+def _flux1_inputs_text(source: ModelSource, loras: list[str]) -> str:
+    kontext = " and `image` (uint8 [H,W,3], the Kontext reference)" if source.is_kontext else ""
+    return f"""takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
+`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, `lora` (BYTES [n], names of the
+LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}), `lora_scale` (FP32 [n] or [1]) and `cache`
+(BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and returns
+`images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime. A request's LoRAs
+are swapped into the transformer and CLIP components (only the weights they touch); a component keeps the
+last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation.
+`magcache` reads `ratios=flux-dev` or a .json file inside this folder, named relative to it
+(`magcache:ratios=flux_pipeline/1/magcache/mine.json`); any other path is refused."""
+
+
+def _flux2_inputs_text(source: ModelSource) -> str:
+    negative = (
+        '`negative_prompt` (BYTES [1], the true-CFG branch; "" by default)'
+        if source.uses_true_cfg
+        else "`negative_prompt` (refused: this distilled model runs without true CFG)"
+    )
+    return f"""takes `prompt` (BYTES [1]) and optional {negative}, `height`,
+`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images` and reference images `image`, `image_2`,
+… `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a size the output takes the last one's),
+and returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's FLUX.2 runtime."""

@@ -1,7 +1,9 @@
-"""Triton python-backend model: text (and a Kontext image) in, uint8 images out (written by fluxexport).
+"""Triton python-backend model: text (and reference images) in, uint8 images out (written by fluxexport).
 
-Tokenization and the runtime are `fluxexport run`'s own; the components are this server's models, called
-through BLS.
+Tokenization and the runtime are `fluxexport run`'s own, for the checkpoint's family (FLUX.1, FLUX.2); the
+components are this server's models, called through BLS. A request never makes the server read a file of its
+choosing: magcache's `ratios` in the `cache` input may only be `flux-dev` or a .json file inside this model
+repository, named relative to it.
 """
 
 import json
@@ -15,9 +17,11 @@ import triton_python_backend_utils as pb_utils
 from fluxexport.artifacts.repository import PipelineSettings
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import load_folder
-from fluxexport.runtime.cache import parse_cache
+from fluxexport.runtime.cache import CacheSettings, parse_cache
+from fluxexport.runtime.magcache import NAMED_RATIOS
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 from fluxexport.triton.bls import BlsBackend
+from fluxexport.triton.config import REFERENCE_INPUTS
 
 
 def _optional(request, name, cast):
@@ -59,8 +63,60 @@ def lora_choice(names: list[str] | None, scales: list[float] | None, placed: dic
     return json.dumps([[name, float(scale)] for name, scale in zip(names, scales, strict=True)])
 
 
+def served_cache(text: str | None, repository: Path) -> CacheSettings:
+    """The `cache` input parsed as `run --cache` is, with magcache's `ratios` checked before anything is read:
+    `flux-dev`, or a .json file inside `repository` named relative to it (passed on as its full path)."""
+    if not text:
+        return parse_cache(text)
+    name, colon, rest = text.strip().partition(":")
+    items = []
+    for item in rest.split(","):
+        key, equals, value = item.partition("=")
+        if equals and key.strip() == "ratios" and value.strip():
+            item = f"ratios={served_ratios(value.strip(), repository)}"
+        items.append(item)
+    return parse_cache(name + colon + ",".join(items))
+
+
+def served_ratios(value: str, repository: Path) -> str:
+    """`value` if it names published ratios, else the path of the repository's file it names; anything outside
+    the repository (absolute, `..`, a symlink out) or not .json is refused in one line, without reading it."""
+    if value in NAMED_RATIOS:
+        return value
+    root = repository.resolve()
+    path = (root / value).resolve()
+    if Path(value).is_absolute() or not path.is_relative_to(root) or path.suffix != ".json":
+        raise FluxExportError(
+            f"cache ratios must be {' or '.join(NAMED_RATIOS)} or a .json file in this model repository, named "
+            f"relative to it (flux_pipeline/1/magcache/NAME.json), got {value!r}"
+        )
+    if not path.is_file():
+        raise FluxExportError(f"cache ratios file {value} is not in this model repository")
+    return str(path)
+
+
+def _reference_images(request) -> list:
+    """The request's reference images, `image` first: each uint8 [H, W, 3], numbered without gaps."""
+    from PIL import Image
+
+    tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in REFERENCE_INPUTS}
+    given = [name for name, tensor in tensors.items() if tensor is not None]
+    expected = list(REFERENCE_INPUTS[: len(given)])
+    if given != expected:
+        missing = next(name for name in expected if name not in given)
+        raise FluxExportError(f"{given[-1]} was given without {missing}: number reference images from image up")
+    images = []
+    for name in given:
+        array = tensors[name].as_numpy()
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise FluxExportError(f"{name} must be uint8 [H, W, 3], got shape {list(array.shape)}")
+        images.append(Image.fromarray(np.ascontiguousarray(array)))
+    return images
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        self.repository = Path(args["model_repository"]).parent  # args name this model's own folder
         folder = Path(args["model_repository"]) / args["model_version"]
         self.settings = PipelineSettings.read(folder)
         self.source = load_folder(folder / "checkpoint", name=self.settings.model)
@@ -69,15 +125,8 @@ class TritonPythonModel:
 
     def _request(self, request) -> GenerationRequest:
         prompt = _optional(request, "prompt", str)
-        image = pb_utils.get_input_tensor_by_name(request, "image")
-        reference = None
-        if image is not None:
-            from PIL import Image
-
-            array = image.as_numpy()
-            if array.ndim != 3 or array.shape[2] != 3:
-                raise FluxExportError(f"image must be uint8 [H, W, 3], got shape {list(array.shape)}")
-            reference = Image.fromarray(np.ascontiguousarray(array))
+        references = _reference_images(request)
+        image = references[0] if len(references) == 1 else references or None  # FLUX.1 Kontext takes one
         return GenerationRequest(
             prompt=prompt if prompt is not None else "",
             prompt_2=_optional(request, "prompt_2", str),
@@ -87,7 +136,8 @@ class TritonPythonModel:
             guidance_scale=_optional(request, "guidance_scale", float),
             seed=_optional(request, "seed", int) or 0,
             num_images_per_prompt=_optional(request, "num_images", int) or 1,
-            image=reference,
+            image=image,
+            negative_prompt=_optional(request, "negative_prompt", str),
         )
 
     def _check_bounds(self, generation: GenerationRequest) -> None:
@@ -109,7 +159,7 @@ class TritonPythonModel:
                 self._check_bounds(generation)
                 loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings.loras)
                 self.backend.parameters = {"loras": loras} if self.settings.loras else {}
-                cache = parse_cache(_optional(request, "cache", str))
+                cache = served_cache(_optional(request, "cache", str), self.repository)
                 images = generate(self.backend, self.source, generation, cache=cache).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
             except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
@@ -122,15 +172,17 @@ class TritonPythonModel:
 
 # The runtime's messages name command-line flags; a client sends inputs of these names instead.
 REQUEST_INPUTS = {"prompt": "prompt", "num-images": "num_images", "steps": "num_inference_steps",
-                  "guidance": "guidance_scale", "image": "image", "max-sequence-length": "max_sequence_length"}  # fmt: skip
+                  "guidance": "guidance_scale", "image": "image", "max-sequence-length": "max_sequence_length",
+                  "negative-prompt": "negative_prompt", "prompt-2": "prompt_2"}  # fmt: skip
 
 
 def in_request_terms(message: str) -> str:
     """A runtime message for a request: ` (--height)`-style pointers dropped, other flags named as the request
     inputs they stand for (`num-images must be …` → `num_images must be …`, `with --prompt` → `in the prompt
-    input`)."""
+    input`, `drop --negative-prompt` → `drop the negative_prompt input`)."""
     message = re.sub(r" \(--[a-z0-9-]+\)", "", message)
     message = re.sub(r"with --([a-z0-9-]+)", lambda m: f"in the {REQUEST_INPUTS.get(m[1], m[1])} input", message)
+    message = re.sub(r"drop --([a-z0-9-]+)", lambda m: f"drop the {REQUEST_INPUTS.get(m[1], m[1])} input", message)
     for flag, name in REQUEST_INPUTS.items():
         message = re.sub(rf"(?<![a-z_-]){flag}(?![a-z0-9_-])", name, message)
     return message

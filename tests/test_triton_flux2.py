@@ -1,0 +1,424 @@
+"""Triton repositories for FLUX.2 [klein]: the four components and a flux_pipeline that takes FLUX.2's request
+(negative prompt, several reference images); its model.py run in-process gives `fluxexport run`'s image, and
+once through a real tritonserver. Also: the `cache` input's magcache ratios never name a file outside the
+repository.
+
+In-process, the repository's model.py files (pipeline and components) run as Triton would run them, with a
+stand-in `triton_python_backend_utils` that carries tensors between them in memory: BLS requests go to the
+component models' own `execute`, and every request is checked against the model's config.pbtxt (names, types,
+ranks, required inputs) as Triton checks it. Everything else is the repository's code on ONNX Runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxexport.compare import psnr
+from fluxexport.errors import FluxExportError
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.specs import component_specs
+from fluxexport.triton.config import REFERENCE_INPUTS, check_config, pipeline_config
+from fluxexport.triton.repository import write_repository
+
+# ---- a stand-in for Triton's python backend: the repository's models in one process ----------------------------
+
+NUMPY_OF = {"TYPE_STRING": np.object_, "TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+            "TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_BOOL": np.bool_}  # fmt: skip
+
+
+class Tensor:
+    def __init__(self, name: str, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def is_cpu(self) -> bool:
+        return True
+
+
+class TritonError:
+    INVALID_ARG = "INVALID_ARG"
+
+    def __init__(self, message: str, code: str | None = None):
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> str | None:
+        return self._code
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None):
+        self.outputs, self._error = {t.name(): t for t in output_tensors}, error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+class InProcessServer:
+    """The repository's models, loaded and initialized as Triton's python backend does (one CPU instance each)."""
+
+    def __init__(self, repository: Path):
+        self.configs, self.models = {}, {}
+        for folder in sorted(path.parent for path in repository.glob("*/config.pbtxt")):
+            self.configs[folder.name] = check_config((folder / "config.pbtxt").read_text(), folder.name)
+            spec = importlib.util.spec_from_file_location(f"triton_model_{folder.name}", folder / "1" / "model.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            model = module.TritonPythonModel()
+            model.initialize({"model_repository": str(folder), "model_version": "1", "model_name": folder.name,
+                              "model_instance_kind": "CPU"})  # fmt: skip
+            self.models[folder.name] = model
+
+    def check(self, model: str, inputs: dict[str, Tensor]) -> None:
+        """Triton's own checks of a request against the model's config: it refuses these before model.py runs."""
+        from tritonclient.grpc import model_config_pb2
+
+        config = {value.name: value for value in self.configs[model].input}
+        unknown = sorted(set(inputs) - set(config))
+        assert not unknown, f"{model} has no input {unknown[0]!r}: Triton would refuse the request"
+        missing = [name for name, value in config.items() if not value.optional and name not in inputs]
+        assert not missing, f"{model} needs {missing}: Triton would refuse the request"
+        for name, tensor in inputs.items():
+            value = config[name]
+            dtype = NUMPY_OF[model_config_pb2.DataType.Name(value.data_type)]
+            array = tensor.as_numpy()
+            assert array.dtype == dtype, (model, name, array.dtype, dtype)
+            assert array.ndim == len(value.dims), (model, name, array.shape, list(value.dims))
+            assert all(d in (-1, n) for d, n in zip(value.dims, array.shape, strict=True)), (model, name)
+
+    def infer(self, model: str, inputs: list[Tensor], parameters: dict | None = None) -> InferenceResponse:
+        named = {tensor.name(): tensor for tensor in inputs}
+        self.check(model, named)
+        return self.models[model].execute([InferenceRequest(model, [], inputs, parameters or {}, server=self)])[0]
+
+
+class InferenceRequest:
+    server: InProcessServer | None = None  # where BLS requests go (the one server of the test)
+
+    def __init__(self, model_name, requested_output_names, inputs, parameters=None, server=None):
+        self.model_name, self.inputs = model_name, {tensor.name(): tensor for tensor in inputs}
+        self._parameters = parameters or {}
+        self._server = server or InferenceRequest.server
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+    def exec(self) -> InferenceResponse:
+        return self._server.infer(self.model_name, list(self.inputs.values()), self._parameters)
+
+
+def standin_pb_utils() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor, module.TritonError, module.InferenceResponse = Tensor, TritonError, InferenceResponse
+    module.InferenceRequest = InferenceRequest
+    module.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
+    return module
+
+
+def pipeline_request(prompt: str, **values) -> list[Tensor]:
+    """flux_pipeline inputs as a client sends them (types from the pipeline config; None leaves one out)."""
+    config = {t.name: t for t in pipeline_config(kontext=True, instance_kind="KIND_CPU", flux2=True).inputs}
+    config |= {t.name: t for t in pipeline_config(kontext=True, instance_kind="KIND_CPU").inputs}
+    tensors = []
+    for name, value in {"prompt": prompt, **values}.items():
+        if value is None:
+            continue
+        dtype = NUMPY_OF[config[name].data_type]
+        array = np.array([value.encode()], dtype=object) if dtype is np.object_ else np.asarray(value, dtype=dtype)
+        tensors.append(Tensor(name, array.reshape(1) if array.ndim == 0 else array))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def pb_utils():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", standin_pb_utils())
+        yield sys.modules["triton_python_backend_utils"]
+
+
+@pytest.fixture(scope="module")
+def template(pb_utils):
+    """The flux_pipeline template as a module (its request helpers, without a repository)."""
+    path = Path(__file__).parents[1] / "fluxexport" / "triton" / "templates" / "flux_pipeline.py"
+    spec = importlib.util.spec_from_file_location("flux_pipeline_template", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- repositories -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def klein_repository(flux2_sources, flux2_export, tmp_path_factory):
+    return write_repository(flux2_sources["tiny-klein"], flux2_export, tmp_path_factory.mktemp("triton") / "klein")
+
+
+@pytest.fixture(scope="module")
+def klein_base(flux2_sources, tmp_path_factory):
+    """tiny-klein-base's own graphs (the same shapes as tiny-klein's, other weights) and its repository."""
+    from fluxexport.export.onnx_export import export_model
+
+    root = tmp_path_factory.mktemp("klein-base")
+    started = time.perf_counter()
+    export_model(flux2_sources["tiny-klein-base"], root / "onnx")
+    print(f"\ntiny-klein-base export: {time.perf_counter() - started:.1f} s")
+    return root / "onnx", write_repository(flux2_sources["tiny-klein-base"], root / "onnx", root / "repository")
+
+
+def parse(folder: Path, spec=None):
+    return check_config((folder / "config.pbtxt").read_text(), folder.name, spec)
+
+
+def test_klein_repository_serves_the_flux2_components(flux2_sources, klein_repository):
+    source = flux2_sources["tiny-klein"]
+    specs = component_specs(source)
+    assert sorted(p.name for p in klein_repository.iterdir() if p.is_dir()) == [
+        "flux_pipeline", "text_encoder", "transformer", "vae_decoder", "vae_encoder"]  # fmt: skip
+    for name in source.components:
+        config = parse(klein_repository / name, specs[name])  # names, dtypes and dims are the spec's
+        assert config.backend == "python" and config.max_batch_size == 0
+        assert (klein_repository / name / "1" / "model.onnx").is_file()
+        for values, tensors in ((config.input, specs[name].inputs), (config.output, specs[name].outputs)):
+            assert [list(v.dims) for v in values] == [
+                [d if isinstance(d, int) else -1 for d in t.dims] for t in tensors
+            ]
+    dims = {t.name: list(t.dims) for t in parse(klein_repository / "transformer").input}
+    assert dims == {"hidden_states": [-1, -1, 128], "encoder_hidden_states": [-1, -1, 96], "timestep": [-1],
+                    "img_ids": [-1, 4], "txt_ids": [-1, 4]}  # fmt: skip
+    assert [list(t.dims) for t in parse(klein_repository / "vae_decoder").input] == [[-1, 128, -1, -1]]
+    assert [t.name for t in parse(klein_repository / "text_encoder").input] == ["input_ids", "attention_mask"]
+
+    pipeline = parse(klein_repository / "flux_pipeline")
+    names = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
+             "num_images", "image", *(f"image_{n}" for n in range(2, 11))]  # fmt: skip
+    assert [t.name for t in pipeline.input] == names and list(REFERENCE_INPUTS) == names[8:]
+    assert [t.optional for t in pipeline.input] == [False] + [True] * (len(names) - 1)
+    assert all(list(t.dims) == [-1, -1, 3] for t in pipeline.input[8:])
+    assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
+
+    checkpoint = klein_repository / "flux_pipeline" / "1" / "checkpoint"
+    assert (checkpoint / "text_encoder" / "config.json").is_file() and (checkpoint / "tokenizer").is_dir()
+    assert not (checkpoint / "tokenizer_2").exists() and not list(checkpoint.rglob("*.safetensors"))
+    settings = json.loads((klein_repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert sorted(settings["components"]) == sorted(source.components) and settings["model"] == "tiny-klein"
+    readme = (klein_repository / "README.md").read_text()
+    assert "`image_2`" in readme and "refused: this distilled model" in readme
+
+
+def test_flux2_repositories_refuse_request_loras(flux2_sources, flux2_export, tmp_path):
+    with pytest.raises(FluxExportError) as refused:
+        write_repository(flux2_sources["tiny-klein"], flux2_export, tmp_path / "r", request_loras=[object()])
+    assert str(refused.value) == (
+        "per-request LoRAs are swapped into FLUX.1 components only; tiny-klein is FLUX.2: merge the LoRA in with "
+        "fluxexport export --lora FILE, then write the repository with the same --lora"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def klein_server(pb_utils, klein_repository):
+    server = InProcessServer(klein_repository)
+    InferenceRequest.server = server
+    yield server
+    InferenceRequest.server = None
+
+
+def test_in_process_pipeline_equals_run(flux2_sources, flux2_export, klein_server, reference_image):
+    """Text only, one reference (the output takes its size), two references of different sizes and a batch: each
+    answer is `run --backend onnxruntime`'s image on the same graphs."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = flux2_sources["tiny-klein"]
+    backend = OnnxRuntimeBackend(source, flux2_export)
+    second = reference_image.rotate(90, expand=True).resize((90, 130))
+    cases = [
+        (dict(height=144, width=272, num_inference_steps=2, seed=3), None),
+        (dict(num_inference_steps=2, seed=1), [reference_image]),
+        (dict(height=128, width=160, num_inference_steps=3, seed=1, guidance_scale=2.5), [reference_image, second]),
+        (dict(height=64, width=96, num_inference_steps=2, seed=5, num_images=2), None),
+    ]
+    for settings, references in cases:
+        images = dict(zip(REFERENCE_INPUTS, map(np.array, references or ()), strict=False))
+        started = time.perf_counter()
+        response = klein_server.infer("flux_pipeline", pipeline_request("a cat on the moon", **settings, **images))
+        served_s = time.perf_counter() - started
+        assert not response.has_error(), response.error().message()
+        served = response.outputs["images"].as_numpy()
+        request = dict(settings, num_images_per_prompt=settings.get("num_images", 1))
+        request.pop("num_images", None)
+        expected = generate(backend, source, GenerationRequest("a cat on the moon", image=references, **request))
+        print(f"\n{len(references or ())} references, {served.shape}: served in-process in {served_s:.2f} s")
+        assert served.shape == expected.images.shape and served.dtype == np.uint8
+        assert np.array_equal(served, expected.images), psnr(served, expected.images)
+    assert served.shape == (2, 64, 96, 3)
+
+
+def test_in_process_refusals_are_one_line_invalid_arguments(klein_server, reference_image):
+    picture = np.array(reference_image)
+    cases = [
+        (dict(negative_prompt="blurry"),
+         "tiny-klein runs without true CFG (a distilled or guidance-embedded model): drop the negative_prompt input"),
+        (dict(image_2=picture), "image_2 was given without image: number reference images from image up"),
+        (dict(image=picture, image_3=picture), "image_3 was given without image_2: number reference images from image up"),
+        (dict(image=np.array(reference_image.resize((300, 40)))),
+         "reference image 1 is 300×40: both sides must be at least 64 px"),
+        (dict(height=250, width=256), "height 250 is not a multiple of 16: use 240 or 256"),
+    ]  # fmt: skip
+    for values, message in cases:
+        response = klein_server.infer("flux_pipeline", pipeline_request("a cat", num_inference_steps=1, **values))
+        assert response.has_error() and response.error().message() == message
+        assert response.error().code() == TritonError.INVALID_ARG and "--" not in message
+
+
+@pytest.mark.slow  # exports tiny-klein-base (its fixture is not one conftest marks)
+def test_negative_prompt_on_the_base_model_equals_run(flux2_sources, klein_base, pb_utils):
+    """tiny-klein-base runs true CFG: the served negative prompt is the unconditional branch `run` draws."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    graphs, repository = klein_base
+    source = flux2_sources["tiny-klein-base"]
+    assert "`negative_prompt` (BYTES [1], the true-CFG branch" in (repository / "README.md").read_text()
+    server = InProcessServer(repository)
+    InferenceRequest.server = server
+    try:
+        backend = OnnxRuntimeBackend(source, graphs)
+        results = {}
+        for negative in (None, "blurry, low quality"):
+            settings = dict(height=64, width=96, num_inference_steps=2, seed=2, guidance_scale=4.0)
+            response = server.infer("flux_pipeline", pipeline_request("a cat", negative_prompt=negative, **settings))
+            assert not response.has_error(), response.error().message()
+            served = response.outputs["images"].as_numpy()
+            expected = generate(backend, source, GenerationRequest("a cat", negative_prompt=negative, **settings))
+            assert np.array_equal(served, expected.images), psnr(served, expected.images)
+            results[negative] = served
+        assert not np.array_equal(results[None], results["blurry, low quality"])
+    finally:
+        InferenceRequest.server = None
+
+
+def test_client_numbers_several_references():
+    import tritonclient.http as http
+
+    from fluxexport.triton.client import pipeline_inputs
+
+    first, second = np.zeros((64, 96, 3), np.uint8), np.ones((80, 64, 3), np.uint8)
+    inputs = pipeline_inputs(http, "a cat", negative_prompt="blurry", image=[first, second], seed=2)
+    assert [(i.name(), i.datatype(), i.shape()) for i in inputs] == [
+        ("prompt", "BYTES", [1]), ("negative_prompt", "BYTES", [1]), ("seed", "INT64", [1]),
+        ("image", "UINT8", [64, 96, 3]), ("image_2", "UINT8", [80, 64, 3])]  # fmt: skip
+    assert [i.name() for i in pipeline_inputs(http, "a fox", image=first)] == ["prompt", "image"]  # Kontext's way
+    with pytest.raises(ValueError, match="^flux_pipeline takes at most 10 reference images, got 11$"):
+        pipeline_inputs(http, "a cat", image=[first] * 11)
+
+
+def test_flux1_pipeline_config_is_unchanged():
+    """FLUX.1 (Kontext or not) keeps its inputs: one `image`, no negative prompt."""
+    names = ["prompt", "prompt_2", "height", "width", "num_inference_steps", "guidance_scale", "seed", "num_images",
+             "lora", "lora_scale", "cache"]  # fmt: skip
+    assert [t.name for t in pipeline_config(False, "KIND_CPU").inputs] == names
+    assert [t.name for t in pipeline_config(True, "KIND_CPU").inputs] == [*names, "image"]
+
+
+# ---- the cache input never names a file outside the repository -------------------------------------------------
+
+
+def test_magcache_ratios_stay_inside_the_repository(template, tmp_path):
+    """A client's `ratios=` reads `flux-dev` or a .json file inside the repository; a path anywhere else (absolute,
+    `..`, a symlink out, not .json) is refused in one line before anything is read, even a valid ratios file."""
+    repository, outside = tmp_path / "repository", tmp_path / "secret"
+    (repository / "flux_pipeline" / "1" / "magcache").mkdir(parents=True)
+    outside.mkdir()
+    ratios = {"ratios": [1.0, 0.98, 0.95, 0.9]}
+    (outside / "ratios.json").write_text(json.dumps(ratios))  # readable and valid: only the place is wrong
+    (repository / "flux_pipeline" / "1" / "magcache" / "mine.json").write_text(json.dumps(ratios))
+    (repository / "flux_pipeline" / "1" / "magcache" / "out.json").symlink_to(outside / "ratios.json")
+    (repository / "notes.txt").write_text(json.dumps(ratios))
+
+    inside = template.served_cache("magcache:ratios=flux_pipeline/1/magcache/mine.json,threshold=0.1", repository)
+    assert inside.mag_ratios == tuple(ratios["ratios"]) and inside.knobs["threshold"] == 0.1
+    assert template.served_cache("magcache: threshold=0.1, ratios=flux-dev", repository).knobs["ratios"] == "flux-dev"
+    assert template.served_cache("taylorseer:interval=3", repository).name == "taylorseer"
+    assert template.served_cache(None, repository).name == "none"
+
+    refused = "cache ratios must be flux-dev or a .json file in this model repository, named relative to it " \
+              "(flux_pipeline/1/magcache/NAME.json), got "  # fmt: skip
+    for value in (str(outside / "ratios.json"), "../secret/ratios.json", "flux_pipeline/1/magcache/out.json",
+                  "notes.txt", "/etc/passwd"):  # fmt: skip
+        with pytest.raises(FluxExportError) as error:
+            template.served_cache(f"magcache:ratios={value}", repository)
+        assert str(error.value) == f"{refused}{value!r}"
+    with pytest.raises(FluxExportError, match="^cache ratios file other.json is not in this model repository$"):
+        template.served_cache("magcache:ratios=other.json", repository)
+    with pytest.raises(FluxExportError, match="^'ratios=' is not key=value"):
+        template.served_cache("magcache:ratios=", repository)
+    message = template.in_request_terms(f"{refused}'/etc/passwd'")
+    assert message == f"{refused}'/etc/passwd'"  # the response's one line, unchanged by the request wording
+
+
+# ---- a real server, once ------------------------------------------------------------------------------------------
+
+
+def _has_tritonserver() -> bool:
+    from fluxexport.triton.server import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except FluxExportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _has_tritonserver(),
+    reason="no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)",
+)
+def test_real_server_serves_klein_with_two_references(flux2_sources, flux2_export, klein_repository, reference_image):
+    """HTTP with two references of different sizes gives `run`'s image; a negative prompt to the distilled
+    model is a 400 in one line."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.triton.client import pipeline_inputs
+    from fluxexport.triton.server import TritonServer
+
+    source = flux2_sources["tiny-klein"]
+    second = reference_image.rotate(90, expand=True).resize((90, 130))
+    started = time.perf_counter()
+    with TritonServer(klein_repository) as server:
+        print(f"\ntiny-klein: tritonserver ready in {time.perf_counter() - started:.1f} s")
+        client = http.InferenceServerClient(server.http_url)
+        inputs = pipeline_inputs(http, "a cat", height=128, width=160, num_inference_steps=3, seed=1,
+                                 image=[np.array(reference_image), np.array(second)])  # fmt: skip
+        started = time.perf_counter()
+        served = client.infer("flux_pipeline", inputs).as_numpy("images")
+        print(f"two references over HTTP: {time.perf_counter() - started:.2f} s")
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("flux_pipeline", pipeline_inputs(http, "a cat", negative_prompt="blurry"))
+        assert str(refused.value.status()) == "400"
+        assert refused.value.message().endswith("drop the negative_prompt input")
+        assert server.process.poll() is None
+    request = GenerationRequest("a cat", image=[reference_image, second], height=128, width=160,
+                                num_inference_steps=3, seed=1)  # fmt: skip
+    expected = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
+    assert served.shape == expected.shape == (1, 128, 160, 3)
+    assert psnr(served, expected) >= 50
