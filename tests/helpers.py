@@ -212,3 +212,15 @@ def build_folder(source, onnx_folder: Path, out: Path, tensorrt: str = "10.13.0.
     with standin_tensorrt(tensorrt):
         build_engines(source, onnx_folder, out, BuildOptions(**options), components, device_gpu=lambda: H100)
     return out
+
+
+def has_tritonserver() -> bool:
+    """Whether a `tritonserver` binary can be found (tests that start a real server skip without one)."""
+    from fluxexport.errors import FluxExportError
+    from fluxexport.triton.server import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except FluxExportError:
+        return False
+    return True

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import build_folder, manifest_json, write_kohya, write_peft
+from helpers import build_folder, has_tritonserver, manifest_json, write_kohya, write_peft
 
 from fluxexport.cli import main
 from fluxexport.compare import psnr
@@ -26,19 +26,8 @@ from fluxexport.triton.client import pipeline_inputs as client_inputs
 from fluxexport.triton.config import check_config
 from fluxexport.triton.repository import write_repository
 
-
-def _has_tritonserver() -> bool:
-    from fluxexport.triton.server import find_tritonserver
-
-    try:
-        find_tritonserver()
-    except FluxExportError:
-        return False
-    return True
-
-
 needs_server = pytest.mark.skipif(
-    not _has_tritonserver(),
+    not has_tritonserver(),
     reason="no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)",
 )
 
@@ -236,7 +225,7 @@ def pipeline_inputs(module, prompt, height=None, width=None, steps=None, seed=No
 def served(request, repositories):
     from fluxexport.triton.server import TritonServer
 
-    if not _has_tritonserver():
+    if not has_tritonserver():
         pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
     server = TritonServer(repositories[request.param])
     started = time.perf_counter()

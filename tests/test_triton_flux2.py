@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import has_tritonserver
 
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
@@ -377,18 +378,8 @@ def test_magcache_ratios_stay_inside_the_repository(template, tmp_path):
 # ---- a real server, once ------------------------------------------------------------------------------------------
 
 
-def _has_tritonserver() -> bool:
-    from fluxexport.triton.server import find_tritonserver
-
-    try:
-        find_tritonserver()
-    except FluxExportError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not _has_tritonserver(),
+    not has_tritonserver(),
     reason="no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)",
 )
 def test_real_server_serves_klein_with_two_references(flux2_sources, flux2_export, klein_repository, reference_image):

@@ -13,7 +13,7 @@ from fluxexport.dtypes import COMPUTE
 from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxexport.specs.core import Axis, ComponentSpec, Dim, ExportBounds, TensorSpec, image_tokens
+from fluxexport.specs.core import Axis, ComponentSpec, Dim, ExportBounds, TensorSpec, image_tokens, vae_specs
 from fluxexport.specs.flux2 import flux2_specs
 
 __all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
@@ -121,48 +121,36 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
 
     latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
     pixel_axis = Axis(*encoder_sides, multiple=scale)
-    return {
-        "clip": ComponentSpec(
-            "clip",
-            inputs=(TensorSpec("input_ids", "int32", ("B", clip_length), (0, int(source.clip["vocab_size"]) - 1)),),
-            outputs=(
-                TensorSpec("text_embeddings", COMPUTE, ("B", clip_length, clip_width)),
-                TensorSpec("pooled_embeddings", COMPUTE, ("B", clip_width)),
+    return (
+        {
+            "clip": ComponentSpec(
+                "clip",
+                inputs=(TensorSpec("input_ids", "int32", ("B", clip_length), (0, int(source.clip["vocab_size"]) - 1)),),
+                outputs=(
+                    TensorSpec("text_embeddings", COMPUTE, ("B", clip_length, clip_width)),
+                    TensorSpec("pooled_embeddings", COMPUTE, ("B", clip_width)),
+                ),
+                axes={"B": batch},
+                export_sizes={"B": 2},
             ),
-            axes={"B": batch},
-            export_sizes={"B": 2},
-        ),
-        "t5": ComponentSpec(
-            "t5",
-            inputs=(TensorSpec("input_ids", "int32", ("B", "L"), (0, int(source.t5["vocab_size"]) - 1)),),
-            outputs=(TensorSpec("text_embeddings", COMPUTE, ("B", "L", t5_width)),),
-            axes={"B": batch, "L": text},
-            export_sizes={"B": 2, "L": 11},
-        ),
-        "transformer": ComponentSpec(
-            "transformer",
-            inputs=tuple(transformer_inputs),
-            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
-            axes={"B": batch, "N": tokens, "L": text},
-            export_sizes={"B": 2, "N": 24, "L": 13},
-        ),
-        "vae_decoder": ComponentSpec(
-            "vae_decoder",
-            inputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w"), (-3.0, 3.0)),),
-            outputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
-            axes={"B": batch, "h": latent_axis, "w": latent_axis},
-            export_sizes={"B": 2, "h": 6, "w": 10},
-            derived={"H": ("h", scale), "W": ("w", scale)},
-        ),
-        "vae_encoder": ComponentSpec(
-            "vae_encoder",
-            inputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
-            outputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w")),),
-            axes={"B": batch, "H": pixel_axis, "W": pixel_axis},
-            export_sizes={"B": 2, "H": 48, "W": 80},
-            derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
-        ),
-    } | parts
+            "t5": ComponentSpec(
+                "t5",
+                inputs=(TensorSpec("input_ids", "int32", ("B", "L"), (0, int(source.t5["vocab_size"]) - 1)),),
+                outputs=(TensorSpec("text_embeddings", COMPUTE, ("B", "L", t5_width)),),
+                axes={"B": batch, "L": text},
+                export_sizes={"B": 2, "L": 11},
+            ),
+            "transformer": ComponentSpec(
+                "transformer",
+                inputs=tuple(transformer_inputs),
+                outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
+                axes={"B": batch, "N": tokens, "L": text},
+                export_sizes={"B": 2, "N": 24, "L": 13},
+            ),
+        }
+        | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (6, 10))
+        | parts
+    )
 
 
 def sample_inputs(

@@ -122,3 +122,31 @@ class ExportBounds:
 def image_tokens(side: int) -> int:
     """Packed tokens of a side×side image (16 px per token side: 8× VAE, 2×2 packing; FLUX.1 and FLUX.2 alike)."""
     return (side // 16) ** 2
+
+
+def vae_specs(
+    batch: Axis, channels: int, latent_axis: Axis, pixel_axis: Axis, scale: int, latent_sample: tuple[int, int]
+) -> dict[str, ComponentSpec]:
+    """The VAE decoder and encoder specs of either family: `channels` latent channels at 1/`scale` of the pixels
+    (FLUX.1: 16 at 1/8; FLUX.2: its 128 patchified channels at 1/16); `latent_sample` is the decoder's export
+    sample (h, w)."""
+    from fluxexport.dtypes import COMPUTE
+
+    return {
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w"), (-3.0, 3.0)),),
+            outputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
+            axes={"B": batch, "h": latent_axis, "w": latent_axis},
+            export_sizes={"B": 2, "h": latent_sample[0], "w": latent_sample[1]},
+            derived={"H": ("h", scale), "W": ("w", scale)},
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
+            outputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w")),),
+            axes={"B": batch, "H": pixel_axis, "W": pixel_axis},
+            export_sizes={"B": 2, "H": 48, "W": 80},
+            derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
+        ),
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fluxexport.dtypes import COMPUTE
 from fluxexport.models.source import ModelSource
-from fluxexport.specs.core import Axis, ComponentSpec, ExportBounds, TensorSpec, image_tokens
+from fluxexport.specs.core import Axis, ComponentSpec, ExportBounds, TensorSpec, image_tokens, vae_specs
 
 ROPE_AXES = 4  # (t, h, w, l)
 # Engines serve one reference image of up to ~1 megapixel (the pipeline's cap) beside the target: 64² tokens.
@@ -54,20 +54,4 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
             axes={"B": batch, "N": tokens, "L": text},
             export_sizes={"B": 2, "N": 24, "L": 13},
         ),
-        "vae_decoder": ComponentSpec(
-            "vae_decoder",
-            inputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w"), (-3.0, 3.0)),),
-            outputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
-            axes={"B": batch, "h": latent_axis, "w": latent_axis},
-            export_sizes={"B": 2, "h": 3, "w": 5},
-            derived={"H": ("h", scale), "W": ("w", scale)},
-        ),
-        "vae_encoder": ComponentSpec(
-            "vae_encoder",
-            inputs=(TensorSpec("images", COMPUTE, ("B", 3, "H", "W")),),
-            outputs=(TensorSpec("latent", COMPUTE, ("B", channels, "h", "w")),),
-            axes={"B": batch, "H": pixel_axis, "W": pixel_axis},
-            export_sizes={"B": 2, "H": 48, "W": 80},
-            derived={"h": ("H", 1 / scale), "w": ("W", 1 / scale)},
-        ),
-    }
+    } | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (3, 5))
