@@ -16,6 +16,14 @@ from fluxexport.quantize.fp8 import FP8Linear
 
 # Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
 KEEP_HIGH_PRECISION = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+# FLUX.2 under the same rule (every Linear inside the double and single blocks is quantized, nothing outside):
+# its blocks hold attention, SwiGLU feed-forwards and the single blocks' fused projections; its modulation moved
+# out of the blocks into three shared Linears of the time embedding (conditioning, one row per sample and step,
+# steering every block), which stay with the embedders and the output.
+FLUX2_KEEP_HIGH_PRECISION = (
+    "x_embedder", "context_embedder", "time_guidance_embed", "double_stream_modulation_img",
+    "double_stream_modulation_txt", "single_stream_modulation", "norm_out", "proj_out",
+)  # fmt: skip
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 # A built-in calibration set: varied subjects, styles, lengths and text-in-image, in the spirit of the
@@ -64,6 +72,11 @@ class CalibrationSettings:
     width: int | None = None
     guidance_scale: float | None = None
     seed: int = 0
+
+
+def kept_high_precision(source) -> tuple[str, ...]:
+    """The transformer's modules outside the blocks, which keep the base dtype, for `source`'s family."""
+    return FLUX2_KEEP_HIGH_PRECISION if source.is_flux2 else KEEP_HIGH_PRECISION
 
 
 def quantizable_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
@@ -126,26 +139,84 @@ def calibration_inputs(backend, source, settings: CalibrationSettings):
     return latents, sigmas, transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
 
 
+def flux2_calibration_inputs(backend, source, settings: CalibrationSettings):
+    """FLUX.2's `calibration_inputs`: (noise latents, sigmas, conditional inputs, unconditional inputs or None,
+    guidance scale), from runtime.flux2's own pieces; the base models' negative prompt ("" by default) makes the
+    unconditional branch of true CFG, which calibration sees as the runtime runs it."""
+    from fluxexport.runtime import flux2
+    from fluxexport.runtime.latents import latent_grid
+    from fluxexport.runtime.request import GenerationRequest, resolve_request
+    from fluxexport.runtime.schedule import empirical_mu, flow_match_sigmas
+
+    request = GenerationRequest(
+        list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale, seed=settings.seed,
+    )  # fmt: skip
+    resolved = resolve_request(source, request)
+    length = resolved.max_sequence_length
+    embeddings, _ = flux2.encode_prompts(backend, source, resolved.prompts, length, 1)
+    negative_embeddings = None
+    if resolved.negative_prompts is not None:
+        negative_embeddings, _ = flux2.encode_prompts(backend, source, resolved.negative_prompts, length, 1)
+    h, w = (side // 2 for side in latent_grid(resolved.height, resolved.width, source.vae_scale_factor))
+    channels = 4 * source.latent_channels
+    draws = [flux2.noise(1, channels, h, w, settings.seed + index) for index in range(len(resolved.prompts))]
+    latents = flux2.pack(torch.cat(draws)).to(backend.device)
+    tokens = latents.shape[1]
+    sigmas = flow_match_sigmas(resolved.steps, tokens, source.scheduler, mu=empirical_mu(tokens, resolved.steps))
+    ids = flux2.latent_ids(h, w).to(backend.device)
+    positive, negative = flux2.guided_conditioning(
+        source, embeddings, negative_embeddings, ids, resolved.guidance_scale
+    )
+    return latents, sigmas.to(backend.device), positive, negative, resolved.guidance_scale
+
+
+def trajectories(backend, source, settings: CalibrationSettings) -> tuple[int, Callable]:
+    """(transformer runs per prompt, walk): `walk(transformer, on_step)` runs the family's own Euler loop over
+    every calibration prompt at once. Text is encoded here, before any transformer run."""
+    if source.is_flux2:
+        from fluxexport.runtime import flux2
+
+        latents, sigmas, positive, negative, guidance = flux2_calibration_inputs(backend, source, settings)
+
+        def walk(transformer, on_step):
+            flux2.denoise(transformer, latents, sigmas, positive, negative, guidance, on_step=on_step)
+
+        return (len(sigmas) - 1) * (1 if negative is None else 2), walk
+    from fluxexport.runtime.pipeline import denoise
+
+    latents, sigmas, conditioning = calibration_inputs(backend, source, settings)
+    return len(sigmas) - 1, lambda transformer, on_step: denoise(
+        transformer, latents, sigmas, conditioning, on_step=on_step
+    )
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """amax of each quantizable Linear's input (over every step of every prompt) and of its weight."""
+    """amax of each quantizable Linear's input (over every step of every prompt, both branches of true CFG) and
+    of its weight; `transformer_calls`: the single-sample transformer runs observed (0 when not recorded)."""
 
     input_amax: dict[str, float]
     weight_amax: dict[str, float]
+    transformer_calls: int = 0
 
 
 def calibrate(
-    backend, source, settings: CalibrationSettings, on_progress: Callable[[int, int], None] | None = None
+    backend,
+    source,
+    settings: CalibrationSettings,
+    on_progress: Callable[[int, int], None] | None = None,
+    text_backend=None,
 ) -> Calibration:
     """Walk every calibration prompt along our runtime's denoising trajectory and observe the block Linears.
 
     `backend` is a TorchBackend. All prompts advance together, one step at a time: with a backend that
-    streams blocks (`TorchBackend(stream_blocks=True)`) each block is read once per step and runs every
-    prompt before the next is read; otherwise each prompt runs alone through the loaded transformer. Both
-    see the same inputs, so they give the same scales. `on_progress(done, total)` counts steps, or block
-    passes when blocks stream."""
-    from fluxexport.runtime.pipeline import denoise
-
+    streams blocks (`TorchBackend(stream_blocks=True)`) each block is read once per transformer run and runs
+    every prompt before the next is read; otherwise each prompt runs alone through the loaded transformer. Both
+    see the same inputs, so they give the same scales. FLUX.1 and FLUX.2 each walk their own runtime's loop
+    (`trajectories`); under FLUX.2's true CFG both transformer runs of a step are observed. `on_progress(done,
+    total)` counts steps, or block passes when blocks stream. `text_backend` (default `backend`) encodes the
+    prompts; its text encoders are released before the transformer runs."""
     transformer = backend.module("transformer")
     linears = quantizable_linears(transformer)
     if not linears:
@@ -164,11 +235,12 @@ def calibrate(
     handles = [module.register_forward_pre_hook(observer(name)) for name, module in linears.items()]
     lists = BLOCK_LISTS["transformer"] if backend.stream_blocks else ()
     blocks = [block for name in lists for block in transformer.get_submodule(name)]
-    steps = [0]
+    steps, calls = [0], [0]
     try:
-        latents, sigmas, conditioning = calibration_inputs(backend, source, settings)
-        backend.release("clip", "t5")  # encoded once: their memory goes to the transformer
-        total = (len(sigmas) - 1) * max(len(blocks), 1)
+        text_backend = text_backend or backend
+        runs, walk = trajectories(text_backend, source, settings)
+        text_backend.release(*source.family.text_components)  # encoded once: their memory goes to the transformer
+        total = runs * max(len(blocks), 1)
         if blocks and on_progress:
 
             def block_done(*_):
@@ -179,11 +251,16 @@ def calibrate(
         component = backend.component("transformer")
         if not backend.stream_blocks:
             component = one_sample_at_a_time(component, backend.specs["transformer"])
-        denoise(component, latents, sigmas, conditioning, on_step=None if blocks else on_progress)
+
+        def counted(feeds):
+            calls[0] += feeds["hidden_states"].shape[0]
+            return component(feeds)
+
+        walk(counted, None if blocks else on_progress)
     finally:
         for handle in handles:
             handle.remove()
-    return Calibration(dict(input_amax), weight_amax)
+    return Calibration(dict(input_amax), weight_amax, calls[0])
 
 
 def fake_quantize(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
-from fluxexport.adapters import TransformerAdapter
+from fluxexport.adapters import adapter_for
 from fluxexport.artifacts.files import MANIFEST, now
 from fluxexport.artifacts.folders import FP8_COMPONENTS, fp8_stem, open_export
 from fluxexport.artifacts.records import GraphRecord
@@ -32,12 +32,13 @@ from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
 from fluxexport.pytorch.backend import TorchBackend
+from fluxexport.pytorch.block_streaming import BLOCK_LISTS
 from fluxexport.quantize.calibrate import (
-    KEEP_HIGH_PRECISION,
     Calibration,
     CalibrationSettings,
     calibrate,
     fake_quantize,
+    kept_high_precision,
 )
 from fluxexport.quantize.fp8 import TRANSLATIONS
 from fluxexport.specs import TRANSFORMER_PARTS, ComponentSpec, ExportBounds, component_specs
@@ -48,11 +49,12 @@ MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 
 def fake_quantized_transformer(
     source: ModelSource, amax: dict[str, float], dtype: str = "fp32", weight_amax: dict[str, float] | None = None
-) -> TransformerAdapter:
+) -> torch.nn.Module:
     """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization
-    (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales)."""
+    (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales),
+    behind its family's transformer adapter (float32 RoPE, as exported)."""
     model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax, weight_amax)
-    return TransformerAdapter(model, source.guidance_embeds).eval()
+    return adapter_for(source, "transformer", model).eval()
 
 
 CALIBRATION_FORMAT = "fp8_e4m3_per_tensor"
@@ -120,7 +122,8 @@ def write_calibration(
         "steps": settings.steps,
         "height": settings.height,
         "width": settings.width,
-        "kept_high_precision": list(KEEP_HIGH_PRECISION),
+        "kept_high_precision": list(kept_high_precision(source)),
+        "transformer_calls": calibration.transformer_calls,  # single-sample runs: prompts × steps × CFG branches
         "input_amax": dict(sorted(amax.items())),
         "input_scale": {name: value / E4M3_MAX for name, value in sorted(amax.items())},
         "weight_amax": dict(sorted(calibration.weight_amax.items())),  # float32, from the checkpoint
@@ -149,16 +152,24 @@ def read_calibration(path: Path, source: ModelSource) -> tuple[Calibration, dict
             "(checkpoint fingerprints differ): calibrate again (drop --calibration)"
         )
     floats = lambda values: {name: float(value) for name, value in values.items()}  # noqa: E731
-    return Calibration(floats(record["input_amax"]), floats(record.get("weight_amax", {}))), record
+    calibration = Calibration(
+        floats(record["input_amax"]), floats(record.get("weight_amax", {})), int(record.get("transformer_calls", 0))
+    )
+    return calibration, record
 
 
-CALIBRATION_MODULES = ("transformer", "t5", "clip")
+def calibration_modules(source: ModelSource) -> tuple[str, ...]:
+    """The modules calibration loads: the transformer and the family's text encoders."""
+    module_of = source.family.module_of
+    return ("transformer", *(module_of[name] for name in source.family.text_components))
 
 
-def float32_bytes(source: ModelSource, modules=CALIBRATION_MODULES) -> int:
-    """Bytes of `modules` in float32, from their configs alone (parameters on meta: nothing is read)."""
+def float32_bytes(source: ModelSource, modules: tuple[str, ...] | None = None) -> int:
+    """Bytes of `modules` (default: `calibration_modules`) in float32, from their configs alone (parameters on
+    meta: nothing is read)."""
     from fluxexport.models.meta import module_from_config, parameters_on_meta
 
+    modules = modules or calibration_modules(source)
     with parameters_on_meta():
         models = [module_from_config(source, module) for module in modules]
     return 4 * sum(p.numel() for model in models for p in model.parameters())
@@ -179,8 +190,8 @@ def available_bytes(device: str | None) -> int:
 
 
 def choose_sequential(source: ModelSource, device: str | None = None, headroom: float = 0.8) -> tuple[bool, str]:
-    """Whether calibration must hold one block at a time: when the float32 transformer, T5 and CLIP need more
-    than `headroom` of the free memory. Returns the choice and a line that says why."""
+    """Whether calibration must hold one block at a time: when the float32 transformer and text encoders need
+    more than `headroom` of the free memory. Returns the choice and a line that says why."""
     needed, free = float32_bytes(source), available_bytes(device)
     sizes = f"the float32 model needs {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free"
     if needed > headroom * free:
@@ -196,9 +207,16 @@ def calibrate_transformer(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """Calibrate in float32 (the scales then do not depend on where calibration ran); `sequential` holds one
-    block at a time, read from the checkpoint."""
-    with TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend:
-        return calibrate(backend, source, settings or CalibrationSettings(), on_progress)
+    block at a time, read from the checkpoint. A text encoder whose blocks do not stream (FLUX.2's LM) is held
+    whole while it encodes, then released before the transformer runs."""
+    settings = settings or CalibrationSettings()
+    text_modules = [source.family.module_of[name] for name in source.family.text_components]
+    whole_text = sequential and not all(module in BLOCK_LISTS for module in text_modules)
+    with (
+        TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend,
+        TorchBackend(source, "fp32", device) if whole_text else nullcontext(None) as text_backend,
+    ):
+        return calibrate(backend, source, settings, on_progress, text_backend)
 
 
 def keep_calibration(out_dir: Path, calibration_file: Path) -> Path:
@@ -219,12 +237,18 @@ def fp8_components(out_dir: Path, wanted: Sequence[str] = ()) -> list[str]:
     return ["transformer", *(part for part in TRANSFORMER_PARTS if part in held or part in wanted)]
 
 
-def _check_fp8_components(components: Sequence[str]) -> None:
+def _check_fp8_components(components: Sequence[str], source: ModelSource) -> None:
     if not components:
         raise FluxExportError(f"nothing to quantize: name any of {', '.join(FP8_COMPONENTS)}")
     unknown = [name for name in components if name not in FP8_COMPONENTS]
     if unknown:
         raise FluxExportError(f"quantize makes FP8 graphs of {', '.join(FP8_COMPONENTS)}, not of {unknown[0]}")
+    foreign = [name for name in components if name not in source.family.module_of]
+    if foreign:  # FLUX.2 has no transformer parts (step caches run on FLUX.1 only)
+        raise FluxExportError(
+            f"{source.name} is {source.family.title}, which has no {foreign[0]}: quantize its transformer alone "
+            "(drop --transformer-parts)"
+        )
 
 
 def _export_fp8_graph(
@@ -242,13 +266,14 @@ def _export_fp8_graph(
 
 
 def _fp8_record(
-    spec: ComponentSpec, exported: ExportedComponent, opset: int, base_dtype: str, calibration_path: Path
-) -> GraphRecord:
+    spec: ComponentSpec, exported: ExportedComponent, opset: int, base_dtype: str, calibration_path: Path,
+    kept_layers: Sequence[str],
+) -> GraphRecord:  # fmt: skip
     """The manifest record of an FP8 graph: its quantized layers (those of its blocks), the calibration behind
-    its scales and what stayed in the base dtype."""
+    its scales and what stayed in the base dtype (`kept_layers`)."""
     layers = sum(origin.fp8_scale is not None for origin in (exported.weights or {}).values())
     kept = f"FP8 E4M3 per-tensor Q/DQ on {layers} block Linear layers; kept in {base_dtype}: "
-    exported = replace(exported, notes=(kept + ", ".join(KEEP_HIGH_PRECISION), *exported.notes))
+    exported = replace(exported, notes=(kept + ", ".join(kept_layers), *exported.notes))
     quantization = {"format": "fp8_e4m3", "layers": layers, "calibration": calibration_path.name}
     return replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
 
@@ -278,7 +303,7 @@ def export_quantized(
     check_quantize_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
     names = list(fp8_components(out_dir) if components is None else components)
-    _check_fp8_components(names)
+    _check_fp8_components(names, source)
     amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
     recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
     weight_amax = in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
@@ -288,7 +313,8 @@ def export_quantized(
         exported = _export_fp8_graph(
             source, specs[name], out_dir, (amax, weight_amax), base_dtype, opset, external_data, progress
         )
-        folder.fp8[name] = _fp8_record(specs[name], exported, opset, base_dtype, calibration_path)  # beside the base
+        record = _fp8_record(specs[name], exported, opset, base_dtype, calibration_path, kept_high_precision(source))
+        folder.fp8[name] = record  # beside the base
         folder.write()
     return folder.fp8[names[0]]
 
@@ -323,6 +349,8 @@ def quantize_transformer(
     `log` hears what was decided; `calibration_progress(title)` gives the calibration's progress callback
     (done, total) for the duration of a `with`; `on_bytes(component, done, total)` follows the graphs' writing."""
     check_quantize_options(base_dtype, opset)
+    if components is not None:  # refused before calibration runs
+        _check_fp8_components(components, source)
     settings = settings or CalibrationSettings()
     out_dir = Path(out_dir)
     if calibration_file is not None:

@@ -152,6 +152,21 @@ def conditioning(
     return feeds
 
 
+def guided_conditioning(
+    source: ModelSource,
+    embeddings: torch.Tensor,
+    negative_embeddings: torch.Tensor | None,
+    ids: torch.Tensor,
+    guidance_scale: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(the conditional transformer inputs, the unconditional ones or None): true CFG runs only with a negative
+    prompt and a guidance scale above 1, as diffusers decides."""
+    positive = conditioning(source, embeddings, ids, guidance_scale)
+    if negative_embeddings is None or guidance_scale <= 1:
+        return positive, None
+    return positive, conditioning(source, negative_embeddings, ids, guidance_scale)
+
+
 def decode(backend: Backend, latents: torch.Tensor, h: int, w: int) -> np.ndarray:
     """Packed latents → uint8 images [B,H,W,3] (the decoder graph un-normalises and un-patchifies)."""
     return images_to_uint8(backend.component("vae_decoder")({"latent": unpack(latents, h, w)})["images"])
@@ -195,10 +210,7 @@ def generate(
     latents = pack(noise(batch, 4 * source.latent_channels, h, w, resolved.seed)).to(device)
     mu = empirical_mu(latents.shape[1], resolved.steps)
     sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler, mu=mu).to(device)
-    positive = conditioning(source, embeddings, ids, resolved.guidance_scale)
-    negative = None
-    if negative_embeddings is not None and resolved.guidance_scale > 1:
-        negative = conditioning(source, negative_embeddings, ids, resolved.guidance_scale)
+    positive, negative = guided_conditioning(source, embeddings, negative_embeddings, ids, resolved.guidance_scale)
 
     transformer = backend.component("transformer")  # loaded before the clock starts
     tick = time.perf_counter()
