@@ -144,27 +144,20 @@ def flux2_calibration_inputs(backend, source, settings: CalibrationSettings):
     guidance scale), from runtime.flux2's own pieces; the base models' negative prompt ("" by default) makes the
     unconditional branch of true CFG, which calibration sees as the runtime runs it."""
     from fluxexport.runtime import flux2
-    from fluxexport.runtime.latents import latent_grid
     from fluxexport.runtime.request import GenerationRequest, resolve_request
-    from fluxexport.runtime.schedule import empirical_mu, flow_match_sigmas
 
     request = GenerationRequest(
         list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale, seed=settings.seed,
     )  # fmt: skip
     resolved = resolve_request(source, request)
-    length = resolved.max_sequence_length
-    embeddings, _ = flux2.encode_prompts(backend, source, resolved.prompts, length, 1)
-    negative_embeddings = None
-    if resolved.negative_prompts is not None:
-        negative_embeddings, _ = flux2.encode_prompts(backend, source, resolved.negative_prompts, length, 1)
-    h, w = (side // 2 for side in latent_grid(resolved.height, resolved.width, source.vae_scale_factor))
+    embeddings, negative_embeddings, _ = flux2.encode_request(backend, source, resolved, 1)
+    h, w = flux2.patch_grid(source, resolved)
     channels = 4 * source.latent_channels
     draws = [flux2.noise(1, channels, h, w, settings.seed + index) for index in range(len(resolved.prompts))]
     latents = flux2.pack(torch.cat(draws)).to(backend.device)
-    tokens = latents.shape[1]
-    sigmas = flow_match_sigmas(resolved.steps, tokens, source.scheduler, mu=empirical_mu(tokens, resolved.steps))
-    ids = flux2.latent_ids(h, w).to(backend.device)
+    sigmas = flux2.sigmas_for(source, resolved.steps, latents.shape[1])
+    ids = flux2.grid_ids(h, w).to(backend.device)
     positive, negative = flux2.guided_conditioning(
         source, embeddings, negative_embeddings, ids, resolved.guidance_scale
     )

@@ -20,7 +20,7 @@ from fluxexport.runtime.backend import Backend, Component
 from fluxexport.runtime.cache import CacheSettings, StepCache
 from fluxexport.runtime.images import images_to_uint8
 from fluxexport.runtime.latents import latent_grid
-from fluxexport.runtime.references import prepare_reference, reference_ids
+from fluxexport.runtime.references import grid_ids, prepare_reference, reference_ids
 from fluxexport.runtime.request import (
     GenerationRequest,
     GenerationResult,
@@ -64,19 +64,34 @@ def encode_prompts(
     return embeddings["text_embeddings"].repeat_interleave(repeats, dim=0), warnings
 
 
+def encode_request(
+    backend: Backend, source: ModelSource, resolved: ResolvedRequest, repeats: int
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """(prompt embeddings, negative prompt embeddings or None, warnings) of a request, each repeated `repeats`×."""
+    length = resolved.max_sequence_length
+    embeddings, warnings = encode_prompts(backend, source, resolved.prompts, length, repeats)
+    negative = None
+    if resolved.negative_prompts is not None:
+        negative, _ = encode_prompts(backend, source, resolved.negative_prompts, length, repeats)
+    return embeddings, negative, warnings
+
+
+def patch_grid(source: ModelSource, resolved: ResolvedRequest) -> tuple[int, int]:
+    """(h, w) of the noise's patch grid: 1/16 of the pixels."""
+    h, w = latent_grid(resolved.height, resolved.width, source.vae_scale_factor)
+    return h // 2, w // 2
+
+
+def sigmas_for(source: ModelSource, steps: int, tokens: int) -> torch.Tensor:
+    """The flow-match sigmas of `steps` steps, shifted by FLUX.2's empirical mu for `tokens` noise tokens."""
+    return flow_match_sigmas(steps, tokens, source.scheduler, mu=empirical_mu(tokens, steps))
+
+
 def text_ids(length: int) -> torch.Tensor:
     """RoPE ids [L,4] of text tokens: (0, 0, 0, position)."""
     ids = torch.zeros(length, 4)
     ids[:, 3] = torch.arange(length)
     return ids
-
-
-def latent_ids(h: int, w: int) -> torch.Tensor:
-    """RoPE ids [h·w, 4] of the noise tokens on an h×w patch grid: (0, row, col, 0)."""
-    ids = torch.zeros(h, w, 4)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(-1, 4)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -189,18 +204,15 @@ def generate(
     resolved: ResolvedRequest = resolve_request(source, request)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    repeats, device = resolved.num_images_per_prompt, backend.device
-    embeddings, warnings = encode_prompts(backend, source, resolved.prompts, resolved.max_sequence_length, repeats)
-    negative_embeddings = None
-    if resolved.negative_prompts is not None:
-        negative_embeddings, _ = encode_prompts(
-            backend, source, resolved.negative_prompts, resolved.max_sequence_length, repeats
-        )
+    device = backend.device
+    embeddings, negative_embeddings, warnings = encode_request(
+        backend, source, resolved, resolved.num_images_per_prompt
+    )
     timings["text_encode"] = stage_end(device) - start
 
     batch = resolved.batch
-    h, w = (side // 2 for side in latent_grid(resolved.height, resolved.width, source.vae_scale_factor))
-    ids, reference = latent_ids(h, w).to(device), None
+    h, w = patch_grid(source, resolved)
+    ids, reference = grid_ids(h, w).to(device), None
     if resolved.references:
         tick = time.perf_counter()
         reference, extra_ids = encode_references(backend, source, resolved.references, batch)
@@ -208,8 +220,7 @@ def generate(
         timings["reference_encode"] = stage_end(device) - tick
 
     latents = pack(noise(batch, 4 * source.latent_channels, h, w, resolved.seed)).to(device)
-    mu = empirical_mu(latents.shape[1], resolved.steps)
-    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler, mu=mu).to(device)
+    sigmas = sigmas_for(source, resolved.steps, latents.shape[1]).to(device)
     positive, negative = guided_conditioning(source, embeddings, negative_embeddings, ids, resolved.guidance_scale)
 
     transformer = backend.component("transformer")  # loaded before the clock starts

@@ -38,10 +38,16 @@ def prepare_reference(image: Image.Image, multiple: int = 16) -> torch.Tensor:
     return pil_to_model_input(image)
 
 
-def reference_ids(h: int, w: int, index: int) -> torch.Tensor:
-    """RoPE ids [h·w, 4] of the `index`-th reference's tokens: (t = 10 + 10·index, row, col, 0)."""
+def grid_ids(h: int, w: int, time: int = 0) -> torch.Tensor:
+    """RoPE ids [h·w, 4] of the tokens of an h×w patch grid at RoPE `time`: (time, row, col, 0). The noise
+    tokens sit at time 0."""
     ids = torch.zeros(h, w, 4)
-    ids[..., 0] = REFERENCE_TIME_STEP * (index + 1)
+    ids[..., 0] = time
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
     return ids.reshape(-1, 4)
+
+
+def reference_ids(h: int, w: int, index: int) -> torch.Tensor:
+    """RoPE ids [h·w, 4] of the `index`-th reference's tokens: (t = 10 + 10·index, row, col, 0)."""
+    return grid_ids(h, w, REFERENCE_TIME_STEP * (index + 1))

@@ -13,6 +13,7 @@ from PIL import Image
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.latents import check_image_size
+from fluxexport.runtime.references import reference_size
 from fluxexport.runtime.schedule import check_steps
 
 MIN_REFERENCE_SIDE = 64  # FLUX.2 reference images: diffusers' limits
@@ -98,9 +99,8 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
     references = references if source.is_flux2 else ()
     height, width = request.height, request.width
     if references:  # diffusers: the size of the last reference, floored to the packing multiple
-        floor = 2 * source.vae_scale_factor
-        height = height or _flux2_reference_size(references[-1], floor)[1]
-        width = width or _flux2_reference_size(references[-1], floor)[0]
+        last_width, last_height = reference_size(references[-1], 2 * source.vae_scale_factor)
+        height, width = height or last_height, width or last_width
     height, width = height or source.default_size, width or source.default_size
     check_image_size(height, width, 2 * source.vae_scale_factor)
     steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
@@ -162,12 +162,6 @@ def _negative_prompts(source: ModelSource, negative, count: int) -> list[str] | 
     if len(negatives) != count:
         raise FluxExportError(f"got {count} prompts but {len(negatives)} negative prompts: give one, or one per prompt")
     return negatives
-
-
-def _flux2_reference_size(image: Image.Image, multiple: int) -> tuple[int, int]:
-    from fluxexport.runtime.references import reference_size
-
-    return reference_size(image, multiple)
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int, label: str) -> tuple[torch.Tensor, list[str]]:
