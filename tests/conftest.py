@@ -87,12 +87,12 @@ def _export(export_model, source, folder, **kwargs):
     return folder
 
 
-FLUX2_VARIANTS = ("tiny-klein", "tiny-klein-base")
+FLUX2_VARIANTS = ("tiny-klein", "tiny-klein-base", "tiny-flux2-dev")
 
 
 @pytest.fixture(scope="session")
 def flux2_sources(cache_root):
-    """FLUX.2 [klein] tiny variants: the distilled model and the base model (true CFG)."""
+    """FLUX.2 tiny variants: [klein] distilled, [klein] base (true CFG) and [dev] (Mistral3, guidance embedding)."""
     from fluxexport.models.source import resolve_model
 
     return {name: resolve_model(name) for name in FLUX2_VARIANTS}
@@ -100,11 +100,11 @@ def flux2_sources(cache_root):
 
 @pytest.fixture(scope="session")
 def flux2_pipelines(flux2_sources):
-    from diffusers import Flux2KleinPipeline
+    from diffusers import DiffusionPipeline
 
     pipelines = {}
-    for name, source in flux2_sources.items():
-        pipelines[name] = Flux2KleinPipeline.from_pretrained(source.root)
+    for name, source in flux2_sources.items():  # Flux2KleinPipeline or Flux2Pipeline, as model_index.json says
+        pipelines[name] = DiffusionPipeline.from_pretrained(source.root)
         pipelines[name].set_progress_bar_config(disable=True)
     return pipelines
 
@@ -118,6 +118,15 @@ def flux2_export(flux2_sources, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flux2_dev_export(flux2_sources, tmp_path_factory):
+    """fp32 ONNX exports of tiny-flux2-dev's four components (its Mistral3 text encoder streamed from the legacy
+    checkpoint layout, its transformer with the guidance input)."""
+    from fluxexport.export.onnx_export import export_model
+
+    return _export(export_model, flux2_sources["tiny-flux2-dev"], tmp_path_factory.mktemp("onnx-flux2-dev"))
+
+
+@pytest.fixture(scope="session")
 def ort_backends(sources, exports):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
@@ -126,7 +135,7 @@ def ort_backends(sources, exports):
 
 # Session fixtures that export or quantize (tens of seconds each on 2 cores): a test that needs one, directly or
 # through another fixture, is `slow`, so `pytest -m "not slow"` is the quick loop
-EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export"}
+EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export", "flux2_dev_export"}
 
 
 def pytest_collection_modifyitems(config, items):

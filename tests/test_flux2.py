@@ -1,6 +1,7 @@
-"""FLUX.2 [klein] through the toolchain: the family read from the checkpoint, the PyTorch runtime equal to
-diffusers' Flux2KleinPipeline bit for bit (distilled and base with true CFG, batches, odd sizes, reference images),
-and the exported graphs equal to PyTorch."""
+"""FLUX.2 through the toolchain: the family read from the checkpoint, the PyTorch runtime equal to diffusers'
+Flux2KleinPipeline ([klein] distilled, and base with true CFG) and Flux2Pipeline ([dev]: Mistral3 text encoder,
+system message, guidance embedding) bit for bit (batches, odd sizes, reference images), and the exported graphs
+equal to PyTorch."""
 
 from __future__ import annotations
 
@@ -54,6 +55,54 @@ def test_tiny_klein_is_a_flux2_folder(flux2_sources):
     assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
+def test_tiny_flux2_dev_is_a_flux2_dev_folder(flux2_sources, tmp_path):
+    import shutil
+
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    from fluxexport.models.source import load_folder
+    from fluxexport.models.tiny import TINY_MARKER
+    from fluxexport.runtime.flux2 import conversations, system_message, tokenize_chat
+
+    dev = flux2_sources["tiny-flux2-dev"]
+    assert dev.family is FLUX2 and dev.pipeline_class == "Flux2Pipeline"
+    assert dev.guidance_embeds and not dev.uses_true_cfg and dev.default_steps == 50 and dev.default_guidance == 4.0
+    assert dev.text_encoder["architectures"] == ["Mistral3ForConditionalGeneration"]
+    assert system_message(dev) == SYSTEM_MESSAGE and system_message(flux2_sources["tiny-klein"]) is None
+    (tokenizer,) = dev.tokenizers
+    text = tokenizer.apply_chat_template(conversations(["a [IMG]cat"], SYSTEM_MESSAGE)[0], tokenize=False)
+    assert text == f"<s>[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]a cat[/INST]"
+    feeds, warnings = tokenize_chat(tokenizer, ["a cat", "a dog " * 20], 64, SYSTEM_MESSAGE)
+    assert feeds["input_ids"].shape == (2, 64) and feeds["input_ids"][0, 0] == tokenizer.bos_token_id
+    assert warnings == ["text encoder prompt was truncated to 64 tokens (chat template included)"]
+    # the published model reads Mistral's hidden states 10, 20 and 30; the tiny one its marker's
+    assert dev.text_encoder_layers == (1, 2, 3)
+    shutil.copytree(dev.root, tmp_path / "dev")
+    (tmp_path / "dev" / TINY_MARKER).unlink()
+    assert load_folder(tmp_path / "dev").text_encoder_layers == (10, 20, 30)
+
+
+def test_a_processor_folder_lends_its_chat_template(flux2_sources, tmp_path):
+    """FLUX.2 [dev]'s tokenizer folder is a PixtralProcessor's: the template may sit in its processor files."""
+    import shutil
+
+    from fluxexport.models.source import load_folder
+
+    folder = tmp_path / "dev"
+    shutil.copytree(flux2_sources["tiny-flux2-dev"].root, folder)
+    template = (folder / "tokenizer" / "chat_template.jinja").read_text()
+    (folder / "tokenizer" / "chat_template.jinja").unlink()
+    (folder / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_folder(folder).tokenizers[0].chat_template == template
+    (folder / "tokenizer" / "chat_template.json").unlink()
+    with pytest.raises(FluxExportError) as error:
+        _ = load_folder(folder).tokenizers
+    assert str(error.value) == (
+        f"{folder / 'tokenizer'} has no chat template (FLUX.2 reads prompts through one): re-download the model's "
+        "tokenizer"
+    )
+
+
 def test_incomplete_flux2_folder_names_its_missing_parts(flux2_sources, tmp_path):
     import shutil
 
@@ -94,9 +143,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["tiny-klein", "tiny-klein-base"])
+@pytest.mark.parametrize("variant", ["tiny-klein", "tiny-klein-base", "tiny-flux2-dev"])
 @pytest.mark.parametrize(("prompts", "height", "width", "per_prompt", "seed", "steps"), CASES)
-def test_pytorch_runtime_equals_flux2_klein_pipeline(
+def test_pytorch_runtime_equals_diffusers_flux2_pipelines(
     variant, prompts, height, width, per_prompt, seed, steps, flux2_sources, flux2_pipelines
 ):
     source = flux2_sources[variant]
@@ -113,14 +162,15 @@ def test_pytorch_runtime_equals_flux2_klein_pipeline(
     assert np.array_equal(ours, theirs)  # bit-exact on CPU fp32
 
 
-def test_reference_images_equal_diffusers(flux2_sources, flux2_pipelines, reference_image):
+@pytest.mark.parametrize("variant", ["tiny-klein", "tiny-flux2-dev"])
+def test_reference_images_equal_diffusers(variant, flux2_sources, flux2_pipelines, reference_image):
     """One reference (its size becomes the output's), then two at an explicit size (times 10 and 20)."""
-    source = flux2_sources["tiny-klein"]
+    source = flux2_sources[variant]
     second = reference_image.rotate(90, expand=True).resize((90, 130))
     for references, size in (([reference_image], {}), ([reference_image, second], {"height": 128, "width": 160})):
         request = GenerationRequest("a cat", image=references, seed=1, num_inference_steps=3, **size)
         ours = generate(_torch(source), source, request).images
-        theirs = diffusers_flux2(flux2_pipelines["tiny-klein"], "a cat", 1, image=references, num_inference_steps=3,
+        theirs = diffusers_flux2(flux2_pipelines[variant], "a cat", 1, image=references, num_inference_steps=3,
                                  **size)  # fmt: skip
         assert ours.shape == theirs.shape
         assert np.array_equal(ours, theirs)
@@ -231,6 +281,47 @@ def test_onnx_runtime_images_match_pytorch(request_kwargs, flux2_sources, flux2_
     ours = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
     theirs = generate(_torch(source), source, request).images
     assert psnr(ours, theirs) >= 40
+
+
+def test_flux2_dev_graphs_equal_pytorch(flux2_sources, flux2_dev_export):
+    """FLUX.2 [dev]: the Mistral3 text encoder graph holds only the text layers it reads (no LM head, vision tower
+    or projector) and equals PyTorch on system-message prompts padded to different lengths; the transformer graph
+    takes the guidance; images at a size not used at export are ≥ 40 dB from PyTorch."""
+    import onnx
+
+    from fluxexport.export.check import check_folder
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.flux2 import system_message, tokenize_chat
+
+    source = flux2_sources["tiny-flux2-dev"]
+    reports = check_folder(flux2_dev_export)
+    assert len(reports) == 4 and all(report.ok for report in reports), [report.problems for report in reports]
+    graph = onnx.load(str(flux2_dev_export / "text_encoder.onnx"), load_external_data=False).graph
+    assert sum(node.op_type == "Softmax" for node in graph.node) == 3
+    assert not [i.name for i in graph.initializer if any(part in i.name for part in ("lm_head", "vision", "projector"))]
+    transformer = onnx.load(str(flux2_dev_export / "transformer.onnx"), load_external_data=False).graph
+    assert "guidance" in [tensor.name for tensor in transformer.input]
+
+    ort, reference = OnnxRuntimeBackend(source, flux2_dev_export), _torch(source)
+    feeds, _ = tokenize_chat(source.tokenizers[0], ["a cat on the moon at night", "a dog"], 320, system_message(source))
+    lengths = feeds["attention_mask"].sum(dim=1).tolist()
+    assert lengths[0] > lengths[1]
+    generator = torch.Generator().manual_seed(0)
+    embeddings = reference.component("text_encoder")(feeds)["text_embeddings"]
+    cases = {
+        "text_encoder": feeds,
+        "transformer": {
+            "hidden_states": torch.randn(2, 35, 128, generator=generator), "encoder_hidden_states": embeddings,
+            "timestep": torch.tensor([0.7, 0.7]), "img_ids": torch.rand(35, 4, generator=generator) * 8,
+            "txt_ids": torch.rand(320, 4, generator=generator), "guidance": torch.tensor([4.0, 4.0]),
+        },
+    }  # fmt: skip
+    for name, component_feeds in cases.items():
+        ours, theirs = ort.component(name)(component_feeds), reference.component(name)(component_feeds)
+        for key, value in theirs.items():
+            assert ((ours[key] - value).norm() / value.norm()).item() < 1e-5, (name, key)
+    request = GenerationRequest(["a cat on the moon", "a dog"], height=320, width=192, seed=3, num_inference_steps=3)
+    assert psnr(generate(ort, source, request).images, generate(reference, source, request).images) >= 40
 
 
 def test_tensorrt_engines_equal_onnx_runtime(flux2_sources, flux2_export, tmp_path, reference_image):

@@ -92,6 +92,25 @@ def without_prefix(locations: dict[str, TensorLocation], prefix: str | None) -> 
     return {name.removeprefix(prefix): location for name, location in locations.items()}
 
 
+def library_names(source: ModelSource, module: str, locations: dict[str, TensorLocation]) -> dict[str, TensorLocation]:
+    """FLUX.2's text encoder under the names its transformers module uses: a Mistral3 checkpoint is stored in the
+    legacy layout (`language_model.model.layers.…`, as transformers ≥ 5 still saves it) that transformers' own
+    renamings map to the module's (`model.language_model.layers.…`) when it loads; we apply the same renamings."""
+    if module != "text_encoder":
+        return locations
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    from fluxexport.models.meta import module_from_config, parameters_on_meta
+
+    with parameters_on_meta():
+        model = module_from_config(source, module, for_export=False)
+    renamings = [step for step in get_model_conversion_mapping(model) if isinstance(step, WeightRenaming)]
+    if not renamings:
+        return locations
+    return {apply_renamings(name, renamings): location for name, location in locations.items()}
+
+
 class CheckpointTensors:
     """The tensors of one module of a checkpoint ("clip", "t5", "transformer", "vae"), loaded on demand."""
 
@@ -102,7 +121,8 @@ class CheckpointTensors:
             self.locations = bfl_locations(source.transformer_file)
         else:
             locations = folder_locations(source.root / source.subfolders[module])
-            self.locations = without_prefix(locations, DROPPED_PREFIXES.get(module))
+            locations = without_prefix(locations, DROPPED_PREFIXES.get(module))
+            self.locations = library_names(source, module, locations)
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations

@@ -174,11 +174,27 @@ class ModelSource:
         from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
 
         if self.is_flux2:
-            return (AutoTokenizer.from_pretrained(self.root / "tokenizer"),)
+            tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
+            if tokenizer.chat_template is None:  # a processor folder may keep the template in its own files
+                tokenizer.chat_template = processor_chat_template(self.root / "tokenizer")
+            return (tokenizer,)
         return (
             CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
             T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
         )
+
+
+def processor_chat_template(folder: Path) -> str:
+    """The chat template a processor folder (FLUX.2 [dev]'s PixtralProcessor) keeps beside its tokenizer:
+    `chat_template.jinja`, `chat_template.json` or `processor_config.json`; a one-line refusal if none has one."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json"):
+        if (folder / name).is_file() and "chat_template" in (config := _read_json(folder / name)):
+            return config["chat_template"]
+    raise FluxExportError(
+        f"{folder} has no chat template (FLUX.2 reads prompts through one): re-download the model's tokenizer"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -48,6 +48,8 @@ TINY_VARIANTS: dict[str, TinyVariant] = {
     # FLUX.2 [klein]: the distilled model (4 steps, no CFG) and the base model (true CFG with a negative prompt)
     "tiny-klein": TinyVariant("tiny-klein", False, True, "Flux2KleinPipeline", is_distilled=True),
     "tiny-klein-base": TinyVariant("tiny-klein-base", False, True, "Flux2KleinPipeline"),
+    # FLUX.2 [dev]: guidance-distilled (a guidance embedding, no CFG), a Mistral3 text encoder and a system prompt
+    "tiny-flux2-dev": TinyVariant("tiny-flux2-dev", True, True, "Flux2Pipeline"),
 }
 
 
@@ -103,22 +105,11 @@ class Flux2Shape:
 TINY_FLUX2_SHAPE = Flux2Shape()
 
 
-def build_tiny_flux2_pipeline(variant: TinyVariant, shape: Flux2Shape = TINY_FLUX2_SHAPE):
-    """A random FLUX.2 [klein]-shaped pipeline (Qwen3 text encoder, Flux2 transformer and VAE), seeded per part."""
-    import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+def tiny_qwen3(shape: Flux2Shape, tokenizer):
+    """FLUX.2 [klein]'s text encoder: a random Qwen3 causal LM."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from fluxexport.models.tokenizers import build_qwen_tokenizer
-
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(SEED)
-    text_encoder = Qwen3ForCausalLM(
+    return Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=len(tokenizer),
             hidden_size=shape.text_width,
@@ -132,6 +123,54 @@ def build_tiny_flux2_pipeline(variant: TinyVariant, shape: Flux2Shape = TINY_FLU
             pad_token_id=tokenizer.pad_token_id,
         )
     ).eval()
+
+
+def tiny_mistral3(shape: Flux2Shape, tokenizer):
+    """FLUX.2 [dev]'s text encoder: a random Mistral3 vision-language model (Mistral-Small-3.2's layout: a Mistral
+    text stack with grouped-query attention and an untied LM head, a Pixtral vision tower, a projector)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    specials = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": shape.text_width,
+            "intermediate_size": 2 * shape.text_width, "num_hidden_layers": shape.text_layers,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": shape.text_width // 4,
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 1e9, "sliding_window": None,
+            "tie_word_embeddings": False, **specials,
+        },
+        vision_config={
+            "model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "image_size": 32, "patch_size": 4, "num_channels": 3, "head_dim": 8,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+        **specials,
+    )  # fmt: skip
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def build_tiny_flux2_pipeline(variant: TinyVariant, shape: Flux2Shape = TINY_FLUX2_SHAPE):
+    """A random FLUX.2-shaped pipeline, seeded per part: [klein] (Qwen3 text encoder, no guidance embedding) or
+    [dev] (Mistral3 text encoder, guidance embedding); a Flux2 transformer and VAE."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
+
+    from fluxexport.models.tokenizers import build_mistral_tokenizer, build_qwen_tokenizer
+
+    dev = variant.pipeline_class == "Flux2Pipeline"
+    tokenizer = build_mistral_tokenizer() if dev else build_qwen_tokenizer()
+    torch.manual_seed(SEED)
+    text_encoder = (tiny_mistral3 if dev else tiny_qwen3)(shape, tokenizer)
     torch.manual_seed(SEED + 2)
     transformer = Flux2Transformer2DModel(
         patch_size=1,
@@ -157,14 +196,11 @@ def build_tiny_flux2_pipeline(variant: TinyVariant, shape: Flux2Shape = TINY_FLU
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
-    return Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=variant.is_distilled,
-    )
+    parts = {"scheduler": scheduler, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+             "transformer": transformer}  # fmt: skip
+    if dev:
+        return Flux2Pipeline(**parts)
+    return Flux2KleinPipeline(**parts, is_distilled=variant.is_distilled)
 
 
 def build_tiny_pipeline(name: str, shape: ModelShape = TINY_SHAPE):

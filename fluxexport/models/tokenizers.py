@@ -1,9 +1,10 @@
-"""Real CLIP (BPE), T5 (sentencepiece) and Qwen (byte-level BPE, chat template) tokenizers trained offline on
-a small built-in corpus.
+"""Real CLIP (BPE), T5 (sentencepiece), Qwen and Mistral (byte-level BPE, chat templates) tokenizers trained
+offline on a small built-in corpus.
 
 Tiny models need tokenizers of the real classes, built without the network: a byte-level BPE with CLIP's
-`</w>` word ends, a sentencepiece unigram model with byte fallback for T5, and for FLUX.2 a GPT-2-style
-byte-level BPE with Qwen's special tokens and a chat template that renders as Qwen3's does.
+`</w>` word ends, a sentencepiece unigram model with byte fallback for T5, and for FLUX.2 GPT-2-style
+byte-level BPEs with Qwen's (FLUX.2 [klein]) or Mistral's (FLUX.2 [dev]) special tokens and chat templates that
+render as the published ones do.
 """
 
 from __future__ import annotations
@@ -148,5 +149,50 @@ def build_qwen_tokenizer(num_merges: int = 400, model_max_length: int = 512):
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+# Mistral's first special tokens in their published order ([IMG] 10, <pad> 11, [SYSTEM_PROMPT] 17); the chat
+# template renders FLUX.2 [dev]'s conversations (a system turn, user turns whose content is a list of text and image
+# parts) as Mistral-Small-3.2's template does: <s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST].
+MISTRAL_SPECIALS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+)  # fmt: skip
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set parts = namespace(text='') %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{%- set parts.text = parts.text + part['text'] %}"
+    "{%- elif part['type'] == 'image' %}{%- set parts.text = parts.text + '[IMG]' %}{%- endif %}"
+    "{%- endfor %}{%- set text = parts.text %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- text + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def build_mistral_tokenizer(num_merges: int = 400, model_max_length: int = 512):
+    """A fast byte-level BPE tokenizer (learned here) with Mistral's special tokens and ids and a chat template:
+    the text half of FLUX.2 [dev]'s PixtralProcessor, which hands text-only conversations to its tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = learn_byte_level_merges(training_corpus(), num_merges)
+    pieces = list(MISTRAL_SPECIALS) + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["".join(p) for p in merges]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    model.add_special_tokens(list(MISTRAL_SPECIALS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     tokenizer.model_max_length = model_max_length
     return tokenizer

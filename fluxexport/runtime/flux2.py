@@ -1,7 +1,7 @@
 """FLUX.2's pipeline around any Backend, number for number as diffusers' Flux2KleinPipeline / Flux2Pipeline.
 
-What differs from FLUX.1: one text encoder (a causal LM read at intermediate layers) fed chat-templated prompts
-with an attention mask; noise drawn directly as 2×2-patchified 128-channel latents; 4-axis RoPE ids (t, h, w, l);
+What differs from FLUX.1: one text encoder (a causal LM read at intermediate layers: Qwen3 on [klein], Mistral3
+on [dev]) fed chat-templated prompts (after BFL's system message on [dev]) with an attention mask; noise drawn directly as 2×2-patchified 128-channel latents; 4-axis RoPE ids (t, h, w, l);
 the empirical shift `mu`; true CFG with a negative prompt on base models; reference images as extra tokens at
 RoPE times 10, 20, …. The VAE components take and give the normalised, patchified latents (the batch-norm
 statistics live inside the graphs), so the runtime never reads VAE weights.
@@ -32,6 +32,16 @@ from fluxexport.runtime.request import (
 from fluxexport.runtime.schedule import empirical_mu, euler_step, flow_match_sigmas, model_timestep
 
 
+def system_message(source: ModelSource) -> str | None:
+    """FLUX.2 [dev]'s prompts are read after BFL's system message (diffusers' `Flux2Pipeline` sends it); [klein]'s
+    prompts are user turns alone."""
+    if source.pipeline_class != "Flux2Pipeline":
+        return None
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    return SYSTEM_MESSAGE
+
+
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
     """Each prompt as a user turn of the tokenizer's chat template, with the generation prompt, thinking off."""
     return [
@@ -42,15 +52,42 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
     ]
 
 
-def tokenize_chat(tokenizer, prompts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(input_ids and attention_mask [B,max_length] int32, warnings): padded and truncated as diffusers does."""
-    texts = chat_prompts(tokenizer, prompts)
-    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+def conversations(prompts: list[str], system: str) -> list[list[dict]]:
+    """FLUX.2 [dev]'s conversation per prompt: the system turn, then the prompt as a user turn of text parts (any
+    "[IMG]" in it removed, as diffusers' `format_input` does)."""
+    return [
+        [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]},
+        ]
+        for prompt in prompts
+    ]
+
+
+def tokenize_chat(
+    tokenizer, prompts: list[str], max_length: int, system: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(input_ids and attention_mask [B,max_length] int32, warnings): padded and truncated as diffusers does —
+    [klein] tokenizes the rendered user turns; [dev] (`system` given) tokenizes the system conversations in
+    `apply_chat_template`, as its processor does with text-only messages."""
+    if system is None:
+        texts = chat_prompts(tokenizer, prompts)
+        tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    else:
+        messages = conversations(prompts, system)
+        template = {"add_generation_prompt": False, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+        tokens = tokenizer.apply_chat_template(
+            messages, padding="max_length", truncation=True, max_length=max_length, **template
+        )
+        full = tokenizer.apply_chat_template(messages, padding="longest", **template)["input_ids"]
     warnings = []
-    full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > max_length:
         warnings.append(f"text encoder prompt was truncated to {max_length} tokens (chat template included)")
-    feeds = {"input_ids": tokens.input_ids.to(torch.int32), "attention_mask": tokens.attention_mask.to(torch.int32)}
+    feeds = {
+        "input_ids": tokens["input_ids"].to(torch.int32),
+        "attention_mask": tokens["attention_mask"].to(torch.int32),
+    }
     return feeds, warnings
 
 
@@ -59,7 +96,7 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, list[str]]:
     """Prompt embeddings [B·repeats, L, 3·hidden] (each prompt repeated per image) and any warnings."""
     (tokenizer,) = source.tokenizers
-    feeds, warnings = tokenize_chat(tokenizer, prompts, max_length)
+    feeds, warnings = tokenize_chat(tokenizer, prompts, max_length, system_message(source))
     embeddings = backend.component("text_encoder")({k: v.to(backend.device) for k, v in feeds.items()})
     return embeddings["text_embeddings"].repeat_interleave(repeats, dim=0), warnings
 
