@@ -1,6 +1,6 @@
-"""FP8 Q/DQ for FLUX.2 [klein]: calibration on our FLUX.2 runtime's trajectories (both branches of true CFG), the
-block Linears quantized under FLUX.1's policy, a graph that passes the check, runs in ONNX Runtime close to the
-float32 transformer and makes images close to PyTorch's."""
+"""FP8 Q/DQ for FLUX.2 ([klein]; [dev] in the last test): calibration on our FLUX.2 runtime's trajectories (both
+branches of true CFG), the block Linears quantized under FLUX.1's policy, a graph that passes the check, runs in
+ONNX Runtime close to the float32 transformer and makes images close to PyTorch's."""
 
 from __future__ import annotations
 
@@ -151,3 +151,29 @@ def test_transformer_parts_are_refused_before_calibration(flux2_sources, tmp_pat
         "tiny-klein is FLUX.2, which has no transformer_head: quantize its transformer alone (drop --transformer-parts)"
     )
     assert not (tmp_path / "calibration.json").exists()
+
+
+def test_flux2_dev_fp8_transformer_is_close_to_pytorch(flux2_sources, flux2_dev_export, tmp_path):
+    """FLUX.2 [dev] calibrated one block at a time (its Mistral3 text encoder streamed too): one transformer run per
+    prompt and step (guidance-distilled, no CFG), the Q/DQ graph close to PyTorch fp32 at unseen shapes with the
+    guidance input, and its images close to PyTorch's."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.pytorch.backend import TorchBackend
+
+    source = flux2_sources["tiny-flux2-dev"]
+    folder = tmp_path / "tiny-flux2-dev"
+    shutil.copytree(flux2_dev_export, folder)
+    quantize_transformer(source, folder, SETTINGS, base_dtype="fp32", sequential=True)
+    assert json.loads((folder / "calibration.json").read_text())["transformer_calls"] == 2 * 2
+
+    reference = TorchBackend(source, device="cpu")
+    session = onnxruntime.InferenceSession(str(folder / "transformer.fp8.onnx"))
+    spec = component_specs(source)["transformer"]
+    assert "guidance" in [tensor.name for tensor in spec.inputs]
+    for seed, sizes in enumerate(UNSEEN_SHAPES):
+        feeds = sample_inputs(spec, sizes, seed=seed)
+        ours = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+        assert 1e-5 < rel_l2(ours, reference.component("transformer")(feeds)["latent"]) <= 6e-2, sizes
+    request = GenerationRequest(["a cat on the moon", "a dog"], height=192, width=320, seed=3)
+    ours = generate(OnnxRuntimeBackend(source, folder, fp8=True), source, request).images
+    assert psnr(ours, generate(reference, source, request).images) >= 55

@@ -273,6 +273,29 @@ def test_in_process_pipeline_equals_run(flux2_sources, flux2_export, klein_serve
     assert served.shape == (2, 64, 96, 3)
 
 
+def test_flux2_dev_repository_serves_run_s_images(pb_utils, flux2_sources, flux2_dev_export, tmp_path, reference_image):
+    """FLUX.2 [dev]: the transformer takes the guidance input and the pipeline's guidance scale reaches it; served
+    images equal `run --backend onnxruntime`'s (its system message and Mistral tokenizer in the pipeline model)."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = flux2_sources["tiny-flux2-dev"]
+    repository = write_repository(source, flux2_dev_export, tmp_path / "dev")
+    assert [t.name for t in parse(repository / "transformer").input][-1] == "guidance"
+    server = InProcessServer(repository)
+    InferenceRequest.server = server
+    try:
+        backend = OnnxRuntimeBackend(source, flux2_dev_export)
+        for settings, references in ((dict(height=128, width=96, num_inference_steps=2, seed=2, guidance_scale=2.5),
+                                      None), (dict(num_inference_steps=2, seed=1), [reference_image])):  # fmt: skip
+            images = dict(zip(REFERENCE_INPUTS, map(np.array, references or ()), strict=False))
+            response = server.infer("flux_pipeline", pipeline_request("a cat on the moon", **settings, **images))
+            assert not response.has_error(), response.error().message()
+            expected = generate(backend, source, GenerationRequest("a cat on the moon", image=references, **settings))
+            assert np.array_equal(response.outputs["images"].as_numpy(), expected.images)
+    finally:
+        InferenceRequest.server = None
+
+
 def test_in_process_refusals_are_one_line_invalid_arguments(klein_server, reference_image):
     picture = np.array(reference_image)
     cases = [
