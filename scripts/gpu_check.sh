@@ -2,7 +2,7 @@
 # The TensorRT path as a GPU user runs it, on a GPU host with TensorRT (inside the Dockerfile's image; the
 # Triton step needs a tritonserver with the TensorRT backend, as in Dockerfile.triton's image):
 #   bash scripts/gpu_check.sh [WORKDIR]
-# Per tiny model (FLUX.1 schnell, dev, Kontext; FLUX.2 klein): bf16 graphs + quantize's FP8 transformer; engines in two resolution buckets (bf16 and FP8);
+# Per tiny model (FLUX.1 schnell, dev, Kontext; FLUX.2 klein and dev): bf16 graphs + quantize's FP8 transformer; engines in two resolution buckets (bf16 and FP8);
 # validate; images at alternating sizes in both buckets with CUDA graphs on equal to CUDA graphs off; weight
 # streaming at 50%; --low-vram; torch/TensorRT benchmarks. On tiny-dev: bf16 and FP8 refit against torch with
 # the LoRA merged, `optimize --provider cuda`, and a Triton repository from the engine folder served by a real
@@ -44,9 +44,9 @@ fp8_ok=$(python -c "import torch; print(int(torch.cuda.get_device_capability() >
 precisions="bf16"; [ "$fp8_ok" = 1 ] && precisions="bf16 fp8"
 bounds=(--min-resolution 64 --opt-resolution 256 --max-resolution 1024 --resolution-buckets 2)
 
-for model in tiny-schnell tiny-dev tiny-kontext tiny-klein; do
+for model in tiny-schnell tiny-dev tiny-kontext tiny-klein tiny-flux2-dev; do
   onnx="$work/$model/onnx"
-  flux2=0; [ "$model" = tiny-klein ] && flux2=1  # FLUX.2: no transformer parts, no step caches yet
+  flux2=0; case "$model" in tiny-klein|tiny-flux2-dev) flux2=1 ;; esac  # FLUX.2: no transformer parts, no step caches yet
   parts=(--transformer-parts); [ "$flux2" = 1 ] && parts=()
   step "$model" "export bf16" fluxexport export --model "$model" --dtype bf16 "${parts[@]}" --out "$onnx" || continue
   if [ "$fp8_ok" = 1 ]; then
