@@ -368,17 +368,18 @@ def _flux2_lora(path, source, alpha: float | None = None):
     return path
 
 
-def test_loras_merge_as_diffusers_fuse_lora(flux2_sources, flux2_pipelines, tmp_path):
+@pytest.mark.parametrize("variant", ["tiny-klein", "tiny-flux2-dev"])
+def test_loras_merge_as_diffusers_fuse_lora(variant, flux2_sources, tmp_path):
     """PEFT-format LoRAs, with and without the metadata's alpha (scale alpha/rank), at a user scale: our PyTorch
-    image equals diffusers' Flux2KleinPipeline after load_lora_weights + fuse_lora, bit for bit."""
-    from diffusers import Flux2KleinPipeline
+    image equals diffusers' Flux2KleinPipeline / Flux2Pipeline after load_lora_weights + fuse_lora, bit for bit."""
+    from diffusers import DiffusionPipeline
 
     from fluxexport.models.lora import parse_lora
 
-    source = flux2_sources["tiny-klein"]
+    source = flux2_sources[variant]
     for alpha, scale in ((None, 0.8), (2.0, 1.0)):
         path = _flux2_lora(tmp_path / f"lora_{alpha}.safetensors", source, alpha)
-        pipeline = Flux2KleinPipeline.from_pretrained(source.root)
+        pipeline = DiffusionPipeline.from_pretrained(source.root)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.load_lora_weights(str(path))
         pipeline.fuse_lora(lora_scale=scale)

@@ -36,10 +36,16 @@ class TextEncoderAdapter(nn.Module):
             )
         self.model = model  # the only child, so that parameters keep the checkpoint's names
         cut = copy.copy(stack)  # a shallow copy: the layers are shared, the list is cut
+        cut._modules = dict(stack._modules)  # its own table of children: cutting it leaves `model` whole
         if deepest < len(stack.layers):  # hidden state k < depth is layer k's raw output: no final norm after it
             cut.layers, cut.norm = stack.layers[:deepest], nn.Identity()
         object.__setattr__(self, "_stack", cut)  # not a child: its parameters are the model's
         self.layers = tuple(layers)
+
+    @property
+    def stack(self) -> nn.Module:
+        """The decoder stack this adapter runs: the LM's, cut after the deepest layer read."""
+        return self._stack
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         out = self._stack(

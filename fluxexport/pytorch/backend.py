@@ -21,8 +21,10 @@ class TorchBackend(LoadedComponents):
     """Components as eager PyTorch modules on CPU or CUDA, in fp32, bf16 or fp16.
 
     RoPE stays diffusers' own (float64 on CPU), so that images match diffusers bit for bit. With
-    `stream_blocks`, the transformer's, T5's and CLIP's blocks are read from the checkpoint one at a time as
-    they run (`models/block_streaming.py`): slow, but the model never has to fit in memory."""
+    `stream_blocks`, the transformer's, T5's and CLIP's blocks and FLUX.2's text encoder's decoder layers are
+    read from the checkpoint one at a time as they run, and what the adapters never run (the LM head, a VLM's
+    vision tower, layers past the deepest read) is never read (`pytorch/block_streaming.py`): slow, but the model
+    never has to fit in memory."""
 
     name = "torch"
 

@@ -1,18 +1,28 @@
 """Run a model that does not fit in memory: its blocks are read from the checkpoint one at a time.
 
 `streamed_module` builds the module from its config with parameters on the meta device, loads the small
-rest (embeddings, norms, the output layers: the "shell") and leaves every block of its block lists empty.
-A block reads its weights from the memory-mapped safetensors (`CheckpointTensors`) right before it runs and
-drops them right after, so the model's peak is the shell, one block and the activations.
+rest its adapter runs (embeddings, norms, the output layers: the "shell") and leaves every block of its block
+lists empty. A block reads its weights from the memory-mapped safetensors (`CheckpointTensors`) right before it
+runs and drops them right after, so the model's peak is the shell, one block and the activations.
+
+FLUX.2's text encoder streams its LM's decoder layers. Its adapter runs the decoder stack only up to the deepest
+layer read (`TextEncoderAdapter`), and the shell is what that stack runs: the LM head, a VLM's vision tower and
+projector, the layers past the deepest read and a cut-off final norm are never read and stay on meta. FLUX.2
+[dev]'s Mistral-Small-3.2-24B (48 GB in bf16) then holds its 1.3 GB embedding table and one 1.1 GB layer.
 
 With a batch, `per_sample` runs a FLUX block sample by sample (one block read serves the whole batch, and
 the activations are those of one sample): this is how calibration walks every prompt through block i before
-reading block i + 1, and how a 24 GB host calibrates a 24 GB transformer.
+reading block i + 1, and how a 24 GB host calibrates a 24 GB transformer. The LM's decoder layers run the
+batch whole (their keyword tensors are masks and rotary tables, not FLUX's per-sample streams).
 
-A bf16 checkpoint run in float32 keeps its tensors in bf16 while they are held (the shells, FLUX's blocks)
-and each leaf module's parameters are upcast only while that module runs (`compute_in`): half the memory,
-the same numbers (bf16 → float32 is exact). T5's and CLIP's blocks are loaded in float32 instead: their
-modules read other modules' weight dtypes (T5's feed-forward casts its input to `wo.weight.dtype`).
+A bf16 checkpoint run in float32 keeps its tensors in bf16 while they are held (the shells, FLUX's blocks, the
+LM's decoder layers) and each leaf module's parameters are upcast only while that module runs (`compute_in`):
+half the memory, the same numbers as the whole float32 model, since bf16 → float32 is exact and each of these
+modules reads only its own weights. In Qwen3's and Mistral's layers the RMSNorms normalise in float32 and cast
+back to their input's dtype (float32) before multiplying by their own weight, the rotary tables take the dtype
+of the embeddings (float32: the Embedding's output is cast), and attention and MLP are Linears. T5's and CLIP's
+blocks are loaded in float32 instead: their modules read other modules' weight dtypes (T5's feed-forward casts
+its input to `wo.weight.dtype`).
 """
 
 from __future__ import annotations
@@ -23,20 +33,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from fluxexport.adapters.flux2 import TextEncoderAdapter
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.meta import parameter_aliases, weightless_module
 from fluxexport.models.source import ModelSource
 
-# the ModuleLists whose blocks stream, per module; everything else is the shell, loaded once
+# the ModuleLists whose blocks stream, per module; everything else the module runs is the shell, loaded once.
+# FLUX.2's text encoder streams its LM's decoder layers, found where the LM keeps them (`streamed_parts`)
 BLOCK_LISTS = {
     "transformer": ("transformer_blocks", "single_transformer_blocks"),
     "t5": ("encoder.block",),
     "clip": ("encoder.layers",),
     "vae": (),
 }
-# blocks whose forward takes keyword tensors with a leading batch axis (FLUX's double and single blocks);
-# they also keep the checkpoint's narrower dtype while held (their modules only read their own weights)
-PER_SAMPLE_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# modules whose blocks take keyword tensors with a leading batch axis (FLUX's double and single blocks)
+PER_SAMPLE_MODULES = ("transformer",)
+# modules whose blocks keep the checkpoint's narrower dtype while held (their modules read only their own weights)
+NARROW_MODULES = ("transformer", "text_encoder")
 
 
 def held_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
@@ -135,46 +148,55 @@ def per_sample(forward: Callable) -> Callable:
 
 def stream_block(
     block: nn.Module, prefix: str, tensors: CheckpointTensors, dtype: torch.dtype, device: torch.device,
-    flux_block: bool,
+    one_sample_at_a_time: bool = False, keep_narrower: bool = False,
 ) -> None:  # fmt: skip
     """Hooks that load `block`'s weights (checkpoint names under `prefix`) before it runs and free them after;
-    a FLUX block (`flux_block`) runs one sample at a time and holds the checkpoint's narrower dtype."""
+    a FLUX block runs `one_sample_at_a_time`; `keep_narrower` holds the checkpoint's narrower dtype."""
     names = list(parameter_aliases(block).values())
 
     def load(_module, _args, _kwargs=None):
-        load_parameters(block, names, tensors, dtype, device, prefix, keep_narrower=flux_block)
+        load_parameters(block, names, tensors, dtype, device, prefix, keep_narrower)
 
     def release(_module, _args, _kwargs, _output=None):
         release_parameters(block)
 
     block.register_forward_pre_hook(load, with_kwargs=True)
     block.register_forward_hook(release, with_kwargs=True, always_call=True)
-    if flux_block:
+    if one_sample_at_a_time:
         block.forward = per_sample(block.forward)  # type: ignore[method-assign]
+
+
+def streamed_parts(source: ModelSource, module: str, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """(the part of `model` its adapter runs, the blocks of that part which stream). FLUX.2's text encoder runs its
+    LM's decoder stack cut after the deepest layer read, the adapter's own cut (Qwen3's `model.layers`, Mistral3's
+    `model.language_model.layers`); the other modules run whole."""
+    if module == "text_encoder":
+        stack = TextEncoderAdapter(model, source.text_encoder_layers).stack
+        return stack, list(stack.layers)
+    return model, [block for name in BLOCK_LISTS[module] for block in model.get_submodule(name)]
 
 
 def streamed_module(
     source: ModelSource, module: str, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> nn.Module:
-    """`module` ("clip", "t5", "transformer", "vae") with its shell loaded and its blocks streamed, in eval mode,
-    computing in `dtype`."""
+    """`module` ("clip", "t5", "transformer", "vae", "text_encoder") with its shell loaded and its blocks streamed,
+    in eval mode, computing in `dtype`; what its adapter never runs stays on meta, unread."""
     device = torch.device(device)
     model = weightless_module(source, module, for_export=False)
     tensors = CheckpointTensors(source, module)
-    blocks = {
-        f"{list_name}.{index}": (block, list_name in PER_SAMPLE_LISTS)
-        for list_name in BLOCK_LISTS[module]
-        for index, block in enumerate(model.get_submodule(list_name))
-    }
-    in_blocks = {id(p) for block, _ in blocks.values() for p in block.parameters()}
-    shell = [names for key, names in parameter_aliases(model).items() if key not in in_blocks]
+    runs, blocks = streamed_parts(source, module, model)
+    ran = {id(p) for p in runs.parameters()}
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    shell = [names for key, names in parameter_aliases(model).items() if key in ran and key not in in_blocks]
     load_parameters(model, shell, tensors, dtype, device, keep_narrower=True)
     for buffer_owner in model.modules():
         for leaf, buffer in buffer_owner._buffers.items():
             if buffer is not None:
                 converted = buffer.to(device, dtype) if buffer.is_floating_point() else buffer.to(device)
                 buffer_owner._buffers[leaf] = converted
-    for prefix, (block, flux_block) in blocks.items():
-        stream_block(block, f"{prefix}.", tensors, dtype, device, flux_block)
+    prefixes = {id(submodule): name for name, submodule in model.named_modules()}
+    one_sample_at_a_time, keep_narrower = module in PER_SAMPLE_MODULES, module in NARROW_MODULES
+    for block in blocks:
+        stream_block(block, f"{prefixes[id(block)]}.", tensors, dtype, device, one_sample_at_a_time, keep_narrower)
     compute_in(model, dtype)
     return model.eval()

@@ -199,7 +199,6 @@ def calibrate(
     source,
     settings: CalibrationSettings,
     on_progress: Callable[[int, int], None] | None = None,
-    text_backend=None,
 ) -> Calibration:
     """Walk every calibration prompt along our runtime's denoising trajectory and observe the block Linears.
 
@@ -208,8 +207,8 @@ def calibrate(
     every prompt before the next is read; otherwise each prompt runs alone through the loaded transformer. Both
     see the same inputs, so they give the same scales. FLUX.1 and FLUX.2 each walk their own runtime's loop
     (`trajectories`); under FLUX.2's true CFG both transformer runs of a step are observed. `on_progress(done,
-    total)` counts steps, or block passes when blocks stream. `text_backend` (default `backend`) encodes the
-    prompts; its text encoders are released before the transformer runs."""
+    total)` counts steps, or block passes when blocks stream. The text encoders are released once the prompts
+    are encoded, before the transformer runs."""
     transformer = backend.module("transformer")
     linears = quantizable_linears(transformer)
     if not linears:
@@ -230,9 +229,8 @@ def calibrate(
     blocks = [block for name in lists for block in transformer.get_submodule(name)]
     steps, calls = [0], [0]
     try:
-        text_backend = text_backend or backend
-        runs, walk = trajectories(text_backend, source, settings)
-        text_backend.release(*source.family.text_components)  # encoded once: their memory goes to the transformer
+        runs, walk = trajectories(backend, source, settings)
+        backend.release(*source.family.text_components)  # encoded once: their memory goes to the transformer
         total = runs * max(len(blocks), 1)
         if blocks and on_progress:
 

@@ -32,7 +32,6 @@ from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_transformer
 from fluxexport.models.source import ModelSource
 from fluxexport.pytorch.backend import TorchBackend
-from fluxexport.pytorch.block_streaming import BLOCK_LISTS
 from fluxexport.quantize.calibrate import (
     Calibration,
     CalibrationSettings,
@@ -207,16 +206,11 @@ def calibrate_transformer(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """Calibrate in float32 (the scales then do not depend on where calibration ran); `sequential` holds one
-    block at a time, read from the checkpoint. A text encoder whose blocks do not stream (FLUX.2's LM) is held
-    whole while it encodes, then released before the transformer runs."""
+    block at a time, read from the checkpoint: the text encoders' (T5's and CLIP's blocks, FLUX.2's LM decoder
+    layers) while they encode the prompts, then the transformer's."""
     settings = settings or CalibrationSettings()
-    text_modules = [source.family.module_of[name] for name in source.family.text_components]
-    whole_text = sequential and not all(module in BLOCK_LISTS for module in text_modules)
-    with (
-        TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend,
-        TorchBackend(source, "fp32", device) if whole_text else nullcontext(None) as text_backend,
-    ):
-        return calibrate(backend, source, settings, on_progress, text_backend)
+    with TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend:
+        return calibrate(backend, source, settings, on_progress)
 
 
 def keep_calibration(out_dir: Path, calibration_file: Path) -> Path:
