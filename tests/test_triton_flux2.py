@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import time
 import types
@@ -210,10 +211,10 @@ def test_klein_repository_serves_the_flux2_components(flux2_sources, klein_repos
 
     pipeline = parse(klein_repository / "flux_pipeline")
     names = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
-             "num_images", "image", *(f"image_{n}" for n in range(2, 11))]  # fmt: skip
-    assert [t.name for t in pipeline.input] == names and list(REFERENCE_INPUTS) == names[8:]
+             "num_images", "lora", "lora_scale", "image", *(f"image_{n}" for n in range(2, 11))]  # fmt: skip
+    assert [t.name for t in pipeline.input] == names and list(REFERENCE_INPUTS) == names[10:]
     assert [t.optional for t in pipeline.input] == [False] + [True] * (len(names) - 1)
-    assert all(list(t.dims) == [-1, -1, 3] for t in pipeline.input[8:])
+    assert all(list(t.dims) == [-1, -1, 3] for t in pipeline.input[10:])
     assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
 
     checkpoint = klein_repository / "flux_pipeline" / "1" / "checkpoint"
@@ -225,14 +226,30 @@ def test_klein_repository_serves_the_flux2_components(flux2_sources, klein_repos
     assert "`image_2`" in readme and "refused: this distilled model" in readme
 
 
-def test_flux2_repositories_refuse_request_loras(flux2_sources, flux2_export, tmp_path):
-    with pytest.raises(FluxExportError) as refused:
-        write_repository(flux2_sources["tiny-klein"], flux2_export, tmp_path / "r", request_loras=[object()])
-    assert str(refused.value) == (
-        "per-request LoRAs are swapped into FLUX.1 components only; tiny-klein is FLUX.2: merge the LoRA in with "
-        "fluxexport export --lora FILE, then write the repository with the same --lora"
-    )
-    assert not (tmp_path / "r").exists()
+def test_flux2_repositories_refuse_loras_made_for_another_model(sources, flux2_sources, flux2_export, tmp_path):
+    """FLUX.1 LoRAs offered per request to a FLUX.2 repository, read as FLUX.2 LoRAs are: a PEFT one names Linears
+    tiny-klein lacks, a kohya one (CLIP keys too, which FLUX.2's conversion drops) has other shapes. Each is
+    refused in one line before anything is written."""
+    from helpers import write_kohya, write_peft
+
+    from fluxexport.models.loaders import load_clip, load_transformer
+    from fluxexport.models.lora import parse_lora
+
+    transformer, clip = load_transformer(sources["tiny-dev"]), load_clip(sources["tiny-dev"])
+    refusals = {
+        write_peft(tmp_path / "watercolor.safetensors", transformer, clip):
+            r"a LoRA adapts transformer layer '[^']+', which this model does not have as a Linear: "
+            "it was made for another model",
+        write_kohya(tmp_path / "ink.safetensors", transformer, clip, with_clip=True):
+            r"a LoRA's transformer layer '[^']+' is \d+×\d+ \(rank 4\), the model's weight is \d+×\d+: "
+            "it was made for another model",
+    }  # fmt: skip
+    for index, (path, message) in enumerate(refusals.items()):
+        with pytest.raises(FluxExportError) as refused:
+            write_repository(flux2_sources["tiny-klein"], flux2_export, tmp_path / f"r{index}",
+                             request_loras=[parse_lora(str(path))])  # fmt: skip
+        assert re.fullmatch(message, str(refused.value)), str(refused.value)
+        assert not (tmp_path / f"r{index}").exists()
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +298,7 @@ def test_flux2_dev_repository_serves_run_s_images(pb_utils, flux2_sources, flux2
     source = flux2_sources["tiny-flux2-dev"]
     repository = write_repository(source, flux2_dev_export, tmp_path / "dev")
     assert [t.name for t in parse(repository / "transformer").input][-1] == "guidance"
-    server = InProcessServer(repository)
+    server, previous = InProcessServer(repository), InferenceRequest.server
     InferenceRequest.server = server
     try:
         backend = OnnxRuntimeBackend(source, flux2_dev_export)
@@ -293,7 +310,7 @@ def test_flux2_dev_repository_serves_run_s_images(pb_utils, flux2_sources, flux2
             expected = generate(backend, source, GenerationRequest("a cat on the moon", image=references, **settings))
             assert np.array_equal(response.outputs["images"].as_numpy(), expected.images)
     finally:
-        InferenceRequest.server = None
+        InferenceRequest.server = previous
 
 
 def test_in_process_refusals_are_one_line_invalid_arguments(klein_server, reference_image):
@@ -436,3 +453,148 @@ def test_real_server_serves_klein_with_two_references(flux2_sources, flux2_expor
     expected = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
     assert served.shape == expected.shape == (1, 128, 160, 3)
     assert psnr(served, expected) >= 50
+
+
+# ---- per-request LoRAs --------------------------------------------------------------------------------------------
+
+
+KLEIN_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")  # the Linears a FLUX.2 LoRA adapts here
+
+
+def _klein_lora(path: Path, source, seed: int, alpha: float | None = None) -> Path:
+    """A random PEFT-named LoRA (rank 4) on every Linear of tiny-klein's blocks, B·A as large as W (a LoRA this
+    strong changes the image of tiny-klein's two steps visibly: ~43 dB at scale 0.7 with alpha 8); with `alpha`,
+    saved with the PEFT metadata diffusers writes (`lora_alpha`: scale alpha / rank)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fluxexport.models.loaders import load_transformer
+
+    generator, state = torch.Generator().manual_seed(seed), {}
+    for name, module in load_transformer(source).named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(KLEIN_BLOCKS):
+            down = torch.randn(4, module.in_features, generator=generator)
+            up = torch.randn(module.out_features, 4, generator=generator)
+            up *= module.weight.detach().norm() / (up @ down).norm()
+            state[f"transformer.{name}.lora_A.weight"], state[f"transformer.{name}.lora_B.weight"] = down, up
+    targets = sorted(key.removeprefix("transformer.").split(".lora_")[0] for key in state if ".lora_A." in key)
+    config = {"transformer.r": 4, "transformer.lora_alpha": alpha, "transformer.target_modules": targets}
+    metadata = None if alpha is None else {"lora_adapter_metadata": json.dumps(config)}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def lora_request(prompt: str, lora: list[str] | None = None, lora_scale: list[float] | None = None, **values):
+    """pipeline_request's inputs plus `lora` (BYTES [n]) and `lora_scale` (FP32 [n]) as a client sends them."""
+    tensors = pipeline_request(prompt, **values)
+    if lora is not None:
+        tensors.append(Tensor("lora", np.array([name.encode() for name in lora], dtype=object)))
+    if lora_scale is not None:
+        tensors.append(Tensor("lora_scale", np.asarray(lora_scale, dtype=np.float32)))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def klein_loras(flux2_sources, tmp_path_factory):
+    """Two FLUX.2 LoRAs for tiny-klein: `ink` with the metadata's alpha (8 / rank 4), `sketch` without."""
+    from fluxexport.models.lora import parse_lora
+
+    folder, source = tmp_path_factory.mktemp("klein-loras"), flux2_sources["tiny-klein"]
+    ink = _klein_lora(folder / "ink.safetensors", source, seed=0, alpha=8.0)
+    sketch = _klein_lora(folder / "sketch.safetensors", source, seed=1)
+    return {"ink": parse_lora(str(ink)), "sketch": parse_lora(str(sketch))}
+
+
+def test_flux2_request_loras_are_placed_for_the_transformer(
+    flux2_sources, flux2_export, klein_loras, klein_repository, tmp_path
+):
+    """The LoRAs are copied into flux_pipeline/1/loras and recorded with the one module FLUX.2 LoRAs adapt; only
+    the transformer component swaps them, reading them as FLUX.2 LoRAs; the README names them."""
+    repository = write_repository(flux2_sources["tiny-klein"], flux2_export, tmp_path / "r",
+                                  request_loras=list(klein_loras.values()))  # fmt: skip
+    assert sorted(p.name for p in (repository / "flux_pipeline" / "1" / "loras").iterdir()) == [
+        "ink.safetensors", "sketch.safetensors"]  # fmt: skip
+    settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
+    assert settings["loras"] == {
+        name: {"file": f"{name}.safetensors", "sha256": lora.sha256, "modules": ["transformer"]}
+        for name, lora in klein_loras.items()
+    }
+    component = json.loads((repository / "transformer" / "1" / "component.json").read_text())
+    assert (component["lora_folder"], component["lora_module"], component["lora_family"]) == (
+        "flux_pipeline/1/loras", "transformer", "flux2")  # fmt: skip
+    for name in ("text_encoder", "vae_decoder", "vae_encoder"):
+        assert "lora_folder" not in json.loads((repository / name / "1" / "component.json").read_text())
+    readme = (repository / "README.md").read_text()
+    assert "`flux_pipeline/1/loras`: ink, sketch), `lora_scale` (FP32 [n] or [1])" in readme
+    assert "swapped into the transformer component (FLUX.2 LoRAs adapt only it)" in readme
+    assert "LoRAs in `flux_pipeline/1/loras`: none placed" in (klein_repository / "README.md").read_text()
+
+
+def test_flux2_request_loras_equal_the_swapped_backend(flux2_sources, flux2_export, klein_loras, pb_utils, tmp_path):
+    """`lora`/`lora_scale` swap FLUX.2 LoRAs into the served transformer: each answer is, bit for bit, the image of
+    ONNX Runtime's LoRA-swapped backend on the same graphs (the same merged initializers, from the graph's own
+    base weights there, from the checkpoint here); a request without LoRAs gets the base model back; an unknown
+    name is refused in one line naming the LoRAs there are."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = flux2_sources["tiny-klein"]
+    repository = write_repository(source, flux2_export, tmp_path / "r", request_loras=list(klein_loras.values()))
+    settings = dict(height=128, width=192, num_inference_steps=2, seed=4)
+    ink, sketch = str(klein_loras["ink"].path), str(klein_loras["sketch"].path)
+
+    def swapped_image(*values):
+        loras = source.with_loras([parse_lora(value) for value in values])
+        with OnnxRuntimeBackend(loras, flux2_export) as backend:
+            assert (backend.swapped is not None) == bool(values)
+            return generate(backend, loras, GenerationRequest("a cat", **settings)).images
+
+    server = InProcessServer(repository)
+    previous, InferenceRequest.server = InferenceRequest.server, server
+    try:
+
+        def served_image(lora=None, lora_scale=None):
+            response = server.infer("flux_pipeline", lora_request("a cat", lora, lora_scale, **settings))
+            assert not response.has_error(), response.error().message()
+            return response.outputs["images"].as_numpy()
+
+        started = time.perf_counter()
+        plain = served_image()
+        assert np.array_equal(plain, swapped_image()), psnr(plain, swapped_image())
+        with_ink = served_image(["ink"], [0.7])
+        print(f"\nbase image, then with ink (one swap) served in-process: {time.perf_counter() - started:.2f} s")
+        expected = swapped_image(f"{ink}:0.7")
+        assert np.array_equal(with_ink, expected), psnr(with_ink, expected)
+        assert psnr(with_ink, plain) < 50  # the LoRA changed the image
+        both = served_image(["sketch", "ink"], [0.5])
+        expected = swapped_image(f"{sketch}:0.5", f"{ink}:0.5")
+        assert np.array_equal(both, expected), psnr(both, expected)
+        assert not np.array_equal(both, with_ink)
+        assert np.array_equal(served_image(), plain)  # back to the base weights: the swap is undone
+        assert np.array_equal(served_image(["ink"], [0.7]), with_ink)
+        for lora, lora_scale, message in (
+            (["watercolor"], None, "lora 'watercolor' is not in this repository; it has: ink, sketch"),
+            (["ink", "sketch"], [0.5, 0.5, 0.5], "lora_scale holds 3 values for 2 LoRAs: give one, or one each"),
+            (None, [0.5], "lora_scale was given without a lora input: name the LoRAs to apply"),
+        ):
+            response = server.infer("flux_pipeline", lora_request("a cat", lora, lora_scale, num_inference_steps=1))
+            assert response.has_error() and response.error().message() == message
+            assert response.error().code() == TritonError.INVALID_ARG
+        assert np.array_equal(served_image(["ink"], [0.7]), with_ink)  # refused requests left the set alone
+    finally:
+        InferenceRequest.server = previous
+
+
+def test_flux2_request_loras_are_refused_for_tensorrt_plans(flux2_sources, flux2_export, klein_loras, tmp_path):
+    """TensorRT plans take LoRAs by refit, FLUX.2's as FLUX.1's: refused in one line, nothing written."""
+    from helpers import build_folder
+
+    source = flux2_sources["tiny-klein"]
+    engines = build_folder(source, flux2_export, tmp_path / "engines")
+    with pytest.raises(FluxExportError) as refused:
+        write_repository(source, engines, tmp_path / "r", request_loras=[klein_loras["ink"]])
+    assert str(refused.value) == (
+        "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
+        "fluxexport refit --lora FILE, then write the repository from the refitted engines"
+    )
+    assert not (tmp_path / "r").exists()

@@ -82,16 +82,20 @@ def read_pipeline_settings(repository: Path) -> PipelineSettings:
 @dataclass(frozen=True)
 class ServedGraph:
     """An ONNX Runtime component of the repository: its graph record and, when requests may pick LoRAs, the
-    LoRA folder (relative to the repository's parent), the checkpoint module they adapt and, for a part of the
-    transformer, the checkpoint tensors its sibling parts hold (`lora_elsewhere`: LoRA layers it lacks)."""
+    LoRA folder (relative to the repository's parent), the checkpoint module they adapt, the model family their
+    files are read for (`LoraSet`'s: "flux1", "flux2") and, for a part of the transformer, the checkpoint
+    tensors its sibling parts hold (`lora_elsewhere`: LoRA layers it lacks)."""
 
     graph: GraphRecord
     lora_folder: str | None = None
     lora_module: str | None = None
     lora_elsewhere: tuple[str, ...] = ()
+    lora_family: str = "flux1"  # repositories written before FLUX.2 took request LoRAs record none: FLUX.1's
 
     def write(self, version: Path) -> None:
-        extra = {"lora_folder": self.lora_folder, "lora_module": self.lora_module} if self.lora_module else {}
+        extra = {}
+        if self.lora_module:
+            extra = {"lora_folder": self.lora_folder, "lora_module": self.lora_module, "lora_family": self.lora_family}
         if self.lora_module and self.lora_elsewhere:
             extra["lora_elsewhere"] = sorted(self.lora_elsewhere)
         (Path(version) / COMPONENT_RECORD).write_text(json.dumps(self.graph.to_json() | extra, indent=2))
@@ -101,4 +105,5 @@ class ServedGraph:
         data = json.loads((Path(version) / COMPONENT_RECORD).read_text())
         folder, module = data.pop("lora_folder", None), data.pop("lora_module", None)
         elsewhere = tuple(data.pop("lora_elsewhere", ()))
-        return cls(GraphRecord.from_json(data), folder, module, elsewhere)
+        family = data.pop("lora_family", "flux1")
+        return cls(GraphRecord.from_json(data), folder, module, elsewhere, family)

@@ -122,13 +122,19 @@ def _settings_inputs() -> list[TensorConfig]:
     ]
 
 
+def _lora_inputs() -> list[TensorConfig]:
+    return [
+        TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
+        TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
+    ]
+
+
 def _flux1_inputs(kontext: bool) -> tuple[TensorConfig, ...]:
     inputs = [
         TensorConfig("prompt", "TYPE_STRING", (1,)),
         TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
         *_settings_inputs(),
-        TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
-        TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
+        *_lora_inputs(),
         TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
     ]
     if kontext:
@@ -137,11 +143,13 @@ def _flux1_inputs(kontext: bool) -> tuple[TensorConfig, ...]:
 
 
 def _flux2_inputs() -> tuple[TensorConfig, ...]:
-    """FLUX.2 has one text encoder (no prompt_2) and runs without step caches or per-request LoRAs for now."""
+    """FLUX.2 has one text encoder (no prompt_2) and runs without step caches for now; it takes FLUX.1's
+    per-request LoRA inputs, and its references come last, as Kontext's `image`."""
     return (
         TensorConfig("prompt", "TYPE_STRING", (1,)),
         TensorConfig("negative_prompt", "TYPE_STRING", (1,), optional=True),  # base models (true CFG) only
         *_settings_inputs(),
+        *_lora_inputs(),
         *(TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS),
     )
 

@@ -64,15 +64,11 @@ LORA_FOLDER = f"{PIPELINE}/1/loras"  # the LoRAs clients may pick per request, r
 def _lora_names(
     source: ModelSource, loras: Sequence[LoraFile], entries: dict[str, GraphRecord | EngineRecord], kind: str
 ) -> dict[str, dict]:
-    """Name (file stem) → record of each per-request LoRA, refused in one line before anything is written when
-    it does not fit the model, its name repeats, or the graphs it adapts cannot take it."""
+    """Name (file stem) → record of each per-request LoRA, read for the model's family (FLUX.2 LoRAs adapt its
+    transformer only), refused in one line before anything is written when it does not fit the model, its name
+    repeats, or the graphs it adapts cannot take it."""
     from fluxexport.models.lora import LoraSet
 
-    if loras and source.is_flux2:
-        raise FluxExportError(
-            f"per-request LoRAs are swapped into FLUX.1 components only; {source.name} is FLUX.2: merge the LoRA "
-            "in with fluxexport export --lora FILE, then write the repository with the same --lora"
-        )
     if loras and kind == "tensorrt":
         raise FluxExportError(
             "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
@@ -84,7 +80,7 @@ def _lora_names(
         name = lora.path.stem
         if name in names:
             raise FluxExportError(f"two --request-lora files are named {name}: a request names LoRAs by file stem")
-        modules = sorted(LoraSet([lora]).layers)
+        modules = sorted(LoraSet([lora], source.family.name).layers)
         for component in (c for c in LORA_COMPONENTS if c in graphs and MODULE_OF[c] in modules):
             _check_swappable(source.with_loras([lora]), component, graphs, name)
         names[name] = {"file": lora.path.name, "sha256": lora.sha256, "modules": modules}
@@ -107,14 +103,17 @@ def _check_swappable(source: ModelSource, component: str, graphs: dict[str, Grap
         )
 
 
-def _lora_placement(name: str, entries: dict[str, GraphRecord | EngineRecord], loras: bool) -> tuple:
-    """ServedGraph's fields for the graph of `name`: where its per-request LoRAs are, which module they adapt
-    and, for a part of the transformer, the tensors its sibling parts hold (`loras`: any placed)."""
+def _served_graph(
+    source: ModelSource, name: str, entries: dict[str, GraphRecord | EngineRecord], loras: bool
+) -> ServedGraph:
+    """The served graph of `name`: where its per-request LoRAs are, which module they adapt, the family they are
+    read for and, for a part of the transformer, the tensors its sibling parts hold (`loras`: any placed)."""
     graph = entries[name]
     if not loras or name not in LORA_COMPONENTS:
-        return graph, None, None
+        return ServedGraph(graph)
     graphs = {part: entry for part, entry in entries.items() if isinstance(entry, GraphRecord)}
-    return graph, LORA_FOLDER, MODULE_OF[name], tuple(sorted(sibling_tensors(graphs, name, TRANSFORMER_PARTS)))
+    elsewhere = tuple(sorted(sibling_tensors(graphs, name, TRANSFORMER_PARTS)))
+    return ServedGraph(graph, LORA_FOLDER, MODULE_OF[name], elsewhere, source.family.name)
 
 
 def write_repository(
@@ -158,7 +157,7 @@ def write_repository(
                 _link_or_copy(engines / record.file, version / "model.onnx")
                 if record.external_data:
                     _link_or_copy(engines / record.external_data, version / record.external_data)
-                ServedGraph(*_lora_placement(name, entries, bool(loras))).write(version)
+                _served_graph(source, name, entries, bool(loras)).write(version)
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself
                 as_float = tuple(replace(t, dtype=host_element(t.dtype)) for t in record.inputs)
@@ -185,7 +184,7 @@ def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str
     engine = (
         "TensorRT plans (`tensorrt_plan`)" if kind == "tensorrt" else "ONNX graphs run by ONNX Runtime (python backend)"
     )
-    inputs = _flux2_inputs_text(source) if source.is_flux2 else _flux1_inputs_text(source, loras)
+    inputs = _flux2_inputs_text(source, loras) if source.is_flux2 else _flux1_inputs_text(source, loras)
     return f"""# Triton model repository for {source.name}
 
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
@@ -202,26 +201,38 @@ Every config.pbtxt uses `max_batch_size: 0` with an explicit -1 batch dim: the t
 """
 
 
+def _lora_inputs_text(loras: list[str]) -> str:
+    """The inputs that pick a request's LoRAs, as both families take them."""
+    placed = ", ".join(loras) or "none placed"
+    return f"`lora` (BYTES [n], names of the LoRAs in `{LORA_FOLDER}`: {placed}), `lora_scale` (FP32 [n] or [1])"
+
+
+def _lora_swap_text(components: str) -> str:
+    return (
+        f"A request's LoRAs are swapped into the {components} (only the weights they touch); a component keeps "
+        "the last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation."
+    )
+
+
 def _flux1_inputs_text(source: ModelSource, loras: list[str]) -> str:
     kontext = " and `image` (uint8 [H,W,3], the Kontext reference)" if source.is_kontext else ""
     return f"""takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
-`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, `lora` (BYTES [n], names of the
-LoRAs in `{LORA_FOLDER}`: {", ".join(loras) or "none placed"}), `lora_scale` (FP32 [n] or [1]) and `cache`
-(BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and returns
-`images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime. A request's LoRAs
-are swapped into the transformer and CLIP components (only the weights they touch); a component keeps the
-last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation.
+`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, {_lora_inputs_text(loras)}
+and `cache` (BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and
+returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime.
+{_lora_swap_text("transformer and CLIP components")}
 `magcache` reads `ratios=flux-dev` or a .json file inside this folder, named relative to it
 (`magcache:ratios=flux_pipeline/1/magcache/mine.json`); any other path is refused."""
 
 
-def _flux2_inputs_text(source: ModelSource) -> str:
+def _flux2_inputs_text(source: ModelSource, loras: list[str]) -> str:
     negative = (
         '`negative_prompt` (BYTES [1], the true-CFG branch; "" by default)'
         if source.uses_true_cfg
         else "`negative_prompt` (refused: this distilled model runs without true CFG)"
     )
     return f"""takes `prompt` (BYTES [1]) and optional {negative}, `height`,
-`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images` and reference images `image`, `image_2`,
-… `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a size the output takes the last one's),
-and returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's FLUX.2 runtime."""
+`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images`, {_lora_inputs_text(loras)}
+and reference images `image`, `image_2`, … `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a
+size the output takes the last one's), and returns `images` (UINT8 [B,H,W,3]), calling the components through
+BLS with fluxexport's FLUX.2 runtime. {_lora_swap_text("transformer component (FLUX.2 LoRAs adapt only it)")}"""

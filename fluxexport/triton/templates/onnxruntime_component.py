@@ -1,9 +1,10 @@
 """Triton python-backend model: one exported FLUX component run by ONNX Runtime (written by fluxexport).
 
-The transformer (whole and in parts) and CLIP of a repository with per-request LoRAs read the request's `loras`
-parameter (JSON [[name, scale], …], set by flux_pipeline) and swap them in: only the initializers the LoRAs
-touch are merged (from the graph's own base weights) and handed to a new session; the last set stays until
-another comes. A part of the transformer takes the deltas of the weights it holds (its siblings hold the rest).
+The transformer (whole and in parts) and, for FLUX.1, CLIP of a repository with per-request LoRAs read the
+request's `loras` parameter (JSON [[name, scale], …], set by flux_pipeline) and swap them in: the files are read
+for the model's family (component.json's `lora_family`), only the initializers the LoRAs touch are merged (from
+the graph's own base weights) and handed to a new session; the last set stays until another comes. A part of
+the transformer takes the deltas of the weights it holds (its siblings hold the rest).
 """
 
 import json
@@ -45,7 +46,7 @@ class TritonPythonModel:
             return
         chosen = [parse_lora(f"{self.loras / name}.safetensors:{scale}") for name, scale in json.loads(choice)]
         module = self.served.lora_module
-        loras = LoraSet(chosen) if chosen else None
+        loras = LoraSet(chosen, self.served.lora_family) if chosen else None
         touched = loras is not None and module in loras.layers
         if touched:
             base = graph_base(self.path, self.graph.require_weight_origins("write the repository again"))
