@@ -10,6 +10,25 @@ the default weight placement and with `--inline-weights`, and runs `fluxexport c
     python scripts/bench_scale.py                       # 1 double + 2 single blocks, 1-layer T5 (~1.3 GB bf16)
     python scripts/bench_scale.py --full --skip-memory  # the published shape: 19 + 38 blocks, 24-layer T5 (~33 GB)
     python scripts/bench_scale.py --steps check         # memory of export and check, by weight placement
+
+`--model flux2-dev` does the same for FLUX.2 [dev] at its published widths: the transformer 6144 = 48×128 wide
+(128 latent channels, joint width 15360, 4-axis RoPE, guidance embedding) and Mistral-Small-3.2-24B as text
+encoder (5120 wide, MLP 32768, 32 query / 8 key-value heads, vocabulary 131072, a Pixtral vision tower), written
+under the names `Mistral3ForConditionalGeneration.save_pretrained` gives them (`language_model.model.layers.…`)
+in ≤ 5 GB shards with an index json, like the published repository; the VAE, tokenizer and scheduler are
+tiny-flux2-dev's. The published depth (8 + 48 blocks, ~64 GB bf16; a 40-layer text encoder, ~48 GB) does not
+fit beside its own ONNX output on a 60 GB disk, so by default the depth is reduced — 2 + 8 blocks, 8 text
+layers — and every table says so; run two depths (`--double 1 --single 2 --text-layers 4`) to see whether the
+peak grows with depth.
+
+FLUX.2 [dev] reads the text encoder's hidden states 10, 20 and 30 (`ModelSource.text_encoder_layers`) and the
+toolchain refuses a stack shallower than 30 layers; only a tiny model's marker file names other layers, and it
+would also make the checkpoint "tiny" (other export bounds). A text stack of 30 layers or fewer is therefore read
+at the same fractions of its depth, layers n/4, n/2 and 3n/4 (2, 4, 6 of 8), by overriding that one property
+in each measured process: the graph stacks three hidden states of a 5120-wide stack cut after the deepest one,
+as at the published depth, only with fewer layers before the cut. With more than 30 layers nothing is overridden.
+
+    python scripts/bench_scale.py --model flux2-dev --skip-memory --steps export   # 2 + 8 blocks, 8 text layers
 """
 
 from __future__ import annotations
@@ -17,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,20 +64,59 @@ CLIP_L = {
 }  # fmt: skip
 SHARD_BYTES = 10 * 2**30  # the published FLUX.1-dev transformer: 3 shards of ≤ 10 GB
 
+# FLUX.2 [dev]'s published transformer (diffusers' Flux2Transformer2DModel defaults): 8 double + 48 single blocks
+FLUX2_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "out_channels": None,
+    "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128, "num_attention_heads": 48,
+    "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True,
+}  # fmt: skip
+# its text encoder, Mistral-Small-3.2-24B: a 40-layer Mistral text stack, a Pixtral vision tower, a projector
+MISTRAL_SMALL_3_2 = {
+    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+    "projector_hidden_act": "gelu", "multimodal_projector_bias": False, "spatial_merge_size": 2,
+    "vision_feature_layer": -1, "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+        "vocab_size": 131072, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e9}, "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_channels": 3, "patch_size": 14, "image_size": 1540, "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+    },
+}  # fmt: skip
+FLUX2_TEXT_LAYERS = (10, 20, 30)  # the hidden states FLUX.2 [dev] stacks (`ModelSource.text_encoder_layers`)
+TEXT_SHARD_BYTES = 5 * 10**9  # the published Mistral-Small-3.2-24B: 10 shards of ≤ 5 GB
 
-def parameter_shapes(module: str, folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Every parameter's shape, from the config alone (parameters on meta: no memory)."""
+
+def parameter_shapes(
+    module: str, folder: Path, model_index: dict | None = None
+) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every parameter's shape, from the config alone (parameters on meta: no memory), under the names the
+    library saves it with (`model_index` names the pipeline, hence the family: FLUX.1 without one)."""
     from fluxexport.models.meta import module_from_config, parameters_on_meta
     from fluxexport.models.source import ModelSource
 
-    configs = {"model_index": {}, "transformer": {}, "vae": {}, "text_encoder": {}, "text_encoder_2": {}}
+    configs = {"model_index": model_index or {}, "transformer": {}, "vae": {}, "text_encoder": {},
+               "text_encoder_2": {}}  # fmt: skip
     with parameters_on_meta():
         model = module_from_config(ModelSource("scale", folder, configs=configs), module)
-    return {name: (p.shape, p.dtype) for name, p in model.state_dict().items() if p.is_floating_point()}
+    state = model.state_dict()
+    if module == "text_encoder":  # FLUX.2's LM: save_pretrained's names (Mistral3's legacy `language_model.…`)
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    return {name: (p.shape, p.dtype) for name, p in state.items() if p.is_floating_point()}
 
 
-def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int, prefix: str = "") -> int:
-    """Random bf16 tensors written shard by shard (≤ SHARD_BYTES each) with an index json, keys under `prefix`
+def write_random_part(
+    folder: Path, weights_name: str, shapes: dict, seed: int, prefix: str = "", shard_bytes: int = SHARD_BYTES
+) -> int:
+    """Random bf16 tensors written shard by shard (≤ `shard_bytes` each) with an index json, keys under `prefix`
     (the published CLIP-L's are `text_model.…`); returns bytes."""
     from safetensors.torch import save_file
 
@@ -66,7 +125,7 @@ def write_random_part(folder: Path, weights_name: str, shapes: dict, seed: int, 
     size = 0
     for name, (shape, _) in shapes.items():
         nbytes = shape.numel() * 2
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
@@ -116,12 +175,50 @@ def write_checkpoint(root: Path, double: int, single: int, t5_layers: int) -> di
     return written
 
 
+def write_flux2_checkpoint(root: Path, double: int, single: int, text_layers: int) -> dict[str, int]:
+    """A diffusers FLUX.2 [dev]-shaped folder: random transformer and Mistral3 text encoder at full width, both
+    sharded; tiny-flux2-dev's VAE, tokenizer (Mistral's special tokens, a chat template) and scheduler."""
+    from fluxexport.models.source import resolve_model
+
+    tiny = resolve_model("tiny-flux2-dev").root
+    for part in ("vae", "tokenizer", "scheduler"):
+        shutil.copytree(tiny / part, root / part)
+    index = json.loads((tiny / "model_index.json").read_text())
+    language = MISTRAL_SMALL_3_2["text_config"] | {"num_hidden_layers": text_layers}
+    parts = {
+        "transformer": (FLUX2_TRANSFORMER | {"num_layers": double, "num_single_layers": single},
+                        "diffusion_pytorch_model.safetensors", SHARD_BYTES),
+        "text_encoder": (MISTRAL_SMALL_3_2 | {"text_config": language}, "model.safetensors", TEXT_SHARD_BYTES),
+    }  # fmt: skip
+    written = {}
+    for seed, (part, (config, weights_name, shard_bytes)) in enumerate(parts.items()):
+        (root / part).mkdir()
+        (root / part / "config.json").write_text(json.dumps(config, indent=2))
+        shapes = parameter_shapes(part, root, index)
+        written[part] = write_random_part(root / part, weights_name, shapes, seed, shard_bytes=shard_bytes)
+    (root / "model_index.json").write_text(json.dumps(index))  # last: a folder without it is partial
+    return written
+
+
+def read_layers(text_layers: int) -> tuple[int, ...]:
+    """The hidden states a FLUX.2 [dev] text stack of `text_layers` layers is read at: the published ones when it
+    is deep enough, else the same fractions of its depth (the module docstring says why)."""
+    if text_layers > max(FLUX2_TEXT_LAYERS):
+        return FLUX2_TEXT_LAYERS
+    if text_layers < 4:
+        raise SystemExit("--text-layers must be at least 4: FLUX.2 stacks three distinct hidden states")
+    return text_layers // 4, text_layers // 2, 3 * text_layers // 4
+
+
 PROLOGUE = """
 import sys
 from pathlib import Path
 from fluxexport.console import quiet_libraries
 quiet_libraries()
-from fluxexport.models.source import load_folder
+from fluxexport.models.source import ModelSource, load_folder
+if len(sys.argv) > 5:  # a FLUX.2 text stack shallower than the layers FLUX.2 reads: read at the script's layers
+    read = tuple(int(layer) for layer in sys.argv[5].split(","))
+    ModelSource.text_encoder_layers = property(lambda _source: read)
 source = load_folder(Path(sys.argv[1]))
 out = Path(sys.argv[3])
 """
@@ -136,6 +233,7 @@ from fluxexport.export.onnx_export import export_component
 from fluxexport.specs import component_specs
 spec = component_specs(source)[sys.argv[2]]
 export_component(source, spec, out, "bf16", external_data=True, streaming=sys.argv[4] == "stream")
+print("BYTES", sum(path.stat().st_size for path in out.glob(f"{sys.argv[2]}.onnx*")))
 """,
     "placed": """
 from fluxexport.export.onnx_export import export_component
@@ -172,12 +270,16 @@ print("BYTES", sum(path.stat().st_size for path in out.glob("transformer.fp8.onn
 }
 
 
-def measure(root: Path, step: str, component: str, mode: str, out: Path) -> tuple[float, int, int | None]:
-    """(wall seconds, peak RSS bytes, bytes written if reported) of one step in a fresh process."""
+def measure(
+    root: Path, step: str, component: str, mode: str, out: Path, text_layers: tuple[int, ...] = ()
+) -> tuple[float, int, int | None]:
+    """(wall seconds, peak RSS bytes, bytes written if reported) of one step in a fresh process; `text_layers`
+    overrides the hidden states FLUX.2's text encoder is read at."""
     start = time.perf_counter()
     script = PROLOGUE + STEPS[step] + EPILOGUE
+    override = [",".join(map(str, text_layers))] if text_layers else []
     run = subprocess.run(
-        [sys.executable, "-c", script, str(root), component, str(out), mode], capture_output=True, text=True
+        [sys.executable, "-c", script, str(root), component, str(out), mode, *override], capture_output=True, text=True
     )
     if run.returncode != 0:
         raise SystemExit(f"{step} of {component} ({mode}) failed:\n{run.stderr[-2000:]}")
@@ -189,10 +291,16 @@ def measure(root: Path, step: str, component: str, mode: str, out: Path) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--double", type=int, default=1)
-    parser.add_argument("--single", type=int, default=2)
-    parser.add_argument("--t5-layers", type=int, default=1)
-    parser.add_argument("--full", action="store_true", help="FLUX.1-dev's depth: 19 + 38 blocks, 24 T5 layers.")
+    parser.add_argument("--model", choices=("flux1-dev", "flux2-dev"), default="flux1-dev",
+                        help="Whose widths the random checkpoint has (default: flux1-dev).")  # fmt: skip
+    parser.add_argument("--double", type=int, help="Double blocks (default: 1; flux2-dev: 2).")
+    parser.add_argument("--single", type=int, help="Single blocks (default: 2; flux2-dev: 8).")
+    parser.add_argument("--t5-layers", type=int, default=1, help="FLUX.1: T5 layers (default: 1).")
+    parser.add_argument("--text-layers", type=int, default=8,
+                        help="FLUX.2 [dev]: Mistral text layers (default: 8; ≥ 31 reads the published 10, 20, 30).")  # fmt: skip
+    parser.add_argument("--full", action="store_true",
+                        help="The published depth: FLUX.1-dev 19 + 38 blocks, 24 T5 layers; FLUX.2 [dev] 8 + 48 "
+                        "blocks, 40 text layers (~112 GB bf16).")  # fmt: skip
     parser.add_argument(
         "--skip-memory",
         action="store_true",
@@ -203,34 +311,53 @@ def main() -> None:
                         help="Which steps to measure (comma-separated; fp8 needs calibrate; or check).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Folder for the checkpoint and graphs (default: a temp folder).")
     args = parser.parse_args()
+    flux2 = args.model == "flux2-dev"
     if args.full:
-        args.double, args.single, args.t5_layers = 19, 38, 24
+        args.double, args.single = (8, 48) if flux2 else (19, 38)
+        args.t5_layers, args.text_layers = 24, 40
+    args.double = args.double if args.double is not None else 2 if flux2 else 1
+    args.single = args.single if args.single is not None else 8 if flux2 else 2
     work = Path(args.work or tempfile.mkdtemp(prefix="fluxexport-scale-"))
     root = work / "checkpoint"
     start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    disk_free = shutil.disk_usage(work).free
     if not (root / "model_index.json").is_file():
+        if flux2:  # FLUX.2's index is written last: a folder without it is partial
+            shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        write_checkpoint(root, args.double, args.single, args.t5_layers)
+        if flux2:
+            write_flux2_checkpoint(root, args.double, args.single, args.text_layers)
+        else:
+            write_checkpoint(root, args.double, args.single, args.t5_layers)
     print(f"checkpoint {root} ({time.perf_counter() - start:.0f} s to write)", flush=True)
+    components = {"transformer": "transformer", "text_encoder": "text_encoder"} if flux2 else {
+        "transformer": "transformer", "t5": "text_encoder_2"}  # fmt: skip
     sizes = {
-        module: sum(p.stat().st_size for p in (root / part).glob("*.safetensors"))
-        for module, part in (("transformer", "transformer"), ("t5", "text_encoder_2"))
+        component: sum(p.stat().st_size for p in (root / part).glob("*.safetensors"))
+        for component, part in components.items()
     }
-    rows = []
+    text_read = read_layers(args.text_layers) if flux2 else ()
+    override = text_read if text_read != FLUX2_TEXT_LAYERS else ()
+    rows, loads = [], []
 
     def record(step: str, component: str, mode: str, out: Path, label: str) -> None:
-        seconds, peak, written = measure(root, step, component, mode, out)
+        cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
+        seconds, peak, written = measure(root, step, component, mode, out, override)
+        cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]) - cpu
+        loads.append(os.getloadavg()[0])
         rows.append((component, label, sizes[component], seconds, peak, written))
-        print(f"{component} {label}: {seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB", flush=True)
+        print(f"{component} {label}: {seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB, {cpu:.0f} CPU s, "
+              f"1-min load {loads[-1]:.1f}", flush=True)  # fmt: skip
 
     steps = set(args.steps.split(","))
     if "export" in steps:
-        for component in ("transformer", "t5"):
+        for component in components:
             for mode in ("stream",) if args.skip_memory else ("stream", "memory"):
                 record("export", component, mode, work / f"onnx-{mode}", f"bf16 export ({mode})")
                 shutil.rmtree(work / f"onnx-{mode}", ignore_errors=True)
-    if "check" in steps:  # weights beside the graph (the default at this size) against inline in it
-        for placement in ("default", "inline"):
+    if "check" in steps:  # weights beside the graph (the default at this size) against inline in it (≤ 2 GB)
+        for placement in ("default", "inline") if sizes["transformer"] < 2 * 10**9 else ("default",):
             out = work / f"onnx-{placement}"
             record("placed", "transformer", placement, out, f"bf16 export ({placement} weights)")
             record("check", "transformer", placement, out, f"check ({placement} weights)")
@@ -246,9 +373,19 @@ def main() -> None:
         record("quantize", "transformer", "sequential", fp8, "quantize --sequential (one process)")
         shutil.rmtree(fp8, ignore_errors=True)
 
-    shape = f"{args.double} double + {args.single} single blocks at 3072, T5 {args.t5_layers} layers at 4096"
-    print(f"\n{shape}, {os.cpu_count()} cores ({time.strftime('%Y-%m-%d')})\n")
-    print("| component | step | weights GB (bf16) | wall s | peak RSS GB | peak / weights | written GB |")
+    if flux2:
+        shape = (f"FLUX.2 [dev]: {args.double} double + {args.single} single blocks at 6144, Mistral text stack "
+                 f"{args.text_layers} layers at 5120 read at layers {', '.join(map(str, text_read))}")  # fmt: skip
+        if (args.double, args.single, args.text_layers) != (8, 48, 40):
+            shape += (f" — depth reduced from the published 8 + 48 blocks and 40 text layers (~64 GB and ~48 GB "
+                      f"bf16, each exported beside its checkpoint): {disk_free / 1e9:.0f} GB of disk were free")  # fmt: skip
+    else:
+        shape = f"{args.double} double + {args.single} single blocks at 3072, T5 {args.t5_layers} layers at 4096"
+    print(f"\n{shape}, {os.cpu_count()} cores ({time.strftime('%Y-%m-%d')})")
+    if loads:
+        print(f"1-min load average after each step: {min(loads):.1f}–{max(loads):.1f} (the measured step is ~1–2 "
+              "of it; more is other work on the same cores)")  # fmt: skip
+    print("\n| component | step | weights GB (bf16) | wall s | peak RSS GB | peak / weights | written GB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for component, label, weights, seconds, peak, written in rows:
         size = f"{written / 1e9:.2f}" if written else ""
