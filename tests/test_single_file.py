@@ -1,13 +1,17 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
-from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import (
+    convert_flux2_transformer_checkpoint_to_diffusers,
+    convert_flux_transformer_checkpoint_to_diffusers,
+)
 from safetensors.torch import load_file, save_file
 
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
-from fluxexport.models.single_file import bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer
+from fluxexport.models.checkpoint import CheckpointTensors
+from fluxexport.models.single_file import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer
 from fluxexport.models.source import resolve_model
 from fluxexport.models.tiny import write_bfl_single_file
 from fluxexport.runtime.pipeline import GenerationRequest, generate
@@ -70,3 +74,161 @@ def test_wrong_checkpoints_are_refused(tmp_path, bfl_checkpoint, sources):
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(FluxExportError, match="cannot read"):
         load_bfl_transformer(garbage, sources["tiny-dev"].root)
+
+
+# FLUX.2: `flux2-dev.safetensors` and the [klein] files, read into Flux2Transformer2DModel's keys.
+
+
+@pytest.fixture(scope="module")
+def flux2_bfl_files(flux2_sources, tmp_path_factory):
+    """tiny-klein's and tiny-flux2-dev's (guidance embedder) transformers written in BFL's FLUX.2 layout."""
+    folder = tmp_path_factory.mktemp("bfl-flux2")
+    return {name: write_bfl_single_file(flux2_sources[name].root, folder / f"{name}-bfl.safetensors")
+            for name in ("tiny-klein", "tiny-flux2-dev")}  # fmt: skip
+
+
+def folder_state(source):
+    return load_file(str(source.root / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["tiny-klein", "tiny-flux2-dev"])
+def test_flux2_conversion_equals_diffusers_converter(name, flux2_bfl_files):
+    checkpoint = load_file(str(flux2_bfl_files[name]))
+    assert "model.diffusion_model.single_stream_modulation.lin.weight" in checkpoint
+    assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in checkpoint
+    assert ("model.diffusion_model.guidance_in.in_layer.weight" in checkpoint) == (name == "tiny-flux2-dev")
+    ours = bfl_to_diffusers(dict(checkpoint))
+    # diffusers' converter takes the keys without the `model.diffusion_model.` prefix (its loader strips it)
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(
+        {k.removeprefix(BFL_PREFIX): v for k, v in checkpoint.items()}
+    )
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_flux2_mapping_agrees_with_diffusers_at_full_width():
+    """Several blocks of each kind at FLUX.2 [dev]'s widths, on meta tensors (shapes, no memory)."""
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=2, num_single_layers=3, guidance_embeds=True)
+    checkpoint = diffusers_to_bfl(model.state_dict())
+    ours = bfl_to_diffusers(dict(checkpoint))
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    assert set(ours) == set(theirs) == set(model.state_dict())
+    assert all(ours[key].shape == theirs[key].shape for key in ours)
+
+
+@pytest.mark.parametrize("name", ["tiny-klein", "tiny-flux2-dev"])
+def test_flux2_round_trip_gives_the_folder_back(name, flux2_bfl_files, flux2_sources):
+    original = folder_state(flux2_sources[name])
+    converted = bfl_to_diffusers(load_file(str(flux2_bfl_files[name])))
+    assert set(converted) == set(original)
+    assert all(torch.equal(converted[key], original[key]) for key in original)
+    loaded = load_bfl_transformer(flux2_bfl_files[name], flux2_sources[name].root)
+    assert type(loaded) is Flux2Transformer2DModel
+    assert all(torch.equal(value, original[key]) for key, value in loaded.state_dict().items())
+
+
+def test_flux2_fused_qkv_streams_by_rows(flux2_bfl_files, flux2_sources):
+    source = resolve_model(str(flux2_bfl_files["tiny-flux2-dev"]), base="tiny-flux2-dev")
+    streamed = CheckpointTensors(source, "transformer")
+    original = folder_state(flux2_sources["tiny-flux2-dev"])
+    assert set(streamed.locations) == set(original)
+    assert streamed.locations["transformer_blocks.0.attn.add_k_proj.weight"].rows == (32, 64)
+    assert streamed.locations["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"].rows is None
+    assert streamed.locations["norm_out.linear.weight"].swap_halves
+    assert all(torch.equal(streamed.load(key), original[key]) for key in original)
+
+
+def realigned(backend):
+    """`backend` with its transformer's weights copied to fresh (allocator-aligned) memory. A safetensors file
+    is memory-mapped with its tensors wherever its header's length puts them, and the CPU GEMM rounds differently
+    at different alignments: two files holding the same weights compute alike, bit for bit, once both are
+    realigned (without, this run differs from the folder's in 7 pixels by 1)."""
+    for parameter in backend.module("transformer").parameters():
+        parameter.data = parameter.data.clone()
+    return backend
+
+
+def test_flux2_single_file_run_equals_folder_run(flux2_bfl_files, flux2_sources):
+    from fluxexport.pytorch.backend import TorchBackend
+
+    source = resolve_model(str(flux2_bfl_files["tiny-klein"]), base="tiny-klein")
+    assert source.is_flux2 and source.transformer_file == flux2_bfl_files["tiny-klein"]
+    assert source.name == "tiny-klein-bfl" and source.root == flux2_sources["tiny-klein"].root
+    request = GenerationRequest("a red fox", height=128, width=192, num_inference_steps=2, seed=9)
+    ours = generate(realigned(TorchBackend(source, device="cpu")), source, request).images
+    folder = flux2_sources["tiny-klein"]
+    assert np.array_equal(ours, generate(realigned(TorchBackend(folder, device="cpu")), folder, request).images)
+
+
+@pytest.mark.slow
+def test_flux2_streamed_export_from_a_single_file_equals_the_folders(flux2_bfl_files, flux2_dev_export, tmp_path):
+    """The transformer streamed from the single file (row slices of the fused qkv, the swapped final modulation)
+    is the session's export from the folder: the same graph on bit-identical weights, the same outputs."""
+    import onnxruntime
+    from helpers import assert_same_graph
+
+    from fluxexport.export.onnx_export import export_component
+    from fluxexport.specs import component_specs, sample_inputs
+
+    single = resolve_model(str(flux2_bfl_files["tiny-flux2-dev"]), base="tiny-flux2-dev")
+    spec = component_specs(single)["transformer"]
+    ours = export_component(single, spec, tmp_path, "fp32")  # streams by default
+    theirs = flux2_dev_export / "transformer.onnx"
+    assert_same_graph(ours.path, theirs)
+    feeds = {key: value.numpy() for key, value in sample_inputs(spec, spec.export_sizes, seed=3).items()}
+    (latent,) = onnxruntime.InferenceSession(str(ours.path)).run(None, feeds)
+    (expected,) = onnxruntime.InferenceSession(str(theirs)).run(None, feeds)
+    assert np.linalg.norm(latent - expected) / np.linalg.norm(expected) <= 1e-6
+
+
+def test_a_single_file_of_the_other_family_is_refused(bfl_checkpoint, flux2_bfl_files, flux2_sources, sources):
+    with pytest.raises(FluxExportError) as error:
+        resolve_model(str(bfl_checkpoint), base="tiny-klein")
+    assert str(error.value) == (
+        f"flux1-tiny.safetensors is a FLUX.1 transformer but the base model {flux2_sources['tiny-klein'].root} is "
+        "FLUX.2: pass a FLUX.1 --base-model"
+    )
+    with pytest.raises(FluxExportError) as error:
+        resolve_model(str(flux2_bfl_files["tiny-klein"]), base="tiny-dev")
+    assert str(error.value) == (
+        f"tiny-klein-bfl.safetensors is a FLUX.2 transformer but the base model {sources['tiny-dev'].root} is FLUX.1: "
+        "pass a FLUX.2 --base-model"
+    )
+
+
+def test_flux2_files_truncated_or_foreign_are_refused(flux2_bfl_files, flux2_sources, tmp_path):
+    state = load_file(str(flux2_bfl_files["tiny-klein"]))
+    truncated, fp8 = tmp_path / "truncated.safetensors", tmp_path / "fp8.safetensors"
+    save_file({k: v for k, v in state.items() if not k.endswith("txt_attn.qkv.weight")}, str(truncated))
+    save_file(state | {BFL_PREFIX + "single_blocks.0.linear1.weight_scale": torch.ones(1)}, str(fp8))
+    with pytest.raises(FluxExportError) as error:
+        CheckpointTensors(resolve_model(str(truncated), base="tiny-klein"), "transformer")
+    assert str(error.value) == (
+        "checkpoint is missing double_blocks.0.txt_attn.qkv.weight: it is truncated or not a FLUX.2 transformer"
+    )
+    with pytest.raises(FluxExportError) as error:
+        load_bfl_transformer(fp8, flux2_sources["tiny-klein"].root)
+    assert str(error.value) == (
+        "checkpoint has keys FLUX.2 does not (single_blocks.0.linear1.weight_scale): it is not a FLUX.2 transformer"
+    )
+
+
+def test_cli_runs_a_flux2_single_file(flux2_bfl_files, bfl_checkpoint, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from fluxexport.cli import main
+
+    def run(model, out):
+        args = ["run", "--model", model, "--base-model", "tiny-klein", "--prompt", "x", "--backend", "torch",
+                "--steps", 1, "--output", out]  # fmt: skip
+        return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+    result = run(flux2_bfl_files["tiny-klein"], tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "x.png").size == (256, 256)
+    result = run(bfl_checkpoint, tmp_path / "y.png")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: flux1-tiny.safetensors is a FLUX.1 transformer")
+    assert not (tmp_path / "y.png").exists()

@@ -64,7 +64,8 @@ def folder_locations(folder: Path) -> dict[str, TensorLocation]:
 
 
 def bfl_locations(path: Path) -> dict[str, TensorLocation]:
-    """diffusers name → location for a black-forest-labs single file: fused qkv / linear1 split by rows."""
+    """diffusers name → location for a black-forest-labs single file of either family: the fused qkv (and
+    FLUX.1's linear1) split by rows, read lazily from the mmapped file."""
     from safetensors import safe_open
 
     from fluxexport.models.single_file import BFL_PREFIX, bfl_layout

@@ -27,13 +27,9 @@ def from_folder(source: ModelSource, module: str, library_class, **kwargs):
 
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
     """The FluxTransformer2DModel (Flux2Transformer2DModel for FLUX.2): from the folder, or converted from a BFL
-    single-file checkpoint."""
+    single-file checkpoint of the same family (`models.source.load_folder` refused one of the other)."""
     from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
-    if source.is_flux2 and source.transformer_file is not None:
-        raise FluxExportError(
-            "BFL single-file transformers are read for FLUX.1 only: pass FLUX.2 as a diffusers folder or hub id"
-        )
     if source.transformer_file is None:
         library_class = Flux2Transformer2DModel if source.is_flux2 else FluxTransformer2DModel
         model = from_folder(source, "transformer", library_class, torch_dtype=dtype)

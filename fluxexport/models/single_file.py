@@ -1,55 +1,118 @@
-"""black-forest-labs single-file transformer checkpoints (`flux1-dev.safetensors` layout) ↔ diffusers keys.
+"""black-forest-labs single-file transformer checkpoints (`flux1-dev.safetensors`, `flux2-dev.safetensors`
+layouts) ↔ diffusers keys.
 
-diffusers' own converter hard-codes FLUX.1's width (3072), so it cannot read a checkpoint of any other
-size; this mapping reads widths from the tensors and is checked against diffusers' at full width in tests.
+Both families share BFL's naming (img_in, double_blocks, single_blocks, final_layer) and differ in what a block
+holds: FLUX.1 modulates each block by its own `*_mod.lin` and fuses a single block's q, k, v and MLP input into
+`linear1` (split here into diffusers' four projections); FLUX.2 modulates all blocks from shared
+`*_stream_modulation` layers, has no biases, and diffusers keeps its `linear1` fused (`attn.to_qkv_mlp_proj`).
+A file's family is read from its keys. diffusers' FLUX.1 converter hard-codes FLUX.1's width (3072), so it cannot
+read a checkpoint of any other size; this mapping reads widths from the tensors, and tests check it against
+diffusers' converters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.family import FLUX1, FLUX2, Family
 
 BFL_PREFIX = "model.diffusion_model."
 
-# One-to-one renames: diffusers suffix ← BFL suffix.
-_TOP = {
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "context_embedder": "txt_in",
-    "x_embedder": "img_in",
-    "proj_out": "final_layer.linear",
-}
-_DOUBLE = {
-    "norm1.linear": "img_mod.lin",
-    "norm1_context.linear": "txt_mod.lin",
-    "ff.net.0.proj": "img_mlp.0",
-    "ff.net.2": "img_mlp.2",
-    "ff_context.net.0.proj": "txt_mlp.0",
-    "ff_context.net.2": "txt_mlp.2",
-    "attn.to_out.0": "img_attn.proj",
-    "attn.to_add_out": "txt_attn.proj",
-}
+# Keys (BFL's `*.lin.weight` and diffusers' `*.linear.weight` alike) only FLUX.2 has: its shared modulations.
+_FLUX2_PREFIXES = ("single_stream_modulation.", "double_stream_modulation_")
+
+
+@dataclass(frozen=True)
+class BflLayout:
+    """One family's tables, diffusers suffix ← BFL suffix; fused: BFL tensor → the diffusers tensors it
+    concatenates along dim 0, in order."""
+
+    family: Family
+    leaves: tuple[str, ...]  # the parameters of each renamed or fused Linear
+    top: dict[str, str]
+    double: dict[str, str]
+    double_fused: dict[str, tuple[str, ...]]
+    single: dict[str, str]
+    single_fused: dict[str, tuple[str, ...]]
+
+
+# RMSNorm scales, named alike in both families (BFL's `.scale`, diffusers' `.weight`).
 _DOUBLE_NORMS = {
     "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
     "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
     "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
     "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
 }
-# Fused projections: BFL tensor → the diffusers tensors it concatenates along dim 0, in order.
-_DOUBLE_FUSED = {
+_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+_DOUBLE_QKV = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
-_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
-_SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+FLUX1_LAYOUT = BflLayout(
+    family=FLUX1,
+    leaves=("weight", "bias"),
+    top={
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "context_embedder": "txt_in",
+        "x_embedder": "img_in",
+        "proj_out": "final_layer.linear",
+    },
+    double={
+        "norm1.linear": "img_mod.lin",
+        "norm1_context.linear": "txt_mod.lin",
+        "ff.net.0.proj": "img_mlp.0",
+        "ff.net.2": "img_mlp.2",
+        "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2",
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+    },
+    double_fused=_DOUBLE_QKV,
+    single={"norm.linear": "modulation.lin", "proj_out": "linear2"},
+    single_fused={"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
+)
+
+FLUX2_LAYOUT = BflLayout(
+    family=FLUX2,
+    leaves=("weight",),
+    top={
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+        "single_stream_modulation.linear": "single_stream_modulation.lin",
+        "context_embedder": "txt_in",
+        "x_embedder": "img_in",
+        "proj_out": "final_layer.linear",
+    },
+    double={
+        "ff.linear_in": "img_mlp.0",
+        "ff.linear_out": "img_mlp.2",
+        "ff_context.linear_in": "txt_mlp.0",
+        "ff_context.linear_out": "txt_mlp.2",
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+    },
+    double_fused=_DOUBLE_QKV,
+    # the single block's fused q, k, v and MLP input stays fused in diffusers too
+    single={"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"},
+    single_fused={},
+)
+
+LAYOUTS = {FLUX1.name: FLUX1_LAYOUT, FLUX2.name: FLUX2_LAYOUT}
 
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,60 +126,94 @@ def _block_count(keys, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _mapping(num_double: int, num_single: int, guidance: bool):
+def _is_flux2(keys: Iterable[str]) -> bool:
+    """Whether BFL or diffusers transformer keys are FLUX.2's (shared modulation layers)."""
+    return any(key.startswith(_FLUX2_PREFIXES) for key in keys)
+
+
+def bfl_family(keys: Iterable[str]) -> Family:
+    """The family of a BFL transformer checkpoint from its keys (without the `model.diffusion_model.` prefix)."""
+    keys = set(keys)
+    if "img_in.weight" not in keys or "final_layer.linear.weight" not in keys:
+        raise FluxExportError("not a black-forest-labs FLUX transformer checkpoint (no img_in / final_layer keys)")
+    return FLUX2 if _is_flux2(keys) else FLUX1
+
+
+def single_file_family(path: Path) -> Family:
+    """The family of a BFL single file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise FluxExportError(f"cannot read {path}: {error} (it must be a .safetensors file)") from None
+    return bfl_family(key.removeprefix(BFL_PREFIX) for key in keys)
+
+
+def check_base_family(path: Path, base_family: Family, base_root: Path) -> None:
+    """Refuse a single file whose family is not its base model's (its VAE, text encoder and configs)."""
+    family = single_file_family(path)
+    if family is not base_family:
+        raise FluxExportError(
+            f"{path.name} is a {family.title} transformer but the base model {base_root} is {base_family.title}: "
+            f"pass a {family.title} --base-model"
+        )
+
+
+def _mapping(layout: BflLayout, num_double: int, num_single: int, guidance: bool):
     """Yield (diffusers names, BFL name, kind) for every parameter; kind: rename | fused | swap."""
-    for ours, theirs in _TOP.items():
-        if "guidance" in ours and not guidance:
+    for ours, theirs in layout.top.items():
+        if theirs.startswith("guidance_in.") and not guidance:
             continue
-        for leaf in ("weight", "bias"):
+        for leaf in layout.leaves:
             yield (f"{ours}.{leaf}",), f"{theirs}.{leaf}", "rename"
-    for leaf in ("weight", "bias"):
+    for leaf in layout.leaves:
         yield ("norm_out.linear." + leaf,), "final_layer.adaLN_modulation.1." + leaf, "swap"
     for index in range(num_double):
-        yield from _block(
-            f"transformer_blocks.{index}.", f"double_blocks.{index}.", _DOUBLE, _DOUBLE_NORMS, _DOUBLE_FUSED
-        )
+        ours, theirs = f"transformer_blocks.{index}.", f"double_blocks.{index}."
+        yield from _block(layout.leaves, ours, theirs, layout.double, _DOUBLE_NORMS, layout.double_fused)
     for index in range(num_single):
-        yield from _block(
-            f"single_transformer_blocks.{index}.", f"single_blocks.{index}.", _SINGLE, _SINGLE_NORMS, _SINGLE_FUSED
-        )
+        ours, theirs = f"single_transformer_blocks.{index}.", f"single_blocks.{index}."
+        yield from _block(layout.leaves, ours, theirs, layout.single, _SINGLE_NORMS, layout.single_fused)
 
 
-def _block(ours_prefix: str, theirs_prefix: str, renames: dict, norms: dict, fused: dict):
+def _block(leaves: tuple[str, ...], ours_prefix: str, theirs_prefix: str, renames: dict, norms: dict, fused: dict):
     """The parameters of one double or single block, by the block kind's tables."""
     for ours, theirs in renames.items():
-        for leaf in ("weight", "bias"):
+        for leaf in leaves:
             yield (f"{ours_prefix}{ours}.{leaf}",), f"{theirs_prefix}{theirs}.{leaf}", "rename"
     for ours, theirs in norms.items():
         yield (ours_prefix + ours,), theirs_prefix + theirs, "rename"
     for theirs, parts in fused.items():
-        for leaf in ("weight", "bias"):
+        for leaf in leaves:
             yield tuple(f"{ours_prefix}{p}.{leaf}" for p in parts), f"{theirs_prefix}{theirs}.{leaf}", "fused"
 
 
 def bfl_layout(rows_of: dict[str, int]):
-    """Yield (diffusers name, BFL name, kind, rows) for a BFL checkpoint given each tensor's dim-0 size (keys
-    without the `model.diffusion_model.` prefix): `rows` is the [start, stop) slice of a fused tensor, else None.
-    Streaming export reads exactly these slices, one tensor at a time."""
-    if "img_in.weight" not in rows_of or "final_layer.linear.weight" not in rows_of:
-        raise FluxExportError("not a black-forest-labs FLUX transformer checkpoint (no img_in / final_layer keys)")
+    """Yield (diffusers name, BFL name, kind, rows) for a BFL checkpoint of either family given each tensor's
+    dim-0 size (keys without the `model.diffusion_model.` prefix): `rows` is the [start, stop) slice of a fused
+    tensor, else None. Streaming export reads exactly these slices, one tensor at a time."""
+    layout = LAYOUTS[bfl_family(rows_of).name]
+    title = layout.family.title
     inner = rows_of["img_in.weight"]
     guidance = "guidance_in.in_layer.weight" in rows_of
-    mapping = list(_mapping(_block_count(rows_of, "double_blocks."), _block_count(rows_of, "single_blocks."), guidance))
+    num_double, num_single = _block_count(rows_of, "double_blocks."), _block_count(rows_of, "single_blocks.")
+    mapping = list(_mapping(layout, num_double, num_single, guidance))
     expected = {theirs for _, theirs, _ in mapping}
     missing = next((theirs for _, theirs, _ in mapping if theirs not in rows_of), None)
     if missing:
-        raise FluxExportError(f"checkpoint is missing {missing}: it is truncated or not a FLUX.1 transformer")
+        raise FluxExportError(f"checkpoint is missing {missing}: it is truncated or not a {title} transformer")
     extra = sorted(set(rows_of) - expected)
     if extra:
         raise FluxExportError(
-            f"checkpoint has keys FLUX.1 does not ({', '.join(extra[:3])}): it is not a FLUX.1 transformer"
+            f"checkpoint has keys {title} does not ({', '.join(extra[:3])}): it is not a {title} transformer"
         )
     for ours, theirs, kind in mapping:
         if kind != "fused":
             yield ours[0], theirs, kind, None
             continue
-        # q, k, v are `inner` rows each; a single block's MLP projection takes the remaining rows.
+        # q, k, v are `inner` rows each; a FLUX.1 single block's MLP projection takes the remaining rows.
         sizes = [inner] * len(ours)
         sizes[-1] = rows_of[theirs] - inner * (len(ours) - 1)
         start = 0
@@ -126,7 +223,8 @@ def bfl_layout(rows_of: dict[str, int]):
 
 
 def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a BFL transformer state dict to diffusers' FluxTransformer2DModel keys."""
+    """Convert a BFL transformer state dict to diffusers' keys (FluxTransformer2DModel or
+    Flux2Transformer2DModel, by the checkpoint's family)."""
     state = {key.removeprefix(BFL_PREFIX): value for key, value in checkpoint.items()}
     converted: dict[str, torch.Tensor] = {}
     for ours, theirs, kind, rows in bfl_layout({key: value.shape[0] for key, value in state.items()}):
@@ -139,12 +237,14 @@ def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse: diffusers FluxTransformer2DModel keys → BFL single-file keys (to write test checkpoints)."""
+    """The inverse: a diffusers FLUX.1 or FLUX.2 transformer state dict → BFL single-file keys (to write test
+    checkpoints)."""
+    layout = FLUX2_LAYOUT if _is_flux2(state) else FLUX1_LAYOUT
     num_double = _block_count(state, "transformer_blocks.")
     num_single = _block_count(state, "single_transformer_blocks.")
-    guidance = any(key.startswith("time_text_embed.guidance_embedder.") for key in state)
+    guidance = any(".guidance_embedder." in key for key in state)
     converted = {}
-    for ours, theirs, kind in _mapping(num_double, num_single, guidance):
+    for ours, theirs, kind in _mapping(layout, num_double, num_single, guidance):
         if kind == "swap":
             converted[theirs] = _swap_halves(state[ours[0]])
         elif kind == "fused":
@@ -155,8 +255,9 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_bfl_transformer(path: Path, config_folder: Path, dtype: torch.dtype = torch.float32):
-    """A FluxTransformer2DModel built from `config_folder`'s config with weights from a BFL file."""
-    from diffusers import FluxTransformer2DModel
+    """The diffusers transformer of the file's family (FluxTransformer2DModel or Flux2Transformer2DModel) built
+    from `config_folder`'s config with weights from a BFL file."""
+    import diffusers
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -164,10 +265,12 @@ def load_bfl_transformer(path: Path, config_folder: Path, dtype: torch.dtype = t
         checkpoint = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise FluxExportError(f"cannot read {path}: {error} (it must be a .safetensors file)") from None
+    family = bfl_family(key.removeprefix(BFL_PREFIX) for key in checkpoint)
     state = bfl_to_diffusers(checkpoint)
-    config = FluxTransformer2DModel.load_config(str(config_folder), subfolder="transformer")
+    library_class = getattr(diffusers, family.transformer_class)
+    config = library_class.load_config(str(config_folder), subfolder="transformer")
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
+        model = library_class.from_config(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:

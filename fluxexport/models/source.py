@@ -218,6 +218,10 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
     family = detect_family(
         configs["model_index"], _read_json(transformer_config) if transformer_config.is_file() else None
     )
+    if transformer_file is not None:  # its header only: which family its keys are
+        from fluxexport.models.single_file import check_base_family
+
+        check_base_family(Path(transformer_file), family, root)
     missing = [part for part in family.required_parts if not (root / part).is_dir()]
     if transformer_file is not None and "transformer" in missing:
         missing.remove("transformer")

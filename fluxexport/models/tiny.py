@@ -344,7 +344,8 @@ def materialise_tiny(name: str) -> Path:
 
 
 def write_bfl_single_file(folder: Path, path: Path) -> Path:
-    """Write the folder's transformer as a black-forest-labs single-file checkpoint (for format tests)."""
+    """Write the folder's transformer (FLUX.1 or FLUX.2) as a black-forest-labs single-file checkpoint of its
+    family's layout (for format tests)."""
     from safetensors.torch import load_file, save_file
 
     from fluxexport.models.single_file import BFL_PREFIX, diffusers_to_bfl
