@@ -249,7 +249,8 @@ def _check_out_file(out: Path) -> None:
 @click.option("--steps", type=int, default=28, show_default=True, help="Denoising steps: one ratio each.")
 @click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
 @click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--guidance", type=float, help="Embedded guidance scale (FLUX.1 dev, Kontext; default 3.5).")
+@click.option("--guidance", type=float,
+              help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
 @click.option("--engines", type=click.Path(path_type=Path),
@@ -262,14 +263,12 @@ def calibrate_magcache(
     model, base_model, prompts, steps, height, width, guidance, seed, backend, engines, dtype, device, out
 ) -> None:  # fmt: skip
     """Measure MagCache's magnitude ratios (one per step, every step computed) for --cache magcache:ratios=FILE,
-    as diffusers' MagCacheConfig(calibrate=True) does (FLUX.1)."""
+    as diffusers' MagCacheConfig(calibrate=True) does (FLUX.1 and FLUX.2; under true CFG, the conditional run's)."""
     from fluxexport.backend_factory import create_backend
     from fluxexport.runtime.magcache import write_ratios
     from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios, resolve_request
 
     source = _source(model, base_model)
-    if source.is_flux2:
-        raise FluxExportError(f"magcache runs on FLUX.1 models only: {source.name} is a FLUX.2 model (--model)")
     request = GenerationRequest(
         list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed
     )

@@ -16,7 +16,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.family import FLUX1, FLUX2, detect_family
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.runtime.schedule import empirical_mu
-from fluxexport.specs import component_specs
+from fluxexport.specs import TRANSFORMER_PARTS, component_specs
 
 
 def diffusers_flux2(pipeline, prompt, seed, **kwargs) -> np.ndarray:
@@ -125,7 +125,8 @@ def test_empirical_mu_equals_diffusers(tokens, steps):
 
 def test_flux2_specs_read_widths_from_the_configs(flux2_sources):
     specs = component_specs(flux2_sources["tiny-klein"])
-    assert tuple(specs) == ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    # the four, then the transformer in parts (what --cache first-block and magcache run)
+    assert tuple(specs) == ("text_encoder", "transformer", "vae_decoder", "vae_encoder", *TRANSFORMER_PARTS)
     transformer = specs["transformer"]
     assert [tensor.name for tensor in transformer.inputs] == [
         "hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids"

@@ -140,15 +140,18 @@ def test_calibration_visits_both_cfg_branches(flux2_sources):
     assert calibrate_transformer(source, guidance_off, "cpu").transformer_calls == 2 * 2  # no unconditional run
 
 
-def test_transformer_parts_are_refused_before_calibration(flux2_sources, tmp_path, monkeypatch):
+def test_components_without_fp8_graphs_are_refused_before_calibration(flux2_sources, tmp_path, monkeypatch):
+    """The transformer and its parts have FP8 graphs (tests/test_flux2_cache.py quantizes FLUX.2's parts); any
+    other component is refused before anything is calibrated."""
     import fluxexport.quantize.qdq_export as qdq_export
     from fluxexport.errors import FluxExportError
 
     monkeypatch.setattr(qdq_export, "calibrate", lambda *_args, **_kwargs: pytest.fail("calibration ran"))
     with pytest.raises(FluxExportError) as error:
-        quantize_transformer(flux2_sources["tiny-klein"], tmp_path, components=["transformer", "transformer_head"])
+        quantize_transformer(flux2_sources["tiny-klein"], tmp_path, components=["transformer", "text_encoder"])
     assert str(error.value) == (
-        "tiny-klein is FLUX.2, which has no transformer_head: quantize its transformer alone (drop --transformer-parts)"
+        "quantize makes FP8 graphs of transformer, transformer_head, transformer_tail, transformer_out, not of "
+        "text_encoder"
     )
     assert not (tmp_path / "calibration.json").exists()
 

@@ -2,7 +2,8 @@
 
 - text encoder: the causal LM run up to the deepest layer it is read at (layers past it never run), its hidden
   states at `layers` stacked per token into one [B, L, 3·hidden] embedding, as diffusers' pipelines stack them;
-- transformer: `Flux2Transformer2DModel` on 2-D ids (float32 RoPE for export);
+- transformer: `Flux2Transformer2DModel` on 2-D ids (float32 RoPE for export), whole or in the three parts the step
+  caches run (head, tail, out: see `TransformerHeadAdapter`);
 - VAE decoder / encoder: with the batch-norm (un)normalisation and the 2×2 (un)patchify inside, so that both take
   and give the transformer's 128-channel latent and the runtime never reads VAE statistics.
 """
@@ -77,6 +78,79 @@ class TransformerAdapter(nn.Module):
         )[0]
 
 
+def joint_rope(model: nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the text tokens then the image tokens: each computed on its own ids and concatenated, as the
+    transformer's forward does."""
+    image, text = model.pos_embed(img_ids), model.pos_embed(txt_ids)
+    return torch.cat([text[0], image[0]], dim=0), torch.cat([text[1], image[1]], dim=0)
+
+
+class TransformerHeadAdapter(TransformerAdapter):
+    """The transformer up to its first double block, as diffusers' forward runs it: the time (and guidance)
+    embedding, the double blocks' shared modulations, the embedders and the first block. Its outputs: the first
+    block's image residual (what First Block Cache compares), its image and text outputs, the time embedding, the
+    image stream that entered the block (what MagCache subtracts), and the two double-stream modulation vectors.
+
+    Where each weight lives (each in exactly one part; the modulations are ~0.56 B parameters at FLUX.2 [dev]'s
+    size, so none is repeated): the head holds the embedders, `time_guidance_embed`, the first block and the two
+    double-stream modulations, which every double block reads, so the head computes them once and hands the
+    vectors ([B, 6·width] each) to the tail; the tail holds the other double blocks, the single blocks and
+    `single_stream_modulation`, computed there from `temb` (only the single blocks read it, so a step whose
+    blocks are skipped never computes it); the output part holds `norm_out` and `proj_out`."""
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance=None):
+        model, dtype = self.model, hidden_states.dtype
+        guidance = guidance.to(dtype) * 1000 if self.guidance else None
+        temb = model.time_guidance_embed(timestep.to(dtype) * 1000, guidance)
+        image_modulation = model.double_stream_modulation_img(temb)
+        text_modulation = model.double_stream_modulation_txt(temb)
+        embedded = model.x_embedder(hidden_states)
+        text, image = model.transformer_blocks[0](
+            hidden_states=embedded,
+            encoder_hidden_states=model.context_embedder(encoder_hidden_states),
+            temb_mod_img=image_modulation,
+            temb_mod_txt=text_modulation,
+            image_rotary_emb=joint_rope(model, img_ids, txt_ids),
+        )
+        return image - embedded, image, text, temb, embedded, image_modulation, text_modulation
+
+
+class TransformerTailAdapter(nn.Module):
+    """Every block after the first: the other double blocks (with the head's modulation vectors), then the text
+    and image streams joined for the single blocks (with `single_stream_modulation` of `temb`); returns the image
+    stream after them."""
+
+    def __init__(self, model: nn.Module, float32_rope: bool = True):
+        super().__init__()
+        self.model = use_float32_rope(model) if float32_rope else model
+
+    def forward(self, image_hidden, text_hidden, temb, image_modulation, text_modulation, img_ids, txt_ids):
+        model, text, image = self.model, text_hidden, image_hidden
+        rope = joint_rope(model, img_ids, txt_ids)
+        for block in model.transformer_blocks[1:]:
+            text, image = block(
+                hidden_states=image, encoder_hidden_states=text, temb_mod_img=image_modulation,
+                temb_mod_txt=text_modulation, image_rotary_emb=rope,
+            )  # fmt: skip
+        joint = torch.cat([text, image], dim=1)  # [B, L+N, width]: text tokens first
+        single_modulation = model.single_stream_modulation(temb)
+        for block in model.single_transformer_blocks:
+            joint = block(hidden_states=joint, encoder_hidden_states=None, temb_mod=single_modulation,
+                          image_rotary_emb=rope)  # fmt: skip
+        return joint[:, text.shape[1] :]
+
+
+class TransformerOutAdapter(nn.Module):
+    """The output layers: the adaptive norm on `temb`, the projection to the 128-channel latent."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_hidden, temb):
+        return self.model.proj_out(self.model.norm_out(image_hidden, temb))
+
+
 def batch_norm_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) [1,C,1,1] of the VAE's latent batch norm, as the pipelines compute them."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
@@ -126,7 +200,8 @@ class VaeEncoderAdapter(nn.Module):
 class Flux2Adapters:
     """FLUX.2's component → adapter table."""
 
-    names = ("text_encoder", "transformer", "vae_decoder", "vae_encoder")
+    names = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "transformer_head", "transformer_tail",
+             "transformer_out")  # fmt: skip
 
     def wrap(
         self, name: str, module: nn.Module, guidance: bool, float32_rope: bool, text_layers: tuple[int, ...]
@@ -135,6 +210,12 @@ class Flux2Adapters:
             return TextEncoderAdapter(module, text_layers).eval()
         if name == "transformer":
             return TransformerAdapter(module, guidance, float32_rope).eval()
+        if name == "transformer_head":
+            return TransformerHeadAdapter(module, guidance, float32_rope).eval()
+        if name == "transformer_tail":
+            return TransformerTailAdapter(module, float32_rope).eval()
+        if name == "transformer_out":
+            return TransformerOutAdapter(module).eval()
         if name == "vae_decoder":
             return VaeDecoderAdapter(module).eval()
         if name == "vae_encoder":

@@ -70,12 +70,8 @@ FLUX2 = Family(
     subfolders={"text_encoder": "text_encoder", "transformer": "transformer", "vae": "vae"},
     tokenizer_folders=("tokenizer",),
     components=("text_encoder", "transformer", "vae_decoder", "vae_encoder"),
-    module_of={
-        "text_encoder": "text_encoder",
-        "transformer": "transformer",
-        "vae_decoder": "vae",
-        "vae_encoder": "vae",
-    },  # fmt: skip
+    module_of={"text_encoder": "text_encoder", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
+    | dict.fromkeys(_TRANSFORMER_PARTS, "transformer"),  # fmt: skip
     text_components=("text_encoder",),
 )
 

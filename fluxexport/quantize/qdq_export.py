@@ -238,7 +238,7 @@ def _check_fp8_components(components: Sequence[str], source: ModelSource) -> Non
     if unknown:
         raise FluxExportError(f"quantize makes FP8 graphs of {', '.join(FP8_COMPONENTS)}, not of {unknown[0]}")
     foreign = [name for name in components if name not in source.family.module_of]
-    if foreign:  # FLUX.2 has no transformer parts (step caches run on FLUX.1 only)
+    if foreign:  # a family without the transformer's parts (FLUX.1 and FLUX.2 both have them)
         raise FluxExportError(
             f"{source.name} is {source.family.title}, which has no {foreign[0]}: quantize its transformer alone "
             "(drop --transformer-parts)"

@@ -4,22 +4,25 @@ What differs from FLUX.1: one text encoder (a causal LM read at intermediate lay
 on [dev]) fed chat-templated prompts (after BFL's system message on [dev]) with an attention mask; noise drawn directly as 2×2-patchified 128-channel latents; 4-axis RoPE ids (t, h, w, l);
 the empirical shift `mu`; true CFG with a negative prompt on base models; reference images as extra tokens at
 RoPE times 10, 20, …. The VAE components take and give the normalised, patchified latents (the batch-norm
-statistics live inside the graphs), so the runtime never reads VAE weights.
+statistics live inside the graphs), so the runtime never reads VAE weights. The step caches (`runtime.cache`) run as
+on FLUX.1, around the transformer or its parts; under true CFG each of a step's two runs caches on its own.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.backend import Backend, Component
-from fluxexport.runtime.cache import CacheSettings, StepCache
+from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.cache import CacheSettings, NoCache, StepCache
 from fluxexport.runtime.images import images_to_uint8
 from fluxexport.runtime.latents import latent_grid
+from fluxexport.runtime.magcache import NAMED_RATIOS
 from fluxexport.runtime.references import grid_ids, prepare_reference, reference_ids
 from fluxexport.runtime.request import (
     GenerationRequest,
@@ -165,7 +168,7 @@ def encode_references(
 
 
 def denoise(
-    transformer: Component,
+    transformer: Callable | Callable[[str], Callable],
     latents: torch.Tensor,
     sigmas: torch.Tensor,
     conditioning: dict[str, torch.Tensor],
@@ -173,17 +176,25 @@ def denoise(
     guidance_scale: float,
     reference: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
+    cache: StepCache | None = None,
 ) -> torch.Tensor:
-    """The Euler loop; with `negative` (true CFG) a second transformer run per step, combined as diffusers does."""
+    """The Euler loop; with `negative` (true CFG) a second transformer run per step, combined as diffusers does.
+    Without a `cache`, `transformer` is the transformer component; with one (a step cache's state for this
+    generation), it gives the transformer components the cache runs by name (a Backend's `component`), and the
+    unconditional run caches in a state of its own (`cache.branch()`), as diffusers' "uncond" cache context."""
     batch, tokens, _ = latents.shape
     steps = len(sigmas) - 1
+    if cache is None:
+        cache, component = NoCache(), {"transformer": transformer}.__getitem__
+    else:
+        component = transformer
+    runs = [(conditioning, cache)] + ([(negative, cache.branch())] if negative is not None else [])
     for index in range(steps):
         hidden = latents if reference is None else torch.cat([latents, reference], dim=1)
         step = {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch)}
-        velocity = transformer(step | conditioning)["latent"][:, :tokens]
-        if negative is not None:
-            unconditional = transformer(step | negative)["latent"][:, :tokens]
-            velocity = unconditional + guidance_scale * (velocity - unconditional)
+        velocity, *unconditional = (run(step | inputs, component)["latent"][:, :tokens] for inputs, run in runs)
+        if unconditional:
+            velocity = unconditional[0] + guidance_scale * (velocity - unconditional[0])
         latents = euler_step(latents, velocity, sigmas[index], sigmas[index + 1])
         if on_step is not None:
             on_step(index + 1, steps)
@@ -224,9 +235,14 @@ def decode(backend: Backend, latents: torch.Tensor, h: int, w: int) -> np.ndarra
     return images_to_uint8(backend.component("vae_decoder")({"latent": unpack(latents, h, w)})["images"])
 
 
-def check_cache(cache: CacheSettings | StepCache | None) -> None:
-    if cache is not None and cache.name != "none":
-        raise FluxExportError(f"--cache {cache.name} runs on FLUX.1 models only for now: run FLUX.2 without --cache")
+def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
+    """Refuse, in one line, a step cache that cannot serve this FLUX.2 model: MagCache with FLUX.1-dev's ratios."""
+    ratios = cache.knobs.get("ratios") if isinstance(cache, CacheSettings) else None
+    if ratios in NAMED_RATIOS:
+        raise FluxExportError(
+            f"magcache ratios={ratios} are FLUX.1-dev's, not {source.name}'s: measure its own with fluxexport "
+            f"calibrate-magcache --model {source.name} --out FILE and pass ratios=FILE (--cache)"
+        )
 
 
 def generate(
@@ -236,8 +252,11 @@ def generate(
     on_step: StepCallback | None = None,
     cache: CacheSettings | StepCache | None = None,
 ) -> GenerationResult:
-    """Run FLUX.2's pipeline; the same seed and settings give diffusers' image."""
-    check_cache(cache)
+    """Run FLUX.2's pipeline; the same seed and settings give diffusers' image (with `cache`, diffusers' image with
+    the same cache hook). With true CFG each of the two transformer runs of a step keeps its own cache state, and
+    the result's computed steps are the conditional run's."""
+    cache = cache or CacheSettings()
+    check_cache(source, cache)
     resolved: ResolvedRequest = resolve_request(source, request)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -260,9 +279,13 @@ def generate(
     sigmas = sigmas_for(source, resolved.steps, latents.shape[1]).to(device)
     positive, negative = guided_conditioning(source, embeddings, negative_embeddings, ids, resolved.guidance_scale)
 
-    transformer = backend.component("transformer")  # loaded before the clock starts
+    for name in cache.components:  # loaded before the clock starts
+        backend.component(name)
+    state = cache if isinstance(cache, StepCache) else cache.new_state(resolved.steps)
     tick = time.perf_counter()
-    latents = denoise(transformer, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step)
+    latents = denoise(
+        backend.component, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step, state
+    )
     timings["denoise"] = stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 
@@ -270,4 +293,4 @@ def generate(
     images = decode(backend, latents, h, w)
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    return GenerationResult(images, resolved, timings, warnings, resolved.steps, "none")
+    return GenerationResult(images, resolved, timings, warnings, state.computed, str(cache))

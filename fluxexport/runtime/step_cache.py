@@ -3,6 +3,7 @@ the steps it computed; and what the caches on the transformer's parts share."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,13 @@ class StepCache:
     def __call__(self, feeds: Output, component: Components) -> Output:
         raise NotImplementedError
 
+    def branch(self) -> StepCache:
+        """A fresh state with this one's settings, for a second transformer run per step (true CFG's unconditional
+        run): diffusers' hooks keep one state per cache context ("cond", "uncond"), so each run caches its own."""
+        if self.steps:
+            raise RuntimeError(f"{self.name}: branch() copies a state before its first step")
+        return copy.deepcopy(self)
+
     def __str__(self) -> str:
         return self.name
 
@@ -40,7 +48,13 @@ class NoCache(StepCache):
         return component("transformer")(feeds)
 
 
+# The head's outputs the tail reads: both streams, the time embedding and, on FLUX.2, the double blocks' modulation
+# vectors (computed once, in the head; FLUX.1's heads have none)
+HEAD_TO_TAIL = ("image_hidden", "text_hidden", "temb", "image_modulation", "text_modulation")
+
+
 def tail_feeds(head: Output, feeds: Output) -> Output:
-    """What `transformer_tail` takes: the head's streams and time embedding, the step's RoPE ids."""
-    keep = ("image_hidden", "text_hidden", "temb")
-    return {key: head[key] for key in keep} | {key: feeds[key] for key in ("img_ids", "txt_ids")}
+    """What `transformer_tail` takes: the head's outputs it reads (`HEAD_TO_TAIL`, those the head gives), the step's
+    RoPE ids."""
+    passed = {key: head[key] for key in HEAD_TO_TAIL if key in head}
+    return passed | {key: feeds[key] for key in ("img_ids", "txt_ids")}

@@ -19,8 +19,9 @@ from fluxexport.specs.flux2 import flux2_specs
 __all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
 
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
-# The transformer in three parts, for First Block Cache (`--cache first-block`): the head (embedders and the first
-# double block), the tail (every other block) and the output layers; exported on demand (`--transformer-parts`)
+# The transformer in three parts, for the step caches that skip blocks (`--cache first-block`, `magcache`): the head
+# (embedders and the first double block), the tail (every other block) and the output layers; both families have
+# them (FLUX.2's in `specs.flux2`), exported on demand (`--transformer-parts`)
 TRANSFORMER_PARTS = ("transformer_head", "transformer_tail", "transformer_out")
 KNOWN_COMPONENTS = COMPONENTS + TRANSFORMER_PARTS + ("text_encoder",)  # FLUX.2's one text encoder
 # Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
@@ -49,7 +50,7 @@ def kontext_encoder_sides(low: int, opt: int, high: int) -> tuple[int, int, int]
 
 def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> dict[str, ComponentSpec]:
     """The component specs of a checkpoint's family, with widths read from its configs (FLUX.1: the five and the
-    transformer's parts; FLUX.2: `specs.flux2`)."""
+    transformer's parts; FLUX.2: its four and the transformer's parts, `specs.flux2`)."""
     bounds = bounds or ExportBounds.for_model(source)
     if source.family is FLUX2:
         return flux2_specs(source, bounds)

@@ -1,5 +1,6 @@
-"""FLUX.2's component specs: one text encoder, the 128-channel transformer with 4-axis ids, and VAE graphs that
-take and give the normalised, patchified latent (16 px per latent pixel)."""
+"""FLUX.2's component specs: one text encoder, the 128-channel transformer with 4-axis ids (whole, and in the three
+parts the step caches run), and VAE graphs that take and give the normalised, patchified latent (16 px per latent
+pixel)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ REFERENCE_MIN_SIDE = 64  # diffusers refuses smaller references
 
 
 def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, ComponentSpec]:
-    """The four FLUX.2 component specs, with widths read from the checkpoint's configs."""
+    """The four FLUX.2 component specs and the transformer's parts, with widths read from the checkpoint's
+    configs."""
     batch = Axis(*bounds.batch)
     text = Axis(*bounds.text_length)
     language = source.text_encoder.get("text_config", source.text_encoder)
@@ -33,25 +35,81 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     ]
     if source.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
+    transformer_axes = {"B": batch, "N": tokens, "L": text}
+    transformer_sizes = {"B": 2, "N": 24, "L": 13}
     latent_axis = Axis(low // scale, opt // scale, high // scale)
     pixel_axis = Axis(min(low, REFERENCE_MIN_SIDE), opt, max(high, 1024), multiple=scale)
     vocabulary = int(language["vocab_size"])
-    return {
-        "text_encoder": ComponentSpec(
-            "text_encoder",
-            inputs=(
-                TensorSpec("input_ids", "int32", ("B", "L"), (0, vocabulary - 1)),
-                TensorSpec("attention_mask", "int32", ("B", "L"), (1, 1)),  # padding is tested with real prompts
+    parts = transformer_part_specs(source, tuple(transformer_inputs), transformer_axes, transformer_sizes)
+    return (
+        {
+            "text_encoder": ComponentSpec(
+                "text_encoder",
+                inputs=(
+                    TensorSpec("input_ids", "int32", ("B", "L"), (0, vocabulary - 1)),
+                    TensorSpec("attention_mask", "int32", ("B", "L"), (1, 1)),  # padding is tested with real prompts
+                ),
+                outputs=(TensorSpec("text_embeddings", COMPUTE, ("B", "L", embedding_width)),),
+                axes={"B": batch, "L": text},
+                export_sizes={"B": 2, "L": 11},
             ),
-            outputs=(TensorSpec("text_embeddings", COMPUTE, ("B", "L", embedding_width)),),
-            axes={"B": batch, "L": text},
-            export_sizes={"B": 2, "L": 11},
+            "transformer": ComponentSpec(
+                "transformer",
+                inputs=tuple(transformer_inputs),
+                outputs=(TensorSpec("latent", COMPUTE, ("B", "N", channels)),),
+                axes=transformer_axes,
+                export_sizes=transformer_sizes,
+            ),
+        }
+        | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (3, 5))
+        | parts
+    )
+
+
+def transformer_part_specs(
+    source: ModelSource, transformer_inputs: tuple[TensorSpec, ...], axes: dict[str, Axis], sizes: dict[str, int]
+) -> dict[str, ComponentSpec]:
+    """The transformer in three parts (`--cache first-block`/`magcache`; `adapters.flux2` says what each holds):
+    FLUX.1's names where a tensor means the same, and the double blocks' modulation vectors, which the head computes
+    for its block and the tail's double blocks use."""
+    config = source.transformer
+    width = int(config.get("num_attention_heads", 48)) * int(config.get("attention_head_dim", 128))
+    channels = int(config.get("in_channels", 128))
+    image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
+    text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
+    temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))
+    # shift, scale and gate of attention and MLP: 6 vectors of `width` per stream, as Flux2Modulation returns them
+    modulations = tuple(
+        TensorSpec(f"{stream}_modulation", COMPUTE, ("B", 6 * width), (-1.0, 1.0)) for stream in ("image", "text")
+    )
+    ids = tuple(tensor for tensor in transformer_inputs if tensor.name in ("img_ids", "txt_ids"))
+    return {
+        "transformer_head": ComponentSpec(
+            "transformer_head",
+            inputs=transformer_inputs,
+            outputs=(
+                TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)),
+                image_hidden,
+                text_hidden,
+                temb,
+                TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
+                *modulations,
+            ),
+            axes=axes,
+            export_sizes=sizes,
         ),
-        "transformer": ComponentSpec(
-            "transformer",
-            inputs=tuple(transformer_inputs),
+        "transformer_tail": ComponentSpec(
+            "transformer_tail",
+            inputs=(image_hidden, text_hidden, temb, *modulations, *ids),
+            outputs=(TensorSpec("tail_hidden", COMPUTE, ("B", "N", width)),),  # the image stream after every block
+            axes=axes,
+            export_sizes=sizes,
+        ),
+        "transformer_out": ComponentSpec(
+            "transformer_out",
+            inputs=(image_hidden, temb),
             outputs=(TensorSpec("latent", COMPUTE, ("B", "N", channels)),),
-            axes={"B": batch, "N": tokens, "L": text},
-            export_sizes={"B": 2, "N": 24, "L": 13},
+            axes={"B": axes["B"], "N": axes["N"]},
+            export_sizes={"B": sizes["B"], "N": sizes["N"]},
         ),
-    } | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (3, 5))
+    }
