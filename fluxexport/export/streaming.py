@@ -58,22 +58,6 @@ def empty_module(source: ModelSource, module: str, dtype: torch.dtype) -> nn.Mod
 Loader = Callable[[], torch.Tensor]
 
 
-def load_checkpoint_buffers(module: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype) -> int:
-    """Give `module` the checkpoint's value of every buffer the checkpoint holds (FLUX.2's VAE batch-norm
-    statistics); buffers are small, and the exporter folds what is computed from them into constants, so they
-    must be real before tracing. Returns how many were read."""
-    names = {id(buffer): name for name, buffer in module.named_buffers()}
-    count = 0
-    for owner in module.modules():
-        for name, buffer in owner._buffers.items():
-            full = names.get(id(buffer)) if buffer is not None else None
-            if full is None or full not in tensors:
-                continue
-            owner._buffers[name] = tensors.load(full, dtype if buffer.is_floating_point() else buffer.dtype)
-            count += 1
-    return count
-
-
 Prepare = Callable[[nn.Module], nn.Module]
 
 
@@ -151,7 +135,7 @@ def streamed_program(
     module_name = MODULE_OF[spec.name]
     tensors = CheckpointTensors(source, module_name)
     inner = empty_module(source, module_name, dtype)
-    load_checkpoint_buffers(inner, tensors, dtype)
+    tensors.load_buffers(inner, dtype)
     if prepare is not None:
         inner = prepare(inner)
     adapter = adapter_for(source, spec.name, inner)

@@ -158,3 +158,19 @@ class CheckpointTensors:
 
     def loader(self, name: str, dtype: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
         return lambda: self.load(name, dtype)
+
+    def load_buffers(self, module: torch.nn.Module, dtype: torch.dtype) -> int:
+        """Give `module` the checkpoint's value of every buffer the checkpoint holds (FLUX.2's VAE batch-norm
+        statistics); the rest keep their values from the config (non-persistent ones such as RoPE frequencies).
+        Buffers are small; what is computed from them must be real before tracing or running. Returns how many
+        were read."""
+        names = {id(buffer): name for name, buffer in module.named_buffers()}
+        count = 0
+        for owner in module.modules():
+            for leaf, buffer in owner._buffers.items():
+                full = names.get(id(buffer)) if buffer is not None else None
+                if full is None or full not in self.locations:
+                    continue
+                owner._buffers[leaf] = self.load(full, dtype if buffer.is_floating_point() else buffer.dtype)
+                count += 1
+        return count

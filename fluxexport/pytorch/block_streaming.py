@@ -189,6 +189,7 @@ def streamed_module(
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     shell = [names for key, names in parameter_aliases(model).items() if key in ran and key not in in_blocks]
     load_parameters(model, shell, tensors, dtype, device, keep_narrower=True)
+    tensors.load_buffers(model, dtype)  # FLUX.2's VAE batch-norm statistics; the others keep the config's values
     for buffer_owner in model.modules():
         for leaf, buffer in buffer_owner._buffers.items():
             if buffer is not None:

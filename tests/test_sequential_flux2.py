@@ -1,7 +1,8 @@
 """FLUX.2's text encoder held one decoder layer at a time: the streamed LM (Qwen3, or Mistral3's language model)
 embeds prompts exactly as the whole float32 model does, never reads what its adapter does not run (the LM head,
 the vision tower and projector, the layers past the deepest read, the cut-off final norm), and sequential
-calibration streams it and gives the whole model's scales."""
+calibration streams it and gives the whole model's scales; and every FLUX.2 module streamed gives the whole
+model's image."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.loaders import load_module
 from fluxexport.models.meta import weightless_module
 from fluxexport.models.source import load_folder, resolve_model
+from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.pytorch.block_streaming import streamed_module
 from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
 from fluxexport.quantize.qdq_export import calibrate_transformer
@@ -164,3 +166,17 @@ def test_sequential_calibration_streams_the_text_encoder(klein, monkeypatch):
     assert all(abs(sequential.input_amax[k] - v) <= 1e-6 * v for k, v in whole.input_amax.items())
     assert sequential.weight_amax == whole.weight_amax
     assert sequential.transformer_calls == whole.transformer_calls == 2 * 2
+
+
+def test_streamed_backend_images_equal_the_whole_model(flux2_sources):
+    """Every FLUX.2 module streamed (the text encoder's layers, the transformer's blocks, the VAE with the
+    checkpoint's batch-norm statistics, not the config's defaults) gives the whole model's image bit for bit."""
+    import numpy as np
+
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+    source = flux2_sources["tiny-klein"]
+    request = GenerationRequest("a cat", height=128, width=128, num_inference_steps=2, seed=1)
+    whole = generate(TorchBackend(source, device="cpu"), source, request).images
+    streamed = generate(TorchBackend(source, device="cpu", stream_blocks=True), source, request).images
+    assert np.array_equal(streamed, whole)
