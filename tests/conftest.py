@@ -127,6 +127,25 @@ def flux2_dev_export(flux2_sources, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flux2_parts_export(flux2_export, tmp_path_factory):
+    """tiny-klein's session export plus the transformer's parts, through `export --transformer-parts` (which
+    checks them for TensorRT)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    folder = tmp_path_factory.mktemp("klein-parts") / "onnx"
+    shutil.copytree(flux2_export, folder)
+    result = CliRunner().invoke(main, [
+        "export", "--model", "tiny-klein", "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture(scope="session")
 def ort_backends(sources, exports):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
@@ -135,7 +154,8 @@ def ort_backends(sources, exports):
 
 # Session fixtures that export or quantize (tens of seconds each on 2 cores): a test that needs one, directly or
 # through another fixture, is `slow`, so `pytest -m "not slow"` is the quick loop
-EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export", "flux2_dev_export"}
+EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export", "flux2_dev_export",
+                      "flux2_parts_export"}  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

@@ -377,26 +377,13 @@ def test_cli_calibrates_and_runs_flux2_with_a_cache(calibrated, flux2_sources, t
 # --- exported parts ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def parts_folder(flux2_export, tmp_path_factory):
-    """tiny-klein's session export plus the transformer's parts, through `export --transformer-parts` (which
-    checks them for TensorRT)."""
-    folder = tmp_path_factory.mktemp("klein-parts") / "onnx"
-    shutil.copytree(flux2_export, folder)
-    result = CliRunner().invoke(main, [
-        "export", "--model", "tiny-klein", "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
-    ])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return folder
-
-
-def test_exported_parts_hold_the_transformers_weights_once(parts_folder):
+def test_exported_parts_hold_the_transformers_weights_once(flux2_parts_export):
     """The checkpoint tensors behind the parts' initializers: disjoint, and together every one the transformer graph
     holds (the exporter's optimizer keeps one of several equal tensors, such as the tiny model's all-ones norm
     weights, so one graph may name fewer)."""
     from helpers import manifest_json
 
-    graphs = manifest_json(parts_folder)["components"]
+    graphs = manifest_json(flux2_parts_export)["components"]
     held = {name: {origin["tensor"] for origin in graphs[name]["weights"].values()} for name in TRANSFORMER_PARTS}
     assert sum(len(tensors) for tensors in held.values()) == len(set().union(*held.values()))
     assert set().union(*held.values()) >= {origin["tensor"] for origin in graphs["transformer"]["weights"].values()}
@@ -406,14 +393,14 @@ def test_exported_parts_hold_the_transformers_weights_once(parts_folder):
     ]
 
 
-def test_exported_parts_run_the_caches_in_onnxruntime(flux2_sources, parts_folder, backends):
+def test_exported_parts_run_the_caches_in_onnxruntime(flux2_sources, flux2_parts_export, backends):
     """At shapes the export never saw: the parts chained equal the transformer graph; each cache decides as around
     PyTorch, and its image is within 40 dB of PyTorch's (measured 96 dB for both)."""
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     source = flux2_sources["tiny-klein"]
     spec = component_specs(source)["transformer"]
-    with OnnxRuntimeBackend(source, parts_folder) as graphs:
+    with OnnxRuntimeBackend(source, flux2_parts_export) as graphs:
         for seed, sizes in enumerate([{"B": 1, "N": 80, "L": 40}, {"B": 3, "N": 64, "L": 7}]):
             feeds = sample_inputs(spec, sizes, seed=seed)
             assert (
@@ -421,7 +408,7 @@ def test_exported_parts_run_the_caches_in_onnxruntime(flux2_sources, parts_folde
             )
             assert rel_l2(through_parts(graphs.component, feeds), backends["tiny-klein"].component("transformer")(feeds)["latent"]) <= 1e-5  # fmt: skip
         for text in ("first-block:threshold=1.0", "magcache:threshold=0.3,ratios=" + str(
-            write_ratios(parts_folder.parent / "ratios.json", calibrate_mag_ratios(graphs, source, _request()))
+            write_ratios(flux2_parts_export.parent / "ratios.json", calibrate_mag_ratios(graphs, source, _request()))
         )):  # fmt: skip
             cache = parse_cache(text)
             graph_result = generate(graphs, source, _request(), cache=cache)
@@ -430,7 +417,7 @@ def test_exported_parts_run_the_caches_in_onnxruntime(flux2_sources, parts_folde
             assert psnr(graph_result.images, reference.images) >= 40, text
 
 
-def test_cache_on_stand_in_engines_of_the_parts(flux2_sources, parts_folder, tmp_path):
+def test_cache_on_stand_in_engines_of_the_parts(flux2_sources, flux2_parts_export, tmp_path):
     """Engines of the parts (profiles from the FLUX.2 part specs, built by `build`'s own code over the stand-in
     TensorRT) give ONNX Runtime's image with First Block Cache."""
     from helpers import build_folder, standin_tensorrt
@@ -441,17 +428,17 @@ def test_cache_on_stand_in_engines_of_the_parts(flux2_sources, parts_folder, tmp
 
     source = flux2_sources["tiny-klein"]
     names = ["text_encoder", "vae_decoder", *TRANSFORMER_PARTS]
-    engines = build_folder(source, parts_folder, tmp_path / "engines", components=names)
+    engines = build_folder(source, flux2_parts_export, tmp_path / "engines", components=names)
     cache = parse_cache("first-block:threshold=1.0")
     with standin_tensorrt() as trt, TensorRTBackend(source, engines, device=HostDevice(trt)) as backend:
         ours = generate(backend, source, _request(), cache=cache)
-    with OnnxRuntimeBackend(source, parts_folder) as graphs:
+    with OnnxRuntimeBackend(source, flux2_parts_export) as graphs:
         expected = generate(graphs, source, _request(), cache=cache)
     assert ours.computed_steps == expected.computed_steps < STEPS
     assert np.array_equal(ours.images, expected.images)
 
 
-def test_a_lora_swaps_into_the_flux2_parts(flux2_sources, parts_folder, tmp_path):
+def test_a_lora_swaps_into_the_flux2_parts(flux2_sources, flux2_parts_export, tmp_path):
     """Each part takes the LoRA deltas of the weights it holds: the parts chained with a LoRA swapped in (ONNX
     Runtime, base graphs) equal the transformer graph with it swapped in, and differ from the graphs without it."""
     from test_flux2 import _flux2_lora
@@ -463,13 +450,16 @@ def test_a_lora_swaps_into_the_flux2_parts(flux2_sources, parts_folder, tmp_path
     path = _flux2_lora(tmp_path / "klein.safetensors", source, alpha=8.0)
     merged = source.with_loras([parse_lora(f"{path}:0.7")])
     feeds = sample_inputs(component_specs(source)["transformer"], {"B": 1, "N": 80, "L": 40})
-    with OnnxRuntimeBackend(merged, parts_folder) as swapped, OnnxRuntimeBackend(source, parts_folder) as plain:
+    with (
+        OnnxRuntimeBackend(merged, flux2_parts_export) as swapped,
+        OnnxRuntimeBackend(source, flux2_parts_export) as plain,
+    ):
         parts = through_parts(swapped.component, feeds)
         assert rel_l2(parts, swapped.component("transformer")(feeds)["latent"]) <= 1e-6
         assert rel_l2(parts, through_parts(plain.component, feeds)) > 1e-3
 
 
-def test_fp8_parts_compute_the_fake_quantized_transformer(flux2_sources, parts_folder, tmp_path):
+def test_fp8_parts_compute_the_fake_quantized_transformer(flux2_sources, flux2_parts_export, tmp_path):
     """`quantize --transformer-parts` on FLUX.2: the FP8 parts (fp32 base) chained compute the transformer with the
     same FP8 fake quantization, and the output part stays in the base dtype."""
     from helpers import manifest_json
@@ -479,7 +469,7 @@ def test_fp8_parts_compute_the_fake_quantized_transformer(flux2_sources, parts_f
     from fluxexport.quantize.qdq_export import fake_quantized_transformer, quantize_transformer, read_calibration
 
     source, folder = flux2_sources["tiny-klein"], tmp_path / "onnx"
-    shutil.copytree(parts_folder, folder)
+    shutil.copytree(flux2_parts_export, folder)
     settings = CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2, height=128, width=128)
     quantize_transformer(source, folder, settings, base_dtype="fp32", components=TRANSFORMER_PARTS)
     fp8 = manifest_json(folder)["fp8"]

@@ -211,10 +211,10 @@ def test_klein_repository_serves_the_flux2_components(flux2_sources, klein_repos
 
     pipeline = parse(klein_repository / "flux_pipeline")
     names = ["prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "seed",
-             "num_images", "lora", "lora_scale", "image", *(f"image_{n}" for n in range(2, 11))]  # fmt: skip
-    assert [t.name for t in pipeline.input] == names and list(REFERENCE_INPUTS) == names[10:]
+             "num_images", "lora", "lora_scale", "cache", "image", *(f"image_{n}" for n in range(2, 11))]  # fmt: skip
+    assert [t.name for t in pipeline.input] == names and list(REFERENCE_INPUTS) == names[11:]
     assert [t.optional for t in pipeline.input] == [False] + [True] * (len(names) - 1)
-    assert all(list(t.dims) == [-1, -1, 3] for t in pipeline.input[10:])
+    assert all(list(t.dims) == [-1, -1, 3] for t in pipeline.input[11:])
     assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
 
     checkpoint = klein_repository / "flux_pipeline" / "1" / "checkpoint"
@@ -309,6 +309,36 @@ def test_flux2_dev_repository_serves_run_s_images(pb_utils, flux2_sources, flux2
             assert not response.has_error(), response.error().message()
             expected = generate(backend, source, GenerationRequest("a cat on the moon", image=references, **settings))
             assert np.array_equal(response.outputs["images"].as_numpy(), expected.images)
+    finally:
+        InferenceRequest.server = previous
+
+
+def test_step_caches_run_on_the_served_parts(pb_utils, flux2_sources, flux2_parts_export, tmp_path):
+    """A repository written from an export with the transformer's parts takes `cache`: first-block and taylorseer
+    answers equal `run --cache` on ONNX Runtime with the same graphs; FLUX.1-dev's magcache ratios are refused."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.cache import parse_cache
+
+    source = flux2_sources["tiny-klein"]
+    repository = write_repository(source, flux2_parts_export, tmp_path / "klein-parts")
+    assert {"transformer_head", "transformer_tail", "transformer_out"} <= {p.name for p in repository.iterdir()}
+    server, previous = InProcessServer(repository), InferenceRequest.server
+    InferenceRequest.server = server
+    try:
+        backend = OnnxRuntimeBackend(source, flux2_parts_export)
+        request = GenerationRequest("a cat on the moon", height=128, width=96, num_inference_steps=8, seed=2)
+        plain = generate(backend, source, request).images
+        for cache in ("first-block:threshold=0.5", "taylorseer:interval=3,warmup=2"):
+            settings = dict(height=128, width=96, num_inference_steps=8, seed=2, cache=cache)
+            response = server.infer("flux_pipeline", pipeline_request("a cat on the moon", **settings))
+            assert not response.has_error(), response.error().message()
+            served = response.outputs["images"].as_numpy()
+            expected = generate(backend, source, request, cache=parse_cache(cache))
+            assert expected.computed_steps < 8, cache  # the cache skipped steps
+            assert np.array_equal(served, expected.images) and not np.array_equal(served, plain), cache
+        response = server.infer("flux_pipeline", pipeline_request("a cat", cache="magcache:ratios=flux-dev"))
+        assert response.error().code() == TritonError.INVALID_ARG
+        assert response.error().message().startswith("magcache ratios=flux-dev are FLUX.1-dev's, not tiny-klein's")
     finally:
         InferenceRequest.server = previous
 

@@ -143,13 +143,14 @@ def _flux1_inputs(kontext: bool) -> tuple[TensorConfig, ...]:
 
 
 def _flux2_inputs() -> tuple[TensorConfig, ...]:
-    """FLUX.2 has one text encoder (no prompt_2) and runs without step caches for now; it takes FLUX.1's
-    per-request LoRA inputs, and its references come last, as Kontext's `image`."""
+    """FLUX.2 has one text encoder (no prompt_2); it takes FLUX.1's per-request LoRA and step-cache inputs, and
+    its references come last, as Kontext's `image`."""
     return (
         TensorConfig("prompt", "TYPE_STRING", (1,)),
         TensorConfig("negative_prompt", "TYPE_STRING", (1,), optional=True),  # base models (true CFG) only
         *_settings_inputs(),
         *_lora_inputs(),
+        TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
         *(TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS),
     )
 

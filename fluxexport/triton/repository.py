@@ -232,7 +232,11 @@ def _flux2_inputs_text(source: ModelSource, loras: list[str]) -> str:
         else "`negative_prompt` (refused: this distilled model runs without true CFG)"
     )
     return f"""takes `prompt` (BYTES [1]) and optional {negative}, `height`,
-`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images`, {_lora_inputs_text(loras)}
-and reference images `image`, `image_2`, … `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a
-size the output takes the last one's), and returns `images` (UINT8 [B,H,W,3]), calling the components through
-BLS with fluxexport's FLUX.2 runtime. {_lora_swap_text("transformer component (FLUX.2 LoRAs adapt only it)")}"""
+`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images`, {_lora_inputs_text(loras)},
+`cache` (BYTES [1], a step cache as `fluxexport run --cache` takes it; it runs on the transformer's parts, which
+this repository serves when it was written from an export with `--transformer-parts`) and reference images
+`image`, `image_2`, … `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a size the output takes
+the last one's), and returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's
+FLUX.2 runtime. {_lora_swap_text("transformer component (FLUX.2 LoRAs adapt only it)")}
+`magcache` reads a .json file inside this folder (`magcache:ratios=flux_pipeline/1/magcache/mine.json`, made by
+`fluxexport calibrate-magcache` for this model); any other path is refused."""
