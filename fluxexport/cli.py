@@ -328,7 +328,9 @@ def _print_check(reports) -> bool:
 @model_options
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: engines/<model>/onnx).")
 @click.option(
-    "--components", help="Comma-separated subset of clip,t5,transformer,vae_decoder,vae_encoder (default: all)."
+    "--components",
+    help="Comma-separated subset (default: all of the family's): FLUX.1 clip,t5,transformer,vae_decoder,vae_encoder; "
+    "FLUX.2 text_encoder,transformer,vae_decoder,vae_encoder; either: transformer_head,transformer_tail,transformer_out.",
 )
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Compute dtype; fp16 keeps T5 in bf16 and the VAE in fp32.")  # fmt: skip
@@ -341,7 +343,8 @@ def _print_check(reports) -> bool:
                    "(default: beside it past 32 MiB).")  # fmt: skip
 @click.option("--check/--no-check", "run_check", default=True, show_default=True, help="Run `fluxexport check` after.")
 @click.option("--transformer-parts", is_flag=True,
-              help="Also the transformer in three parts (head, tail, out) that `--cache first-block` runs.")  # fmt: skip
+              help="Also the transformer in three parts (head, tail, out) that `--cache first-block` and "
+                   "`--cache magcache` run.")  # fmt: skip
 def export(
     model,
     base_model,
@@ -495,8 +498,8 @@ def validate(
 @click.option("--opset", type=int, default=None, help="ONNX opset, ≥ 19 for FP8 (default 20).")
 @click.option("--external-data/--inline-weights", default=None, help="Weights beside the graph (default: past 32 MiB).")
 @click.option("--transformer-parts", is_flag=True,
-              help="Also the transformer's parts (--cache first-block), with the same scales (default: the parts "
-              "--out holds).")  # fmt: skip
+              help="Also the transformer's parts (--cache first-block, magcache), with the same scales (default: "
+              "the parts --out holds).")  # fmt: skip
 def quantize(
     model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
     sequential, opset, external_data, transformer_parts,
