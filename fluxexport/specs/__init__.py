@@ -13,7 +13,16 @@ from fluxexport.dtypes import COMPUTE
 from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxexport.specs.core import Axis, ComponentSpec, Dim, ExportBounds, TensorSpec, image_tokens, vae_specs
+from fluxexport.specs.core import (
+    Axis,
+    ComponentSpec,
+    Dim,
+    ExportBounds,
+    TensorSpec,
+    image_tokens,
+    transformer_part_specs,
+    vae_specs,
+)
 from fluxexport.specs.flux2 import flux2_specs
 
 __all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
@@ -84,41 +93,9 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     width = int(source.transformer.get("num_attention_heads", 24)) * int(
         source.transformer.get("attention_head_dim", 128)
     )
-    image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
-    text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
-    temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))
-    ids = transformer_inputs[4:6]
     transformer_axes = {"B": batch, "N": tokens, "L": text}
     transformer_sizes = {"B": 2, "N": 24, "L": 13}
-    parts = {
-        "transformer_head": ComponentSpec(
-            "transformer_head",
-            inputs=tuple(transformer_inputs),
-            outputs=(
-                TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)),
-                image_hidden,
-                text_hidden,
-                temb,
-                TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
-            ),
-            axes=transformer_axes,
-            export_sizes=transformer_sizes,
-        ),
-        "transformer_tail": ComponentSpec(
-            "transformer_tail",
-            inputs=(image_hidden, text_hidden, temb, *ids),
-            outputs=(TensorSpec("tail_hidden", COMPUTE, ("B", "N", width)),),  # the image stream after every block
-            axes=transformer_axes,
-            export_sizes=transformer_sizes,
-        ),
-        "transformer_out": ComponentSpec(
-            "transformer_out",
-            inputs=(image_hidden, temb),
-            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
-            axes={"B": batch, "N": tokens},
-            export_sizes={"B": 2, "N": 24},
-        ),
-    }
+    parts = transformer_part_specs(tuple(transformer_inputs), width, packed, transformer_axes, transformer_sizes)
 
     latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
     pixel_axis = Axis(*encoder_sides, multiple=scale)

@@ -124,6 +124,53 @@ def image_tokens(side: int) -> int:
     return (side // 16) ** 2
 
 
+def transformer_part_specs(
+    transformer_inputs: tuple[TensorSpec, ...], width: int, channels: int, axes: dict[str, Axis],
+    sizes: dict[str, int], carried: tuple[TensorSpec, ...] = (),
+) -> dict[str, ComponentSpec]:  # fmt: skip
+    """The transformer in three parts, for the step caches that skip blocks (`--cache first-block`, `magcache`):
+    the head (embedders and the first double block) takes the transformer's inputs and gives the first block's
+    image residual, both streams, the time embedding, the image stream that entered the first block and
+    `carried` (what the head computes for the tail: FLUX.2's double-block modulation vectors); the tail (every
+    other block) gives the image stream after them; out (the output layers) gives the latent."""
+    from fluxexport.dtypes import COMPUTE
+
+    image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
+    text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
+    temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))
+    ids = tuple(tensor for tensor in transformer_inputs if tensor.name in ("img_ids", "txt_ids"))
+    return {
+        "transformer_head": ComponentSpec(
+            "transformer_head",
+            inputs=transformer_inputs,
+            outputs=(
+                TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)),
+                image_hidden,
+                text_hidden,
+                temb,
+                TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
+                *carried,
+            ),
+            axes=axes,
+            export_sizes=sizes,
+        ),
+        "transformer_tail": ComponentSpec(
+            "transformer_tail",
+            inputs=(image_hidden, text_hidden, temb, *carried, *ids),
+            outputs=(TensorSpec("tail_hidden", COMPUTE, ("B", "N", width)),),  # the image stream after every block
+            axes=axes,
+            export_sizes=sizes,
+        ),
+        "transformer_out": ComponentSpec(
+            "transformer_out",
+            inputs=(image_hidden, temb),
+            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", channels)),),
+            axes={"B": axes["B"], "N": axes["N"]},
+            export_sizes={"B": sizes["B"], "N": sizes["N"]},
+        ),
+    }
+
+
 def vae_specs(
     batch: Axis, channels: int, latent_axis: Axis, pixel_axis: Axis, scale: int, latent_sample: tuple[int, int]
 ) -> dict[str, ComponentSpec]:

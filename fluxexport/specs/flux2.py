@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from fluxexport.dtypes import COMPUTE
 from fluxexport.models.source import ModelSource
-from fluxexport.specs.core import Axis, ComponentSpec, ExportBounds, TensorSpec, image_tokens, vae_specs
+from fluxexport.specs.core import (
+    Axis,
+    ComponentSpec,
+    ExportBounds,
+    TensorSpec,
+    image_tokens,
+    transformer_part_specs,
+    vae_specs,
+)
 
 ROPE_AXES = 4  # (t, h, w, l)
 # Engines serve one reference image of up to ~1 megapixel (the pipeline's cap) beside the target: 64² tokens.
@@ -40,7 +48,7 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     latent_axis = Axis(low // scale, opt // scale, high // scale)
     pixel_axis = Axis(min(low, REFERENCE_MIN_SIDE), opt, max(high, 1024), multiple=scale)
     vocabulary = int(language["vocab_size"])
-    parts = transformer_part_specs(source, tuple(transformer_inputs), transformer_axes, transformer_sizes)
+    parts = flux2_part_specs(source, tuple(transformer_inputs), transformer_axes, transformer_sizes)
     return (
         {
             "text_encoder": ComponentSpec(
@@ -66,50 +74,17 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     )
 
 
-def transformer_part_specs(
+def flux2_part_specs(
     source: ModelSource, transformer_inputs: tuple[TensorSpec, ...], axes: dict[str, Axis], sizes: dict[str, int]
 ) -> dict[str, ComponentSpec]:
     """The transformer in three parts (`--cache first-block`/`magcache`; `adapters.flux2` says what each holds):
-    FLUX.1's names where a tensor means the same, and the double blocks' modulation vectors, which the head computes
-    for its block and the tail's double blocks use."""
+    FLUX.1's parts, with the double blocks' modulation vectors carried from the head (which computes them for its
+    block) to the tail's double blocks."""
     config = source.transformer
     width = int(config.get("num_attention_heads", 48)) * int(config.get("attention_head_dim", 128))
-    channels = int(config.get("in_channels", 128))
-    image_hidden = TensorSpec("image_hidden", COMPUTE, ("B", "N", width), (-3.0, 3.0))
-    text_hidden = TensorSpec("text_hidden", COMPUTE, ("B", "L", width), (-3.0, 3.0))
-    temb = TensorSpec("temb", COMPUTE, ("B", width), (-3.0, 3.0))
     # shift, scale and gate of attention and MLP: 6 vectors of `width` per stream, as Flux2Modulation returns them
     modulations = tuple(
         TensorSpec(f"{stream}_modulation", COMPUTE, ("B", 6 * width), (-1.0, 1.0)) for stream in ("image", "text")
     )
-    ids = tuple(tensor for tensor in transformer_inputs if tensor.name in ("img_ids", "txt_ids"))
-    return {
-        "transformer_head": ComponentSpec(
-            "transformer_head",
-            inputs=transformer_inputs,
-            outputs=(
-                TensorSpec("first_block_residual", COMPUTE, ("B", "N", width)),
-                image_hidden,
-                text_hidden,
-                temb,
-                TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
-                *modulations,
-            ),
-            axes=axes,
-            export_sizes=sizes,
-        ),
-        "transformer_tail": ComponentSpec(
-            "transformer_tail",
-            inputs=(image_hidden, text_hidden, temb, *modulations, *ids),
-            outputs=(TensorSpec("tail_hidden", COMPUTE, ("B", "N", width)),),  # the image stream after every block
-            axes=axes,
-            export_sizes=sizes,
-        ),
-        "transformer_out": ComponentSpec(
-            "transformer_out",
-            inputs=(image_hidden, temb),
-            outputs=(TensorSpec("latent", COMPUTE, ("B", "N", channels)),),
-            axes={"B": axes["B"], "N": axes["N"]},
-            export_sizes={"B": sizes["B"], "N": sizes["N"]},
-        ),
-    }
+    channels = int(config.get("in_channels", 128))
+    return transformer_part_specs(transformer_inputs, width, channels, axes, sizes, carried=modulations)
