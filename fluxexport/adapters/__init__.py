@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fluxexport.adapters.flux2 import FLUX2_ADAPTERS
+from fluxexport.adapters.parts import TransformerOutAdapter
 from fluxexport.adapters.rope import Float32RotaryEmbedding, use_float32_rope
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF, load_module
@@ -107,17 +108,6 @@ class TransformerTailAdapter(nn.Module):
         for block in [*model.transformer_blocks[1:], *model.single_transformer_blocks]:
             text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
         return image
-
-
-class TransformerOutAdapter(nn.Module):
-    """The output layers (adaptive norm, projection to the packed latent)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_hidden, temb):
-        return self.model.proj_out(self.model.norm_out(image_hidden, temb))
 
 
 class VaeDecoderAdapter(nn.Module):

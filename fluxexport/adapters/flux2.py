@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from fluxexport.adapters.parts import TransformerOutAdapter
 from fluxexport.adapters.rope import use_float32_rope
 from fluxexport.errors import FluxExportError
 
@@ -138,17 +139,6 @@ class TransformerTailAdapter(nn.Module):
             joint = block(hidden_states=joint, encoder_hidden_states=None, temb_mod=single_modulation,
                           image_rotary_emb=rope)  # fmt: skip
         return joint[:, text.shape[1] :]
-
-
-class TransformerOutAdapter(nn.Module):
-    """The output layers: the adaptive norm on `temb`, the projection to the 128-channel latent."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_hidden, temb):
-        return self.model.proj_out(self.model.norm_out(image_hidden, temb))
 
 
 def batch_norm_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
