@@ -37,13 +37,21 @@ def test_loads_to_the_identical_transformer(bfl_checkpoint, sources):
     assert all(torch.equal(loaded[key], original[key]) for key in original)
 
 
-def test_mapping_agrees_with_diffusers_converter_at_full_width():
-    """diffusers' converter only handles FLUX.1's real width: compare on meta tensors (shapes, no memory)."""
+@pytest.mark.parametrize(
+    ("model_class", "converter", "single"),
+    [
+        (FluxTransformer2DModel, convert_flux_transformer_checkpoint_to_diffusers, 2),
+        (Flux2Transformer2DModel, convert_flux2_transformer_checkpoint_to_diffusers, 3),
+    ],
+)
+def test_mapping_agrees_with_diffusers_converter_at_full_width(model_class, converter, single):
+    """Several blocks of each kind at the published widths (FLUX.1-dev's, FLUX.2 [dev]'s; diffusers' FLUX.1
+    converter only handles FLUX.1's real width), on meta tensors (shapes, no memory)."""
     with torch.device("meta"):
-        model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+        model = model_class(num_layers=2, num_single_layers=single, guidance_embeds=True)
     checkpoint = diffusers_to_bfl(model.state_dict())
     ours = bfl_to_diffusers(dict(checkpoint))
-    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    theirs = converter(dict(checkpoint))
     assert set(ours) == set(theirs) == set(model.state_dict())
     assert all(ours[key].shape == theirs[key].shape for key in ours)
 
@@ -104,17 +112,6 @@ def test_flux2_conversion_equals_diffusers_converter(name, flux2_bfl_files):
     )
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
-
-
-def test_flux2_mapping_agrees_with_diffusers_at_full_width():
-    """Several blocks of each kind at FLUX.2 [dev]'s widths, on meta tensors (shapes, no memory)."""
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(num_layers=2, num_single_layers=3, guidance_embeds=True)
-    checkpoint = diffusers_to_bfl(model.state_dict())
-    ours = bfl_to_diffusers(dict(checkpoint))
-    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(checkpoint))
-    assert set(ours) == set(theirs) == set(model.state_dict())
-    assert all(ours[key].shape == theirs[key].shape for key in ours)
 
 
 @pytest.mark.parametrize("name", ["tiny-klein", "tiny-flux2-dev"])
