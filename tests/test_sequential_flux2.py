@@ -6,7 +6,6 @@ model's image."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -25,7 +24,6 @@ from fluxexport.quantize.qdq_export import calibrate_transformer
 
 PROMPTS = ["a red fox sitting in fresh snow in a misty pine forest at dawn", "a cat"]
 SETTINGS = CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2, height=128, width=128)
-MISTRAL3_LAYERS = 4  # the marker reads hidden states 1, 2, 3: layer 3 and the final norm are never run
 
 
 @pytest.fixture(scope="module")
@@ -38,47 +36,28 @@ def copy_of(source, folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def klein_bf16(klein, tmp_path_factory):
-    """tiny-klein with its text encoder stored in bf16, as published checkpoints are."""
-    folder = copy_of(klein, tmp_path_factory.mktemp("klein-bf16") / "tiny-klein-bf16")
+def with_bf16_text_encoder(source, folder):
+    """A copy of `source` with its text encoder stored in bf16, as published checkpoints are."""
+    copy_of(source, folder)
     weights = folder / "text_encoder" / "model.safetensors"
     save_file({key: value.to(torch.bfloat16) for key, value in load_file(str(weights)).items()}, str(weights))
     return load_folder(folder)
 
 
 @pytest.fixture(scope="module")
-def mistral3(klein, tmp_path_factory):
-    """tiny-klein with a random Mistral3ForConditionalGeneration (FLUX.2 [dev]'s text encoder class: a Mistral
-    language model at `model.language_model`, an untied LM head, a Pixtral vision tower and a projector) as its
-    text encoder, stored in bf16 under the keys transformers saves (`language_model.model.…`)."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+def klein_bf16(klein, tmp_path_factory):
+    return with_bf16_text_encoder(klein, tmp_path_factory.mktemp("klein-bf16") / "tiny-klein-bf16")
 
-    folder = copy_of(klein, tmp_path_factory.mktemp("mistral3") / "tiny-mistral3")
-    qwen = klein.text_encoder
-    text = MistralConfig(
-        vocab_size=qwen["vocab_size"], hidden_size=klein.transformer["joint_attention_dim"] // 3,
-        intermediate_size=64, num_hidden_layers=MISTRAL3_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, max_position_embeddings=1024, sliding_window=None, tie_word_embeddings=False,
-        pad_token_id=qwen["pad_token_id"],
-    )  # fmt: skip
-    vision = PixtralVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=32,
-        patch_size=8,
-    )  # fmt: skip
-    config = Mistral3Config(
-        text_config=text, vision_config=vision, image_token_index=qwen["vocab_size"] - 1, tie_word_embeddings=False
-    )
-    torch.manual_seed(0)
-    model = Mistral3ForConditionalGeneration(config).eval()
-    shutil.rmtree(folder / "text_encoder")
-    model.to(torch.bfloat16).save_pretrained(folder / "text_encoder")
-    index = json.loads((folder / "model_index.json").read_text())
-    index["text_encoder"] = ["transformers", "Mistral3ForConditionalGeneration"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    source = load_folder(folder)
+
+@pytest.fixture(scope="module")
+def mistral3(tmp_path_factory):
+    """tiny-flux2-dev (FLUX.2 [dev]'s text encoder class, Mistral3ForConditionalGeneration: a Mistral language model
+    at `model.language_model`, an untied LM head, a Pixtral vision tower and a projector) with its text encoder
+    stored in bf16, under the keys transformers saves (`language_model.model.…`)."""
+    dev = resolve_model("tiny-flux2-dev")
+    source = with_bf16_text_encoder(dev, tmp_path_factory.mktemp("mistral3") / "tiny-flux2-dev-bf16")
     assert source.text_encoder["architectures"] == ["Mistral3ForConditionalGeneration"]
-    assert max(source.text_encoder_layers) < MISTRAL3_LAYERS
+    assert max(source.text_encoder_layers) < source.text_encoder["text_config"]["num_hidden_layers"]
     return source
 
 
