@@ -68,16 +68,10 @@ def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
 
 
 def load_text_encoder(source: ModelSource, dtype: torch.dtype = torch.float32, for_export: bool = False):
-    """FLUX.2's text encoder, by the class its config names (Qwen3ForCausalLM, Mistral3ForConditionalGeneration);
-    export takes eager attention (its masks trace under dynamo)."""
-    import transformers
-
-    architecture = (source.text_encoder.get("architectures") or ["Qwen3ForCausalLM"])[0]
-    library_class = getattr(transformers, architecture, None)
-    if library_class is None:
-        raise FluxExportError(
-            f"text encoder class {architecture!r} is not in transformers {transformers.__version__}: upgrade it"
-        )
+    """FLUX.2's text encoder, by the class diffusers loads it with (model_index.json's, else the pipeline's:
+    Qwen3ForCausalLM, Mistral3ForConditionalGeneration); export takes eager attention (its masks trace under
+    dynamo)."""
+    library_class = source.component_class("text_encoder")
     kwargs = {"attn_implementation": "eager"} if for_export else {}
     model = from_folder(source, "text_encoder", library_class, dtype=dtype, **kwargs)
     return with_loras(source, "text_encoder", model).eval()

@@ -42,15 +42,13 @@ def module_from_config(source: ModelSource, module: str, for_export: bool = True
 
         library_class = AutoencoderKLFlux2 if source.is_flux2 else AutoencoderKL
         return library_class.from_config(library_class.load_config(str(root), subfolder="vae"))
-    import transformers
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
     config = AutoConfig.from_pretrained(root / source.subfolders[module])
-    if module == "text_encoder":  # FLUX.2's LM, by the class its config names
+    if module == "text_encoder":  # FLUX.2's LM, by the class diffusers loads it with
         if for_export:
             config._attn_implementation = "eager"
-        architecture = (config.architectures or ["Qwen3ForCausalLM"])[0]
-        return getattr(transformers, architecture)(config)
+        return source.component_class("text_encoder")(config)
     if module == "t5":
         if for_export:
             config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)

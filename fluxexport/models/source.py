@@ -32,6 +32,8 @@ class ModelSource:
     transformer_file: Path | None = None
     configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
     loras: tuple = ()  # LoraFile, merged into the weights wherever they are read (models/lora.py)
+    # FLUX.2: the text encoder's hidden-state layers the user chose (--text-encoder-layers), else the pipeline's
+    text_layers: tuple[int, ...] | None = None
 
     def with_loras(self, loras) -> ModelSource:
         """This checkpoint with `loras` (LoraFile) merged into it; checked against the model when read."""
@@ -44,9 +46,48 @@ class ModelSource:
 
         return LoraSet(self.loras, self.family.name) if self.loras else None
 
+    def with_text_encoder_layers(self, layers: tuple[int, ...] | None) -> ModelSource:
+        """This checkpoint read at other text-encoder layers (a fine-tune's `text_encoder_out_layers`)."""
+        if layers is None:
+            return self
+        if not self.is_flux2:
+            raise FluxExportError(
+                f"--text-encoder-layers is for FLUX.2 models; {self.name} is {self.family.title}: leave it out"
+            )
+        depth = int(self.language["num_hidden_layers"])
+        if not layers or any(not 0 <= layer <= depth for layer in layers):
+            raise FluxExportError(
+                f"--text-encoder-layers {','.join(map(str, layers))} does not fit {self.name}'s text encoder of "
+                f"{depth} layers: pass layers between 0 and {depth}"
+            )
+        chosen = dataclasses.replace(self, text_layers=tuple(layers))
+        check_flux2_widths(chosen)  # the stacked layers must still make the transformer's joint width
+        return chosen
+
+    @functools.cached_property
+    def library(self) -> dict[str, dict[str, Any]]:
+        """Every config as its defining library reads it: the file's keys completed with the class's own
+        defaults (`models.configs`); `language` is FLUX.2's language-model config."""
+        from fluxexport.models.configs import library_configs
+
+        return library_configs(self.configs, self.family.pipelines)
+
+    @functools.cached_property
+    def pipeline_type(self) -> type:
+        """The diffusers pipeline class this folder runs as."""
+        from fluxexport.models.configs import pipeline_class
+
+        return pipeline_class(self.configs["model_index"], self.family.pipelines)
+
+    def component_class(self, part: str) -> type:
+        """The library class diffusers loads `part` ("text_encoder", "vae", …) with."""
+        from fluxexport.models.configs import component_class
+
+        return component_class(self.configs["model_index"], self.pipeline_type, part)
+
     @property
     def pipeline_class(self) -> str:
-        return self.configs["model_index"].get("_class_name", "FluxPipeline")
+        return self.pipeline_type.__name__
 
     @property
     def family(self) -> Family:
@@ -68,22 +109,32 @@ class ModelSource:
     @property
     def is_distilled(self) -> bool:
         """FLUX.2: a step-distilled model runs without true CFG (model_index.json's `is_distilled`)."""
-        return bool(self.configs["model_index"].get("is_distilled", False))
+        index = self.library["model_index"]  # a pipeline without the argument (Flux2Pipeline) is not step-distilled
+        return "is_distilled" in index and bool(index["is_distilled"])
 
     @property
     def text_encoder(self) -> dict[str, Any]:
         """FLUX.2's text encoder config (a causal LM read at intermediate layers)."""
-        return self.configs["text_encoder"]
+        return self.library["text_encoder"]
+
+    @property
+    def language(self) -> dict[str, Any]:
+        """FLUX.2's language-model config (Mistral3's nested `text_config`; Qwen3's own)."""
+        return self.library["language"]
 
     @property
     def text_encoder_layers(self) -> tuple[int, ...]:
-        """FLUX.2: the hidden-state layers stacked into the prompt embedding (diffusers' defaults per pipeline;
-        a tiny model's marker names its own)."""
-        if self.is_tiny:
-            layers = self.tiny_marker.get("text_encoder_layers")
-            if layers:
-                return tuple(layers)
-        return (10, 20, 30) if self.pipeline_class == "Flux2Pipeline" else (9, 18, 27)
+        """FLUX.2: the hidden-state layers stacked into the prompt embedding: the user's (--text-encoder-layers),
+        a tiny model's marker's, else the pipeline's `text_encoder_out_layers` default."""
+        from fluxexport.models.configs import call_default
+
+        if self.text_layers is not None:
+            return self.text_layers
+        if self.is_tiny and self.tiny_marker.get("text_encoder_layers"):
+            return tuple(self.tiny_marker["text_encoder_layers"])
+        if not self.is_flux2:  # FLUX.1 reads its encoders' last states: the argument is not its pipelines'
+            return ()
+        return tuple(call_default(self.pipeline_type, "text_encoder_out_layers"))
 
     @property
     def tiny_marker(self) -> dict[str, Any]:
@@ -96,35 +147,35 @@ class ModelSource:
 
     @property
     def transformer(self) -> dict[str, Any]:
-        return self.configs["transformer"]
+        return self.library["transformer"]
 
     @property
     def vae(self) -> dict[str, Any]:
-        return self.configs["vae"]
+        return self.library["vae"]
 
     @property
     def scheduler(self) -> dict[str, Any]:
-        return self.configs["scheduler"]
+        return self.library["scheduler"]
 
     @property
     def clip(self) -> dict[str, Any]:
-        return self.configs["text_encoder"]
+        return self.library["text_encoder"]
 
     @property
     def t5(self) -> dict[str, Any]:
-        return self.configs["text_encoder_2"]
+        return self.library["text_encoder_2"]
 
     @property
     def guidance_embeds(self) -> bool:
-        return bool(self.transformer.get("guidance_embeds", False))
+        return bool(self.transformer["guidance_embeds"])
 
     @property
     def latent_channels(self) -> int:
-        return int(self.transformer.get("in_channels", 64)) // 4
+        return int(self.transformer["in_channels"]) // 4
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.get("block_out_channels", [0] * 4)) - 1)
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
     def is_tiny(self) -> bool:
@@ -166,6 +217,8 @@ class ModelSource:
             digest.update(f"{path.name}:{path.stat().st_size}".encode())
         for lora in self.loras:  # a merged model is another model: its graphs and scales are its own
             digest.update(f"lora:{lora.sha256}:{lora.scale!r}".encode())
+        if self.text_layers is not None:  # so is one read at other text-encoder layers
+            digest.update(f"text_encoder_layers:{self.text_layers}".encode())
         return digest.hexdigest()[:16]
 
     @functools.cached_property
@@ -232,40 +285,39 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
         if not path.is_file():
             raise FluxExportError(f"{family.title} model folder {root} is incomplete: missing {relative}")
         configs[part] = _read_json(path)
-    (check_flux2_widths if family is FLUX2 else check_widths)(configs, root)
-    return ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
+    source = ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
+    (check_flux2_widths if family is FLUX2 else check_widths)(source)
+    return source
 
 
-def check_widths(configs: dict[str, dict[str, Any]], root: Path) -> None:
+def check_widths(source: ModelSource) -> None:
     """Refuse components whose widths do not meet the transformer's (torch.export would fail with pages)."""
-    transformer = configs["transformer"]
+    transformer = source.transformer
     pairs = (
-        ("text_encoder/config.json hidden_size", configs["text_encoder"].get("hidden_size"),
-         "pooled_projection_dim", transformer.get("pooled_projection_dim", 768)),
-        ("text_encoder_2/config.json d_model", configs["text_encoder_2"].get("d_model"),
-         "joint_attention_dim", transformer.get("joint_attention_dim", 4096)),
-        ("vae/config.json latent_channels × 4", 4 * int(configs["vae"].get("latent_channels", 16)),
-         "in_channels", transformer.get("in_channels", 64)),
+        ("text_encoder/config.json hidden_size", source.clip["hidden_size"],
+         "pooled_projection_dim", transformer["pooled_projection_dim"]),
+        ("text_encoder_2/config.json d_model", source.t5["d_model"],
+         "joint_attention_dim", transformer["joint_attention_dim"]),
+        ("vae/config.json latent_channels × 4", 4 * int(source.vae["latent_channels"]),
+         "in_channels", transformer["in_channels"]),
     )  # fmt: skip
-    for theirs, width, ours, expected in pairs:
-        if width is not None and int(width) != int(expected):
-            raise FluxExportError(
-                f"{root}: {theirs} is {width} but the transformer's {ours} is {expected}: the parts come from "
-                "different models"
-            )
+    _refuse_mismatch(pairs, source.root)
 
 
-def check_flux2_widths(configs: dict[str, dict[str, Any]], root: Path) -> None:
+def check_flux2_widths(source: ModelSource) -> None:
     """FLUX.2: the stacked text layers must make the transformer's joint width, the VAE's patches its channels."""
-    transformer, text = configs["transformer"], configs["text_encoder"]
-    text = text.get("text_config", text)  # Mistral3 nests its language model's config
-    layers = 3  # both pipelines stack three hidden-state layers
+    transformer = source.transformer
+    layers = len(source.text_encoder_layers)
     pairs = (
-        (f"text_encoder/config.json hidden_size × {layers}", layers * int(text.get("hidden_size", 0)),
-         "joint_attention_dim", transformer.get("joint_attention_dim", 15360)),
-        ("vae/config.json latent_channels × 4", 4 * int(configs["vae"].get("latent_channels", 32)),
-         "in_channels", transformer.get("in_channels", 128)),
+        (f"text_encoder/config.json hidden_size × {layers}", layers * int(source.language["hidden_size"]),
+         "joint_attention_dim", transformer["joint_attention_dim"]),
+        ("vae/config.json latent_channels × 4", 4 * int(source.vae["latent_channels"]),
+         "in_channels", transformer["in_channels"]),
     )  # fmt: skip
+    _refuse_mismatch(pairs, source.root)
+
+
+def _refuse_mismatch(pairs: tuple[tuple[str, Any, str, Any], ...], root: Path) -> None:
     for theirs, width, ours, expected in pairs:
         if int(width) != int(expected):
             raise FluxExportError(

@@ -60,7 +60,7 @@ def encode_reference(
     """Kontext reference → (packed tokens [B,M,4C], ids [M,3] in domain 1)."""
     pixels = prepare_reference(image, auto_resize, 2 * source.vae_scale_factor).to(backend.device)
     mean = backend.component("vae_encoder")({"images": pixels})["latent"]
-    latents = from_vae_latents(mean, source.vae["scaling_factor"], source.vae.get("shift_factor") or 0.0)
+    latents = from_vae_latents(mean, source.vae["scaling_factor"], source.vae["shift_factor"] or 0.0)
     _, _, h, w = latents.shape
     return pack_latents(latents).expand(batch, -1, -1).contiguous(), image_ids(h, w, domain=1).to(backend.device)
 
@@ -97,7 +97,7 @@ def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, height:
     """Packed latents → uint8 images [B,H,W,3]."""
     h, w = latent_grid(height, width, source.vae_scale_factor)
     scaled = to_vae_latents(
-        unpack_latents(latents, h, w), source.vae["scaling_factor"], source.vae.get("shift_factor") or 0.0
+        unpack_latents(latents, h, w), source.vae["scaling_factor"], source.vae["shift_factor"] or 0.0
     )
     return images_to_uint8(backend.component("vae_decoder")({"latent": scaled})["images"])
 

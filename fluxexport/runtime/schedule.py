@@ -54,34 +54,39 @@ def check_steps(num_steps: int) -> int:
     return num_steps
 
 
+def scheduler_settings(scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The scheduler config as FlowMatchEulerDiscreteScheduler reads it: the file's keys, else its defaults."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config)).config)
+
+
 def flow_match_sigmas(
     num_steps: int, image_seq_len: int, scheduler_config: Mapping[str, Any], mu: float | None = None
 ) -> torch.Tensor:
     """Sigmas [num_steps+1] float32 ending in 0, shifted statically or by resolution (mu; FLUX.2 passes its own)."""
     check_steps(num_steps)
+    config = scheduler_settings(scheduler_config)
     for option in _UNSUPPORTED_OPTIONS:
-        if scheduler_config.get(option):
-            raise FluxExportError(f"scheduler option {option}={scheduler_config[option]!r} is not supported")
+        if config[option]:
+            raise FluxExportError(f"scheduler option {option}={config[option]!r} is not supported")
     # float32 from here on, in the order diffusers computes, so that every sigma matches bit for bit.
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    if scheduler_config.get("use_dynamic_shifting", False):
-        mu = (
-            mu
-            if mu is not None
-            else resolution_shift(
+    if config["use_dynamic_shifting"]:
+        if mu is None:
+            mu = resolution_shift(
                 image_seq_len,
-                scheduler_config.get("base_image_seq_len", 256),
-                scheduler_config.get("max_image_seq_len", 4096),
-                scheduler_config.get("base_shift", 0.5),
-                scheduler_config.get("max_shift", 1.15),
+                config["base_image_seq_len"],
+                config["max_image_seq_len"],
+                config["base_shift"],
+                config["max_shift"],
             )
-        )
-        if scheduler_config.get("time_shift_type", "exponential") == "linear":
+        if config["time_shift_type"] == "linear":
             sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
         else:
             sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
     else:
-        shift = scheduler_config.get("shift", 1.0)
+        shift = config["shift"]
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
     return torch.cat([sigmas, torch.zeros(1)])

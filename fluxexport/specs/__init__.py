@@ -7,12 +7,19 @@ Names follow NVIDIA's TensorRT diffusion demo (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from fluxexport.artifacts.files import MANIFEST
+from fluxexport.artifacts.folders import TENSORRT, open_folder
 from fluxexport.dtypes import COMPUTE
+from fluxexport.errors import FluxExportError
 from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.runtime.references import reference_size
+from fluxexport.runtime.request import ResolvedRequest
 from fluxexport.specs.core import (
     Axis,
     ComponentSpec,
@@ -23,7 +30,7 @@ from fluxexport.specs.core import (
     transformer_part_specs,
     vae_specs,
 )
-from fluxexport.specs.flux2 import flux2_specs
+from fluxexport.specs.flux2 import check_references_served, flux2_specs
 
 __all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
 
@@ -64,10 +71,10 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     if source.family is FLUX2:
         return flux2_specs(source, bounds)
     batch = Axis(*bounds.batch)
-    clip_length = int(source.clip.get("max_position_embeddings", 77))
+    clip_length = int(source.clip["max_position_embeddings"])
     clip_width = int(source.clip["hidden_size"])
     t5_width = int(source.t5["d_model"])
-    packed = int(source.transformer.get("in_channels", 64))
+    packed = int(source.transformer["in_channels"])
     channels = source.latent_channels
     scale = source.vae_scale_factor
     min_side, opt_side, max_side = bounds.min_resolution, bounds.opt_resolution, bounds.max_resolution
@@ -90,9 +97,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     if source.guidance_embeds:
         transformer_inputs.append(TensorSpec("guidance", "float32", ("B",), (1.0, 5.0)))
 
-    width = int(source.transformer.get("num_attention_heads", 24)) * int(
-        source.transformer.get("attention_head_dim", 128)
-    )
+    width = int(source.transformer["num_attention_heads"]) * int(source.transformer["attention_head_dim"])
     transformer_axes = {"B": batch, "N": tokens, "L": text}
     transformer_sizes = {"B": 2, "N": 24, "L": 13}
     parts = transformer_part_specs(tuple(transformer_inputs), width, packed, transformer_axes, transformer_sizes)
@@ -129,6 +134,39 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
         | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (6, 10))
         | parts
     )
+
+
+# FLUX.2's reference budget (ExportBounds fields) and the options that set it at export and build
+REFERENCE_OPTIONS = {
+    "max_references": "--max-references",
+    "max_reference_area": "--max-reference-area",
+    "max_reference_aspect": "--max-reference-aspect",
+}
+
+
+def refuse_reference_options(source: ModelSource, **given: object) -> None:
+    """The reference budget sizes FLUX.2's engines; FLUX.1 Kontext's reference follows its preferred sizes."""
+    named = [REFERENCE_OPTIONS[key] for key, value in given.items() if value is not None]
+    if named and not source.is_flux2:
+        raise FluxExportError(
+            f"{named[0]} sizes FLUX.2's reference images; {source.name} is FLUX.1 (Kontext's reference bounds follow "
+            "its preferred sizes): drop it"
+        )
+
+
+def check_served(source: ModelSource, backend: str, engines: Path | None, resolved: ResolvedRequest) -> None:
+    """Refuse, before any work, a FLUX.2 request whose references exceed the budget `engines` serves: an engine
+    folder's build bounds (`tensorrt`) or an ONNX folder's manifest bounds (`onnxruntime`)."""
+    if backend == "torch" or engines is None or not source.is_flux2 or not resolved.references:
+        return
+    if not (Path(engines) / MANIFEST).is_file():
+        return  # the backend says what is missing
+    folder = open_folder(Path(engines))
+    built = folder.kind == TENSORRT
+    bounds = ExportBounds.from_json(folder.bounds, built=built)
+    sizes = [reference_size(image, 2 * source.vae_scale_factor) for image in resolved.references]
+    wording = ("these engines serve", "rebuild them with") if built else ("this export serves", "export again with")
+    check_references_served(source, bounds, resolved.height, resolved.width, sizes, *wording)
 
 
 def sample_inputs(
