@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,6 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -92,10 +95,54 @@ def byte_progress() -> Iterator:
         yield update
 
 
-def table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+NUMBER = re.compile(r"^[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?(×|%| dB)?$")
+
+
+def _is_number(cell: str) -> bool:
+    return bool(NUMBER.match(Text.from_markup(cell).plain.strip()))
+
+
+def _constant_columns(columns: list[str], rows: list[list[str]]) -> list[int]:
+    """Named text columns (not the first) holding one value in every row of two or more: these can be said once,
+    in the title."""
+    if len(rows) < 2:
+        return []
+    return [index for index, name in enumerate(columns)
+            if index and name and len({row[index] for row in rows}) == 1 and not _is_number(rows[0][index])]  # fmt: skip
+
+
+def _width(table: Table) -> int:
+    """The width a table takes when nothing wraps."""
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+
+
+def _build(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     result = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
-        result.add_column(column, justify="left" if index == 0 else "right")
+        cells = [row[index] for row in rows]
+        if index == 0:  # the row's name: never cut
+            result.add_column(column, justify="left", no_wrap=True)
+        elif cells and all(_is_number(cell) for cell in cells):  # numbers are never cut, nor wrapped
+            result.add_column(column, justify="right", no_wrap=True)
+        else:  # words wrap at spaces, long names fold: nothing is cut to "…"
+            result.add_column(column, justify="left", overflow="fold")
     for row in rows:
         result.add_row(*row)
+    return result
+
+
+def table(title: str, columns: list[str], rows: list[list[str]], width: int | None = None) -> Table:
+    """A table that stays readable at `width` (default: the console's, 80 in a log): numbers right-aligned and
+    never cut, text wrapped or folded, and, when it does not fit, columns with one value in every row moved
+    into the title."""
+    width = width or console.width
+    result = _build(title, columns, rows)
+    said: list[int] = []
+    for index in _constant_columns(columns, rows):
+        if _width(result) <= width:
+            break
+        said.append(index)
+        kept = [i for i in range(len(columns)) if i not in said]
+        heading = f"{title} · " + ", ".join(f"{columns[i]} {rows[0][i]}" for i in said)
+        result = _build(heading, [columns[i] for i in kept], [[row[i] for i in kept] for row in rows])
     return result

@@ -11,10 +11,13 @@ TensorRT gets, are untouched. Each optimized graph is checked against its portab
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,6 +60,22 @@ def _heads_and_width(source: ModelSource, name: str) -> tuple[int, int]:
     if name == "clip":
         return source.clip["num_attention_heads"], source.clip["hidden_size"]
     return 0, 0
+
+
+@contextmanager
+def quiet_optimizer() -> Iterator[None]:
+    """Silence what ONNX Runtime's optimizer prints while it fuses: its `fusion` progress bars (tqdm, on stderr),
+    its warnings (e.g. that fused LayerNorms need onnxruntime-gpu ≥ 1.21: the parity check below runs them here)
+    and the `failed in shape inference` line it prints to stdout when its symbolic shape inference gives up (it
+    then fuses without it). None of them is a failure; a real one raises."""
+    ort_logger = logging.getLogger("onnxruntime.transformers")
+    level = ort_logger.level
+    ort_logger.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        ort_logger.setLevel(level)
 
 
 def fusion_options(name: str, provider: str):
@@ -119,10 +138,11 @@ def optimize_graphs(
         heads, width = _heads_and_width(source, name)
         staging = Path(tempfile.mkdtemp(dir=engines / FOLDER, prefix=f".staging-{name}-"))
         try:
-            model = optimize_model(
-                str(engines / graph.file), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
-                optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
-            )  # fmt: skip
+            with quiet_optimizer():
+                model = optimize_model(
+                    str(engines / graph.file), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
+                    optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
+                )  # fmt: skip
             fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
             if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
                 earlier = section.pop(name, None)
