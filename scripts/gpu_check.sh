@@ -1,133 +1,214 @@
 #!/usr/bin/env bash
-# The TensorRT path as a GPU user runs it, on a GPU host with TensorRT (inside the Dockerfile's image; the
-# Triton step needs a tritonserver with the TensorRT backend, as in Dockerfile.triton's image):
-#   bash scripts/gpu_check.sh [WORKDIR]
-# Per tiny model (FLUX.1 schnell, dev, Kontext; FLUX.2 klein and dev): bf16 graphs + quantize's FP8 transformer; engines in two resolution buckets (bf16 and FP8);
-# validate; images at alternating sizes in both buckets with CUDA graphs on equal to CUDA graphs off; weight
-# streaming at 50%; --low-vram; torch/TensorRT benchmarks. On tiny-dev: bf16 and FP8 refit against torch with
-# the LoRA merged, `optimize --provider cuda`, and a Triton repository from the engine folder served by a real
-# tritonserver with requests in both buckets. Every step is a row of one table; a step that fails is a FAIL
-# row (the script goes on), an FP8 step below compute capability 8.9 a "skipped (needs compute 8.9)" row.
+# The TensorRT path as a GPU user runs it, every row in one command, inside the Dockerfile's image on a GPU host:
+#   docker build -t fluxexport:25.10 .
+#   docker run --gpus all --rm -v "$PWD/gpu-check:/out" fluxexport:25.10 bash scripts/gpu_check.sh /out
+# (or `bash scripts/gpu_check.sh [WORKDIR]` anywhere with a CUDA GPU, TensorRT's Python module, polygraphy and a
+# tritonserver with the TensorRT backend). Without a GPU or TensorRT it refuses in one line (exit 2) and writes
+# nothing.
+#
+# Per tiny model (FLUX.1 schnell, dev, Kontext; FLUX.2 klein and dev): bf16 graphs with the transformer's parts,
+# quantize's FP8 transformer; validate the graphs; bf16 engines in two resolution buckets, able to stream weights;
+# validate --engines; images at sizes in both buckets against PyTorch on the GPU, alternating sizes with CUDA graphs
+# equal to CUDA graphs off; weight streaming at 50%; --low-vram; step caches on the part engines (computed steps
+# and the image against PyTorch with the same cache; --low-vram with a cache); FP8 engines. On tiny-dev: ONNX
+# Runtime's CUDA optimizer, bf16 and FP8 refit of a LoRA (against PyTorch with the LoRA merged, and against engines
+# built from the graph exported with the LoRA merged), and a Triton repository from the engine folder served by
+# tritonserver, requests sent through tritonclient in both buckets. Every row prints PASS or FAIL with its reason
+# (the numbers it measured, or the last line of its log in WORKDIR/logs); FP8 rows below compute capability 8.9
+# print SKIP. The script exits 1 when any row failed.
 set -uo pipefail
+py=${PYTHON:-python3}
+
+# ---- refuse in one line, before anything is written, where the check cannot run
+missing=$("$py" - <<'PY' 2>&1
+missing = []
+try:
+    import torch
+except ImportError:
+    missing.append("no torch")
+else:
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU visible to torch")
+try:
+    import tensorrt
+
+    tensorrt.__version__  # a stubs-only or half-installed package imports without it
+except (ImportError, AttributeError, OSError):
+    missing.append("no TensorRT Python module")
+print(" and ".join(missing))
+PY
+) || missing="$py cannot run: $missing"
+if [ -n "$missing" ]; then
+  echo "gpu_check.sh needs an NVIDIA GPU and TensorRT ($missing): run it in the Dockerfile's image on a GPU host," \
+    "docker run --gpus all --rm -v \"\$PWD/gpu-check:/out\" fluxexport:25.10 bash scripts/gpu_check.sh /out" >&2
+  exit 2
+fi
+
 work=${1:-engines/gpu-check}
-mkdir -p "$work"
-summary="$work/summary.tsv"
-printf 'model\tstep\tresult\n' > "$summary"
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$summary"; }
-# step MODEL NAME COMMAND…: a pass/FAIL row (its log in $work/logs/)
 mkdir -p "$work/logs"
-step() {
-  local model=$1 name=$2; shift 2
-  local log="$work/logs/$(printf '%s-%s' "$model" "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
-  if "$@" >"$log" 2>&1; then record "$model" "$name" pass; return 0; fi
-  record "$model" "$name" "FAIL (see $log)"; return 1
+summary="$work/summary.tsv"
+printf 'result\tmodel\trow\treason\n' > "$summary"
+
+# row RESULT MODEL NAME REASON: one line on stdout and in the summary
+row() {
+  printf '%-4s  %-14s  %s%s\n' "$1" "$2" "$3" "${4:+: $4}"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$summary"
 }
-median_total() { python -c "import json, sys; print(round(json.load(open(sys.argv[1]))['median_ms']['total'], 1))" "$1" 2>/dev/null || echo n/a; }
-psnr() {
-  python - "$1" "$2" <<'PY' 2>/dev/null || echo n/a
+# step MODEL NAME COMMAND…: PASS or FAIL; the reason is the last line the command printed (its numbers)
+step() {
+  local model=$1 name=$2 log last status; shift 2
+  log="$work/logs/$(printf '%s-%s' "$model" "$name" | tr -c 'A-Za-z0-9_.-' '_').log"
+  "$@" >"$log" 2>&1
+  status=$?
+  last=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-200)
+  if [ "$status" = 0 ]; then
+    row PASS "$model" "$name" "$last"
+    return 0
+  fi
+  row FAIL "$model" "$name" "${last:-exit status $status} (log: $log)"
+  return 1
+}
+# psnr_at_least MIN A.png B.png: prints the PSNR, fails below MIN
+psnr_at_least() {
+  "$py" - "$@" <<'PY'
 import sys
 import numpy as np
 from PIL import Image
-a, b = (np.asarray(Image.open(path), dtype=np.float64) for path in sys.argv[1:])
+low, a, b = float(sys.argv[1]), *(np.asarray(Image.open(p), dtype=np.float64) for p in sys.argv[2:])
 mse = ((a - b) ** 2).mean()
-print("inf" if mse == 0 else f"{10 * np.log10(255**2 / mse):.1f}")
+value = float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+print(f"{value:.1f} dB (needs ≥ {low:g})")
+sys.exit(0 if value >= low else 1)
 PY
 }
-same() { python -c "import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(p)) for p in sys.argv[1:]); sys.exit(0 if np.array_equal(a, b) else 1)" "$1" "$2"; }
+# same_image A.png B.png: bit for bit
+same_image() {
+  "$py" -c "import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(p)) for p in sys.argv[1:]); print('bit for bit' if np.array_equal(a, b) else 'images differ'); sys.exit(0 if np.array_equal(a, b) else 1)" "$@"
+}
+# run_image MODEL OUT.png ARGS…: `fluxexport run` with the common prompt
+run_image() {
+  local model=$1 out=$2; shift 2
+  fluxexport run --model "$model" --prompt "a red fox" --seed 3 --output "$out" "$@"
+}
 
-python - <<'PY'
+"$py" - <<'PY'
 import tensorrt, torch
 print(f"TensorRT {tensorrt.__version__} · {torch.cuda.get_device_name()} · "
       f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}")
 PY
-fp8_ok=$(python -c "import torch; print(int(torch.cuda.get_device_capability() >= (8, 9)))")
-precisions="bf16"; [ "$fp8_ok" = 1 ] && precisions="bf16 fp8"
+fp8_ok=$("$py" -c "import torch; print(int(torch.cuda.get_device_capability() >= (8, 9)))")
 bounds=(--min-resolution 64 --opt-resolution 256 --max-resolution 1024 --resolution-buckets 2)
 
 for model in tiny-schnell tiny-dev tiny-kontext tiny-klein tiny-flux2-dev; do
-  onnx="$work/$model/onnx"
-  flux2=0; case "$model" in tiny-klein|tiny-flux2-dev) flux2=1 ;; esac  # FLUX.2: no transformer parts, no step caches yet
-  parts=(--transformer-parts); [ "$flux2" = 1 ] && parts=()
-  step "$model" "export bf16" fluxexport export --model "$model" --dtype bf16 "${parts[@]}" --out "$onnx" || continue
+  dir="$work/$model"
+  onnx="$dir/onnx"
+  step "$model" "export bf16 with the transformer's parts" \
+    fluxexport export --model "$model" --dtype bf16 --transformer-parts --out "$onnx" || continue
   if [ "$fp8_ok" = 1 ]; then
-    step "$model" "quantize fp8" fluxexport quantize --model "$model" --out "$onnx" --calib-size 8
+    step "$model" "quantize fp8" fluxexport quantize --model "$model" --out "$onnx" --calib-size 4 --transformer-parts
   else
-    record "$model" "quantize fp8" "skipped (needs compute 8.9)"
+    row SKIP "$model" "quantize fp8" "needs compute capability 8.9"
   fi
-  step "$model" "validate graphs (ORT vs torch)" \
-    fluxexport validate --model "$model" --engines "$onnx" --report "$work/$model/validation.json"
-  fluxexport run --model "$model" --backend torch --dtype bf16 --prompt "a red fox" --output "$work/$model/torch.png" \
-    >/dev/null 2>&1
-  fluxexport bench --model "$model" --backend torch --dtype bf16 --json "$work/$model/bench-torch.json" >/dev/null 2>&1
-  record "$model" "torch bf16 total (ms)" "$(median_total "$work/$model/bench-torch.json")"
-  for precision in bf16 fp8; do
-    engines="$work/$model/trt-$precision"
-    if [ "$precision" = fp8 ] && [ "$fp8_ok" != 1 ]; then
-      record "$model" "TensorRT fp8 engines" "skipped (needs compute 8.9)"; continue
-    fi
-    extra=(); [ "$precision" = bf16 ] && extra=(--weight-streaming)
-    step "$model" "build $precision, 2 buckets" fluxexport build --model "$model" --precision "$precision" \
-      --onnx "$onnx" --out "$engines" "${bounds[@]}" "${extra[@]}" || continue
-    step "$model" "validate TensorRT $precision (vs ORT and torch, both buckets)" \
+  step "$model" "validate graphs (ONNX Runtime vs PyTorch)" \
+    fluxexport validate --model "$model" --engines "$onnx" --report "$dir/validation.json"
+  run_image "$model" "$dir/torch.png" --backend torch --dtype bf16 >/dev/null 2>&1
+
+  engines="$dir/trt-bf16"
+  if step "$model" "build bf16, 2 buckets, weight streaming" fluxexport build --model "$model" --precision bf16 \
+      --onnx "$onnx" --out "$engines" "${bounds[@]}" --weight-streaming; then
+    step "$model" "validate --engines bf16 (vs ONNX Runtime and PyTorch, both buckets)" \
       fluxexport validate --model "$model" --engines "$engines" --report "$engines/validation.json"
-    # alternating sizes in one process, CUDA graphs on and off: every image equal
-    step "$model" "TensorRT $precision: sizes A,B,A across buckets, CUDA graphs = no graphs" python - "$model" "$engines" <<'PY'
-import sys, numpy as np
+    step "$model" "TensorRT bf16 in both buckets vs PyTorch bf16 on the GPU; sizes A,B,A,C: CUDA graphs = none" \
+      "$py" - "$model" "$engines" <<'PY'
+import sys
+import numpy as np
+from fluxexport.compare import psnr
 from fluxexport.models.source import resolve_model
+from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.tensorrt.backend import TensorRTBackend
 source = resolve_model(sys.argv[1])
-sizes = [(256, 256), (640, 640), (144, 272), (256, 256), (768, 512), (640, 640)]
+sizes = [(256, 256), (640, 640), (256, 256), (768, 512), (144, 272), (640, 640)]  # 640² and 768×512: bucket 2
 def images(backend):
     return [generate(backend, source, GenerationRequest("a red fox", height=h, width=w, num_inference_steps=4,
                                                         seed=i)).images for i, (h, w) in enumerate(sizes)]
-graphs, plain = images(TensorRTBackend(source, sys.argv[2])), images(TensorRTBackend(source, sys.argv[2], cuda_graphs=False))
+with TensorRTBackend(source, sys.argv[2]) as backend:
+    graphs = images(backend)
+    captured = len(backend.runners["transformer"].captured) if "transformer" in backend.runners else 0
+with TensorRTBackend(source, sys.argv[2], cuda_graphs=False) as backend:
+    plain = images(backend)
+torch_images = images(TorchBackend(source, "bf16", "cuda"))
 bad = [size for size, a, b in zip(sizes, graphs, plain) if not np.array_equal(a, b)]
-sys.exit(f"CUDA-graph images differ at {bad}" if bad else 0)
+low = min(psnr(a, b) for a, b in zip(graphs, torch_images))
+print(f"{captured} transformer graphs captured; graphs = no graphs at every size: {not bad}; "
+      f"min PSNR vs PyTorch {low:.1f} dB (needs ≥ 30)")
+sys.exit(f"CUDA-graph images differ at {bad}" if bad else 0 if low >= 30 and captured >= 4 else 1)
 PY
-    fluxexport run --model "$model" --backend tensorrt --engines "$engines" --prompt "a red fox" \
-      --output "$work/$model/$precision.png" >/dev/null 2>&1
-    record "$model" "TensorRT $precision vs torch bf16 (PSNR dB)" "$(psnr "$work/$model/$precision.png" "$work/$model/torch.png")"
-    step "$model" "TensorRT $precision --low-vram = default" fluxexport run --model "$model" --backend tensorrt \
-      --engines "$engines" --low-vram --prompt "a red fox" --output "$work/$model/$precision-lowvram.png" \
-      && { same "$work/$model/$precision-lowvram.png" "$work/$model/$precision.png" \
-           || record "$model" "TensorRT $precision --low-vram = default" "FAIL (images differ)"; }
-    if [ "$precision" = bf16 ]; then
-      # step caches around the engines: how many steps ran, and the image against the same steps without a cache
-      fluxexport run --model "$model" --backend tensorrt --engines "$engines" --prompt "a red fox" --steps 12 \
-        --output "$work/$model/steps12.png" >/dev/null 2>&1
-      caches="taylorseer:interval=3,warmup=2 first-block:threshold=0.2 magcache:ratios=flux-dev"
-      [ "$flux2" = 1 ] && caches=""
-      for cache in $caches; do
-        step "$model" "TensorRT bf16 --cache $cache" fluxexport run --model "$model" --backend tensorrt \
-          --engines "$engines" --prompt "a red fox" --steps 12 --cache "$cache" --output "$work/$model/${cache%%:*}.png"
-        record "$model" "--cache $cache vs none, 12 steps (PSNR dB)" \
-          "$(psnr "$work/$model/${cache%%:*}.png" "$work/$model/steps12.png")"
-      done
-      step "$model" "TensorRT bf16 weight streaming 50%" fluxexport run --model "$model" --backend tensorrt \
-        --engines "$engines" --weight-streaming-budget 50% --prompt "a red fox" --output "$work/$model/streamed.png"
-      record "$model" "weight streaming 50% vs no streaming (PSNR dB)" "$(psnr "$work/$model/streamed.png" "$work/$model/bf16.png")"
-      fluxexport bench --model "$model" --backend tensorrt --engines "$engines" --weight-streaming-budget 50% \
-        --json "$work/$model/bench-streamed.json" >/dev/null 2>&1
-      record "$model" "TensorRT bf16 streaming 50% total (ms)" "$(median_total "$work/$model/bench-streamed.json")"
-    fi
-    fluxexport bench --model "$model" --backend tensorrt --engines "$engines" --json "$work/$model/bench-$precision.json" \
-      >/dev/null 2>&1
-    record "$model" "TensorRT $precision total (ms)" "$(median_total "$work/$model/bench-$precision.json")"
-  done
+    run_image "$model" "$dir/bf16.png" --backend tensorrt --engines "$engines" >/dev/null 2>&1
+    step "$model" "TensorRT bf16 weight streaming 50%" run_image "$model" "$dir/streamed.png" --backend tensorrt \
+      --engines "$engines" --weight-streaming-budget 50% \
+      && step "$model" "weight streaming 50% image vs no streaming" psnr_at_least 40 "$dir/streamed.png" "$dir/bf16.png"
+    step "$model" "TensorRT bf16 --low-vram" run_image "$model" "$dir/lowvram.png" --backend tensorrt \
+      --engines "$engines" --low-vram \
+      && step "$model" "--low-vram image = default" same_image "$dir/lowvram.png" "$dir/bf16.png"
+    caches="first-block:threshold=0.2 taylorseer:interval=3,warmup=2"
+    [ "$model" = tiny-dev ] && caches="$caches magcache:ratios=flux-dev"  # FLUX.1 [dev]'s published ratios
+    for cache in $caches; do
+      step "$model" "--cache $cache on the part engines (and with --low-vram) vs PyTorch with the cache" \
+        "$py" - "$model" "$engines" "$cache" <<'PY'
+import sys
+import numpy as np
+from fluxexport.compare import psnr
+from fluxexport.models.source import resolve_model
+from fluxexport.pytorch.backend import TorchBackend
+from fluxexport.runtime.cache import parse_cache
+from fluxexport.runtime.pipeline import GenerationRequest, generate
+from fluxexport.tensorrt.backend import TensorRTBackend
+source, engines, cache = resolve_model(sys.argv[1]), sys.argv[2], parse_cache(sys.argv[3])
+request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=12, seed=1)
+with TensorRTBackend(source, engines) as backend:
+    ours = generate(backend, source, request, cache=cache)
+with TensorRTBackend(source, engines, low_vram=True) as backend:
+    low = generate(backend, source, request, cache=cache)
+theirs = generate(TorchBackend(source, "bf16", "cuda"), source, request, cache=cache)
+value = psnr(ours.images, theirs.images)
+print(f"computed {ours.computed_steps} of 12 steps (PyTorch {theirs.computed_steps}, --low-vram "
+      f"{low.computed_steps}); {value:.1f} dB vs PyTorch (needs ≥ 25); --low-vram bit for bit: "
+      f"{np.array_equal(low.images, ours.images)}")
+ok = ours.computed_steps < 12 and value >= 25 and np.array_equal(low.images, ours.images)
+sys.exit(0 if ok and low.computed_steps == ours.computed_steps else 1)
+PY
+    done
+    step "$model" "bench TensorRT bf16" fluxexport bench --model "$model" --backend tensorrt --engines "$engines" \
+      --json "$dir/bench-bf16.json"
+  fi
+
+  if [ "$fp8_ok" = 1 ]; then
+    fp8="$dir/trt-fp8"
+    step "$model" "build fp8, 2 buckets" fluxexport build --model "$model" --precision fp8 --onnx "$onnx" \
+      --out "$fp8" "${bounds[@]}" \
+      && step "$model" "validate --engines fp8" fluxexport validate --model "$model" --engines "$fp8" \
+        --report "$fp8/validation.json" \
+      && step "$model" "TensorRT fp8 run" run_image "$model" "$dir/fp8.png" --backend tensorrt --engines "$fp8" \
+      && step "$model" "TensorRT fp8 image vs PyTorch bf16" psnr_at_least 22 "$dir/fp8.png" "$dir/torch.png"
+  else
+    row SKIP "$model" "TensorRT fp8 engines" "needs compute capability 8.9"
+  fi
 done
 
 model=tiny-dev
+dir="$work/$model"
 # ONNX Runtime's optimizer for CUDA on fp32 graphs, validated on the GPU (onnxruntime-gpu)
-fp32="$work/$model/onnx-fp32"
+fp32="$dir/onnx-fp32"
 step "$model" "export fp32" fluxexport export --model "$model" --out "$fp32" \
   && step "$model" "optimize --provider cuda" fluxexport optimize --model "$model" --engines "$fp32" --provider cuda \
-  && step "$model" "validate optimize --provider cuda (ORT vs torch)" \
+  && step "$model" "validate optimize --provider cuda (ONNX Runtime vs PyTorch)" \
        fluxexport validate --model "$model" --engines "$fp32" --report "$fp32/validation.json"
 
-# LoRA refit: refittable engines, a PEFT LoRA on the first blocks, refit, validate, image vs torch with the LoRA merged
-lora="$work/$model/lora.safetensors"
-python - "$model" "$lora" <<'PY'
+# LoRA refit: refittable engines, a PEFT LoRA on the first blocks, refit; the image against PyTorch with the LoRA
+# merged, and against engines built from the graphs exported with the LoRA merged
+lora="$dir/lora.safetensors"
+"$py" - "$model" "$lora" <<'PY'
 import sys, torch
 from safetensors.torch import save_file
 from fluxexport.models.loaders import load_transformer
@@ -140,62 +221,68 @@ for name, module in transformer.named_modules():
         state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
 save_file(state, sys.argv[2])
 PY
-fluxexport run --model "$model" --backend torch --dtype bf16 --lora "$lora:0.8" --prompt "a red fox" \
-  --output "$work/$model/torch-lora.png" >/dev/null 2>&1
+run_image "$model" "$dir/torch-lora.png" --backend torch --dtype bf16 --lora "$lora:0.8" >/dev/null 2>&1
+merged="$dir/trt-bf16-merged"
+step "$model" "export bf16 with the LoRA merged (export --lora)" fluxexport export --model "$model" --dtype bf16 \
+  --lora "$lora:0.8" --out "$dir/onnx-merged" \
+  && step "$model" "build bf16 from the merged graphs" fluxexport build --model "$model" --lora "$lora:0.8" \
+    --precision bf16 --onnx "$dir/onnx-merged" --out "$merged" "${bounds[@]}" \
+  && run_image "$model" "$dir/merged.png" --backend tensorrt --engines "$merged" --lora "$lora:0.8" >/dev/null 2>&1
 for precision in bf16 fp8; do
-  if [ "$precision" = fp8 ] && [ "$fp8_ok" != 1 ]; then record "$model" "TensorRT fp8 refit" "skipped (needs compute 8.9)"; continue; fi
-  refittable="$work/$model/trt-$precision-refittable"
+  if [ "$precision" = fp8 ] && [ "$fp8_ok" != 1 ]; then row SKIP "$model" "TensorRT fp8 refit" "needs compute capability 8.9"; continue; fi
+  refittable="$dir/trt-$precision-refittable"
   step "$model" "build $precision --refittable" fluxexport build --model "$model" --precision "$precision" \
-    --onnx "$work/$model/onnx" --out "$refittable" --refittable "${bounds[@]}" || continue
-  step "$model" "refit $precision LoRA 0.8" fluxexport refit --model "$model" --engines "$refittable" --lora "$lora:0.8" \
-    || continue
-  step "$model" "validate refitted $precision (vs the graph with the LoRA)" fluxexport validate --model "$model" \
+    --onnx "$dir/onnx" --out "$refittable" --refittable "${bounds[@]}" || continue
+  step "$model" "refit $precision, LoRA 0.8" fluxexport refit --model "$model" --engines "$refittable" \
+    --lora "$lora:0.8" || continue
+  step "$model" "validate refitted $precision (vs the graphs with the LoRA)" fluxexport validate --model "$model" \
     --lora "$lora:0.8" --engines "$refittable" --report "$refittable/validation.json"
-  fluxexport run --model "$model" --backend tensorrt --engines "$refittable" --lora "$lora:0.8" --prompt "a red fox" \
-    --output "$work/$model/refit-$precision.png" >/dev/null 2>&1
-  record "$model" "TensorRT refit $precision vs torch, LoRA 0.8 (PSNR dB)" \
-    "$(psnr "$work/$model/refit-$precision.png" "$work/$model/torch-lora.png")"
+  step "$model" "run refitted $precision" run_image "$model" "$dir/refit-$precision.png" --backend tensorrt \
+    --engines "$refittable" --lora "$lora:0.8" || continue
+  floor=30; [ "$precision" = fp8 ] && floor=22
+  step "$model" "refitted $precision vs PyTorch with the LoRA merged" \
+    psnr_at_least "$floor" "$dir/refit-$precision.png" "$dir/torch-lora.png"
+  [ "$precision" = bf16 ] && step "$model" "refitted bf16 vs engines built with the LoRA merged" \
+    psnr_at_least 35 "$dir/refit-bf16.png" "$dir/merged.png"
 done
 
-# Triton from the bf16 engine folder, requests in both buckets, each image against `run --backend tensorrt`
-repository="$work/$model/triton"
-if [ -d /opt/tritonserver/backends/tensorrt ] && command -v tritonserver >/dev/null; then
+# Triton from the bf16 engine folder: tritonserver with the TensorRT backend, requests through tritonclient in
+# both buckets, each image against `run --backend tensorrt` on the same engines
+repository="$dir/triton"
+if [ -x /opt/tritonserver/bin/tritonserver ] && [ -d /opt/tritonserver/backends/tensorrt ]; then
   rm -rf "$repository"
-  step "$model" "triton repository from engines" fluxexport triton --model "$model" --engines "$work/$model/trt-bf16" \
+  step "$model" "triton repository from the engines" fluxexport triton --model "$model" --engines "$dir/trt-bf16" \
     --out "$repository" \
-  && step "$model" "tritonserver: requests in both buckets = run --backend tensorrt" python - "$model" "$work/$model/trt-bf16" "$repository" <<'PY'
-import sys, numpy as np, tritonclient.http as http
+  && step "$model" "tritonserver: requests in both buckets = run --backend tensorrt" \
+    "$py" - "$model" "$dir/trt-bf16" "$repository" <<'PY'
+import sys
+import tritonclient.http as http
+from fluxexport.compare import psnr
 from fluxexport.models.source import resolve_model
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.tensorrt.backend import TensorRTBackend
 from fluxexport.triton.client import pipeline_inputs
 from fluxexport.triton.server import TritonServer, find_tritonserver
-from fluxexport.compare import psnr
 source, engines, repository = resolve_model(sys.argv[1]), sys.argv[2], sys.argv[3]
-backend = TensorRTBackend(source, engines)
+values = {}
 with TritonServer(repository, find_tritonserver()) as server:
     client = http.InferenceServerClient(server.http_url.removeprefix("http://"))
-    for height, width in [(256, 256), (640, 640)]:
-        inputs = pipeline_inputs(http, "a red fox", height=height, width=width, num_inference_steps=4, seed=7)
-        served = client.infer("flux_pipeline", inputs).as_numpy("images")
+    served = {size: client.infer("flux_pipeline", pipeline_inputs(http, "a red fox", height=size[0], width=size[1],
+                                 num_inference_steps=4, seed=7)).as_numpy("images") for size in [(256, 256), (640, 640)]}
+with TensorRTBackend(source, engines) as backend:
+    for (height, width), images in served.items():
         local = generate(backend, source, GenerationRequest("a red fox", height=height, width=width,
                                                             num_inference_steps=4, seed=7)).images
-        value = psnr(served, local)
-        print(f"{width}×{height}: {value:.1f} dB")
-        if value < 40:
-            sys.exit(f"Triton's {width}×{height} image differs from run --backend tensorrt ({value:.1f} dB)")
+        values[f"{width}×{height}"] = psnr(images, local)
+print(", ".join(f"{size}: {value:.1f} dB" for size, value in values.items()) + " (needs ≥ 40)")
+sys.exit(0 if min(values.values()) >= 40 else 1)
 PY
 else
-  record "$model" "triton from engines" "skipped (no tritonserver with the TensorRT backend: run in Dockerfile.triton's image)"
+  row FAIL "$model" "triton from engines" "no /opt/tritonserver with the TensorRT backend: run in the Dockerfile's image"
 fi
 
-python - "$summary" <<'PY'
-import csv, sys
-rows = list(csv.reader(open(sys.argv[1]), delimiter="\t"))
-widths = [max(len(row[i]) for row in rows) for i in range(3)]
-for row in rows:
-    print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-failed = sum(row[2].startswith("FAIL") for row in rows[1:])
-print(f"{len(rows) - 1 - failed} passed, {failed} failed")
-PY
-! grep -q $'\tFAIL' "$summary"
+failed=$(grep -c '^FAIL' "$summary")
+passed=$(grep -c '^PASS' "$summary")
+skipped=$(grep -c '^SKIP' "$summary")
+echo "$passed passed, $failed failed, $skipped skipped (table: $summary)"
+[ "$failed" = 0 ]
