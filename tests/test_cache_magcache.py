@@ -57,7 +57,7 @@ def test_bad_magcache_settings_are_refused_in_one_line(tmp_path):
         "magcache": "magcache needs ratios: pass ratios=FILE (written by fluxexport calibrate-magcache) or "
         "ratios=flux-dev (diffusers' FLUX.1-dev ratios) (--cache)",
         f"magcache:ratios={missing}": f"magcache ratios file {missing} does not exist: write one with fluxexport "
-        f"calibrate-magcache --out {missing}, or use ratios=flux-dev for FLUX.1-dev (--cache)",
+        f"calibrate-magcache --model MODEL --prompt TEXT --out {missing}, or use ratios=flux-dev for FLUX.1-dev (--cache)",
         f"magcache:ratios={empty}": f'magcache ratios file {empty} holds no ratios: it needs {{"ratios": [positive '
         f"numbers, …]}} as fluxexport calibrate-magcache writes it (--cache)",
         "magcache:ratios=flux-dev,retention_ratio=1.5": "magcache retention_ratio must be a number in [0, 1], got "

@@ -151,7 +151,8 @@ def test_bench_and_serve_refuse_bad_input(tmp_path, sources):
     result = invoke("serve", tmp_path / "empty")
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == (
-        f"Error: {tmp_path / 'empty'} is not a model repository: write one with `fluxexport triton`"
+        f"Error: {tmp_path / 'empty'} is not a model repository: write one with fluxexport triton --model MODEL "
+        f"--engines DIR --out {tmp_path / 'empty'}"
     )
 
 

@@ -349,7 +349,7 @@ def test_flux1_ratios_are_refused_for_flux2(flux2_sources, backends):
         generate(backends["tiny-klein"], flux2_sources["tiny-klein"], _request(), cache=parse_cache("magcache:ratios=flux-dev"))  # fmt: skip
     assert str(error.value) == (
         "magcache ratios=flux-dev are FLUX.1-dev's, not tiny-klein's: measure its own with fluxexport "
-        "calibrate-magcache --model tiny-klein --out FILE and pass ratios=FILE (--cache)"
+        "calibrate-magcache --model tiny-klein --prompt TEXT --out FILE and pass ratios=FILE (--cache)"
     )
 
 

@@ -111,7 +111,8 @@ def test_missing_graph_and_bf16_graph_errors(sources, bf16_export, tmp_path):
     export_model(sources["tiny-dev"], tmp_path, ["clip"])
     with pytest.raises(
         FluxExportError,
-        match="has no transformer graph \\(it has clip\\): run fluxexport export --components transformer",
+        match="has no transformer graph \\(it has clip\\): run fluxexport export --model tiny-dev --dtype fp32 "
+        "--components transformer",
     ):
         OnnxRuntimeBackend(sources["tiny-dev"], tmp_path).component("transformer")
     with pytest.raises(FluxExportError, match="is a bf16 graph, which ONNX Runtime cannot run on CPU"):

@@ -152,14 +152,15 @@ def test_an_fp8_run_never_mixes_fp8_and_base_parts(sources, parts_folder, tmp_pa
         graphs.component("transformer_head")
     assert str(refused.value) == (
         f"{folder} has no FP8 transformer_head graph to run beside the FP8 transformer: run fluxexport quantize "
-        f"--transformer-parts --out {folder}, or run with --no-fp8"
+        f"--model tiny-dev --dtype fp32 --transformer-parts --out {folder}, or run with --no-fp8"
     )
     wanted = graph_dtypes("fp8", ["clip", *FP8_COMPONENTS])
     assert wanted == {"clip": "bf16"} | {name: "fp8" for name in FP8_COMPONENTS}
     assert graph_problems(record, wanted) == [
-        f"clip: the graph is fp32, a bf16 engine needs a bf16 graph (run fluxexport export --components clip "
-        f"--dtype bf16 --out {folder})",
-        f"transformer_head: no graph in {folder} (run fluxexport quantize --transformer-parts --out {folder})",
+        "clip: the graph is fp32, a bf16 engine needs a bf16 graph (run fluxexport export --model tiny-dev --dtype "
+        "bf16 --out DIR, then build --onnx DIR)",
+        f"transformer_head: no graph in {folder} (run fluxexport quantize --model tiny-dev --transformer-parts --out "
+        f"{folder})",
     ]
 
 

@@ -310,6 +310,6 @@ def test_bf16_and_fp8_transformers_live_side_by_side(fp8_exports, exports, tmp_p
         "--prompt", "a fox", "--steps", "1", "--height", "64", "--width", "64", "--fp8",
     ])  # fmt: skip
     assert refused.exit_code == 1
-    assert f"{exports['tiny-dev']} has no FP8 transformer: run fluxexport quantize --out {exports['tiny-dev']}" in (
+    assert f"{exports['tiny-dev']} has no FP8 transformer: run fluxexport quantize --model tiny-dev --dtype fp32 --out {exports['tiny-dev']}" in (
         refused.output.replace("\n", "")
     )

@@ -151,8 +151,8 @@ def test_graph_problems_name_the_fixing_command():
     folder = ExportFolder(Path("out/onnx"), ModelRecord("tiny-dev", "0"), "bf16", {}, bf16)
     problems = graph_problems(folder, {"transformer": "fp8", "clip": "bf16", "t5": "bf16"})
     assert problems == [
-        "transformer: no graph in out/onnx (run fluxexport quantize --out out/onnx)",  # the bf16 one stays bf16
-        "t5: no graph in out/onnx (run fluxexport export --components t5 --dtype bf16 --out out/onnx)",
+        "transformer: no graph in out/onnx (run fluxexport quantize --model tiny-dev --out out/onnx)",  # bf16 stays
+        "t5: no graph in out/onnx (run fluxexport export --model tiny-dev --components t5 --dtype bf16 --out out/onnx)",
     ]
     folder.fp8 = {"transformer": graph("transformer.fp8.onnx", "fp8")}
     assert graph_problems(folder, {"transformer": "fp8", "clip": "bf16"}) == []

@@ -158,7 +158,8 @@ def test_plan_repository_configs(sources, exports, tmp_path):
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
     assert settings["kind"] == "tensorrt" and settings["bounds"]["max_batch"] == 2
     with pytest.raises(FluxExportError, match="^per-request LoRAs are swapped by the ONNX Runtime components; "
-                       "TensorRT plans take LoRAs by refit: fluxexport refit --lora FILE, then write"):  # fmt: skip
+                       "TensorRT plans take LoRAs by refit: fluxexport refit --model tiny-dev --engines DIR --lora "
+                       "FILE, then write"):  # fmt: skip
         write_repository(sources["tiny-dev"], engines, tmp_path / "repo2", request_loras=[object()])
 
 

@@ -625,6 +625,7 @@ def test_flux2_request_loras_are_refused_for_tensorrt_plans(flux2_sources, flux2
         write_repository(source, engines, tmp_path / "r", request_loras=[klein_loras["ink"]])
     assert str(refused.value) == (
         "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
-        "fluxexport refit --lora FILE, then write the repository from the refitted engines"
+        "fluxexport refit --model tiny-klein --engines DIR --lora FILE, then write the repository from the refitted "
+        "engines"
     )
     assert not (tmp_path / "r").exists()

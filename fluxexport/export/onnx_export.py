@@ -21,6 +21,7 @@ from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export import graph as passes
 from fluxexport.export.streaming import streamed_program, surviving_origins
+from fluxexport.export.target_folder import prepare_export_folder
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
 
@@ -234,9 +235,12 @@ def export_model(
     external_data: bool | None = None,
     on_component: Callable[[str, ExportedComponent | None], None] | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
+    replace: bool | None = None,
 ) -> ExportFolder:
     """Export `components` of `source` (default: every component of its family) into `out_dir` and keep
-    `manifest.json` in step after each one."""
+    `manifest.json` in step after each one. `replace`: None updates the folder graph by graph (what `build`
+    does); False refuses a folder holding graphs of another checkpoint, dtype or bounds; True removes the
+    folder's graphs first (`export --replace`; see target_folder)."""
     components = list(components or source.components)
     unknown = [name for name in components if name not in KNOWN_COMPONENTS]
     if unknown:
@@ -254,6 +258,8 @@ def export_model(
             f"{source.family.title} has no component {foreign[0]!r}: choose from {', '.join(specs)} (--components)"
         )
     out_dir = Path(out_dir)
+    if replace is not None:
+        prepare_export_folder(out_dir, source, dtype, bounds, replace)
     folder = open_folder_for(source, out_dir, dtype, bounds)
     folder.dtype = dtype
     for name in components:

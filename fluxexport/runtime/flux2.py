@@ -241,7 +241,7 @@ def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
     if ratios in NAMED_RATIOS:
         raise FluxExportError(
             f"magcache ratios={ratios} are FLUX.1-dev's, not {source.name}'s: measure its own with fluxexport "
-            f"calibrate-magcache --model {source.name} --out FILE and pass ratios=FILE (--cache)"
+            f"calibrate-magcache --model {source.name} --prompt TEXT --out FILE and pass ratios=FILE (--cache)"
         )
 
 

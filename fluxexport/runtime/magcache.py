@@ -81,7 +81,7 @@ def read_ratios(path: str | Path) -> list[float]:
     if not path.is_file():
         raise FluxExportError(
             f"magcache ratios file {path} does not exist: write one with fluxexport calibrate-magcache "
-            f"--out {path}, or use ratios=flux-dev for FLUX.1-dev (--cache)"
+            f"--model MODEL --prompt TEXT --out {path}, or use ratios=flux-dev for FLUX.1-dev (--cache)"
         )
     try:
         ratios = json.loads(path.read_text())["ratios"]

@@ -36,7 +36,16 @@ def engine_graphs(folder: ExportFolder, wanted: dict[str, str]) -> dict[str, Gra
 def quantize_command(folder: ExportFolder, component: str) -> str:
     """The command that makes `component`'s FP8 graph in `folder`."""
     parts = " --transformer-parts" if component in TRANSFORMER_PARTS else ""
-    return f"fluxexport quantize{parts} --out {folder.path}"
+    return f"fluxexport quantize --model {folder.model.name}{parts} --out {folder.path}"
+
+
+def export_command(folder: ExportFolder, component: str, dtype: str) -> str:
+    """The command that makes `component`'s `dtype` graph: into `folder` when its graphs are of that dtype, else
+    a whole export of that dtype into a folder of its own (`export` never mixes dtypes in one folder)."""
+    model = f"--model {folder.model.name}"
+    if component_precision(component, folder.dtype)[0] == dtype:
+        return f"fluxexport export {model} --components {component} --dtype {dtype} --out {folder.path}"
+    return f"fluxexport export {model} --dtype {dtype} --out DIR, then build --onnx DIR"
 
 
 def graph_problems(folder: ExportFolder, wanted: dict[str, str]) -> list[str]:
@@ -45,11 +54,7 @@ def graph_problems(folder: ExportFolder, wanted: dict[str, str]) -> list[str]:
     graphs = engine_graphs(folder, wanted)
     for name, dtype in wanted.items():
         graph = graphs.get(name)
-        fix = (
-            quantize_command(folder, name)
-            if dtype == "fp8"
-            else f"fluxexport export --components {name} --dtype {dtype} --out {folder.path}"
-        )
+        fix = quantize_command(folder, name) if dtype == "fp8" else export_command(folder, name, dtype)
         if graph is None:
             problems.append(f"{name}: no graph in {folder.path} (run {fix})")
         elif graph.dtype != dtype:

@@ -72,7 +72,8 @@ def _lora_names(
     if loras and kind == "tensorrt":
         raise FluxExportError(
             "per-request LoRAs are swapped by the ONNX Runtime components; TensorRT plans take LoRAs by refit: "
-            "fluxexport refit --lora FILE, then write the repository from the refitted engines"
+            f"fluxexport refit --model {source.name} --engines DIR --lora FILE, then write the repository from "
+            "the refitted engines"
         )
     graphs = {name: graph for name, graph in entries.items() if isinstance(graph, GraphRecord)}  # plans: refused
     names: dict[str, dict] = {}

@@ -43,11 +43,44 @@ def find_tritonserver(explicit: str | None = None) -> Path:
     )
 
 
+ENVIRONMENT_VARIABLE = "FLUXEXPORT_TRITON_ENV"  # the environment's prefix, when not --python-env
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this fluxexport runs from (an editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "scripts" / "setup_triton_env.sh").is_file() else None
+
+
+def environment_candidates(explicit: str | None = None) -> list[Path]:
+    """Where the models' environment is looked for, in order: --python-env, $FLUXEXPORT_TRITON_ENV, then the
+    checkout's own .venv-triton (found from this package's location, never from the working directory)."""
+    root = checkout_root()
+    named = [explicit, os.environ.get(ENVIRONMENT_VARIABLE), str(root / ".venv-triton") if root else None]
+    return [Path(candidate).expanduser().absolute() for candidate in named if candidate]
+
+
+def environment_hint() -> str:
+    """How to make the environment, as a command that works from any directory."""
+    root = checkout_root()
+    made = f"create it with bash {root / 'scripts' / 'setup_triton_env.sh'}, or " if root else ""
+    return (
+        f"{made}pass --python-env PREFIX (or set {ENVIRONMENT_VARIABLE}=PREFIX) naming an environment with "
+        "numpy<2, onnxruntime and fluxexport"
+    )
+
+
 def python_environment(explicit: str | None = None) -> Path:
-    """The environment (prefix) whose python runs the models: --python-env, $FLUXEXPORT_TRITON_ENV,
-    ./.venv-triton, or this one; refused when its numpy is 2 or newer."""
-    candidates = [explicit, os.environ.get("FLUXEXPORT_TRITON_ENV"), ".venv-triton"]
-    prefix = next((Path(c) for c in candidates if c and (Path(c) / "bin" / "python").exists()), Path(sys.prefix))
+    """The environment (prefix) whose python runs the models: the first of `environment_candidates` that has a
+    python, or this one; refused when it cannot import the models' packages or its numpy is 2 or newer."""
+    for given, named in ((explicit, "--python-env"), (os.environ.get(ENVIRONMENT_VARIABLE), ENVIRONMENT_VARIABLE)):
+        if given and not (Path(given) / "bin" / "python").exists():
+            raise FluxExportError(f"{named} {given} has no bin/python: {environment_hint()}")
+        if given:
+            break
+    prefix = next(
+        (path for path in environment_candidates(explicit) if (path / "bin" / "python").exists()), Path(sys.prefix)
+    )
     try:
         version = subprocess.run(
             [str(prefix / "bin" / "python"), "-c", "import numpy, onnxruntime, fluxexport; print(numpy.__version__)"],
@@ -55,13 +88,11 @@ def python_environment(explicit: str | None = None) -> Path:
         ).stdout.strip()  # fmt: skip
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
         raise FluxExportError(
-            f"the python environment {prefix} cannot import numpy, onnxruntime and fluxexport: create one with "
-            "python3 -m venv .venv-triton && .venv-triton/bin/pip install 'numpy<2' -e '.[onnx]'"
+            f"the python environment {prefix} cannot import numpy, onnxruntime and fluxexport: {environment_hint()}"
         ) from None
     if int(version.split(".")[0]) >= 2:
         raise FluxExportError(
-            f"{prefix} has numpy {version}; Triton's python backend stub needs numpy<2: pass --python-env with "
-            "an environment that has it (e.g. .venv-triton)"
+            f"{prefix} has numpy {version}; Triton's python backend stub needs numpy<2: {environment_hint()}"
         )
     return prefix
 
@@ -109,7 +140,10 @@ def _backend_directory(binary: Path) -> Path | None:
 def check_repository(repository: Path) -> Path:
     repository = Path(repository)
     if not (repository.is_dir() and any(repository.glob("*/config.pbtxt"))):
-        raise FluxExportError(f"{repository} is not a model repository: write one with `fluxexport triton`")
+        raise FluxExportError(
+            f"{repository} is not a model repository: write one with fluxexport triton --model MODEL --engines DIR "
+            f"--out {repository}"
+        )
     return repository
 
 
