@@ -23,7 +23,10 @@ ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK
 # load. The version and the CUDA major are read from the image's libnvinfer package (e.g. `10.13.3.9-1+cuda13.0`
 # gives tensorrt-cu13==10.13.3.9, whose libs and bindings wheels are on PyPI), then checked after the install.
 # --build-arg TENSORRT_PIP=tensorrt-cu13==X names the package instead.
+# (hadolint cannot see that pin: the version is a shell variable.)
 ARG TENSORRT_PIP=
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3013
 RUN set -eu; \
     deb="$(dpkg-query -W -f='${Status} ${Version}\n' 'libnvinfer[0-9]*' | awk '$3 == "installed" {print $4; exit}')"; \
     if [ -z "$deb" ]; then echo "this base image has no libnvinfer package: pick a tritonserver release with TensorRT" >&2; exit 1; fi; \
@@ -35,10 +38,10 @@ RUN set -eu; \
 
 # PyTorch 2.13.0: its PyPI wheel is the CUDA 13.0 build (cuda-toolkit 13.0.3), the CUDA of the 25.10 release, and the
 # torch this project's suite runs. onnxruntime-gpu 1.31.1: the CUDA 13 build (its `cuda` extra names CUDA 13
-# runtimes). polygraphy 0.53.6: the version the builder is tested with (≥ 0.49.7 for weight streaming). numpy<2:
-# fluxexport's local Triton server refuses an environment with numpy 2 for the python backend's stub.
+# runtimes). polygraphy 0.53.6: the version the builder is tested with (≥ 0.49.7 for weight streaming). numpy 1.26.4
+# (the last 1.x): fluxexport's local Triton server refuses an environment with numpy 2 for the python backend's stub.
 # tritonclient: the Triton row of scripts/gpu_check.sh sends its requests through it. pytest: `pytest -m gpu`.
-RUN pip install torch==2.13.0 onnxruntime-gpu==1.31.1 polygraphy==0.53.6 "numpy<2" tritonclient==2.73.0 pytest==9.2.0
+RUN pip install torch==2.13.0 onnxruntime-gpu==1.31.1 polygraphy==0.53.6 numpy==1.26.4 tritonclient==2.73.0 pytest==9.2.0
 
 WORKDIR /opt/fluxexport
 COPY pyproject.toml README.md ./
@@ -48,7 +51,7 @@ COPY tests ./tests
 # The `gpu` extra (onnx, onnxruntime-gpu, onnxscript, polygraphy) and the `triton` extra (the client's own
 # dependencies); the pins above stay (pip keeps an installed version that satisfies). The checks fail the build
 # when a module does not import or the server lacks a backend (none of them needs a GPU: docker build has none).
-RUN pip install -e ".[gpu,triton]" "numpy<2" \
+RUN pip install -e ".[gpu,triton]" numpy==1.26.4 \
     && python3 -c "import tensorrt, polygraphy, torch, onnxruntime, tritonclient.http, fluxexport; print('TensorRT', tensorrt.__version__, '· polygraphy', polygraphy.__version__, '· torch', torch.__version__, torch.version.cuda, '· onnxruntime', onnxruntime.__version__)" \
     && test -x /opt/tritonserver/bin/tritonserver && test -d /opt/tritonserver/backends/tensorrt \
     && test -d /opt/tritonserver/backends/python
