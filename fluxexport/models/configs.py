@@ -104,13 +104,25 @@ def library_configs(configs: dict[str, dict[str, Any]], known_pipelines: tuple[s
         if part == "model_index":
             continue
         library_class = component_class(model_index, pipeline, part)
-        if library_class.__module__.startswith("transformers"):
-            read[part] = transformers_config(library_class, raw)
-        else:
-            read[part] = diffusers_config(library_class, raw)
+        reader = transformers_config if library_class.__module__.startswith("transformers") else diffusers_config
+        try:
+            read[part] = reader(library_class, raw)
+        except (ValueError, TypeError, *_validation_errors()) as error:  # the library's own checks of the file
+            first = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+            raise FluxExportError(
+                f"{part} config does not load as {library_class.__name__}: {first}: re-download the model"
+            ) from None
     if "text_encoder" in configs and "text_encoder_2" not in configs:  # FLUX.2: one LM read at inner layers
         read["language"] = language_config(component_class(model_index, pipeline, "text_encoder"), configs["text_encoder"])
     return read
+
+
+def _validation_errors() -> tuple[type[Exception], ...]:
+    """The error transformers' strict config classes raise on an inconsistent file (huggingface_hub's)."""
+    from huggingface_hub import errors
+
+    found = getattr(errors, "StrictDataclassClassValidationError", None)
+    return (found,) if isinstance(found, type) else ()
 
 
 def _is_component(value: Any) -> bool:
