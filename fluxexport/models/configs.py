@@ -113,7 +113,9 @@ def library_configs(configs: dict[str, dict[str, Any]], known_pipelines: tuple[s
                 f"{part} config does not load as {library_class.__name__}: {first}: re-download the model"
             ) from None
     if "text_encoder" in configs and "text_encoder_2" not in configs:  # FLUX.2: one LM read at inner layers
-        read["language"] = language_config(component_class(model_index, pipeline, "text_encoder"), configs["text_encoder"])
+        read["language"] = language_config(
+            component_class(model_index, pipeline, "text_encoder"), configs["text_encoder"]
+        )
     return read
 
 
