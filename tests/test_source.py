@@ -107,3 +107,23 @@ def test_a_changed_checkpoint_of_the_same_name_is_said_so(sources):
         made_from("tiny-dev", sources["tiny-dev"])
         == "'tiny-dev' as it was then (its files or LoRAs have changed since)"
     )
+
+
+@pytest.mark.parametrize(
+    ("variant", "pipeline", "title"),
+    [("tiny-klein", "Flux2KleinKVPipeline", "FLUX.2"), ("tiny-klein", "Flux2KleinInpaintPipeline", "FLUX.2"),
+     ("tiny-dev", "FluxFillPipeline", "FLUX.1"), ("tiny-dev", "FluxControlPipeline", "FLUX.1")],
+)  # fmt: skip
+def test_a_flux_pipeline_we_do_not_run_is_refused(variant, pipeline, title, tmp_path, sources, flux2_sources):
+    """klein 9B KV, inpainting, Fill and Control load their FLUX transformer but run it otherwise: refused,
+    not run as the plain pipeline."""
+    folder = tmp_path / pipeline
+    shutil.copytree({**sources, **flux2_sources}[variant].root, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": pipeline}))
+    with pytest.raises(FluxExportError) as error:
+        load_folder(folder)
+    assert str(error.value) == (
+        f"pipeline {pipeline!r} is a {title} pipeline fluxexport does not run: it runs FluxPipeline, "
+        "FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline; export a checkpoint of one of those"
+    )

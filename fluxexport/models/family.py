@@ -85,12 +85,18 @@ def detect_family(model_index: dict[str, Any], transformer_config: dict[str, Any
         if pipeline in family.pipelines:
             return family
     transformer_class = (transformer_config or {}).get("_class_name")
+    known = ", ".join(name for family in FAMILIES for name in family.pipelines)
     for family in FAMILIES:
-        if transformer_class == family.transformer_class:
-            return family
+        if transformer_class != family.transformer_class:
+            continue
+        if pipeline is not None:  # a FLUX pipeline that runs its transformer otherwise (KV cache, fill, control)
+            raise FluxExportError(
+                f"pipeline {pipeline!r} is a {family.title} pipeline fluxexport does not run: it runs {known}; "
+                "export a checkpoint of one of those"
+            )
+        return family
     if pipeline is None and transformer_class is None:
         return FLUX1  # a bare FLUX.1 folder (older exports wrote none)
-    known = ", ".join(name for family in FAMILIES for name in family.pipelines)
     raise FluxExportError(
         f"pipeline {pipeline or transformer_class!r} is not a FLUX model fluxexport knows: it exports {known}"
     )
