@@ -127,3 +127,71 @@ def test_a_flux_pipeline_we_do_not_run_is_refused(variant, pipeline, title, tmp_
         f"pipeline {pipeline!r} is a {title} pipeline fluxexport does not run: it runs FluxPipeline, "
         "FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline; export a checkpoint of one of those"
     )
+
+
+# A published FLUX.2 [klein] repository's files: BFL's single file at the root, weights in both formats
+KLEIN_REPO_FILES = [
+    "model_index.json", "README.md", "flux-2-klein-4b.safetensors",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "transformer/diffusion_pytorch_model.bin",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+    "text_encoder/config.json", "text_encoder/model-00001-of-00002.safetensors",
+    "text_encoder/model-00002-of-00002.safetensors", "text_encoder/model.safetensors.index.json",
+    "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.bin.index.json",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/chat_template.jinja",
+    "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
+]  # fmt: skip
+
+
+def test_hub_download_takes_what_the_pipeline_reads(monkeypatch, tmp_path, flux2_sources):
+    """The download filter is diffusers' own (`DiffusionPipeline.download`), over the repository's listing: the
+    tokenizer's chat template comes along; pickled weights, the root single file and the README stay behind."""
+    import types
+
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(flux2_sources["tiny-klein"].root, snapshot)
+    asked: dict = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        return str(snapshot)
+
+    listing = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=name) for name in KLEIN_REPO_FILES])
+    monkeypatch.setattr(pipeline_utils, "_resolve_revision", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline_utils, "model_info", lambda *args, **kwargs: listing)
+    monkeypatch.setattr(pipeline_utils, "hf_hub_download", lambda repo_id, name, **kwargs: str(snapshot / name))
+    monkeypatch.setattr(pipeline_utils, "snapshot_download", snapshot_download)
+    source = resolve_model("acme/klein-4b")
+    assert (source.name, source.root, asked["repo_id"]) == ("klein-4b", snapshot, "acme/klein-4b")
+    patterns = {"allow_patterns": asked["allow_patterns"], "ignore_patterns": asked["ignore_patterns"]}
+    fetched = set(filter_repo_objects(KLEIN_REPO_FILES, **patterns))
+    assert fetched == {
+        "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/chat_template.jinja", "tokenizer/vocab.json", "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+    }  # fmt: skip
+
+
+def test_hub_repository_without_safetensors_is_refused(monkeypatch, tmp_path, flux2_sources):
+    import types
+
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(flux2_sources["tiny-klein"].root, snapshot)
+    pickled = [name for name in KLEIN_REPO_FILES if not name.endswith(".safetensors")]
+    listing = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=name) for name in pickled])
+    monkeypatch.setattr(pipeline_utils, "_resolve_revision", lambda *args, **kwargs: None)
+    monkeypatch.setattr(pipeline_utils, "model_info", lambda *args, **kwargs: listing)
+    monkeypatch.setattr(pipeline_utils, "hf_hub_download", lambda repo_id, name, **kwargs: str(snapshot / name))
+    with pytest.raises(FluxExportError) as error:
+        resolve_model("acme/klein-4b")
+    assert str(error.value) == (
+        "hub repository 'acme/klein-4b' has no safetensors weights for every part: fluxexport reads safetensors only"
+    )

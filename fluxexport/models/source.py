@@ -332,22 +332,27 @@ def _looks_like_hub_id(reference: str) -> bool:
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """Fetch a hub repository's diffusers parts (safetensors only) through huggingface_hub."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """Fetch a hub repository as diffusers itself would for its pipeline (`DiffusionPipeline.download`: every
+    file a part reads — tokenizer chat templates included — safetensors weights only)."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.safetensors", "*/*.model", "*/*.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
+        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True))
+    except OSError as error:  # diffusers reports hub failures as EnvironmentError, the hub's error as its cause
+        cause = error.__cause__ or error
+        if isinstance(cause, RepositoryNotFoundError):
+            raise FluxExportError(f"hub repository {repo_id!r} not found (or gated: run `hf auth login`)") from None
+        if "safetensors" in str(error) and error.__cause__ is None:
+            raise FluxExportError(
+                f"hub repository {repo_id!r} has no safetensors weights for every part: fluxexport reads "
+                "safetensors only"
+            ) from None
         raise FluxExportError(
-            f"cannot download {repo_id!r}: the hub is unreachable and it is not in the local cache; "
+            f"cannot download {repo_id!r}: the hub is unreachable and it is not in the local cache "
+            f"({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}); "
             "pass a local diffusers folder instead (--model DIR)"
         ) from None
-    except RepositoryNotFoundError:
-        raise FluxExportError(f"hub repository {repo_id!r} not found (or gated: run `hf auth login`)") from None
-    except HfHubHTTPError as error:
-        raise FluxExportError(f"cannot download {repo_id!r}: {error}".splitlines()[0]) from None
 
 
 def resolve_model(reference: str, base: str | None = None) -> ModelSource:
