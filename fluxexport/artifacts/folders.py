@@ -73,7 +73,7 @@ class ExportFolder:
     path: Path
     model: ModelRecord
     dtype: str
-    bounds: dict[str, int]
+    bounds: dict[str, Any]  # `ExportBounds` as JSON: sides, batch, text tokens, FLUX.2's reference budget
     components: dict[str, GraphRecord] = field(default_factory=dict)
     fp8: dict[str, GraphRecord] = field(default_factory=dict)
     optimized: dict[str, GraphRecord] = field(default_factory=dict)
@@ -173,7 +173,7 @@ class EngineFolder:
         return _write(self.path, self.to_json())
 
     @property
-    def bounds(self) -> dict[str, int]:
+    def bounds(self) -> dict[str, Any]:
         """The sizes the engines serve (the build's bounds)."""
         return self.builder["bounds"]
 
@@ -240,7 +240,7 @@ def open_engines(folder: Path, source: ModelSource | None = None) -> EngineFolde
     return opened
 
 
-def new_export(folder: Path, source: ModelSource, dtype: str, bounds: dict[str, int], versions) -> ExportFolder:
+def new_export(folder: Path, source: ModelSource, dtype: str, bounds: dict[str, Any], versions) -> ExportFolder:
     """The folder's record to extend: the existing one if it describes this checkpoint, else a new one (files
     are replaced one by one), with this export's model, bounds and versions."""
     model = ModelRecord.of(source)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.references import MAX_REFERENCE_AREA
+from fluxexport.runtime.request import MAX_REFERENCE_ASPECT, MIN_REFERENCE_SIDE
 
 Dim = int | str  # a fixed size, or the name of a symbolic axis
 
@@ -59,12 +62,34 @@ class ComponentSpec:
         )  # type: ignore[return-value]
 
 
+# FLUX.2's reference budget (ExportBounds fields) and the options that set it at export and build
+REFERENCE_OPTIONS = {
+    "max_references": "--max-references",
+    "max_reference_area": "--max-reference-area",
+    "max_reference_aspect": "--max-reference-aspect",
+}
+
+
+def refuse_reference_options(source: ModelSource, **given: object) -> None:
+    """The reference budget sizes FLUX.2's engines; FLUX.1 Kontext's reference follows its preferred sizes."""
+    named = [REFERENCE_OPTIONS[key] for key, value in given.items() if value is not None]
+    if named and not source.is_flux2:
+        raise FluxExportError(
+            f"{named[0]} sizes FLUX.2's reference images; {source.name} is FLUX.1 (Kontext's reference bounds follow "
+            "its preferred sizes): drop it"
+        )
+
+
 @dataclass(frozen=True)
 class ExportBounds:
-    """The range an export (and later an engine's profiles) must serve: min/opt/max batch, image side, T5 tokens.
+    """The range an export (and later an engine's profiles) must serve: min/opt/max batch, image side, text
+    tokens, and FLUX.2's reference budget (how many reference images beside the target, the pixels of each, their
+    largest aspect ratio), which sizes the transformer's token axis and the VAE encoder's sides apart from the
+    target's (`specs.flux2`).
 
     Graphs are exported for the whole range; `fluxexport build` makes one TensorRT profile per resolution
-    bucket of it (`with_resolution`), so every bound lives here and the axes follow from `component_specs`."""
+    bucket of it (`with_resolution`; each bucket serves the whole reference budget), so every bound lives here
+    and the axes follow from `component_specs`."""
 
     max_batch: int = 4
     min_resolution: int = 256
@@ -75,16 +100,27 @@ class ExportBounds:
     min_batch: int = 1
     opt_batch: int = 1
     min_text_length: int = 1
+    max_references: int = 1  # FLUX.2 reference images beside the target
+    max_reference_area: int = MAX_REFERENCE_AREA  # pixels of each (diffusers scales larger ones to ~1 MP)
+    max_reference_aspect: float = 2.0  # longest side / shortest side of a reference at that area
 
     @classmethod
     def for_model(cls, source: ModelSource, **overrides) -> ExportBounds:
         """Real checkpoints: 256–1360 px like NVIDIA's demo; tiny ones: 64–1024 px around 256."""
+        refuse_reference_options(source, **{key: overrides.get(key) for key in REFERENCE_OPTIONS})
         defaults = {"opt_text_length": source.default_max_sequence_length}
         if source.is_tiny:
             defaults |= {"min_resolution": 64, "opt_resolution": source.default_size, "max_resolution": 1024}
         bounds = cls(**(defaults | {k: v for k, v in overrides.items() if v is not None}))
         bounds.check()
         return bounds
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], built: bool = False) -> ExportBounds:
+        """Bounds as a manifest records them. Engines (`built`) recorded before the reference budget was served
+        one reference of up to 1 MP at 1:1 (1024 px sides); an export without it takes today's defaults."""
+        legacy = {"max_reference_aspect": 1.0} if built else {}
+        return cls(**(legacy | data))
 
     @property
     def batch(self) -> tuple[int, int, int]:
@@ -117,6 +153,23 @@ class ExportBounds:
         if not 1 <= self.min_text_length <= self.opt_text_length <= self.max_text_length:
             text = ":".join(map(str, self.text_length))
             raise FluxExportError(f"text length needs 1 ≤ MIN ≤ OPT ≤ MAX, got {text} (--text-len)")
+        self.check_references()
+
+    def check_references(self) -> None:
+        """The reference budget within what FLUX.2's pipelines send: diffusers scales a reference to at most
+        1 MP and refuses sides under 64 px and aspect ratios past 8:1."""
+        if self.max_references < 0:
+            raise FluxExportError(f"max references must be at least 0, got {self.max_references} (--max-references)")
+        if not MIN_REFERENCE_SIDE**2 <= self.max_reference_area <= MAX_REFERENCE_AREA:
+            raise FluxExportError(
+                f"max reference area must be {MIN_REFERENCE_SIDE**2}..{MAX_REFERENCE_AREA} px (FLUX.2 pipelines "
+                f"scale larger references to 1 MP), got {self.max_reference_area} (--max-reference-area)"
+            )
+        if not 1 <= self.max_reference_aspect <= MAX_REFERENCE_ASPECT:
+            raise FluxExportError(
+                f"max reference aspect ratio must be 1..{MAX_REFERENCE_ASPECT} (FLUX.2 pipelines refuse wider), "
+                f"got {self.max_reference_aspect:g} (--max-reference-aspect)"
+            )
 
 
 def image_tokens(side: int) -> int:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fluxexport.artifacts.files import MANIFEST, file_sha256, now
 from fluxexport.artifacts.folders import EngineFolder, open_export
@@ -17,7 +18,7 @@ from fluxexport.artifacts.records import EngineRecord
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import ExportBounds, pipeline_components
+from fluxexport.specs import REFERENCE_OPTIONS, ExportBounds, pipeline_components, refuse_reference_options
 from fluxexport.tensorrt.engines import engine_filename, new_engine_folder, profiles_to_json
 from fluxexport.tensorrt.environment import (
     Gpu,
@@ -49,11 +50,13 @@ class BuildOptions:
         return profile_bounds(self.bounds, self.resolution_buckets)
 
 
-def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: int | None) -> ExportBounds:
+def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: Any) -> ExportBounds:
     """What the engines serve: the exported graphs' bounds (their manifest), else the model's export defaults,
-    with any of `overrides` (ExportBounds fields) applied."""
+    with any of `overrides` (ExportBounds fields: FLUX.2's reference budget too) applied. The graphs take any
+    size, so engines may serve a larger budget than the export recorded."""
+    refuse_reference_options(source, **{key: overrides.get(key) for key in REFERENCE_OPTIONS})
     exported = open_export(onnx_dir).bounds if (Path(onnx_dir) / MANIFEST).is_file() else None
-    base = ExportBounds(**exported) if exported else ExportBounds.for_model(source)
+    base = ExportBounds.from_json(exported) if exported else ExportBounds.for_model(source)
     bounds = replace(base, **{key: value for key, value in overrides.items() if value is not None})
     bounds.check()
     return bounds
