@@ -14,25 +14,37 @@ import torch
 from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import TENSORRT, open_folder
 from fluxexport.dtypes import COMPUTE
-from fluxexport.errors import FluxExportError
 from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.runtime.references import reference_size
 from fluxexport.runtime.request import ResolvedRequest
 from fluxexport.specs.core import (
+    REFERENCE_OPTIONS,
     Axis,
     ComponentSpec,
     Dim,
     ExportBounds,
     TensorSpec,
     image_tokens,
+    refuse_reference_options,
     transformer_part_specs,
     vae_specs,
 )
 from fluxexport.specs.flux2 import check_references_served, flux2_specs
 
-__all__ = ["Axis", "ComponentSpec", "Dim", "ExportBounds", "TensorSpec", "component_specs", "image_tokens"]
+__all__ = [
+    "REFERENCE_OPTIONS",
+    "Axis",
+    "ComponentSpec",
+    "Dim",
+    "ExportBounds",
+    "TensorSpec",
+    "check_served",
+    "component_specs",
+    "image_tokens",
+    "refuse_reference_options",
+]
 
 COMPONENTS = ("clip", "t5", "transformer", "vae_decoder", "vae_encoder")
 # The transformer in three parts, for the step caches that skip blocks (`--cache first-block`, `magcache`): the head
@@ -136,22 +148,8 @@ def component_specs(source: ModelSource, bounds: ExportBounds | None = None) -> 
     )
 
 
-# FLUX.2's reference budget (ExportBounds fields) and the options that set it at export and build
-REFERENCE_OPTIONS = {
-    "max_references": "--max-references",
-    "max_reference_area": "--max-reference-area",
-    "max_reference_aspect": "--max-reference-aspect",
-}
-
-
-def refuse_reference_options(source: ModelSource, **given: object) -> None:
-    """The reference budget sizes FLUX.2's engines; FLUX.1 Kontext's reference follows its preferred sizes."""
-    named = [REFERENCE_OPTIONS[key] for key, value in given.items() if value is not None]
-    if named and not source.is_flux2:
-        raise FluxExportError(
-            f"{named[0]} sizes FLUX.2's reference images; {source.name} is FLUX.1 (Kontext's reference bounds follow "
-            "its preferred sizes): drop it"
-        )
+ENGINE_WORDING = ("the engines were built for", "rebuild them with")
+EXPORT_WORDING = ("the export was made for", "export again with")
 
 
 def check_served(source: ModelSource, backend: str, engines: Path | None, resolved: ResolvedRequest) -> None:
@@ -165,8 +163,8 @@ def check_served(source: ModelSource, backend: str, engines: Path | None, resolv
     built = folder.kind == TENSORRT
     bounds = ExportBounds.from_json(folder.bounds, built=built)
     sizes = [reference_size(image, 2 * source.vae_scale_factor) for image in resolved.references]
-    wording = ("these engines serve", "rebuild them with") if built else ("this export serves", "export again with")
-    check_references_served(source, bounds, resolved.height, resolved.width, sizes, *wording)
+    built_for, rebuild = ENGINE_WORDING if built else EXPORT_WORDING
+    check_references_served(source, bounds, resolved.height, resolved.width, sizes, built_for, rebuild)
 
 
 def sample_inputs(

@@ -4,8 +4,13 @@ pixel)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from fluxexport.dtypes import COMPUTE
+from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.request import MIN_REFERENCE_SIDE
 from fluxexport.specs.core import (
     Axis,
     ComponentSpec,
@@ -17,9 +22,18 @@ from fluxexport.specs.core import (
 )
 
 ROPE_AXES = 4  # (t, h, w, l)
-# Engines serve one reference image of up to ~1 megapixel (the pipeline's cap) beside the target: 64² tokens.
-REFERENCE_TOKENS = image_tokens(1024)
-REFERENCE_MIN_SIDE = 64  # diffusers refuses smaller references
+
+
+def reference_tokens(bounds: ExportBounds, scale: int) -> int:
+    """Tokens of the whole reference budget: a reference of at most `max_reference_area` px gives at most
+    area / `scale`² tokens however it is shaped (its sides are floored to `scale` px)."""
+    return bounds.max_references * (bounds.max_reference_area // scale**2)
+
+
+def reference_side(bounds: ExportBounds, scale: int) -> int:
+    """The longest side a reference within the budget is encoded at: √(area · aspect), floored to `scale` px
+    (diffusers' 1 MP scaling truncates each side, and the crop floors it)."""
+    return math.isqrt(int(bounds.max_reference_area * bounds.max_reference_aspect)) // scale * scale
 
 
 def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, ComponentSpec]:
@@ -33,7 +47,7 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     channels = int(source.transformer.get("in_channels", 128))
     scale = 2 * source.vae_scale_factor  # pixels per latent token side
     low, opt, high = bounds.resolution
-    tokens = Axis(image_tokens(low), image_tokens(opt), image_tokens(high) + REFERENCE_TOKENS)
+    tokens = Axis(image_tokens(low), image_tokens(opt), image_tokens(high) + reference_tokens(bounds, scale))
     transformer_inputs = [
         TensorSpec("hidden_states", COMPUTE, ("B", "N", channels), (-3.0, 3.0)),
         TensorSpec("encoder_hidden_states", COMPUTE, ("B", "L", embedding_width)),
@@ -46,7 +60,8 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     transformer_axes = {"B": batch, "N": tokens, "L": text}
     transformer_sizes = {"B": 2, "N": 24, "L": 13}
     latent_axis = Axis(low // scale, opt // scale, high // scale)
-    pixel_axis = Axis(min(low, REFERENCE_MIN_SIDE), opt, max(high, 1024), multiple=scale)
+    # the VAE encoder sees the references (any side from diffusers' smallest to the budget's longest)
+    pixel_axis = Axis(min(low, MIN_REFERENCE_SIDE), opt, max(high, reference_side(bounds, scale)), multiple=scale)
     vocabulary = int(language["vocab_size"])
     parts = flux2_part_specs(source, tuple(transformer_inputs), transformer_axes, transformer_sizes)
     return (
@@ -88,3 +103,56 @@ def flux2_part_specs(
     )
     channels = int(config.get("in_channels", 128))
     return transformer_part_specs(transformer_inputs, width, channels, axes, sizes, carried=modulations)
+
+
+def budget_text(bounds: ExportBounds) -> str:
+    """`1 reference of up to 1048576 px at up to 2:1 beside targets up to 1360 px`."""
+    count = bounds.max_references
+    return (
+        f"{count} reference{'s' if count != 1 else ''} of up to {bounds.max_reference_area} px at up to "
+        f"{bounds.max_reference_aspect:g}:1 beside targets up to {bounds.max_resolution} px"
+    )
+
+
+def aspect_for(side: int, area: int) -> float:
+    """The smallest `--max-reference-aspect` (in hundredths) whose budget of `area` px encodes a `side` px side."""
+    aspect = math.ceil(side * side * 100 / area) / 100
+    while math.isqrt(int(area * aspect)) < side:  # float rounding of the product
+        aspect = round(aspect + 0.01, 2)
+    return aspect
+
+
+def check_references_served(
+    source: ModelSource, bounds: ExportBounds, height: int, width: int, references: Sequence[tuple[int, int]],
+    built_for: str = "the engines were built for", rebuild: str = "rebuild them with",
+) -> None:  # fmt: skip
+    """Refuse, in one line naming the option that serves it, a FLUX.2 request whose references (each (width,
+    height) as it is encoded) beside a `width`×`height` target exceed what `bounds` were built for: the
+    transformer's tokens (the target's and every reference's) and the VAE encoder's longest side. `built_for` and
+    `rebuild` word the refusal for engines or an export."""
+    if not references:
+        return
+    scale = 2 * source.vae_scale_factor
+    specs = flux2_specs(source, bounds)
+    tokens, sides = specs["transformer"].axes["N"], specs["vae_encoder"].axes["H"]
+    needed = (height // scale) * (width // scale) + sum((w // scale) * (h // scale) for w, h in references)
+    count = len(references)
+    if needed > tokens.max:
+        largest = max(w * h for w, h in references)
+        fixes = [f"--max-references {count}" if count > bounds.max_references else "",
+                 f"--max-reference-area {largest}" if largest > bounds.max_reference_area else "",
+                 f"--max-resolution {max(height, width)}" if max(height, width) > bounds.max_resolution else ""]  # fmt: skip
+        raise FluxExportError(
+            f"{count} reference image{'s' if count != 1 else ''} beside a {width}×{height} target need {needed} "
+            f"transformer tokens, past the {tokens.max} {built_for} ({budget_text(bounds)}): {rebuild} "
+            + " ".join(fix for fix in fixes if fix)
+        )
+    for index, (w, h) in enumerate(references):
+        side = max(w, h)
+        if side > sides.max:
+            area = max(bounds.max_reference_area, w * h)
+            fix = f"--max-reference-area {area} " if area > bounds.max_reference_area else ""
+            raise FluxExportError(
+                f"reference image {index + 1} is encoded at {w}×{h}: its {side} px side is past the {sides.max} px "
+                f"{built_for} ({budget_text(bounds)}): {rebuild} {fix}--max-reference-aspect {aspect_for(side, area):g}"
+            )
