@@ -141,6 +141,28 @@ def tensorrt_run_options(command):
     )(command)  # fmt: skip
 
 
+def reference_budget_options(default: str):
+    """FLUX.2's reference budget (export and build): how many references beside the target, the pixels of each,
+    their largest aspect ratio; it sizes the transformer's tokens and the VAE encoder's sides apart from the target."""
+
+    def decorate(command):
+        command = click.option(
+            "--max-reference-aspect", type=float,
+            help=f"FLUX.2: the longest over the shortest side of a reference at that area, up to 8 ({default} 2: "
+            "any aspect up to 2:1).",
+        )(command)  # fmt: skip
+        command = click.option(
+            "--max-reference-area", type=int,
+            help=f"FLUX.2: pixels of each reference, up to 1048576 ({default} 1048576: the pipelines scale larger "
+            "references to 1 MP).",
+        )(command)  # fmt: skip
+        return click.option(
+            "--max-references", type=int, help=f"FLUX.2: reference images beside the target ({default} 1)."
+        )(command)
+
+    return decorate
+
+
 def _say_transformer(engine) -> None:
     if getattr(engine, "transformer_graph", None):
         console.print(f"transformer: {engine.transformer_graph}")
@@ -193,6 +215,7 @@ def run(
     from fluxexport.runtime.cache import parse_cache
     from fluxexport.runtime.images import save_png_atomic
     from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
+    from fluxexport.specs import check_served
 
     cache = parse_cache(cache_text)
     source = _source(model, base_model)
@@ -209,6 +232,7 @@ def run(
         auto_resize_reference=not keep_reference_size, negative_prompt=negative_prompt,
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
+    check_served(source, backend, engines, resolved)  # FLUX.2 references within the engines' (export's) budget
     paths = _check_output(output, resolved.batch)
     engine = create_backend(
         backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized,
@@ -345,6 +369,7 @@ def _print_check(reports) -> bool:
 @click.option("--transformer-parts", is_flag=True,
               help="Also the transformer in three parts (head, tail, out) that `--cache first-block` and "
                    "`--cache magcache` run.")  # fmt: skip
+@reference_budget_options("default")
 def export(
     model,
     base_model,
@@ -358,6 +383,9 @@ def export(
     external_data,
     run_check,
     transformer_parts,
+    max_references,
+    max_reference_area,
+    max_reference_aspect,
 ) -> None:
     """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
     from fluxexport.dtypes import component_precision
@@ -367,8 +395,9 @@ def export(
 
     source = _source(model, base_model)
     bounds = ExportBounds.for_model(
-        source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution
-    )
+        source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution,
+        max_references=max_references, max_reference_area=max_reference_area, max_reference_aspect=max_reference_aspect,
+    )  # fmt: skip
     names = _components(components, source)
     names += [part for part in TRANSFORMER_PARTS if transformer_parts and part not in names]
     out = out or default_folder(source.name)
@@ -592,8 +621,10 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 @click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory.")
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="Export/quantize the graphs the engines need when --onnx lacks them (fp8 implies quantize).")  # fmt: skip
+@reference_budget_options("default: the export's,")
 def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
-          max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare) -> None:  # fmt: skip
+          max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare,
+          max_references, max_reference_area, max_reference_aspect) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
     from fluxexport.build import build as build_folder
     from fluxexport.tensorrt.builder import BuildOptions, build_bounds, engine_components
@@ -609,6 +640,7 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
         source, onnx_dir, min_batch=batch_range[0], opt_batch=batch_range[1], max_batch=batch_range[2],
         min_resolution=min_resolution, opt_resolution=opt_resolution, max_resolution=max_resolution,
         min_text_length=text_range[0], opt_text_length=text_range[1], max_text_length=text_range[2],
+        max_references=max_references, max_reference_area=max_reference_area, max_reference_aspect=max_reference_aspect,
     )  # fmt: skip
     options = BuildOptions(
         precision, bounds, resolution_buckets, optimization_level, refittable, weight_streaming
