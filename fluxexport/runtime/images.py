@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from fluxexport.atomic import atomic_file
+from fluxexport.errors import FluxExportError
 
 
 def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
@@ -34,6 +35,19 @@ def pil_to_model_input(image: Image.Image) -> torch.Tensor:
     # Keep diffusers' channels-last strides: the CPU convolutions pick kernels (and rounding) by layout.
     tensor = torch.from_numpy(array.transpose(0, 3, 1, 2))
     return 2.0 * tensor - 1.0
+
+
+def load_reference(path: str | Path) -> Image.Image:
+    """A reference image read from a file as diffusers' `load_image` reads it: EXIF orientation applied, any
+    mode (RGBA, P, L, I;16, …) converted to RGB; a file PIL cannot read is refused in one line."""
+    from diffusers.utils import load_image
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return load_image(opened)
+    except OSError as error:
+        raise FluxExportError(f"cannot read --image {path}: {error}") from None
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:

@@ -98,9 +98,9 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
     kontext_image = None if source.is_flux2 or not references else references[0]
     references = references if source.is_flux2 else ()
     height, width = request.height, request.width
-    if references:  # diffusers: the size of the last reference, floored to the packing multiple
-        last_width, last_height = reference_size(references[-1], 2 * source.vae_scale_factor)
-        height, width = height or last_height, width or last_width
+    if references:  # diffusers: the first reference's size (capped to ~1 MP), floored to the packing multiple
+        first_width, first_height = reference_size(references[0], 2 * source.vae_scale_factor)
+        height, width = height or first_height, width or first_width
     height, width = height or source.default_size, width or source.default_size
     check_image_size(height, width, 2 * source.vae_scale_factor)
     steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
