@@ -93,8 +93,19 @@ def test_sample_inputs_follow_the_spec(sources):
         ({"min_resolution": 512, "max_resolution": 256}, "resolutions must satisfy 16 ≤ min ≤ opt ≤ max"),
         ({"max_resolution": 1368}, "resolutions must be multiples of 16"),
         ({"max_batch": 0}, "max batch must be at least 1, got 0 (--max-batch)"),
+        ({"max_references": -1}, "max references must be at least 0, got -1 (--max-references)"),
+        ({"max_reference_area": 2048 * 1024},
+         "max reference area must be 4096..1048576 px (FLUX.2 pipelines scale larger references to 1 MP), got 2097152 "
+         "(--max-reference-area)"),
+        ({"max_reference_area": 32 * 32}, "max reference area must be 4096..1048576 px"),
+        ({"max_reference_aspect": 9},
+         "max reference aspect ratio must be 1..8 (FLUX.2 pipelines refuse wider), got 9 (--max-reference-aspect)"),
+        ({"max_reference_aspect": 0.5}, "max reference aspect ratio must be 1..8"),
     ],
-)
+)  # fmt: skip
 def test_bad_bounds(tmp_path, overrides, message):
+    from fluxexport.models.source import resolve_model
+
+    source = resolve_model("tiny-klein") if "reference" in str(overrides) else flux1_source(tmp_path)
     with pytest.raises(FluxExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ExportBounds.for_model(flux1_source(tmp_path), **overrides)
+        ExportBounds.for_model(source, **overrides)
