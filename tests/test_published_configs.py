@@ -183,3 +183,53 @@ def test_a_missing_key_runs_as_diffusers(variant, config, key, tiny_roots, tmp_p
         theirs = diffusers_images(pipeline, "a cat", height, width, steps, seed, guidance_scale=4.0)
     assert ours.shape == theirs.shape == (1, height, width, 3)
     assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_text_encoder_layers_of_a_fine_tune(tmp_path, flux2_sources, flux2_pipelines):
+    """`--text-encoder-layers` reads other hidden-state layers, as diffusers' `text_encoder_out_layers` does."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from fluxexport.cli import main
+
+    out = tmp_path / "out.png"
+    args = ["run", "--model", "tiny-klein", "--prompt", "a cat", "--height", 96, "--width", 128, "--steps", 2,
+            "--seed", 4, "--text-encoder-layers", "2,4,5", "--backend", "torch", "--output", out]  # fmt: skip
+    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    images = flux2_pipelines["tiny-klein"](
+        prompt="a cat", height=96, width=128, num_inference_steps=2, generator=torch.Generator().manual_seed(4),
+        output_type="np", text_encoder_out_layers=(2, 4, 5),
+    ).images  # fmt: skip
+    theirs = (images[0] * 255).round().astype(np.uint8)
+    ours = np.array(Image.open(out))
+    assert np.array_equal(ours, theirs)
+    default = flux2_pipelines["tiny-klein"](
+        prompt="a cat", height=96, width=128, num_inference_steps=2, generator=torch.Generator().manual_seed(4),
+        output_type="np", text_encoder_out_layers=flux2_sources["tiny-klein"].text_encoder_layers,
+    ).images  # fmt: skip
+    assert not np.array_equal(ours, (default[0] * 255).round().astype(np.uint8))  # the layers mattered
+
+
+@pytest.mark.parametrize(
+    ("variant", "value", "message"),
+    [("tiny-klein", "2,4,9", "--text-encoder-layers 2,4,9 does not fit tiny-klein's text encoder of 5 layers: pass "
+      "layers between 0 and 5"),
+     ("tiny-klein", "2,4", "--text-encoder-layers 2,4 stacks 2 layers of 32 but tiny-klein's transformer takes "
+      "96: pass 3 layers"),
+     ("tiny-schnell", "9,18,27", "--text-encoder-layers is for FLUX.2 models; tiny-schnell is FLUX.1: leave it out"),
+     ("tiny-klein", "nine", "Invalid value for '--text-encoder-layers': 'nine' is not a list of layer numbers such "
+      "as 9,18,27")],
+)  # fmt: skip
+def test_text_encoder_layers_are_checked(variant, value, message, sources, flux2_sources, tmp_path):
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    args = ["run", "--model", variant, "--prompt", "a cat", "--text-encoder-layers", value, "--output",
+            tmp_path / "out.png"]  # fmt: skip
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1] == f"Error: {message}"
+    assert not (tmp_path / "out.png").exists()

@@ -60,9 +60,13 @@ class ModelSource:
                 f"--text-encoder-layers {','.join(map(str, layers))} does not fit {self.name}'s text encoder of "
                 f"{depth} layers: pass layers between 0 and {depth}"
             )
-        chosen = dataclasses.replace(self, text_layers=tuple(layers))
-        check_flux2_widths(chosen)  # the stacked layers must still make the transformer's joint width
-        return chosen
+        width, joint = int(self.language["hidden_size"]), int(self.transformer["joint_attention_dim"])
+        if len(layers) * width != joint:  # the stacked layers make the transformer's joint width
+            raise FluxExportError(
+                f"--text-encoder-layers {','.join(map(str, layers))} stacks {len(layers)} layers of {width} but "
+                f"{self.name}'s transformer takes {joint}: pass {joint // width} layers"
+            )
+        return dataclasses.replace(self, text_layers=tuple(layers))
 
     @functools.cached_property
     def library(self) -> dict[str, dict[str, Any]]:
