@@ -53,7 +53,16 @@ class Dims(tuple):
 
 
 class HostMemory(bytes):
-    """trt.IHostMemory: bytes that also work as a context manager (polygraphy saves timing caches that way)."""
+    """trt.IHostMemory: a buffer (the bytes here) that also works as a context manager (polygraphy saves timing
+    caches that way). The real one has no `__bytes__`: `bytes(memory)` copies it through the buffer protocol, a
+    second host copy of a plan (≈ 24 GB for FLUX.1-dev's bf16 transformer); here every such copy is counted in
+    `copies`, so a test can see it."""
+
+    copies = 0  # bytes(...) of any HostMemory since the module was made (make_tensorrt resets it)
+
+    def __bytes__(self) -> bytes:
+        type(self).copies += 1
+        return bytes(memoryview(self))
 
     def __enter__(self):
         return self
@@ -94,6 +103,10 @@ class StandInState:
     errors: list[str] = field(default_factory=list)
     capturing: list | None = None  # the launches recorded while a CUDA graph is being captured
     fail_launches: int = 0  # make the next N launches fail (execute_async_v3 returns False)
+    # TensorRT's automatic weight-streaming budget before the binding's int32 cast (None: half the streamable size)
+    automatic_budget: int | None = None
+    streamable_bytes: int | None = None  # what engines built WEIGHT_STREAMING report streamable (None: their weights)
+    freed_runtime_configs: int = 0
 
 
 def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
@@ -101,6 +114,7 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     state = StandInState()
+    HostMemory.copies = 0
     trt.state = state
 
     class DataType(enum.IntEnum):
@@ -306,8 +320,13 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
     # ---- runtime ------------------------------------------------------------------------------------------------
 
     class IRuntimeConfig:
+        """TensorRT 11's runtime configuration. The binding does not tie its lifetime to the contexts created with
+        it (`create_execution_context(runtime_config)` keeps only the engine alive): a context whose config was
+        freed uses freed memory. Here such a context refuses to run, loudly."""
+
         def __init__(self):
             self.strategy = ExecutionContextAllocationStrategy.STATIC
+            weakref.finalize(self, _config_freed, state)
 
         def set_execution_context_allocation_strategy(self, strategy):
             self.strategy = strategy
@@ -323,9 +342,10 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             self.io |= {name: (TensorIOMode.OUTPUT, DataType[d], shape) for name, d, shape in header["outputs"]}
             self.names = list(self.io)
             self.contexts: weakref.WeakSet = weakref.WeakSet()
-            self.streamable = (
-                sum(_nbytes(t) for t in model.graph.initializer) if "WEIGHT_STREAMING" in header["flags"] else 0
-            )
+            streams = "WEIGHT_STREAMING" in header["flags"]
+            weights = sum(_nbytes(t) for t in model.graph.initializer)
+            # TensorRT may find nothing to stream in an engine built WEIGHT_STREAMING: 0 then
+            self.streamable = (weights if state.streamable_bytes is None else state.streamable_bytes) if streams else 0
             self._budget = self.streamable  # TensorRT's default: stream nothing
             self._session = None
             self._output_shapes: dict[tuple, dict[str, tuple]] = {}
@@ -374,12 +394,21 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
                 error("the weight streaming budget cannot change while execution contexts exist")
                 return
             if not self.streamable:
-                error("the engine was not built with BuilderFlag.WEIGHT_STREAMING")
+                error("the engine has no streamable weights (or was not built with BuilderFlag.WEIGHT_STREAMING)")
                 return
-            self._budget = max(0, min(int(budget), self.streamable))
+            if int(budget) < 0:  # any non-negative value; streamable_weights_size or more streams nothing
+                error(f"weight streaming budget {budget} is negative")
+                return
+            self._budget = int(budget)
 
         def get_weight_streaming_automatic_budget(self):
-            return self.streamable // 2
+            """What the binding returns: TensorRT's int64 budget cast to int32 (pyCore.cpp), so ≥ 2 GiB wraps."""
+            automatic = self.streamable // 2 if state.automatic_budget is None else state.automatic_budget
+            return ctypes.c_int32(automatic).value
+
+        @property
+        def weight_streaming_scratch_memory_size(self):
+            return 4096 if self.streamable else 0
 
         streaming = property(lambda self: self._budget < self.streamable)
 
@@ -387,11 +416,12 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             return IRuntimeConfig()
 
         def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC):
+            config = None
             if isinstance(strategy, IRuntimeConfig):
                 if tuple(int(p) for p in trt.__version__.split(".")[:1]) < (11,):
                     raise TypeError("IRuntimeConfig contexts need TensorRT 11")
-                strategy = strategy.strategy
-            context = IExecutionContext(self, strategy)
+                config, strategy = weakref.ref(strategy), strategy.strategy
+            context = IExecutionContext(self, strategy, config)
             self.contexts.add(context)
             state.contexts_created += 1
             return context
@@ -436,8 +466,9 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             return self._output_shapes[key]
 
     class IExecutionContext:
-        def __init__(self, engine, strategy):
-            self.engine, self.strategy = engine, strategy
+        def __init__(self, engine, strategy, config=None):
+            self.engine, self.strategy, self.config = engine, strategy, config
+            self.ordinal = state.contexts_created  # creation order, for tests that single out a context
             self.profile, self.shapes, self.addresses = 0, {}, {}
             self.memory = None if strategy == ExecutionContextAllocationStrategy.USER_MANAGED else (0, 1 << 62)
             self.device_state = None  # (shapes, profile) the last launch left in the context's device memory
@@ -445,9 +476,10 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
         active_optimization_profile = property(lambda self: self.profile)
 
         def set_optimization_profile_async(self, index, stream):
+            self._check_config()
             if not 0 <= index < self.engine.num_optimization_profiles:
                 error(f"profile {index} does not exist")
-                return False
+                raise RuntimeError("Error in set optimization profile async.")  # the binding raises, never False
             self.profile = index
             self.shapes = {}  # TensorRT: input shapes must be set again after a profile change
             return True
@@ -480,9 +512,18 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             return True
 
         def set_device_memory(self, address, size):
+            self._check_config()
             self.memory = (int(address), int(size))
 
+        def _check_config(self):
+            if self.config is not None and self.config() is None:
+                raise RuntimeError(
+                    "stand-in: this context's IRuntimeConfig was freed while the context uses it (a use after free "
+                    "on a GPU): keep the config alive as long as its contexts, or create them with a strategy"
+                )
+
         def execute_async_v3(self, stream_handle):
+            self._check_config()
             engine = self.engine
             if state.fail_launches:
                 state.fail_launches -= 1
@@ -540,7 +581,7 @@ def make_tensorrt(version: str = "10.13.0.35") -> types.ModuleType:
             self.logger = logger
 
         def deserialize_cuda_engine(self, plan):
-            unpacked = _unpack(bytes(plan))
+            unpacked = _unpack(bytes(memoryview(plan)))
             if unpacked is None:
                 error("not a serialized engine")
                 return None
@@ -610,6 +651,10 @@ def _engine_freed(state: StandInState) -> None:
     state.live_engines -= 1
 
 
+def _config_freed(state: StandInState) -> None:
+    state.freed_runtime_configs += 1
+
+
 def _nbytes(tensor: onnx.TensorProto) -> int:
     size = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4}.get(tensor.data_type, 2)
     if tensor.data_type in (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL):
@@ -658,8 +703,10 @@ class HostDevice:
 
     name = "stand-in GPU"
 
-    def __init__(self, trt: types.ModuleType, memory_bytes: int = 80 * 2**30, compute_capability=(9, 0)):
+    def __init__(self, trt: types.ModuleType, memory_bytes: int = 80 * 2**30, compute_capability=(9, 0),
+                 free_bytes: int | None = None):  # fmt: skip
         self.trt, self.memory_bytes, self.compute_capability = trt, memory_bytes, compute_capability
+        self.free_bytes = memory_bytes if free_bytes is None else free_bytes  # what cudaMemGetInfo reports free
         self.torch_device = torch.device("cpu")
         self.stream_handle = 0
         self.allocated_blocks: list[int] = []  # sizes of the shared device-memory blocks allocated, in order
@@ -677,7 +724,7 @@ class HostDevice:
         return torch.empty(size, dtype=torch.uint8)
 
     def free_memory(self) -> int:
-        return self.memory_bytes
+        return self.free_bytes
 
     @contextlib.contextmanager
     def on_stream(self):

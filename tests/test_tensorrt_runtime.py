@@ -5,8 +5,10 @@ backend's on the same graphs."""
 
 import gc
 import json
+import re
 import shutil
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,8 +20,9 @@ from standin_tensorrt import HostDevice, read_plan
 from fluxexport.errors import FluxExportError
 from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.tensorrt.backend import TensorRTBackend
-from fluxexport.tensorrt.weight_streaming import WeightBudget, parse_budget
+from fluxexport.specs import TRANSFORMER_PARTS, component_specs, sample_inputs
+from fluxexport.tensorrt.backend import MAX_SHAPES, TensorRTBackend
+from fluxexport.tensorrt.weight_streaming import AUTO_HEADROOM, WeightBudget, automatic_budget, parse_budget
 
 A, B, LARGE = (256, 256), (144, 272), (640, 640)  # LARGE lies in the second resolution bucket (544–1024 px)
 
@@ -300,19 +303,33 @@ def test_refit_then_run_and_validate(trt, engines, sources, exports, tmp_path):
     assert rows and all(c.passed and c.rel_l2 < 1e-5 for c in rows)
 
 
+def _proj_out_lora(path, source):
+    """A PEFT LoRA on `proj_out`, a layer the FP8 recipe keeps in high precision."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fluxexport.models.loaders import load_transformer
+
+    out, width = load_transformer(source).proj_out.weight.shape
+    generator = torch.Generator().manual_seed(5)
+    save_file({"transformer.proj_out.lora_A.weight": torch.randn(2, width, generator=generator),
+               "transformer.proj_out.lora_B.weight": torch.randn(out, 2, generator=generator) * 0.2}, str(path))  # fmt: skip
+    return path
+
+
 @pytest.mark.slow
-def test_fp8_refit_equals_the_fp8_swap(trt, sources, fp8_exports, tmp_path):
-    """An FP8 transformer engine built from quantize's graph: refit quantizes the merged weight with the graph's
-    scale, as the ONNX Runtime swap does: the two transformers answer the same, at two shapes."""
+def test_fp8_refit_of_a_high_precision_layer_equals_the_fp8_swap(trt, sources, fp8_exports, tmp_path):
+    """An FP8 transformer engine built from quantize's graph takes a LoRA on a layer the recipe keeps in high
+    precision (the FP8 weights TensorRT asks for again are set to the graph's own bytes): it answers as the ONNX
+    Runtime swap into the same graph, at two shapes. A LoRA on an FP8 weight is refused (test_tensorrt_plan)."""
     from fluxexport.models.lora import parse_lora
-    from fluxexport.specs import component_specs, sample_inputs
     from fluxexport.tensorrt.refit import refit_engines
 
     source = sources["tiny-dev"]
     folder = build_folder(source, fp8_exports["tiny-dev"], tmp_path / "fp8", precision="fp8",
                           components=["transformer"], refittable=True)  # fmt: skip
-    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
-    refit_engines(merged, folder)
+    merged = source.with_loras([parse_lora(f"{_proj_out_lora(tmp_path / 'out.safetensors', source)}:0.8")])
+    assert refit_engines(merged, folder).components["transformer"].refitted_weights == 1
     refitted = TensorRTBackend(merged, folder, device=HostDevice(trt)).component("transformer")
     swapped = OnnxRuntimeBackend(merged, fp8_exports["tiny-dev"], fp8=True).component("transformer")
     base = OnnxRuntimeBackend(source, fp8_exports["tiny-dev"], fp8=True).component("transformer")
@@ -406,11 +423,178 @@ def test_an_fp8_weight_needs_an_fp8_prototype(trt, sources, fp8_exports, tmp_pat
         return trt.Weights(trt.DataType.BF16, 0, found.size) if found.dtype == trt.DataType.FP8 else found
 
     monkeypatch.setattr(trt.Refitter, "get_weights_prototype", as_bf16)
-    merged = source.with_loras([parse_lora(f"{_lora(tmp_path / 'style.safetensors', source)}:0.8")])
+    merged = source.with_loras([parse_lora(f"{_proj_out_lora(tmp_path / 'out.safetensors', source)}:0.8")])
     with pytest.raises(FluxExportError) as error:
         refit_engines(merged, folder)
+    assert re.fullmatch(
+        r"transformer_fp8\.trt_10\.13\.0\.35\.plan: model\.\S+\.weight\.fp8 is an FP8 weight of the graph, but the "
+        r"engine holds it as BF16: rebuild the engine from this graph \(fluxexport build --refittable\)",
+        str(error.value),
+    ), str(error.value)
+
+
+@pytest.mark.slow
+def test_an_automatic_budget_past_2_gib_is_computed_from_free_memory(trt, engines, sources, ort_backends):
+    """The binding returns TensorRT's automatic budget cast to int32: 3 GiB comes back as -1 GiB (refused before,
+    on every FLUX engine). `auto` computes the budget from the GPU's free memory instead: on an 80 GB GPU every
+    weight stays (nothing streams, CUDA graphs on); with room for a third of the weights beside the engine's
+    scratch and the margin, a third stays and the rest streams."""
+    from fluxexport.tensorrt.backend import _device_memory_size
+
+    trt.state.automatic_budget = 3 * 2**30
+    source = sources["tiny-dev"]
+    manifest = manifest_json(engines)
+    plan = (engines / manifest["components"]["transformer"]["file"]).read_bytes()
+    assert trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan).get_weight_streaming_automatic_budget() == -(2**30)
+    expected = images(ort_backends["tiny-dev"], source, A)
+    roomy = TensorRTBackend(source, engines, weight_streaming_budget=WeightBudget("auto"), device=HostDevice(trt))
+    assert np.array_equal(images(roomy, source, A), expected)
+    budget, streamable = roomy.streamed["transformer"]
+    assert budget == streamable > 0 and roomy.runners["transformer"].captured and trt.state.errors == []
+
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(plan)
+    scratch = _device_memory_size(engine) + engine.weight_streaming_scratch_memory_size
+    device = HostDevice(trt, free_bytes=AUTO_HEADROOM + scratch + streamable // 3)
+    tight = TensorRTBackend(source, engines, weight_streaming_budget=WeightBudget("auto"), device=device)
+    transformer = tight.component("transformer")  # the first engine: no shared scratch held yet
+    assert tight.streamed["transformer"] == (streamable // 3, streamable)
+    assert transformer.engine.weight_streaming_budget_v2 == streamable // 3 and not transformer.use_cuda_graphs
+    assert np.array_equal(images(tight, source, A), expected) and trt.state.errors == []
+
+
+def test_the_automatic_budget_is_what_free_memory_holds():
+    assert automatic_budget(10 * 2**30, 2**30) == 10 * 2**30 - 2**30 - AUTO_HEADROOM
+    assert automatic_budget(2**30, 2**30) == 0  # less free than scratch and margin: everything streams
+    auto = WeightBudget("auto")
+    assert auto.bytes_for(1000, 10**12) == 1000 and auto.bytes_for(1000, 400) == 400 and auto.bytes_for(1000, -5) == 0
+
+
+def _polygraphy_forgets_tensorrt() -> None:
+    """polygraphy's lazy modules import `tensorrt` once per process and keep it: make them import it again (the
+    stand-in of the build at hand)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("polygraphy"):
+            for value in list(vars(module).values()):
+                held = vars(value).get("module") if type(value).__name__ == "LazyModule" else None
+                if getattr(held, "__name__", None) == "tensorrt":
+                    object.__setattr__(value, "module", None)
+
+
+@pytest.mark.slow
+def test_tensorrt_11_contexts_need_no_runtime_config_kept_alive(sources, exports, tmp_path):
+    """TensorRT 11: a context made from `create_runtime_config()` does not keep that config alive (the binding's
+    keep_alive ties the context to the engine only); the stand-in refuses to run a context whose config was freed.
+    The backend creates its contexts with the strategy overload (as trtexec does), so nothing dangles."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = sources["tiny-dev"]
+    _polygraphy_forgets_tensorrt()  # or it builds with the first stand-in it saw, another version
+    folder = build_folder(source, exports["tiny-dev"], tmp_path / "engines", tensorrt="11.1.0.4",
+                          components=["vae_decoder"])  # fmt: skip
+    _polygraphy_forgets_tensorrt()
+    feeds = sample_inputs(component_specs(source)["vae_decoder"], {"B": 1, "h": 32, "w": 32})
+    expected = OnnxRuntimeBackend(source, exports["tiny-dev"]).component("vae_decoder")(feeds)["images"]
+    with standin_tensorrt("11.1.0.4") as trt, TensorRTBackend(source, folder, device=HostDevice(trt)) as backend:
+        decoder = backend.component("vae_decoder")
+        gc.collect()
+        assert torch.equal(decoder(feeds)["images"], expected) and torch.equal(decoder(feeds)["images"], expected)
+        assert trt.state.errors == []
+
+
+@pytest.mark.slow
+def test_a_refused_profile_switch_is_one_line_and_capture_falls_back(trt, engines, sources, ort_backends,
+                                                                     monkeypatch):  # fmt: skip
+    """The binding raises RuntimeError from `set_optimization_profile_async` (it never returns False): on the plain
+    context that is a one-line refusal naming the engine, the profile and the shapes; on the context a CUDA graph
+    would be captured on, the shape runs without a graph, as for any failing capture."""
+    source = sources["tiny-dev"]
+    switch = trt.IExecutionContext.set_optimization_profile_async
+
+    def refused(self, index, stream):
+        raise RuntimeError("Error in set optimization profile async.")
+
+    monkeypatch.setattr(trt.IExecutionContext, "set_optimization_profile_async", refused)
+    backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+    with pytest.raises(FluxExportError) as error:
+        images(backend, source, A)
     assert str(error.value) == (
-        "transformer_fp8.trt_10.13.0.35.plan: model.transformer_blocks.0.attn.to_out.0.weight.fp8 is an FP8 weight "
-        "of the graph, but the engine holds it as BF16: rebuild the engine from this graph (fluxexport build "
-        "--refittable)"
+        "TensorRT refused optimization profile 0 of clip (clip_fp32.trt_10.13.0.35.plan) for input_ids (1, 77) "
+        "(see its log above)"
     )
+
+    def refused_beside_the_plain_context(self, index, stream):
+        if any(other.ordinal < self.ordinal for other in self.engine.contexts):  # not the engine's first context
+            raise RuntimeError("Error in set optimization profile async.")
+        return switch(self, index, stream)
+
+    monkeypatch.setattr(trt.IExecutionContext, "set_optimization_profile_async", refused_beside_the_plain_context)
+    backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert np.array_equal(images(backend, source, A), images(ort_backends["tiny-dev"], source, A))
+        images(backend, source, A)
+    (warning,) = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]  # once: never tried again
+    assert warning.startswith("transformer: no CUDA graph for shapes ((1, 256, 64), ")
+    assert "(TensorRT refused optimization profile 0 of transformer (transformer_fp32.trt_10.13.0.35.plan) " in warning
+    assert not backend.runners["transformer"].captured and trt.state.stale_replays == 0
+
+
+@pytest.mark.slow
+def test_buffers_of_twenty_shapes_stay_bounded(trt, engines, sources, ort_backends):
+    """A server sees many sizes: each engine keeps the buffers of its MAX_SHAPES most recently used shapes only,
+    with the contexts and graphs captured on them; an evicted shape gets new buffers and the right answer."""
+    source = sources["tiny-dev"]
+    backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+    transformer = backend.component("transformer")
+    reference = ort_backends["tiny-dev"].component("transformer")
+    spec = component_specs(source)["transformer"]
+    feeds = [sample_inputs(spec, {"B": 1, "N": 96 + 8 * index, "L": 40}, seed=index) for index in range(20)]
+    for index, shape in enumerate([*feeds, feeds[-1], feeds[0]]):
+        for _ in range(2):  # the second call of a shape captures it
+            assert torch.equal(transformer(shape)["latent"], reference(shape)["latent"]), index
+    keys = list(transformer.buffers)
+    assert len(keys) == MAX_SHAPES == 8 and set(transformer.captured) <= set(keys)
+    assert [key[0][1] for key in keys] == [96 + 8 * index for index in (13, 14, 15, 16, 17, 18, 19, 0)]
+    assert set(transformer.calls) <= set(keys) and len(transformer.captured) == MAX_SHAPES
+    assert trt.state.replays > 0 and trt.state.stale_replays == 0 and trt.state.errors == []
+
+
+@pytest.fixture(scope="module")
+def parts_engines(sources, exports, tmp_path_factory):
+    """tiny-dev's engines with the transformer in parts (what --cache first-block and magcache run), from
+    `export --transformer-parts` and `build`'s own code."""
+    from fluxexport.cli import main
+
+    folder = tmp_path_factory.mktemp("parts") / "onnx"
+    shutil.copytree(exports["tiny-dev"], folder)
+    result = CliRunner().invoke(main, ["export", "--model", "tiny-dev", "--components", "transformer_out",
+                                       "--transformer-parts", "--out", str(folder)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
+    return folder, build_folder(sources["tiny-dev"], folder, folder.parent / "engines", components=names)
+
+
+@pytest.mark.slow
+def test_low_vram_loads_each_part_engine_once_per_generation(trt, sources, parts_engines):
+    """`--low-vram --cache first-block`: the head, tail and output engines run at every step; they stay in memory
+    together (the transformer's size) instead of being read from disk again at each step (the head was loaded 9
+    times in 8 steps)."""
+    from fluxexport.runtime.cache import parse_cache
+
+    source, (graphs, engines) = sources["tiny-dev"], parts_engines
+    cache = parse_cache("first-block:threshold=0.2")
+    request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=8, seed=2,
+                                guidance_scale=3.5)  # fmt: skip
+    backend = TensorRTBackend(source, engines, low_vram=True, device=HostDevice(trt))
+    loads: Counter[str] = Counter()
+    load = backend._load
+    backend._load = lambda name: loads.update([name]) or load(name)  # type: ignore[method-assign]
+    ours = generate(backend, source, request, cache=cache)
+    assert loads == Counter(["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS])  # each once
+    assert set(backend.runners) == {"vae_decoder"}  # still one component's engines at a time
+    with OnnxRuntimeBackend(source, graphs) as reference:
+        expected = generate(reference, source, request, cache=cache)
+    assert ours.computed_steps == expected.computed_steps < 8
+    assert np.array_equal(ours.images, expected.images)

@@ -25,16 +25,18 @@ from fluxexport.dtypes import ELEMENT_TORCH, TENSORRT_ELEMENT
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds
+from fluxexport.specs import TRANSFORMER_PARTS
 from fluxexport.tensorrt.engines import check_engine_set, profiles_from_json
-from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version, tensorrt_version
+from fluxexport.tensorrt.environment import import_tensorrt, require_tensorrt_version
 from fluxexport.tensorrt.profiles import select_profile
-from fluxexport.tensorrt.weight_streaming import WeightBudget
+from fluxexport.tensorrt.weight_streaming import WeightBudget, automatic_budget
 
 if TYPE_CHECKING:  # typed by tensorrt-stubs (TensorRT 10.13's API): tests/test_typing.py
     import tensorrt as trt
 
-RUNTIME_CONFIG_VERSION = (11,)  # contexts get their allocation strategy from an IRuntimeConfig
-MAX_CAPTURED_SHAPES = 8  # contexts with a captured graph kept per engine (least recently used dropped first)
+    from fluxexport.runtime.request import ResolvedRequest
+
+MAX_SHAPES = 8  # shapes whose buffers (and captured context and graph) an engine keeps, least recently used out
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -45,17 +47,12 @@ def torch_dtype_of(dtype: trt.DataType) -> torch.dtype:
 
 
 def _create_context(engine: trt.ICudaEngine) -> trt.IExecutionContext:
-    """A context without its own device memory: from TensorRT 11 through an IRuntimeConfig, before it with
-    the strategy argument (both are in the 10.13 API)."""
+    """A context without its own device memory, through the strategy overload (10.x and 11.x alike, as trtexec):
+    TensorRT 11's `create_runtime_config()` object is not kept alive by the contexts made from it, which would
+    use it after it is freed."""
     import tensorrt as trt
 
-    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-    if tensorrt_version(trt) >= RUNTIME_CONFIG_VERSION:
-        config = engine.create_runtime_config()
-        config.set_execution_context_allocation_strategy(strategy)
-        context = engine.create_execution_context(config)
-    else:
-        context = engine.create_execution_context(strategy)
+    context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
     if context is None:
         raise FluxExportError("TensorRT could not create an execution context (see its log above)")
     return context
@@ -91,9 +88,11 @@ class _EngineRunner:
         self.outputs = entry.output_names()
         self.dtypes = {n: torch_dtype_of(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.use_cuda_graphs = use_cuda_graphs
+        self.file = entry.file
         self.memory: torch.Tensor | None = None
-        self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}
-        self.captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        # per shape, least recently used first: its buffers, and the context and graph captured on them
+        self.buffers: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self.captured: dict[tuple, _Captured] = {}
         self.calls: dict[tuple, int] = {}
         self.uncapturable: set[tuple] = set()
 
@@ -108,27 +107,50 @@ class _EngineRunner:
         if not done:
             raise FluxExportError(f"TensorRT refused to {what} for {self.name} (see its log above)")
 
+    def _select_profile(self, context: trt.IExecutionContext, profile: int, shapes: Shapes) -> None:
+        """Switch `context` to `profile`; the binding raises RuntimeError on refusal (it never returns False)."""
+        try:
+            done = context.set_optimization_profile_async(profile, self.device.stream_handle)
+        except RuntimeError:
+            done = False
+        if not done:
+            sizes = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+            raise FluxExportError(
+                f"TensorRT refused optimization profile {profile} of {self.name} ({self.file}) for {sizes} "
+                "(see its log above)"
+            )
+
     def _bind(
         self, context: trt.IExecutionContext, shapes: Shapes, buffers: dict[str, torch.Tensor], profile: int | None
     ) -> None:
         """Set `context`'s profile (when it changes), input shapes and every tensor address, checking each."""
         if profile is not None:
-            self._check(context.set_optimization_profile_async(profile, self.device.stream_handle),
-                        f"select optimization profile {profile}")  # fmt: skip
+            self._select_profile(context, profile, shapes)
         for name, shape in shapes.items():
             self._check(context.set_input_shape(name, shape), f"set {name} to shape {shape}")
         for name, tensor in buffers.items():
             self._check(context.set_tensor_address(name, tensor.data_ptr()), f"bind {name}")
 
     def _buffers(self, key: tuple, shapes: Shapes) -> dict[str, torch.Tensor]:
-        """This shape's input and output buffers (outputs sized by the plain context once it holds `shapes`)."""
-        if key not in self.buffers:
-            buffers = {n: self.device.empty(s, self.dtypes[n]) for n, s in shapes.items()}
-            for name in self.outputs:
-                dims = self.plain.get_tensor_shape(name)  # trt.Dims: indexable, not iterable by its stubs
-                buffers[name] = self.device.empty(tuple(dims[a] for a in range(len(dims))), self.dtypes[name])
-            self.buffers[key] = buffers
-        return self.buffers[key]
+        """This shape's input and output buffers (outputs sized by the plain context once it holds `shapes`).
+        At most MAX_SHAPES shapes keep theirs: the least recently used goes, with the graph captured on it."""
+        if key in self.buffers:
+            self.buffers.move_to_end(key)
+            return self.buffers[key]
+        while len(self.buffers) >= MAX_SHAPES:
+            self._forget(next(iter(self.buffers)))
+        buffers = {n: self.device.empty(s, self.dtypes[n]) for n, s in shapes.items()}
+        for name in self.outputs:
+            dims = self.plain.get_tensor_shape(name)  # trt.Dims: indexable, not iterable by its stubs
+            buffers[name] = self.device.empty(tuple(dims[a] for a in range(len(dims))), self.dtypes[name])
+        self.buffers[key] = buffers
+        return buffers
+
+    def _forget(self, key: tuple) -> None:
+        """Free a shape's buffers, its captured context and graph (they point into those buffers) and its count."""
+        self.buffers.pop(key, None)
+        self.captured.pop(key, None)
+        self.calls.pop(key, None)
 
     def _launch(self, context: trt.IExecutionContext) -> None:
         if not context.execute_async_v3(self.device.stream_handle):
@@ -144,16 +166,15 @@ class _EngineRunner:
 
     def _capture(self, key: tuple, shapes: Shapes, profile: int, buffers: dict[str, torch.Tensor]) -> None:
         """Launch `shapes` on a context of its own (this call's result), then capture one more launch of it. A
-        capture that fails is reported once; the shape then runs on the plain context."""
-        if len(self.captured) >= MAX_CAPTURED_SHAPES:
-            self.captured.popitem(last=False)
-        context = _create_context(self.engine)
-        assert self.memory is not None, "bind_memory comes before any call"
-        context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
-        self._bind(context, shapes, buffers, profile)
-        self._launch(context)  # TensorRT's setup work for these shapes happens here, outside the capture
+        capture that fails, or a context that cannot be set up for it, is reported once; the shape then runs on the
+        plain context."""
         failure = None
         try:
+            context = _create_context(self.engine)
+            assert self.memory is not None, "bind_memory comes before any call"
+            context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
+            self._bind(context, shapes, buffers, profile)
+            self._launch(context)  # TensorRT's setup work for these shapes happens here, outside the capture
             with self.device.capture() as holder:
                 if not context.execute_async_v3(self.device.stream_handle):
                     failure = "execute_async_v3 failed inside the capture"
@@ -176,7 +197,7 @@ class _EngineRunner:
         with self.device.on_stream():
             captured = self.captured.get(key)
             if captured is not None:
-                self.captured.move_to_end(key)
+                self.buffers.move_to_end(key)
                 buffers = self.buffers[key]
                 for name in present:
                     buffers[name].copy_(feeds[name], non_blocking=True)
@@ -194,6 +215,12 @@ class _EngineRunner:
                     self._launch(self.plain)
             # copies: the buffers are overwritten by the next call with this shape
             return {name: buffers[name].to(torch.float32, copy=True) for name in self.outputs}
+
+
+def _resident_with(name: str) -> tuple[str, ...]:
+    """The engines `--low-vram` keeps in memory beside `name`'s: the transformer's parts hold each other (First
+    Block Cache and MagCache run all of them at every step; together they are the transformer's size)."""
+    return TRANSFORMER_PARTS if name in TRANSFORMER_PARTS else (name,)
 
 
 class TensorRTBackend:
@@ -241,14 +268,28 @@ class TensorRTBackend:
         self.runners: dict[str, _EngineRunner] = {}
         self.shared_memory: torch.Tensor | None = None
 
+    def check_request(self, resolved: ResolvedRequest) -> None:
+        """Refuse, before any work, FLUX.2 references past the reference budget these engines were built for (`generate` asks)."""
+        from fluxexport.specs import check_folder_serves
+
+        check_folder_serves(self.source, self.folder, resolved)
+
     def _set_budget(self, name: str, engine: trt.ICudaEngine) -> bool:
-        """Apply the weight-streaming budget before any context exists; True when weights are streamed."""
+        """Apply the weight-streaming budget before any context exists; True when weights are streamed. `auto` is
+        computed here from the GPU's free memory, less the engine's scratch memory (streaming scratch included) and
+        a margin for buffers: the binding's `get_weight_streaming_automatic_budget` returns TensorRT's budget cast
+        to int32, so every budget ≥ 2 GiB comes back wrapped."""
         if self.weight_streaming_budget is None:
             return False
         streamable = engine.streamable_weights_size
         if streamable <= 0:
             return False  # nothing of this engine streams (e.g. a tiny text encoder)
-        budget = self.weight_streaming_budget.bytes_for(streamable, engine.get_weight_streaming_automatic_budget())
+        available = 0
+        if self.weight_streaming_budget.kind == "auto":
+            scratch = _device_memory_size(engine) + engine.weight_streaming_scratch_memory_size
+            held = 0 if self.shared_memory is None else self.shared_memory.numel()  # the block grows to `scratch`
+            available = automatic_budget(self.cuda.free_memory(), max(scratch - held, 0))
+        budget = self.weight_streaming_budget.bytes_for(streamable, available)
         engine.weight_streaming_budget_v2 = budget
         if engine.weight_streaming_budget_v2 != budget:
             raise FluxExportError(f"TensorRT refused a weight-streaming budget of {budget} bytes for {name}")
@@ -292,8 +333,10 @@ class TensorRTBackend:
 
     def component(self, name: str) -> Component:
         if name not in self.runners:
-            if self.low_vram:
-                self.runners.clear()  # engines are freed with their runners (graphs and contexts first)
+            if self.low_vram and not set(self.runners) <= set(_resident_with(name)):
+                # engines are freed with their runners (graphs and contexts first); the transformer's parts stay
+                # together, as the transformer would: a step cache runs all of them at every step
+                self.runners.clear()
                 self.shared_memory = None
                 self.cuda.empty_cache()
             runner = self._load(name)

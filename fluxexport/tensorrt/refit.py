@@ -3,8 +3,12 @@ initializer name), and back to the base weights with `--reset`.
 
 A refit always starts from the base plan `build` wrote, which stays as it is: only the weights the LoRAs touch
 are computed (base tensor + delta in float32, cast to the engine's weight type, laid out as the graph holds
-them, FP8 weights quantized with the graph's own scales: `artifacts/weights.py`), set by name, and the
-refitted plan is written atomically beside the base one. The engine manifest then names the refitted plan, the
+them: `artifacts/weights.py`), set by name, and the refitted plan is written atomically beside the base one,
+straight from TensorRT's serialized buffer (no second host copy of a plan that may weigh tens of GB).
+A LoRA that adapts an FP8-quantized weight is refused: quantized with the base model's scales, the merged weight
+saturates past the base amax; NVIDIA's guidance (ModelOpt, its diffusion demo) is to fuse the LoRA, then
+quantize. FP8 engines still take LoRAs on the weights the recipe keeps in high precision, and unchanged FP8
+weights TensorRT asks for are set to the graph's own bytes. The engine manifest then names the refitted plan, the
 LoRA set and the merged model's fingerprint, so `run --lora …` finds it; `--reset` points back at the base.
 The transformer's parts (First Block Cache's engines) are refitted like the transformer, each with the LoRA
 deltas of the weights it holds; a part the LoRAs do not touch keeps its base plan.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +31,9 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import TRANSFORMER_PARTS
+
+if TYPE_CHECKING:  # typed by tensorrt-stubs
+    import tensorrt as trt
 
 REFITTABLE = ("transformer", "clip", *TRANSFORMER_PARTS)  # the components LoRAs adapt (the parts, for the cache)
 
@@ -60,8 +68,8 @@ def _initializer_values(graph_path: Path):
 def refit_component(
     engine_file: Path, graph: GraphRecord, graph_path: Path, source: ModelSource, module: str,
     elsewhere: Collection[str] = (),
-) -> tuple[bytes, int]:  # fmt: skip
-    """The serialized plan of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
+) -> tuple[trt.IHostMemory, int]:  # fmt: skip
+    """The serialized plan (TensorRT's own buffer: write it as it is, never copy it) of `engine_file` with `source`'s LoRAs merged into the weights they touch (FP8
     weights quantized with the graph's scales), and how many weights were set. Weights TensorRT still reports
     missing afterwards (it may ask for unchanged ones too) are set to the graph's own values. `elsewhere`: the
     checkpoint tensors the engines of the transformer's other parts hold (LoRA layers this part lacks)."""
@@ -122,7 +130,24 @@ def refit_component(
         raise FluxExportError(f"refitting {engine_file.name} leaves {missing[0]} unset: rebuild the engine")
     if not refitter.refit_cuda_engine():
         raise FluxExportError(f"TensorRT could not refit {engine_file.name} (see its log above)")
-    return bytes(engine.serialize()), changed
+    return engine.serialize(), changed
+
+
+def _refuse_fp8_loras(engine_file: str, graph: GraphRecord, source: ModelSource, module: str) -> None:
+    """Refuse a LoRA that adapts an FP8-quantized weight of `graph` (NVIDIA's guidance: fuse, then quantize)."""
+    lora_set = source.lora_set
+    if lora_set is None or module not in lora_set.layers:
+        return
+    weights = graph.require_weight_origins("export it again, rebuild with --refittable, then refit")
+    touched = [origin.tensor for origin in weights.values()
+               if origin.fp8_scale is not None and lora_set.touches(module, origin.tensor)]  # fmt: skip
+    if touched:
+        loras = " ".join([f"--model {source.name}", *(f"--lora {lora.path}:{lora.scale:g}" for lora in source.loras)])
+        raise FluxExportError(
+            f"{engine_file} holds {touched[0]} in FP8: a refit would quantize the LoRA-merged weight with the base "
+            f"model's scale; fuse the LoRAs before quantizing instead (fluxexport quantize {loras} --out NEW_ONNX, "
+            f"then fluxexport build --precision fp8 {loras} --onnx NEW_ONNX), or refit bf16 engines"
+        )
 
 
 def _touched(name: str, graph: GraphRecord, source: ModelSource, elsewhere: Collection[str]) -> bool:
@@ -166,6 +191,8 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> En
     require_tensorrt_version(trt)
     names = [name for name in REFITTABLE if name in folder.components]
     graphs = {} if reset else {name: folder.built_from(name) for name in names}
+    for name, graph in graphs.items():  # before any plan is written
+        _refuse_fp8_loras(folder.components[name].file, graph, source, MODULE_OF[name])
     for name in names:
         engine = folder.components[name]
         base_file = engine.base_plan
@@ -180,7 +207,7 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> En
         plan, count = refit_component(engines / base_file, graphs[name], Path(engine.onnx), source, MODULE_OF[name],
                                       elsewhere)  # fmt: skip
         refitted = refit_plan_name(base_file)
-        write_bytes_atomic(engines / refitted, memoryview(plan))
+        write_bytes_atomic(engines / refitted, memoryview(plan))  # IHostMemory's buffer, not a copy of it
         folder.components[name] = replace(
             engine, file=refitted, base_file=base_file, engine_sha256=file_sha256(engines / refitted),
             refitted_weights=count, extra=extra | {"refitted_at": now()},

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fluxexport.errors import FluxExportError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+AUTO_HEADROOM = 2**30  # GPU memory `auto` leaves free beyond an engine's scratch: I/O buffers, CUDA graphs, torch
 _HELP = (
     "--weight-streaming-budget takes BYTES (e.g. 12GiB, 8000MB), PERCENT of the streamable weights (e.g. 50%) or auto"
 )
@@ -19,15 +20,16 @@ _HELP = (
 
 @dataclass(frozen=True)
 class WeightBudget:
-    """`auto` (TensorRT's choice for this GPU's free memory), a percentage of the streamable weights, or bytes."""
+    """`auto` (what fits in the GPU's free memory), a percentage of the streamable weights, or bytes."""
 
     kind: str  # "auto" | "percent" | "bytes"
     value: float = 0.0
 
-    def bytes_for(self, streamable: int, automatic: int) -> int:
-        """The budget in bytes for an engine with `streamable` bytes of streamable weights."""
+    def bytes_for(self, streamable: int, available: int) -> int:
+        """The budget in bytes for an engine with `streamable` bytes of streamable weights; `auto` keeps on the
+        GPU as much as `available` bytes hold (`automatic_budget`)."""
         if self.kind == "auto":
-            return int(automatic)
+            return max(0, min(int(available), streamable))
         if self.kind == "percent":
             return int(streamable * self.value / 100)
         return int(min(self.value, streamable))
@@ -36,6 +38,12 @@ class WeightBudget:
         if self.kind == "auto":
             return "auto"
         return f"{self.value:g}%" if self.kind == "percent" else f"{int(self.value)} bytes"
+
+
+def automatic_budget(free: int, scratch: int, headroom: int = AUTO_HEADROOM) -> int:
+    """GPU memory the weights of an engine may keep (`auto`): what is free (cudaMemGetInfo) less the scratch memory
+    its context will still allocate and a margin for buffers; never negative (then everything streams)."""
+    return max(0, free - scratch - headroom)
 
 
 def parse_budget(text: str) -> WeightBudget:
