@@ -108,7 +108,8 @@ def _constant_columns(columns: list[str], rows: list[list[str]]) -> list[int]:
     if len(rows) < 2:
         return []
     return [index for index, name in enumerate(columns)
-            if index and name and len({row[index] for row in rows}) == 1 and not _is_number(rows[0][index])]  # fmt: skip
+            if index and name and all(index < len(row) for row in rows)
+            and len({row[index] for row in rows}) == 1 and not _is_number(rows[0][index])]  # fmt: skip
 
 
 def _width(table: Table) -> int:
@@ -119,7 +120,7 @@ def _width(table: Table) -> int:
 def _build(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     result = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
-        cells = [row[index] for row in rows]
+        cells = [row[index] for row in rows if index < len(row)]  # a last row may be shorter
         if index == 0:  # the row's name: never cut
             result.add_column(column, justify="left", no_wrap=True)
         elif cells and all(_is_number(cell) for cell in cells):  # numbers are never cut, nor wrapped
@@ -144,5 +145,5 @@ def table(title: str, columns: list[str], rows: list[list[str]], width: int | No
         said.append(index)
         kept = [i for i in range(len(columns)) if i not in said]
         heading = f"{title} · " + ", ".join(f"{columns[i]} {rows[0][i]}" for i in said)
-        result = _build(heading, [columns[i] for i in kept], [[row[i] for i in kept] for row in rows])
+        result = _build(heading, [columns[i] for i in kept], [[row[i] for i in kept if i < len(row)] for row in rows])
     return result

@@ -67,3 +67,11 @@ def test_quiet_optimizer_silences_the_optimizer_only_while_it_runs(capfd):
     sys.stdout.flush()
     assert capfd.readouterr().out == "after\n"
     assert logging.getLogger("onnxruntime.transformers").level == logging.NOTSET
+
+
+def test_a_short_last_row_renders():
+    """calibrate-magcache's ratios table: seven ratios a row, the last row shorter."""
+    rows = [["1–7", *(f"{0.9 + i / 100:.4f}" for i in range(7))], ["8–9", "1.0123", "0.9876"]]
+    lines = render(table("magcache ratios (9 steps)", ["steps", "ratios", *[""] * 6], rows, width=80), 80)
+    text = "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80 and "0.9600" in text and "0.9876" in text
