@@ -128,7 +128,7 @@ from fluxexport.pytorch.backend import TorchBackend
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.tensorrt.backend import TensorRTBackend
 source = resolve_model(sys.argv[1])
-sizes = [(256, 256), (640, 640), (256, 256), (768, 512), (144, 272), (640, 640)]  # 640² and 768×512: bucket 2
+sizes = [(256, 256), (640, 640), (256, 256), (576, 768), (144, 272), (640, 640)]  # both sides ≥ 544: bucket 2
 def images(backend):
     return [generate(backend, source, GenerationRequest("a red fox", height=h, width=w, num_inference_steps=4,
                                                         seed=i)).images for i, (h, w) in enumerate(sizes)]
