@@ -194,17 +194,28 @@ class ModelSource:
 
     @property
     def default_steps(self) -> int:
-        if self.is_flux2:
-            return 4 if self.is_distilled else 50
-        return 28 if self.guidance_embeds else 4
+        """4 for step-distilled models (FLUX.1 schnell, FLUX.2 [klein] distilled: their model cards' count),
+        else the pipeline's own default (28 FLUX.1, 50 FLUX.2)."""
+        from fluxexport.models.configs import call_default
+
+        distilled = self.is_distilled if self.is_flux2 else not self.guidance_embeds
+        return 4 if distilled else int(call_default(self.pipeline_type, "num_inference_steps"))
 
     @property
     def default_max_sequence_length(self) -> int:
-        return 512 if self.guidance_embeds or self.is_flux2 else 256
+        """FLUX.1 schnell: 256 (BFL's T5 length for it); otherwise the pipeline's default (512)."""
+        from fluxexport.models.configs import call_default
+
+        if not self.is_flux2 and not self.guidance_embeds:
+            return 256
+        return int(call_default(self.pipeline_type, "max_sequence_length"))
 
     @property
     def default_guidance(self) -> float:
-        return 4.0 if self.is_flux2 else 3.5
+        """The pipeline's own default (FLUX.1 3.5, FLUX.2 4.0)."""
+        from fluxexport.models.configs import call_default
+
+        return float(call_default(self.pipeline_type, "guidance_scale"))
 
     @property
     def uses_true_cfg(self) -> bool:
