@@ -105,7 +105,7 @@ def test_a_changed_checkpoint_of_the_same_name_is_said_so(sources):
     assert made_from("tiny-schnell", sources["tiny-dev"]) == "'tiny-schnell', not from 'tiny-dev'"
     assert (
         made_from("tiny-dev", sources["tiny-dev"])
-        == "'tiny-dev' as it was then (its files or LoRAs have changed since)"
+        == "'tiny-dev' as it was then (its files, LoRAs or --text-encoder-layers have changed since)"
     )
 
 

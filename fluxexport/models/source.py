@@ -398,4 +398,4 @@ def made_from(recorded: str, source: ModelSource) -> str:
     files changed since (its fingerprint moved)."""
     if recorded != source.name:
         return f"{recorded!r}, not from {source.name!r}"
-    return f"{recorded!r} as it was then (its files or LoRAs have changed since)"
+    return f"{recorded!r} as it was then (its files, LoRAs or --text-encoder-layers have changed since)"
