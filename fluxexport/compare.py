@@ -16,6 +16,12 @@ import torch
 THRESHOLDS = {"fp32": (1e-5, 50.0), "fp16": (2e-2, 30.0), "bf16": (5e-2, 25.0), "fp8": (6e-2, 20.0)}
 # Engines against PyTorch (and against ONNX Runtime on their own graph): TensorRT picks its own kernels
 TENSORRT_THRESHOLDS = {"fp32": (1e-3, 40.0), "fp16": (2e-2, 30.0), "bf16": (1e-2, 25.0), "fp8": (6e-2, 20.0)}
+# The embedded timestep/guidance vector (`temb`, an output of the transformer's head) in fp32: its sinusoids take
+# timestep and guidance × 1000 as phase (up to ~4000 rad at guidance 4), and the exporter folds their frequencies
+# (exp of a constant) with another exp than PyTorch's, a few ulp apart (1.8e-7 relative measured on tiny-dev):
+# phase errors up to ~1e-3 rad, 1.2–1.35e-5 rel-L2 on tiny-dev's guidance-distilled head. Every other output,
+# and `temb` in every other dtype, keeps its dtype's bound.
+FP32_OUTPUT_LIMITS = {"temb": 1e-4}
 
 
 @dataclass
@@ -75,15 +81,23 @@ def within(rel_l2: float, limit: float) -> bool:
     return math.isfinite(rel_l2) and rel_l2 <= limit
 
 
+def output_limit(output: str, dtype: str, limit: float) -> float:
+    """The rel-L2 bound of `output` in a `dtype` graph whose outputs are bounded by `limit` (`FP32_OUTPUT_LIMITS`
+    loosens only the fp32 outputs it names, never below `limit`)."""
+    return max(limit, FP32_OUTPUT_LIMITS.get(output, limit)) if dtype == "fp32" else limit
+
+
 def compare_outputs(
     component: str, actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], sizes: dict[str, int],
-    seen: bool, limit: float, against: str = "pytorch",
+    seen: bool, limit: float, against: str = "pytorch", dtype: str | None = None,
 ) -> list[Comparison]:  # fmt: skip
-    """One row per output of `expected`: the candidate's outputs at one shape against the reference's."""
+    """One row per output of `expected`: the candidate's outputs at one shape against the reference's. `dtype`:
+    the graph's, when `limit` is its default bound (then `output_limit` applies per output)."""
     rows = []
     for name, reference in expected.items():
         max_abs, rel_l2, cosine = metrics(actual[name], reference)
-        rows.append(Comparison(component, name, sizes, seen, max_abs, rel_l2, cosine, within(rel_l2, limit), against))
+        bound = output_limit(name, dtype, limit) if dtype else limit
+        rows.append(Comparison(component, name, sizes, seen, max_abs, rel_l2, cosine, within(rel_l2, bound), against))
     return rows
 
 

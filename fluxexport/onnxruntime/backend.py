@@ -76,9 +76,12 @@ def ort_value(tensor: torch.Tensor, upcast: bool = False):
 
 
 def create_session(
-    path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0, overrides=None
-):
-    """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights);
+    path: Path, upcast: bool = False, providers: list[str] | None = None, threads: int = 0, overrides=None,
+    upcast_folder: Path | None = None,
+):  # fmt: skip
+    """An InferenceSession for a graph file; `upcast` runs a bf16 graph in float32 (its rounded weights), loaded
+    from the float32 copy `write_upcast` writes into `upcast_folder` (kept there for the next session of the same
+    graph), or, without one, into a temporary folder beside the graph that is removed once the session holds it;
     `overrides` (initializer name → CPU tensor, FP8 included) replace initializers when the session is created."""
     onnxruntime = _import_onnxruntime()
     options = onnxruntime.SessionOptions()
@@ -95,12 +98,11 @@ def create_session(
         raise FluxExportError(f"{path} is missing: the export is incomplete, export again")
     providers = providers or default_providers()
     if upcast:
-        import onnx_ir as ir
+        from fluxexport.onnxruntime.upcast import upcast_folder_for, write_upcast
 
-        from fluxexport.onnxruntime.upcast import upcast_bf16_to_fp32
-
-        model = ir.to_proto(upcast_bf16_to_fp32(ir.load(path)))
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with upcast_folder_for(Path(path), upcast_folder) as folder:
+            upcast_path = write_upcast(Path(path), folder)
+            session = onnxruntime.InferenceSession(str(upcast_path), options, providers=providers)
     else:
         session = onnxruntime.InferenceSession(str(path), options, providers=providers)
     session._fluxexport_overrides = values  # the session reads replaced initializers from them: keep them alive
@@ -163,14 +165,17 @@ class OnnxRuntimeBackend(LoadedComponents):
         upcast_bf16: bool = False,
         fp8: bool | None = None,
         optimized: bool | None = None,
+        upcast_folder: Path | None = None,
     ):
-        """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them.
+        """`upcast_bf16`: run bf16 graphs in float32 (their bf16-rounded weights) instead of refusing them, from
+        float32 copies written into `upcast_folder` (reused by the next backend given it) or a temporary folder.
         `fp8`: run `quantize`'s FP8 transformer (True), the base one (False), or the FP8 one if there is one.
         `optimized`: run `optimize`'s fused graphs (True), the portable ones (False), or the fused ones where
         they were made from the portable graphs now in the folder (None)."""
         super().__init__()
         self.source = source
         self.upcast_bf16 = upcast_bf16
+        self.upcast_folder = upcast_folder
         self.engines = Path(engines)
         self.folder = open_export(self.engines)
         self.swapped = None  # the LoRAs applied at session creation (base graphs run with --lora)
@@ -250,4 +255,4 @@ class OnnxRuntimeBackend(LoadedComponents):
         return session_runner(self._session(self.engines / graph.file, bf16, overrides), graph, name)
 
     def _session(self, path: Path, upcast: bool = False, overrides: dict | None = None):
-        return create_session(path, upcast, self.providers, self.threads, overrides)
+        return create_session(path, upcast, self.providers, self.threads, overrides, self.upcast_folder)

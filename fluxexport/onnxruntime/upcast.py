@@ -1,9 +1,23 @@
 """A bf16 graph rewritten to compute in float32 with its bf16-rounded weights: how ONNX Runtime on CPU (which
-has no bf16 MatMul/Conv kernels) runs the graphs that TensorRT gets as they are."""
+has no bf16 MatMul/Conv kernels) runs the graphs that TensorRT gets as they are.
+
+The float32 copy is twice the bf16 weights: past protobuf's 2 GB it cannot be serialized in memory, so
+`write_upcast` writes it to a file with its weights beside it, one tensor upcast at a time (the bf16 weights are
+read through the graph's own external data, mapped from disk), and ONNX Runtime loads it from that path."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import onnx_ir as ir
+
+# external data offsets aligned to 64 KiB: ONNX Runtime maps aligned tensors from the file instead of reading them
+_ALIGNMENT = 65536
 
 
 def _all_values(model: ir.Model):
@@ -13,18 +27,28 @@ def _all_values(model: ir.Model):
         yield from node.outputs
 
 
+def _upcast_lazily(tensor: ir.TensorProtocol, name: str | None) -> ir.LazyTensor:
+    """`tensor` (bf16) as a float32 tensor computed only when it is read (written, or serialized)."""
+    import numpy as np
+
+    return ir.LazyTensor(
+        lambda: ir.tensor(tensor.numpy().astype(np.float32), name=name), ir.DataType.FLOAT, tensor.shape, name=name
+    )
+
+
 def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
     """Rewrite a BF16 graph to compute in float32 with its bf16-rounded weights, in place.
 
     ONNX Runtime has no CPU kernels for bf16 MatMul/Conv/…: this copy checks the graph's structure and
-    weights there, while the BF16 graph itself goes to TensorRT.
+    weights there, while the BF16 graph itself goes to TensorRT. The initializers are upcast lazily: nothing is
+    converted until the model is serialized or saved (`write_upcast` saves them one at a time).
     """
     import numpy as np
 
     bf16, fp32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
     for value in model.graph.initializers.values():
         if value.dtype == bf16 and value.const_value is not None:
-            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+            value.const_value = _upcast_lazily(value.const_value, value.name)
     for value in _all_values(model):
         if value.dtype == bf16:
             value.dtype = fp32
@@ -35,3 +59,68 @@ def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
             elif attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == bf16:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attribute.value.numpy().astype(np.float32)))
     return model
+
+
+def write_upcast(path: Path, folder: Path) -> Path:
+    """Write the float32 copy of the bf16 graph at `path` into `folder` (same file name, weights in
+    `<name>_data` beside it) and return its path; an existing copy is reused. Peak memory is about the largest
+    tensor, not the graph."""
+    target = Path(folder) / Path(path).name
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ir.load(path)
+    mapped = [value.const_value for value in model.graph.initializers.values()
+              if isinstance(value.const_value, ir.ExternalTensor)]  # fmt: skip
+    partial = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-")) / target.name
+    try:
+        upcast_bf16_to_fp32(model)
+        ir.save(model, partial, external_data=f"{target.name}_data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
+    finally:
+        for tensor in mapped:  # unmap the bf16 weights now: their pages would count until the model is collected
+            tensor.release()
+    weights = partial.parent / f"{target.name}_data"
+    if weights.is_file():  # absent when every tensor was small enough to stay inline
+        weights.replace(folder / weights.name)
+    partial.replace(target)  # last: a copy whose graph file exists is complete
+    partial.parent.rmdir()
+    return target
+
+
+def upcast_bytes(path: Path) -> int:
+    """The disk a float32 copy of the graph at `path` takes at most: twice the graph and its external data."""
+    path = Path(path)
+    return 2 * sum(file.stat().st_size for file in path.parent.glob(f"{path.name}*") if file.is_file())
+
+
+def check_room(folder: Path, needed: int) -> None:
+    """Refuse in one line when `folder`'s disk cannot take `needed` bytes."""
+    from fluxexport.errors import FluxExportError
+
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise FluxExportError(
+            f"the float32 copy ONNX Runtime runs a bf16 graph from needs {needed / 1e9:.1f} GB in {folder}, which has "
+            f"{free / 1e9:.1f} GB free: free some space there (or set TMPDIR to a larger disk)"
+        )
+
+
+@contextmanager
+def upcast_folder_for(path: Path, folder: Path | None = None) -> Iterator[Path]:
+    """Where the float32 copy of `path` is written: `folder` when given (kept: the caller removes it), else a
+    temporary folder beside the graph (the graphs' disk), or in the system's temp folder where the graph's is
+    read-only, removed on exit. Refuses in one line when the disk has no room for the copy."""
+    path = Path(path)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / path.name).is_file():
+            check_room(folder, upcast_bytes(path))
+        yield folder
+        return
+    parent = path.parent if os.access(path.parent, os.W_OK) else Path(tempfile.gettempdir())
+    check_room(parent, upcast_bytes(path))
+    temporary = Path(tempfile.mkdtemp(dir=parent, prefix=".fluxexport-upcast-"))
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

@@ -21,7 +21,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.cache import CacheSettings
 from fluxexport.specs import ComponentSpec, ExportBounds, component_specs, sample_inputs, validation_sizes
-from fluxexport.validate.graphs import validate
+from fluxexport.validate.graphs import upcast_copies, validate
 
 BASE_OF_PRECISION = {"fp8": "bf16"}  # an FP8 engine computes the rest in bf16 (its Q/DQ graph's base)
 
@@ -30,8 +30,11 @@ def comparisons_from_results(
     spec: ComponentSpec, results, sizes: list[tuple[dict[str, int], bool]], max_rel_l2: float
 ) -> list[Comparison]:
     """Our rows from polygraphy's RunResults of (engine, ONNX Runtime): rel-L2 of the engine's outputs against
-    ONNX Runtime's, iteration by iteration (one iteration per validation shape)."""
-    (_, engine_runs), (_, onnx_runs) = list(results.items())
+    ONNX Runtime's, iteration by iteration (one iteration per validation shape); the runners are told apart by
+    their names (`…-tensorrt`, `…-onnxruntime`), whichever ran first."""
+    runs = dict(results.items())
+    engine_runs, onnx_runs = (next(value for key, value in runs.items() if key.endswith(suffix))
+                              for suffix in ("-tensorrt", "-onnxruntime"))  # fmt: skip
     rows = []
     for (shape, seen), engine, graph in zip(sizes, engine_runs, onnx_runs, strict=True):
         actual, expected = ({t.name: torch.as_tensor(run[t.name]).float().cpu() for t in spec.outputs}
@@ -40,8 +43,12 @@ def comparisons_from_results(
     return rows
 
 
-def component_runner(component: Callable, spec: ComponentSpec, device: torch.device, name: str):
-    """A polygraphy runner around one of our backend's components (feeds and outputs as host arrays)."""
+def component_runner(
+    component: Callable, spec: ComponentSpec, device: torch.device, name: str, release: Callable[[], None] = lambda: None
+):  # fmt: skip
+    """A polygraphy runner around one of our backend's components (feeds and outputs as host arrays).
+    `component` is called with no argument when the runner is activated, for the component; `release` when it is
+    deactivated (polygraphy's Comparator activates its runners one after the other)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
     from polygraphy.datatype import DataType
@@ -49,6 +56,14 @@ def component_runner(component: Callable, spec: ComponentSpec, device: torch.dev
     class ComponentRunner(BaseRunner):
         def __init__(self) -> None:
             super().__init__(name=name, prefix="fluxexport-runner")
+            self.component: Callable | None = None
+
+        def activate_impl(self):
+            self.component = component()
+
+        def deactivate_impl(self):
+            self.component = None
+            release()
 
         def get_input_metadata_impl(self):
             metadata = TensorMetadata()
@@ -62,7 +77,7 @@ def component_runner(component: Callable, spec: ComponentSpec, device: torch.dev
 
             feeds = {key: torch.as_tensor(np.asarray(value)).to(device) for key, value in feed_dict.items()}
             start = time.perf_counter()
-            outputs = {key: value.float().cpu().numpy() for key, value in component(feeds).items()}
+            outputs = {key: value.float().cpu().numpy() for key, value in self.component(feeds).items()}
             self.inference_time = time.perf_counter() - start  # polygraphy's Comparator reports it
             return outputs
 
@@ -82,11 +97,13 @@ def bucket_sizes(spec: ComponentSpec, buckets: list[ComponentSpec]) -> list[tupl
 
 
 def compare_with_onnxruntime(
-    spec: ComponentSpec, engine: Callable, device: torch.device, session, max_rel_l2: float,
-    sizes: list[tuple[dict[str, int], bool]],
+    spec: ComponentSpec, engine: Callable, device: torch.device, session: Callable, max_rel_l2: float,
+    sizes: list[tuple[dict[str, int], bool]], release: Callable[[], None] = lambda: None,
 ) -> list[Comparison]:  # fmt: skip
-    """Run the engine (through the backend: the profile each shape needs) and ONNX Runtime (on the graph the
-    engine came from) on `sizes` through polygraphy's Comparator."""
+    """Run ONNX Runtime (on the graph the engine came from) and then the engine (through the backend: the profile
+    each shape needs) on `sizes` through polygraphy's Comparator. `session` and `engine` are called for the
+    session and the component when their runner starts, and each is dropped when it ends (`release` for the
+    engine): the float32 graph and the engine are never in memory together."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
@@ -95,16 +112,17 @@ def compare_with_onnxruntime(
         for index, (shape, _) in enumerate(sizes)
     ]
     runners = [
-        component_runner(engine, spec, device, f"{spec.name}-tensorrt"),
         OnnxrtRunner(session, name=f"{spec.name}-onnxruntime"),
+        component_runner(engine, spec, device, f"{spec.name}-tensorrt", release),
     ]
     results = Comparator.run(runners, data_loader=feeds)
     return comparisons_from_results(spec, results, sizes, max_rel_l2)
 
 
-def graph_session(source: ModelSource, folder: EngineFolder, name: str):
+def graph_session(source: ModelSource, folder: EngineFolder, name: str, upcast_folder: Path | None = None):
     """ONNX Runtime on the graph `name`'s engine was built from, with the LoRAs a refit put in the engine
-    swapped in (their merged weights as replacement initializers)."""
+    swapped in (their merged weights as replacement initializers); a bf16 graph's float32 copy is written into
+    `upcast_folder` (or a temporary folder)."""
     from fluxexport.models.loaders import MODULE_OF
     from fluxexport.onnxruntime.backend import create_session, default_providers, swapped_initializers
 
@@ -116,7 +134,7 @@ def graph_session(source: ModelSource, folder: EngineFolder, name: str):
     if engine.is_refitted and folder.model.loras:  # refitted: the graph with the same LoRAs
         overrides = swapped_initializers(source, source.lora_set, MODULE_OF[name], folder.built_from(name))
     bf16_base = engine.precision in ("bf16", "fp8")
-    return create_session(onnx_path, bf16_base, default_providers(), overrides=overrides)
+    return create_session(onnx_path, bf16_base, default_providers(), overrides=overrides, upcast_folder=upcast_folder)
 
 
 def validate_engines(
@@ -151,28 +169,36 @@ def validate_engines(
         raise FluxExportError(f"{engines} has no {missing[0]} engine: fluxexport build --components {missing[0]}")
     precisions = {name: folder.components[name].precision for name in names}
     reference = reference_dtype(BASE_OF_PRECISION.get(precision, precision) for precision in precisions.values())
-    bounds = ExportBounds(**folder.bounds)  # every compared shape within the engines' profiles
+    bounds = ExportBounds.from_json(folder.bounds, built=True)  # every compared shape within the engines' profiles
     specs = component_specs(source, bounds)
     buckets = [component_specs(source, bucket) for bucket in profile_bounds(bounds, folder.resolution_buckets)]
-    total, started = len(names) * 2 + 2, [0]
+    total, started = len(names) * 3 + 4, [0]
 
     def stage_started(_stage: str) -> None:
         if on_progress:
             on_progress(started[0], total)
         started[0] += 1
 
-    with TensorRTBackend(source, engines, device=device) as candidate:
-        with TorchBackend(source, reference, candidate.device.type) as torch_reference:
-            report = validate(
-                source, candidate, torch_reference, precisions, str(engines), steps, max_rel_l2, min_psnr,
-                stage_started, thresholds=TENSORRT_THRESHOLDS, bounds=bounds, cache=cache,
-            )  # fmt: skip
-        report.subject = "engines"
+    candidate = TensorRTBackend(source, engines, device=device)  # opens no engine yet
+    cuda = candidate.cuda
+    report = validate(
+        source, lambda: TensorRTBackend(source, engines, device=cuda),
+        lambda: TorchBackend(source, reference, candidate.device.type), precisions, str(engines), steps, max_rel_l2,
+        min_psnr, stage_started, thresholds=TENSORRT_THRESHOLDS, bounds=bounds, cache=cache,
+    )  # fmt: skip
+    report.subject = "engines"
+    with upcast_copies(graphs_folder(folder, names)) as upcast_folder:
         for name in names:
             stage_started(name)
             limit = TENSORRT_THRESHOLDS[precisions[name]][0] if max_rel_l2 is None else max_rel_l2
-            session = graph_session(source, folder, name)
-            engine = candidate.component(name)
             sizes = bucket_sizes(specs[name], [bucket[name] for bucket in buckets])
-            report.components += compare_with_onnxruntime(specs[name], engine, candidate.device, session, limit, sizes)
+            report.components += compare_with_onnxruntime(
+                specs[name], lambda name=name: candidate.component(name), candidate.device,
+                lambda name=name: graph_session(source, folder, name, upcast_folder), limit, sizes, candidate.close,
+            )  # fmt: skip
     return report, reference
+
+
+def graphs_folder(folder: EngineFolder, names: list[str]) -> Path:
+    """The folder of the graphs the engines `names` were built from (the first one's)."""
+    return Path(folder.components[names[0]].onnx).parent

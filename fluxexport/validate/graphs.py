@@ -3,7 +3,10 @@ and thresholds are `fluxexport.compare`'s)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +22,23 @@ from fluxexport.compare import (
 )
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.backend import Backend, Component, Feeds
 from fluxexport.runtime.cache import CacheSettings
 from fluxexport.specs import ComponentSpec, component_specs, sample_inputs, validation_sizes
 
 
 def compare_component(
-    spec: ComponentSpec, candidate: Callable, reference: Callable, max_rel_l2: float, within_bounds: bool = False
-) -> list[Comparison]:
+    spec: ComponentSpec, candidate: Callable, reference: Callable, max_rel_l2: float, within_bounds: bool = False,
+    dtype: str | None = None,
+) -> list[Comparison]:  # fmt: skip
+    """`candidate` against `reference` at the spec's validation shapes; `dtype`: the graph's, when `max_rel_l2`
+    is its default bound (`compare.output_limit` then applies per output)."""
     results = []
     for index, (sizes, seen) in enumerate(validation_sizes(spec, within_bounds)):
         feeds = sample_inputs(spec, sizes, seed=index)
         expected, actual = reference(feeds), candidate(feeds)
         results += compare_outputs(spec.name, actual, {t.name: expected[t.name] for t in spec.outputs}, sizes, seen,
-                                   max_rel_l2)  # fmt: skip
+                                   max_rel_l2, dtype=dtype)  # fmt: skip
     return results
 
 
@@ -42,10 +48,90 @@ def validation_resolutions(source: ModelSource) -> list[tuple[int, int]]:
     return [(side, side), (side * 3 // 4 // 16 * 16, side * 5 // 4 // 16 * 16)]
 
 
+class OneModuleAtATime:
+    """A Backend that holds the components of one module at a time (the transformer's parts together, both VAE
+    components together): asking for another module's component closes what is loaded first. What validation
+    runs each side through, so that its peak memory is one module's, not the model's."""
+
+    def __init__(self, open_backend: Callable[[], Backend]):
+        self.open_backend = open_backend
+        self.backend: Backend | None = None
+        self.module: str | None = None
+        self.name = "one module at a time"
+        self.device = self._current().device
+
+    def _current(self) -> Backend:
+        if self.backend is None:
+            self.backend = self.open_backend()
+        return self.backend
+
+    def component(self, name: str) -> Component:
+        from fluxexport.models.loaders import MODULE_OF
+
+        module = MODULE_OF.get(name, name)
+        if module != self.module:
+            if self.module is not None:
+                self.close()
+            self.module = module
+        return self._current().component(name)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.backend, self.module = None, None
+
+
+@dataclass
+class SideRun:
+    """What one side (candidate or reference) computed: each component's outputs at each validation shape (on
+    the host), and the end-to-end images."""
+
+    outputs: dict[str, list[Feeds]] = field(default_factory=dict)
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+def run_side(
+    open_backend: Callable[[], Backend],
+    source: ModelSource,
+    specs: dict[str, ComponentSpec],
+    sizes: dict[str, list[tuple[dict[str, int], bool]]],
+    requests: list,
+    cache: CacheSettings | None,
+    on_progress: Callable[[str], None] | None = None,
+) -> SideRun:
+    """Run every component of `sizes` at its shapes, then generate `requests`, through one module at a time of
+    the backend `open_backend` opens; everything is closed on return."""
+    from fluxexport.runtime.pipeline import generate
+
+    run = SideRun()
+    backend = OneModuleAtATime(open_backend)
+    try:
+        for name, shapes in sizes.items():
+            if on_progress:
+                on_progress(name)
+            component = backend.component(name)
+            run.outputs[name] = [
+                {t.name: value.cpu() for t, value in _outputs(specs[name], component, shape, index)}
+                for index, (shape, _) in enumerate(shapes)
+            ]
+        for request in requests:
+            if on_progress:
+                on_progress(f"image {request.width}×{request.height}")
+            run.images.append(generate(backend, source, request, cache=cache).images)
+    finally:
+        backend.close()
+    return run
+
+
+def _outputs(spec: ComponentSpec, component: Component, shape: dict[str, int], index: int):
+    outputs = component(sample_inputs(spec, shape, seed=index))
+    return [(tensor, outputs[tensor.name]) for tensor in spec.outputs]
+
+
 def validate(
     source: ModelSource,
-    candidate: Backend,
-    reference: Backend,
+    open_candidate: Callable[[], Backend],
+    open_reference: Callable[[], Backend],
     dtypes: dict[str, str],
     engines: str = "",
     steps: int = 4,
@@ -56,37 +142,39 @@ def validate(
     bounds=None,
     cache: CacheSettings | None = None,
 ) -> ValidationReport:
-    """Compare `candidate` (exported graphs) with `reference` (PyTorch) component by component, then images.
+    """Compare the candidate (exported graphs, engines) with the reference (PyTorch) component by component,
+    then images. Each side runs alone, reference first, one module at a time (`OneModuleAtATime`), and keeps
+    only its outputs: the peak memory is the larger side's largest module, never both sides' models.
 
     `dtypes` maps each component to compare to its graph's dtype, which sets its threshold; the images'
     threshold is the loosest of theirs. `bounds` (ExportBounds): the range the candidate serves, when narrower
     than the model's export defaults (engines), so that every compared shape lies in it. `cache`: the step
-    cache both sides generate the images with."""
-    from fluxexport.runtime.pipeline import GenerationRequest, generate
+    cache both sides generate the images with. `on_progress` is called with each stage's name as it starts,
+    on each side."""
+    from fluxexport.runtime.pipeline import GenerationRequest
 
     if min_psnr is None:
         min_psnr = min(thresholds[dtype][1] for dtype in dtypes.values())
     report = ValidationReport(source.name, engines, "+".join(sorted(set(dtypes.values()))))
     report.cache = str(cache or CacheSettings())
     specs = component_specs(source, bounds) if bounds is not None else component_specs(source)
+    sizes = {name: validation_sizes(specs[name], within_bounds=bounds is not None) for name in dtypes}
+    requests = [
+        GenerationRequest("a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0)
+        for height, width in validation_resolutions(source)
+    ]
+    theirs = run_side(open_reference, source, specs, sizes, requests, cache, on_progress)
+    ours = run_side(open_candidate, source, specs, sizes, requests, cache, on_progress)
     for name, dtype in dtypes.items():
-        if on_progress:
-            on_progress(name)
         limit = thresholds[dtype][0] if max_rel_l2 is None else max_rel_l2
-        report.components += compare_component(
-            specs[name], candidate.component(name), reference.component(name), limit, within_bounds=bounds is not None
-        )
-    for height, width in validation_resolutions(source):
-        if on_progress:
-            on_progress(f"image {width}×{height}")
-        request = GenerationRequest(
-            "a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0
-        )
-        ours = generate(candidate, source, request, cache=cache).images
-        theirs = generate(reference, source, request, cache=cache).images
-        value = psnr(ours, theirs)
-        difference = int(np.abs(ours.astype(int) - theirs.astype(int)).max())
-        report.images.append(ImageComparison(height, width, value, difference, value >= min_psnr))
+        for (shape, seen), actual, expected in zip(sizes[name], ours.outputs[name], theirs.outputs[name], strict=True):
+            report.components += compare_outputs(
+                name, actual, expected, shape, seen, limit, dtype=dtype if max_rel_l2 is None else None
+            )
+    for request, mine, reference in zip(requests, ours.images, theirs.images, strict=True):
+        value = psnr(mine, reference)
+        difference = int(np.abs(mine.astype(int) - reference.astype(int)).max())
+        report.images.append(ImageComparison(request.height, request.width, value, difference, value >= min_psnr))
     return report
 
 
@@ -109,28 +197,48 @@ def validate_folder(
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.pytorch.backend import TorchBackend
 
-    with OnnxRuntimeBackend(source, engines, upcast_bf16=True, fp8=fp8, optimized=optimized) as candidate:
-        entries = candidate.entries
-        names = components or list(entries)
-        missing = [name for name in names if name not in entries]
-        if missing:
-            raise FluxExportError(
-                f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
-            )
-        chosen = {name: entries[name] for name in names}
-        dtype = reference_dtype(graph.base_dtype for graph in chosen.values())
-        with TorchBackend(source, dtype=dtype, device="cpu") as reference:
-            dtypes = {name: graph.dtype for name, graph in chosen.items()}
-            total, started = len(names) + len(validation_resolutions(source)), []
+    def open_candidate(upcast_folder: Path | None = None) -> OnnxRuntimeBackend:
+        return OnnxRuntimeBackend(
+            source, engines, upcast_bf16=True, fp8=fp8, optimized=optimized, upcast_folder=upcast_folder
+        )
 
-            def stage_started(stage: str) -> None:
-                started.append(stage)
-                if on_progress:
-                    on_progress(len(started) - 1, total)
+    entries = open_candidate().entries
+    names = components or list(entries)
+    missing = [name for name in names if name not in entries]
+    if missing:
+        raise FluxExportError(
+            f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
+        )
+    chosen = {name: entries[name] for name in names}
+    dtype = reference_dtype(graph.base_dtype for graph in chosen.values())
+    dtypes = {name: graph.dtype for name, graph in chosen.items()}
+    total, started = 2 * (len(names) + len(validation_resolutions(source))), []
 
-            report = validate(
-                source, candidate, reference, dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started,
-                cache=cache,
-            )  # fmt: skip
-        report.graphs = {name: graph.file for name, graph in entries.items()}
+    def stage_started(stage: str) -> None:
+        started.append(stage)
+        if on_progress:
+            on_progress(len(started) - 1, total)
+
+    with upcast_copies(Path(engines)) as upcast_folder:
+        report = validate(
+            source, lambda: open_candidate(upcast_folder), lambda: TorchBackend(source, dtype=dtype, device="cpu"),
+            dtypes, str(engines), steps, max_rel_l2, min_psnr, stage_started, cache=cache,
+        )  # fmt: skip
+    report.graphs = {name: graph.file for name, graph in entries.items()}
     return report, dtype
+
+
+@contextmanager
+def upcast_copies(folder: Path) -> Iterator[Path]:
+    """A folder for the float32 copies of a validation's bf16 graphs (each written once, however many sessions
+    open it), beside the graphs (their disk) or in the system's temp folder where theirs is read-only; removed
+    on exit."""
+    import os
+    import shutil
+
+    parent = folder if os.access(folder, os.W_OK) else Path(tempfile.gettempdir())
+    upcast_folder = Path(tempfile.mkdtemp(dir=parent, prefix=".fluxexport-upcast-"))
+    try:
+        yield upcast_folder
+    finally:
+        shutil.rmtree(upcast_folder, ignore_errors=True)
