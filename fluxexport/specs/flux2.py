@@ -41,10 +41,10 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
     configs."""
     batch = Axis(*bounds.batch)
     text = Axis(*bounds.text_length)
-    language = source.text_encoder.get("text_config", source.text_encoder)
+    language = source.language
     layers = len(source.text_encoder_layers)
     embedding_width = layers * int(language["hidden_size"])
-    channels = int(source.transformer.get("in_channels", 128))
+    channels = int(source.transformer["in_channels"])
     scale = 2 * source.vae_scale_factor  # pixels per latent token side
     low, opt, high = bounds.resolution
     tokens = Axis(image_tokens(low), image_tokens(opt), image_tokens(high) + reference_tokens(bounds, scale))
@@ -96,12 +96,12 @@ def flux2_part_specs(
     FLUX.1's parts, with the double blocks' modulation vectors carried from the head (which computes them for its
     block) to the tail's double blocks."""
     config = source.transformer
-    width = int(config.get("num_attention_heads", 48)) * int(config.get("attention_head_dim", 128))
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     # shift, scale and gate of attention and MLP: 6 vectors of `width` per stream, as Flux2Modulation returns them
     modulations = tuple(
         TensorSpec(f"{stream}_modulation", COMPUTE, ("B", 6 * width), (-1.0, 1.0)) for stream in ("image", "text")
     )
-    channels = int(config.get("in_channels", 128))
+    channels = int(config["in_channels"])
     return transformer_part_specs(transformer_inputs, width, channels, axes, sizes, carried=modulations)
 
 
