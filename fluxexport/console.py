@@ -103,28 +103,31 @@ def _is_number(cell: str) -> bool:
 
 
 def _constant_columns(columns: list[str], rows: list[list[str]]) -> list[int]:
-    """Named text columns (not the first) holding one value in every row of two or more: these can be said once,
-    in the title."""
+    """Named columns (not the first) holding one value in every row of two or more, words before numbers: these
+    can be said once, in the title."""
     if len(rows) < 2:
         return []
-    return [index for index, name in enumerate(columns)
-            if index and name and all(index < len(row) for row in rows)
-            and len({row[index] for row in rows}) == 1 and not _is_number(rows[0][index])]  # fmt: skip
+    constant = [index for index, name in enumerate(columns)
+                if index and name and all(index < len(row) for row in rows) and len({row[index] for row in rows}) == 1]  # fmt: skip
+    return sorted(constant, key=lambda index: _is_number(rows[0][index]))
 
 
-def _width(table: Table) -> int:
-    """The width a table takes when nothing wraps."""
-    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+def _measure(table: Table) -> Measurement:
+    """The narrowest a table can be without cutting a no-wrap column, and its width when nothing wraps."""
+    return Measurement.get(console, console.options.update_width(10_000), table)
 
 
-def _build(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+def _build(title: str, columns: list[str], rows: list[list[str]], names_whole: bool = True) -> Table:
     result = Table(title=title, title_justify="left")
     for index, column in enumerate(columns):
         cells = [row[index] for row in rows if index < len(row)]  # a last row may be shorter
+        plain = [Text.from_markup(cell).plain for cell in cells]
         if index == 0:  # the row's name: never cut
             result.add_column(column, justify="left", no_wrap=True)
         elif cells and all(_is_number(cell) for cell in cells):  # numbers are never cut, nor wrapped
             result.add_column(column, justify="right", no_wrap=True)
+        elif names_whole and all(" " not in cell for cell in plain):  # names (text_embeddings): whole if they fit
+            result.add_column(column, justify="left", no_wrap=True)
         else:  # words wrap at spaces, long names fold: nothing is cut to "…"
             result.add_column(column, justify="left", overflow="fold")
     for row in rows:
@@ -137,13 +140,21 @@ def table(title: str, columns: list[str], rows: list[list[str]], width: int | No
     never cut, text wrapped or folded, and, when it does not fit, columns with one value in every row moved
     into the title."""
     width = width or console.width
-    result = _build(title, columns, rows)
+    heading, kept = title, list(range(len(columns)))
     said: list[int] = []
     for index in _constant_columns(columns, rows):
-        if _width(result) <= width:
+        if (
+            _measure(
+                _build(heading, [columns[i] for i in kept], [[row[i] for i in kept if i < len(row)] for row in rows])
+            ).maximum
+            <= width
+        ):
             break
         said.append(index)
         kept = [i for i in range(len(columns)) if i not in said]
         heading = f"{title} · " + ", ".join(f"{columns[i]} {rows[0][i]}" for i in said)
-        result = _build(heading, [columns[i] for i in kept], [[row[i] for i in kept if i < len(row)] for row in rows])
+    kept_columns, kept_rows = [columns[i] for i in kept], [[row[i] for i in kept if i < len(row)] for row in rows]
+    result = _build(heading, kept_columns, kept_rows)
+    if _measure(result).minimum > width:  # names that do not fit whole fold rather than being cut
+        result = _build(heading, kept_columns, kept_rows, names_whole=False)
     return result

@@ -75,3 +75,16 @@ def test_a_short_last_row_renders():
     lines = render(table("magcache ratios (9 steps)", ["steps", "ratios", *[""] * 6], rows, width=80), 80)
     text = "\n".join(lines)
     assert max(len(line) for line in lines) <= 80 and "0.9600" in text and "0.9876" in text
+
+
+def test_names_stay_whole_when_a_constant_number_column_makes_room():
+    """validate on CPU: every row against PyTorch fp32, cosine 1.000000 everywhere; output names stay whole."""
+    rows = [
+        ["clip", "pooled_embeddings", "B=3", "PyTorch fp32", "7.15e-07", "2.54e-07", "1.000000", "ok"],
+        ["t5", "text_embeddings", "B=2 L=11 (export)", "PyTorch fp32", "9.09e-07", "2.72e-07", "1.000000", "ok"],
+        ["vae_decoder", "images", "B=3 h=23 w=33", "PyTorch fp32", "1.12e-05", "3.82e-06", "1.000000", "ok"],
+    ]
+    lines = render(table("fp32 engines/tiny-schnell/onnx", VALIDATE_COLUMNS, rows, width=80), 80)
+    assert max(len(line) for line in lines) <= 80
+    assert any("pooled_embeddings" in line for line in lines) and any("text_embeddings" in line for line in lines)
+    assert "against PyTorch fp32" in lines[0] + lines[1] and "1.12e-05" in "\n".join(lines)
