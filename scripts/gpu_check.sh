@@ -9,7 +9,7 @@
 # Per tiny model (FLUX.1 schnell, dev, Kontext; FLUX.2 klein and dev): bf16 graphs with the transformer's parts,
 # quantize's FP8 transformer; validate the graphs; bf16 engines in two resolution buckets, able to stream weights;
 # validate --engines; images at sizes in both buckets against PyTorch on the GPU, alternating sizes with CUDA graphs
-# equal to CUDA graphs off; weight streaming at 50%; --low-vram; step caches on the part engines (computed steps
+# equal to CUDA graphs off; weight streaming at 50%; --low-vram; step caches on the engines (computed steps
 # and the image against PyTorch with the same cache; --low-vram with a cache); FP8 engines. On tiny-dev: ONNX
 # Runtime's CUDA optimizer, bf16 and FP8 refit of a LoRA (against PyTorch with the LoRA merged, and against engines
 # built from the graph exported with the LoRA merged), and a Triton repository from the engine folder served by
@@ -154,7 +154,7 @@ PY
     caches="first-block:threshold=0.2 taylorseer:interval=3,warmup=2"
     [ "$model" = tiny-dev ] && caches="$caches magcache:ratios=flux-dev"  # FLUX.1 [dev]'s published ratios
     for cache in $caches; do
-      step "$model" "--cache $cache on the part engines (and with --low-vram) vs PyTorch with the cache" \
+      step "$model" "--cache $cache on the engines (and with --low-vram) vs PyTorch with the cache" \
         "$py" - "$model" "$engines" "$cache" <<'PY'
 import sys
 import numpy as np
