@@ -21,7 +21,7 @@ from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.cache import parse_cache
 from fluxexport.runtime.pipeline import GenerationRequest, generate
-from fluxexport.specs import component_specs
+from fluxexport.specs import ExportBounds, component_specs
 from fluxexport.triton.client import pipeline_inputs as client_inputs
 from fluxexport.triton.config import check_config
 from fluxexport.triton.repository import write_repository
@@ -86,7 +86,9 @@ def test_configs_follow_the_specs_and_the_schema(sources, repositories):
     assert [(t.name, list(t.dims)) for t in pipeline.output] == [("images", [-1, -1, -1, 3])]
     assert "fluxexport serve" in (repository / "README.md").read_text()
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
-    assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 4}
+    assert {key: settings["bounds"][key] for key in ("min_resolution", "max_resolution", "max_batch")} == {
+        "min_resolution": 64, "max_resolution": 1024, "max_batch": 4}  # fmt: skip
+    assert settings["bounds"] == vars(ExportBounds.for_model(sources["tiny-dev"]))  # every bound of the export
 
 
 def test_request_loras_are_placed_and_recorded(repositories, request_loras):

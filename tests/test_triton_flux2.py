@@ -360,6 +360,63 @@ def test_in_process_refusals_are_one_line_invalid_arguments(klein_server, refere
         assert response.error().code() == TritonError.INVALID_ARG and "--" not in message
 
 
+# past the export's reference budget (tiny-klein's defaults: one 1 MP reference at up to 2:1 beside ≤ 1024 px)
+BUDGET = "(1 reference of up to 1048576 px at up to 2:1 beside targets up to 1024 px)"
+PAST_BUDGET = [
+    ((1024, 1024), 2, "2 reference images beside a 128×128 target need 8256 transformer tokens, past the 8192 this "
+                      f"deployment serves {BUDGET}: send fewer or smaller references, or serve graphs exported using "
+                      "--max-references 2"),
+    ((3000, 1000), 1, "reference image 1 is encoded at 1760×576: its 1760 px side is past the 1440 px this deployment "
+                      f"serves {BUDGET}: send fewer or smaller references, or serve graphs exported using "
+                      "--max-reference-aspect 2.96"),
+]  # fmt: skip
+
+
+def test_in_process_refuses_references_past_the_budget(klein_server, reference_image, monkeypatch):
+    """References past the repository's budget: INVALID_ARG in one line naming the option that serves them,
+    before the pipeline asks any component for anything."""
+    asked = []
+    exec_ = InferenceRequest.exec
+    monkeypatch.setattr(InferenceRequest, "exec", lambda request: asked.append(request.model_name) or exec_(request))
+    for size, count, message in PAST_BUDGET:
+        images = dict(zip(REFERENCE_INPUTS, [np.array(reference_image.resize(size))] * count, strict=False))
+        request = pipeline_request("a cat", height=128, width=128, num_inference_steps=1, **images)
+        response = klein_server.infer("flux_pipeline", request)
+        assert response.has_error() and response.error().message() == message
+        assert response.error().code() == TritonError.INVALID_ARG and asked == []
+
+
+def test_repositories_recorded_before_the_budget_serve_what_they_were_made_for(
+    template, flux2_sources, klein_repository, reference_image
+):
+    """pipeline.json written by `write_repository`, its bounds cut to the sides and batch older versions recorded:
+    a repository of engines serves one 1 MP reference at 1:1 (what such engines were built for), one of graphs
+    today's defaults (2:1); today's repository records every bound of its export."""
+    from fluxexport.artifacts.repository import PipelineSettings
+    from fluxexport.runtime.pipeline import resolve_request
+    from fluxexport.specs import ExportBounds
+
+    source = flux2_sources["tiny-klein"]
+    settings = PipelineSettings.read(klein_repository / "flux_pipeline" / "1")
+    assert settings.bounds == vars(ExportBounds.for_model(source)) == vars(template.served_bounds(settings))
+    older = {key: settings.bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
+    wide = resolve_request(source, GenerationRequest("a cat", image=reference_image.resize((1448, 724)),
+                                                     height=128, width=128))  # fmt: skip
+    graphs = PipelineSettings.from_json(settings.to_json() | {"bounds": older})
+    budget = ("max_references", "max_reference_area", "max_reference_aspect", "max_resolution")
+    assert [getattr(template.served_bounds(graphs), key) for key in budget] == [1, 1024 * 1024, 2.0, 1024]
+    template.check_deployment_serves(source, graphs, wide)  # 1440×720 within 2:1
+    engines = PipelineSettings.from_json(settings.to_json() | {"bounds": older, "kind": "tensorrt"})
+    assert template.served_bounds(engines).max_reference_aspect == 1.0
+    with pytest.raises(FluxExportError) as refused:
+        template.check_deployment_serves(source, engines, wide)
+    assert str(refused.value) == (
+        "reference image 1 is encoded at 1440×720: its 1440 px side is past the 1024 px this deployment serves "
+        "(1 reference of up to 1048576 px at up to 1:1 beside targets up to 1024 px): send fewer or smaller "
+        "references, or serve engines built using --max-reference-aspect 1.98"
+    )
+
+
 @pytest.mark.slow  # exports tiny-klein-base (its fixture is not one conftest marks)
 def test_negative_prompt_on_the_base_model_equals_run(flux2_sources, klein_base, pb_utils):
     """tiny-klein-base runs true CFG: the served negative prompt is the unconditional branch `run` draws."""
@@ -454,7 +511,7 @@ def test_magcache_ratios_stay_inside_the_repository(template, tmp_path):
 )
 def test_real_server_serves_klein_with_two_references(flux2_sources, flux2_export, klein_repository, reference_image):
     """HTTP with two references of different sizes gives `run`'s image; a negative prompt to the distilled
-    model is a 400 in one line."""
+    model, and references past the export's budget, are each a 400 in one line."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
@@ -477,6 +534,11 @@ def test_real_server_serves_klein_with_two_references(flux2_sources, flux2_expor
             client.infer("flux_pipeline", pipeline_inputs(http, "a cat", negative_prompt="blurry"))
         assert str(refused.value.status()) == "400"
         assert refused.value.message().endswith("drop the negative_prompt input")
+        size, count, message = PAST_BUDGET[0]  # two 1 MP references: past the export's reference budget
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("flux_pipeline", pipeline_inputs(http, "a cat", height=128, width=128, num_inference_steps=1,
+                                                          image=[np.array(reference_image.resize(size))] * count))  # fmt: skip
+        assert str(refused.value.status()) == "400" and refused.value.message() == message
         assert server.process.poll() is None
     request = GenerationRequest("a cat", image=[reference_image, second], height=128, width=160,
                                 num_inference_steps=3, seed=1)  # fmt: skip

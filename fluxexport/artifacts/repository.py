@@ -41,7 +41,7 @@ class PipelineSettings:
 
     model: str
     kind: str  # "tensorrt" or "onnxruntime"
-    bounds: dict[str, int]
+    bounds: dict[str, Any]  # `ExportBounds` as JSON (older repositories: sides and batch only)
     components: dict[str, ComponentIO]
     loras: dict[str, dict[str, Any]] = field(default_factory=dict)
     gpus: tuple[int, ...] = ()

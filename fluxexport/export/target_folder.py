@@ -50,14 +50,17 @@ def dtype_conflict(folder: ExportFolder, dtype: str) -> str | None:
 
 
 def bounds_conflict(folder: ExportFolder, bounds: ExportBounds) -> str | None:
-    """Why `folder`'s bounds are not `bounds` (a phrase naming the first that differs), or None."""
-    wanted = vars(bounds)
-    if not folder.every_graph() or folder.bounds == wanted:
+    """Why `folder`'s bounds are not `bounds` (a phrase naming the first that differs), or None. The manifest is
+    read as `ExportBounds`: a bound it predates (FLUX.2's reference budget) is the default it was exported with."""
+    if not folder.every_graph():
         return None
-    key = next((key for key in wanted if folder.bounds.get(key) != wanted[key]), None)
-    if key is None:
-        key = next(key for key in folder.bounds if key not in wanted)
-    return f"holds graphs exported for {key} {folder.bounds.get(key)}, not {wanted.get(key)}"
+    held, wanted = vars(ExportBounds.from_json(folder.bounds)), vars(bounds)
+    key = next((key for key in wanted if held[key] != wanted[key]), None)
+    return None if key is None else f"holds graphs exported for {key} {_bound(held[key])}, not {_bound(wanted[key])}"
+
+
+def _bound(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # an aspect ratio 2.0 as 2
 
 
 def export_conflict(folder: ExportFolder, source: ModelSource, dtype: str, bounds: ExportBounds) -> str | None:
@@ -107,4 +110,4 @@ def prepare_quantize_folder(out: Path, source: ModelSource, replace: bool = Fals
     if conflict:
         remove_graphs(folder)
         return None
-    return ExportBounds(**folder.bounds) if folder.every_graph() else None
+    return ExportBounds.from_json(folder.bounds) if folder.every_graph() else None

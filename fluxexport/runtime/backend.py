@@ -8,11 +8,14 @@ never syncs with the host between steps. What a backend does inside (dtype, engi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from fluxexport.errors import FluxExportError
+
+if TYPE_CHECKING:
+    from fluxexport.runtime.request import ResolvedRequest
 
 Feeds = dict[str, torch.Tensor]
 Component = Callable[[Feeds], Feeds]
@@ -20,7 +23,9 @@ Component = Callable[[Feeds], Feeds]
 
 class Backend(Protocol):
     """Runs FLUX components. `component(name)` loads lazily and returns the same callable each time;
-    `close()` releases whatever was loaded (modules, sessions, engines)."""
+    `close()` releases whatever was loaded (modules, sessions, engines). A backend that serves only some requests
+    (a folder's graphs or engines, within the bounds they were made for) also has `check_request(resolved)`,
+    which refuses one in a line before any work (`check_request` below calls it)."""
 
     name: str
     device: torch.device
@@ -28,6 +33,14 @@ class Backend(Protocol):
     def component(self, name: str) -> Component: ...
 
     def close(self) -> None: ...
+
+
+def check_request(backend: Backend, resolved: ResolvedRequest) -> None:
+    """Let `backend` refuse `resolved` before any component runs: its `check_request`, where it has one (the
+    ONNX Runtime and TensorRT backends refuse FLUX.2 references past their folder's reference budget)."""
+    check = getattr(backend, "check_request", None)
+    if check is not None:
+        check(resolved)
 
 
 def refuse_unknown_feeds(component: str, feeds: Feeds, inputs) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.backend import Backend, check_request
 from fluxexport.runtime.cache import CacheSettings, NoCache, StepCache
 from fluxexport.runtime.images import images_to_uint8
 from fluxexport.runtime.latents import latent_grid
@@ -258,6 +258,7 @@ def generate(
     cache = cache or CacheSettings()
     check_cache(source, cache)
     resolved: ResolvedRequest = resolve_request(source, request)
+    check_request(backend, resolved)  # e.g. references past the engines' budget, before any component runs
     timings: dict[str, float] = {}
     start = time.perf_counter()
     device = backend.device

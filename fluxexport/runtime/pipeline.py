@@ -11,7 +11,7 @@ from PIL import Image
 
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime import flux2
-from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.backend import Backend, check_request
 from fluxexport.runtime.cache import CacheSettings, MagCalibration, StepCache
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, to_vae_latents
 from fluxexport.runtime.kontext import prepare_reference
@@ -131,6 +131,7 @@ def generate(
     if source.is_flux2:
         return flux2.generate(backend, source, request, on_step, cache)
     resolved = resolve_request(source, request)
+    check_request(backend, resolved)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     embeddings, pooled, warnings = encode_prompts(backend, source, resolved)

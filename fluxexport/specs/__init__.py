@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.artifacts.files import MANIFEST
-from fluxexport.artifacts.folders import TENSORRT, open_folder
+from fluxexport.artifacts.folders import TENSORRT, Folder, open_folder
 from fluxexport.dtypes import COMPUTE
 from fluxexport.models.family import FLUX2
 from fluxexport.models.source import ModelSource
@@ -40,6 +40,8 @@ __all__ = [
     "Dim",
     "ExportBounds",
     "TensorSpec",
+    "check_folder_serves",
+    "check_request_within",
     "check_served",
     "component_specs",
     "image_tokens",
@@ -159,11 +161,24 @@ def check_served(source: ModelSource, backend: str, engines: Path | None, resolv
         return
     if not (Path(engines) / MANIFEST).is_file():
         return  # the backend says what is missing
-    folder = open_folder(Path(engines))
+    check_folder_serves(source, open_folder(Path(engines)), resolved)
+
+
+def check_folder_serves(source: ModelSource, folder: Folder, resolved: ResolvedRequest) -> None:
+    """`check_served` for an opened folder (what the ONNX Runtime and TensorRT backends' `check_request` ask)."""
     built = folder.kind == TENSORRT
     bounds = ExportBounds.from_json(folder.bounds, built=built)
+    check_request_within(source, bounds, resolved, *(ENGINE_WORDING if built else EXPORT_WORDING))
+
+
+def check_request_within(
+    source: ModelSource, bounds: ExportBounds, resolved: ResolvedRequest, built_for: str, rebuild: str
+) -> None:
+    """Refuse a FLUX.2 request whose references, sized as the pipeline encodes them, exceed `bounds`' reference
+    budget beside its target (`check_references_served`, worded with `built_for` and `rebuild`)."""
+    if not source.is_flux2 or not resolved.references:
+        return
     sizes = [reference_size(image, 2 * source.vae_scale_factor) for image in resolved.references]
-    built_for, rebuild = ENGINE_WORDING if built else EXPORT_WORDING
     check_references_served(source, bounds, resolved.height, resolved.width, sizes, built_for, rebuild)
 
 

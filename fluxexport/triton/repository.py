@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from fluxexport.models.lora import LoraFile
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.onnxruntime.backend import LORA_COMPONENTS
-from fluxexport.specs import TRANSFORMER_PARTS, component_specs, pipeline_components
+from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds, component_specs, pipeline_components
 from fluxexport.triton.config import MAX_REFERENCE_IMAGES, check_config, component_config, pipeline_config
 
 
@@ -54,8 +54,10 @@ def _copy_checkpoint(source: ModelSource, target: Path) -> None:
 
 
 def _bounds(folder: ExportFolder | EngineFolder) -> dict:
-    """The sizes the repository serves: an engine folder's build bounds, or an export's bounds."""
-    return {key: folder.bounds[key] for key in ("min_resolution", "max_resolution", "max_batch")}
+    """What the repository serves, every bound (sides, batch, text, FLUX.2's reference budget): an engine folder's
+    build bounds, or an export's bounds, read as `ExportBounds` (folders recorded before the reference budget
+    serve what they were made for)."""
+    return asdict(ExportBounds.from_json(folder.bounds, built=isinstance(folder, EngineFolder)))
 
 
 LORA_FOLDER = f"{PIPELINE}/1/loras"  # the LoRAs clients may pick per request, relative to the repository

@@ -20,6 +20,7 @@ from fluxexport.models.source import load_folder
 from fluxexport.runtime.cache import CacheSettings, parse_cache
 from fluxexport.runtime.magcache import NAMED_RATIOS
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
+from fluxexport.specs import ExportBounds, check_request_within
 from fluxexport.triton.bls import BlsBackend
 from fluxexport.triton.config import REFERENCE_INPUTS
 
@@ -114,6 +115,27 @@ def _reference_images(request) -> list:
     return images
 
 
+def served_bounds(settings: PipelineSettings) -> ExportBounds:
+    """The bounds the repository records; one written before they were all recorded (sides and batch only) serves
+    the rest as its folder was made for (engines: one 1 MP reference at 1:1)."""
+    return ExportBounds.from_json(settings.bounds, built=settings.kind == "tensorrt")
+
+
+def check_deployment_serves(source, settings: PipelineSettings, resolved) -> None:
+    """Refuse, in one line and before any component runs, a request past the deployment's bounds: target sides,
+    batch, and FLUX.2's reference budget (the references' tokens beside the target, their longest side)."""
+    bounds = served_bounds(settings)
+    low, high = bounds.min_resolution, bounds.max_resolution
+    for name, value in (("height", resolved.height), ("width", resolved.width)):
+        if not low <= value <= high:
+            raise FluxExportError(f"{name} {value} is outside this deployment's {low}..{high} px")
+    if resolved.batch > bounds.max_batch:
+        raise FluxExportError(f"{resolved.batch} images exceed this deployment's batch limit {bounds.max_batch}")
+    made = "engines built" if settings.kind == "tensorrt" else "graphs exported"
+    fix = f"send fewer or smaller references, or serve {made} using"  # `with --` would read as a request input
+    check_request_within(source, bounds, resolved, "this deployment serves", fix)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.repository = Path(args["model_repository"]).parent  # args name this model's own folder
@@ -141,15 +163,7 @@ class TritonPythonModel:
         )
 
     def _check_bounds(self, generation: GenerationRequest) -> None:
-        resolved = resolve_request(self.source, generation)
-        bounds = self.settings.bounds
-        for name, value in (("height", resolved.height), ("width", resolved.width)):
-            if not bounds["min_resolution"] <= value <= bounds["max_resolution"]:
-                raise FluxExportError(
-                    f"{name} {value} is outside this deployment's {bounds['min_resolution']}..{bounds['max_resolution']} px"
-                )
-        if resolved.batch > bounds["max_batch"]:
-            raise FluxExportError(f"{resolved.batch} images exceed this deployment's batch limit {bounds['max_batch']}")
+        check_deployment_serves(self.source, self.settings, resolve_request(self.source, generation))
 
     def execute(self, requests):
         responses = []
