@@ -201,7 +201,8 @@ def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder,
         )
     assert str(error.value).startswith(f"{exports['tiny-dev']} has no transformer_head graph (it has clip, ")
     assert str(error.value).endswith(
-        f"run fluxexport export --model tiny-dev --dtype fp32 --transformer-parts --out {exports['tiny-dev']} (the parts "
+        "run fluxexport export --model tiny-dev --dtype fp32 --components transformer_head,transformer_tail,"
+        f"transformer_out --out {exports['tiny-dev']} (the parts "
         "--cache first-block and magcache run)"
     )
 
