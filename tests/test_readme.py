@@ -133,9 +133,14 @@ def _tail(result: subprocess.CompletedProcess, lines: int = 12) -> str:
 def check_help_only(argv: list[str], cwd: Path, env: dict[str, str]) -> str | None:
     """What is wrong with a command that is only checked against its program's --help (None: nothing)."""
     program = Path(argv[0]).name
-    if program == "fluxexport" and len(argv) > 1:
-        subcommand = [argv[0], argv[1]] if not argv[1].startswith("-") else [argv[0]]
-        help_run = _run([*subcommand, "--help"], cwd, env)
+    if program == "fluxexport" and len(argv) > 1:  # in process: click renders the same help, without a new python
+        from click.testing import CliRunner
+
+        from fluxexport.cli import main
+
+        subcommand = [argv[1]] if not argv[1].startswith("-") else []
+        invoked = CliRunner().invoke(main, [*subcommand, "--help"])
+        help_run = subprocess.CompletedProcess(argv, invoked.exit_code, invoked.output, "")
     elif program.startswith("python") and len(argv) > 1 and argv[1].endswith(".py"):
         script = ROOT / argv[1]
         if not script.is_file():
@@ -322,3 +327,27 @@ def test_block_parsing():
         ["fluxexport", "a", "--b=1"], ["kubectl", "x"], ["y"]
     ]  # fmt: skip
     assert options_of(["fluxexport", "a", "--b=1", "-c", "--d"]) == ["--b", "--d"]
+
+
+def test_the_command_checks_fail_when_they_should(tmp_path):
+    """help-only: an unknown subcommand or option fails; refusal: a traceback or a second error line fails."""
+    env = dict(os.environ)
+    assert check_help_only(["fluxexport", "build", "--precision", "fp8", "--weight-streaming"], tmp_path, env) is None
+    assert check_help_only(["fluxexport", "build", "--nonsense", "1"], tmp_path, env) == (
+        "fluxexport build has no option --nonsense"
+    )
+    assert "exits 2" in check_help_only(["fluxexport", "nosuch"], tmp_path, env)
+    assert (
+        check_help_only(["python", "scripts/nosuch.py"], tmp_path, env) == "scripts/nosuch.py is not in the repository"
+    )
+    assert check_help_only(["kubectl", "apply", "-f", "x.yaml"], tmp_path, env) is None
+
+    def done(code: int, err: str) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], code, "", err)
+
+    assert check_refusal(done(0, "")) is None
+    assert check_refusal(done(1, "export tiny-dev → engines\nError: TensorRT is not installed: …\n")) is None
+    assert check_refusal(done(1, "Traceback (most recent call last):\nValueError: x\n")) is not None
+    assert check_refusal(done(1, "Error: one\nError: two\n")) is not None
+    assert check_refusal(done(1, "Error: one\nmore text after it\n")) is not None
+    assert check_refusal(done(137, "Error: killed\n")) is not None
