@@ -14,7 +14,7 @@ from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.references import reference_size
-from fluxexport.specs import ExportBounds, component_specs
+from fluxexport.specs import REFERENCE_OPTIONS, ExportBounds, component_specs
 from fluxexport.specs.flux2 import check_references_served
 from fluxexport.tensorrt.builder import build_bounds
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds, select_profile
@@ -267,3 +267,62 @@ def test_build_serves_the_reference_budget_and_run_refuses_past_it(
             ours = generate(backend, source, request).images
             theirs = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
             assert np.array_equal(ours, theirs)
+
+    # the library's generate() refuses past the budget too, in `run`'s line, before any component is asked for
+    double = [reference_image.resize((1024, 1024))] * 2
+    with standin_tensorrt() as trt:
+        for backend, references, output in (
+            (TensorRTBackend(source, engines, device=HostDevice(trt)), images[:3], three.output),
+            (TensorRTBackend(source, engines, device=HostDevice(trt)), images[3:], wide.output),
+            (OnnxRuntimeBackend(source, flux2_export), double, onnx.output),
+        ):
+            asked = _watch_components(backend)
+            opened = [Image.open(image) if isinstance(image, str) else image for image in references]
+            request = GenerationRequest("a cat", image=opened, height=128, width=128, num_inference_steps=1)
+            with pytest.raises(FluxExportError) as refused:
+                generate(backend, source, request)
+            assert f"Error: {refused.value}\n" == output and asked == []
+
+
+def _watch_components(backend) -> list[str]:
+    """The names `backend.component` is asked for from now on (it still loads them)."""
+    asked, component = [], backend.component
+
+    def watched(name: str):
+        asked.append(name)
+        return component(name)
+
+    backend.component = watched
+    return asked
+
+
+def test_exports_recorded_before_the_budget_take_a_matching_export(flux2_sources, flux2_export, tmp_path):
+    """A folder exported before the budget was recorded (our manifest without its three keys, as that version
+    wrote it) holds graphs of today's default budget: an export with the same bounds may add to it, one with
+    another budget is refused in one line naming it, nothing written; quantize exports for the default budget."""
+    import hashlib
+    import shutil
+
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.export.target_folder import REPLACE_HINT, prepare_export_folder, prepare_quantize_folder
+
+    source, folder = flux2_sources["tiny-klein"], tmp_path / "onnx"
+    shutil.copytree(flux2_export, folder)
+    record = open_export(folder)
+    record.bounds = {key: value for key, value in record.bounds.items() if key not in REFERENCE_OPTIONS}
+    record.write()
+    assert "max_references" not in open_export(folder).bounds
+    prepare_export_folder(folder, source, "fp32", ExportBounds.for_model(source))  # no conflict: the same bounds
+    assert prepare_quantize_folder(folder, source) == ExportBounds.for_model(source)
+
+    def hashes():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+
+    before = hashes()
+    for key, value, held in (("max_references", "2", "1"), ("max_reference_aspect", "3", "2")):
+        refused = CliRunner().invoke(main, ["export", "--model", "tiny-klein", "--components", "vae_decoder",
+                                            REFERENCE_OPTIONS[key], value, "--out", str(folder)])  # fmt: skip
+        assert refused.exit_code == 1
+        conflict = f"holds graphs exported for {key} {held}, not {value}"
+        assert refused.output == f"Error: {folder} {conflict}: {REPLACE_HINT}\n"
+    assert hashes() == before
