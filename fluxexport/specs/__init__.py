@@ -166,6 +166,8 @@ def check_served(source: ModelSource, backend: str, engines: Path | None, resolv
 
 def check_folder_serves(source: ModelSource, folder: Folder, resolved: ResolvedRequest) -> None:
     """`check_served` for an opened folder (what the ONNX Runtime and TensorRT backends' `check_request` ask)."""
+    if not source.is_flux2 or not resolved.references:
+        return  # nothing to read the bounds for
     built = folder.kind == TENSORRT
     bounds = ExportBounds.from_json(folder.bounds, built=built)
     check_request_within(source, bounds, resolved, *(ENGINE_WORDING if built else EXPORT_WORDING))
