@@ -206,3 +206,16 @@ def test_engine_hints_parse(exports, sources, tmp_path):
         write_repository(sources["tiny-schnell"], engines, tmp_path / "repo", request_loras=[object()])
     command = "fluxexport refit --model tiny-schnell --engines DIR --lora FILE"
     parses(str(refused.value), command, DIR=engines, FILE=lora)
+
+
+def test_triton_and_deploy_write_under_engines_by_default(exports, tmp_path, monkeypatch):
+    """No folder named like a Python package (`triton/`, which shadows the package torch imports) in the working
+    directory: the repository and the manifests go to engines/<model>/."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("triton", "--model", "tiny-schnell", "--engines", exports["tiny-schnell"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "engines/tiny-schnell/triton"
+    result = invoke("deploy", "--repository", "engines/tiny-schnell/triton", "--storage-uri", "s3://bucket/flux")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "engines/tiny-schnell/k8s"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["engines"]
