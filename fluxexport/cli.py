@@ -127,9 +127,10 @@ cache_option = click.option(
 
 def tensorrt_run_options(command):
     """--low-vram, --cuda-graphs/--no-cuda-graphs and --weight-streaming-budget, for the tensorrt backend."""
-    command = click.option("--low-vram", is_flag=True, help="tensorrt: keep one engine in GPU memory at a time.")(
-        command
-    )
+    command = click.option(
+        "--low-vram", is_flag=True,
+        help="tensorrt: keep one component's engines in GPU memory at a time (the transformer's parts together).",
+    )(command)  # fmt: skip
     command = click.option(
         "--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
         help="tensorrt: replay the transformer's repeated shapes as CUDA graphs.",
@@ -137,7 +138,8 @@ def tensorrt_run_options(command):
     return click.option(
         "--weight-streaming-budget", metavar="BYTES|PERCENT|auto",
         help="tensorrt: GPU memory for the weights of engines built with --weight-streaming (e.g. 12GiB, 50%, "
-        "auto); the rest streams from host memory on every step, without CUDA graphs.",
+        "auto: what the GPU's free memory holds beside the engine's scratch and a 1 GiB margin); the rest streams "
+        "from host memory on every step, without CUDA graphs.",
     )(command)  # fmt: skip
 
 
