@@ -182,8 +182,11 @@ def user_path(checkpoint: Path, work: Path, lora: Path, layers: list[str]) -> li
     return [(label, [text.split()[0], *source, *text.split()[1:]], standin) for label, text, standin in steps]
 
 
-def bench(model: str, work: Path, double: int, single: int, text_layers: int) -> tuple[list[Step], int, str]:
-    """Write the checkpoint, run every step; (steps, largest component's bf16 bytes, shape in words)."""
+def bench(
+    model: str, work: Path, double: int, single: int, text_layers: int, first: str = "export"
+) -> tuple[list[Step], int, str]:
+    """Write the checkpoint, run every step from `first` on (the earlier ones' output kept in `work`); (steps,
+    largest component's bf16 bytes, shape in words)."""
     checkpoint = work / "checkpoint"
     if not (checkpoint / "model_index.json").is_file():
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -197,8 +200,12 @@ def bench(model: str, work: Path, double: int, single: int, text_layers: int) ->
     index = json.loads((checkpoint / "model_index.json").read_text()) if model != "flux1-dev" else None
     lora = write_lora(work / "lora.safetensors", checkpoint, index)
     layers = ["--text-encoder-layers", "1,2,3"] if model != "flux1-dev" else []
-    steps = []
-    for label, args, standin in user_path(checkpoint, work, lora, layers):
+    steps: list[Step] = []
+    path = user_path(checkpoint, work, lora, layers)
+    labels = [label for label, _, _ in path]
+    if first not in labels:
+        raise SystemExit(f"--from must be one of: {', '.join(labels)}")
+    for label, args, standin in path[labels.index(first) :]:
         step = measure(args, standin, work / f"{label.split()[0]}-{len(steps)}.log")
         steps.append(step)
         state = "ok" if step.ok else f"FAILED: {step.error}"
@@ -218,6 +225,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2, help="Single blocks (default: 2).")
     parser.add_argument("--text-layers", type=int, default=4, help="klein: Qwen3 layers (default: 4, read at 1,2,3).")
     parser.add_argument("--work", type=Path, help="Folder for checkpoints, graphs and engines (default: temp).")
+    parser.add_argument("--from", dest="first", default="export",
+                        help="Start at this step, reusing the earlier steps' output in --work (e.g. 'quantize').")  # fmt: skip
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fluxexport-user-path-"))
     models = ("flux1-dev", "klein-4b") if args.model == "both" else (args.model,)
@@ -226,7 +235,7 @@ def main() -> None:
         folder = work / model
         folder.mkdir(parents=True, exist_ok=True)
         print(f"== {model} in {folder}", flush=True)
-        tables.append(bench(model, folder, args.double, args.single, args.text_layers))
+        tables.append(bench(model, folder, args.double, args.single, args.text_layers, args.first))
     print(f"\n{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; TensorRT steps over tests/standin_tensorrt.py")
     for steps, weights, shape in tables:
         print(f"\n{shape}; largest component {weights / 1e9:.2f} GB bf16\n")

@@ -100,6 +100,9 @@ def create_session(
     if upcast:
         from fluxexport.onnxruntime.upcast import upcast_folder_for, write_upcast
 
+        # no CPU arena for these (validation's) sessions: each run's activations go back to the system after
+        # it (measured, full-width transformer at 1024²: 8.1 GB peak, 2.8 GB after; with the arena 17 GB kept)
+        options.enable_cpu_mem_arena = False
         with upcast_folder_for(Path(path), upcast_folder) as folder:
             upcast_path = write_upcast(Path(path), folder)
             session = onnxruntime.InferenceSession(str(upcast_path), options, providers=providers)

@@ -24,7 +24,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend, Component, Feeds
 from fluxexport.runtime.cache import CacheSettings
-from fluxexport.specs import ComponentSpec, component_specs, sample_inputs, validation_sizes
+from fluxexport.specs import TRANSFORMER_PARTS, ComponentSpec, component_specs, sample_inputs, validation_sizes
 
 
 def compare_component(
@@ -48,10 +48,18 @@ def validation_resolutions(source: ModelSource) -> list[tuple[int, int]]:
     return [(side, side), (side * 3 // 4 // 16 * 16, side * 5 // 4 // 16 * 16)]
 
 
+def holding_group(name: str) -> str:
+    """Which components are held together: one module's (both VAE components), the transformer's parts apart
+    from the whole transformer (they are the same weights again)."""
+    from fluxexport.models.loaders import MODULE_OF
+
+    return "transformer parts" if name in TRANSFORMER_PARTS else MODULE_OF.get(name, name)
+
+
 class OneModuleAtATime:
     """A Backend that holds the components of one module at a time (the transformer's parts together, both VAE
-    components together): asking for another module's component closes what is loaded first. What validation
-    runs each side through, so that its peak memory is one module's, not the model's."""
+    components together, `holding_group`): asking for another module's component closes what is loaded first.
+    What validation runs each side through, so that its peak memory is one module's, not the model's."""
 
     def __init__(self, open_backend: Callable[[], Backend]):
         self.open_backend = open_backend
@@ -66,9 +74,7 @@ class OneModuleAtATime:
         return self.backend
 
     def component(self, name: str) -> Component:
-        from fluxexport.models.loaders import MODULE_OF
-
-        module = MODULE_OF.get(name, name)
+        module = holding_group(name)
         if module != self.module:
             if self.module is not None:
                 self.close()
@@ -109,11 +115,10 @@ def run_side(
         for name, shapes in sizes.items():
             if on_progress:
                 on_progress(name)
-            component = backend.component(name)
             run.outputs[name] = [
-                {t.name: value.cpu() for t, value in _outputs(specs[name], component, shape, index)}
+                {t.name: value.cpu() for t, value in _outputs(specs[name], backend.component(name), shape, index)}
                 for index, (shape, _) in enumerate(shapes)
-            ]
+            ]  # no reference to the component kept here: the next module's closes it
         for request in requests:
             if on_progress:
                 on_progress(f"image {request.width}×{request.height}")
