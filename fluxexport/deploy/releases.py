@@ -1,7 +1,8 @@
 """Which Triton container release serves which TensorRT: plans only load on the TensorRT that built them.
 
 NVIDIA's NGC containers of one release (`pytorch:25.10-py3`, `tritonserver:25.10-py3`) ship the same TensorRT,
-so engines built in the Dockerfile's `pytorch:YY.MM` image are served by `tritonserver:YY.MM`. The table
+so engines built in the Dockerfile's image (`tritonserver:YY.MM` with TensorRT's Python module) are served by
+`tritonserver:YY.MM`. The table
 follows NVIDIA's Frameworks Support Matrix at TensorRT major.minor, written from our notes of it: only 24.12 →
 10.7 could be re-checked against NVIDIA's pages from this machine (2026-11-24). Where it is wrong or a release
 is missing, `--image-tensorrt` states the image's TensorRT and wins.
@@ -18,7 +19,7 @@ TENSORRT_OF_RELEASE = {
     "24.11": "10.6", "24.12": "10.7", "25.01": "10.8", "25.02": "10.8", "25.03": "10.9", "25.04": "10.9",
     "25.05": "10.10", "25.06": "10.11", "25.08": "10.13", "25.09": "10.13", "25.10": "10.13",
 }  # fmt: skip
-DEFAULT_RELEASE = "25.10"  # the Dockerfile's pytorch:25.10-py3 (TensorRT 10.13)
+DEFAULT_RELEASE = "25.10"  # the Dockerfile's tritonserver:25.10-py3 (TensorRT 10.13)
 SERVING_IMAGE = "fluxexport-triton"  # Dockerfile.triton: NVIDIA's tritonserver image + fluxexport for the python models
 
 
