@@ -396,7 +396,8 @@ def test_triton_repository_from_built_engines_serves_every_bucket(engines, sourc
         plan = (repository / name / "1" / "model.plan").read_bytes()
         assert plan == (engines / manifest["components"][name]["file"]).read_bytes()
     settings = json.loads((repository / "flux_pipeline" / "1" / "pipeline.json").read_text())
-    assert settings["bounds"] == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 2}
+    bounds = {key: settings["bounds"][key] for key in ("min_resolution", "max_resolution", "max_batch")}
+    assert bounds == {"min_resolution": 64, "max_resolution": 1024, "max_batch": 2}  # (and the reference budget)
 
 
 @pytest.mark.slow
@@ -460,6 +461,18 @@ def test_an_automatic_budget_past_2_gib_is_computed_from_free_memory(trt, engine
     assert tight.streamed["transformer"] == (streamable // 3, streamable)
     assert transformer.engine.weight_streaming_budget_v2 == streamable // 3 and not transformer.use_cuda_graphs
     assert np.array_equal(images(tight, source, A), expected) and trt.state.errors == []
+
+
+@pytest.mark.slow
+def test_engines_with_nothing_streamable_take_any_budget(trt, engines, sources, ort_backends):
+    """TensorRT may find nothing to stream in an engine built with --weight-streaming (streamable size 0): no budget
+    is set on it (TensorRT would refuse one), and the transformer keeps its CUDA graphs."""
+    trt.state.streamable_bytes = 0
+    source = sources["tiny-dev"]
+    for budget in ("auto", "50%", "1GiB"):
+        backend = TensorRTBackend(source, engines, weight_streaming_budget=parse_budget(budget), device=HostDevice(trt))
+        assert np.array_equal(images(backend, source, A), images(ort_backends["tiny-dev"], source, A))
+        assert backend.streamed == {} and backend.runners["transformer"].captured and trt.state.errors == []
 
 
 def test_the_automatic_budget_is_what_free_memory_holds():
