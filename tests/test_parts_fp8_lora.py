@@ -296,14 +296,12 @@ def _first_block_lora(lora, tmp_path):
     return tmp_path / "first_block.safetensors"
 
 
-def test_fp8_engines_build_from_the_fp8_parts_and_refit(sources, parts_folder, merged, tmp_path):
-    """`build --precision fp8` makes the parts' engines from their FP8 graphs, as the transformer's; refit
-    quantizes each part's merged weights with its graph's scales: the engines answer as the ONNX Runtime swap."""
+def test_fp8_engines_build_from_the_fp8_parts_and_refuse_a_block_lora(sources, parts_folder, merged, tmp_path):
+    """`build --precision fp8` makes the parts' engines from their FP8 graphs, as the transformer's; a refit of a
+    LoRA that adapts the parts' FP8 weights is refused as it is for the transformer (NVIDIA's guidance: fuse the
+    LoRA, then quantize), before any plan is written."""
     from pathlib import Path
 
-    from standin_tensorrt import HostDevice
-
-    from fluxexport.tensorrt.backend import TensorRTBackend
     from fluxexport.tensorrt.refit import refit_engines
 
     source, names = sources["tiny-dev"], list(FP8_COMPONENTS)
@@ -313,15 +311,14 @@ def test_fp8_engines_build_from_the_fp8_parts_and_refit(sources, parts_folder, m
     assert {name: (Path(built[name]["onnx"]).name, built[name]["precision"]) for name in names} == {
         name: (f"{name}.fp8.onnx", "fp8") for name in names
     }
-    with standin_tensorrt() as trt:
-        refitted = refit_engines(merged, engines)
-        assert {name: refitted.components[name].refitted_weights for name in TRANSFORMER_PARTS} == HELD_BY
-        with (
-            TensorRTBackend(merged, engines, device=HostDevice(trt)) as ours,
-            OnnxRuntimeBackend(merged, parts_folder, fp8=True) as swapped,
-        ):
-            for index, sizes in enumerate(ENGINE_SHAPES):
-                assert torch.equal(latent(ours, sizes, index, True), latent(swapped, sizes, index, True)), sizes
+    before = {path.name: path.read_bytes() for path in engines.iterdir()}
+    with standin_tensorrt(), pytest.raises(FluxExportError) as error:
+        refit_engines(merged, engines)
+    message = str(error.value)
+    assert "in FP8: a refit would quantize the LoRA-merged weight with the base model's scale" in message
+    assert message.split(" holds ")[0].startswith(("transformer_fp8", "transformer_head_fp8", "transformer_tail_fp8"))
+    assert "\n" not in message and "fluxexport quantize --model tiny-dev --lora" in message
+    assert {path.name: path.read_bytes() for path in engines.iterdir()} == before  # nothing written
 
 
 def test_triton_repository_swaps_request_loras_into_the_parts(sources, parts_folder, merged, lora, tmp_path):
