@@ -31,7 +31,9 @@ def model_options(function):
     """--model, --base-model and --lora, the same on every command that reads a checkpoint."""
     function = click.option(
         "--lora", "loras", multiple=True, expose_value=False, callback=_remember_loras, metavar="FILE[:SCALE]",
-        help="A LoRA (.safetensors; diffusers/PEFT, kohya or XLabs) merged into the model; repeatable.",
+        help="A LoRA (.safetensors; diffusers/PEFT, kohya or XLabs); repeatable. torch and export: merged into the "
+        "weights; onnxruntime: swapped into the graphs' initializers; tensorrt: the engines refitted with it "
+        "(fluxexport refit).",
     )(function)  # fmt: skip
     function = click.option(
         "--base-model", help="With a single-file --model: folder/hub id/tiny variant for the other parts."
@@ -61,11 +63,24 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="fluxexport")
 def main() -> None:
-    """FLUX.1 from PyTorch to ONNX and TensorRT, and a small runtime that runs it."""
+    """FLUX.1 (schnell, dev, Kontext) and FLUX.2 ([klein], [dev]) from PyTorch to ONNX and TensorRT, and a small
+    runtime that runs them."""
     quiet_libraries()
 
 
-@main.command()
+def _tiny_help() -> str:
+    """`tiny`'s help, listing the variants from the tiny models' own registry."""
+    from fluxexport.models.tiny import TINY_VARIANTS
+
+    flux1 = ", ".join(name for name, variant in TINY_VARIANTS.items() if not variant.is_flux2)
+    flux2 = ", ".join(name for name, variant in TINY_VARIANTS.items() if variant.is_flux2)
+    return (
+        f"Write a tiny random FLUX model as a diffusers folder. VARIANT: FLUX.1 {flux1}; FLUX.2 {flux2}. Random "
+        "weights: its images look like noise, which is expected."
+    )
+
+
+@main.command(help=_tiny_help())
 @click.argument("variant")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
 @click.option(
@@ -74,7 +89,6 @@ def main() -> None:
     help="Also write the transformer as a black-forest-labs single-file checkpoint here.",
 )
 def tiny(variant: str, out: Path, single_file: Path | None) -> None:
-    """Write a tiny random FLUX model (FLUX.1: tiny-schnell, tiny-dev, tiny-kontext; FLUX.2: tiny-klein, tiny-klein-base) as a diffusers folder."""
     from fluxexport.models.tiny import write_bfl_single_file, write_tiny
 
     folder = write_tiny(variant, out)
@@ -178,12 +192,16 @@ def _say_transformer(engine) -> None:
 @click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
 @click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
 @click.option("--steps", type=int,
-              help="Denoising steps (default: 4 schnell and FLUX.2 klein, 28 FLUX.1 dev, 50 FLUX.2 base).")  # fmt: skip
+              help="Denoising steps (default: the model's: FLUX.1 schnell 4, dev and Kontext 28; FLUX.2 [klein] 4, "
+                   "[klein] base 50, [dev] 50).")  # fmt: skip
 @click.option("--guidance", type=float,
-              help="Guidance scale: embedded (FLUX.1 dev, Kontext; default 3.5) or true CFG (FLUX.2 base; 4).")  # fmt: skip
+              help="Guidance scale: embedded (FLUX.1 dev and Kontext, default 3.5; FLUX.2 [dev], 4) or true CFG "
+                   "(FLUX.2 [klein] base, 4); FLUX.1 schnell and FLUX.2 [klein] ignore it.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-images", type=int, default=1, show_default=True)
-@click.option("--max-sequence-length", type=int, help="T5 tokens (default: 256 schnell, 512 dev/Kontext).")
+@click.option("--max-sequence-length", type=int,
+              help="Text tokens, at most 512: FLUX.1's T5 (default 256 schnell, 512 dev/Kontext); FLUX.2's text "
+                   "encoder, the prompt in its chat template padded to this length (default 512).")  # fmt: skip
 @click.option(
     "--image",
     "image_paths",
@@ -202,7 +220,7 @@ def _say_transformer(engine) -> None:
 @fp8_option
 @optimized_option
 @cache_option
-@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
 @click.option("--device", help="torch device (default: cuda if available, else cpu).")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
@@ -617,7 +635,8 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 @click.option(
     "--resolution-buckets", type=int, default=1, show_default=True, help="Profiles over the resolution range."
 )
-@click.option("--text-len", help="T5 tokens MIN:OPT:MAX (default: the export's, 1:512:512 for dev).")
+@click.option("--text-len", help="Text tokens MIN:OPT:MAX: FLUX.1's T5, FLUX.2's text encoder with its chat template "
+              "(default: the export's: 1:256:512 FLUX.1 schnell, 1:512:512 the others).")  # fmt: skip
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--refittable", is_flag=True, help="Engines whose weights can be refitted without a rebuild.")
 @click.option("--weight-streaming", is_flag=True, help="Engines that can stream weights from host memory.")
@@ -689,9 +708,9 @@ def refit(model, base_model, engines, reset) -> None:
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
 @click.option("--device", help="torch device (default: cuda if available).")
-@click.option("--height", type=int)
-@click.option("--width", type=int)
-@click.option("--steps", type=int)
+@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's, as for run).")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True)
