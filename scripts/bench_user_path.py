@@ -62,6 +62,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from standin_tensorrt import HostDevice, make_tensorrt
 trt = make_tensorrt()
+import importlib.machinery
+trt.__spec__ = trt.__spec__ or importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") reads it
 sys.modules["tensorrt"] = trt
 import fluxexport.tensorrt.cuda as cuda
 import fluxexport.tensorrt.environment as environment

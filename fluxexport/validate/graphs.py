@@ -42,9 +42,12 @@ def compare_component(
     return results
 
 
-def validation_resolutions(source: ModelSource) -> list[tuple[int, int]]:
-    """The model's default square size and a non-square one (height, width)."""
+def validation_resolutions(source: ModelSource, bounds=None) -> list[tuple[int, int]]:
+    """The model's default square size and a non-square one (height, width); within `bounds` (ExportBounds:
+    engines serve only their profiles' sides) when given, the square side then the engines' largest."""
     side = source.default_size
+    if bounds is not None:
+        side = max(bounds.min_resolution, min(side, bounds.max_resolution * 4 // 5 // 16 * 16))
     return [(side, side), (side * 3 // 4 // 16 * 16, side * 5 // 4 // 16 * 16)]
 
 
@@ -166,7 +169,7 @@ def validate(
     sizes = {name: validation_sizes(specs[name], within_bounds=bounds is not None) for name in dtypes}
     requests = [
         GenerationRequest("a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0)
-        for height, width in validation_resolutions(source)
+        for height, width in validation_resolutions(source, bounds)
     ]
     theirs = run_side(open_reference, source, specs, sizes, requests, cache, on_progress)
     ours = run_side(open_candidate, source, specs, sizes, requests, cache, on_progress)
