@@ -27,8 +27,26 @@ def _remember_loras(ctx: click.Context, _param, values) -> tuple:
     return ctx.meta["loras"]
 
 
+def _remember_text_layers(ctx: click.Context, _param, value: str | None) -> tuple[int, ...] | None:
+    layers = None
+    if value is not None:
+        try:
+            layers = tuple(int(layer) for layer in value.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a list of layer numbers such as 9,18,27") from None
+    ctx.meta["text_encoder_layers"] = layers
+    return layers
+
+
 def model_options(function):
-    """--model, --base-model and --lora, the same on every command that reads a checkpoint."""
+    """--model, --base-model, --lora and --text-encoder-layers, the same on every command that reads a
+    checkpoint."""
+    function = click.option(
+        "--text-encoder-layers", expose_value=False, callback=_remember_text_layers, metavar="N,N,N",
+        help="FLUX.2: the text encoder's hidden-state layers stacked into the prompt embedding, for a fine-tune "
+        "that reads others (diffusers' text_encoder_out_layers; default the pipeline's: [klein] 9,18,27, "
+        "[dev] 10,20,30).",
+    )(function)  # fmt: skip
     function = click.option(
         "--lora", "loras", multiple=True, expose_value=False, callback=_remember_loras, metavar="FILE[:SCALE]",
         help="A LoRA (.safetensors; diffusers/PEFT, kohya or XLabs); repeatable. torch and export: merged into the "
@@ -98,11 +116,33 @@ def tiny(variant: str, out: Path, single_file: Path | None) -> None:
         console.print(f"wrote its transformer in black-forest-labs layout to {single_file}")
 
 
+@main.command("tiny-lora")
+@click.argument("variant")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="LoRA file to write (.safetensors).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "xlabs", "ai-toolkit"]), default="peft",
+              show_default=True,
+              help="Key layout: FLUX.1 peft, kohya (with CLIP layers) or xlabs; FLUX.2 peft, kohya or ai-toolkit.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+def tiny_lora(variant: str, out: Path, fmt: str, seed: int) -> None:
+    """Write a random LoRA that fits a tiny model (its first double and single block), for trying --lora offline:
+    `run --model VARIANT --lora FILE` draws a visibly different image."""
+    from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny import tiny_variant
+    from fluxexport.models.tiny_lora import write_tiny_lora
+
+    tiny_variant(variant)  # refuse anything but a tiny variant before resolving it
+    path = write_tiny_lora(resolve_model(variant), out, fmt, seed)
+    console.print(f"wrote a random {fmt} LoRA for {variant}")
+    click.echo(str(path))
+
+
 def _source(model: str, base_model: str | None):
     """The --model (and --base-model) checkpoint, with the command's --lora files merged into it."""
     from fluxexport.models.source import resolve_model
 
-    return resolve_model(model, base_model).with_loras(click.get_current_context().meta.get("loras", ()))
+    meta = click.get_current_context().meta
+    source = resolve_model(model, base_model).with_loras(meta.get("loras", ()))
+    return source.with_text_encoder_layers(meta.get("text_encoder_layers"))
 
 
 def _check_output(output: Path, count: int) -> list[Path]:
@@ -229,22 +269,15 @@ def run(
     weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
-    from PIL import Image
-
     from fluxexport.backend_factory import create_backend
     from fluxexport.runtime.cache import parse_cache
-    from fluxexport.runtime.images import save_png_atomic
+    from fluxexport.runtime.images import load_reference, save_png_atomic
     from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
     from fluxexport.specs import check_served
 
     cache = parse_cache(cache_text)
     source = _source(model, base_model)
-    references = []
-    for image_path in image_paths:
-        try:
-            references.append(Image.open(image_path).convert("RGB"))
-        except OSError as error:
-            raise FluxExportError(f"cannot read --image {image_path}: {error}") from None
+    references = [load_reference(image_path) for image_path in image_paths]  # as diffusers' load_image reads them
     request = GenerationRequest(
         prompt=prompt, prompt_2=prompt_2, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance, seed=seed, num_images_per_prompt=num_images,
@@ -389,6 +422,9 @@ def _print_check(reports) -> bool:
 @click.option("--transformer-parts", is_flag=True,
               help="Also the transformer in three parts (head, tail, out) that `--cache first-block` and "
                    "`--cache magcache` run.")  # fmt: skip
+@click.option("--replace", is_flag=True,
+              help="Remove the graphs --out holds first (without it, a folder of another model, dtype or bounds "
+                   "is refused).")  # fmt: skip
 @reference_budget_options("default")
 def export(
     model,
@@ -403,6 +439,7 @@ def export(
     external_data,
     run_check,
     transformer_parts,
+    replace,
     max_references,
     max_reference_area,
     max_reference_aspect,
@@ -411,6 +448,7 @@ def export(
     from fluxexport.dtypes import component_precision
     from fluxexport.export.check import check_folder
     from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
+    from fluxexport.export.target_folder import prepare_export_folder
     from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds
 
     source = _source(model, base_model)
@@ -421,6 +459,8 @@ def export(
     names = _components(components, source)
     names += [part for part in TRANSFORMER_PARTS if transformer_parts and part not in names]
     out = out or default_folder(source.name)
+    if not replace:  # refused before anything is printed; --replace removes the graphs once the export starts
+        prepare_export_folder(out, source, dtype, bounds)
     for name in names:
         _, reason = component_precision(name, dtype)
         if reason:
@@ -438,7 +478,9 @@ def export(
             )
             rows.append([name, exported.dtype, str(exported.nodes), f"{size / 1e6:.1f}", f"{exported.seconds:.1f}"])
 
-        export_model(source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, update)
+        export_model(
+            source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, update, replace
+        )
     console.print(table(f"exported to {out}", ["component", "dtype", "nodes", "MB", "s"], rows))
     if run_check and not _print_check(check_folder(out)):
         raise FluxExportError(f"graphs in {out} fail the TensorRT check (see the table above)")
@@ -470,8 +512,9 @@ def upgrade(folders) -> None:
 
 @main.command()
 @model_options
-@click.option("--engines", type=click.Path(path_type=Path), required=True,
-              help="Folder of exported graphs, or of TensorRT engines (fluxexport build).")  # fmt: skip
+@click.option("--engines", type=click.Path(path_type=Path),
+              help="Folder of exported graphs, or of TensorRT engines (fluxexport build) (default: "
+              "engines/<model>/onnx, where export writes).")  # fmt: skip
 @click.option("--components", help="Comma-separated subset to compare (default: every graph in --engines).")
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the end-to-end comparison.")
 @click.option("--report", type=click.Path(path_type=Path), help="JSON report path (default: ENGINES/validation.json).")
@@ -490,6 +533,12 @@ def validate(
 
     cache = parse_cache(cache_text)
     source = _source(model, base_model)
+    if engines is None:
+        engines = default_folder(source.name)
+        if not engines.is_dir():
+            raise FluxExportError(
+                f"{engines} does not exist: export the graphs first (fluxexport export --model {model}) or pass --engines"
+            )
     names = _components(components) if components else None
     check_validation_host(engines, fp8)  # refuse before the progress bar
     with step_progress(f"validate {engines}", 1) as advance:
@@ -549,15 +598,18 @@ def validate(
 @click.option("--transformer-parts", is_flag=True,
               help="Also the transformer's parts (--cache first-block, magcache), with the same scales (default: "
               "the parts --out holds).")  # fmt: skip
+@click.option("--replace", is_flag=True,
+              help="When --out holds another model's graphs, remove them first (without it: refused).")  # fmt: skip
 def quantize(
     model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
-    sequential, opset, external_data, transformer_parts,
+    sequential, opset, external_data, transformer_parts, replace,
 ) -> None:  # fmt: skip
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer (and its parts) as Q/DQ
     graphs."""
     from fluxexport.artifacts.folders import open_export
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
+    from fluxexport.export.target_folder import prepare_quantize_folder
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
     from fluxexport.quantize.qdq_export import fp8_components, quantize_transformer
     from fluxexport.specs import TRANSFORMER_PARTS
@@ -578,6 +630,7 @@ def quantize(
             raise FluxExportError(
                 f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them"
             )
+    bounds = prepare_quantize_folder(out, source, replace)  # the folder's bounds: its manifest stays true
     names = fp8_components(out, TRANSFORMER_PARTS if transformer_parts else ())
     with ExitStack() as bars:  # one live bar at a time: calibration's, then the graphs' bytes
         writing: list = []
@@ -588,7 +641,7 @@ def quantize(
             writing[0](f"{name} (fp8)", done, total)
 
         quantize_transformer(
-            source, out, settings, dtype, opset or DEFAULT_OPSET, external_data=external_data,
+            source, out, settings, dtype, opset or DEFAULT_OPSET, bounds, external_data=external_data,
             calibration_file=calibration_file, sequential=sequential, log=console.print,
             calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes, components=names,
         )  # fmt: skip
@@ -781,7 +834,8 @@ def bench(
 @main.command()
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path), required=True, help="Exported graphs or built engines.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Repository folder to write.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Repository folder to write (default: engines/<model>/triton).")  # fmt: skip
 @click.option("--instance-kind", type=click.Choice(INSTANCE_KINDS), default="KIND_CPU", show_default=True,
               help="Where python-backend models run (TensorRT plans always run on the GPU).")  # fmt: skip
 @click.option("--pipeline-instances", type=click.IntRange(1, 64), default=1, show_default=True)
@@ -796,6 +850,7 @@ def triton(model, base_model, engines, out, instance_kind, pipeline_instances, r
     from fluxexport.triton.repository import write_repository
 
     source = _source(model, base_model)
+    out = out or default_folder(source.name, "triton")
     offered = [parse_lora(path) for path in request_loras]
     folder = write_repository(
         source, engines, out, instance_kind, pipeline_instances, fp8, offered, gpus=_parse_gpus(gpus)
@@ -856,7 +911,8 @@ def optimize(model, base_model, engines, provider, components) -> None:
     required=True,
     help="A repository written by fluxexport triton.",
 )
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the manifests.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for the manifests (default: engines/<model>/k8s, the repository's model).")  # fmt: skip
 @click.option(
     "--storage-uri", required=True, help="Where the repository is uploaded: s3://, gs://, as:// or pvc://CLAIM/PATH."
 )
@@ -880,7 +936,7 @@ def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt,
         repository, storage_uri, name=name, image=image, image_tensorrt=image_tensorrt,
         gpus_per_replica=gpus_per_replica, replicas=replicas, namespace=namespace, target_queue_ms=target_queue_ms,
     )  # fmt: skip
-    folder = write_deployment(repository, out, settings, facts)
+    folder = write_deployment(repository, out or default_folder(facts.model, "k8s"), settings, facts)
     console.print(
         f"{settings.name}: {settings.image} (Triton {settings.release}), {settings.gpus_per_replica} GPU(s) per "
         f"replica, {settings.min_replicas}..{settings.max_replicas} replicas, repository {settings.storage_uri}"
@@ -892,7 +948,9 @@ def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt,
 @main.command()
 @click.argument("repository", type=click.Path(path_type=Path))
 @click.option("--tritonserver", "binary", help="tritonserver binary (default: $PATH, then nvidia-pytriton's).")
-@click.option("--python-env", help="Environment that runs the python models (numpy<2; default .venv-triton).")
+@click.option("--python-env", metavar="PREFIX",
+              help="Environment that runs the python models (numpy<2, onnxruntime, fluxexport; default "
+              "$FLUXEXPORT_TRITON_ENV, else the .venv-triton of fluxexport's own checkout, from any directory).")  # fmt: skip
 def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
     """Serve a model repository on 127.0.0.1 until Ctrl-C."""
     import signal

@@ -15,6 +15,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Component, Feeds, LoadedComponents, refuse_unknown_feeds
+from fluxexport.runtime.request import ResolvedRequest
 from fluxexport.specs import TRANSFORMER_PARTS
 
 LORA_COMPONENTS = ("transformer", "clip", *TRANSFORMER_PARTS)  # the components whose weights LoRAs adapt
@@ -194,8 +195,16 @@ class OnnxRuntimeBackend(LoadedComponents):
         if optimized and not self.optimized:
             made = "stale (exported again since)" if self.folder.optimized else "none"
             raise FluxExportError(
-                f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --engines {self.engines}"
+                f"{self.engines} has no optimized graphs ({made}): run fluxexport optimize --model {source.name} "
+                f"--engines {self.engines}"
             )
+
+    def check_request(self, resolved: ResolvedRequest) -> None:
+        """Refuse, before any work, FLUX.2 references past the reference budget this folder was exported for
+        (`generate` asks, through `runtime.backend.check_request`)."""
+        from fluxexport.specs import check_folder_serves
+
+        check_folder_serves(self.source, self.folder, resolved)
 
     def set_loras(self, loras) -> None:
         """Swap LoRAs (LoraFile) in a long-lived backend: only the sessions whose weights they touch (the
@@ -231,20 +240,22 @@ class OnnxRuntimeBackend(LoadedComponents):
         entries = self.entries
         if name == "transformer" and name not in entries and self.fp8:
             raise FluxExportError(
-                f"{self.engines} has no FP8 transformer: run fluxexport quantize --out {self.engines}"
+                f"{self.engines} has no FP8 transformer: run fluxexport quantize --model {self.source.name} "
+                f"--dtype fp32 --out {self.engines}"
             )
         if name in FP8_COMPONENTS and name not in entries and self.folder.runs_fp8(self.fp8):
             raise FluxExportError(
                 f"{self.engines} has no FP8 {name} graph to run beside the FP8 transformer: run fluxexport "
-                f"quantize --transformer-parts --out {self.engines}, or run with --no-fp8"
+                f"quantize --model {self.source.name} --dtype fp32 --transformer-parts --out {self.engines}, or run "
+                "with --no-fp8"
             )
         if name not in entries:
-            fix = "--transformer-parts (what --cache first-block and magcache run)" if name in TRANSFORMER_PARTS else (
-                f"--components {name}"
-            )  # fmt: skip
+            fix = f"--components {','.join(TRANSFORMER_PARTS) if name in TRANSFORMER_PARTS else name}"
+            why = " (the parts --cache first-block and magcache run)" if name in TRANSFORMER_PARTS else ""
             raise FluxExportError(
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
-                f"run fluxexport export {fix} --out {self.engines}"
+                f"run fluxexport export --model {self.source.name} --dtype {self.folder.dtype} {fix} "
+                f"--out {self.engines}{why}"
             )
         graph = entries[name]
         bf16 = graph.base_dtype == "bf16"  # an FP8 graph computes the rest in its base
@@ -252,10 +263,18 @@ class OnnxRuntimeBackend(LoadedComponents):
             what = "a bf16 graph" if graph.dtype == "bf16" else f"an {graph.dtype} graph on a bf16 base"
             raise FluxExportError(
                 f"{name} in {self.engines} is {what}, which ONNX Runtime cannot run on CPU: run it with "
-                "TensorRT, or export --dtype fp32 for onnxruntime"
+                f"TensorRT, or {self._fp32_fix(graph)} for onnxruntime"
             )
         overrides = self._lora_overrides(name, graph)
         return session_runner(self._session(self.engines / graph.file, bf16, overrides), graph, name)
+
+    def _fp32_fix(self, graph: GraphRecord) -> str:
+        """The command that gives ONNX Runtime on CPU an fp32 graph in place of `graph` (a bf16 one)."""
+        if graph.dtype == "fp8":  # quantize's graph on a bf16 base: quantize again on an fp32 one, same folder
+            saved = self.engines / str(graph.extra.get("quantization", {}).get("calibration", ""))
+            reuse = f" --calibration {saved}" if saved.is_file() else ""  # its scales: no calibration runs
+            return f"fluxexport quantize --model {self.source.name} --dtype fp32{reuse} --out {self.engines}"
+        return f"fluxexport export --model {self.source.name} --dtype fp32 --out DIR and run --engines DIR"
 
     def _session(self, path: Path, upcast: bool = False, overrides: dict | None = None):
         return create_session(path, upcast, self.providers, self.threads, overrides, self.upcast_folder)

@@ -269,7 +269,8 @@ class TensorRTBackend:
         self.shared_memory: torch.Tensor | None = None
 
     def check_request(self, resolved: ResolvedRequest) -> None:
-        """Refuse, before any work, FLUX.2 references past the reference budget these engines were built for (`generate` asks)."""
+        """Refuse, before any work, FLUX.2 references past the reference budget these engines were built for
+        (`generate` asks, through `runtime.backend.check_request`)."""
         from fluxexport.specs import check_folder_serves
 
         check_folder_serves(self.source, self.folder, resolved)
@@ -299,7 +300,10 @@ class TensorRTBackend:
     def _load(self, name: str) -> _EngineRunner:
         record = self.folder.components.get(name)
         if record is None:
-            raise FluxExportError(f"{self.engines} has no {name} engine: run fluxexport build --components {name}")
+            raise FluxExportError(
+                f"{self.engines} has no {name} engine: run fluxexport build --model {self.folder.model.name} "
+                f"--precision {self.folder.precision} --components {name} --out {self.engines}"
+            )
         engine = self.runtime.deserialize_cuda_engine((self.engines / record.file).read_bytes())
         if engine is None:
             raise FluxExportError(f"TensorRT cannot deserialize {record.file}: rebuild it")

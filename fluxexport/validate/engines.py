@@ -166,7 +166,10 @@ def validate_engines(
     names = components or list(folder.components)
     missing = [name for name in names if name not in folder.components]
     if missing:
-        raise FluxExportError(f"{engines} has no {missing[0]} engine: fluxexport build --components {missing[0]}")
+        raise FluxExportError(
+            f"{engines} has no {missing[0]} engine: fluxexport build --model {folder.model.name} --precision "
+            f"{folder.precision} --components {missing[0]} --out {engines}"
+        )
     precisions = {name: folder.components[name].precision for name in names}
     reference = reference_dtype(BASE_OF_PRECISION.get(precision, precision) for precision in precisions.values())
     bounds = ExportBounds.from_json(folder.bounds, built=True)  # every compared shape within the engines' profiles

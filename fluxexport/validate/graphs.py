@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fluxexport.artifacts.folders import open_export
 from fluxexport.compare import (
     THRESHOLDS,
     Comparison,
@@ -215,7 +216,8 @@ def validate_folder(
     missing = [name for name in names if name not in entries]
     if missing:
         raise FluxExportError(
-            f"{engines} has no {missing[0]} graph: export it first (fluxexport export --components {missing[0]})"
+            f"{engines} has no {missing[0]} graph: export it first (fluxexport export --model {source.name} "
+            f"--dtype {open_export(Path(engines)).dtype} --components {missing[0]} --out {engines})"
         )
     chosen = {name: entries[name] for name in names}
     dtype = reference_dtype(graph.base_dtype for graph in chosen.values())
