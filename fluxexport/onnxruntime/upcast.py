@@ -3,7 +3,13 @@ has no bf16 MatMul/Conv kernels) runs the graphs that TensorRT gets as they are.
 
 The float32 copy is twice the bf16 weights: past protobuf's 2 GB it cannot be serialized in memory, so
 `write_upcast` writes it to a file with its weights beside it, one tensor upcast at a time (the bf16 weights are
-read through the graph's own external data, mapped from disk), and ONNX Runtime loads it from that path."""
+read through the graph's own external data, mapped from disk), and ONNX Runtime loads it from that path.
+
+The copy rounds to bf16 wherever the bf16 graph does: every bf16 value a graph input or an arithmetic node yields
+passes through Cast(to=BFLOAT16) → Cast(to=FLOAT) (ONNX Runtime's CPU Cast rounds to nearest even, as PyTorch
+does). Without it the copy computes in float32 throughout, and FLUX.1's `timestep × 1000` (bf16 in the graph,
+as in diffusers) lands up to 2 radians away in the sinusoids: the head's `temb` was 0.3 rel-L2 from PyTorch bf16
+on tiny-dev, 0.003 with the rounding."""
 
 from __future__ import annotations
 
@@ -36,8 +42,54 @@ def _upcast_lazily(tensor: ir.TensorProtocol, name: str | None) -> ir.LazyTensor
     )
 
 
+# Nodes whose outputs hold only values of their inputs (or bf16 constants): already bf16 values, no rounding needed
+_EXACT_OPS = frozenset({
+    "Concat", "Constant", "DepthToSpace", "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Identity",
+    "Max", "Min", "Neg", "Pad", "ReduceMax", "ReduceMin", "Relu", "Reshape", "Slice", "SpaceToDepth", "Split",
+    "Squeeze", "Tile", "Transpose", "Unsqueeze", "Where", "Abs",
+})  # fmt: skip
+
+
+def _rounded_values(model: ir.Model) -> list[tuple[ir.Node | None, ir.Value]]:
+    """The bf16 values the graph rounds, each with the node yielding it (None: a graph input): those typed bf16
+    (the exporter types every value) and the outputs of Cast(to=BFLOAT16)."""
+    bf16 = ir.DataType.BFLOAT16
+    values: list[tuple[ir.Node | None, ir.Value]] = [(None, v) for v in model.graph.inputs if v.dtype == bf16]
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        standard = node.domain in ("", "ai.onnx")
+        if standard and node.op_type in _EXACT_OPS:
+            continue
+        to_bf16 = standard and node.op_type == "Cast" and node.attributes.get_int("to") == bf16
+        values += [(node, value) for value in node.outputs if value.dtype == bf16 or to_bf16]
+    return values
+
+
+def _round_to_bf16(model: ir.Model, node: ir.Node | None, value: ir.Value) -> None:
+    """Give every consumer of `value` (float32 now) its bf16 rounding instead: Cast(to=BFLOAT16) →
+    Cast(to=FLOAT) right after `node` (or at the top of the graph for an input); a graph output keeps its name."""
+    bf16, fp32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
+    down = ir.node("Cast", [value], {"to": bf16})
+    up = ir.node("Cast", [down.outputs[0]], {"to": fp32})
+    down.outputs[0].dtype, down.outputs[0].shape = bf16, value.shape
+    up.outputs[0].dtype, up.outputs[0].shape = fp32, value.shape
+    for consumer, index in list(value.uses()):
+        if consumer is not down:
+            consumer.replace_input_with(index, up.outputs[0])
+    graph = node.graph if node is not None else model.graph
+    outputs = graph.outputs
+    if value in outputs:
+        name, value.name = value.name, f"{value.name}_before_bf16_rounding"
+        up.outputs[0].name = name
+        outputs[outputs.index(value)] = up.outputs[0]
+    if node is None:
+        graph.insert_before(graph.node(0), [down, up])
+    else:
+        graph.insert_after(node, [down, up])
+
+
 def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
-    """Rewrite a BF16 graph to compute in float32 with its bf16-rounded weights, in place.
+    """Rewrite a BF16 graph to compute in float32 with its bf16-rounded weights, rounding to bf16 where the
+    graph does (its bf16 inputs and every bf16 value an arithmetic node yields), in place.
 
     ONNX Runtime has no CPU kernels for bf16 MatMul/Conv/…: this copy checks the graph's structure and
     weights there, while the BF16 graph itself goes to TensorRT. The initializers are upcast lazily: nothing is
@@ -46,6 +98,7 @@ def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
     import numpy as np
 
     bf16, fp32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
+    rounded = _rounded_values(model)
     for value in model.graph.initializers.values():
         if value.dtype == bf16 and value.const_value is not None:
             value.const_value = _upcast_lazily(value.const_value, value.name)
@@ -58,6 +111,8 @@ def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
                 node.attributes[name] = ir.AttrInt64("to", fp32)
             elif attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == bf16:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attribute.value.numpy().astype(np.float32)))
+    for node, value in rounded:
+        _round_to_bf16(model, node, value)
     return model
 
 
