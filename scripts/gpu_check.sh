@@ -81,6 +81,19 @@ print(f"{value:.1f} dB (needs ≥ {low:g})")
 sys.exit(0 if value >= low else 1)
 PY
 }
+# refused_with TEXT COMMAND…: the command exits 1 with one "Error:" line holding TEXT and no traceback
+refused_with() {
+  local text=$1 output status; shift
+  output=$("$@" 2>&1)
+  status=$?
+  if [ "$status" = 1 ] && [ "$(grep -c '^Error:' <<<"$output")" = 1 ] && grep -qF "$text" <<<"$output" \
+    && ! grep -q 'Traceback' <<<"$output"; then
+    grep '^Error:' <<<"$output" | cut -c1-160
+    return 0
+  fi
+  printf 'expected a one-line refusal with "%s", got exit %s: %s\n' "$text" "$status" "$(tail -n 1 <<<"$output")"
+  return 1
+}
 # same_image A.png B.png: bit for bit
 same_image() {
   "$py" -c "import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(p)) for p in sys.argv[1:]); print('bit for bit' if np.array_equal(a, b) else 'images differ'); sys.exit(0 if np.array_equal(a, b) else 1)" "$@"
@@ -233,6 +246,11 @@ for precision in bf16 fp8; do
   refittable="$dir/trt-$precision-refittable"
   step "$model" "build $precision --refittable" fluxexport build --model "$model" --precision "$precision" \
     --onnx "$dir/onnx" --out "$refittable" --refittable "${bounds[@]}" || continue
+  if [ "$precision" = fp8 ]; then  # a LoRA on FP8 block weights is refused (fuse, then quantize), nothing written
+    step "$model" "refit fp8 with a block LoRA refused in one line" refused_with "in FP8: a refit would quantize" \
+      fluxexport refit --model "$model" --engines "$refittable" --lora "$lora:0.8"
+    continue
+  fi
   step "$model" "refit $precision, LoRA 0.8" fluxexport refit --model "$model" --engines "$refittable" \
     --lora "$lora:0.8" || continue
   step "$model" "validate refitted $precision (vs the graphs with the LoRA)" fluxexport validate --model "$model" \
