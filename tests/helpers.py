@@ -224,3 +224,19 @@ def has_tritonserver() -> bool:
     except FluxExportError:
         return False
     return True
+
+
+def cli_invoke(*args):
+    """Run `fluxexport ARGS…` in process (click's runner), every argument as text."""
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def cli_refusal(*args) -> str:
+    """The one-line `Error: …` of a command that must be refused (exit status 1)."""
+    result = cli_invoke(*args)
+    assert result.exit_code == 1, result.output
+    return result.output.strip().splitlines()[-1]

@@ -8,23 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from helpers import cli_invoke, cli_refusal
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
 
 TINY_RUN = ("--prompt", "a red fox", "--height", "64", "--width", "64", "--steps", "1")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def refusal(*args) -> str:
-    """The one-line `Error: …` of a command that must be refused."""
-    result = invoke(*args)
-    assert result.exit_code == 1, result.output
-    return result.output.strip().splitlines()[-1]
 
 
 def hinted(message: str, command: str, **values) -> list[str]:
@@ -37,7 +26,7 @@ def hinted(message: str, command: str, **values) -> list[str]:
 
 def run_hint(message: str, command: str, **values) -> str:
     args = hinted(message, command, **values)
-    result = invoke(*args)
+    result = cli_invoke(*args)
     assert result.exit_code == 0, f"{' '.join(args)}\n{result.output}"
     return result.output
 
@@ -54,7 +43,7 @@ def parses(message: str, command: str, **values) -> None:
 def test_magcache_hints_calibrate_then_run(tmp_path):
     """FLUX.1-dev's ratios on tiny-klein, and a missing ratios file: both hint at calibrate-magcache, whose file
     `run --cache magcache:ratios=FILE` then takes."""
-    message = refusal("run", "--model", "tiny-klein", *TINY_RUN, "--cache", "magcache:ratios=flux-dev",
+    message = cli_refusal("run", "--model", "tiny-klein", *TINY_RUN, "--cache", "magcache:ratios=flux-dev",
                       "--output", tmp_path / "x.png")  # fmt: skip
     assert message == (
         "Error: magcache ratios=flux-dev are FLUX.1-dev's, not tiny-klein's: measure its own with fluxexport "
@@ -63,12 +52,12 @@ def test_magcache_hints_calibrate_then_run(tmp_path):
     ratios = tmp_path / "klein.json"
     command = "fluxexport calibrate-magcache --model tiny-klein --prompt TEXT --out FILE"
     run_hint(message, command, TEXT="a red fox", FILE=ratios)
-    result = invoke("run", "--model", "tiny-klein", *TINY_RUN[:-2], "--steps", "28", "--cache",
+    result = cli_invoke("run", "--model", "tiny-klein", *TINY_RUN[:-2], "--steps", "28", "--cache",
                     f"magcache:ratios={ratios}", "--output", tmp_path / "klein.png")  # fmt: skip
     assert result.exit_code == 0, result.output
 
     missing = tmp_path / "dev.json"
-    message = refusal("run", "--model", "tiny-dev", *TINY_RUN, "--cache", f"magcache:ratios={missing}")
+    message = cli_refusal("run", "--model", "tiny-dev", *TINY_RUN, "--cache", f"magcache:ratios={missing}")
     assert message == (
         f"Error: magcache ratios file {missing} does not exist: write one with fluxexport calibrate-magcache "
         f"--model MODEL --prompt TEXT --out {missing}, or use ratios=flux-dev for FLUX.1-dev (--cache)"
@@ -82,24 +71,24 @@ def test_onnxruntime_after_a_bf16_quantize_hints_at_quantize_fp32(exports, tmp_p
     """`quantize` (bf16 by default) then `run --backend onnxruntime`: the hint re-quantizes on an fp32 base."""
     folder = tmp_path / "onnx"
     shutil.copytree(exports["tiny-schnell"], folder)
-    quantized = invoke("quantize", "--model", "tiny-schnell", "--calib-size", "1", "--calib-steps", "1",
+    quantized = cli_invoke("quantize", "--model", "tiny-schnell", "--calib-size", "1", "--calib-steps", "1",
                        "--calib-resolution", "64", "--out", folder)  # fmt: skip
     assert quantized.exit_code == 0, quantized.output
     run = ("run", "--model", "tiny-schnell", "--backend", "onnxruntime", "--engines", folder, *TINY_RUN,
            "--output", tmp_path / "fox.png")  # fmt: skip
-    message = refusal(*run)
+    message = cli_refusal(*run)
     command = f"fluxexport quantize --model tiny-schnell --dtype fp32 --calibration {folder / 'calibration.json'} --out {folder}"
     assert message == (
         f"Error: transformer in {folder} is an fp8 graph on a bf16 base, which ONNX Runtime cannot run on CPU: run "
         f"it with TensorRT, or {command} for onnxruntime"
     )
     run_hint(message, command)
-    result = invoke(*run)
+    result = cli_invoke(*run)
     assert result.exit_code == 0, result.output
 
 
 def test_onnxruntime_bf16_graphs_hint_at_an_fp32_export(bf16_export, tmp_path):
-    message = refusal("run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", bf16_export, *TINY_RUN,
+    message = cli_refusal("run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", bf16_export, *TINY_RUN,
                       "--output", tmp_path / "fox.png")  # fmt: skip
     assert message.startswith(f"Error: clip in {bf16_export} is a bf16 graph, which ONNX Runtime cannot run on CPU")
     command = "fluxexport export --model tiny-dev --dtype fp32 --out DIR"
@@ -112,28 +101,28 @@ def test_missing_parts_and_optimized_graphs_hint_at_export_and_optimize(exports,
     shutil.copytree(exports["tiny-dev"], folder)
     cached = ("run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", folder, *TINY_RUN[:-2],
               "--steps", "3", "--cache", "first-block", "--output", tmp_path / "fox.png")  # fmt: skip
-    message = refusal(*cached)
+    message = cli_refusal(*cached)
     command = (
         f"fluxexport export --model tiny-dev --dtype fp32 --components transformer_head,transformer_tail,"
         f"transformer_out --out {folder}"
     )
     assert message.endswith(f"{command} (the parts --cache first-block and magcache run)")
     run_hint(message, command)
-    assert invoke(*cached).exit_code == 0
+    assert cli_invoke(*cached).exit_code == 0
 
     optimized = ("run", "--model", "tiny-dev", "--backend", "onnxruntime", "--engines", folder, "--optimized",
                  *TINY_RUN, "--output", tmp_path / "fox.png")  # fmt: skip
-    message = refusal(*optimized)
+    message = cli_refusal(*optimized)
     command = f"fluxexport optimize --model tiny-dev --engines {folder}"
     assert message == f"Error: {folder} has no optimized graphs (none): run {command}"
     run_hint(message, command)
-    result = invoke(*optimized)
+    result = cli_invoke(*optimized)
     assert result.exit_code == 0, result.output
 
 
 def test_validate_hints_name_the_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default folder is relative: engines/<model>/onnx where the command runs
-    message = refusal("validate", "--model", "tiny-klein")
+    message = cli_refusal("validate", "--model", "tiny-klein")
     assert message == (
         "Error: engines/tiny-klein/onnx does not exist: export the graphs first (fluxexport export --model "
         "tiny-klein) or pass --engines"
@@ -141,8 +130,8 @@ def test_validate_hints_name_the_export(tmp_path, monkeypatch):
     parses(message, "fluxexport export --model tiny-klein")  # a whole export (what the `exports` fixtures run)
 
     folder = tmp_path / "onnx"
-    assert invoke("export", "--model", "tiny-dev", "--components", "vae_decoder", "--out", folder).exit_code == 0
-    message = refusal("validate", "--model", "tiny-dev", "--engines", folder, "--components", "clip")
+    assert cli_invoke("export", "--model", "tiny-dev", "--components", "vae_decoder", "--out", folder).exit_code == 0
+    message = cli_refusal("validate", "--model", "tiny-dev", "--engines", folder, "--components", "clip")
     command = f"fluxexport export --model tiny-dev --dtype fp32 --components clip --out {folder}"
     assert message == f"Error: {folder} has no clip graph: export it first ({command})"
     run_hint(message, command)
@@ -154,7 +143,7 @@ def test_serve_hints_work_from_any_directory(exports, tmp_path, monkeypatch):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    message = refusal("serve", empty)
+    message = cli_refusal("serve", empty)
     command = f"fluxexport triton --model MODEL --engines DIR --out {empty}"
     assert message == f"Error: {empty} is not a model repository: write one with {command}"
     run_hint(message, command, MODEL="tiny-schnell", DIR=exports["tiny-schnell"])
@@ -200,7 +189,7 @@ def test_engine_hints_parse(exports, sources, tmp_path):
     parses(problems[1], f"fluxexport quantize --model tiny-schnell --out {folder}")
 
     lora = tmp_path / "tiny.safetensors"
-    assert invoke("tiny-lora", "tiny-schnell", "--out", lora).exit_code == 0
+    assert cli_invoke("tiny-lora", "tiny-schnell", "--out", lora).exit_code == 0
     engines = build_folder(sources["tiny-schnell"], exports["tiny-schnell"], tmp_path / "engines")
     with pytest.raises(FluxExportError) as refused:
         write_repository(sources["tiny-schnell"], engines, tmp_path / "repo", request_loras=[object()])
@@ -212,10 +201,10 @@ def test_triton_and_deploy_write_under_engines_by_default(exports, tmp_path, mon
     """No folder named like a Python package (`triton/`, which shadows the package torch imports) in the working
     directory: the repository and the manifests go to engines/<model>/."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("triton", "--model", "tiny-schnell", "--engines", exports["tiny-schnell"])
+    result = cli_invoke("triton", "--model", "tiny-schnell", "--engines", exports["tiny-schnell"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == "engines/tiny-schnell/triton"
-    result = invoke("deploy", "--repository", "engines/tiny-schnell/triton", "--storage-uri", "s3://bucket/flux")
+    result = cli_invoke("deploy", "--repository", "engines/tiny-schnell/triton", "--storage-uri", "s3://bucket/flux")
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == "engines/tiny-schnell/k8s"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["engines"]
