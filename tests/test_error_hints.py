@@ -120,6 +120,7 @@ def test_missing_parts_and_optimized_graphs_hint_at_export_and_optimize(exports,
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_validate_hints_name_the_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default folder is relative: engines/<model>/onnx where the command runs
     message = cli_refusal("validate", "--model", "tiny-klein")

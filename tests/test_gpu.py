@@ -218,6 +218,7 @@ def test_step_caches_on_the_engines(rig, cache_text, flux2_sources, flux2_parts_
 # ---- FLUX.2 tiny models ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # its export fixture is asked for by name, which the automatic slow mark cannot see
 @pytest.mark.parametrize(
     ("variant", "export"), [("tiny-klein", "flux2_export"), ("tiny-flux2-dev", "flux2_dev_export")]
 )

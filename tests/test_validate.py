@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from fluxexport.cli import main
@@ -271,6 +272,7 @@ def torch_ones():
     return torch.ones(4, 8)
 
 
+@pytest.mark.slow
 def test_tiny_dev_head_temb_differs_by_its_folded_frequencies(tmp_path, sources, torch_backends):
     """Why tiny-dev's head fails the plain fp32 bound: its `temb` (timestep and guidance × 1000 through
     sinusoids) is 1.2–1.35e-5 rel-L2 from PyTorch because the exporter folded the sinusoid frequencies with
