@@ -240,3 +240,21 @@ def cli_refusal(*args) -> str:
     result = cli_invoke(*args)
     assert result.exit_code == 1, result.output
     return result.output.strip().splitlines()[-1]
+
+
+def assert_engines_equal_onnx_runtime(source, engines: Path, graphs: Path, requests) -> None:
+    """Each request generated on the stand-in TensorRT engines in `engines` gives the images ONNX Runtime gives
+    on the graphs they were built from, bit for bit."""
+    from standin_tensorrt import HostDevice
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.pipeline import generate
+    from fluxexport.tensorrt.backend import TensorRTBackend
+
+    with standin_tensorrt() as trt:
+        backend = TensorRTBackend(source, engines, device=HostDevice(trt))
+        for request in requests:
+            ours = generate(backend, source, request).images
+            theirs = generate(OnnxRuntimeBackend(source, graphs), source, request).images
+            assert np.array_equal(ours, theirs), request
+

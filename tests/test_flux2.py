@@ -328,11 +328,7 @@ def test_flux2_dev_graphs_equal_pytorch(flux2_sources, flux2_dev_export):
 def test_tensorrt_engines_equal_onnx_runtime(flux2_sources, flux2_export, tmp_path, reference_image):
     """Engines built by `build`'s own code (profiles from the FLUX.2 specs, two resolution buckets) over the
     stand-in TensorRT give ONNX Runtime's images, with and without a reference image."""
-    from helpers import build_folder, standin_tensorrt
-    from standin_tensorrt import HostDevice
-
-    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-    from fluxexport.tensorrt.backend import TensorRTBackend
+    from helpers import assert_engines_equal_onnx_runtime, build_folder
 
     source = flux2_sources["tiny-klein"]
     engines = build_folder(source, flux2_export, tmp_path / "engines", resolution_buckets=2)
@@ -341,12 +337,7 @@ def test_tensorrt_engines_equal_onnx_runtime(flux2_sources, flux2_export, tmp_pa
         GenerationRequest("a cat", height=128, width=192, num_inference_steps=2),
         GenerationRequest("a cat", image=reference_image, height=256, width=256, num_inference_steps=2),
     ]
-    with standin_tensorrt() as trt:
-        backend = TensorRTBackend(source, engines, device=HostDevice(trt))
-        for request in requests:
-            ours = generate(backend, source, request).images
-            theirs = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
-            assert np.array_equal(ours, theirs)
+    assert_engines_equal_onnx_runtime(source, engines, flux2_export, requests)
 
 
 # --- LoRAs -------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import H100, standin_tensorrt
+from helpers import H100, assert_engines_equal_onnx_runtime, standin_tensorrt
 from PIL import Image
 
 from fluxexport.cli import main
@@ -261,12 +261,7 @@ def test_build_serves_the_reference_budget_and_run_refuses_past_it(
         GenerationRequest("a cat", image=reference_image.resize((176, 80)), height=128, width=128,
                           num_inference_steps=1, max_sequence_length=64),
     ]  # fmt: skip
-    with standin_tensorrt() as trt:
-        backend = TensorRTBackend(source, engines, device=HostDevice(trt))
-        for request in within:
-            ours = generate(backend, source, request).images
-            theirs = generate(OnnxRuntimeBackend(source, flux2_export), source, request).images
-            assert np.array_equal(ours, theirs)
+    assert_engines_equal_onnx_runtime(source, engines, flux2_export, within)
 
     # the library's generate() refuses past the budget too, in `run`'s line, before any component is asked for
     double = [reference_image.resize((1024, 1024))] * 2
