@@ -13,7 +13,7 @@ import torch
 
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
-from fluxexport.models.family import FLUX1, FLUX2, detect_family
+from fluxexport.families import FLUX1, FLUX2, detect_family
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.runtime.schedule import empirical_mu
 from fluxexport.specs import TRANSFORMER_PARTS, component_specs

@@ -18,6 +18,7 @@ ROOT = Path(fluxexport.__file__).parent
 # Lowest first; a unit may import its own layer and those before it.
 LAYERS = (
     ("__init__", "errors", "atomic", "dtypes", "console", "compare"),  # no FLUX knowledge; metrics, thresholds
+    ("families",),  # the family objects (`families/flux1/__init__.py`): what is known before any weight is read
     ("models",),  # model folders: configs, checkpoints, LoRAs, tiny models
     ("artifacts",),  # the folders we write, as typed records: exports, engines, Triton repositories
     ("runtime",),  # sampling math, the Backend protocol, the pipeline around it
@@ -42,12 +43,25 @@ class Import:
     module: str  # what the line names
 
 
+FAMILIES = "families"  # a family's folder is a vertical slice: `families/flux1/specs.py` sits in the specs layer
+
+
 def unit_of(module: str) -> str | None:
-    """`fluxexport.export.manifest` → `export`; the package itself → `__init__`; another library → None."""
+    """`fluxexport.export.manifest` → `export`; the package itself → `__init__`; another library → None; a family's
+    part for a layer (`fluxexport.families.flux1.specs`) → `families.specs`, in that layer."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return None
+    if len(parts) > 3 and parts[1] == FAMILIES:
+        return f"{FAMILIES}.{parts[3]}"
     return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_table(layers=None) -> dict[str, int]:
+    """Unit → depth, with each family part (`families.specs`) at its layer's depth."""
+    layers = LAYERS if layers is None else layers
+    table = {unit: depth for depth, units in enumerate(layers) for unit in units}
+    return table | {f"{FAMILIES}.{unit}": depth for unit, depth in table.items() if unit != FAMILIES}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -147,9 +161,23 @@ def _cycles(edges: dict[str, dict[str, Import]]) -> list[list[Import]]:
     return circles
 
 
+def family_parts_asked(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, layer) of every `<family>.part("layer")` call: a lazy import of that family's module for the layer."""
+    return [
+        (node.lineno, node.args[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "part"
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ]
+
+
 def layering_problems(modules: dict[str, tuple[str, str, bool]], layers=LAYERS) -> list[str]:
     """Each import from a lower layer up to a higher one, each unit in no layer, and each circle of units."""
-    layer_of = {unit: depth for depth, units in enumerate(layers) for unit in units}
+    layer_of = layer_table(layers)
     problems = [
         f"{file}: {unit_of(module)} is in no layer of LAYERS"
         for module, (file, _, _) in sorted(modules.items())
@@ -165,6 +193,14 @@ def layering_problems(modules: dict[str, tuple[str, str, bool]], layers=LAYERS) 
                 f"{found.file}:{found.line} → {found.module}: {found.source} (layer {layer_of[found.source]}) "
                 f"imports {found.target} (layer {layer_of[found.target]}), a higher layer"
             )
+    for module, (file, text, _) in sorted(modules.items()):
+        for line, layer in family_parts_asked(ast.parse(text, file)):
+            source = unit_of(module)
+            if source in layer_of and layer_of.get(layer, -1) > layer_of[source]:
+                problems.append(
+                    f"{file}:{line} → family.part({layer!r}): {source} (layer {layer_of[source]}) asks a family "
+                    f"for its {layer} part (layer {layer_of[layer]}), a higher layer"
+                )
     for circle in _cycles(edges):
         path = " → ".join([circle[0].source] + [step.target for step in circle])
         steps = "; ".join(f"{step.file}:{step.line} → {step.module}" for step in circle)
@@ -215,3 +251,24 @@ def test_the_checker_reports_upward_imports_and_circles():
         "circle high → low → high: fluxexport/high.py:2 → fluxexport.low.a; fluxexport/low/a.py:5 → fluxexport.high.g",
     ]
     assert {(i.source, i.target) for i in imports_of(modules)} >= {("top", "errors"), ("top", "high")}
+
+
+def test_the_checker_places_family_parts_in_their_layers():
+    modules = {
+        "fluxexport.errors": ("fluxexport/errors.py", "", False),
+        "fluxexport.families": ("fluxexport/families/__init__.py", "from fluxexport.families import x\n", True),
+        "fluxexport.families.x": ("fluxexport/families/x/__init__.py", "", True),
+        "fluxexport.families.x.high": ("fluxexport/families/x/high.py", "from fluxexport.top import t\n", False),
+        "fluxexport.families.x.low": ("fluxexport/families/x/low.py", "from fluxexport.low import a\n", False),
+        "fluxexport.low": ("fluxexport/low.py", "def f(family):\n    return family.part('high')\n", False),
+        "fluxexport.high": ("fluxexport/high.py", "def f(family):\n    return family.part('low')\n", False),
+        "fluxexport.top": ("fluxexport/top.py", "", False),
+    }
+    layers = (("errors",), ("families",), ("low",), ("high",), ("top",))
+    assert unit_of("fluxexport.families.x.high") == "families.high"
+    assert layering_problems(modules, layers) == [
+        "fluxexport/families/x/high.py:1 → fluxexport.top.t: families.high (layer 3) imports top (layer 4), a higher "
+        "layer",
+        "fluxexport/low.py:2 → family.part('high'): low (layer 2) asks a family for its high part (layer 3), a higher "
+        "layer",
+    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.family import FLUX1, FLUX2, Family
+from fluxexport.families import FLUX1, FLUX2, Family
 
 BFL_PREFIX = "model.diffusion_model."
 

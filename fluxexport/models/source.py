@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.family import FLUX1, FLUX2, Family, detect_family
+from fluxexport.families import FLUX1, FLUX2, Family, detect_family
 from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
 
 # module → the checkpoint subfolder its config and weights live in (FLUX.1; `ModelSource.subfolders` per family)

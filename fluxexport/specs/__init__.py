@@ -14,7 +14,7 @@ import torch
 from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import TENSORRT, Folder, open_folder
 from fluxexport.dtypes import COMPUTE
-from fluxexport.models.family import FLUX2
+from fluxexport.families import FLUX2
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.runtime.references import reference_size

@@ -1,0 +1,25 @@
+"""FLUX.1 (schnell, dev, Kontext): CLIP and T5 text encoders, a 16-channel VAE."""
+
+from __future__ import annotations
+
+from fluxexport.families.family import TRANSFORMER_PARTS, Family
+
+FAMILY = Family(
+    name="flux1",
+    title="FLUX.1",
+    pipelines=("FluxPipeline", "FluxKontextPipeline"),
+    transformer_class="FluxTransformer2DModel",
+    config_files={
+        "transformer": "transformer/config.json",
+        "vae": "vae/config.json",
+        "text_encoder": "text_encoder/config.json",
+        "text_encoder_2": "text_encoder_2/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    },
+    subfolders={"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"},
+    tokenizer_folders=("tokenizer", "tokenizer_2"),
+    components=("clip", "t5", "transformer", "vae_decoder", "vae_encoder"),
+    module_of={"clip": "clip", "t5": "t5", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
+    | dict.fromkeys(TRANSFORMER_PARTS, "transformer"),  # fmt: skip
+    text_components=("clip", "t5"),
+)
