@@ -139,7 +139,12 @@ def test_sequential_calibration_streams_the_text_encoder(klein, monkeypatch):
     import fluxexport.models.loaders as loaders
 
     whole = calibrate_transformer(klein, SETTINGS, "cpu")
-    monkeypatch.setattr(loaders, "load_text_encoder", lambda *_args, **_kwargs: pytest.fail("loaded whole"))
+    load = loaders.load_library_module  # every module but the transformer loads through it
+
+    def refuse_text_encoder(source, module, *args, **kwargs):
+        return pytest.fail("loaded whole") if module == "text_encoder" else load(source, module, *args, **kwargs)
+
+    monkeypatch.setattr(loaders, "load_library_module", refuse_text_encoder)
     sequential = calibrate_transformer(klein, SETTINGS, "cpu", sequential=True)
     assert sequential.input_amax.keys() == whole.input_amax.keys()
     assert all(abs(sequential.input_amax[k] - v) <= 1e-6 * v for k, v in whole.input_amax.items())

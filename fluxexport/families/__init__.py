@@ -10,9 +10,23 @@ from fluxexport.families.family import Family
 from fluxexport.families.flux1 import FAMILY as FLUX1
 from fluxexport.families.flux2 import FAMILY as FLUX2
 
-__all__ = ["FAMILIES", "FLUX1", "FLUX2", "Family", "detect_family"]
+__all__ = ["FAMILIES", "FLUX1", "FLUX2", "Family", "detect_family", "family_named", "family_of_pipeline"]
 
 FAMILIES: tuple[Family, ...] = (FLUX1, FLUX2)
+
+
+def family_named(name: str) -> Family:
+    """The family whose folder is `name` ("flux1"), as artifacts record it."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    known = ", ".join(family.name for family in FAMILIES)
+    raise FluxExportError(f"unknown model family {name!r}: fluxexport knows {known}; re-export with this version")
+
+
+def family_of_pipeline(pipeline: str) -> Family:
+    """The family a diffusers pipeline class (by name) belongs to."""
+    return detect_family({"_class_name": pipeline})
 
 
 def detect_family(model_index: dict[str, Any], transformer_config: dict[str, Any] | None = None) -> Family:

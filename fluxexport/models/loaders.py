@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FAMILIES
 from fluxexport.models.checkpoint import folder_locations
 from fluxexport.models.single_file import load_bfl_transformer
 from fluxexport.models.source import ModelSource
@@ -26,13 +27,10 @@ def from_folder(source: ModelSource, module: str, library_class, **kwargs):
 
 
 def load_transformer(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """The FluxTransformer2DModel (Flux2Transformer2DModel for FLUX.2): from the folder, or converted from a BFL
-    single-file checkpoint of the same family (`models.source.load_folder` refused one of the other)."""
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
-
+    """The family's transformer (FluxTransformer2DModel, Flux2Transformer2DModel): from the folder, or converted
+    from a BFL single-file checkpoint of the same family (`models.source.load_folder` refused one of the other)."""
     if source.transformer_file is None:
-        library_class = Flux2Transformer2DModel if source.is_flux2 else FluxTransformer2DModel
-        model = from_folder(source, "transformer", library_class, torch_dtype=dtype)
+        model = from_folder(source, "transformer", source.module_class("transformer"), torch_dtype=dtype)
     else:
         model = load_bfl_transformer(source.transformer_file, source.root, dtype)
     return with_loras(source, "transformer", model).eval()
@@ -45,49 +43,47 @@ def with_loras(source: ModelSource, module: str, model):
     return model
 
 
+def load_library_module(source: ModelSource, module: str, dtype: torch.dtype = torch.float32, for_export=False):
+    """A module other than the transformer, by the library class its family names (`ModelSource.module_class`:
+    CLIPTextModel, T5EncoderModel, AutoencoderKL, FLUX.2's Qwen3 / Mistral3 LM, …), with the source's LoRAs
+    merged; `for_export` gives the family's `eager_attention` modules eager attention (sdpa does not trace under
+    dynamo; their masks do)."""
+    library_class = source.module_class(module)
+    dtype_argument = "torch_dtype" if library_class.__module__.startswith("diffusers") else "dtype"
+    kwargs: dict[str, object] = {dtype_argument: dtype}
+    if for_export and module in source.family.eager_attention:
+        kwargs["attn_implementation"] = "eager"
+    return with_loras(source, module, from_folder(source, module, library_class, **kwargs)).eval()
+
+
 def load_clip(source: ModelSource, dtype: torch.dtype = torch.float32):
-    from transformers import CLIPTextModel
-
-    model = from_folder(source, "clip", CLIPTextModel, dtype=dtype)
-    return with_loras(source, "clip", model).eval()
+    """FLUX.1's CLIP text encoder."""
+    return load_library_module(source, "clip", dtype)
 
 
-def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """T5 encoder; export passes attn_implementation="eager" (sdpa does not trace under dynamo)."""
-    from transformers import T5EncoderModel
-
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return from_folder(source, "t5", T5EncoderModel, dtype=dtype, **kwargs).eval()
+def load_t5(source: ModelSource, dtype: torch.dtype = torch.float32, for_export: bool = False):
+    """FLUX.1's T5 encoder; export takes eager attention."""
+    return load_library_module(source, "t5", dtype, for_export)
 
 
 def load_vae(source: ModelSource, dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2
-
-    library_class = AutoencoderKLFlux2 if source.is_flux2 else AutoencoderKL
-    return from_folder(source, "vae", library_class, torch_dtype=dtype).eval()
+    """The family's VAE (AutoencoderKL, AutoencoderKLFlux2)."""
+    return load_library_module(source, "vae", dtype)
 
 
 def load_text_encoder(source: ModelSource, dtype: torch.dtype = torch.float32, for_export: bool = False):
     """FLUX.2's text encoder, by the class diffusers loads it with (model_index.json's, else the pipeline's:
-    Qwen3ForCausalLM, Mistral3ForConditionalGeneration); export takes eager attention (its masks trace under
-    dynamo)."""
-    library_class = source.component_class("text_encoder")
-    kwargs = {"attn_implementation": "eager"} if for_export else {}
-    model = from_folder(source, "text_encoder", library_class, dtype=dtype, **kwargs)
-    return with_loras(source, "text_encoder", model).eval()
+    Qwen3ForCausalLM, Mistral3ForConditionalGeneration); export takes eager attention."""
+    return load_library_module(source, "text_encoder", dtype, for_export)
 
 
-# The module each component runs: both VAE components share one AutoencoderKL.
-MODULE_OF = {"clip": "clip", "t5": "t5", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae",
-             "transformer_head": "transformer", "transformer_tail": "transformer", "transformer_out": "transformer",
-             "text_encoder": "text_encoder"}  # fmt: skip
+# The module each component runs, over every family (both VAE components share one autoencoder)
+MODULE_OF = {name: module for family in FAMILIES for name, module in family.module_of.items()}
 
 
 def load_module(source: ModelSource, module: str, dtype: torch.dtype = torch.float32, for_export: bool = False):
-    """One of "clip", "t5", "transformer", "vae"; `for_export` picks T5's traceable (eager) attention."""
-    if module == "t5":
-        return load_t5(source, dtype, attn_implementation="eager" if for_export else None)
-    if module == "text_encoder":
-        return load_text_encoder(source, dtype, for_export)
-    loaders = {"clip": load_clip, "transformer": load_transformer, "vae": load_vae}
-    return loaders[module](source, dtype)
+    """One of the family's modules ("clip", "t5", "text_encoder", "transformer", "vae"); `for_export` picks the
+    traceable (eager) attention of the text encoders that need it."""
+    if module == "transformer":
+        return load_transformer(source, dtype)
+    return load_library_module(source, module, dtype, for_export)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FLUX1, Family, family_named
 
-# LoRA key prefix (diffusers' naming) → our module; CLIP's `text_model.` level is gone in transformers ≥ 5
-PREFIXES = {"transformer.": "transformer", "text_encoder.": "clip"}
+# CLIP's `text_model.` level is gone in transformers ≥ 5 (each family's LoRA key prefixes are `Family.lora_prefixes`)
 DROPPED = {"clip": "text_model."}
 
 
@@ -65,48 +65,43 @@ class LoraLayer:
     factor: float  # user scale · alpha / rank
 
 
-def _converted_flux2(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """FLUX.2: diffusers' conversion, and each layer's alpha from the PEFT metadata diffusers saves with it
-    (`lora_alpha`, `alpha_pattern`); kohya's and ai-toolkit's conversions fold their alphas in."""
+def _alphas_from_metadata(state: dict[str, torch.Tensor], metadata: dict[str, object] | None) -> dict[str, float]:
+    """Each layer's alpha from the PEFT metadata diffusers saves with a LoRA (`lora_alpha`, `alpha_pattern`)."""
     import re
 
-    from diffusers import Flux2KleinPipeline
-    from safetensors import SafetensorError
-
-    try:
-        state, metadata = Flux2KleinPipeline.lora_state_dict(str(lora.path), return_lora_metadata=True)
-    except (SafetensorError, OSError) as error:
-        raise FluxExportError(f"cannot read LoRA {lora.path}: {error}") from None
-    except (KeyError, ValueError, IndexError) as error:
-        raise FluxExportError(f"{lora.path} is not a FLUX.2 LoRA diffusers can convert ({error})") from None
     alphas: dict[str, float] = {}
     metadata = {key.removeprefix("transformer."): value for key, value in (metadata or {}).items()}
     if metadata.get("lora_alpha") is not None:
-        patterns = metadata.get("alpha_pattern") or {}
+        patterns: dict = metadata.get("alpha_pattern") or {}  # type: ignore[assignment]
         for key in state:
             if key.endswith(".lora_A.weight"):
                 base = key.removesuffix(".lora_A.weight")
                 name = base.removeprefix("transformer.")
                 alpha = next((a for pattern, a in patterns.items() if re.search(rf"(^|\.){re.escape(pattern)}$", name)),
                              metadata["lora_alpha"])  # fmt: skip
-                alphas[f"{base}.alpha"] = float(alpha)
-    return state, alphas
+                alphas[f"{base}.alpha"] = float(alpha)  # type: ignore[arg-type]
+    return alphas
 
 
-def _converted(lora: LoraFile, family: str = "flux1") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """diffusers' conversion of the file to its own naming, and the per-module alphas it keeps (if any)."""
-    from diffusers import FluxPipeline
+def _converted(lora: LoraFile, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """diffusers' conversion of the file to its own naming by the family's pipeline (`Family.lora_pipeline`), and
+    the per-module alphas it keeps: the ones its conversion returns, or (`lora_alpha_in_metadata`) those of the PEFT
+    metadata; kohya's and ai-toolkit's conversions fold their alphas in."""
+    import diffusers
     from safetensors import SafetensorError
 
-    if family == "flux2":
-        return _converted_flux2(lora)
-
+    pipeline = getattr(diffusers, family.lora_pipeline)
     try:
-        state, alphas = FluxPipeline.lora_state_dict(str(lora.path), return_alphas=True)
+        if family.lora_alpha_in_metadata:
+            state, metadata = pipeline.lora_state_dict(str(lora.path), return_lora_metadata=True)
+            alphas = _alphas_from_metadata(state, metadata)
+        else:
+            state, returned = pipeline.lora_state_dict(str(lora.path), return_alphas=True)
+            alphas = {key: float(value) for key, value in (returned or {}).items()}
     except (SafetensorError, OSError) as error:
         raise FluxExportError(f"cannot read LoRA {lora.path}: {error}") from None
     except (KeyError, ValueError, IndexError) as error:
-        raise FluxExportError(f"{lora.path} is not a FLUX LoRA diffusers can convert ({error})") from None
+        raise FluxExportError(f"{lora.path} is not a {family.title} LoRA diffusers can convert ({error})") from None
     # text-encoder keys may come out in diffusers' older naming (`…to_q_lora.down`, kohya's `lora_te1_…`):
     # diffusers' own converters bring them to PEFT's, as its text-encoder loader does
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
@@ -118,26 +113,25 @@ def _converted(lora: LoraFile, family: str = "flux1") -> tuple[dict[str, torch.T
             f"text_encoder.{key}": v
             for key, v in convert_state_dict_to_peft(convert_state_dict_to_diffusers(text)).items()
         }
-    return state, {key: float(value) for key, value in (alphas or {}).items()}
+    return state, alphas
 
 
-def read_lora(lora: LoraFile, family: str = "flux1") -> dict[str, dict[str, LoraLayer]]:
-    """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file of a FLUX.1 or
-    FLUX.2 (`family`) model."""
-    state, alphas = _converted(lora, family)
+def read_lora(lora: LoraFile, family: str = FLUX1.name) -> dict[str, dict[str, LoraLayer]]:
+    """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file of a model of
+    `family` (its name: "flux1", "flux2"; the modules its LoRAs adapt are the family's `lora_prefixes`)."""
+    known = family_named(family)
+    state, alphas = _converted(lora, known)
     layers: dict[str, dict[str, LoraLayer]] = {}
     downs = [key for key in state if key.endswith(".lora_A.weight")]
     if not downs:
         first = next(iter(state), "no tensors")
         raise FluxExportError(f"{lora.path} is not a LoRA: no lora_A/lora_down weights (first key: {first})")
-    prefixes = PREFIXES if family == "flux1" else {"transformer.": "transformer"}
+    prefixes = known.lora_prefixes
     for key in downs:
         base = key.removesuffix(".lora_A.weight")
         prefix = next((p for p in prefixes if base.startswith(p)), None)
-        if prefix is None and family == "flux2":
-            raise FluxExportError(f"{lora.path}: {key} does not adapt the transformer (FLUX.2 LoRAs adapt only it)")
         if prefix is None:
-            raise FluxExportError(f"{lora.path}: {key} adapts neither the transformer nor CLIP")
+            raise FluxExportError(f"{lora.path}: {key} {_adapts_none(known)}")
         up = state.get(f"{base}.lora_B.weight")
         if up is None:
             raise FluxExportError(f"{lora.path}: {key} has no lora_B/lora_up partner")
@@ -155,10 +149,18 @@ def read_lora(lora: LoraFile, family: str = "flux1") -> dict[str, dict[str, Lora
     return layers
 
 
+def _adapts_none(family: Family) -> str:
+    """How a key that adapts none of the family's LoRA modules is refused."""
+    modules = list(dict.fromkeys(family.lora_prefixes.values()))
+    if len(modules) == 1:
+        return f"does not adapt the {modules[0]} ({family.title} LoRAs adapt only it)"
+    return f"adapts none of the modules {family.title} LoRAs adapt ({', '.join(modules)})"
+
+
 class LoraSet:
     """The LoRAs of a model source, checked against the model's Linears, as per-tensor weight deltas."""
 
-    def __init__(self, loras: Iterable[LoraFile], family: str = "flux1"):
+    def __init__(self, loras: Iterable[LoraFile], family: str = FLUX1.name):
         self.loras = tuple(loras)
         self.layers: dict[str, dict[str, list[LoraLayer]]] = {}
         for lora in self.loras:

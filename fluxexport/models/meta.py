@@ -29,31 +29,19 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def module_from_config(source: ModelSource, module: str, for_export: bool = True) -> nn.Module:
-    """The module ("clip", "t5", "transformer" or "vae") built from the checkpoint's config (weights are not read);
-    `for_export` gives T5 its traceable eager attention (else the library's default, as `load_t5`)."""
-    root = source.root
-    if module == "transformer":
-        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+    """The module ("clip", "t5", "text_encoder", "transformer" or "vae") built from the checkpoint's config by the
+    class its family names (weights are not read); `for_export` gives the family's `eager_attention` modules their
+    traceable eager attention (else the library's default, as `loaders.load_library_module`)."""
+    library_class = source.module_class(module)
+    subfolder = source.subfolders[module]
+    if library_class.__module__.startswith("diffusers"):
+        return library_class.from_config(library_class.load_config(str(source.root), subfolder=subfolder))
+    from transformers import AutoConfig
 
-        library_class = Flux2Transformer2DModel if source.is_flux2 else FluxTransformer2DModel
-        return library_class.from_config(library_class.load_config(str(root), subfolder="transformer"))
-    if module == "vae":
-        from diffusers import AutoencoderKL, AutoencoderKLFlux2
-
-        library_class = AutoencoderKLFlux2 if source.is_flux2 else AutoencoderKL
-        return library_class.from_config(library_class.load_config(str(root), subfolder="vae"))
-    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
-
-    config = AutoConfig.from_pretrained(root / source.subfolders[module])
-    if module == "text_encoder":  # FLUX.2's LM, by the class diffusers loads it with
-        if for_export:
-            config._attn_implementation = "eager"
-        return source.component_class("text_encoder")(config)
-    if module == "t5":
-        if for_export:
-            config._attn_implementation = "eager"  # sdpa does not trace under dynamo (as in loaders.load_t5)
-        return T5EncoderModel(config)
-    return CLIPTextModel(config)
+    config = AutoConfig.from_pretrained(source.root / subfolder)
+    if for_export and module in source.family.eager_attention:
+        config._attn_implementation = "eager"
+    return library_class(config)
 
 
 def parameter_aliases(module: nn.Module) -> dict[int, list[str]]:

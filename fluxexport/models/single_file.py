@@ -5,7 +5,8 @@ Both families share BFL's naming (img_in, double_blocks, single_blocks, final_la
 holds: FLUX.1 modulates each block by its own `*_mod.lin` and fuses a single block's q, k, v and MLP input into
 `linear1` (split here into diffusers' four projections); FLUX.2 modulates all blocks from shared
 `*_stream_modulation` layers, has no biases, and diffusers keeps its `linear1` fused (`attn.to_qkv_mlp_proj`).
-A file's family is read from its keys. diffusers' FLUX.1 converter hard-codes FLUX.1's width (3072), so it cannot
+Each family's tables are its `BFL_LAYOUT` (`families/<f>/models.py`); a file's family is read from its keys (the
+layout whose marker keys it holds). diffusers' FLUX.1 converter hard-codes FLUX.1's width (3072), so it cannot
 read a checkpoint of any other size; this mapping reads widths from the tensors, and tests check it against
 diffusers' converters.
 """
@@ -19,12 +20,9 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
-from fluxexport.families import FLUX1, FLUX2, Family
+from fluxexport.families import FAMILIES, Family
 
 BFL_PREFIX = "model.diffusion_model."
-
-# Keys (BFL's `*.lin.weight` and diffusers' `*.linear.weight` alike) only FLUX.2 has: its shared modulations.
-_FLUX2_PREFIXES = ("single_stream_modulation.", "double_stream_modulation_")
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class BflLayout:
     concatenates along dim 0, in order."""
 
     family: Family
+    markers: tuple[str, ...]  # key prefixes only this family has (BFL's and diffusers' alike); () for the default
     leaves: tuple[str, ...]  # the parameters of each renamed or fused Linear
     top: dict[str, str]
     double: dict[str, str]
@@ -49,70 +48,16 @@ _DOUBLE_NORMS = {
     "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
 }
 _SINGLE_NORMS = {"attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
-_DOUBLE_QKV = {
+DOUBLE_QKV = {
     "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
 }
 
-FLUX1_LAYOUT = BflLayout(
-    family=FLUX1,
-    leaves=("weight", "bias"),
-    top={
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "context_embedder": "txt_in",
-        "x_embedder": "img_in",
-        "proj_out": "final_layer.linear",
-    },
-    double={
-        "norm1.linear": "img_mod.lin",
-        "norm1_context.linear": "txt_mod.lin",
-        "ff.net.0.proj": "img_mlp.0",
-        "ff.net.2": "img_mlp.2",
-        "ff_context.net.0.proj": "txt_mlp.0",
-        "ff_context.net.2": "txt_mlp.2",
-        "attn.to_out.0": "img_attn.proj",
-        "attn.to_add_out": "txt_attn.proj",
-    },
-    double_fused=_DOUBLE_QKV,
-    single={"norm.linear": "modulation.lin", "proj_out": "linear2"},
-    single_fused={"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
-)
 
-FLUX2_LAYOUT = BflLayout(
-    family=FLUX2,
-    leaves=("weight",),
-    top={
-        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-        "single_stream_modulation.linear": "single_stream_modulation.lin",
-        "context_embedder": "txt_in",
-        "x_embedder": "img_in",
-        "proj_out": "final_layer.linear",
-    },
-    double={
-        "ff.linear_in": "img_mlp.0",
-        "ff.linear_out": "img_mlp.2",
-        "ff_context.linear_in": "txt_mlp.0",
-        "ff_context.linear_out": "txt_mlp.2",
-        "attn.to_out.0": "img_attn.proj",
-        "attn.to_add_out": "txt_attn.proj",
-    },
-    double_fused=_DOUBLE_QKV,
-    # the single block's fused q, k, v and MLP input stays fused in diffusers too
-    single={"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"},
-    single_fused={},
-)
-
-LAYOUTS = {FLUX1.name: FLUX1_LAYOUT, FLUX2.name: FLUX2_LAYOUT}
+def layouts() -> tuple[BflLayout, ...]:
+    """Every family's layout (`families/<f>/models.py::BFL_LAYOUT`), those with marker keys first."""
+    found = tuple(family.part("models").BFL_LAYOUT for family in FAMILIES)
+    return tuple(sorted(found, key=lambda layout: not layout.markers))
 
 
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
@@ -126,9 +71,11 @@ def _block_count(keys, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _is_flux2(keys: Iterable[str]) -> bool:
-    """Whether BFL or diffusers transformer keys are FLUX.2's (shared modulation layers)."""
-    return any(key.startswith(_FLUX2_PREFIXES) for key in keys)
+def layout_of(keys: Iterable[str]) -> BflLayout:
+    """The layout of BFL or diffusers transformer keys: the family whose marker keys they hold (FLUX.2's shared
+    modulation layers), else the one without markers (FLUX.1)."""
+    keys = list(keys)
+    return next(layout for layout in layouts() if not layout.markers or any(k.startswith(layout.markers) for k in keys))
 
 
 def bfl_family(keys: Iterable[str]) -> Family:
@@ -136,7 +83,7 @@ def bfl_family(keys: Iterable[str]) -> Family:
     keys = set(keys)
     if "img_in.weight" not in keys or "final_layer.linear.weight" not in keys:
         raise FluxExportError("not a black-forest-labs FLUX transformer checkpoint (no img_in / final_layer keys)")
-    return FLUX2 if _is_flux2(keys) else FLUX1
+    return layout_of(keys).family
 
 
 def single_file_family(path: Path) -> Family:
@@ -194,7 +141,8 @@ def bfl_layout(rows_of: dict[str, int]):
     """Yield (diffusers name, BFL name, kind, rows) for a BFL checkpoint of either family given each tensor's
     dim-0 size (keys without the `model.diffusion_model.` prefix): `rows` is the [start, stop) slice of a fused
     tensor, else None. Streaming export reads exactly these slices, one tensor at a time."""
-    layout = LAYOUTS[bfl_family(rows_of).name]
+    bfl_family(rows_of)  # refuses keys that are no FLUX transformer's
+    layout = layout_of(rows_of)
     title = layout.family.title
     inner = rows_of["img_in.weight"]
     guidance = "guidance_in.in_layer.weight" in rows_of
@@ -239,7 +187,7 @@ def bfl_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse: a diffusers FLUX.1 or FLUX.2 transformer state dict → BFL single-file keys (to write test
     checkpoints)."""
-    layout = FLUX2_LAYOUT if _is_flux2(state) else FLUX1_LAYOUT
+    layout = layout_of(state)
     num_double = _block_count(state, "transformer_blocks.")
     num_single = _block_count(state, "single_transformer_blocks.")
     guidance = any(".guidance_embedder." in key for key in state)

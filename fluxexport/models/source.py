@@ -8,19 +8,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fluxexport.errors import FluxExportError
-from fluxexport.families import FLUX1, FLUX2, Family, detect_family
+from fluxexport.families import FAMILIES, FLUX2, Family, detect_family
+from fluxexport.families.family import KONTEXT_REFERENCE
 from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
-
-# module → the checkpoint subfolder its config and weights live in (FLUX.1; `ModelSource.subfolders` per family)
-SUBFOLDERS = FLUX1.subfolders
-
-KONTEXT_PIPELINE = "FluxKontextPipeline"
 
 
 @dataclass(frozen=True)
@@ -50,9 +47,10 @@ class ModelSource:
         """This checkpoint read at other text-encoder layers (a fine-tune's `text_encoder_out_layers`)."""
         if layers is None:
             return self
-        if not self.is_flux2:
+        if not self.family.takes_text_encoder_layers:
+            takers = " and ".join(family.title for family in FAMILIES if family.takes_text_encoder_layers)
             raise FluxExportError(
-                f"--text-encoder-layers is for FLUX.2 models; {self.name} is {self.family.title}: leave it out"
+                f"--text-encoder-layers is for {takers} models; {self.name} is {self.family.title}: leave it out"
             )
         depth = int(self.language["num_hidden_layers"])
         if not layers or any(not 0 <= layer <= depth for layer in layers):
@@ -88,6 +86,15 @@ class ModelSource:
         from fluxexport.models.configs import component_class
 
         return component_class(self.configs["model_index"], self.pipeline_type, part)
+
+    def module_class(self, module: str) -> type:
+        """The library class `module` ("clip", "transformer", …) loads with: its family's (`library_classes`), else
+        the one model_index.json (or the pipeline) names for its subfolder (FLUX.2's text encoder)."""
+        named = self.family.library_classes.get(module)
+        if named is None:
+            return self.component_class(self.subfolders[module])
+        library, _, name = named.rpartition(".")
+        return getattr(importlib.import_module(library), name)
 
     @property
     def pipeline_class(self) -> str:
@@ -129,16 +136,13 @@ class ModelSource:
     @property
     def text_encoder_layers(self) -> tuple[int, ...]:
         """FLUX.2: the hidden-state layers stacked into the prompt embedding: the user's (--text-encoder-layers),
-        a tiny model's marker's, else the pipeline's `text_encoder_out_layers` default."""
-        from fluxexport.models.configs import call_default
-
+        a tiny model's marker's, else the family's default (FLUX.2: the pipeline's `text_encoder_out_layers`;
+        FLUX.1, which reads its encoders' last states: none)."""
         if self.text_layers is not None:
             return self.text_layers
         if self.is_tiny and self.tiny_marker.get("text_encoder_layers"):
             return tuple(self.tiny_marker["text_encoder_layers"])
-        if not self.is_flux2:  # FLUX.1 reads its encoders' last states: the argument is not its pipelines'
-            return ()
-        return tuple(call_default(self.pipeline_type, "text_encoder_out_layers"))
+        return self.family.part("models").default_text_encoder_layers(self)
 
     @property
     def tiny_marker(self) -> dict[str, Any]:
@@ -146,8 +150,14 @@ class ModelSource:
         return json.loads((self.root / TINY_MARKER).read_text()) if self.is_tiny else {}
 
     @property
+    def reference_mode(self) -> str:
+        """How its pipeline takes reference images (`families.family`: none, Kontext's one, a budget of several)."""
+        return self.family.reference_mode(self.pipeline_class)
+
+    @property
     def is_kontext(self) -> bool:
-        return self.pipeline_class == KONTEXT_PIPELINE
+        """Its pipeline takes Kontext's one reference image (at a preferred size)."""
+        return self.reference_mode == KONTEXT_REFERENCE
 
     @property
     def transformer(self) -> dict[str, Any]:
@@ -194,21 +204,17 @@ class ModelSource:
 
     @property
     def default_steps(self) -> int:
-        """4 for step-distilled models (FLUX.1 schnell, FLUX.2 [klein] distilled: their model cards' count),
-        else the pipeline's own default (28 FLUX.1, 50 FLUX.2)."""
+        """4 for step-distilled models (FLUX.1 schnell, FLUX.2 [klein] distilled: their model cards' count; the
+        family says which are), else the pipeline's own default (28 FLUX.1, 50 FLUX.2)."""
         from fluxexport.models.configs import call_default
 
-        distilled = self.is_distilled if self.is_flux2 else not self.guidance_embeds
+        distilled = self.family.part("models").is_step_distilled(self)
         return 4 if distilled else int(call_default(self.pipeline_type, "num_inference_steps"))
 
     @property
     def default_max_sequence_length(self) -> int:
         """FLUX.1 schnell: 256 (BFL's T5 length for it); otherwise the pipeline's default (512)."""
-        from fluxexport.models.configs import call_default
-
-        if not self.is_flux2 and not self.guidance_embeds:
-            return 256
-        return int(call_default(self.pipeline_type, "max_sequence_length"))
+        return self.family.part("models").default_max_sequence_length(self)
 
     @property
     def default_guidance(self) -> float:
@@ -220,7 +226,7 @@ class ModelSource:
     @property
     def uses_true_cfg(self) -> bool:
         """FLUX.2 base models run the transformer twice a step (a negative prompt); distilled ones and FLUX.1 once."""
-        return self.is_flux2 and not self.is_distilled and not self.guidance_embeds
+        return self.family.part("models").uses_true_cfg(self)
 
     def fingerprint(self) -> str:
         """A short hash of the configs and weight file sizes: identifies the checkpoint in manifests."""
@@ -239,17 +245,7 @@ class ModelSource:
     @functools.cached_property
     def tokenizers(self):
         """FLUX.1: (CLIP tokenizer, T5 tokenizer); FLUX.2: (its LM's tokenizer,); loaded once from the folder."""
-        from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
-
-        if self.is_flux2:
-            tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
-            if tokenizer.chat_template is None:  # a processor folder may keep the template in its own files
-                tokenizer.chat_template = processor_chat_template(self.root / "tokenizer")
-            return (tokenizer,)
-        return (
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-            T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
-        )
+        return self.family.part("models").load_tokenizers(self)
 
 
 def processor_chat_template(folder: Path) -> str:
@@ -301,38 +297,13 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
             raise FluxExportError(f"{family.title} model folder {root} is incomplete: missing {relative}")
         configs[part] = _read_json(path)
     source = ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
-    (check_flux2_widths if family is FLUX2 else check_widths)(source)
+    family.part("models").check_widths(source)
     return source
 
 
-def check_widths(source: ModelSource) -> None:
-    """Refuse components whose widths do not meet the transformer's (torch.export would fail with pages)."""
-    transformer = source.transformer
-    pairs = (
-        ("text_encoder/config.json hidden_size", source.clip["hidden_size"],
-         "pooled_projection_dim", transformer["pooled_projection_dim"]),
-        ("text_encoder_2/config.json d_model", source.t5["d_model"],
-         "joint_attention_dim", transformer["joint_attention_dim"]),
-        ("vae/config.json latent_channels × 4", 4 * int(source.vae["latent_channels"]),
-         "in_channels", transformer["in_channels"]),
-    )  # fmt: skip
-    _refuse_mismatch(pairs, source.root)
-
-
-def check_flux2_widths(source: ModelSource) -> None:
-    """FLUX.2: the stacked text layers must make the transformer's joint width, the VAE's patches its channels."""
-    transformer = source.transformer
-    layers = len(source.text_encoder_layers)
-    pairs = (
-        (f"text_encoder/config.json hidden_size × {layers}", layers * int(source.language["hidden_size"]),
-         "joint_attention_dim", transformer["joint_attention_dim"]),
-        ("vae/config.json latent_channels × 4", 4 * int(source.vae["latent_channels"]),
-         "in_channels", transformer["in_channels"]),
-    )  # fmt: skip
-    _refuse_mismatch(pairs, source.root)
-
-
-def _refuse_mismatch(pairs: tuple[tuple[str, Any, str, Any], ...], root: Path) -> None:
+def refuse_mismatch(pairs: tuple[tuple[str, Any, str, Any], ...], root: Path) -> None:
+    """Refuse the first (their name, width, our name, expected) pair whose widths differ (the family's
+    `check_widths` lists them)."""
     for theirs, width, ours, expected in pairs:
         if int(width) != int(expected):
             raise FluxExportError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fluxexport.families.family import TRANSFORMER_PARTS, Family
+from fluxexport.families.family import KONTEXT_REFERENCE, NO_REFERENCE, TRANSFORMER_PARTS, Family
 
 FAMILY = Family(
     name="flux1",
@@ -22,4 +22,20 @@ FAMILY = Family(
     module_of={"clip": "clip", "t5": "t5", "transformer": "transformer", "vae_decoder": "vae", "vae_encoder": "vae"}
     | dict.fromkeys(TRANSFORMER_PARTS, "transformer"),  # fmt: skip
     text_components=("clip", "t5"),
+    library_classes={
+        "clip": "transformers.CLIPTextModel",
+        "t5": "transformers.T5EncoderModel",
+        "transformer": "diffusers.FluxTransformer2DModel",
+        "vae": "diffusers.AutoencoderKL",
+    },
+    eager_attention=("t5",),
+    reference_modes={"FluxPipeline": NO_REFERENCE, "FluxKontextPipeline": KONTEXT_REFERENCE},
+    takes_prompt_2=True,
+    takes_text_encoder_layers=False,  # it reads its encoders' last states
+    lora_pipeline="FluxPipeline",  # diffusers/PEFT, kohya (`lora_unet_…`, `lora_te1_…`), XLabs (`…processor…`)
+    lora_prefixes={"transformer.": "transformer", "text_encoder.": "clip"},
+    lora_formats=("peft", "kohya", "xlabs"),
+    lora_alpha_in_metadata=False,
+    ffn_matrices=2,  # GELU MLP
+    ffn_ratio=4.0,  # diffusers' FluxTransformerBlock: FeedForward's default mult
 )
