@@ -5,11 +5,28 @@ It sits above every backend (TensorRT's included, imported only when asked for),
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def choose_backend(name: str | None, engines: str | Path | None) -> str:
+    """The backend a command runs: the one named; else the one `engines` holds (exported graphs → onnxruntime,
+    TensorRT engines → tensorrt, read from its manifest); else torch. A folder with the torch backend is refused:
+    torch reads the checkpoint, not the folder."""
+    if name is None:
+        if engines is None:
+            return "torch"
+        from fluxexport.artifacts.folders import TENSORRT, open_folder
+
+        return "tensorrt" if open_folder(Path(engines)).kind == TENSORRT else "onnxruntime"
+    if name == "torch" and engines is not None:
+        raise FluxExportError("--engines is for --backend onnxruntime or tensorrt: drop it or pick one")
+    return name
 
 
 def create_backend(

@@ -30,6 +30,7 @@ LAYERS = (
     ("validate", "build"),  # comparisons against the PyTorch reference; export what engines need, then build
     ("backend_factory", "benchmark", "triton"),  # a backend by name; serving
     ("deploy",),  # Kubernetes manifests and releases for a Triton repository
+    ("commands",),  # one library call per command: typed options in, typed results out, no printing
     ("cli",),
 )
 

@@ -1,0 +1,93 @@
+"""`fluxexport quantize`: FP8 scales calibrated on denoising trajectories, the transformer (and its parts)
+exported as Q/DQ graphs beside the export's own, each linted for TensorRT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxexport.commands.common import Log, ModelOptions, Progress, no_log, no_progress, open_source
+from fluxexport.commands.export import CheckResult, OnBytes, ignore_bytes
+from fluxexport.errors import FluxExportError
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """`fluxexport quantize`'s options; None means the model's (or the folder's) default."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    out: Path | None = None
+    dtype: str = "bf16"
+    calib_prompts: Path | None = None
+    calib_size: int | None = None
+    calib_steps: int | None = None
+    calib_resolution: int | None = None
+    calibration_file: Path | None = None
+    sequential: bool | None = None
+    opset: int | None = None
+    external_data: bool | None = None
+    transformer_parts: bool = False
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class QuantizedGraph:
+    """One FP8 graph written: its path and the note saying what it holds."""
+
+    path: Path
+    note: str
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out: Path
+    graphs: list[QuantizedGraph]
+    check: CheckResult
+
+
+def _ignored_with_saved_scales(options: QuantizeOptions) -> str | None:
+    """The first calibration option a --calibration file would make pointless (None when there is none)."""
+    given = [flag for flag, value in (("--calib-prompts", options.calib_prompts), ("--calib-size", options.calib_size),
+             ("--calib-steps", options.calib_steps), ("--calib-resolution", options.calib_resolution),
+             ("--sequential/--whole-model", options.sequential)) if value is not None]  # fmt: skip
+    return given[0] if given else None
+
+
+def quantize_fp8(
+    options: QuantizeOptions, progress: Progress = no_progress, log: Log = no_log, on_bytes: OnBytes = ignore_bytes
+) -> QuantizeResult:
+    """Calibrate (or read `options.calibration_file`'s scales), write the FP8 graphs into `options.out` (default
+    engines/<model>/onnx) at the folder's bounds, and lint each for TensorRT."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.export.check import check_graph
+    from fluxexport.export.onnx_export import DEFAULT_OPSET
+    from fluxexport.export.target_folder import prepare_quantize_folder
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
+    from fluxexport.quantize.qdq_export import fp8_components, quantize_transformer
+    from fluxexport.specs import TRANSFORMER_PARTS
+
+    source = open_source(options.model)
+    prompts = read_prompts(options.calib_prompts) if options.calib_prompts else CALIBRATION_PROMPTS
+    if options.calib_size is not None:
+        if options.calib_size < 1:
+            raise FluxExportError(f"calib-size must be at least 1, got {options.calib_size} (--calib-size)")
+        prompts = prompts[: options.calib_size]
+    settings = CalibrationSettings(prompts, options.calib_steps, options.calib_resolution, options.calib_resolution)
+    out = options.out or default_folder(source.name)
+    ignored = _ignored_with_saved_scales(options) if options.calibration_file is not None else None
+    if ignored:
+        raise FluxExportError(f"--calibration reuses saved scales, so {ignored} would be ignored: drop one of them")
+    bounds = prepare_quantize_folder(out, source, options.replace)  # the folder's bounds: its manifest stays true
+    names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
+    quantize_transformer(
+        source, out, settings, options.dtype, options.opset or DEFAULT_OPSET, bounds,
+        external_data=options.external_data, calibration_file=options.calibration_file,
+        sequential=options.sequential, log=log, calibration_progress=lambda title: progress(title, 1),
+        on_bytes=on_bytes, components=names,
+    )  # fmt: skip
+    records = [open_export(out).fp8[name] for name in names]
+    reports = [check_graph(out / record.file, record) for record in records]
+    failed = next((report.path for report in reports if not report.ok), None)
+    check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
+    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)

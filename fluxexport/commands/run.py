@@ -1,0 +1,137 @@
+"""`fluxexport run` and `calibrate-magcache`: a request checked whole before any weight loads, then one
+backend that runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fluxexport.backend_factory import choose_backend
+from fluxexport.commands.common import (
+    BackendOptions,
+    Log,
+    ModelOptions,
+    Progress,
+    check_out_file,
+    check_output_paths,
+    no_log,
+    no_progress,
+    open_backend,
+    open_source,
+)
+from fluxexport.errors import FluxExportError
+from fluxexport.runtime.request import GenerationRequest, GenerationResult, ResolvedRequest
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """`fluxexport run`'s options; None means the model's default."""
+
+    prompt: str
+    model: ModelOptions = field(default_factory=ModelOptions)
+    runner: BackendOptions = field(default_factory=BackendOptions)
+    prompt_2: str | None = None
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    num_images: int = 1
+    max_sequence_length: int | None = None
+    images: tuple[Path, ...] = ()
+    keep_reference_size: bool = False
+    cache: str | None = None
+    output: Path = Path("flux.png")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `run_images` did: the backend it ran on, the request as resolved, the PNGs written and the run's
+    timings, warnings and cache counts (`generation`)."""
+
+    backend: str
+    model: str
+    request: ResolvedRequest
+    generation: GenerationResult
+    paths: list[Path]
+
+
+def run_images(options: RunOptions, progress: Progress = no_progress, log: Log = no_log) -> RunResult:
+    """Check the whole request (values, references within the engines' budget, the output folder) before any
+    weight loads, generate on the backend, and write each image atomically."""
+    from fluxexport.runtime.cache import parse_cache
+    from fluxexport.runtime.images import load_reference, save_png_atomic
+    from fluxexport.runtime.pipeline import generate, resolve_request
+    from fluxexport.specs import check_served
+
+    cache = parse_cache(options.cache)
+    source = open_source(options.model)
+    references = [load_reference(path) for path in options.images]  # as diffusers' load_image reads them
+    request = GenerationRequest(
+        prompt=options.prompt, prompt_2=options.prompt_2, height=options.height, width=options.width,
+        num_inference_steps=options.steps, guidance_scale=options.guidance, seed=options.seed,
+        num_images_per_prompt=options.num_images, max_sequence_length=options.max_sequence_length,
+        image=references or None, auto_resize_reference=not options.keep_reference_size,
+        negative_prompt=options.negative_prompt,
+    )  # fmt: skip
+    resolved = resolve_request(source, request)  # validate everything before any weight is loaded
+    backend = choose_backend(options.runner.backend, options.runner.engines)
+    check_served(source, backend, options.runner.engines, resolved)  # references within the engines' budget
+    paths = check_output_paths(options.output, resolved.batch)
+    engine = open_backend(options.runner, source, backend, log)
+    with progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
+        generation = generate(engine, source, request, on_step=advance, cache=cache)
+    for image, path in zip(generation.images, paths, strict=True):
+        save_png_atomic(image, path)
+    return RunResult(backend, source.name, resolved, generation, paths)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """`fluxexport calibrate-magcache`'s options."""
+
+    prompts: tuple[str, ...]
+    out: Path
+    model: ModelOptions = field(default_factory=ModelOptions)
+    runner: BackendOptions = field(default_factory=BackendOptions)
+    steps: int = 28
+    height: int | None = None
+    width: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    request: ResolvedRequest
+    ratios: list[float]
+    path: Path
+
+
+def measure_magcache(options: CalibrateOptions, progress: Progress = no_progress, log: Log = no_log) -> CalibrateResult:
+    """MagCache's magnitude ratios of one run of `options`' prompts (every step computed), written to
+    `options.out` for `--cache magcache:ratios=FILE`."""
+    from fluxexport.runtime.magcache import write_ratios
+    from fluxexport.runtime.pipeline import calibrate_mag_ratios, resolve_request
+
+    source = open_source(options.model)
+    request = GenerationRequest(
+        list(options.prompts), height=options.height, width=options.width, num_inference_steps=options.steps,
+        guidance_scale=options.guidance, seed=options.seed,
+    )  # fmt: skip
+    resolved = resolve_request(source, request)  # validate everything before any weight is loaded
+    check_out_file(options.out)
+    backend = choose_backend(options.runner.backend, options.runner.engines)
+    engine = open_backend(options.runner, source, backend, log)
+    title = f"calibrate magcache {source.name} {resolved.width}×{resolved.height} · batch {resolved.batch}"
+    with progress(title, resolved.steps) as advance:
+        ratios = calibrate_mag_ratios(engine, source, request, on_step=advance)
+    try:
+        path = write_ratios(
+            options.out, ratios, model=source.name, prompts=resolved.prompts, height=resolved.height,
+            width=resolved.width, steps=resolved.steps,
+        )  # fmt: skip
+    except OSError as error:
+        raise FluxExportError(f"cannot write {options.out}: {error.strerror or error} (--out)") from None
+    return CalibrateResult(resolved, ratios, path)

@@ -1,0 +1,97 @@
+"""`fluxexport triton`, `serve` and `deploy`: a Triton model repository, a server on it, Kubernetes manifests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxexport.commands.common import ModelOptions, open_source
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """`fluxexport triton`'s options."""
+
+    engines: Path
+    model: ModelOptions = field(default_factory=ModelOptions)
+    out: Path | None = None
+    instance_kind: str = "KIND_CPU"
+    pipeline_instances: int = 1
+    request_loras: tuple[str, ...] = ()
+    gpus: tuple[int, ...] = ()
+    fp8: bool | None = None
+
+
+@dataclass(frozen=True)
+class TritonResult:
+    """The repository written, the model it serves and the Triton models it holds (sorted)."""
+
+    folder: Path
+    model: str
+    models: list[str]
+
+
+def write_triton_repository(options: TritonOptions) -> TritonResult:
+    """A Triton repository (default engines/<model>/triton) serving `options.engines` plus the flux_pipeline
+    model, with the LoRAs clients may pick per request."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.triton.repository import write_repository
+
+    source = open_source(options.model)
+    out = options.out or default_folder(source.name, "triton")
+    offered = [parse_lora(path) for path in options.request_loras]
+    folder = write_repository(
+        source, options.engines, out, options.instance_kind, options.pipeline_instances, options.fp8, offered,
+        gpus=options.gpus,
+    )  # fmt: skip
+    models = sorted(path.parent.name for path in folder.glob("*/config.pbtxt"))
+    return TritonResult(folder, source.name, models)
+
+
+def open_server(repository: Path, binary: str | None = None, python_env: str | None = None):
+    """A `triton.server.TritonServer` (not started) for `repository`, refused in one line when the repository,
+    the binary or the python models' environment is missing, the cheapest mistake first."""
+    from fluxexport.triton.server import TritonServer, check_repository, find_tritonserver, python_environment
+
+    check_repository(repository)
+    return TritonServer(repository, find_tritonserver(binary), python_environment(python_env))
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """`fluxexport deploy`'s options; None means the default (from the repository's model, kubectl's namespace,
+    the pinned image)."""
+
+    repository: Path
+    storage_uri: str
+    out: Path | None = None
+    name: str | None = None
+    namespace: str | None = None
+    image: str | None = None
+    image_tensorrt: str | None = None
+    gpus_per_replica: int = 1
+    replicas: str = "1:4"
+    target_queue_ms: float = 2000.0
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    folder: Path
+    settings: Any  # deploy.kubernetes.DeploySettings
+
+
+def write_manifests(options: DeployOptions) -> DeployResult:
+    """Kubernetes manifests serving `options.repository` (default folder engines/<model>/k8s), written
+    atomically."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.deploy.kubernetes import deploy_settings, write_deployment
+
+    settings, facts = deploy_settings(
+        options.repository, options.storage_uri, name=options.name, image=options.image,
+        image_tensorrt=options.image_tensorrt, gpus_per_replica=options.gpus_per_replica, replicas=options.replicas,
+        namespace=options.namespace, target_queue_ms=options.target_queue_ms,
+    )  # fmt: skip
+    out = options.out or default_folder(facts.model, "k8s")
+    return DeployResult(write_deployment(options.repository, out, settings, facts), settings)

@@ -1,0 +1,68 @@
+"""`fluxexport validate`: exported graphs or built engines against PyTorch, per component and end to end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxexport.commands.common import ModelOptions, Progress, no_progress, open_source
+from fluxexport.errors import FluxExportError
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """`fluxexport validate`'s options; None means the default (engines/<model>/onnx, thresholds per dtype)."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    engines: Path | None = None
+    components: list[str] | None = None
+    steps: int = 4
+    report: Path | None = None
+    max_rel_l2: float | None = None
+    min_psnr: float | None = None
+    fp8: bool | None = None
+    optimized: bool | None = None
+    cache: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidateResult:
+    """The comparison (`validate.ValidationReport`), the PyTorch reference's dtype, the folder compared, the
+    JSON report written, and the one-line refusal when a threshold was missed (None when everything passed)."""
+
+    report: Any
+    reference_dtype: str
+    engines: Path
+    path: Path
+    failure: str | None
+
+
+def validate_folder(options: ValidateOptions, progress: Progress = no_progress) -> ValidateResult:
+    """Compare the graphs or engines of `options.engines` (default the export folder of the model) with
+    PyTorch, write the JSON report, and say whether they match within the thresholds."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.runtime.cache import parse_cache
+    from fluxexport.validate import check_validation_host, validate_any
+
+    cache = parse_cache(options.cache)
+    source = open_source(options.model)
+    engines = options.engines
+    if engines is None:
+        engines = default_folder(source.name)
+        if not engines.is_dir():
+            raise FluxExportError(
+                f"{engines} does not exist: export the graphs first (fluxexport export --model "
+                f"{options.model.model}) or pass --engines"
+            )
+    check_validation_host(engines, options.fp8)  # refuse before the progress bar
+    with progress(f"validate {engines}", 1) as advance:
+        report, dtype = validate_any(
+            source, engines, options.components, options.steps, options.max_rel_l2, options.min_psnr, advance,
+            options.fp8, options.optimized, cache,
+        )  # fmt: skip
+    path = report.write(options.report or Path(engines) / "validation.json")
+    failure = None
+    if not report.passed:
+        failure = f"{engines} does not match PyTorch within the {report.dtype} thresholds (see {path})"
+    return ValidateResult(report, dtype, Path(engines), path, failure)
