@@ -18,10 +18,10 @@ from torch import nn
 from fluxexport.artifacts.folders import open_export
 from fluxexport.compare import psnr
 from fluxexport.export.check import check_graph
+from fluxexport.families.flux2.quantize import KEEP_HIGH_PRECISION as FLUX2_KEEP_HIGH_PRECISION
 from fluxexport.models.loaders import load_transformer
 from fluxexport.quantize.calibrate import (
     CALIBRATION_PROMPTS,
-    FLUX2_KEEP_HIGH_PRECISION,
     CalibrationSettings,
     quantizable_linears,
 )

@@ -1,7 +1,7 @@
 import pytest
 from PIL import Image
 
-from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_resolution, reference_size
+from fluxexport.families.flux1.runtime import PREFERRED_KONTEXT_RESOLUTIONS, preferred_resolution, reference_size
 
 
 def test_seventeen_preferred_sizes_from_the_design():

@@ -16,9 +16,9 @@ from fluxexport.cli import main
 from fluxexport.dtypes import E4M3_MAX
 from fluxexport.errors import FluxExportError
 from fluxexport.export.check import check_graph
+from fluxexport.families.flux1.quantize import KEEP_HIGH_PRECISION
 from fluxexport.quantize.calibrate import (
     CALIBRATION_PROMPTS,
-    KEEP_HIGH_PRECISION,
     CalibrationSettings,
     quantizable_linears,
     read_prompts,

@@ -2,7 +2,7 @@ import pytest
 from helpers import flux1_source
 
 from fluxexport.errors import FluxExportError
-from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.families.flux1.runtime import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.specs import COMPONENTS, TRANSFORMER_PARTS, ExportBounds, component_specs, sample_inputs
 
 

@@ -14,7 +14,7 @@ from helpers import build_folder, flux1_source, manifest_json, standin_tensorrt
 from fluxexport.cli import main
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS, component_precision
 from fluxexport.errors import FluxExportError
-from fluxexport.runtime.kontext import PREFERRED_KONTEXT_RESOLUTIONS
+from fluxexport.families.flux1.runtime import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.specs import ExportBounds, component_specs
 from fluxexport.tensorrt.builder import BuildOptions, build_bounds
 from fluxexport.tensorrt.engines import (

@@ -14,16 +14,6 @@ from fluxexport.errors import FluxExportError
 from fluxexport.pytorch.block_streaming import BLOCK_LISTS, run_per_sample
 from fluxexport.quantize.fp8 import FP8Linear
 
-# Layers NVIDIA's and black-forest-labs' FP8 recipes keep in high precision: embedders, conditioning, output.
-KEEP_HIGH_PRECISION = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
-# FLUX.2 under the same rule (every Linear inside the double and single blocks is quantized, nothing outside):
-# its blocks hold attention, SwiGLU feed-forwards and the single blocks' fused projections; its modulation moved
-# out of the blocks into three shared Linears of the time embedding (conditioning, one row per sample and step,
-# steering every block), which stay with the embedders and the output.
-FLUX2_KEEP_HIGH_PRECISION = (
-    "x_embedder", "context_embedder", "time_guidance_embed", "double_stream_modulation_img",
-    "double_stream_modulation_txt", "single_stream_modulation", "norm_out", "proj_out",
-)  # fmt: skip
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 # A built-in calibration set: varied subjects, styles, lengths and text-in-image, in the spirit of the
@@ -75,8 +65,9 @@ class CalibrationSettings:
 
 
 def kept_high_precision(source) -> tuple[str, ...]:
-    """The transformer's modules outside the blocks, which keep the base dtype, for `source`'s family."""
-    return FLUX2_KEEP_HIGH_PRECISION if source.is_flux2 else KEEP_HIGH_PRECISION
+    """The transformer's modules outside the blocks, which keep the base dtype: the family's policy
+    (`families/<f>/quantize.py`)."""
+    return source.family.part("quantize").KEEP_HIGH_PRECISION
 
 
 def quantizable_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
@@ -109,79 +100,59 @@ def one_sample_at_a_time(component, spec):
     return run
 
 
-def calibration_inputs(backend, source, settings: CalibrationSettings):
-    """(noise latents, sigmas, conditioning) of every calibration prompt, batched: prompt i draws the noise
-    of seed + i, as a generation of it alone would."""
-    from fluxexport.runtime.latents import image_ids, latent_grid, noise, pack_latents
-    from fluxexport.runtime.pipeline import (
-        GenerationRequest,
-        encode_prompts,
-        resolve_request,
-        transformer_conditioning,
-    )
-    from fluxexport.runtime.schedule import flow_match_sigmas
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """What the runtime's Euler loop takes for every calibration prompt at once: the noise latents, the sigmas,
+    the conditional transformer inputs, the unconditional ones (true CFG) or None, and the guidance scale."""
 
-    request = GenerationRequest(
-        list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale, seed=settings.seed,
-    )  # fmt: skip
-    resolved = resolve_request(source, request)
-    embeddings, pooled, _ = encode_prompts(backend, source, resolved)
-    draws = [
-        noise(
-            1, source.latent_channels, resolved.height, resolved.width, settings.seed + index, source.vae_scale_factor
-        )
-        for index in range(len(resolved.prompts))
-    ]
-    latents = pack_latents(torch.cat(draws)).to(backend.device)
-    ids = image_ids(*latent_grid(resolved.height, resolved.width, source.vae_scale_factor)).to(backend.device)
-    sigmas = flow_match_sigmas(resolved.steps, latents.shape[1], source.scheduler).to(backend.device)
-    return latents, sigmas, transformer_conditioning(source, embeddings, pooled, ids, resolved.guidance_scale)
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor] | None
+    guidance_scale: float
+
+    @property
+    def runs(self) -> int:
+        """Transformer runs per prompt: one per step, two under true CFG."""
+        return (len(self.sigmas) - 1) * (1 if self.negative is None else 2)
 
 
-def flux2_calibration_inputs(backend, source, settings: CalibrationSettings):
-    """FLUX.2's `calibration_inputs`: (noise latents, sigmas, conditional inputs, unconditional inputs or None,
-    guidance scale), from runtime.flux2's own pieces; the base models' negative prompt ("" by default) makes the
-    unconditional branch of true CFG, which calibration sees as the runtime runs it."""
-    from fluxexport.runtime import flux2
+def calibration_inputs(backend, source, settings: CalibrationSettings) -> CalibrationInputs:
+    """The calibration prompts batched, from the family's runtime part (`families/<f>/runtime.py`) as a generation
+    builds them: prompt i draws the noise of seed + i, as a generation of it alone would; FLUX.2 base models'
+    negative prompt ("" by default) makes the unconditional branch of true CFG, which calibration sees as the
+    runtime runs it."""
     from fluxexport.runtime.request import GenerationRequest, resolve_request
 
+    family = source.family.part("runtime")
     request = GenerationRequest(
         list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
         guidance_scale=settings.guidance_scale, seed=settings.seed,
     )  # fmt: skip
     resolved = resolve_request(source, request)
-    embeddings, negative_embeddings, _ = flux2.encode_request(backend, source, resolved, 1)
-    h, w = flux2.patch_grid(source, resolved)
-    channels = 4 * source.latent_channels
-    draws = [flux2.noise(1, channels, h, w, settings.seed + index) for index in range(len(resolved.prompts))]
-    latents = flux2.pack(torch.cat(draws)).to(backend.device)
-    sigmas = flux2.sigmas_for(source, resolved.steps, latents.shape[1])
-    ids = flux2.grid_ids(h, w).to(backend.device)
-    positive, negative = flux2.guided_conditioning(
-        source, embeddings, negative_embeddings, ids, resolved.guidance_scale
-    )
-    return latents, sigmas.to(backend.device), positive, negative, resolved.guidance_scale
+    prompts = family.encode_prompts(backend, source, resolved, 1)
+    draws = [family.noise_tokens(source, resolved, 1, settings.seed + index) for index in range(len(resolved.prompts))]
+    latents = torch.cat(draws).to(backend.device)
+    sigmas = family.sigmas(source, resolved.steps, latents.shape[1]).to(backend.device)
+    ids = family.image_ids(family.latent_grid(source, resolved)).to(backend.device)
+    positive, negative = family.transformer_inputs(source, prompts, ids, resolved.guidance_scale)
+    return CalibrationInputs(latents, sigmas, positive, negative, resolved.guidance_scale)
 
 
 def trajectories(backend, source, settings: CalibrationSettings) -> tuple[int, Callable]:
-    """(transformer runs per prompt, walk): `walk(transformer, on_step)` runs the family's own Euler loop over
+    """(transformer runs per prompt, walk): `walk(transformer, on_step)` runs the runtime's own Euler loop over
     every calibration prompt at once. Text is encoded here, before any transformer run."""
-    if source.is_flux2:
-        from fluxexport.runtime import flux2
-
-        latents, sigmas, positive, negative, guidance = flux2_calibration_inputs(backend, source, settings)
-
-        def walk(transformer, on_step):
-            flux2.denoise(transformer, latents, sigmas, positive, negative, guidance, on_step=on_step)
-
-        return (len(sigmas) - 1) * (1 if negative is None else 2), walk
     from fluxexport.runtime.pipeline import denoise
 
-    latents, sigmas, conditioning = calibration_inputs(backend, source, settings)
-    return len(sigmas) - 1, lambda transformer, on_step: denoise(
-        transformer, latents, sigmas, conditioning, on_step=on_step
-    )
+    inputs = calibration_inputs(backend, source, settings)
+
+    def walk(transformer, on_step):
+        denoise(
+            transformer, inputs.latents, inputs.sigmas, inputs.conditioning, inputs.negative, inputs.guidance_scale,
+            on_step=on_step,
+        )  # fmt: skip
+
+    return inputs.runs, walk
 
 
 def abs_max(tensor: torch.Tensor) -> float:
@@ -212,8 +183,8 @@ def calibrate(
     `backend` is a TorchBackend. All prompts advance together, one step at a time: with a backend that
     streams blocks (`TorchBackend(stream_blocks=True)`) each block is read once per transformer run and runs
     every prompt before the next is read; otherwise each prompt runs alone through the loaded transformer. Both
-    see the same inputs, so they give the same scales. FLUX.1 and FLUX.2 each walk their own runtime's loop
-    (`trajectories`); under FLUX.2's true CFG both transformer runs of a step are observed. `on_progress(done,
+    see the same inputs, so they give the same scales. Every family walks the runtime's loop on the inputs its
+    runtime part builds (`trajectories`); under FLUX.2's true CFG both transformer runs of a step are observed. `on_progress(done,
     total)` counts steps, or block passes when blocks stream. The text encoders are released once the prompts
     are encoded, before the transformer runs."""
     transformer = backend.module("transformer")

@@ -1,0 +1,150 @@
+"""FLUX.1's runtime part (schnell, dev, Kontext), number for number as diffusers' FluxPipeline and
+FluxKontextPipeline: CLIP's pooled embedding and T5's sequence, noise drawn as 16-channel VAE latents and packed
+2×2, 3-axis RoPE ids, the scheduler config's shift, the guidance embedding on dev and Kontext, and Kontext's one
+reference image (at the preferred resolution closest to its aspect ratio) as extra tokens in RoPE domain 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fluxexport.errors import RequestError
+from fluxexport.models.source import ModelSource
+from fluxexport.runtime.backend import Backend
+from fluxexport.runtime.cache import CacheSettings, StepCache
+from fluxexport.runtime.family_part import EncodedPrompts, Grid, RequestReferences, TransformerInputs
+from fluxexport.runtime.images import from_vae_latents, images_to_uint8, pil_to_model_input, to_vae_latents
+from fluxexport.runtime.latents import image_ids as packed_ids
+from fluxexport.runtime.latents import latent_grid as vae_grid
+from fluxexport.runtime.latents import noise, pack_latents, text_ids, unpack_latents
+from fluxexport.runtime.request import ResolvedRequest, tokenize
+from fluxexport.runtime.schedule import flow_match_sigmas
+
+# (width, height) pairs FLUX.1 Kontext was trained on, ~1 megapixel each.
+PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
+    (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
+    (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+)  # fmt: skip
+
+
+def preferred_resolution(width: int, height: int) -> tuple[int, int]:
+    """The preferred (width, height) whose aspect ratio is closest to width/height (first one on ties)."""
+    aspect = width / height
+    _, best_w, best_h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return best_w, best_h
+
+
+def reference_size(image: Image.Image, auto_resize: bool = True, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) the reference is encoded at: its own size floored to /16, or the preferred one."""
+    width, height = (value - value % multiple for value in image.size)
+    if auto_resize:
+        width, height = preferred_resolution(width, height)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def prepare_reference(image: Image.Image, auto_resize: bool = True, multiple: int = 16) -> torch.Tensor:
+    """A reference image → [1,3,H,W] in [-1,1], Lanczos-resized to its encoding size."""
+    width, height = reference_size(image, auto_resize, multiple)
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return pil_to_model_input(image)
+
+
+def request_references(source: ModelSource, images: Sequence[Image.Image] | None) -> RequestReferences:
+    """A request's reference: one, on Kontext only (the output keeps the request's or the model's size)."""
+    if images is None:
+        return RequestReferences()
+    if not source.is_kontext:
+        raise RequestError(
+            "image", f"{{option}} is a Kontext reference but {source.name} is a {source.pipeline_class}",
+            "use a FLUX.1 Kontext model or {drop}", pointer=False,
+        )  # fmt: skip
+    if len(images) != 1:
+        raise RequestError(
+            "image", f"FLUX.1 Kontext takes one reference image, got {len(images)}", "pass one {option}", pointer=False
+        )
+    return RequestReferences(image=images[0])
+
+
+def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
+    """Every step cache serves FLUX.1 (MagCache's published ratios are FLUX.1-dev's)."""
+
+
+def encode_prompts(backend: Backend, source: ModelSource, resolved: ResolvedRequest, repeats: int) -> EncodedPrompts:
+    """T5's embeddings [B,L,D] of `prompts_2` and CLIP's pooled embeddings [B,P] of `prompts`, each repeated
+    `repeats`× (once per image), and any truncation warnings."""
+    clip_tokenizer, t5_tokenizer = source.tokenizers
+    clip_ids, clip_warnings = tokenize(clip_tokenizer, resolved.prompts, clip_tokenizer.model_max_length, "CLIP")
+    t5_ids, t5_warnings = tokenize(t5_tokenizer, resolved.prompts_2, resolved.max_sequence_length, "T5")
+    pooled = backend.component("clip")({"input_ids": clip_ids.to(backend.device)})["pooled_embeddings"]
+    embeddings = backend.component("t5")({"input_ids": t5_ids.to(backend.device)})["text_embeddings"]
+    text = {
+        "encoder_hidden_states": embeddings.repeat_interleave(repeats, dim=0),
+        "pooled_projections": pooled.repeat_interleave(repeats, dim=0),
+    }
+    return EncodedPrompts(text, None, clip_warnings + t5_warnings)
+
+
+def latent_grid(source: ModelSource, resolved: ResolvedRequest) -> Grid:
+    """(h, w) of the VAE latents of the request's image size (the tokens pack 2×2 of them)."""
+    return vae_grid(resolved.height, resolved.width, source.vae_scale_factor)
+
+
+def image_ids(grid: Grid) -> torch.Tensor:
+    """RoPE ids [N,3] of the noise tokens: (0, row, col)."""
+    return packed_ids(*grid)
+
+
+def encode_references(
+    backend: Backend, source: ModelSource, resolved: ResolvedRequest, batch: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Kontext's reference → (packed tokens [B,M,4C], ids [M,3] in domain 1); None without one."""
+    if resolved.image is None:
+        return None
+    multiple = 2 * source.vae_scale_factor
+    pixels = prepare_reference(resolved.image, resolved.auto_resize_reference, multiple).to(backend.device)
+    mean = backend.component("vae_encoder")({"images": pixels})["latent"]
+    latents = from_vae_latents(mean, source.vae["scaling_factor"], source.vae["shift_factor"] or 0.0)
+    _, _, h, w = latents.shape
+    return pack_latents(latents).expand(batch, -1, -1).contiguous(), packed_ids(h, w, domain=1).to(backend.device)
+
+
+def noise_tokens(source: ModelSource, resolved: ResolvedRequest, batch: int, seed: int) -> torch.Tensor:
+    """Packed Gaussian latents [B,N,4C] float32 of `seed`, drawn on the CPU generator as diffusers draws them."""
+    return pack_latents(
+        noise(batch, source.latent_channels, resolved.height, resolved.width, seed, source.vae_scale_factor)
+    )
+
+
+def sigmas(source: ModelSource, steps: int, tokens: int) -> torch.Tensor:
+    """The flow-match sigmas, shifted as the scheduler config says (dynamically for `tokens` on dev, Kontext)."""
+    return flow_match_sigmas(steps, tokens, source.scheduler)
+
+
+def transformer_inputs(
+    source: ModelSource, prompts: EncodedPrompts, ids: torch.Tensor, guidance_scale: float
+) -> tuple[TransformerInputs, None]:
+    """Every transformer input but hidden_states and timestep, the same each step; FLUX.1 has no true CFG."""
+    embeddings = prompts.text["encoder_hidden_states"]
+    device = embeddings.device
+    inputs = {
+        "encoder_hidden_states": embeddings,
+        "pooled_projections": prompts.text["pooled_projections"],
+        "img_ids": ids,
+        "txt_ids": text_ids(embeddings.shape[1]).to(device),
+    }
+    if source.guidance_embeds:
+        batch = embeddings.shape[0]
+        inputs["guidance"] = torch.full((batch,), guidance_scale, dtype=torch.float32, device=device)
+    return inputs, None
+
+
+def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, grid: Grid) -> np.ndarray:
+    """Packed latents → uint8 images [B,H,W,3]: unpacked, un-scaled and shifted, then the VAE decoder."""
+    scale, shift = source.vae["scaling_factor"], source.vae["shift_factor"] or 0.0
+    scaled = to_vae_latents(unpack_latents(latents, *grid), scale, shift)
+    return images_to_uint8(backend.component("vae_decoder")({"latent": scaled})["images"])
