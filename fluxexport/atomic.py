@@ -1,11 +1,15 @@
-"""Writes that never leave half a result: a staging folder or temp file beside the target, then a rename."""
+"""Writes that never leave half a result: a staging folder or temp file beside the target, then a rename.
+
+`atomic_file` replaces one file, `atomic_folder` makes one folder, `staged_files` replaces a set of files in a
+folder that already holds others (a graph and its weights beside the manifest and the other graphs).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,3 +74,65 @@ def write_text_atomic(path: Path, text: str) -> Path:
     with atomic_file(path) as temporary:
         temporary.write_text(text)
     return Path(path)
+
+
+STAGING_PREFIX = ".staging-"  # staging folders inside a target folder: `.staging-<what>-<random>`
+_REPLACED = ".replaced"  # inside a staging folder: links to the files being replaced, until the swap is done
+
+
+@contextmanager
+def staged_files(folder: Path, what: str, last: str | None = None, stale: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty staging folder inside `folder` (same file system: renames are atomic). When the block
+    succeeds, every file written there replaces its namesake in `folder`, `last` (the file that says the set is
+    complete: a graph after its weights) after the others; then the `stale` names the new set lacks (an earlier
+    set's data file) are removed. If the block or the swap fails, `folder` is left as it was: files already
+    swapped get their old content back. The staging folder is removed either way."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f"{STAGING_PREFIX}{what}-"))
+    try:
+        yield staging
+        names = sorted(path.name for path in staging.iterdir())
+        if last in names:
+            names.append(names.pop(names.index(last)))
+        _swap_in(staging, folder, names, [name for name in stale if name not in names])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, folder: Path, names: list[str], stale: list[str]) -> None:
+    """Move `names` from `staging` into `folder` in order, then remove `stale` from `folder`; on any failure
+    undo the moves and removals done so far (the old files were kept in `staging/.replaced`)."""
+    kept = staging / _REPLACED
+    done: list[tuple[str, Path | None]] = []  # (name, where its old file is kept; None: there was none)
+    try:
+        for name in names:
+            old = _keep(folder / name, kept)
+            os.replace(staging / name, folder / name)
+            done.append((name, old))
+        for name in stale:
+            if (folder / name).is_file():
+                done.append((name, _keep(folder / name, kept, move=True)))
+    except BaseException:
+        for name, old in reversed(done):
+            if old is None:
+                (folder / name).unlink(missing_ok=True)
+            else:
+                os.replace(old, folder / name)
+        raise
+
+
+def _keep(path: Path, kept: Path, move: bool = False) -> Path | None:
+    """Keep the file at `path` in `kept` (a hard link, or the file itself when `move` or links are not
+    supported) so that it can be put back; None when there is no file."""
+    if not path.is_file():
+        return None
+    kept.mkdir(exist_ok=True)
+    if not move:
+        try:
+            os.link(path, kept / path.name)
+            return kept / path.name
+        except OSError:
+            pass
+    os.replace(path, kept / path.name)
+    return kept / path.name

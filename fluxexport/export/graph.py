@@ -1,9 +1,12 @@
-"""Passes over an exported onnx_ir model: spec names on I/O axes, no DOUBLE, BF16 Resize wrapped in casts.
+"""Stage 2 of an export: passes over a traced onnx_ir model (spec names on I/O axes, no DOUBLE, BF16 Resize
+wrapped in casts), each a `GraphPass`, run in the order `EXPORT_PASSES` declares.
 
 They work on onnx_ir (not protobuf) so that multi-GB graphs never have to fit in one protobuf message.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
@@ -113,3 +116,52 @@ def replace_with_initializer(graph: ir.Graph, node: ir.Node, tensor: ir.TensorPr
         if not source.uses() and source.name in graph.initializers:
             graph.initializers.pop(source.name)
     return value
+
+
+GraphPass = Callable[[ir.Model, ComponentSpec, str], "str | None"]
+"""A pass over a traced graph: (model, its spec, the dtype it computes in) → a note for the manifest or None.
+It rewrites the model in place, or refuses the graph with a FluxExportError."""
+
+
+def drop_provenance(model: ir.Model, spec: ComponentSpec, compute: str) -> None:
+    """Pass: torch's per-node stack traces and fx names go (`strip_exporter_metadata`)."""
+    strip_exporter_metadata(model)
+
+
+def spec_axis_names(model: ir.Model, spec: ComponentSpec, compute: str) -> None:
+    """Pass: the I/O names must be the spec's; axes get the spec's names (`name_axes_from_spec`)."""
+    name_axes_from_spec(model, spec)
+
+
+def spec_io_dtypes(model: ir.Model, spec: ComponentSpec, compute: str) -> None:
+    """Pass: refuse I/O element types other than the spec's in `compute` (`check_io_dtypes`)."""
+    check_io_dtypes(model, spec, compute)
+
+
+def no_doubles(model: ir.Model, spec: ComponentSpec, compute: str) -> None:
+    """Pass: refuse a graph holding float64 values or constants (TensorRT has no DOUBLE)."""
+    doubles = double_tensors(model)
+    if doubles:
+        raise FluxExportError(
+            f"{spec.name}: the graph holds float64 tensors ({', '.join(doubles[:3])}); TensorRT has no DOUBLE"
+        )
+
+
+def bf16_resize_in_fp32(model: ir.Model, spec: ComponentSpec, compute: str) -> str | None:
+    """Pass: in a bf16 graph, each BF16 Resize computes in fp32 between two casts (`wrap_bf16_resize_in_casts`)."""
+    if compute == "bf16" and (count := wrap_bf16_resize_in_casts(model)):
+        return f"{count} BF16 Resize nodes wrapped in fp32 casts"
+    return None
+
+
+# Every exported graph goes through these, in this order (checks before rewrites that assume them). A family or
+# component that needs its own pass adds it after these (`export_component`'s `graph_pass`: quantize's FP8 weights).
+EXPORT_PASSES: tuple[GraphPass, ...] = (drop_provenance, spec_axis_names, spec_io_dtypes, no_doubles,
+                                        bf16_resize_in_fp32)  # fmt: skip
+
+
+def run_passes(
+    model: ir.Model, spec: ComponentSpec, compute: str, passes: Sequence[GraphPass] = EXPORT_PASSES
+) -> tuple[str, ...]:
+    """Run `passes` over `model` in order; the notes they return, in that order."""
+    return tuple(note for graph_pass in passes if (note := graph_pass(model, spec, compute)))

@@ -1,35 +1,34 @@
-"""Export components to ONNX with dynamo: dynamic axes from the specs, checked and cleaned, written atomically."""
+"""Export components to ONNX in three stages: trace (`export/trace.py`), graph passes (`export/graph.py`), and
+the write (here: the `WritePolicy` says where the weights go, `write_graph` writes through one staging folder);
+`export_component` composes them, `export_model` does it for a model's components and keeps its manifest."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from fluxexport.adapters import build_adapter
 from fluxexport.artifacts.files import file_sha256, library_versions, now
 from fluxexport.artifacts.folders import ExportFolder, new_export
 from fluxexport.artifacts.records import GraphRecord, TensorRecord, WeightOrigin
+from fluxexport.atomic import staged_files
 from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
-from fluxexport.export import graph as passes
-from fluxexport.export.streaming import streamed_program, surviving_origins
+from fluxexport.export.graph import EXPORT_PASSES, run_passes
+from fluxexport.export.streaming import surviving_origins
 from fluxexport.export.target_folder import prepare_export_folder
+from fluxexport.export.trace import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, TraceOptions, trace_component
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs, sample_inputs
+from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec, ExportBounds, component_specs
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-DEFAULT_OPSET = 20  # the newest opset TensorRT 10.1's ONNX parser documents (see data/tensorrt_onnx_ops.json)
-MIN_OPSET, MAX_OPSET = 18, 23  # what torch's dynamo exporter emits
 PROTOBUF_LIMIT = 2**31 - 2**24  # weights are never inline near protobuf's 2 GiB message limit
 # Weights go to `<stem>.onnx_data` past this size unless asked otherwise. An inline graph is one protobuf message
 # that every reader (onnx.load, the checker, shape inference, ONNX Runtime, TensorRT's parser) parses, and often
@@ -38,12 +37,92 @@ PROTOBUF_LIMIT = 2**31 - 2**24  # weights are never inline near protobuf's 2 GiB
 # Every real FLUX component is well above 32 MiB (the smallest, the VAE encoder, holds 34M parameters: 69 MB in
 # 16 bits); below it the copies cost little and one self-contained file is handier (tiny models, tests).
 EXTERNAL_DATA_THRESHOLD = 32 * 2**20
+DATA_SUFFIX = ".onnx_data"
 
 
-def weights_external(weight_bytes: int, external_data: bool | None = None) -> bool:
-    """Whether a graph with `weight_bytes` of initializers keeps them in a data file beside it: as asked
-    (`--external-data` True, `--inline-weights` False), else past EXTERNAL_DATA_THRESHOLD."""
-    return weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+@dataclass(frozen=True)
+class WritePolicy:
+    """How a graph is written: `<stem>.onnx`, its weights inline or in `<stem>.onnx_data`: as asked
+    (`external_data` True: `--external-data`, False: `--inline-weights`), else (None) beside the graph past
+    `threshold` bytes. Inline weights past protobuf's limit are refused."""
+
+    stem: str
+    external_data: bool | None = None
+    threshold: int = field(default_factory=lambda: EXTERNAL_DATA_THRESHOLD)
+
+    @property
+    def graph_file(self) -> str:
+        return f"{self.stem}.onnx"
+
+    @property
+    def data_file(self) -> str:
+        return f"{self.stem}{DATA_SUFFIX}"
+
+    def data_file_for(self, weight_bytes: int) -> str | None:
+        """The data file a graph with `weight_bytes` of weights gets (None: inline); refuses inline weights that
+        one protobuf message cannot hold."""
+        external = weight_bytes > self.threshold if self.external_data is None else self.external_data
+        if not external and weight_bytes > PROTOBUF_LIMIT:
+            raise FluxExportError(
+                f"{self.stem}: {weight_bytes / 1e9:.2f} GB of weights cannot be inline in one ONNX protobuf (2 GB at "
+                "most): drop --inline-weights"
+            )
+        return self.data_file if external else None
+
+
+@dataclass(frozen=True)
+class WrittenGraph:
+    """What the write stage put in the folder."""
+
+    path: Path
+    external_data: str | None  # the data file's name beside the graph, None when the weights are inline
+    weight_bytes: int
+    nodes: int
+
+
+def weight_bytes_of(model: ir.Model) -> int:
+    """Bytes of the graph's initializers (lazy ones by their declared size: nothing is read)."""
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
+
+
+def write_graph(
+    model: ir.Model, folder: Path, policy: WritePolicy, on_bytes: Callable[[int, int], None] | None = None
+) -> WrittenGraph:
+    """Stage 3 of an export: write `model` into `folder` as `policy` says, replacing an older graph of the same
+    stem (and its data file, gone when the new graph is inline) only once the new one is whole and passes
+    ONNX's checker; refuses before writing when the disk cannot hold it. `on_bytes(written, total)` follows the
+    weights as they are written (lazy ones are read from the checkpoint then)."""
+    import onnx
+    import onnx_ir as ir
+
+    weight_bytes = weight_bytes_of(model)
+    data_name = policy.data_file_for(weight_bytes)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_free_space(folder, weight_bytes)
+    written = [0]
+
+    def progress(tensor, _info) -> None:
+        written[0] += tensor.nbytes
+        if on_bytes:
+            on_bytes(written[0], weight_bytes)
+
+    with staged_files(folder, policy.stem, last=policy.graph_file, stale=[policy.data_file]) as staging:
+        ir.save(model, staging / policy.graph_file, external_data=data_name, callback=progress if data_name else None)
+        if on_bytes:
+            on_bytes(weight_bytes, weight_bytes)
+        onnx.checker.check_model(str(staging / policy.graph_file), full_check=False)
+    return WrittenGraph(folder / policy.graph_file, data_name, weight_bytes, model.graph.num_nodes())
+
+
+def check_free_space(folder: Path, needed: int, margin: float = 1.05) -> None:
+    """Refuse before writing when `folder`'s file system cannot hold `needed` bytes (and 5% to spare)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * margin:
+        raise FluxExportError(
+            f"not enough disk space in {folder}: the graph needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are "
+            "free: free some space or export to another --out"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,37 +136,6 @@ class ExportedComponent:
     external_data: str | None
     notes: tuple[str, ...] = ()
     weights: dict[str, WeightOrigin] | None = None  # initializer → its checkpoint tensor (streamed exports)
-
-
-def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
-    """torch.export Dims per input, one Dim object per spec axis so that shared axes stay tied."""
-    dims: dict[str, object] = {}
-    for axis, bounds in spec.axes.items():
-        if bounds.multiple == 1:
-            dims[axis] = torch.export.Dim(axis, min=1)
-        else:  # sizes that are multiples of `multiple` (VAE pixels): multiple · Dim
-            dims[axis] = bounds.multiple * torch.export.Dim(f"{axis}_over_{bounds.multiple}", min=1)
-    return tuple(
-        {index: dims[dim] for index, dim in enumerate(tensor.dims) if isinstance(dim, str)} for tensor in spec.inputs
-    )
-
-
-def _export_program(
-    module: torch.nn.Module, spec: ComponentSpec, feeds, opset: int, translations: dict | None, optimize: bool = True
-):
-    with torch.no_grad():
-        return torch.onnx.export(
-            module,
-            tuple(feeds.values()),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes(spec),
-            input_names=[tensor.name for tensor in spec.inputs],
-            output_names=[tensor.name for tensor in spec.outputs],
-            opset_version=opset,
-            optimize=optimize,  # onnxscript optimizer: constant folding, dead-node removal
-            custom_translation_table=translations,
-            verbose=False,
-        )
 
 
 def export_component(
@@ -107,97 +155,24 @@ def export_component(
     stem: str | None = None,
 ) -> ExportedComponent:
     """Export one component into `out_dir/<stem>.onnx` (+ `.onnx_data`; the stem is the component's name unless
-    given), replacing any older file atomically.
+    given), replacing any older file atomically: `trace_component`, then `run_passes` (`EXPORT_PASSES`, then
+    `graph_pass`, which may return a note for the manifest), then `write_graph`.
 
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
-    memory); `streaming=False` loads the model and exports it in memory. `prepare` rewrites the module before
-    it is traced, in both modes (the FP8 fake quantization); `module` replaces the adapter altogether (in
-    memory); `translations` maps custom ops to ONNX functions.
-    `on_bytes(written, total)` follows the weights as they are written; `graph_pass` rewrites the graph
-    before it is written (and returns a note for the manifest, or None)."""
-    import onnx
-    import onnx_ir as ir
-
+    memory); `streaming=False` loads the model and exports it in memory. `module`, `prepare` and `translations`
+    are `TraceOptions`'. `on_bytes(written, total)` follows the weights as they are written."""
     start = time.perf_counter()
     compute, note = component_precision(spec.name, dtype)
-    feeds = sample_inputs(spec, spec.export_sizes, torch_dtype(compute))
-    try:
-        origins: dict | None = {} if module is None and streaming else None
-        if origins is not None:
-            model: ir.Model = streamed_program(
-                source, spec, torch_dtype(compute),
-                lambda adapter, optimize: _export_program(adapter, spec, feeds, opset, translations, optimize),
-                prepare, origins,
-            )  # fmt: skip
-        else:
-            module = module or build_adapter(spec, source, torch_dtype(compute), prepare)
-            model = _export_program(module, spec, feeds, opset, translations).model
-    except FluxExportError:
-        raise
-    except Exception as error:  # torch.export's errors are pages long: keep the first line, point to the cause
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
-    passes.strip_exporter_metadata(model)
-    passes.name_axes_from_spec(model, spec)
-    passes.check_io_dtypes(model, spec, compute)
-    doubles = passes.double_tensors(model)
-    if doubles:
-        raise FluxExportError(
-            f"{spec.name}: the graph holds float64 tensors ({', '.join(doubles[:3])}); TensorRT has no DOUBLE"
-        )
-    notes = [*notes, note] if note else list(notes)
-    if compute == "bf16" and (count := passes.wrap_bf16_resize_in_casts(model)):
-        notes.append(f"{count} BF16 Resize nodes wrapped in fp32 casts")
-    if graph_pass is not None and (pass_note := graph_pass(model)):
-        notes.append(pass_note)
-    weights = surviving_origins(model, origins) if origins is not None else None
-    weight_bytes = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value)
-    external = weights_external(weight_bytes, external_data)
-    if not external and weight_bytes > PROTOBUF_LIMIT:
-        raise FluxExportError(
-            f"{spec.name}: {weight_bytes / 1e9:.2f} GB of weights cannot be inline in one ONNX protobuf (2 GB at "
-            "most): drop --inline-weights"
-        )
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_free_space(out_dir, weight_bytes)
-    stem = stem or spec.name
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".staging-{stem}-"))
-    try:
-        graph_file = staging / f"{stem}.onnx"
-        data_name = f"{stem}.onnx_data" if external else None
-        written = [0]
-
-        def progress(tensor, _info) -> None:
-            written[0] += tensor.nbytes
-            if on_bytes:
-                on_bytes(written[0], weight_bytes)
-
-        ir.save(model, graph_file, external_data=data_name, callback=progress if data_name else None)
-        if on_bytes:
-            on_bytes(weight_bytes, weight_bytes)
-        onnx.checker.check_model(str(graph_file), full_check=False)
-        if not external:  # a stale data file of an earlier external-data export must not linger
-            (out_dir / f"{stem}.onnx_data").unlink(missing_ok=True)
-        if data_name:
-            os.replace(staging / data_name, out_dir / data_name)
-        os.replace(graph_file, out_dir / graph_file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    options = TraceOptions(opset, streaming, module, prepare, translations)
+    traced = trace_component(source, spec, compute, options)
+    extra = (lambda model, _spec, _compute: graph_pass(model),) if graph_pass else ()
+    notes = (*notes, *([note] if note else []), *run_passes(traced.model, spec, compute, (*EXPORT_PASSES, *extra)))
+    weights = surviving_origins(traced.model, traced.origins) if traced.origins is not None else None
+    written = write_graph(traced.model, Path(out_dir), WritePolicy(stem or spec.name, external_data), on_bytes)
     return ExportedComponent(
-        spec.name, out_dir / f"{stem}.onnx", compute, time.perf_counter() - start, model.graph.num_nodes(),
-        weight_bytes, data_name, tuple(notes), weights,
+        spec.name, written.path, compute, time.perf_counter() - start, written.nodes, written.weight_bytes,
+        written.external_data, notes, weights,
     )  # fmt: skip
-
-
-def check_free_space(folder: Path, needed: int, margin: float = 1.05) -> None:
-    """Refuse before writing when `folder`'s file system cannot hold `needed` bytes (and 5% to spare)."""
-    free = shutil.disk_usage(folder).free
-    if free < needed * margin:
-        raise FluxExportError(
-            f"not enough disk space in {folder}: the graph needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are "
-            "free: free some space or export to another --out"
-        )
 
 
 def _tensors(tensors, compute: str) -> tuple[TensorRecord, ...]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -26,6 +24,7 @@ import torch
 from fluxexport.artifacts.files import file_sha256, now
 from fluxexport.artifacts.folders import ExportFolder, open_export
 from fluxexport.artifacts.records import GraphRecord
+from fluxexport.atomic import staged_files
 from fluxexport.compare import metrics
 from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
@@ -131,27 +130,27 @@ def optimize_graphs(
     quiet_libraries()
     specs = component_specs(source)
     section = folder.optimized
-    (engines / FOLDER).mkdir(exist_ok=True)
     for name in names:
         graph = graphs[name]
         start = time.perf_counter()
         heads, width = _heads_and_width(source, name)
-        staging = Path(tempfile.mkdtemp(dir=engines / FOLDER, prefix=f".staging-{name}-"))
-        try:
-            with quiet_optimizer():
-                model = optimize_model(
-                    str(engines / graph.file), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
-                    optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
-                )  # fmt: skip
-            fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
-            if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
-                earlier = section.pop(name, None)
-                folder.write()
-                for file in earlier.files if earlier else ():
-                    (engines / file).unlink(missing_ok=True)
-                if on_component:
-                    on_component(Optimized(name, {}, 0.0, round(time.perf_counter() - start, 2)))
-                continue
+        with quiet_optimizer():
+            model = optimize_model(
+                str(engines / graph.file), model_type=MODEL_TYPES[name], num_heads=heads, hidden_size=width,
+                optimization_options=fusion_options(name, provider), opt_level=0, use_gpu=provider == "cuda",
+            )  # fmt: skip
+        fusions = {op: count for op, count in model.get_fused_operator_statistics().items() if count}
+        earlier = section.get(name)
+        if not fusions:  # nothing for this provider: the portable graph runs, no copy is kept
+            section.pop(name, None)
+            folder.write()
+            for file in earlier.files if earlier else ():
+                (engines / file).unlink(missing_ok=True)
+            if on_component:
+                on_component(Optimized(name, {}, 0.0, round(time.perf_counter() - start, 2)))
+            continue
+        stale = [Path(file).name for file in earlier.files] if earlier else []
+        with staged_files(engines / FOLDER, name, last=f"{name}.onnx", stale=stale) as staging:
             external = bool(graph.external_data)
             model.save_model_to_file(str(staging / f"{name}.onnx"), use_external_data_format=external,
                                      all_tensors_to_one_file=True)  # fmt: skip
@@ -161,11 +160,7 @@ def optimize_graphs(
                     f"ONNX Runtime's optimizer changed {name}'s outputs (rel-L2 {error:.2e} > {PARITY:g}): kept the "
                     "portable graph; report it with the onnxruntime version"
                 )
-            files = sorted(p.name for p in staging.iterdir())
-            for file in files:
-                (staging / file).replace(engines / FOLDER / file)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            files = sorted(path.name for path in staging.iterdir())
         data = next((f for f in files if f != f"{name}.onnx"), None)
         kept = {initializer.name for initializer in model.model.graph.initializer}
         seconds = round(time.perf_counter() - start, 2)

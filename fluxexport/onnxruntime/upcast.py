@@ -22,6 +22,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from fluxexport.atomic import staged_files
+
 # external data offsets aligned to 64 KiB: ONNX Runtime maps aligned tensors from the file instead of reading them
 _ALIGNMENT = 65536
 
@@ -123,22 +125,18 @@ def write_upcast(path: Path, folder: Path) -> Path:
     target = Path(folder) / Path(path).name
     if target.is_file():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
     model = ir.load(path)
     mapped = [value.const_value for value in model.graph.initializers.values()
               if isinstance(value.const_value, ir.ExternalTensor)]  # fmt: skip
-    partial = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-")) / target.name
-    try:
-        upcast_bf16_to_fp32(model)
-        ir.save(model, partial, external_data=f"{target.name}_data", size_threshold_bytes=1024, alignment=_ALIGNMENT)
-    finally:
-        for tensor in mapped:  # unmap the bf16 weights now: their pages would count until the model is collected
-            tensor.release()
-    weights = partial.parent / f"{target.name}_data"
-    if weights.is_file():  # absent when every tensor was small enough to stay inline
-        weights.replace(folder / weights.name)
-    partial.replace(target)  # last: a copy whose graph file exists is complete
-    partial.parent.rmdir()
+    # the graph moves in last: a copy whose graph file exists is complete; a failed copy leaves nothing behind
+    with staged_files(folder, "upcast", last=target.name) as staging:
+        try:
+            upcast_bf16_to_fp32(model)
+            ir.save(model, staging / target.name, external_data=f"{target.name}_data", size_threshold_bytes=1024,
+                    alignment=_ALIGNMENT)  # fmt: skip
+        finally:
+            for tensor in mapped:  # unmap the bf16 weights now: their pages would count until the model is collected
+                tensor.release()
     return target
 
 
