@@ -12,10 +12,10 @@ from PIL import Image
 
 from fluxexport.cli import main
 from fluxexport.errors import FluxExportError
+from fluxexport.families.flux2.runtime import reference_size
+from fluxexport.families.flux2.specs import check_references_served
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.references import reference_size
 from fluxexport.specs import REFERENCE_OPTIONS, ExportBounds, component_specs
-from fluxexport.specs.flux2 import check_references_served
 from fluxexport.tensorrt.builder import build_bounds
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds, select_profile
 

@@ -38,7 +38,7 @@ PART_NAMES: dict[str, tuple[str, ...]] = {
         "tiny_marker",
         "uses_true_cfg",
     ),
-    "specs": ("check_references_served", "component_specs"),
+    "specs": ("check_request_within", "component_specs"),
     "adapters": ("wrap",),
 }
 
@@ -84,6 +84,11 @@ class Family:
     def reference_mode(self, pipeline: str) -> str:
         """How `pipeline` (one of `pipelines`) takes reference images."""
         return self.reference_modes[pipeline]
+
+    @property
+    def reference_budget(self) -> bool:
+        """Whether its pipelines size reference images within an export's budget (`--max-references`, …)."""
+        return REFERENCE_BUDGET in self.reference_modes.values()
 
     def part(self, layer: str) -> ModuleType:
         """This family's module for `layer` (`"specs"` → `fluxexport.families.flux1.specs`)."""

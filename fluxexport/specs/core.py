@@ -6,9 +6,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FAMILIES
+from fluxexport.families.flux2.runtime import MAX_REFERENCE_AREA, MAX_REFERENCE_ASPECT, MIN_REFERENCE_SIDE
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.references import MAX_REFERENCE_AREA
-from fluxexport.runtime.request import MAX_REFERENCE_ASPECT, MIN_REFERENCE_SIDE
 
 Dim = int | str  # a fixed size, or the name of a symbolic axis
 
@@ -73,10 +73,11 @@ REFERENCE_OPTIONS = {
 def refuse_reference_options(source: ModelSource, **given: object) -> None:
     """The reference budget sizes FLUX.2's engines; FLUX.1 Kontext's reference follows its preferred sizes."""
     named = [REFERENCE_OPTIONS[key] for key, value in given.items() if value is not None]
-    if named and not source.is_flux2:
+    if named and not source.family.reference_budget:
+        budgeted = " and ".join(family.title for family in FAMILIES if family.reference_budget)
         raise FluxExportError(
-            f"{named[0]} sizes FLUX.2's reference images; {source.name} is FLUX.1 (Kontext's reference bounds follow "
-            "its preferred sizes): drop it"
+            f"{named[0]} sizes {budgeted}'s reference images; {source.name} is {source.family.title} (Kontext's "
+            "reference bounds follow its preferred sizes): drop it"
         )
 
 
@@ -85,7 +86,7 @@ class ExportBounds:
     """The range an export (and later an engine's profiles) must serve: min/opt/max batch, image side, text
     tokens, and FLUX.2's reference budget (how many reference images beside the target, the pixels of each, their
     largest aspect ratio), which sizes the transformer's token axis and the VAE encoder's sides apart from the
-    target's (`specs.flux2`).
+    target's (`families/flux2/specs.py`).
 
     Graphs are exported for the whole range; `fluxexport build` makes one TensorRT profile per resolution
     bucket of it (`with_resolution`; each bucket serves the whole reference budget), so every bound lives here

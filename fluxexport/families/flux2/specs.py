@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from fluxexport.dtypes import COMPUTE
 from fluxexport.errors import FluxExportError
+from fluxexport.families.flux2.runtime import MIN_REFERENCE_SIDE, reference_size
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.request import MIN_REFERENCE_SIDE
+from fluxexport.runtime.request import ResolvedRequest
 from fluxexport.specs.core import (
     Axis,
     ComponentSpec,
@@ -20,6 +21,8 @@ from fluxexport.specs.core import (
     transformer_part_specs,
     vae_specs,
 )
+
+__all__ = ["check_request_within", "component_specs"]
 
 ROPE_AXES = 4  # (t, h, w, l)
 
@@ -36,7 +39,7 @@ def reference_side(bounds: ExportBounds, scale: int) -> int:
     return math.isqrt(int(bounds.max_reference_area * bounds.max_reference_aspect)) // scale * scale
 
 
-def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, ComponentSpec]:
+def component_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, ComponentSpec]:
     """The four FLUX.2 component specs and the transformer's parts, with widths read from the checkpoint's
     configs."""
     batch = Axis(*bounds.batch)
@@ -92,7 +95,7 @@ def flux2_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Componen
 def flux2_part_specs(
     source: ModelSource, transformer_inputs: tuple[TensorSpec, ...], axes: dict[str, Axis], sizes: dict[str, int]
 ) -> dict[str, ComponentSpec]:
-    """The transformer in three parts (`--cache first-block`/`magcache`; `adapters.flux2` says what each holds):
+    """The transformer in three parts (`--cache first-block`/`magcache`; `families/flux2/adapters.py` says what each holds):
     FLUX.1's parts, with the double blocks' modulation vectors carried from the head (which computes them for its
     block) to the tail's double blocks."""
     config = source.transformer
@@ -133,7 +136,7 @@ def check_references_served(
     if not references:
         return
     scale = 2 * source.vae_scale_factor
-    specs = flux2_specs(source, bounds)
+    specs = component_specs(source, bounds)
     tokens, sides = specs["transformer"].axes["N"], specs["vae_encoder"].axes["H"]
     needed = (height // scale) * (width // scale) + sum((w // scale) * (h // scale) for w, h in references)
     count = len(references)
@@ -156,3 +159,12 @@ def check_references_served(
                 f"reference image {index + 1} is encoded at {w}×{h}: its {side} px side is past the {sides.max} px "
                 f"{built_for} ({budget_text(bounds)}): {rebuild} {fix}--max-reference-aspect {aspect_for(side, area):g}"
             )
+
+
+def check_request_within(
+    source: ModelSource, bounds: ExportBounds, resolved: ResolvedRequest, built_for: str, rebuild: str
+) -> None:
+    """Refuse a request whose references, sized as the pipeline encodes them, exceed `bounds`' reference budget
+    beside its target (`check_references_served`, worded with `built_for` and `rebuild`)."""
+    sizes = [reference_size(image, 2 * source.vae_scale_factor) for image in resolved.references]
+    check_references_served(source, bounds, resolved.height, resolved.width, sizes, built_for, rebuild)
