@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from fluxexport.triton.config import REFERENCE_INPUTS, pipeline_config
+from fluxexport.families import FAMILIES
+from fluxexport.triton.config import REFERENCE_INPUTS
 
 # config.pbtxt type → (numpy dtype, the datatype Triton's clients name)
 WIRE = {"TYPE_STRING": (object, "BYTES"), "TYPE_INT32": (np.int32, "INT32"), "TYPE_INT64": (np.int64, "INT64"),
         "TYPE_FP32": (np.float32, "FP32"), "TYPE_UINT8": (np.uint8, "UINT8")}  # fmt: skip
-# every family's inputs, FLUX.1's first (a repository's own config says which of them it takes)
-INPUTS = {
-    tensor.name: tensor
-    for flux2 in (False, True)
-    for tensor in pipeline_config(kontext=True, instance_kind="KIND_CPU", flux2=flux2).inputs
-}
+# every family's inputs, in the registry's order (a repository's own config says which of them it takes)
+INPUTS = {tensor.name: tensor for family in FAMILIES for tensor in family.part("triton").pipeline_inputs()}
 
 
 def pipeline_inputs(protocol, prompt: str, **values) -> list:

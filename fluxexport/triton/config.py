@@ -92,18 +92,19 @@ def component_config(
                        gpus=gpus)  # fmt: skip
 
 
-MAX_REFERENCE_IMAGES = 10  # FLUX.2 requests: `image`, `image_2` … `image_10` (FLUX.2's announced 10 references)
+# Reference images come as one input each, uint8 [H,W,3] (pictures of different sizes need no padding), numbered
+# `image`, `image_2`, …: a family's pipeline takes the first of them as many as it reads (FLUX.1 Kontext: `image`;
+# FLUX.2: all ten, its announced reference count)
+MAX_REFERENCE_IMAGES = 10
 REFERENCE_INPUTS = ("image", *(f"image_{number}" for number in range(2, MAX_REFERENCE_IMAGES + 1)))
 
 
 def pipeline_config(
-    kontext: bool, instance_kind: str, count: int = 1, gpus: tuple[int, ...] = (), flux2: bool = False
+    inputs: tuple[TensorConfig, ...], instance_kind: str, count: int = 1, gpus: tuple[int, ...] = ()
 ) -> ModelConfig:
-    """flux_pipeline: prompt in (and optional settings), uint8 images [B,H,W,3] out; with `gpus`, `count`
-    instances per GPU (GPU instances on each, CPU instances `count` × the number of GPUs). FLUX.1 takes one
-    Kontext reference as `image`; FLUX.2 (`flux2`) a negative prompt and references `image`, `image_2`, …: one
-    input per picture, each uint8 [H,W,3] as Kontext's, so references of different sizes need no padding."""
-    inputs = _flux2_inputs() if flux2 else _flux1_inputs(kontext)
+    """flux_pipeline: `inputs` (the family's, `families/<f>/triton.py` `pipeline_inputs`) in, uint8 images
+    [B,H,W,3] out; with `gpus`, `count` instances per GPU (GPU instances on each, CPU instances `count` × the number
+    of GPUs)."""
     outputs = (TensorConfig("images", "TYPE_UINT8", (-1, -1, -1, 3)),)
     if gpus and instance_kind != "KIND_GPU":
         count *= len(gpus)
@@ -111,7 +112,8 @@ def pipeline_config(
                        instance_count=count, gpus=gpus)  # fmt: skip
 
 
-def _settings_inputs() -> list[TensorConfig]:
+def settings_inputs() -> list[TensorConfig]:
+    """The optional settings every family's pipeline takes: size, steps, guidance, seed, images per prompt."""
     return [
         TensorConfig("height", "TYPE_INT32", (1,), optional=True),
         TensorConfig("width", "TYPE_INT32", (1,), optional=True),
@@ -122,37 +124,18 @@ def _settings_inputs() -> list[TensorConfig]:
     ]
 
 
-def _lora_inputs() -> list[TensorConfig]:
+def lora_and_cache_inputs() -> list[TensorConfig]:
+    """The per-request LoRAs and step cache every family's pipeline takes."""
     return [
         TensorConfig("lora", "TYPE_STRING", (-1,), optional=True),  # names of LoRAs placed in the repository
         TensorConfig("lora_scale", "TYPE_FP32", (-1,), optional=True),  # one per LoRA, or one for all
-    ]
-
-
-def _flux1_inputs(kontext: bool) -> tuple[TensorConfig, ...]:
-    inputs = [
-        TensorConfig("prompt", "TYPE_STRING", (1,)),
-        TensorConfig("prompt_2", "TYPE_STRING", (1,), optional=True),
-        *_settings_inputs(),
-        *_lora_inputs(),
         TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
     ]
-    if kontext:
-        inputs.append(TensorConfig("image", "TYPE_UINT8", (-1, -1, 3), optional=True))
-    return tuple(inputs)
 
 
-def _flux2_inputs() -> tuple[TensorConfig, ...]:
-    """FLUX.2 has one text encoder (no prompt_2); it takes FLUX.1's per-request LoRA and step-cache inputs, and
-    its references come last, as Kontext's `image`."""
-    return (
-        TensorConfig("prompt", "TYPE_STRING", (1,)),
-        TensorConfig("negative_prompt", "TYPE_STRING", (1,), optional=True),  # base models (true CFG) only
-        *_settings_inputs(),
-        *_lora_inputs(),
-        TensorConfig("cache", "TYPE_STRING", (1,), optional=True),  # a step cache, as `run --cache` takes it
-        *(TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS),
-    )
+def reference_inputs(count: int) -> list[TensorConfig]:
+    """The first `count` reference image inputs (`REFERENCE_INPUTS`), each optional uint8 [H,W,3]."""
+    return [TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS[:count]]
 
 
 def check_config(text: str, folder_name: str, spec: ComponentSpec | None = None):

@@ -22,7 +22,7 @@ from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.onnxruntime.backend import LORA_COMPONENTS
 from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds, component_specs, pipeline_components
-from fluxexport.triton.config import MAX_REFERENCE_IMAGES, check_config, component_config, pipeline_config
+from fluxexport.triton.config import check_config, component_config, pipeline_config
 
 
 def _template(name: str) -> str:
@@ -167,9 +167,10 @@ def write_repository(
                 bls_components[name] = ComponentIO(as_float, record.outputs)
         pipeline = staging / PIPELINE / "1"
         pipeline.mkdir(parents=True)
+        pipeline_inputs = source.family.part("triton").pipeline_inputs(source)
         _write_config(
             staging / PIPELINE,
-            pipeline_config(source.is_kontext, instance_kind, pipeline_instances, gpus, source.is_flux2).to_pbtxt(),
+            pipeline_config(pipeline_inputs, instance_kind, pipeline_instances, gpus).to_pbtxt(),
         )
         (pipeline / "model.py").write_text(_template("flux_pipeline.py"))
         _copy_checkpoint(source, pipeline / "checkpoint")
@@ -187,7 +188,7 @@ def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str
     engine = (
         "TensorRT plans (`tensorrt_plan`)" if kind == "tensorrt" else "ONNX graphs run by ONNX Runtime (python backend)"
     )
-    inputs = _flux2_inputs_text(source, loras) if source.is_flux2 else _flux1_inputs_text(source, loras)
+    inputs = source.family.part("triton").inputs_text(source, loras)
     return f"""# Triton model repository for {source.name}
 
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
@@ -204,42 +205,15 @@ Every config.pbtxt uses `max_batch_size: 0` with an explicit -1 batch dim: the t
 """
 
 
-def _lora_inputs_text(loras: list[str]) -> str:
+def lora_inputs_text(loras: list[str]) -> str:
     """The inputs that pick a request's LoRAs, as both families take them."""
     placed = ", ".join(loras) or "none placed"
     return f"`lora` (BYTES [n], names of the LoRAs in `{LORA_FOLDER}`: {placed}), `lora_scale` (FP32 [n] or [1])"
 
 
-def _lora_swap_text(components: str) -> str:
+def lora_swap_text(components: str) -> str:
+    """How a request's LoRAs reach `components` (the family's that take LoRAs)."""
     return (
         f"A request's LoRAs are swapped into the {components} (only the weights they touch); a component keeps "
         "the last set, so requests with the same LoRAs pay nothing, and a change costs one session re-creation."
     )
-
-
-def _flux1_inputs_text(source: ModelSource, loras: list[str]) -> str:
-    kontext = " and `image` (uint8 [H,W,3], the Kontext reference)" if source.is_kontext else ""
-    return f"""takes `prompt` (BYTES [1]) and optional `prompt_2`, `height`, `width`,
-`num_inference_steps`, `guidance_scale`, `seed`, `num_images`{kontext}, {_lora_inputs_text(loras)}
-and `cache` (BYTES [1], a step cache as `fluxexport run --cache` takes it: `taylorseer:interval=3,warmup=2`), and
-returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's runtime.
-{_lora_swap_text("transformer and CLIP components")}
-`magcache` reads `ratios=flux-dev` or a .json file inside this folder, named relative to it
-(`magcache:ratios=flux_pipeline/1/magcache/mine.json`); any other path is refused."""
-
-
-def _flux2_inputs_text(source: ModelSource, loras: list[str]) -> str:
-    negative = (
-        '`negative_prompt` (BYTES [1], the true-CFG branch; "" by default)'
-        if source.uses_true_cfg
-        else "`negative_prompt` (refused: this distilled model runs without true CFG)"
-    )
-    return f"""takes `prompt` (BYTES [1]) and optional {negative}, `height`,
-`width`, `num_inference_steps`, `guidance_scale`, `seed`, `num_images`, {_lora_inputs_text(loras)},
-`cache` (BYTES [1], a step cache as `fluxexport run --cache` takes it; it runs on the transformer's parts, which
-this repository serves when it was written from an export with `--transformer-parts`) and reference images
-`image`, `image_2`, … `image_{MAX_REFERENCE_IMAGES}` (each uint8 [H,W,3], in order; without a size the output takes
-the last one's), and returns `images` (UINT8 [B,H,W,3]), calling the components through BLS with fluxexport's
-FLUX.2 runtime. {_lora_swap_text("transformer component (FLUX.2 LoRAs adapt only it)")}
-`magcache` reads a .json file inside this folder (`magcache:ratios=flux_pipeline/1/magcache/mine.json`, made by
-`fluxexport calibrate-magcache` for this model); any other path is refused."""
