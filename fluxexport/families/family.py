@@ -40,6 +40,20 @@ PART_NAMES: dict[str, tuple[str, ...]] = {
     ),
     "specs": ("check_request_within", "component_specs"),
     "adapters": ("wrap",),
+    "runtime": (  # `runtime.family_part.FamilyRuntime`: what `runtime.pipeline`'s generic loop asks
+        "check_cache",
+        "decode",
+        "encode_prompts",
+        "encode_references",
+        "image_ids",
+        "latent_grid",
+        "noise_tokens",
+        "request_references",
+        "sigmas",
+        "transformer_inputs",
+    ),
+    "quantize": ("KEEP_HIGH_PRECISION",),
+    "triton": ("inputs_text", "pipeline_inputs"),
 }
 
 
