@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from helpers import diffusers_images
 
-from fluxexport.cli import main
+from fluxexport.cli import command_line_terms, main
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.cache import CacheSettings, TaylorSeer, parse_cache
@@ -43,7 +43,7 @@ def test_cache_settings_parse_with_diffusers_defaults():
 def test_bad_cache_settings_are_refused_in_one_line(text, message):
     with pytest.raises(FluxExportError) as error:
         parse_cache(text)
-    assert str(error.value) == message
+    assert error.value.render(command_line_terms()) == message  # as the CLI words it
 
 
 def test_taylorseer_computes_diffusers_schedule():

@@ -61,4 +61,6 @@ def test_latent_grid():
 def test_bad_sizes_name_the_nearest_valid_ones(height, width, message):
     with pytest.raises(FluxExportError) as error:
         check_image_size(height, width)
-    assert str(error.value) == message
+    from fluxexport.cli import command_line_terms
+
+    assert error.value.render(command_line_terms()) == message  # as the CLI words it

@@ -59,7 +59,10 @@ def test_euler_step_is_diffusers_step():
 
 
 def test_bad_steps_and_unsupported_options():
-    with pytest.raises(FluxExportError, match=r"steps must be at least 1, got 0 \(--steps\)"):
+    from fluxexport.cli import command_line_terms
+
+    with pytest.raises(FluxExportError) as error:
         flow_match_sigmas(0, 256, {})
+    assert error.value.render(command_line_terms()) == "steps must be at least 1, got 0 (--steps)"
     with pytest.raises(FluxExportError, match="use_karras_sigmas"):
         flow_match_sigmas(4, 256, {"use_karras_sigmas": True})

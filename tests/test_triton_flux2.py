@@ -24,6 +24,7 @@ from helpers import has_tritonserver
 
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FLUX1, FLUX2
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
 from fluxexport.triton.config import REFERENCE_INPUTS, check_config, pipeline_config
@@ -137,8 +138,8 @@ def standin_pb_utils() -> types.ModuleType:
 
 def pipeline_request(prompt: str, **values) -> list[Tensor]:
     """flux_pipeline inputs as a client sends them (types from the pipeline config; None leaves one out)."""
-    config = {t.name: t for t in pipeline_config(kontext=True, instance_kind="KIND_CPU", flux2=True).inputs}
-    config |= {t.name: t for t in pipeline_config(kontext=True, instance_kind="KIND_CPU").inputs}
+    config = {t.name: t for t in FLUX2.part("triton").pipeline_inputs()}
+    config |= {t.name: t for t in FLUX1.part("triton").pipeline_inputs()}
     tensors = []
     for name, value in {"prompt": prompt, **values}.items():
         if value is None:
@@ -458,12 +459,14 @@ def test_client_numbers_several_references():
         pipeline_inputs(http, "a cat", image=[first] * 11)
 
 
-def test_flux1_pipeline_config_is_unchanged():
+def test_flux1_pipeline_config_is_unchanged(sources):
     """FLUX.1 (Kontext or not) keeps its inputs: one `image`, no negative prompt."""
+    schnell, kontext = sources["tiny-schnell"], sources["tiny-kontext"]
     names = ["prompt", "prompt_2", "height", "width", "num_inference_steps", "guidance_scale", "seed", "num_images",
              "lora", "lora_scale", "cache"]  # fmt: skip
-    assert [t.name for t in pipeline_config(False, "KIND_CPU").inputs] == names
-    assert [t.name for t in pipeline_config(True, "KIND_CPU").inputs] == [*names, "image"]
+    flux1 = FLUX1.part("triton")
+    assert [t.name for t in pipeline_config(flux1.pipeline_inputs(schnell), "KIND_CPU").inputs] == names
+    assert [t.name for t in pipeline_config(flux1.pipeline_inputs(kontext), "KIND_CPU").inputs] == [*names, "image"]
 
 
 # ---- the cache input never names a file outside the repository -------------------------------------------------
@@ -498,7 +501,9 @@ def test_magcache_ratios_stay_inside_the_repository(template, tmp_path):
         template.served_cache("magcache:ratios=other.json", repository)
     with pytest.raises(FluxExportError, match="^'ratios=' is not key=value"):
         template.served_cache("magcache:ratios=", repository)
-    message = template.in_request_terms(f"{refused}'/etc/passwd'")
+    with pytest.raises(FluxExportError) as error:
+        template.served_cache("magcache:ratios=/etc/passwd", repository)
+    message = error.value.render(template.TRITON_TERMS)
     assert message == f"{refused}'/etc/passwd'"  # the response's one line, unchanged by the request wording
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError
 from fluxexport.runtime.magcache import MagCache, MagCalibration, interpolate_ratios, mag_schedule, read_ratios
 from fluxexport.runtime.step_cache import PARTS, Components, NoCache, Output, StepCache, tail_feeds
 
@@ -55,11 +55,11 @@ class CacheSettings:
 
     def __post_init__(self) -> None:
         if self.name not in CACHES:
-            raise FluxExportError(f"unknown cache {self.name!r}: choose one of {', '.join(CACHES)} (--cache)")
+            raise RequestError("cache", f"unknown cache {self.name!r}", f"choose one of {', '.join(CACHES)}")
         unknown = sorted(set(self.knobs) - set(CACHES[self.name]))
         if unknown:
             takes = ", ".join(CACHES[self.name]) or "no keys"
-            raise FluxExportError(f"{self.name} has no key {unknown[0]!r}: it takes {takes} (--cache)")
+            raise RequestError("cache", f"{self.name} has no key {unknown[0]!r}", f"it takes {takes}")
         object.__setattr__(self, "knobs", CACHES[self.name] | dict(self.knobs))
         for key, value in self.knobs.items():
             _check_knob(self.name, key, value)
@@ -100,22 +100,23 @@ def _check_knob(cache: str, key: str, value: Knob) -> None:
     """Refuse a knob value in one line (`ratios` is checked by reading it)."""
     if key == "ratios":
         if value == "":
-            raise FluxExportError(
-                "magcache needs ratios: pass ratios=FILE (written by fluxexport calibrate-magcache) or ratios=flux-dev "
-                "(diffusers' FLUX.1-dev ratios) (--cache)"
-            )
+            raise RequestError(
+                "cache", "magcache needs ratios",
+                "pass ratios=FILE (written by fluxexport calibrate-magcache) or ratios=flux-dev (diffusers' FLUX.1-dev "
+                "ratios)",
+            )  # fmt: skip
         return
     if key == "threshold":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-            raise FluxExportError(f"{cache} threshold must be a number ≥ 0, got {value!r} (--cache)")
+            raise RequestError("cache", f"{cache} threshold must be a number ≥ 0, got {value!r}")
         return
     if key == "retention_ratio":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise FluxExportError(f"{cache} retention_ratio must be a number in [0, 1], got {value!r} (--cache)")
+            raise RequestError("cache", f"{cache} retention_ratio must be a number in [0, 1], got {value!r}")
         return
     low = 1 if key in ("interval", "order") else 0
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise FluxExportError(f"{cache} {key} must be an integer ≥ {low}, got {value!r} (--cache)")
+        raise RequestError("cache", f"{cache} {key} must be an integer ≥ {low}, got {value!r}")
 
 
 def parse_cache(text: str | None) -> CacheSettings:
@@ -127,7 +128,7 @@ def parse_cache(text: str | None) -> CacheSettings:
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, equals, value = item.partition("=")
         if not equals or not value.strip():
-            raise FluxExportError(f"{item!r} is not key=value: write --cache {name}:key=value,… (--cache)")
+            raise RequestError("cache", f"{item!r} is not key=value", f"write {{option}} {name}:key=value,…")
         knobs[key.strip()] = _number(value.strip())
     return CacheSettings(name.strip(), knobs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import RequestError
 
 
 def latent_grid(height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
@@ -12,14 +12,21 @@ def latent_grid(height: int, width: int, vae_scale_factor: int = 8) -> tuple[int
     return 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
 
 
-def check_image_size(height: int, width: int, multiple: int = 16) -> None:
-    """Refuse sizes the packed latent grid cannot represent, naming the nearest valid ones."""
+def check_image_size(height: int, width: int, multiple: int = 16, largest: int | None = None) -> None:
+    """Refuse sizes the packed latent grid cannot represent, naming the nearest valid ones, and sides past
+    `largest` (the most a request may ask of the model)."""
     for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(name, f"{{name}} must be a whole number of pixels, got {value!r}")
         if value < multiple or value % multiple:
             lower = max(multiple, value // multiple * multiple)
             upper = lower + multiple if lower < value else lower
             choices = f"{lower} or {upper}" if lower != upper else f"{lower}"
-            raise FluxExportError(f"{name} {value} is not a multiple of {multiple}: use {choices} (--{name})")
+            raise RequestError(name, f"{{name}} {value} is not a multiple of {multiple}", f"use {choices}")
+        if largest is not None and value > largest:
+            raise RequestError(
+                name, f"{{name}} {value} is past the {largest} px this model serves", f"use {largest} or less"
+            )
 
 
 def noise(batch: int, channels: int, height: int, width: int, seed: int, vae_scale_factor: int = 8) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError
 
 NUM_TRAIN_TIMESTEPS = 1000
 # Scheduler options that change the sigmas and that no FLUX.1 checkpoint sets; we refuse rather than ignore.
@@ -47,10 +47,17 @@ def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(slope * num_steps + (at_200_steps - 200.0 * slope))
 
 
+MAX_STEPS = NUM_TRAIN_TIMESTEPS  # more steps than the scheduler's training timesteps repeat sigmas' resolution
+
+
 def check_steps(num_steps: int) -> int:
-    """Refuse a step count below 1 (the one-line error every caller shows)."""
+    """Refuse a step count that is not a whole number in 1..MAX_STEPS (the one-line error every caller shows)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int):
+        raise RequestError("num_inference_steps", f"{{name}} must be a whole number, got {num_steps!r}")
     if num_steps < 1:
-        raise FluxExportError(f"steps must be at least 1, got {num_steps} (--steps)")
+        raise RequestError("num_inference_steps", f"{{name}} must be at least 1, got {num_steps}")
+    if num_steps > MAX_STEPS:
+        raise RequestError("num_inference_steps", f"{{name}} must be at most {MAX_STEPS}, got {num_steps}")
     return num_steps
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fluxexport.artifacts.repository import ComponentIO
 from fluxexport.dtypes import ELEMENT_TORCH
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import InternalError
 from fluxexport.runtime.backend import Component, Feeds
 
 
@@ -39,7 +39,7 @@ class BlsBackend:
 
     def component(self, name: str) -> Component:
         if name not in self.components:
-            raise FluxExportError(f"this repository has no {name} model")
+            raise InternalError(f"this repository has no {name} model", name)
         io = self.components[name]
         inputs = {t.name: ELEMENT_TORCH[t.dtype] for t in io.inputs}
         outputs = [t.name for t in io.outputs]
@@ -53,8 +53,8 @@ class BlsBackend:
                 **extra,
             )
             response = request.exec()
-            if response.has_error():
-                raise FluxExportError(f"{name}: {response.error().message()}")
+            if response.has_error():  # a component of ours failed on what the pipeline checked: not the client's
+                raise InternalError(f"{name}: {response.error().message()}", name)
             return {key: self._from_triton(self.pb_utils.get_output_tensor_by_name(response, key)) for key in outputs}
 
         return run

@@ -7,7 +7,6 @@ repository, named relative to it.
 """
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from fluxexport.artifacts.repository import PipelineSettings
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError, Terms
 from fluxexport.models.source import load_folder
 from fluxexport.runtime.cache import CacheSettings, parse_cache
 from fluxexport.runtime.magcache import NAMED_RATIOS
@@ -24,42 +23,74 @@ from fluxexport.specs import ExportBounds, check_request_within
 from fluxexport.triton.bls import BlsBackend
 from fluxexport.triton.config import REFERENCE_INPUTS
 
+# A request's field (the runtime's vocabulary, RequestError.field) → this model's input that carries it, where the
+# two differ; a refusal names the input, and points at no command-line flag
+REQUEST_INPUTS = {"num_images_per_prompt": "num_images"}
+TRITON_TERMS = Terms(REQUEST_INPUTS, option="{name}", given="in the {name} input", drop="drop the {name} input")
+MAX_TEXT_BYTES = 64 * 1024  # a text input's bytes (prompts are checked in characters after decoding)
+MAX_LORAS = 16  # LoRA names in one request (a repository offers a handful)
+MAX_REFERENCE_PIXELS = 4096 * 4096  # a reference image's pixels as sent (the pipelines scale them to ~1 MP)
+
 
 def _optional(request, name, cast):
+    """The one value of the optional input `name` as `cast` (str, int, float), or None if it is not given."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
     value = tensor.as_numpy().reshape(-1)
     if value.size != 1:
-        raise FluxExportError(f"{name} must hold one value, got {value.size}")
-    value = value[0]
-    return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+        raise RequestError(name, f"{name} must hold one value, got {value.size}", pointer=False, literal=True)
+    return _cast(name, value[0], cast)
 
 
-def _values(request, name) -> list | None:
+def _cast(name: str, value, cast):
+    """One element of input `name` as `cast`: text from UTF-8 bytes, whole numbers only for int (a float input
+    giving an int is refused rather than rounded)."""
+    if cast is str:
+        if not isinstance(value, bytes | str):
+            raise RequestError(name, f"{name} must be text (BYTES), got {type(value).__name__}", literal=True)
+        if len(value) > MAX_TEXT_BYTES:
+            raise RequestError(name, f"{name} holds {len(value)} bytes, at most {MAX_TEXT_BYTES}", literal=True)
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else value
+        except UnicodeDecodeError:
+            raise RequestError(name, f"{name} is not UTF-8 text", literal=True) from None
+    if isinstance(value, bytes | str | np.bool_):
+        raise RequestError(name, f"{name} must be a number, got {type(value).__name__}", literal=True)
+    if cast is int and not float(value).is_integer():
+        raise RequestError(name, f"{name} must be a whole number, got {value!r}", literal=True)
+    return cast(value)
+
+
+def _values(request, name, cast) -> list | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
-    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in tensor.as_numpy().reshape(-1).tolist()]
+    values = tensor.as_numpy().reshape(-1)
+    if values.size > MAX_LORAS:
+        raise RequestError(name, f"{name} holds {values.size} values, at most {MAX_LORAS}", literal=True)
+    return [_cast(name, value, cast) for value in values.tolist()]
 
 
 def lora_choice(names: list[str] | None, scales: list[float] | None, placed: dict) -> str:
     """The request's LoRA set as the components' `loras` parameter (JSON [[name, scale], …]; "[]" = none)."""
     if not names:
         if scales:
-            raise FluxExportError("lora_scale was given without a lora input: name the LoRAs to apply")
+            raise RequestError("lora_scale", "lora_scale was given without a lora input", "name the LoRAs to apply")
         return "[]"
     unknown = [name for name in names if name not in placed]
     if unknown:
         have = ", ".join(sorted(placed)) if placed else "none (write the repository with --request-lora FILE)"
-        raise FluxExportError(f"lora {unknown[0]!r} is not in this repository; it has: {have}")
+        raise RequestError("lora", f"lora {unknown[0]!r} is not in this repository; it has: {have}", literal=True)
     if len(set(names)) != len(names):
-        raise FluxExportError(f"lora names a LoRA twice: {', '.join(names)}")
+        raise RequestError("lora", f"lora names a LoRA twice: {', '.join(names)}", literal=True)
     scales = scales or [1.0]
     if len(scales) not in (1, len(names)):
-        raise FluxExportError(f"lora_scale holds {len(scales)} values for {len(names)} LoRAs: give one, or one each")
+        raise RequestError(
+            "lora_scale", f"lora_scale holds {len(scales)} values for {len(names)} LoRAs", "give one, or one each"
+        )
     if not all(np.isfinite(scales)):
-        raise FluxExportError("lora_scale must be finite")
+        raise RequestError("lora_scale", f"lora_scale must be finite, got {', '.join(map(str, scales))}")
     scales = scales * len(names) if len(scales) == 1 else scales
     return json.dumps([[name, float(scale)] for name, scale in zip(names, scales, strict=True)])
 
@@ -76,7 +107,10 @@ def served_cache(text: str | None, repository: Path) -> CacheSettings:
         if equals and key.strip() == "ratios" and value.strip():
             item = f"ratios={served_ratios(value.strip(), repository)}"
         items.append(item)
-    return parse_cache(name + colon + ",".join(items))
+    try:
+        return parse_cache(name + colon + ",".join(items))
+    except FluxExportError as error:  # the ratios file it names, read and refused: still the request's
+        raise RequestError.of(error, "cache") from None
 
 
 def served_ratios(value: str, repository: Path) -> str:
@@ -85,14 +119,21 @@ def served_ratios(value: str, repository: Path) -> str:
     if value in NAMED_RATIOS:
         return value
     root = repository.resolve()
-    path = (root / value).resolve()
-    if Path(value).is_absolute() or not path.is_relative_to(root) or path.suffix != ".json":
-        raise FluxExportError(
-            f"cache ratios must be {' or '.join(NAMED_RATIOS)} or a .json file in this model repository, named "
-            f"relative to it (flux_pipeline/1/magcache/NAME.json), got {value!r}"
-        )
-    if not path.is_file():
-        raise FluxExportError(f"cache ratios file {value} is not in this model repository")
+    try:
+        path: Path | None = (root / value).resolve()
+    except (OSError, ValueError):  # a NUL byte, a loop of links
+        path = None
+    if path is None or Path(value).is_absolute() or not path.is_relative_to(root) or path.suffix != ".json":
+        raise RequestError(
+            "cache", f"cache ratios must be {' or '.join(NAMED_RATIOS)} or a .json file in this model repository, "
+            f"named relative to it (flux_pipeline/1/magcache/NAME.json), got {value!r}", literal=True,
+        )  # fmt: skip
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for the file system
+        found = False
+    if not found:
+        raise RequestError("cache", f"cache ratios file {value} is not in this model repository", literal=True)
     return str(path)
 
 
@@ -105,12 +146,18 @@ def _reference_images(request) -> list:
     expected = list(REFERENCE_INPUTS[: len(given)])
     if given != expected:
         missing = next(name for name in expected if name not in given)
-        raise FluxExportError(f"{given[-1]} was given without {missing}: number reference images from image up")
+        raise RequestError(
+            given[-1], f"{given[-1]} was given without {missing}", "number reference images from image up"
+        )
     images = []
     for name in given:
         array = tensors[name].as_numpy()
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise FluxExportError(f"{name} must be uint8 [H, W, 3], got shape {list(array.shape)}")
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+            raise RequestError(name, f"{name} must be uint8 [H, W, 3], got {array.dtype} {list(array.shape)}")
+        if array.shape[0] * array.shape[1] > MAX_REFERENCE_PIXELS:
+            raise RequestError(
+                name, f"{name} is {array.shape[1]}×{array.shape[0]}", f"send at most {MAX_REFERENCE_PIXELS} pixels"
+            )
         images.append(Image.fromarray(np.ascontiguousarray(array)))
     return images
 
@@ -128,12 +175,17 @@ def check_deployment_serves(source, settings: PipelineSettings, resolved) -> Non
     low, high = bounds.min_resolution, bounds.max_resolution
     for name, value in (("height", resolved.height), ("width", resolved.width)):
         if not low <= value <= high:
-            raise FluxExportError(f"{name} {value} is outside this deployment's {low}..{high} px")
+            raise RequestError(name, f"{{name}} {value} is outside this deployment's {low}..{high} px")
     if resolved.batch > bounds.max_batch:
-        raise FluxExportError(f"{resolved.batch} images exceed this deployment's batch limit {bounds.max_batch}")
+        raise RequestError(
+            "num_images_per_prompt", f"{resolved.batch} images exceed this deployment's batch limit {bounds.max_batch}"
+        )
     made = "engines built" if settings.kind == "tensorrt" else "graphs exported"
     fix = f"send fewer or smaller references, or serve {made} using"  # `with --` would read as a request input
-    check_request_within(source, bounds, resolved, "this deployment serves", fix)
+    try:
+        check_request_within(source, bounds, resolved, "this deployment serves", fix)
+    except FluxExportError as error:  # references past the deployment's budget
+        raise RequestError.of(error, "image") from None
 
 
 class TritonPythonModel:
@@ -149,6 +201,7 @@ class TritonPythonModel:
         prompt = _optional(request, "prompt", str)
         references = _reference_images(request)
         image = references[0] if len(references) == 1 else references or None  # FLUX.1 Kontext takes one
+        seed, count = _optional(request, "seed", int), _optional(request, "num_images", int)
         return GenerationRequest(
             prompt=prompt if prompt is not None else "",
             prompt_2=_optional(request, "prompt_2", str),
@@ -156,53 +209,43 @@ class TritonPythonModel:
             width=_optional(request, "width", int),
             num_inference_steps=_optional(request, "num_inference_steps", int),
             guidance_scale=_optional(request, "guidance_scale", float),
-            seed=_optional(request, "seed", int) or 0,
-            num_images_per_prompt=_optional(request, "num_images", int) or 1,
+            seed=0 if seed is None else seed,
+            num_images_per_prompt=1 if count is None else count,
             image=image,
             negative_prompt=_optional(request, "negative_prompt", str),
         )
 
-    def _check_bounds(self, generation: GenerationRequest) -> None:
+    def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings]:
+        """The request, its LoRA choice and its step cache, every value checked before any component runs."""
+        generation = self._request(request)
         check_deployment_serves(self.source, self.settings, resolve_request(self.source, generation))
+        loras = lora_choice(_values(request, "lora", str), _values(request, "lora_scale", float), self.settings.loras)
+        return generation, loras, served_cache(_optional(request, "cache", str), self.repository)
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                generation = self._request(request)
-                self._check_bounds(generation)
-                loras = lora_choice(_values(request, "lora"), _values(request, "lora_scale"), self.settings.loras)
+                generation, loras, cache = self._checked(request)
                 self.backend.parameters = {"loras": loras} if self.settings.loras else {}
-                cache = served_cache(_optional(request, "cache", str), self.repository)
                 images = generate(self.backend, self.source, generation, cache=cache).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
-            except FluxExportError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
-                message = in_request_terms(str(error))
-                responses.append(pb_utils.InferenceResponse(error=invalid_argument(message)))
-            except Exception as error:  # ours: an internal error (HTTP 500); keep serving
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {error!r}")))
+            except RequestError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
+                responses.append(pb_utils.InferenceResponse(error=invalid_argument(error.render(TRITON_TERMS))))
+            except Exception as error:  # ours, a component's failure included: an internal error (HTTP 500)
+                responses.append(pb_utils.InferenceResponse(error=internal_error(error)))
         return responses
-
-
-# The runtime's messages name command-line flags; a client sends inputs of these names instead.
-REQUEST_INPUTS = {"prompt": "prompt", "num-images": "num_images", "steps": "num_inference_steps",
-                  "guidance": "guidance_scale", "image": "image", "max-sequence-length": "max_sequence_length",
-                  "negative-prompt": "negative_prompt", "prompt-2": "prompt_2"}  # fmt: skip
-
-
-def in_request_terms(message: str) -> str:
-    """A runtime message for a request: ` (--height)`-style pointers dropped, other flags named as the request
-    inputs they stand for (`num-images must be …` → `num_images must be …`, `with --prompt` → `in the prompt
-    input`, `drop --negative-prompt` → `drop the negative_prompt input`)."""
-    message = re.sub(r" \(--[a-z0-9-]+\)", "", message)
-    message = re.sub(r"with --([a-z0-9-]+)", lambda m: f"in the {REQUEST_INPUTS.get(m[1], m[1])} input", message)
-    message = re.sub(r"drop --([a-z0-9-]+)", lambda m: f"drop the {REQUEST_INPUTS.get(m[1], m[1])} input", message)
-    for flag, name in REQUEST_INPUTS.items():
-        message = re.sub(rf"(?<![a-z_-]){flag}(?![a-z0-9_-])", name, message)
-    return message
 
 
 def invalid_argument(message: str):
     """A TritonError with the INVALID_ARG code where the python backend has codes (Triton ≥ 23.04)."""
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def internal_error(error: Exception):
+    """A TritonError with the INTERNAL code (HTTP 500, gRPC INTERNAL), its message on one line."""
+    text = str(error) if isinstance(error, FluxExportError) else repr(error)
+    message = "internal error: " + " ".join(text.splitlines())
+    code = getattr(pb_utils.TritonError, "INTERNAL", None)
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
