@@ -364,3 +364,26 @@ def test_optimize_stages_through_the_same_helper(sources, exports, tmp_path, mon
     assert calls[1] == (("clip",), {"last": "clip.onnx", "stale": ["clip.onnx"]})
     assert everything(folder / "ort") == ["clip.onnx"]
     assert {name: file_sha256(folder / name) for name in digests} == digests
+
+
+def test_the_float32_copy_of_a_bf16_graph_is_staged_the_same_way(tmp_path):
+    """`write_upcast` (how ONNX Runtime runs bf16 graphs on CPU) goes through `staged_files` too: its graph file
+    moves in last, and a copy that fails leaves nothing behind."""
+    from fluxexport.onnxruntime.upcast import write_upcast
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("W", TensorProto.BFLOAT16, [WIDTH, WIDTH], rng.standard_normal(WIDTH * WIDTH))
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16), helper.make_node("MatMul", ["xb", "W"], ["h"]),
+         helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)],
+        "bf16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", WIDTH])], [weight],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "g.onnx"))
+    (tmp_path / "blocked" / "g.onnx_data").mkdir(parents=True)  # a folder where the copy's weights go
+    with pytest.raises(OSError):
+        write_upcast(tmp_path / "g.onnx", tmp_path / "blocked")
+    assert everything(tmp_path / "blocked") == ["g.onnx_data"]  # no graph, no staging folder
+    copy = write_upcast(tmp_path / "g.onnx", tmp_path / "up")
+    assert everything(tmp_path / "up") == ["g.onnx", "g.onnx_data"]
+    assert run(copy).shape == (3, WIDTH)

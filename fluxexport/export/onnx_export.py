@@ -127,6 +127,8 @@ def check_free_space(folder: Path, needed: int, margin: float = 1.05) -> None:
 
 @dataclass(frozen=True)
 class ExportedComponent:
+    """One exported component as `export_component` made it (what its manifest record is built from)."""
+
     name: str
     path: Path
     dtype: str
@@ -145,6 +147,7 @@ def export_component(
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
+    *,
     module: torch.nn.Module | None = None,
     translations: dict | None = None,
     notes: Sequence[str] = (),
