@@ -116,7 +116,7 @@ def _random_feeds(batch=2, tokens=20, text=9, seed=0) -> dict[str, torch.Tensor]
 def _adapter_components(model, float32_rope: bool, specs):
     """The parts of `model` as components by name (what a backend's `component` gives), through the adapters."""
     from fluxexport.adapters import named_outputs
-    from fluxexport.adapters.flux2 import FLUX2_ADAPTERS
+    from fluxexport.families.flux2 import adapters as FLUX2_ADAPTERS
 
     adapters = {name: FLUX2_ADAPTERS.wrap(name, model, True, float32_rope, ()) for name in TRANSFORMER_PARTS}
 
@@ -135,7 +135,7 @@ def test_parts_equal_the_whole_transformer(flux2_sources, backends):
     """head → tail → out computes exactly what the transformer computes: the tiny variants through the PyTorch
     backend, and a transformer with two double and two single blocks (the tail's double blocks run) through the
     adapters, diffusers' RoPE and float32 RoPE (what is exported) alike."""
-    from fluxexport.adapters.flux2 import FLUX2_ADAPTERS
+    from fluxexport.families.flux2 import adapters as FLUX2_ADAPTERS
 
     for variant in ("tiny-klein", "tiny-flux2-dev"):
         spec = component_specs(flux2_sources[variant])["transformer"]

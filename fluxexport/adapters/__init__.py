@@ -1,10 +1,10 @@
 """One adapter per component: an nn.Module whose forward takes and returns exactly the spec's tensors, in the
 spec's order. The exporter traces them; the PyTorch backend runs them (outputs named by `spec.outputs`).
 
-FLUX.2's adapters are in `adapters/flux2.py`; `wrap_component(…, family=…)` picks them. The one switch:
-`float32_rope`. For export, RoPE frequencies are computed in float32 (diffusers uses float64
-on CPU, which would put DOUBLE tensors in the graph; TensorRT has none); the PyTorch reference keeps
-diffusers' own RoPE, so that it matches diffusers bit for bit.
+Each family's adapters are in its folder (`families/flux1/adapters.py`, `families/flux2/adapters.py`);
+`wrap_component(…, family=…)` asks that family's `wrap`. The one switch: `float32_rope`. For export, RoPE
+frequencies are computed in float32 (diffusers uses float64 on CPU, which would put DOUBLE tensors in the graph;
+TensorRT has none); the PyTorch reference keeps diffusers' own RoPE, so that it matches diffusers bit for bit.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fluxexport.adapters.flux2 import FLUX2_ADAPTERS
-from fluxexport.adapters.parts import TransformerOutAdapter
 from fluxexport.adapters.rope import Float32RotaryEmbedding, use_float32_rope
-from fluxexport.errors import FluxExportError
+from fluxexport.families import FLUX1, family_named
 from fluxexport.models.loaders import MODULE_OF, load_module
 from fluxexport.models.source import ModelSource
-from fluxexport.specs import KNOWN_COMPONENTS, ComponentSpec
+from fluxexport.specs import ComponentSpec
 
 __all__ = [
     "Float32RotaryEmbedding",
@@ -30,137 +28,18 @@ __all__ = [
 ]
 
 
-class ClipAdapter(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor):
-        out = self.model(input_ids.to(torch.int64), output_hidden_states=False)
-        return out.last_hidden_state, out.pooler_output
-
-
-class T5Adapter(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor):
-        return self.model(input_ids.to(torch.int64))[0]
-
-
-class TransformerAdapter(nn.Module):
-    def __init__(self, model: nn.Module, guidance: bool, float32_rope: bool = True):
-        super().__init__()
-        self.model = use_float32_rope(model) if float32_rope else model
-        self.guidance = guidance
-
-    def forward(
-        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
-    ):
-        dtype = hidden_states.dtype
-        return self.model(
-            hidden_states=hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_ids=img_ids.to(dtype),
-            txt_ids=txt_ids.to(dtype),
-            guidance=guidance if self.guidance else None,
-            return_dict=False,
-        )[0]
-
-
-class TransformerHeadAdapter(TransformerAdapter):
-    """The transformer's embedders and first double block, as diffusers' forward runs them: the first block's
-    image residual (what First Block Cache compares), its image and text outputs, the time embedding, and the
-    image stream that entered the first block (what MagCache subtracts)."""
-
-    def forward(
-        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
-    ):
-        model, dtype = self.model, hidden_states.dtype
-        hidden = model.x_embedder(hidden_states)
-        timestep = timestep.to(hidden.dtype) * 1000
-        if self.guidance:
-            temb = model.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
-        else:
-            temb = model.time_text_embed(timestep, pooled_projections)
-        text = model.context_embedder(encoder_hidden_states)
-        rope = model.pos_embed(torch.cat((txt_ids.to(dtype), img_ids.to(dtype)), dim=0))
-        text, image = model.transformer_blocks[0](
-            hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope
-        )
-        return image - hidden, image, text, temb, hidden
-
-
-class TransformerTailAdapter(nn.Module):
-    """Every block after the first (the other double blocks, then the single ones): the image stream after them."""
-
-    def __init__(self, model: nn.Module, float32_rope: bool = True):
-        super().__init__()
-        self.model = use_float32_rope(model) if float32_rope else model
-
-    def forward(self, image_hidden, text_hidden, temb, img_ids, txt_ids):
-        model, dtype = self.model, image_hidden.dtype
-        rope = model.pos_embed(torch.cat((txt_ids.to(dtype), img_ids.to(dtype)), dim=0))
-        image, text = image_hidden, text_hidden
-        for block in [*model.transformer_blocks[1:], *model.single_transformer_blocks]:
-            text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
-        return image
-
-
-class VaeDecoderAdapter(nn.Module):
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-class VaeEncoderAdapter(nn.Module):
-    """Returns the posterior mean (what FluxKontextPipeline uses: sample_mode="argmax")."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images):
-        return self.vae.encode(images).latent_dist.mode()
-
-
 def wrap_component(
     name: str,
     module: nn.Module,
     guidance: bool,
     float32_rope: bool = True,
     *,
-    family: str = "flux1",
+    family: str = FLUX1.name,
     text_layers: tuple[int, ...] = (9, 18, 27),
 ) -> nn.Module:
-    """The adapter of component `name` around its loaded module (the AutoencoderKL for both VAE components);
-    FLUX.2 components (`family="flux2"`) get FLUX.2's adapters (`text_layers`: the LM layers its text encoder
-    stacks)."""
-    if family == "flux2":
-        return FLUX2_ADAPTERS.wrap(name, module, guidance, float32_rope, text_layers)
-    if name == "transformer":
-        return TransformerAdapter(module, guidance, float32_rope).eval()
-    if name == "transformer_head":
-        return TransformerHeadAdapter(module, guidance, float32_rope).eval()
-    if name == "transformer_tail":
-        return TransformerTailAdapter(module, float32_rope).eval()
-    if name == "transformer_out":
-        return TransformerOutAdapter(module).eval()
-    adapters = {
-        "clip": ClipAdapter,
-        "t5": T5Adapter,
-        "vae_decoder": VaeDecoderAdapter,
-        "vae_encoder": VaeEncoderAdapter,
-    }
-    if name not in adapters:
-        raise FluxExportError(f"unknown component {name!r}: choose one of {', '.join(KNOWN_COMPONENTS)}")
-    return adapters[name](module).eval()
+    """The adapter of component `name` around its loaded module (the autoencoder for both VAE components), by the
+    adapters of `family` (its name; `text_layers`: the LM layers FLUX.2's text encoder stacks)."""
+    return family_named(family).part("adapters").wrap(name, module, guidance, float32_rope, text_layers)
 
 
 def adapter_for(source: ModelSource, name: str, module: nn.Module, float32_rope: bool = True) -> nn.Module:

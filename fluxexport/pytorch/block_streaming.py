@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxexport.adapters.flux2 import TextEncoderAdapter
+from fluxexport.families.flux2.adapters import TextEncoderAdapter
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.meta import parameter_aliases, weightless_module
 from fluxexport.models.source import ModelSource

@@ -1,4 +1,4 @@
-"""FLUX.2's adapters: each takes and returns exactly its spec's tensors (`specs.flux2_specs`).
+"""FLUX.2's adapters: each takes and returns exactly its spec's tensors (`families/flux2/specs.py`).
 
 - text encoder: the causal LM run up to the deepest layer it is read at (layers past it never run), its hidden
   states at `layers` stacked per token into one [B, L, 3·hidden] embedding, as diffusers' pipelines stack them;
@@ -18,6 +18,8 @@ from torch import nn
 from fluxexport.adapters.parts import TransformerOutAdapter
 from fluxexport.adapters.rope import use_float32_rope
 from fluxexport.errors import FluxExportError
+
+__all__ = ["wrap"]
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -187,30 +189,25 @@ class VaeEncoderAdapter(nn.Module):
         return (latent - mean) / std
 
 
-class Flux2Adapters:
-    """FLUX.2's component → adapter table."""
-
-    names = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "transformer_head", "transformer_tail",
-             "transformer_out")  # fmt: skip
-
-    def wrap(
-        self, name: str, module: nn.Module, guidance: bool, float32_rope: bool, text_layers: tuple[int, ...]
-    ) -> nn.Module:
-        if name == "text_encoder":
-            return TextEncoderAdapter(module, text_layers).eval()
-        if name == "transformer":
-            return TransformerAdapter(module, guidance, float32_rope).eval()
-        if name == "transformer_head":
-            return TransformerHeadAdapter(module, guidance, float32_rope).eval()
-        if name == "transformer_tail":
-            return TransformerTailAdapter(module, float32_rope).eval()
-        if name == "transformer_out":
-            return TransformerOutAdapter(module).eval()
-        if name == "vae_decoder":
-            return VaeDecoderAdapter(module).eval()
-        if name == "vae_encoder":
-            return VaeEncoderAdapter(module).eval()
-        raise FluxExportError(f"FLUX.2 has no component {name!r}: choose one of {', '.join(self.names)}")
+NAMES = ("text_encoder", "transformer", "vae_decoder", "vae_encoder", "transformer_head", "transformer_tail",
+         "transformer_out")  # fmt: skip
 
 
-FLUX2_ADAPTERS = Flux2Adapters()
+def wrap(name: str, module: nn.Module, guidance: bool, float32_rope: bool, text_layers: tuple[int, ...]) -> nn.Module:
+    """The adapter of component `name` around its loaded module (`text_layers`: the LM layers the text encoder
+    stacks)."""
+    if name == "text_encoder":
+        return TextEncoderAdapter(module, text_layers).eval()
+    if name == "transformer":
+        return TransformerAdapter(module, guidance, float32_rope).eval()
+    if name == "transformer_head":
+        return TransformerHeadAdapter(module, guidance, float32_rope).eval()
+    if name == "transformer_tail":
+        return TransformerTailAdapter(module, float32_rope).eval()
+    if name == "transformer_out":
+        return TransformerOutAdapter(module).eval()
+    if name == "vae_decoder":
+        return VaeDecoderAdapter(module).eval()
+    if name == "vae_encoder":
+        return VaeEncoderAdapter(module).eval()
+    raise FluxExportError(f"FLUX.2 has no component {name!r}: choose one of {', '.join(NAMES)}")
