@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fluxexport.atomic import atomic_file
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, InternalError
 
 
 def to_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
@@ -23,7 +23,10 @@ def from_vae_latents(latents: torch.Tensor, scaling_factor: float, shift_factor:
 
 
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Decoder output [B,3,H,W] in [-1,1] → uint8 [B,H,W,3]."""
+    """Decoder output [B,3,H,W] in [-1,1] → uint8 [B,H,W,3]; a NaN or infinite pixel is our failure, never an
+    image (uint8 would turn it into black or garbage silently)."""
+    if not bool(torch.isfinite(images).all()):
+        raise InternalError("the VAE decoder gave NaN or infinite pixels: no image written")
     unit = (images.to(torch.float32) * 0.5 + 0.5).clamp(0, 1)
     array = unit.cpu().permute(0, 2, 3, 1).numpy()
     return (array * 255).round().astype(np.uint8)
