@@ -112,6 +112,9 @@ def test_bench_and_validate_refuse_request_values_in_their_own_flags(tmp_path):
         "Error: height 100000 is past the 1024 px this model serves: use 1024 or less (--height)"
     )
     assert cli_refusal("bench", "--steps", "0") == "Error: steps must be at least 1, got 0 (--steps)"
+    assert cli_refusal("validate", "--engines", tmp_path, "--steps", "0") == (
+        "Error: steps must be at least 1, got 0 (--steps)"  # before the folder is read: it holds no graphs
+    )
     refused = cli_refusal("validate", "--engines", tmp_path, "--cache", "taylorseer:interval=0")
     assert refused == "Error: taylorseer interval must be an integer ≥ 1, got 0 (--cache)"
     assert cli_invoke("bench", "--cache", "magic").exit_code == 1

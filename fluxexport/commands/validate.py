@@ -43,9 +43,11 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
     PyTorch, write the JSON report, and say whether they match within the thresholds."""
     from fluxexport.artifacts.files import default_folder
     from fluxexport.runtime.cache import parse_cache
+    from fluxexport.runtime.schedule import check_steps
     from fluxexport.validate import check_validation_host, validate_any
 
     cache = parse_cache(options.cache)
+    check_steps(options.steps)  # the request values first, before any folder or weight is read
     source = open_source(options.model)
     engines = options.engines
     if engines is None:
