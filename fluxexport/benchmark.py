@@ -16,13 +16,14 @@ from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_req
 
 def transformer_flop_per_step(source: ModelSource, height: int, width: int, text_tokens: int, batch: int) -> float:
     """FLOP of one transformer call: B · blocks · (c·d²·S + 4·S²·d), S = image + text tokens, d its width
-    (linear layers, then attention; embedders and modulation ignored). c = 2·(4 + MLP): FLUX.1's GELU MLP of ratio
-    4 makes c = 24 (74.4 TFLOP at 1024², 512 text tokens, ARCHITECTURE.md); FLUX.2's SwiGLU of ratio 3, c = 26."""
-    config = source.transformer
-    blocks = int(config.get("num_layers", 19)) + int(config.get("num_single_layers", 38))
-    d = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
-    ratio = float(config.get("mlp_ratio", 3.0 if source.is_flux2 else 4.0))
-    linear = 2 * (4 + (3 * ratio if source.is_flux2 else 2 * ratio))  # per token, in units of d²
+    (linear layers, then attention; embedders and modulation ignored). c = 2·(4 + m·r), the MLP's `m` matrices of
+    d × r·d as the family declares them (`Family.ffn_matrices`, `ffn_ratio`): FLUX.1's GELU MLP of ratio 4 makes
+    c = 24 (74.4 TFLOP at 1024², 512 text tokens, ARCHITECTURE.md); FLUX.2's SwiGLU of ratio 3, c = 26."""
+    config, family = source.transformer, source.family
+    blocks = int(config["num_layers"]) + int(config["num_single_layers"])
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    ratio = float(config[family.ffn_ratio]) if isinstance(family.ffn_ratio, str) else family.ffn_ratio
+    linear = 2 * (4 + family.ffn_matrices * ratio)  # per token, in units of d²
     patch = 2 * source.vae_scale_factor  # pixels per packed token side
     tokens = (height // patch) * (width // patch) + text_tokens
     return float(batch * blocks * (linear * d * d * tokens + 4 * tokens * tokens * d))

@@ -16,6 +16,7 @@ import torch
 from helpers import diffusers_images
 
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FLUX2
 from fluxexport.models.source import ModelSource, load_folder
 from fluxexport.runtime.pipeline import GenerationRequest, generate
 from fluxexport.specs import component_specs
@@ -172,7 +173,7 @@ def test_a_missing_key_runs_as_diffusers(variant, config, key, tiny_roots, tmp_p
         "a cat", height=height, width=width, num_inference_steps=steps, seed=seed, guidance_scale=4.0
     )
     ours = generate(TorchBackend(source, device="cpu"), source, request).images
-    if source.is_flux2:
+    if source.family is FLUX2:
         images = pipeline(
             prompt="a cat", height=height, width=width, num_inference_steps=steps, guidance_scale=4.0,
             generator=torch.Generator().manual_seed(seed), output_type="np",

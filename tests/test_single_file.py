@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fluxexport.compare import psnr
 from fluxexport.errors import FluxExportError
+from fluxexport.families import FLUX2
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.single_file import BFL_PREFIX, bfl_to_diffusers, diffusers_to_bfl, load_bfl_transformer
 from fluxexport.models.source import resolve_model
@@ -150,7 +151,7 @@ def test_flux2_single_file_run_equals_folder_run(flux2_bfl_files, flux2_sources)
     from fluxexport.pytorch.backend import TorchBackend
 
     source = resolve_model(str(flux2_bfl_files["tiny-klein"]), base="tiny-klein")
-    assert source.is_flux2 and source.transformer_file == flux2_bfl_files["tiny-klein"]
+    assert source.family is FLUX2 and source.transformer_file == flux2_bfl_files["tiny-klein"]
     assert source.name == "tiny-klein-bfl" and source.root == flux2_sources["tiny-klein"].root
     request = GenerationRequest("a red fox", height=128, width=192, num_inference_steps=2, seed=9)
     ours = generate(realigned(TorchBackend(source, device="cpu")), source, request).images

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxexport.errors import FluxExportError
-from fluxexport.families import FAMILIES, FLUX2, Family, detect_family
+from fluxexport.families import FAMILIES, Family, detect_family
 from fluxexport.families.family import KONTEXT_REFERENCE
 from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
 
@@ -103,10 +103,6 @@ class ModelSource:
     @property
     def family(self) -> Family:
         return detect_family(self.configs["model_index"], self.configs.get("transformer"))
-
-    @property
-    def is_flux2(self) -> bool:
-        return self.family is FLUX2
 
     @property
     def components(self) -> tuple[str, ...]:
