@@ -4,6 +4,7 @@ one-line refusals; plus the CLI's `--engines` with no `--backend` (issue 29: the
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -62,6 +63,12 @@ def test_run_images_follows_an_export_folder(sources, exports, ort_backends, tmp
     expected = generate(ort_backends["tiny-schnell"], sources["tiny-schnell"],
                         GenerationRequest("a fox", height=64, width=96, num_inference_steps=2)).images  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(result.paths[0]))[None], expected)
+    other = RunOptions("a fox", TINY, BackendOptions(engines=exports["tiny-dev"]), output=tmp_path / "x.png", **SMALL)
+    with pytest.raises(
+        FluxExportError, match="^" + re.escape(f"the graphs in {exports['tiny-dev']} were exported from ")
+    ):
+        run_images(other)  # another model's graphs: refused, not ignored (issue 29)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_the_backend_follows_the_folder_kind(sources, exports, tmp_path):
@@ -105,3 +112,44 @@ def test_cli_run_with_engines_and_no_backend_runs_onnxruntime(sources, exports, 
     assert result.exit_code == 0, result.output
     assert "onnxruntime · 1 steps · batch 1" in result.output
     assert result.output.strip().splitlines()[-1] == str(out)
+
+
+def test_plan_export_says_what_it_will_write(sources, tmp_path):
+    """The plan names the family's graphs (plus the parts when asked), the folder, and a note for each graph kept
+    in another precision than asked; nothing is written by planning."""
+    from fluxexport.commands.export import ExportOptions, plan_export
+    from fluxexport.specs import TRANSFORMER_PARTS
+
+    out = tmp_path / "onnx"
+    plan = plan_export(ExportOptions(TINY, out=out, dtype="fp16", transformer_parts=True))
+    assert plan.out == out and plan.names == [*sources["tiny-schnell"].components, *TRANSFORMER_PARTS]
+    assert plan.notes == [
+        "t5: T5 overflows in fp16 (inf, then zeros); kept bf16",
+        "vae_decoder: the VAE is never exported in fp16 (its activations overflow fp16); kept fp32",
+        "vae_encoder: the VAE is never exported in fp16 (its activations overflow fp16); kept fp32",
+    ]
+    assert not out.exists()
+
+
+def test_quantize_and_validate_refuse_before_any_model_runs(sources, tmp_path, monkeypatch):
+    """Saved scales with a calibration option, a calibration size below 1, validate with no export to find: one
+    line each, naming the fix."""
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
+    from fluxexport.commands.validate import ValidateOptions, validate_folder
+
+    saved = tmp_path / "calibration.json"
+    refusals = [
+        (lambda: quantize_fp8(QuantizeOptions(TINY, out=tmp_path, calibration_file=saved, calib_steps=2)),
+         "--calibration reuses saved scales, so --calib-steps would be ignored: drop one of them"),
+        (lambda: quantize_fp8(QuantizeOptions(TINY, out=tmp_path, calib_size=0)),
+         "calib-size must be at least 1, got 0 (--calib-size)"),
+        (lambda: validate_folder(ValidateOptions(ModelOptions("tiny-dev"))),
+         "engines/tiny-dev/onnx does not exist: export the graphs first (fluxexport export --model tiny-dev) or pass "
+         "--engines"),
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for call, message in refusals:
+        with pytest.raises(FluxExportError) as raised:
+            call()
+        assert str(raised.value) == message
+    assert sorted(path.name for path in tmp_path.iterdir()) == []

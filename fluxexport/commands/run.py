@@ -39,7 +39,7 @@ class RunOptions:
     seed: int = 0
     num_images: int = 1
     max_sequence_length: int | None = None
-    images: tuple[Path, ...] = ()
+    references: tuple[Path, ...] = ()  # --image: reference images (Kontext, FLUX.2)
     keep_reference_size: bool = False
     cache: str | None = None
     output: Path = Path("flux.png")
@@ -67,7 +67,7 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
 
     cache = parse_cache(options.cache)
     source = open_source(options.model)
-    references = [load_reference(path) for path in options.images]  # as diffusers' load_image reads them
+    references = [load_reference(path) for path in options.references]  # as diffusers' load_image reads them
     request = GenerationRequest(
         prompt=options.prompt, prompt_2=options.prompt_2, height=options.height, width=options.width,
         num_inference_steps=options.steps, guidance_scale=options.guidance, seed=options.seed,
