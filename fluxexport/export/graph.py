@@ -118,7 +118,7 @@ def replace_with_initializer(graph: ir.Graph, node: ir.Node, tensor: ir.TensorPr
     return value
 
 
-GraphPass = Callable[[ir.Model, ComponentSpec, str], "str | None"]
+GraphPass = Callable[[ir.Model, ComponentSpec, str], str | None]
 """A pass over a traced graph: (model, its spec, the dtype it computes in) → a note for the manifest or None.
 It rewrites the model in place, or refuses the graph with a FluxExportError."""
 

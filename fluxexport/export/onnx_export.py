@@ -148,9 +148,7 @@ def export_component(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     *,
-    module: torch.nn.Module | None = None,
     translations: dict | None = None,
-    notes: Sequence[str] = (),
     streaming: bool = True,
     on_bytes: Callable[[int, int], None] | None = None,
     graph_pass: Callable[[ir.Model], str | None] | None = None,
@@ -162,14 +160,15 @@ def export_component(
     `graph_pass`, which may return a note for the manifest), then `write_graph`.
 
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
-    memory); `streaming=False` loads the model and exports it in memory. `module`, `prepare` and `translations`
-    are `TraceOptions`'. `on_bytes(written, total)` follows the weights as they are written."""
+    memory); `streaming=False` loads the model and exports it in memory; `prepare` and `translations` are
+    `TraceOptions`' (a module of one's own: `trace_component` with `TraceOptions(module=…)`). `on_bytes(written,
+    total)` follows the weights as they are written."""
     start = time.perf_counter()
     compute, note = component_precision(spec.name, dtype)
-    options = TraceOptions(opset, streaming, module, prepare, translations)
+    options = TraceOptions(opset, streaming, prepare=prepare, translations=translations)
     traced = trace_component(source, spec, compute, options)
     extra = (lambda model, _spec, _compute: graph_pass(model),) if graph_pass else ()
-    notes = (*notes, *([note] if note else []), *run_passes(traced.model, spec, compute, (*EXPORT_PASSES, *extra)))
+    notes = (*([note] if note else []), *run_passes(traced.model, spec, compute, (*EXPORT_PASSES, *extra)))
     weights = surviving_origins(traced.model, traced.origins) if traced.origins is not None else None
     written = write_graph(traced.model, Path(out_dir), WritePolicy(stem or spec.name, external_data), on_bytes)
     return ExportedComponent(

@@ -7,7 +7,7 @@ checkpoint lazily when written, and it says which checkpoint tensor each one com
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,7 +49,7 @@ class Traced:
 
     model: ir.Model
     compute: str
-    origins: dict[str, WeightOrigin] | None = field(default=None)
+    origins: dict[str, WeightOrigin] | None = None
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, object], ...]:
