@@ -1,0 +1,97 @@
+"""Fuzz every request value longer than the suite does (issue 29): the properties of tests/test_request_fuzz.py —
+`run` and `bench` through the CLI in-process, flux_pipeline's inputs as tensors through the Triton model
+in-process — on tiny-schnell, with random (not derandomized) examples.
+
+    python scripts/fuzz_requests.py --run 200 --bench 50 --pipeline 500 [--engines DIR] [--seed N]
+
+Without --engines, tiny-schnell is exported once into a temporary folder for the pipeline cases. Prints, per
+target, how many cases ran and how they ended; exits non-zero on the first case that breaks the property
+(Hypothesis prints it, shrunk)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import test_request_fuzz as fuzz  # noqa: E402 - the suite's strategies and properties
+from hypothesis import HealthCheck, assume, given, seed, settings  # noqa: E402
+
+
+def options(count: int) -> settings:
+    return settings(
+        max_examples=count, derandomize=False, deadline=None, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )  # fmt: skip
+
+
+def fuzz_cli(target: str, count: int, root: Path, random_seed: int) -> collections.Counter:
+    outcomes: collections.Counter = collections.Counter()
+    strategy, case = (fuzz.run_options(), fuzz.fuzz_run_case) if target == "run" else (
+        fuzz.bench_options(), fuzz.fuzz_bench_case)  # fmt: skip
+
+    @seed(random_seed)
+    @options(count)
+    @given(strategy)
+    def one(values):
+        outcomes[case(values, root / target, sum(outcomes.values()))] += 1
+
+    one()
+    return outcomes
+
+
+def fuzz_pipeline(count: int, engines: Path | None, root: Path, random_seed: int) -> collections.Counter:
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.source import resolve_model
+    from fluxexport.triton.repository import write_repository
+
+    source = resolve_model("tiny-schnell")
+    if engines is None:
+        engines = root / "onnx"
+        export_model(source, engines)
+    outcomes: collections.Counter = collections.Counter()
+    with fuzz.in_process(write_repository(source, engines, root / "repository")) as (server, standin):
+        config = server.configs["flux_pipeline"]
+
+        @seed(random_seed)
+        @options(count)
+        @given(fuzz.pipeline_tensors(config))
+        def one(tensors):
+            assume(fuzz.pipeline_affordable(tensors))
+            outcomes[fuzz.fuzz_pipeline_case(server, config, tensors, standin)] += 1
+
+        one()
+    return outcomes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=int, default=200, help="fuzzed `run` commands")
+    parser.add_argument("--bench", type=int, default=50, help="fuzzed `bench` commands")
+    parser.add_argument("--pipeline", type=int, default=500, help="fuzzed flux_pipeline requests")
+    parser.add_argument("--engines", type=Path, help="tiny-schnell's exported graphs (default: export them)")
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    args = parser.parse_args()
+    print(f"seed {args.seed}")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for target, count in (("run", args.run), ("bench", args.bench), ("pipeline", args.pipeline)):
+            if count <= 0:
+                continue
+            started = time.perf_counter()
+            if target == "pipeline":
+                outcomes = fuzz_pipeline(count, args.engines, root, args.seed)
+            else:
+                outcomes = fuzz_cli(target, count, root, args.seed)
+            ran = sum(outcomes.values())
+            ends = ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))
+            print(f"{target}: {ran} cases in {time.perf_counter() - started:.0f} s, property held in all ({ends})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Fuzzing every request value (issue 29), with Hypothesis: random values for every `run` option (and `bench`'s
+request options) through the CLI in-process, and random tensors of every dtype and shape for every flux_pipeline
+input through the Triton model in-process. The property: an image of the size asked for, or a refusal in one line
+with no traceback; never a hang (each case under CASE_SECONDS), never a NaN image (the runtime refuses to
+convert one), nothing half-written. The suite runs a bounded, derandomized number of examples;
+`scripts/fuzz_requests.py` runs the same properties longer."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import cli_invoke
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+CASE_SECONDS = 120  # a case that takes longer hangs, as far as the property is concerned
+TINY_SIDE, TINY_STEPS, TINY_MAX_SIDE = 256, 4, 1024  # tiny-schnell's defaults and the largest side it serves
+BUDGET = 16 * 2 * 2  # image tokens × steps × images of a case that runs (the suite's time, not a limit of ours)
+SUITE = settings(
+    max_examples=12,
+    derandomize=True,
+    deadline=None,  # each case is bounded by time_limit instead (a model load is seconds on a loaded machine)
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in this (the main) thread if the block runs past `seconds`."""
+
+    def expire(*_args):
+        raise TimeoutError(f"the case ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- values: mostly small valid ones (so that cases run), and anything at all ----------------------------------
+
+ANY_INT = st.integers(-(2**70), 2**70)
+SIDES = st.one_of(st.none(), st.sampled_from([16, 32, 48, 64]), st.sampled_from([0, 8, 17, 1024, 1040]), ANY_INT)
+STEPS = st.one_of(st.none(), st.integers(1, 2), st.sampled_from([0, 1000, 1001]), ANY_INT)
+COUNTS = st.one_of(st.integers(1, 2), st.sampled_from([0, 64, 65]), ANY_INT)
+FLOATS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
+TEXTS = st.one_of(st.text(max_size=40), st.sampled_from(["", "  ", "a red fox", "x" * 20000, "-x", "日本語の猫"]))
+CACHES = st.one_of(
+    st.none(),
+    st.sampled_from(["none", "taylorseer", "taylorseer:interval=2,order=2,warmup=1", "first-block:threshold=0.2",
+                     "magcache:ratios=flux-dev", "magcache", "magic", "taylorseer:interval=0", "taylorseer:interval",
+                     "first-block:threshold=nan", "taylorseer:order=1e400", "magcache:ratios=/etc/passwd"]),
+    st.text(max_size=30),
+)  # fmt: skip
+
+
+def valid_side(value) -> bool:
+    return value is None or (16 <= value <= TINY_MAX_SIDE and value % 16 == 0)
+
+
+def affordable(height, width, steps, count) -> bool:
+    """Whether a request that may be valid is small enough for the suite (refused ones always are)."""
+    valid = valid_side(height) and valid_side(width) and (steps is None or 1 <= steps <= 1000) and 1 <= count <= 64
+    if not valid:
+        return True
+    tokens = ((height or TINY_SIDE) // 16) * ((width or TINY_SIDE) // 16)
+    return tokens * (steps or TINY_STEPS) * count <= BUDGET
+
+
+@st.composite
+def run_options(draw) -> dict:
+    """`run`'s request options, each left out (None) or any value of its type."""
+    options = {
+        "prompt": draw(TEXTS), "prompt-2": draw(st.none() | TEXTS), "negative-prompt": draw(st.none() | TEXTS),
+        "height": draw(SIDES), "width": draw(SIDES), "steps": draw(STEPS), "guidance": draw(FLOATS),
+        "seed": draw(st.none() | ANY_INT), "num-images": draw(COUNTS),
+        "max-sequence-length": draw(st.none() | st.integers(1, 512) | ANY_INT), "cache": draw(CACHES),
+        "image": draw(st.none() | st.sampled_from(["picture.png", "notes.txt", "empty.png", "missing.png"])),
+    }  # fmt: skip
+    assume(affordable(options["height"], options["width"], options["steps"], options["num-images"]))
+    return options
+
+
+def command_line(options: dict, files: Path) -> list[str]:
+    args = []
+    for name, value in options.items():
+        if value is not None:
+            args.append(f"--{name}={files / value if name == 'image' else value}")
+    return args
+
+
+def write_files(folder: Path) -> Path:
+    """The files `--image` may name: a picture, text, an empty .png; `missing.png` is not written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (96, 80), (200, 30, 40)).save(folder / "picture.png")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def check_cli_outcome(result, out: Path, options: dict, count_flag: str = "num-images") -> None:
+    """The property for one command: exit 0 with every image written whole at its size, or exit 1 with one line
+    `Error: …`, no traceback, nothing written."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), (options, result.exception)
+    assert "Traceback" not in result.output, options
+    written = sorted(out.iterdir())
+    if result.exit_code == 0:
+        height, width = options.get("height") or TINY_SIDE, options.get("width") or TINY_SIDE
+        assert len(written) == options[count_flag], (options, written)
+        for path in written:
+            with Image.open(path) as image:
+                image.load()
+                assert image.size == (width, height) and image.mode == "RGB", (options, image.size)
+        return
+    check_refusal(result, options)
+    assert written == [], (options, written)
+
+
+def check_refusal(result, options: dict) -> None:
+    """Exit 1 and one line `Error: …` (refused before any work: nothing else printed), or click's own refusal of a
+    value it parses (exit 2: its usage hint, then one `Error: Invalid value …` line)."""
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), (options, result.output)
+    if result.exit_code == 2:
+        assert lines[0].startswith("Usage: ") and lines[-1].startswith("Error: Invalid value"), (options, lines)
+    else:
+        assert result.exit_code == 1 and len(lines) == 1, (options, result.output)
+
+
+def fuzz_run_case(options: dict, root: Path, case: int) -> str:
+    """One `run`; "image" or "refused" once the property holds."""
+    files, out = write_files(root / "files"), root / f"out{case}"
+    out.mkdir(parents=True)
+    with time_limit(CASE_SECONDS):
+        result = cli_invoke("run", *command_line(options, files), f"--output={out / 'image.png'}")
+    check_cli_outcome(result, out, options)
+    return "image" if result.exit_code == 0 else "refused"
+
+
+@pytest.mark.slow
+def test_run_fuzzed_answers_an_image_or_one_line(tmp_path):
+    cases = iter(range(10**6))
+
+    @SUITE
+    @given(run_options())
+    def run_case(options):
+        fuzz_run_case(options, tmp_path, next(cases))
+
+    run_case()
+
+
+@st.composite
+def bench_options(draw) -> dict:
+    options = {"height": draw(SIDES), "width": draw(SIDES), "steps": draw(STEPS), "batch": draw(COUNTS),
+               "cache": draw(CACHES)}  # fmt: skip
+    assume(affordable(options["height"], options["width"], options["steps"], options["batch"]))
+    return options
+
+
+def fuzz_bench_case(options: dict, root: Path, case: int) -> str:
+    """bench with --warmup 0 --repeats 1: its JSON written ("measured"), or one line ("refused")."""
+    out = root / f"bench{case}"
+    out.mkdir(parents=True)
+    args = [f"--{name}={value}" for name, value in options.items() if value is not None]
+    with time_limit(CASE_SECONDS):
+        result = cli_invoke("bench", *args, "--warmup=0", "--repeats=1", f"--json={out / 'bench.json'}")
+    assert result.exception is None or isinstance(result.exception, SystemExit), (options, result.exception)
+    if result.exit_code == 0:
+        assert [p.name for p in out.iterdir()] == ["bench.json"], options
+        return "measured"
+    check_refusal(result, options)
+    assert list(out.iterdir()) == [], options
+    return "refused"
+
+
+@pytest.mark.slow
+def test_bench_fuzzed_answers_or_refuses_in_one_line(tmp_path):
+    cases = iter(range(10**6))
+
+    @settings(SUITE, max_examples=6)
+    @given(bench_options())
+    def bench_case(options):
+        fuzz_bench_case(options, tmp_path, next(cases))
+
+    bench_case()
+
+
+# ---- flux_pipeline's inputs as tensors, in-process -------------------------------------------------------------
+
+DTYPES = [np.uint8, np.int32, np.int64, np.float32, np.float16, np.bool_, np.object_]
+PIPELINE_TYPES = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32,
+                  "TYPE_UINT8": np.uint8}  # fmt: skip
+TEXT_VALUES = st.one_of(
+    st.binary(max_size=40), st.text(max_size=40).map(str.encode),
+    st.sampled_from([b"", b"a red fox", b"\xff\xfe", b"x" * 70000, b"magic", b"taylorseer:interval=2",
+                     b"magcache:ratios=../../etc/passwd.json", b"first-block:threshold=0.1", b"ink"]),
+)  # fmt: skip
+INT32 = st.integers(-(2**31), 2**31 - 1)
+SMALL = {np.int32: st.one_of(st.sampled_from([0, 1, 2, -1, 17, 2000]), INT32),
+         np.int64: st.one_of(st.sampled_from([0, 1, 7, -1]), st.integers(-(2**63), 2**63 - 1)),
+         np.float32: st.floats(width=32, allow_nan=True, allow_infinity=True),
+         np.float16: st.floats(width=16, allow_nan=True, allow_infinity=True),
+         np.uint8: st.integers(0, 255), np.bool_: st.booleans()}  # fmt: skip
+
+
+def mostly(usual, anything):
+    """`usual` three times in four (Hypothesis picks a branch of one_of evenly), else `anything`."""
+    return st.one_of(usual, usual, usual, anything)
+
+
+# per input, values that often make a request the tiny deployment serves (64..1024 px), else anything of its type
+VALUES = {"height": mostly(st.sampled_from([64, 80]), SMALL[np.int32]),
+          "width": mostly(st.sampled_from([64, 96]), SMALL[np.int32]),
+          "num_inference_steps": mostly(st.integers(1, 2), SMALL[np.int32]),
+          "num_images": mostly(st.just(1), SMALL[np.int32]),
+          "prompt": mostly(st.sampled_from(["a red fox", "a cat", "日本語の猫"]).map(str.encode), TEXT_VALUES)}  # fmt: skip
+
+
+@st.composite
+def tensor(draw, dtype: type, reference: bool, shapes=((1,),), values=None):
+    """A tensor of `dtype` for one input: one value (a shape of `shapes`), or [H,W,C] for a reference image."""
+    if reference and dtype is np.uint8:
+        shape = draw(st.tuples(st.integers(0, 90), st.integers(0, 90), st.sampled_from([3, 3, 1, 4])))
+        return np.asarray(draw(hnp.arrays(np.uint8, shape)), dtype=np.uint8)
+    shape = draw(st.sampled_from(shapes))
+    size = int(np.prod(shape))
+    if dtype is np.object_:
+        texts = draw(st.lists(TEXT_VALUES if values is None else values, min_size=size, max_size=size))
+        return np.array([*texts, None], dtype=object)[:-1].reshape(shape)  # keeps bytes objects as they are
+    numbers = draw(st.lists(SMALL[dtype] if values is None else values, min_size=size, max_size=size))
+    with np.errstate(over="ignore"):
+        return np.array(numbers, dtype=dtype).reshape(shape)
+
+
+@st.composite
+def pipeline_tensors(draw, config) -> dict[str, np.ndarray]:
+    """Every flux_pipeline input of its config's type with any value (the optional ones other than the size,
+    steps and count left out in half the requests); then, in half the requests, one input replaced by a tensor of
+    any dtype and shape, or left out (the prompt too)."""
+    tensors = {}
+    for item in config.input:
+        if item.name in ("prompt", *VALUES) or draw(st.booleans()):
+            expected = PIPELINE_TYPES[config_type(item)]
+            tensors[item.name] = draw(tensor(expected, item.name.startswith("image"), values=VALUES.get(item.name)))
+    if draw(st.booleans()):
+        name = draw(st.sampled_from([item.name for item in config.input]))
+        tensors.pop(name, None)
+        if draw(st.integers(0, 4)):  # else left out
+            shapes = ((1,), (), (0,), (2,), (1, 1), (3, 1, 2))
+            tensors[name] = draw(tensor(draw(st.sampled_from(DTYPES)), name.startswith("image"), shapes))
+    return tensors
+
+
+def config_type(item) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(item.data_type)
+
+
+def triton_accepts(config, tensors: dict[str, np.ndarray]) -> bool:
+    """What Triton itself checks against config.pbtxt before model.py sees a request (else it answers 400):
+    known names, required inputs present, dtypes, ranks and fixed dims."""
+    inputs = {item.name: item for item in config.input}
+    if set(tensors) - set(inputs) or any(not i.optional and n not in tensors for n, i in inputs.items()):
+        return False
+    for name, array in tensors.items():
+        item = inputs[name]
+        if array.dtype != np.dtype(PIPELINE_TYPES[config_type(item)]) or array.ndim != len(item.dims):
+            return False
+        if any(d not in (-1, n) for d, n in zip(item.dims, array.shape, strict=True)):
+            return False
+    return True
+
+
+def one(tensors, name):
+    array = tensors.get(name)
+    return None if array is None or array.size != 1 else array.reshape(-1)[0]
+
+
+def pipeline_affordable(tensors) -> bool:
+    """The cost guard of `affordable`, on the values a request's tensors hold."""
+
+    def value(name):
+        v = one(tensors, name)
+        return None if v is None or not isinstance(v, np.integer) else int(v)
+
+    count = value("num_images")
+    return affordable(value("height"), value("width"), value("num_inference_steps"), 1 if count is None else count)
+
+
+def check_pipeline_outcome(response, tensors, TritonError) -> str:
+    """An image of the size asked for ("image"), or INVALID_ARG in one line ("invalid"); never INTERNAL for what a
+    client sent."""
+    if response.has_error():
+        error = response.error()
+        assert error.code() == TritonError.INVALID_ARG, (error.message(), {k: v.dtype for k, v in tensors.items()})
+        assert "\n" not in error.message() and error.message()
+        return "invalid"
+    images = response.outputs["images"].as_numpy()
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
+    height = one(tensors, "height")
+    assert height is None or images.shape[1] == height
+    return "image"
+
+
+def fuzz_pipeline_case(server, config, tensors, standin) -> str:
+    """One request through flux_pipeline's model.py as Triton would pass it (after its own config checks):
+    "triton" (refused by Triton itself), "invalid" or "image"."""
+    if not triton_accepts(config, tensors):
+        return "triton"  # Triton answers 400 before model.py runs
+    request = standin.InferenceRequest("flux_pipeline", [], [standin.Tensor(n, a) for n, a in tensors.items()])
+    with time_limit(CASE_SECONDS):
+        response = server.models["flux_pipeline"].execute([request])[0]
+    return check_pipeline_outcome(response, tensors, standin.TritonError)
+
+
+@contextlib.contextmanager
+def in_process(repository: Path):
+    """The repository's models loaded in this process behind the stand-in python backend (test_triton_flux2's)."""
+    import sys
+
+    from test_triton_flux2 import InferenceRequest, InProcessServer, standin_pb_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", standin_pb_utils())
+        server = InProcessServer(repository)
+        patch.setattr(InferenceRequest, "server", server)
+        yield server, sys.modules["triton_python_backend_utils"]
+
+
+@pytest.fixture(scope="module")
+def in_process_schnell(sources, exports, tmp_path_factory):
+    """tiny-schnell's repository, served in this process."""
+    from fluxexport.triton.repository import write_repository
+
+    repository = write_repository(
+        sources["tiny-schnell"], exports["tiny-schnell"], tmp_path_factory.mktemp("fuzz") / "repository"
+    )
+    with in_process(repository) as served:
+        yield served
+
+
+def test_pipeline_inputs_fuzzed_answer_an_image_or_invalid_argument(in_process_schnell):
+    server, standin = in_process_schnell
+    config = server.configs["flux_pipeline"]
+
+    @settings(SUITE, max_examples=40)
+    @given(pipeline_tensors(config))
+    def pipeline_case(tensors):
+        assume(pipeline_affordable(tensors))
+        fuzz_pipeline_case(server, config, tensors, standin)
+
+    pipeline_case()
