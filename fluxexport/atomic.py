@@ -108,7 +108,12 @@ def _swap_in(staging: Path, folder: Path, names: list[str], stale: list[str]) ->
     try:
         for name in names:
             old = _keep(folder / name, kept)
-            os.replace(staging / name, folder / name)
+            try:
+                os.replace(staging / name, folder / name)
+            except BaseException:
+                if old is not None:  # moved aside (no hard links here): put it back
+                    os.replace(old, folder / name)
+                raise
             done.append((name, old))
         for name in stale:
             if (folder / name).is_file():

@@ -222,7 +222,14 @@ def test_staged_files_leaves_nothing_when_the_block_fails(tmp_path):
     assert everything(tmp_path) == ["g.onnx"] and (tmp_path / "g.onnx").read_text() == "old"
 
 
-def test_staged_files_undoes_its_moves_and_removals_when_one_fails(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_staged_files_undoes_its_moves_and_removals_when_one_fails(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without them (some network and FUSE mounts): old files are moved aside
+
+        def no_links(*_):
+            raise OSError(95, "Operation not supported")
+
+        monkeypatch.setattr(os, "link", no_links)
     for name, text in (("a.bin", "old a"), ("g.data", "old data")):
         (tmp_path / name).write_text(text)
     (tmp_path / "g.onnx").mkdir()  # the last move fails: a folder is in the way
