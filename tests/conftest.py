@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 import torch
 
 VARIANTS = ("tiny-schnell", "tiny-dev", "tiny-kontext")
+
+Value = TypeVar("Value")
+
+
+class OnDemand(Mapping[str, Value]):
+    """A session fixture's per-variant values, each made the first time a test asks for it: a run of the tests
+    that need tiny-dev's export alone exports tiny-dev alone (a whole run still makes each once)."""
+
+    def __init__(self, names, make: Callable[[str], Value]):
+        self._names, self._make, self._made = tuple(names), make, {}
+
+    def __getitem__(self, name: str) -> Value:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names  # without making it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def pytest_configure(config):
@@ -68,11 +96,12 @@ def reference_image():
 
 @pytest.fixture(scope="session")
 def exports(sources, tmp_path_factory):
-    """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session)."""
+    """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session, when a test
+    first asks for the variant)."""
     from fluxexport.export.onnx_export import export_model
 
     root = tmp_path_factory.mktemp("onnx")
-    return {name: _export(export_model, source, root / name) for name, source in sources.items()}
+    return OnDemand(sources, lambda name: _export(export_model, sources[name], root / name))
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +155,8 @@ def flux2_dev_export(flux2_sources, tmp_path_factory):
     return _export(export_model, flux2_sources["tiny-flux2-dev"], tmp_path_factory.mktemp("onnx-flux2-dev"))
 
 
-@pytest.fixture(scope="session")
-def flux2_parts_export(flux2_export, tmp_path_factory):
-    """tiny-klein's session export plus the transformer's parts, through `export --transformer-parts` (which
+def _parts_export(model: str, graphs: Path, folder: Path) -> Path:
+    """A copy of a session export plus the transformer's parts, through `export --transformer-parts` (which
     checks them for TensorRT)."""
     import shutil
 
@@ -136,28 +164,107 @@ def flux2_parts_export(flux2_export, tmp_path_factory):
 
     from fluxexport.cli import main
 
-    folder = tmp_path_factory.mktemp("klein-parts") / "onnx"
-    shutil.copytree(flux2_export, folder)
+    shutil.copytree(graphs, folder)
     result = CliRunner().invoke(main, [
-        "export", "--model", "tiny-klein", "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
+        "export", "--model", model, "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     return folder
 
 
 @pytest.fixture(scope="session")
+def flux2_parts_export(flux2_export, tmp_path_factory):
+    """tiny-klein's session export plus the transformer's parts (`export --transformer-parts`)."""
+    return _parts_export("tiny-klein", flux2_export, tmp_path_factory.mktemp("klein-parts") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def parts_export(exports, tmp_path_factory):
+    """tiny-dev's session export plus the transformer's parts (`export --transformer-parts`): what `--cache
+    first-block` and magcache run on ONNX Runtime. Read-only: a test that changes it works on a copy."""
+    return _parts_export("tiny-dev", exports["tiny-dev"], tmp_path_factory.mktemp("parts") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def parts_engines(sources, parts_export, tmp_path_factory) -> Path:
+    """Engines of `parts_export`'s clip, t5, vae_decoder and transformer parts, built by `build`'s own code over
+    the stand-in TensorRT (helpers.build_folder). Read-only."""
+    from helpers import build_folder
+
+    from fluxexport.specs import TRANSFORMER_PARTS
+
+    names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
+    return build_folder(sources["tiny-dev"], parts_export, tmp_path_factory.mktemp("parts-engines") / "engines",
+                        components=names)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def schnell_repository(sources, exports, tmp_path_factory) -> Path:
+    """tiny-schnell's Triton repository (`write_repository`), offering one LoRA per request: `ink`, a PEFT LoRA
+    of the transformer from tiny-lora's code (the file is `schnell_repository / LORA_FOLDER / "ink.safetensors"`)."""
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.models.tiny_lora import write_tiny_lora
+    from fluxexport.triton.repository import write_repository
+
+    root = tmp_path_factory.mktemp("triton-schnell")
+    lora = parse_lora(str(write_tiny_lora(sources["tiny-schnell"], root / "ink.safetensors")))
+    return write_repository(sources["tiny-schnell"], exports["tiny-schnell"], root / "repository",
+                            request_loras=[lora])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def schnell_server(schnell_repository):
+    """FLUX.1's one real tritonserver for the tests that can share it (test_triton.py's tiny-schnell requests,
+    test_triton_errors.py): started once, stopped by PID at the end of the session, its shared memory gone.
+    A test that changes a file of the repository puts it back before it returns."""
+    import time
+
+    from helpers import has_tritonserver
+
+    from fluxexport.triton.server import TritonServer
+
+    if not has_tritonserver():
+        pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
+    server, started = TritonServer(schnell_repository), time.perf_counter()
+    with server:
+        print(f"\ntiny-schnell: tritonserver pid {server.process.pid} ready in {time.perf_counter() - started:.1f} s")
+        yield server
+    assert server.process.returncode is not None  # stopped by PID
+    assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
+
+
+@pytest.fixture(scope="session")
 def ort_backends(sources, exports):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
-    return {name: OnnxRuntimeBackend(sources[name], exports[name]) for name in sources}
+    return OnDemand(sources, lambda name: OnnxRuntimeBackend(sources[name], exports[name]))
 
 
 # Session fixtures that export or quantize (tens of seconds each on 2 cores): a test that needs one, directly or
 # through another fixture, is `slow`, so `pytest -m "not slow"` is the quick loop
 EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export", "flux2_dev_export",
-                      "flux2_parts_export"}  # fmt: skip
+                      "flux2_parts_export", "parts_export", "parts_engines"}  # fmt: skip
 
 
+FLUX1_EXPORTS = {"exports", "bf16_export", "fp8_exports", "parts_export", "parts_engines"}
+FLUX2_EXPORTS = {"flux2_export", "flux2_dev_export", "flux2_parts_export"}
+README_RUN = "tests/test_readme.py::test_every_readme_command_runs_as_pasted"  # its own exports, in subprocesses
+
+
+def xdist_group(nodeid: str, fixtures: set[str]) -> str | None:
+    """The worker group of a test under pytest-xdist's `--dist loadgroup`: tests that need one family's session
+    exports run on one worker (each export is made once, not once per worker), the README's commands on their own;
+    the rest go wherever a worker is free."""
+    if nodeid == README_RUN:
+        return "readme"
+    if fixtures & FLUX1_EXPORTS:
+        return "flux1"
+    if fixtures & FLUX2_EXPORTS:
+        return "flux2"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     """`tensorrt` and `gpu` tests skip, saying why, where TensorRT or a CUDA GPU is missing; tests that need an
     export are marked `slow`."""
@@ -166,6 +273,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if config.pluginmanager.hasplugin("xdist"):  # `-n 2 --dist loadgroup`: each family's exports made once
+        for item in items:
+            group = xdist_group(item.nodeid, set(getattr(item, "fixturenames", ())))
+            if group:
+                item.add_marker(pytest.mark.xdist_group(group))
 
     has_gpu = torch.cuda.is_available()
     reasons = {
@@ -190,11 +302,12 @@ def fp8_exports(sources, exports, tmp_path_factory):
     from fluxexport.quantize.qdq_export import quantize_transformer
 
     root = tmp_path_factory.mktemp("fp8")
-    folders = {}
-    for name, source in sources.items():
+
+    def quantized(name: str) -> Path:
         folder = root / name
         shutil.copytree(exports[name], folder)
         settings = CalibrationSettings(CALIBRATION_PROMPTS[:3], steps=2, height=144, width=272)
-        quantize_transformer(source, folder, settings, base_dtype="fp32")
-        folders[name] = folder
-    return folders
+        quantize_transformer(sources[name], folder, settings, base_dtype="fp32")
+        return folder
+
+    return OnDemand(sources, quantized)

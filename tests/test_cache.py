@@ -169,17 +169,10 @@ def test_validate_compares_images_made_with_the_same_cache(exports, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def parts_folder(sources, exports, tmp_path_factory):
-    """tiny-dev's session export plus the transformer in parts, through `export --transformer-parts`."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("parts") / "onnx"
-    shutil.copytree(exports["tiny-dev"], folder)
-    result = CliRunner().invoke(main, [
-        "export", "--model", "tiny-dev", "--components", "transformer_out", "--transformer-parts", "--out", str(folder),
-    ])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return folder
+def parts_folder(parts_export):
+    """tiny-dev's session export plus the transformer in parts, through `export --transformer-parts` (conftest's
+    session `parts_export`, shared with the engine tests)."""
+    return parts_export
 
 
 def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder, torch_backends):
@@ -207,18 +200,16 @@ def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder,
     )
 
 
-def test_first_block_cache_on_engines(sources, parts_folder, tmp_path):
-    """Engines of the parts (built by `build`'s own code over the stand-in TensorRT) give the ONNX Runtime image."""
-    from helpers import build_folder, standin_tensorrt
+def test_first_block_cache_on_engines(sources, parts_folder, parts_engines):
+    """Engines of the parts (built by `build`'s own code over the stand-in TensorRT, conftest's session
+    `parts_engines`) give the ONNX Runtime image."""
+    from helpers import standin_tensorrt
     from standin_tensorrt import HostDevice
 
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-    from fluxexport.specs import TRANSFORMER_PARTS
     from fluxexport.tensorrt.backend import TensorRTBackend
 
-    source = sources["tiny-dev"]
-    names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
-    engines = build_folder(source, parts_folder, tmp_path / "engines", components=names)
+    source, engines = sources["tiny-dev"], parts_engines
     cache = parse_cache("first-block:threshold=0.2")
     request = GenerationRequest(PROMPT, height=256, width=256, num_inference_steps=8, seed=2, guidance_scale=3.5)
     with standin_tensorrt() as trt, TensorRTBackend(source, engines, device=HostDevice(trt)) as backend:

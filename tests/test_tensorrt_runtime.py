@@ -574,29 +574,14 @@ def test_buffers_of_twenty_shapes_stay_bounded(trt, engines, sources, ort_backen
     assert trt.state.replays > 0 and trt.state.stale_replays == 0 and trt.state.errors == []
 
 
-@pytest.fixture(scope="module")
-def parts_engines(sources, exports, tmp_path_factory):
-    """tiny-dev's engines with the transformer in parts (what --cache first-block and magcache run), from
-    `export --transformer-parts` and `build`'s own code."""
-    from fluxexport.cli import main
-
-    folder = tmp_path_factory.mktemp("parts") / "onnx"
-    shutil.copytree(exports["tiny-dev"], folder)
-    result = CliRunner().invoke(main, ["export", "--model", "tiny-dev", "--components", "transformer_out",
-                                       "--transformer-parts", "--out", str(folder)])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
-    return folder, build_folder(sources["tiny-dev"], folder, folder.parent / "engines", components=names)
-
-
 @pytest.mark.slow
-def test_low_vram_loads_each_part_engine_once_per_generation(trt, sources, parts_engines):
+def test_low_vram_loads_each_part_engine_once_per_generation(trt, sources, parts_export, parts_engines):
     """`--low-vram --cache first-block`: the head, tail and output engines run at every step; they stay in memory
     together (the transformer's size) instead of being read from disk again at each step (the head was loaded 9
     times in 8 steps)."""
     from fluxexport.runtime.cache import parse_cache
 
-    source, (graphs, engines) = sources["tiny-dev"], parts_engines
+    source, graphs, engines = sources["tiny-dev"], parts_export, parts_engines  # conftest's session fixtures
     cache = parse_cache("first-block:threshold=0.2")
     request = GenerationRequest("a red fox", height=256, width=256, num_inference_steps=8, seed=2,
                                 guidance_scale=3.5)  # fmt: skip
