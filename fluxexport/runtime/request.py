@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,16 +11,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import RequestError
 from fluxexport.models.source import ModelSource
+from fluxexport.runtime.family_part import RequestReferences
 from fluxexport.runtime.latents import check_image_size
-from fluxexport.runtime.references import reference_size
 from fluxexport.runtime.schedule import check_steps
 
-MIN_REFERENCE_SIDE = 64  # FLUX.2 reference images: diffusers' limits
-MAX_REFERENCE_ASPECT = 8
-
 T5_MAX_SEQUENCE_LENGTH = 512
+# What one request may ask for, checked before any model loads (steps: schedule.MAX_STEPS). A side: 4× the model's
+# default (FLUX.1 and FLUX.2: 4096 px, 16 MP, past the 2 MP (FLUX.1) and 4 MP (FLUX.2) BFL states; tiny models:
+# 1024 px, the largest side their exports serve). Text: the encoders read at most 512 tokens, and a longer prompt
+# only costs tokenizer time. Seeds: what torch.Generator.manual_seed takes. Counts: a stated cap per request.
+MAX_SIDE_OVER_DEFAULT = 4
+MAX_IMAGES_PER_PROMPT = 64
+MAX_PROMPTS = 64
+MAX_PROMPT_CHARACTERS = 32 * T5_MAX_SEQUENCE_LENGTH
+SEED_RANGE = (-(2**63), 2**64 - 1)
 StepCallback = Callable[[int, int], None]
 
 
@@ -86,81 +93,110 @@ def _as_list(prompt: str | Sequence[str]) -> list[str]:
 
 def resolve_request(source: ModelSource, request: GenerationRequest) -> ResolvedRequest:
     """Fill in model-aware defaults and refuse bad input with a one-line error naming the fix."""
-    prompts = _as_list(request.prompt)
+    prompts = _texts("prompt", request.prompt)
     if not prompts or any(not p.strip() for p in prompts):
-        raise FluxExportError("prompt is empty: pass the text to draw with --prompt")
-    prompts_2 = _as_list(request.prompt_2) if request.prompt_2 is not None else prompts
+        raise RequestError("prompt", "prompt is empty", "pass the text to draw {given}", pointer=False)
+    prompts_2 = _texts("prompt_2", request.prompt_2) if request.prompt_2 is not None else prompts
     if len(prompts_2) != len(prompts):
-        raise FluxExportError(f"got {len(prompts)} prompts but {len(prompts_2)} prompt_2 values: give one per prompt")
-    if request.prompt_2 is not None and source.is_flux2:
-        raise FluxExportError(f"{source.name} is FLUX.2, which has one text encoder: drop --prompt-2")
-    references = _references(source, request.image)
-    kontext_image = None if source.is_flux2 or not references else references[0]
-    references = references if source.is_flux2 else ()
-    height, width = request.height, request.width
-    if references:  # diffusers: the first reference's size (capped to ~1 MP), floored to the packing multiple
-        first_width, first_height = reference_size(references[0], 2 * source.vae_scale_factor)
-        height, width = height or first_height, width or first_width
-    height, width = height or source.default_size, width or source.default_size
-    check_image_size(height, width, 2 * source.vae_scale_factor)
-    steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
-    if request.num_images_per_prompt < 1:
-        raise FluxExportError(f"num-images must be at least 1, got {request.num_images_per_prompt} (--num-images)")
-    length = request.max_sequence_length or source.default_max_sequence_length
-    if not 1 <= length <= T5_MAX_SEQUENCE_LENGTH:
-        raise FluxExportError(
-            f"max-sequence-length must be in 1..{T5_MAX_SEQUENCE_LENGTH}, got {length} (--max-sequence-length)"
+        raise RequestError(
+            "prompt_2", f"got {len(prompts)} prompts but {len(prompts_2)} prompt_2 values", "give one per prompt",
+            pointer=False,
+        )  # fmt: skip
+    if request.prompt_2 is not None and not source.family.takes_prompt_2:
+        raise RequestError(
+            "prompt_2", f"{source.name} is {source.family.title}, which has one text encoder", "{drop}", pointer=False
         )
-    guidance = source.default_guidance if request.guidance_scale is None else request.guidance_scale
+    taken = _references(source, request.image)
+    kontext_image, references = taken.image, taken.references
+    height, width = request.height, request.width
+    if taken.size is not None:  # FLUX.2: the first reference's size when the request gives none
+        height, width = height or taken.size[0], width or taken.size[1]
+    height = source.default_size if height is None else height
+    width = source.default_size if width is None else width
+    check_image_size(height, width, 2 * source.vae_scale_factor, MAX_SIDE_OVER_DEFAULT * source.default_size)
+    steps = check_steps(source.default_steps if request.num_inference_steps is None else request.num_inference_steps)
+    count = _integer("num_images_per_prompt", request.num_images_per_prompt)
+    if count < 1:
+        raise RequestError("num_images_per_prompt", f"{{name}} must be at least 1, got {count}")
+    if count > MAX_IMAGES_PER_PROMPT:
+        raise RequestError("num_images_per_prompt", f"{{name}} must be at most {MAX_IMAGES_PER_PROMPT}, got {count}")
+    length = request.max_sequence_length
+    length = source.default_max_sequence_length if length is None else _integer("max_sequence_length", length)
+    if not 1 <= length <= T5_MAX_SEQUENCE_LENGTH:
+        raise RequestError("max_sequence_length", f"{{name}} must be in 1..{T5_MAX_SEQUENCE_LENGTH}, got {length}")
+    seed = _integer("seed", request.seed)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError("seed", f"{{name}} must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed}")
+    guidance = (
+        source.default_guidance if request.guidance_scale is None else _finite("guidance_scale", request.guidance_scale)
+    )
     negatives = _negative_prompts(source, request.negative_prompt, len(prompts))
     return ResolvedRequest(
-        prompts, prompts_2, height, width, steps, float(guidance), request.seed, request.num_images_per_prompt,
-        length, kontext_image, request.auto_resize_reference, references, negatives,
+        prompts, prompts_2, height, width, steps, float(guidance), seed, count, length, kontext_image,
+        request.auto_resize_reference, references, negatives,
     )  # fmt: skip
 
 
-def _references(source: ModelSource, image) -> tuple[Image.Image, ...]:
-    """FLUX.2's reference images (checked as diffusers checks them); FLUX.1 takes one, on Kontext only."""
-    if image is None:
-        return ()
-    images = (image,) if isinstance(image, Image.Image) else tuple(image)
-    if not source.is_flux2:
-        if not source.is_kontext:
-            raise FluxExportError(
-                f"--image is a Kontext reference but {source.name} is a {source.pipeline_class}: "
-                "use a FLUX.1 Kontext model or drop --image"
-            )
-        if len(images) != 1:
-            raise FluxExportError(f"FLUX.1 Kontext takes one reference image, got {len(images)}: pass one --image")
-        return images
-    for index, reference in enumerate(images):
-        width, height = reference.size
-        if min(width, height) < MIN_REFERENCE_SIDE:
-            raise FluxExportError(
-                f"reference image {index + 1} is {width}×{height}: both sides must be at least "
-                f"{MIN_REFERENCE_SIDE} px (--image)"
-            )
-        if max(width / height, height / width) > MAX_REFERENCE_ASPECT:
-            raise FluxExportError(
-                f"reference image {index + 1} is {width}×{height}: its aspect ratio must be at most "
-                f"{MAX_REFERENCE_ASPECT}:1 (--image)"
-            )
-    return images
+def _texts(name: str, text: object) -> list[str]:
+    """A prompt (one text, or one per image) as a list, each text within MAX_PROMPT_CHARACTERS."""
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list | tuple) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise RequestError(name, f"{{name}} must be text, got {type(text).__name__}", pointer=False)
+    if len(texts) > MAX_PROMPTS:
+        raise RequestError(name, f"{{name}} holds {len(texts)} texts, at most {MAX_PROMPTS}", pointer=False)
+    longest = max((len(t) for t in texts), default=0)
+    if longest > MAX_PROMPT_CHARACTERS:
+        raise RequestError(
+            name, f"{{name}} holds {longest} characters, at most {MAX_PROMPT_CHARACTERS}",
+            f"the text encoders read {T5_MAX_SEQUENCE_LENGTH} tokens at most; shorten it", pointer=False,
+        )  # fmt: skip
+    return texts
+
+
+def _integer(name: str, value: object) -> int:
+    """`value` as an int, refused in one line if it is not a whole number."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise RequestError(name, f"{{name}} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: object) -> float:
+    """`value` as a float, refused in one line unless it is a finite number."""
+    number = None
+    if not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = None
+    if number is None or not math.isfinite(number):
+        raise RequestError(name, f"{{name}} must be a finite number, got {value!r}")
+    return number
+
+
+def _references(source: ModelSource, image) -> RequestReferences:
+    """The request's reference images as its family takes them (`families/<f>/runtime.py`, checked there as the
+    family's diffusers pipeline checks them)."""
+    images = None if image is None else (image,) if isinstance(image, Image.Image) else tuple(image)
+    return source.family.part("runtime").request_references(source, images)
 
 
 def _negative_prompts(source: ModelSource, negative, count: int) -> list[str] | None:
     """One negative prompt per prompt where the model runs true CFG (diffusers' "" by default)."""
     if not source.uses_true_cfg:
         if negative is not None:
-            raise FluxExportError(
-                f"{source.name} runs without true CFG (a distilled or guidance-embedded model): drop --negative-prompt"
-            )
+            raise RequestError(
+                "negative_prompt", f"{source.name} runs without true CFG (a distilled or guidance-embedded model)",
+                "{drop}", pointer=False,
+            )  # fmt: skip
         return None
-    negatives = [""] * count if negative is None else _as_list(negative)
+    negatives = [""] * count if negative is None else _texts("negative_prompt", negative)
     if len(negatives) == 1 and count > 1:
         negatives = negatives * count
     if len(negatives) != count:
-        raise FluxExportError(f"got {count} prompts but {len(negatives)} negative prompts: give one, or one per prompt")
+        raise RequestError(
+            "negative_prompt", f"got {count} prompts but {len(negatives)} negative prompts", "give one, or one per prompt",
+            pointer=False,
+        )  # fmt: skip
     return negatives
 
 
