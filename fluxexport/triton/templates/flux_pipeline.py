@@ -168,6 +168,16 @@ def served_bounds(settings: PipelineSettings) -> ExportBounds:
     return ExportBounds.from_json(settings.bounds, built=settings.kind == "tensorrt")
 
 
+def check_sides_served(settings: PipelineSettings, generation: GenerationRequest) -> None:
+    """Refuse a side the request gives past the deployment's largest, naming the deployment's range (before the
+    request is resolved against the model's own, larger, limit)."""
+    bounds = served_bounds(settings)
+    low, high = bounds.min_resolution, bounds.max_resolution
+    for name, value in (("height", generation.height), ("width", generation.width)):
+        if isinstance(value, int) and value > high:
+            raise RequestError(name, f"{{name}} {value} is outside this deployment's {low}..{high} px")
+
+
 def check_deployment_serves(source, settings: PipelineSettings, resolved) -> None:
     """Refuse, in one line and before any component runs, a request past the deployment's bounds: target sides,
     batch, and FLUX.2's reference budget (the references' tokens beside the target, their longest side)."""
@@ -218,6 +228,7 @@ class TritonPythonModel:
     def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings]:
         """The request, its LoRA choice and its step cache, every value checked before any component runs."""
         generation = self._request(request)
+        check_sides_served(self.settings, generation)  # this deployment's limit first: tighter than the model's
         check_deployment_serves(self.source, self.settings, resolve_request(self.source, generation))
         loras = lora_choice(_values(request, "lora", str), _values(request, "lora_scale", float), self.settings.loras)
         return generation, loras, served_cache(_optional(request, "cache", str), self.repository)
