@@ -12,13 +12,14 @@ conversion), then cast to the checkpoint's dtype. Safetensors only.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError
 from fluxexport.families import FLUX1, Family, family_named
 
 # CLIP's `text_model.` level is gone in transformers ≥ 5 (each family's LoRA key prefixes are `Family.lora_prefixes`)
@@ -44,6 +45,8 @@ def parse_lora(value: str) -> LoraFile:
         path, scale = (Path(path_text), float(scale_text)) if path_text else (Path(value), 1.0)
     except ValueError:
         path, scale = Path(value), 1.0
+    if not math.isfinite(scale):  # merged, a NaN or infinite scale makes every weight it touches NaN
+        raise RequestError("lora", f"{{option}} {value}: the scale must be a finite number", pointer=False)
     if path.suffix != ".safetensors":
         raise FluxExportError(f"--lora {value}: only .safetensors LoRA files are read (FILE or FILE:SCALE)")
     if not path.is_file():
