@@ -18,10 +18,12 @@ from fluxexport.runtime.latents import check_image_size
 from fluxexport.runtime.schedule import check_steps
 
 T5_MAX_SEQUENCE_LENGTH = 512
-# What one request may ask for, checked before any model loads (steps: schedule.MAX_STEPS). A side: 4× the model's
-# default (FLUX.1 and FLUX.2: 4096 px, 16 MP, past the 2 MP (FLUX.1) and 4 MP (FLUX.2) BFL states; tiny models:
-# 1024 px, the largest side their exports serve). Text: the encoders read at most 512 tokens, and a longer prompt
-# only costs tokenizer time. Seeds: what torch.Generator.manual_seed takes. Counts: a stated cap per request.
+# What one request may ask for, checked before any model loads (steps: schedule.MAX_STEPS). A side: a stated cap of
+# 4× the model's default side (FLUX.1 and FLUX.2: 4096 px, 65536 image tokens, 16× the 1024² they are made for;
+# tiny models: 1024 px, the largest side their exports serve): neither diffusers nor the RoPE nor the VAE has a hard
+# limit, and attention grows with the square of the tokens, so a larger side only starts a run that cannot end.
+# Text: the encoders read at most 512 tokens, and a longer prompt only costs tokenizer time. Seeds: what
+# torch.Generator.manual_seed takes. Images per prompt: a stated cap per request.
 MAX_SIDE_OVER_DEFAULT = 4
 MAX_IMAGES_PER_PROMPT = 64
 MAX_PROMPTS = 64
