@@ -77,16 +77,39 @@ def affordable(height, width, steps, count) -> bool:
     return tokens * (steps or TINY_STEPS) * count <= BUDGET
 
 
+# `run`'s request options: values tiny-schnell serves (None: left out) and anything of the option's type
+RUN_SERVED = {
+    "prompt": st.sampled_from(["a red fox", "a cat", "日本語の猫"]), "prompt-2": st.none() | st.just("a fox"),
+    "negative-prompt": st.none(), "height": st.sampled_from([16, 32, 48, 64]),
+    "width": st.sampled_from([16, 32, 48, 64]), "steps": st.integers(1, 2),
+    "guidance": st.none() | st.floats(-10, 10), "seed": st.none() | st.integers(0, 2**32),
+    "num-images": st.integers(1, 2), "max-sequence-length": st.none() | st.integers(1, 512),
+    "cache": st.none() | st.sampled_from(["none", "taylorseer", "taylorseer:interval=2,order=2,warmup=1"]),
+    "image": st.none(),
+}  # fmt: skip
+RUN_ANY = {
+    "prompt": TEXTS, "prompt-2": TEXTS, "negative-prompt": TEXTS, "height": SIDES, "width": SIDES, "steps": STEPS,
+    "guidance": FLOATS, "seed": ANY_INT, "num-images": COUNTS, "max-sequence-length": ANY_INT, "cache": CACHES,
+    "image": st.sampled_from(["picture.png", "notes.txt", "empty.png", "missing.png"]),
+}  # fmt: skip
+
+
+@st.composite
+def one_fault(draw, served: dict, anything: dict) -> dict:
+    """Every option at a value the model serves; then, in three requests of four, one (or, now and then, each)
+    option at any value of its type, so that refusals are met one at a time and together."""
+    options = {name: draw(strategy) for name, strategy in served.items()}
+    faults = draw(st.sampled_from(["none", "one", "one", "all"]))
+    names = list(anything) if faults == "all" else [draw(st.sampled_from(list(anything)))] if faults == "one" else []
+    for name in names:
+        options[name] = draw(anything[name])
+    return options
+
+
 @st.composite
 def run_options(draw) -> dict:
-    """`run`'s request options, each left out (None) or any value of its type."""
-    options = {
-        "prompt": draw(TEXTS), "prompt-2": draw(st.none() | TEXTS), "negative-prompt": draw(st.none() | TEXTS),
-        "height": draw(SIDES), "width": draw(SIDES), "steps": draw(STEPS), "guidance": draw(FLOATS),
-        "seed": draw(st.none() | ANY_INT), "num-images": draw(COUNTS),
-        "max-sequence-length": draw(st.none() | st.integers(1, 512) | ANY_INT), "cache": draw(CACHES),
-        "image": draw(st.none() | st.sampled_from(["picture.png", "notes.txt", "empty.png", "missing.png"])),
-    }  # fmt: skip
+    """`run`'s request options, each left out (None) or a value."""
+    options = draw(one_fault(RUN_SERVED, RUN_ANY))
     assume(affordable(options["height"], options["width"], options["steps"], options["num-images"]))
     return options
 
@@ -159,10 +182,13 @@ def test_run_fuzzed_answers_an_image_or_one_line(tmp_path):
     run_case()
 
 
+BENCH_NAMES = {"height": "height", "width": "width", "steps": "steps", "batch": "num-images", "cache": "cache"}
+
+
 @st.composite
 def bench_options(draw) -> dict:
-    options = {"height": draw(SIDES), "width": draw(SIDES), "steps": draw(STEPS), "batch": draw(COUNTS),
-               "cache": draw(CACHES)}  # fmt: skip
+    served = {flag: RUN_SERVED[name] for flag, name in BENCH_NAMES.items()}
+    options = draw(one_fault(served, {flag: RUN_ANY[name] for flag, name in BENCH_NAMES.items()}))
     assume(affordable(options["height"], options["width"], options["steps"], options["batch"]))
     return options
 
@@ -213,17 +239,14 @@ SMALL = {np.int32: st.one_of(st.sampled_from([0, 1, 2, -1, 17, 2000]), INT32),
          np.uint8: st.integers(0, 255), np.bool_: st.booleans()}  # fmt: skip
 
 
-def mostly(usual, anything):
-    """`usual` three times in four (Hypothesis picks a branch of one_of evenly), else `anything`."""
-    return st.one_of(usual, usual, usual, anything)
-
-
-# per input, values that often make a request the tiny deployment serves (64..1024 px), else anything of its type
-VALUES = {"height": mostly(st.sampled_from([64, 80]), SMALL[np.int32]),
-          "width": mostly(st.sampled_from([64, 96]), SMALL[np.int32]),
-          "num_inference_steps": mostly(st.integers(1, 2), SMALL[np.int32]),
-          "num_images": mostly(st.just(1), SMALL[np.int32]),
-          "prompt": mostly(st.sampled_from(["a red fox", "a cat", "日本語の猫"]).map(str.encode), TEXT_VALUES)}  # fmt: skip
+# per flux_pipeline input, values tiny-schnell's deployment serves (64..1024 px); None leaves the input out
+PIPELINE_SERVED = {
+    "prompt": st.sampled_from(["a red fox", "a cat", "日本語の猫"]).map(str.encode),
+    "prompt_2": st.none() | st.just(b"a fox"), "height": st.sampled_from([64, 80]), "width": st.sampled_from([64, 96]),
+    "num_inference_steps": st.integers(1, 2), "guidance_scale": st.none() | st.floats(-10, 10, width=32),
+    "seed": st.none() | st.integers(0, 2**32), "num_images": st.none() | st.just(1),
+    "cache": st.none() | st.sampled_from([b"none", b"taylorseer:interval=2"]),
+}  # fmt: skip
 
 
 @st.composite
@@ -244,19 +267,23 @@ def tensor(draw, dtype: type, reference: bool, shapes=((1,),), values=None):
 
 @st.composite
 def pipeline_tensors(draw, config) -> dict[str, np.ndarray]:
-    """Every flux_pipeline input of its config's type with any value (the optional ones other than the size,
-    steps and count left out in half the requests); then, in half the requests, one input replaced by a tensor of
-    any dtype and shape, or left out (the prompt too)."""
+    """A request the deployment serves; then, in three of four, one input (now and then each) replaced by a
+    tensor of its type with any value, of any dtype and shape, or left out (the prompt too)."""
+    types = {item.name: PIPELINE_TYPES[config_type(item)] for item in config.input}
     tensors = {}
-    for item in config.input:
-        if item.name in ("prompt", *VALUES) or draw(st.booleans()):
-            expected = PIPELINE_TYPES[config_type(item)]
-            tensors[item.name] = draw(tensor(expected, item.name.startswith("image"), values=VALUES.get(item.name)))
-    if draw(st.booleans()):
-        name = draw(st.sampled_from([item.name for item in config.input]))
+    for name, strategy in PIPELINE_SERVED.items():
+        value = draw(strategy)
+        if name in types and value is not None:
+            tensors[name] = np.array([value], dtype=types[name])
+    faults = draw(st.sampled_from(["none", "one", "one", "all"]))
+    names = list(types) if faults == "all" else [draw(st.sampled_from(list(types)))] if faults == "one" else []
+    for name in names:
         tensors.pop(name, None)
-        if draw(st.integers(0, 4)):  # else left out
-            shapes = ((1,), (), (0,), (2,), (1, 1), (3, 1, 2))
+        kind = draw(st.sampled_from(["value", "value", "any", "out"]))
+        shapes = ((1,), (), (0,), (2,), (1, 1), (3, 1, 2))
+        if kind == "value":
+            tensors[name] = draw(tensor(types[name], name.startswith("image")))
+        elif kind == "any":
             tensors[name] = draw(tensor(draw(st.sampled_from(DTYPES)), name.startswith("image"), shapes))
     return tensors
 
