@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxexport.families.flux2.adapters import TextEncoderAdapter
+from fluxexport.adapters import adapter_for
 from fluxexport.models.checkpoint import CheckpointTensors
 from fluxexport.models.meta import parameter_aliases, weightless_module
 from fluxexport.models.source import ModelSource
@@ -171,7 +171,7 @@ def streamed_parts(source: ModelSource, module: str, model: nn.Module) -> tuple[
     LM's decoder stack cut after the deepest layer read, the adapter's own cut (Qwen3's `model.layers`, Mistral3's
     `model.language_model.layers`); the other modules run whole."""
     if module == "text_encoder":
-        stack = TextEncoderAdapter(model, source.text_encoder_layers).stack
+        stack = adapter_for(source, module, model).stack  # the family's text-encoder adapter cuts it
         return stack, list(stack.layers)
     return model, [block for name in BLOCK_LISTS[module] for block in model.get_submodule(name)]
 
