@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from fluxexport.artifacts.files import default_folder
 from fluxexport.backend_factory import BACKENDS
+from fluxexport.commands.common import TINY_DEFAULT, BackendOptions, ModelOptions, component_list
 from fluxexport.console import byte_progress, console, quiet_libraries, step_progress, table, warn
 from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError, Terms
 from fluxexport.onnxruntime.backend import PROVIDERS
 from fluxexport.triton.config import INSTANCE_KINDS
-
-TINY_DEFAULT = "tiny-schnell"
 
 
 def _remember_loras(ctx: click.Context, _param, values) -> tuple:
@@ -64,8 +61,23 @@ def model_options(function):
     )(function)
 
 
-def _fail(error: Exception) -> None:
-    raise click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
+# A request's input (the runtime's vocabulary, RequestError.field) → the flag that sets it, where the two differ;
+# per command where a command names it otherwise (bench's --batch)
+REQUEST_FLAGS = {"num_images_per_prompt": "num-images", "num_inference_steps": "steps", "guidance_scale": "guidance",
+                 "max_sequence_length": "max-sequence-length", "negative_prompt": "negative-prompt",
+                 "prompt_2": "prompt-2"}  # fmt: skip
+COMMAND_FLAGS = {"bench": {"num_images_per_prompt": "batch"}}
+
+
+def command_line_terms(command: str | None = None) -> Terms:
+    """How `command` names a request's inputs: its flags."""
+    flags = REQUEST_FLAGS | COMMAND_FLAGS.get(command or "", {})
+    return Terms(flags, option="--{name}", given="with --{name}", drop="drop --{name}", pointer=" (--{name})")
+
+
+def _fail(error: Exception, command: str | None = None) -> None:
+    message = error.render(command_line_terms(command)) if isinstance(error, RequestError) else str(error)
+    raise click.ClickException(message.splitlines()[0] if message else type(error).__name__)
 
 
 class _Group(click.Group):
@@ -75,7 +87,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FluxExportError as error:
-            _fail(error)
+            _fail(error, ctx.invoked_subcommand)
 
 
 @click.group(cls=_Group)
@@ -88,12 +100,15 @@ def main() -> None:
 
 def _tiny_help() -> str:
     """`tiny`'s help, listing the variants from the tiny models' own registry."""
+    from fluxexport.families import FAMILIES
     from fluxexport.models.tiny import TINY_VARIANTS
 
-    flux1 = ", ".join(name for name, variant in TINY_VARIANTS.items() if not variant.is_flux2)
-    flux2 = ", ".join(name for name, variant in TINY_VARIANTS.items() if variant.is_flux2)
+    listed = "; ".join(
+        f"{family.title} {', '.join(name for name, variant in TINY_VARIANTS.items() if variant.family is family)}"
+        for family in FAMILIES
+    )
     return (
-        f"Write a tiny random FLUX model as a diffusers folder. VARIANT: FLUX.1 {flux1}; FLUX.2 {flux2}. Random "
+        f"Write a tiny random FLUX model as a diffusers folder. VARIANT: {listed}. Random "
         "weights: its images look like noise, which is expected."
     )
 
@@ -107,12 +122,11 @@ def _tiny_help() -> str:
     help="Also write the transformer as a black-forest-labs single-file checkpoint here.",
 )
 def tiny(variant: str, out: Path, single_file: Path | None) -> None:
-    from fluxexport.models.tiny import write_bfl_single_file, write_tiny
+    from fluxexport.commands.tiny import write_tiny_model
 
-    folder = write_tiny(variant, out)
+    folder = write_tiny_model(variant, out, single_file)
     console.print(f"wrote {variant} to {folder}")
     if single_file is not None:
-        write_bfl_single_file(folder, single_file)
         console.print(f"wrote its transformer in black-forest-labs layout to {single_file}")
 
 
@@ -126,39 +140,24 @@ def tiny(variant: str, out: Path, single_file: Path | None) -> None:
 def tiny_lora(variant: str, out: Path, fmt: str, seed: int) -> None:
     """Write a random LoRA that fits a tiny model (its first double and single block), for trying --lora offline:
     `run --model VARIANT --lora FILE` draws a visibly different image."""
-    from fluxexport.models.source import resolve_model
-    from fluxexport.models.tiny import tiny_variant
-    from fluxexport.models.tiny_lora import write_tiny_lora
+    from fluxexport.commands.tiny import write_random_lora
 
-    tiny_variant(variant)  # refuse anything but a tiny variant before resolving it
-    path = write_tiny_lora(resolve_model(variant), out, fmt, seed)
+    path = write_random_lora(variant, out, fmt, seed)
     console.print(f"wrote a random {fmt} LoRA for {variant}")
     click.echo(str(path))
 
 
-def _source(model: str, base_model: str | None):
-    """The --model (and --base-model) checkpoint, with the command's --lora files merged into it."""
-    from fluxexport.models.source import resolve_model
-
+def _model(model: str, base_model: str | None) -> ModelOptions:
+    """The --model (and --base-model) checkpoint with the command's --lora files and --text-encoder-layers."""
     meta = click.get_current_context().meta
-    source = resolve_model(model, base_model).with_loras(meta.get("loras", ()))
-    return source.with_text_encoder_layers(meta.get("text_encoder_layers"))
+    return ModelOptions(model, base_model, meta.get("loras", ()), meta.get("text_encoder_layers"))
 
 
-def _check_output(output: Path, count: int) -> list[Path]:
-    from fluxexport.runtime.images import output_paths
-
-    paths = output_paths(output, count)
-    parent = paths[0].parent
-    if not parent.exists():
-        raise FluxExportError(f"output folder {parent} does not exist: create it or choose another --output")
-    if not parent.is_dir():
-        raise FluxExportError(f"cannot write {paths[0]}: {parent} is not a folder (--output)")
-    if not os.access(parent, os.W_OK):
-        raise FluxExportError(f"cannot write to {parent}: permission denied (--output)")
-    return paths
-
-
+backend_option = click.option(
+    "--backend", type=click.Choice(BACKENDS),
+    help="Where the model runs (default: the kind of folder --engines names, exported graphs onnxruntime and "
+    "engines tensorrt; without --engines, torch).",
+)  # fmt: skip
 fp8_option = click.option(
     "--fp8/--no-fp8", default=None,
     help="onnxruntime: run quantize's FP8 transformer, or the base one (default: the FP8 one if the folder has it).",
@@ -219,11 +218,6 @@ def reference_budget_options(default: str):
     return decorate
 
 
-def _say_transformer(engine) -> None:
-    if getattr(engine, "transformer_graph", None):
-        console.print(f"transformer: {engine.transformer_graph}")
-
-
 @main.command()
 @model_options
 @click.option("--prompt", required=True, help="Text to draw (FLUX.1: CLIP, and T5 unless --prompt-2).")
@@ -252,7 +246,7 @@ def _say_transformer(engine) -> None:
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
 )
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@backend_option
 @click.option(
     "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
 )
@@ -269,54 +263,28 @@ def run(
     weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
-    from fluxexport.backend_factory import create_backend
-    from fluxexport.runtime.cache import parse_cache
-    from fluxexport.runtime.images import load_reference, save_png_atomic
-    from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
-    from fluxexport.specs import check_served
+    from fluxexport.commands.run import RunOptions, run_images
 
-    cache = parse_cache(cache_text)
-    source = _source(model, base_model)
-    references = [load_reference(image_path) for image_path in image_paths]  # as diffusers' load_image reads them
-    request = GenerationRequest(
-        prompt=prompt, prompt_2=prompt_2, height=height, width=width, num_inference_steps=steps,
-        guidance_scale=guidance, seed=seed, num_images_per_prompt=num_images,
-        max_sequence_length=max_sequence_length, image=references or None,
-        auto_resize_reference=not keep_reference_size, negative_prompt=negative_prompt,
+    runner = BackendOptions(
+        backend=backend, engines=engines, dtype=dtype, device=device, low_vram=low_vram, cuda_graphs=cuda_graphs,
+        weight_streaming_budget=weight_streaming_budget, fp8=fp8, optimized=optimized,
     )  # fmt: skip
-    resolved = resolve_request(source, request)  # validate everything before any weight is loaded
-    check_served(source, backend, engines, resolved)  # FLUX.2 references within the engines' (export's) budget
-    paths = _check_output(output, resolved.batch)
-    engine = create_backend(
-        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized,
-        cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+    options = RunOptions(
+        prompt=prompt, model=_model(model, base_model), runner=runner, prompt_2=prompt_2,
+        negative_prompt=negative_prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+        num_images=num_images, max_sequence_length=max_sequence_length, references=tuple(image_paths),
+        keep_reference_size=keep_reference_size, cache=cache_text, output=output,
     )  # fmt: skip
-    _say_transformer(engine)
-    with step_progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
-        result = generate(engine, source, request, on_step=advance, cache=cache)
-    for message in result.warnings:
+    result = run_images(options, progress=step_progress, log=console.print)
+    generation, resolved = result.generation, result.request
+    for message in generation.warnings:
         warn(message)
-    for image, path in zip(result.images, paths, strict=True):
-        save_png_atomic(image, path)
-    rows = [[stage.replace("_", " "), f"{seconds * 1000:.1f}"] for stage, seconds in result.timings.items()]
-    rows.append(["transformer steps computed", f"{result.computed_steps} of {resolved.steps}"])
-    console.print(table(f"{backend} · {resolved.steps} steps · batch {resolved.batch}", ["stage", "ms"], rows))
-    console.print(result.cache_summary)
-    for path in paths:
+    rows = [[stage.replace("_", " "), f"{seconds * 1000:.1f}"] for stage, seconds in generation.timings.items()]
+    rows.append(["transformer steps computed", f"{generation.computed_steps} of {resolved.steps}"])
+    console.print(table(f"{result.backend} · {resolved.steps} steps · batch {resolved.batch}", ["stage", "ms"], rows))
+    console.print(generation.cache_summary)
+    for path in result.paths:
         click.echo(str(path))
-
-
-def _check_out_file(out: Path) -> None:
-    """Refuse an --out file that cannot be written, before anything runs."""
-    parent = out.parent
-    if out.is_dir():
-        raise FluxExportError(f"cannot write {out}: it is a folder (--out)")
-    if not parent.exists():
-        raise FluxExportError(f"folder {parent} does not exist: create it or choose another --out")
-    if not parent.is_dir():
-        raise FluxExportError(f"cannot write {out}: {parent} is not a folder (--out)")
-    if not os.access(parent, os.W_OK):
-        raise FluxExportError(f"cannot write to {parent}: permission denied (--out)")
 
 
 @main.command("calibrate-magcache")
@@ -329,7 +297,7 @@ def _check_out_file(out: Path) -> None:
 @click.option("--guidance", type=float,
               help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@backend_option
 @click.option("--engines", type=click.Path(path_type=Path),
               help="Graphs or engines holding the transformer in parts (export --transformer-parts).")  # fmt: skip
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
@@ -341,28 +309,15 @@ def calibrate_magcache(
 ) -> None:  # fmt: skip
     """Measure MagCache's magnitude ratios (one per step, every step computed) for --cache magcache:ratios=FILE,
     as diffusers' MagCacheConfig(calibrate=True) does (FLUX.1 and FLUX.2; under true CFG, the conditional run's)."""
-    from fluxexport.backend_factory import create_backend
-    from fluxexport.runtime.magcache import write_ratios
-    from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios, resolve_request
+    from fluxexport.commands.run import CalibrateOptions, measure_magcache
 
-    source = _source(model, base_model)
-    request = GenerationRequest(
-        list(prompts), height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed
-    )
-    resolved = resolve_request(source, request)  # validate everything before any weight is loaded
-    _check_out_file(out)
-    engine = create_backend(backend, source, dtype=dtype, device=device, engines=engines)
-    _say_transformer(engine)
-    title = f"calibrate magcache {source.name} {resolved.width}×{resolved.height} · batch {resolved.batch}"
-    with step_progress(title, resolved.steps) as advance:
-        ratios = calibrate_mag_ratios(engine, source, request, on_step=advance)
-    try:
-        path = write_ratios(
-            out, ratios, model=source.name, prompts=resolved.prompts, height=resolved.height, width=resolved.width,
-            steps=resolved.steps,
-        )  # fmt: skip
-    except OSError as error:
-        raise FluxExportError(f"cannot write {out}: {error.strerror or error} (--out)") from None
+    runner = BackendOptions(backend=backend, engines=engines, dtype=dtype, device=device)
+    options = CalibrateOptions(
+        prompts=tuple(prompts), out=out, model=_model(model, base_model), runner=runner, steps=steps, height=height,
+        width=width, guidance=guidance, seed=seed,
+    )  # fmt: skip
+    result = measure_magcache(options, progress=step_progress, log=console.print)
+    ratios, resolved = result.ratios, result.request
     per_row = 7  # a short table: seven steps a row
     rows = [
         [f"{first + 1}–{min(first + per_row, len(ratios))}",
@@ -371,34 +326,22 @@ def calibrate_magcache(
     ]  # fmt: skip
     columns = ["steps", "ratios", *[""] * (min(per_row, len(ratios)) - 1)]
     console.print(table(f"magcache ratios ({resolved.steps} steps)", columns, rows))
-    click.echo(str(path))
+    click.echo(str(result.path))
 
 
-def _components(value: str | None, source=None) -> list[str]:
-    """`--components a,b` as a list; without it, every component of `source`'s family (FLUX.1's five)."""
-    from fluxexport.specs import COMPONENTS
+def _print_check(check) -> None:
+    """The TensorRT check's table, then its refusal when a graph failed."""
+    from fluxexport.export.check import tensorrt_support
 
-    if value:
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return list(source.components if source is not None else COMPONENTS)
-
-
-def _print_check(reports) -> bool:
     rows = [
         [report.path.name, str(report.opset), str(report.nodes), "ok" if report.ok else "[red]FAIL[/red]",
          "; ".join(report.problems[:3]) + (" …" if len(report.problems) > 3 else "")]
-        for report in reports
+        for report in check.reports
     ]  # fmt: skip
-    from fluxexport.export.check import tensorrt_support
-
-    console.print(
-        table(
-            f"TensorRT {tensorrt_support()['tensorrt']} compatibility",
-            ["graph", "opset", "nodes", "status", "problems"],
-            rows,
-        )
-    )
-    return all(report.ok for report in reports)
+    title = f"TensorRT {tensorrt_support()['tensorrt']} compatibility"
+    console.print(table(title, ["graph", "opset", "nodes", "status", "problems"], rows))
+    if check.failure:
+        raise FluxExportError(check.failure)
 
 
 @main.command()
@@ -445,46 +388,26 @@ def export(
     max_reference_aspect,
 ) -> None:
     """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
-    from fluxexport.dtypes import component_precision
-    from fluxexport.export.check import check_folder
-    from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
-    from fluxexport.export.target_folder import prepare_export_folder
-    from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds
+    from fluxexport.commands.export import ExportOptions, plan_export, run_export
 
-    source = _source(model, base_model)
-    bounds = ExportBounds.for_model(
-        source, max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution,
-        max_references=max_references, max_reference_area=max_reference_area, max_reference_aspect=max_reference_aspect,
+    options = ExportOptions(
+        model=_model(model, base_model), out=out, components=component_list(components), dtype=dtype, opset=opset,
+        max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution,
+        external_data=external_data, run_check=run_check, transformer_parts=transformer_parts, replace=replace,
+        max_references=max_references, max_reference_area=max_reference_area,
+        max_reference_aspect=max_reference_aspect,
     )  # fmt: skip
-    names = _components(components, source)
-    names += [part for part in TRANSFORMER_PARTS if transformer_parts and part not in names]
-    out = out or default_folder(source.name)
-    if not replace:  # refused before anything is printed; --replace removes the graphs once the export starts
-        prepare_export_folder(out, source, dtype, bounds)
-    for name in names:
-        _, reason = component_precision(name, dtype)
-        if reason:
-            console.print(f"note: {name}: {reason}")
-    rows = []
-    console.print(f"export {source.name} → {out}: {', '.join(names)}")
+    plan = plan_export(options)  # refused before anything is printed
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    console.print(f"export {plan.source.name} → {plan.out}: {', '.join(plan.names)}")
     with byte_progress() as update:
-
-        def on_component(name, exported):
-            if exported is None:  # the bar starts with the first weight written: its rate is the write rate
-                return
-            update(name, exported.weight_bytes, exported.weight_bytes)
-            size = exported.path.stat().st_size + (
-                exported.path.with_name(exported.external_data).stat().st_size if exported.external_data else 0
-            )
-            rows.append([name, exported.dtype, str(exported.nodes), f"{size / 1e6:.1f}", f"{exported.seconds:.1f}"])
-
-        export_model(
-            source, out, names, dtype, opset or DEFAULT_OPSET, bounds, external_data, on_component, update, replace
-        )
-    console.print(table(f"exported to {out}", ["component", "dtype", "nodes", "MB", "s"], rows))
-    if run_check and not _print_check(check_folder(out)):
-        raise FluxExportError(f"graphs in {out} fail the TensorRT check (see the table above)")
-    click.echo(str(out))
+        result = run_export(plan, on_bytes=update)
+    rows = [[g.component, g.dtype, str(g.nodes), f"{g.bytes / 1e6:.1f}", f"{g.seconds:.1f}"] for g in result.graphs]
+    console.print(table(f"exported to {result.out}", ["component", "dtype", "nodes", "MB", "s"], rows))
+    if result.check is not None:
+        _print_check(result.check)
+    click.echo(str(result.out))
 
 
 @main.command()
@@ -492,22 +415,18 @@ def export(
 @click.option("--tensorrt", help="TensorRT version to check against (default: the bundled operator list's).")
 def check(folder: Path, tensorrt: str | None) -> None:
     """Lint exported graphs for TensorRT: supported ops and types, no DOUBLE, known ranks, opset, contract."""
-    from fluxexport.export.check import check_folder
+    from fluxexport.commands.export import check_export
 
-    if not _print_check(check_folder(folder, tensorrt)):
-        raise FluxExportError(f"graphs in {folder} fail the TensorRT check (see the table above)")
+    _print_check(check_export(folder, tensorrt))
 
 
 @main.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=Path))
 def upgrade(folders) -> None:
     """Rewrite the manifest of export or engine folders written by an older fluxexport in this one's format."""
-    from fluxexport.artifacts.files import FORMAT
-    from fluxexport.artifacts.folders import upgrade_folder
+    from fluxexport.commands.export import upgrade_folders
 
-    for folder in folders:
-        upgrade_folder(folder)
-        console.print(f"{folder}: manifest format {FORMAT}")
+    upgrade_folders(folders, lambda folder, version: console.print(f"{folder}: manifest format {version}"))
 
 
 @main.command()
@@ -528,23 +447,14 @@ def validate(
 ) -> None:  # fmt: skip
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
-    from fluxexport.runtime.cache import parse_cache
-    from fluxexport.validate import check_validation_host, validate_any
+    from fluxexport.commands.validate import ValidateOptions, validate_folder
 
-    cache = parse_cache(cache_text)
-    source = _source(model, base_model)
-    if engines is None:
-        engines = default_folder(source.name)
-        if not engines.is_dir():
-            raise FluxExportError(
-                f"{engines} does not exist: export the graphs first (fluxexport export --model {model}) or pass --engines"
-            )
-    names = _components(components) if components else None
-    check_validation_host(engines, fp8)  # refuse before the progress bar
-    with step_progress(f"validate {engines}", 1) as advance:
-        result, dtype = validate_any(
-            source, engines, names, steps, max_rel_l2, min_psnr, advance, fp8, optimized, cache
-        )
+    options = ValidateOptions(
+        model=_model(model, base_model), engines=engines, components=component_list(components), steps=steps,
+        report=report, max_rel_l2=max_rel_l2, min_psnr=min_psnr, fp8=fp8, optimized=optimized, cache=cache_text,
+    )  # fmt: skip
+    validated = validate_folder(options, progress=step_progress)
+    result, dtype = validated.report, validated.reference_dtype
     rows = [
         [c.component, c.output, " ".join(f"{k}={v}" for k, v in c.sizes.items()) + (" (export)" if c.seen_at_export else ""),
          "ONNX Runtime" if c.against == "onnxruntime" else f"PyTorch {dtype}",
@@ -567,10 +477,9 @@ def validate(
             f"end to end, {steps} steps, cache {result.cache}", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows
         )
     )
-    path = result.write(report or Path(engines) / "validation.json")
-    click.echo(str(path))
-    if not result.passed:
-        raise FluxExportError(f"{engines} does not match PyTorch within the {result.dtype} thresholds (see {path})")
+    click.echo(str(validated.path))
+    if validated.failure:
+        raise FluxExportError(validated.failure)
 
 
 @main.command()
@@ -606,32 +515,14 @@ def quantize(
 ) -> None:  # fmt: skip
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer (and its parts) as Q/DQ
     graphs."""
-    from fluxexport.artifacts.folders import open_export
-    from fluxexport.export.check import check_graph
-    from fluxexport.export.onnx_export import DEFAULT_OPSET
-    from fluxexport.export.target_folder import prepare_quantize_folder
-    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
-    from fluxexport.quantize.qdq_export import fp8_components, quantize_transformer
-    from fluxexport.specs import TRANSFORMER_PARTS
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
 
-    source = _source(model, base_model)
-    prompts = read_prompts(calib_prompts) if calib_prompts else CALIBRATION_PROMPTS
-    if calib_size is not None:
-        if calib_size < 1:
-            raise FluxExportError(f"calib-size must be at least 1, got {calib_size} (--calib-size)")
-        prompts = prompts[:calib_size]
-    settings = CalibrationSettings(prompts, calib_steps, calib_resolution, calib_resolution)
-    out = out or default_folder(source.name)
-    if calibration_file is not None:
-        given = [flag for flag, value in (("--calib-prompts", calib_prompts), ("--calib-size", calib_size),
-                 ("--calib-steps", calib_steps), ("--calib-resolution", calib_resolution),
-                 ("--sequential/--whole-model", sequential)) if value is not None]  # fmt: skip
-        if given:
-            raise FluxExportError(
-                f"--calibration reuses saved scales, so {given[0]} would be ignored: drop one of them"
-            )
-    bounds = prepare_quantize_folder(out, source, replace)  # the folder's bounds: its manifest stays true
-    names = fp8_components(out, TRANSFORMER_PARTS if transformer_parts else ())
+    options = QuantizeOptions(
+        model=_model(model, base_model), out=out, dtype=dtype, calib_prompts=calib_prompts, calib_size=calib_size,
+        calib_steps=calib_steps, calib_resolution=calib_resolution, calibration_file=calibration_file,
+        sequential=sequential, opset=opset, external_data=external_data, transformer_parts=transformer_parts,
+        replace=replace,
+    )  # fmt: skip
     with ExitStack() as bars:  # one live bar at a time: calibration's, then the graphs' bytes
         writing: list = []
 
@@ -640,20 +531,12 @@ def quantize(
                 writing.append(bars.enter_context(byte_progress()))
             writing[0](f"{name} (fp8)", done, total)
 
-        quantize_transformer(
-            source, out, settings, dtype, opset or DEFAULT_OPSET, bounds, external_data=external_data,
-            calibration_file=calibration_file, sequential=sequential, log=console.print,
-            calibration_progress=lambda title: step_progress(title, 1), on_bytes=on_bytes, components=names,
-        )  # fmt: skip
-    graphs = [open_export(out).fp8[name] for name in names]
-    for graph in graphs:
-        console.print(f"{graph.file}: {graph.notes[0]}")
-    reports = [check_graph(out / graph.file, graph) for graph in graphs]
-    if not _print_check(reports):
-        failed = next(report.path for report in reports if not report.ok)
-        raise FluxExportError(f"{failed} fails the TensorRT check (see the table above)")
-    for graph in graphs:
-        click.echo(str(out / graph.file))
+        result = quantize_fp8(options, progress=step_progress, log=console.print, on_bytes=on_bytes)
+    for graph in result.graphs:
+        console.print(f"{graph.path.name}: {graph.note}")
+    _print_check(result.check)
+    for graph in result.graphs:
+        click.echo(str(graph.path))
 
 
 def _range(value: str, option: str) -> tuple[int, int, int]:
@@ -700,39 +583,21 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
           max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare,
           max_references, max_reference_area, max_reference_aspect) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
-    from fluxexport.build import build as build_folder
-    from fluxexport.tensorrt.builder import BuildOptions, build_bounds, engine_components
-    from fluxexport.tensorrt.environment import import_tensorrt
+    from fluxexport.commands.build import BuildCommandOptions, build_engines_folder
 
-    import_tensorrt()  # refuse before anything else happens
-    source = _source(model, base_model)
-    onnx_dir = onnx_dir or default_folder(source.name)
-    out = out or default_folder(source.name, f"trt-{precision}")
-    batch_range = _range(batch, "--batch") if batch else (None, None, None)
-    text_range = _range(text_len, "--text-len") if text_len else (None, None, None)
-    bounds = build_bounds(
-        source, onnx_dir, min_batch=batch_range[0], opt_batch=batch_range[1], max_batch=batch_range[2],
+    options = BuildCommandOptions(
+        model=_model(model, base_model), precision=precision, onnx_dir=onnx_dir, out=out,
+        components=component_list(components), batch=_range(batch, "--batch") if batch else None,
         min_resolution=min_resolution, opt_resolution=opt_resolution, max_resolution=max_resolution,
-        min_text_length=text_range[0], opt_text_length=text_range[1], max_text_length=text_range[2],
-        max_references=max_references, max_reference_area=max_reference_area, max_reference_aspect=max_reference_aspect,
+        resolution_buckets=resolution_buckets, text_len=_range(text_len, "--text-len") if text_len else None,
+        optimization_level=optimization_level, refittable=refittable, weight_streaming=weight_streaming,
+        prepare=prepare, max_references=max_references, max_reference_area=max_reference_area,
+        max_reference_aspect=max_reference_aspect,
     )  # fmt: skip
-    options = BuildOptions(
-        precision, bounds, resolution_buckets, optimization_level, refittable, weight_streaming
-    )  # fmt: skip
-    names = _components(components) if components else engine_components(source, onnx_dir)
-    rows = []
-    with step_progress(f"build {precision} engines → {out}", len(names)) as advance:
-        built = []
-
-        def on_component(name, seconds):
-            if seconds is not None:
-                built.append(name)
-                advance(len(built), len(names))
-                rows.append([name, f"{seconds:.1f}"])
-
-        build_folder(source, onnx_dir, out, options, names, on_component, prepare, log=console.print)
-    console.print(table(f"engines in {out}", ["component", "build s"], rows))
-    click.echo(str(out))
+    result = build_engines_folder(options, progress=step_progress, log=console.print)
+    rows = [[name, f"{seconds:.1f}"] for name, seconds in result.seconds.items()]
+    console.print(table(f"engines in {result.out}", ["component", "build s"], rows))
+    click.echo(str(result.out))
 
 
 @main.command()
@@ -741,23 +606,18 @@ def build(model, base_model, precision, onnx_dir, out, components, batch, min_re
 @click.option("--reset", is_flag=True, help="Back to the base weights (drops the refitted plans).")
 def refit(model, base_model, engines, reset) -> None:
     """Refit TensorRT engines with --lora files (no rebuild): only the weights the LoRAs touch change."""
-    from fluxexport.tensorrt.environment import import_tensorrt
-    from fluxexport.tensorrt.refit import refit_engines
+    from fluxexport.commands.build import refit_folder
 
-    source = _source(model, base_model)
-    if reset and source.loras:
-        raise FluxExportError("--reset goes back to the base weights: drop the --lora options")
-    import_tensorrt()  # refuse before anything else happens
-    folder = refit_engines(source, engines, reset)
-    rows = [[name, plan.file, str(plan.refitted_weights) if plan.is_refitted else "base"]
-            for name, plan in folder.components.items()]  # fmt: skip
+    result = refit_folder(_model(model, base_model), engines, reset)
+    rows = [[name, file, "base" if refitted is None else str(refitted)]
+            for name, (file, refitted) in result.plans.items()]  # fmt: skip
     console.print(table(f"engines in {engines}", ["component", "plan", "weights refitted"], rows))
     click.echo(str(engines))
 
 
 @main.command()
 @model_options
-@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True)
+@backend_option
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
 @click.option("--device", help="torch device (default: cuda if available).")
@@ -773,47 +633,22 @@ def refit(model, base_model, engines, reset) -> None:
 @optimized_option
 @cache_option
 def bench(
-    model,
-    base_model,
-    backend,
-    engines,
-    dtype,
-    device,
-    height,
-    width,
-    steps,
-    batch,
-    warmup,
-    repeats,
-    json_path,
-    low_vram,
-    cuda_graphs,
-    weight_streaming_budget,
-    fp8,
-    optimized,
-    cache_text,
-) -> None:
+    model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path,
+    low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text,
+) -> None:  # fmt: skip
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
-    import json
+    from fluxexport.commands.bench import BenchOptions, run_bench
 
-    from fluxexport.backend_factory import create_backend
-    from fluxexport.benchmark import run_benchmark
-    from fluxexport.runtime.cache import parse_cache
-    from fluxexport.runtime.pipeline import GenerationRequest
-
-    cache = parse_cache(cache_text)
-    if repeats < 1 or warmup < 0:
-        raise FluxExportError("--repeats must be ≥ 1 and --warmup ≥ 0")
-    source = _source(model, base_model)
-    request = GenerationRequest("a photo of a red fox in the snow", height=height, width=width,
-                                num_inference_steps=steps, num_images_per_prompt=batch)  # fmt: skip
-    engine = create_backend(
-        backend, source, dtype=dtype, device=device, engines=engines, low_vram=low_vram, fp8=fp8, optimized=optimized,
-        cuda_graphs=cuda_graphs, weight_streaming_budget=weight_streaming_budget,
+    runner = BackendOptions(
+        backend=backend, engines=engines, dtype=dtype, device=device, low_vram=low_vram, cuda_graphs=cuda_graphs,
+        weight_streaming_budget=weight_streaming_budget, fp8=fp8, optimized=optimized,
     )  # fmt: skip
-    _say_transformer(engine)
-    with step_progress(f"bench {backend}", warmup + repeats) as advance:
-        result = run_benchmark(engine, source, request, warmup, repeats, on_run=advance, cache=cache)
+    options = BenchOptions(
+        model=_model(model, base_model), runner=runner, height=height, width=width, steps=steps, batch=batch,
+        warmup=warmup, repeats=repeats, cache=cache_text, json_path=json_path,
+    )  # fmt: skip
+    measured = run_bench(options, progress=step_progress, log=console.print)
+    backend, result = measured.backend, measured.numbers
     rows = [[stage, f"{ms:.2f}"] for stage, ms in result["median_ms"].items()]
     title = (
         f"{backend} {result['device']} · {result['width']}×{result['height']} · {result['steps']} steps · batch {batch}"
@@ -826,9 +661,8 @@ def bench(
     )
     if result["peak_gpu_memory_bytes"] is not None:
         console.print(f"peak GPU memory: {result['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(str(json_path))
+    if measured.json_path:
+        click.echo(str(measured.json_path))
 
 
 @main.command()
@@ -846,19 +680,15 @@ def bench(
 @fp8_option
 def triton(model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, gpus, fp8) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
-    from fluxexport.models.lora import parse_lora
-    from fluxexport.triton.repository import write_repository
+    from fluxexport.commands.serve import TritonOptions, write_triton_repository
 
-    source = _source(model, base_model)
-    out = out or default_folder(source.name, "triton")
-    offered = [parse_lora(path) for path in request_loras]
-    folder = write_repository(
-        source, engines, out, instance_kind, pipeline_instances, fp8, offered, gpus=_parse_gpus(gpus)
-    )
-    console.print(
-        f"repository for {source.name}: {', '.join(sorted(p.parent.name for p in folder.glob('*/config.pbtxt')))}"
-    )
-    click.echo(str(folder))
+    options = TritonOptions(
+        engines=engines, model=_model(model, base_model), out=out, instance_kind=instance_kind,
+        pipeline_instances=pipeline_instances, request_loras=request_loras, gpus=_parse_gpus(gpus), fp8=fp8,
+    )  # fmt: skip
+    result = write_triton_repository(options)
+    console.print(f"repository for {result.model}: {', '.join(result.models)}")
+    click.echo(str(result.folder))
 
 
 def _parse_gpus(value: str) -> tuple[int, ...]:
@@ -888,10 +718,8 @@ def _parse_gpus(value: str) -> tuple[int, ...]:
 def optimize(model, base_model, engines, provider, components) -> None:
     """ONNX Runtime's transformer optimizer over exported graphs (mmdit/t5/clip/vae fusions), written to
     ENGINES/ort/ for run/bench/validate --backend onnxruntime; the portable graphs stay for TensorRT."""
-    from fluxexport.onnxruntime.optimize import optimize_graphs
+    from fluxexport.commands.optimize import optimize_folder
 
-    source = _source(model, base_model)
-    names = _components(components) if components else None
     rows = []
 
     def done(result) -> None:
@@ -899,9 +727,9 @@ def optimize(model, base_model, engines, provider, components) -> None:
         rows.append([result.component, fused, f"{result.parity_rel_l2:.1e}", f"{result.seconds:.1f}"])
 
     with console.status(f"optimizing for ONNX Runtime ({provider}) …"):
-        optimize_graphs(source, engines, provider, names, on_component=done)
+        ort = optimize_folder(_model(model, base_model), engines, provider, component_list(components), done)
     console.print(table(f"{engines}/ort ({provider})", ["component", "fused ops", "rel-L2 vs portable", "s"], rows))
-    click.echo(str(Path(engines) / "ort"))
+    click.echo(str(ort))
 
 
 @main.command()
@@ -930,13 +758,15 @@ def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt,
            target_queue_ms) -> None:  # fmt: skip
     """Write Kubernetes manifests serving a Triton repository: a KServe InferenceService, or a Deployment +
     Service + HorizontalPodAutoscaler on Triton's queue metrics."""
-    from fluxexport.deploy.kubernetes import deploy_settings, write_deployment
+    from fluxexport.commands.serve import DeployOptions, write_manifests
 
-    settings, facts = deploy_settings(
-        repository, storage_uri, name=name, image=image, image_tensorrt=image_tensorrt,
-        gpus_per_replica=gpus_per_replica, replicas=replicas, namespace=namespace, target_queue_ms=target_queue_ms,
+    options = DeployOptions(
+        repository=repository, storage_uri=storage_uri, out=out, name=name, namespace=namespace, image=image,
+        image_tensorrt=image_tensorrt, gpus_per_replica=gpus_per_replica, replicas=replicas,
+        target_queue_ms=target_queue_ms,
     )  # fmt: skip
-    folder = write_deployment(repository, out or default_folder(facts.model, "k8s"), settings, facts)
+    result = write_manifests(options)
+    settings, folder = result.settings, result.folder
     console.print(
         f"{settings.name}: {settings.image} (Triton {settings.release}), {settings.gpus_per_replica} GPU(s) per "
         f"replica, {settings.min_replicas}..{settings.max_replicas} replicas, repository {settings.storage_uri}"
@@ -956,10 +786,9 @@ def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
     import signal
     import threading
 
-    from fluxexport.triton.server import TritonServer, check_repository, find_tritonserver, python_environment
+    from fluxexport.commands.serve import open_server
 
-    check_repository(repository)  # the cheapest mistake first, before looking for a binary and an environment
-    server = TritonServer(repository, find_tritonserver(binary), python_environment(python_env))
+    server = open_server(repository, binary, python_env)
     stop = threading.Event()  # Ctrl-C / SIGTERM only set it: shutdown happens in one place, whenever they come
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
