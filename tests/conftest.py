@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
 import torch
 
 VARIANTS = ("tiny-schnell", "tiny-dev", "tiny-kontext")
-
-Value = TypeVar("Value")
-
-
-class OnDemand(Mapping[str, Value]):
-    """A session fixture's per-variant values, each made the first time a test asks for it: a run of the tests
-    that need tiny-dev's export alone exports tiny-dev alone (a whole run still makes each once)."""
-
-    def __init__(self, names, make: Callable[[str], Value]):
-        self._names, self._make, self._made = tuple(names), make, {}
-
-    def __getitem__(self, name: str) -> Value:
-        if name not in self._names:
-            raise KeyError(name)
-        if name not in self._made:
-            self._made[name] = self._make(name)
-        return self._made[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names  # without making it
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def pytest_configure(config):
@@ -98,6 +70,8 @@ def reference_image():
 def exports(sources, tmp_path_factory):
     """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session, when a test
     first asks for the variant)."""
+    from helpers import OnDemand
+
     from fluxexport.export.onnx_export import export_model
 
     root = tmp_path_factory.mktemp("onnx")
@@ -235,6 +209,8 @@ def schnell_server(schnell_repository):
 
 @pytest.fixture(scope="session")
 def ort_backends(sources, exports):
+    from helpers import OnDemand
+
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     return OnDemand(sources, lambda name: OnnxRuntimeBackend(sources[name], exports[name]))
@@ -297,6 +273,8 @@ def fp8_exports(sources, exports, tmp_path_factory):
     """Per variant: the fp32 graphs with the transformer replaced by an FP8 Q/DQ graph on an fp32 base,
     calibrated on 3 built-in prompts × 2 steps (runs in ONNX Runtime on CPU)."""
     import shutil
+
+    from helpers import OnDemand
 
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
     from fluxexport.quantize.qdq_export import quantize_transformer

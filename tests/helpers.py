@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -258,3 +260,29 @@ def assert_engines_equal_onnx_runtime(source, engines: Path, graphs: Path, reque
             theirs = generate(OnnxRuntimeBackend(source, graphs), source, request).images
             assert np.array_equal(ours, theirs), request
 
+
+Value = TypeVar("Value")
+
+
+class OnDemand(Mapping[str, Value]):
+    """A session fixture's per-variant values, each made the first time a test asks for it: a run of the tests
+    that need tiny-dev's export alone exports tiny-dev alone (a whole run still makes each once)."""
+
+    def __init__(self, names, make: Callable[[str], Value]):
+        self._names, self._make, self._made = tuple(names), make, {}
+
+    def __getitem__(self, name: str) -> Value:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names  # without making it
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

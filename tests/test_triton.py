@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import build_folder, has_tritonserver, manifest_json, write_kohya, write_peft
+from helpers import OnDemand, build_folder, has_tritonserver, manifest_json, write_kohya, write_peft
 
 from fluxexport.cli import main
 from fluxexport.compare import psnr
@@ -46,14 +46,18 @@ def request_loras(sources, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repositories(sources, exports, request_loras, tmp_path_factory):
-    """One repository per variant; tiny-dev's offers two LoRAs per request."""
+def repositories(sources, exports, request_loras, schnell_repository, tmp_path_factory):
+    """One repository per variant; tiny-dev's offers two LoRAs per request, tiny-schnell's is the session's
+    (conftest: one PEFT LoRA of the transformer, served by the session's `schnell_server`)."""
     root = tmp_path_factory.mktemp("triton")
-    offered = {"tiny-dev": list(request_loras.values())}
-    return {
-        name: write_repository(sources[name], exports[name], root / name, request_loras=offered.get(name, ()))
-        for name in sources
-    }
+
+    def repository(name: str) -> Path:
+        if name == "tiny-schnell":
+            return schnell_repository
+        loras = list(request_loras.values()) if name == "tiny-dev" else []
+        return write_repository(sources[name], exports[name], root / name, request_loras=loras)
+
+    return OnDemand(sources, repository)  # each written when a test first asks for it
 
 
 def parse(folder: Path, spec=None):
@@ -230,6 +234,9 @@ def served(request, repositories):
 
     if not has_tritonserver():
         pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
+    if request.param == "tiny-schnell":  # the session's server, shared with test_triton_errors.py (conftest)
+        yield request.param, request.getfixturevalue("schnell_server")
+        return
     server = TritonServer(repositories[request.param])
     started = time.perf_counter()
     with server:
