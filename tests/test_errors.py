@@ -119,3 +119,13 @@ def test_bench_and_validate_refuse_request_values_in_their_own_flags(tmp_path):
     refused = cli_refusal("validate", "--engines", tmp_path, "--cache", "taylorseer:interval=0")
     assert refused == "Error: taylorseer interval must be an integer ≥ 1, got 0 (--cache)"
     assert cli_invoke("bench", "--cache", "magic").exit_code == 1
+
+
+def test_a_lora_that_is_no_safetensors_file_is_refused_before_any_model_loads(tmp_path):
+    junk = tmp_path / "ink.safetensors"
+    junk.write_bytes(b"junk")
+    refused = cli_refusal("run", "--prompt", "a cat", "--lora", junk, "--output", tmp_path / "out.png")
+    assert (
+        refused == f"Error: --lora {junk}: not a safetensors file (Error while deserializing header: header too small)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ink.safetensors"]

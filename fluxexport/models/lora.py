@@ -51,11 +51,24 @@ def parse_lora(value: str) -> LoraFile:
         raise FluxExportError(f"--lora {value}: only .safetensors LoRA files are read (FILE or FILE:SCALE)")
     if not path.is_file():
         raise FluxExportError(f"--lora {value}: {path} does not exist")
+    _check_safetensors(path, value)
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return LoraFile(path, scale, digest.hexdigest())
+
+
+def _check_safetensors(path: Path, value: str) -> None:
+    """Refuse, before any model loads, a file that is no safetensors file (its header is read, not its tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for every kind of bad file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RequestError("lora", f"{{option}} {value}: not a safetensors file ({reason})", pointer=False) from None
 
 
 @dataclass(frozen=True)
