@@ -47,15 +47,19 @@ def fuzz_cli(target: str, count: int, root: Path, random_seed: int) -> collectio
 
 def fuzz_pipeline(count: int, engines: Path | None, root: Path, random_seed: int) -> collections.Counter:
     from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.lora import parse_lora
     from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny_lora import write_tiny_lora
     from fluxexport.triton.repository import write_repository
 
     source = resolve_model("tiny-schnell")
     if engines is None:
         engines = root / "onnx"
         export_model(source, engines)
+    ink = parse_lora(str(write_tiny_lora(source, root / "ink.safetensors")))  # as conftest's schnell_repository
+    repository = write_repository(source, engines, root / "repository", request_loras=[ink])
     outcomes: collections.Counter = collections.Counter()
-    with fuzz.in_process(write_repository(source, engines, root / "repository")) as (server, standin):
+    with fuzz.in_process(repository) as (server, standin):
         config = server.configs["flux_pipeline"]
 
         @seed(random_seed)

@@ -88,7 +88,8 @@ def test_kinds_are_types_and_a_plain_refusal_becomes_the_requests_word_for_word(
         (["--prompt", "x" * 20000], "prompt holds 20000 characters, at most 16384: the text encoders read 512 "
                                     "tokens at most; shorten it"),
         (["--cache", "first-block:threshold=nan"], "first-block threshold must be a number ≥ 0, got nan (--cache)"),
-        (["--lora", "ink.safetensors:nan"], "--lora ink.safetensors:nan: the scale must be a finite number"),
+        (["--lora", "ink.safetensors:nan"], "--lora ink.safetensors:nan: the scale must be a number in -10..10"),
+        (["--lora", "ink.safetensors:8e9"], "--lora ink.safetensors:8e9: the scale must be a number in -10..10"),
     ],
 )  # fmt: skip
 def test_run_refuses_each_value_in_one_line_before_any_model_loads(options, message, tmp_path, monkeypatch):

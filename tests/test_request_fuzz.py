@@ -246,6 +246,7 @@ PIPELINE_SERVED = {
     "num_inference_steps": st.integers(1, 2), "guidance_scale": st.none() | st.floats(-10, 10, width=32),
     "seed": st.none() | st.integers(0, 2**32), "num_images": st.none() | st.just(1),
     "cache": st.none() | st.sampled_from([b"none", b"taylorseer:interval=2"]),
+    "lora": st.none() | st.just(b"ink"),  # the repository's one LoRA (conftest's schnell_repository)
 }  # fmt: skip
 
 
@@ -366,14 +367,9 @@ def in_process(repository: Path):
 
 
 @pytest.fixture(scope="module")
-def in_process_schnell(sources, exports, tmp_path_factory):
-    """tiny-schnell's repository, served in this process."""
-    from fluxexport.triton.repository import write_repository
-
-    repository = write_repository(
-        sources["tiny-schnell"], exports["tiny-schnell"], tmp_path_factory.mktemp("fuzz") / "repository"
-    )
-    with in_process(repository) as served:
+def in_process_schnell(schnell_repository):
+    """tiny-schnell's repository (the session's, conftest), its models loaded in this process."""
+    with in_process(schnell_repository) as served:
         yield served
 
 

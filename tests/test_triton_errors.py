@@ -118,6 +118,7 @@ def malformed_requests(http) -> list[tuple[str, list]]:
         ("guidance NaN", [prompt, number("guidance_scale", np.nan, np.float32, "FP32")]),
         ("guidance inf", [prompt, number("guidance_scale", np.inf, np.float32, "FP32")]),
         ("a LoRA scale NaN", [prompt, text("lora", b"ink"), number("lora_scale", np.nan, np.float32, "FP32")]),
+        ("a LoRA scale 8e9", [prompt, text("lora", b"ink"), number("lora_scale", 8e9, np.float32, "FP32")]),
         ("17 LoRAs", [prompt, text("lora", *[b"ink"] * 17)]),
         ("a LoRA the repository lacks", [prompt, text("lora", b"../../../etc/passwd")]),
         ("a cache file outside", [prompt, text("cache", b"magcache:ratios=../../../../etc/passwd.json")]),

@@ -38,6 +38,11 @@ class LoraFile:
         return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale}
 
 
+# A stated cap on a LoRA's scale (LoRAs are made for about 0..1; a scale of 1e10 turns the weights it touches, and
+# the image, into NaN); negative scales, which push away from the LoRA, within the same bound
+MAX_LORA_SCALE = 10.0
+
+
 def parse_lora(value: str) -> LoraFile:
     """`FILE` or `FILE:SCALE` (scale 1.0 by default) → a LoraFile, refused in one line if unreadable."""
     path_text, _, scale_text = value.rpartition(":")
@@ -45,8 +50,11 @@ def parse_lora(value: str) -> LoraFile:
         path, scale = (Path(path_text), float(scale_text)) if path_text else (Path(value), 1.0)
     except ValueError:
         path, scale = Path(value), 1.0
-    if not math.isfinite(scale):  # merged, a NaN or infinite scale makes every weight it touches NaN
-        raise RequestError("lora", f"{{option}} {value}: the scale must be a finite number", pointer=False)
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:  # merged, it makes the weights it touches NaN
+        raise RequestError(
+            "lora", f"{{option}} {value}: the scale must be a number in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}",
+            pointer=False,
+        )  # fmt: skip
     if path.suffix != ".safetensors":
         raise FluxExportError(f"--lora {value}: only .safetensors LoRA files are read (FILE or FILE:SCALE)")
     if not path.is_file():

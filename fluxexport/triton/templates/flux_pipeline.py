@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from fluxexport.artifacts.repository import PipelineSettings
 from fluxexport.errors import FluxExportError, RequestError, Terms
+from fluxexport.models.lora import MAX_LORA_SCALE
 from fluxexport.models.source import load_folder
 from fluxexport.runtime.cache import CacheSettings, parse_cache
 from fluxexport.runtime.magcache import NAMED_RATIOS
@@ -89,8 +90,11 @@ def lora_choice(names: list[str] | None, scales: list[float] | None, placed: dic
         raise RequestError(
             "lora_scale", f"lora_scale holds {len(scales)} values for {len(names)} LoRAs", "give one, or one each"
         )
-    if not all(np.isfinite(scales)):
-        raise RequestError("lora_scale", f"lora_scale must be finite, got {', '.join(map(str, scales))}")
+    if not all(np.isfinite(scales)) or max(abs(scale) for scale in scales) > MAX_LORA_SCALE:
+        raise RequestError(
+            "lora_scale",
+            f"lora_scale must be in -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}, got {', '.join(map(str, scales))}",
+        )
     scales = scales * len(names) if len(scales) == 1 else scales
     return json.dumps([[name, float(scale)] for name, scale in zip(names, scales, strict=True)])
 
