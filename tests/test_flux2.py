@@ -60,9 +60,9 @@ def test_tiny_flux2_dev_is_a_flux2_dev_folder(flux2_sources, tmp_path):
 
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
+    from fluxexport.families.flux2.runtime import conversations, system_message, tokenize_chat
     from fluxexport.models.source import load_folder
     from fluxexport.models.tiny import TINY_MARKER
-    from fluxexport.runtime.flux2 import conversations, system_message, tokenize_chat
 
     dev = flux2_sources["tiny-flux2-dev"]
     assert dev.family is FLUX2 and dev.pipeline_class == "Flux2Pipeline"
@@ -179,6 +179,7 @@ def test_reference_images_equal_diffusers(variant, flux2_sources, flux2_pipeline
 
 
 def test_flux2_requests_are_refused_in_one_line(flux2_sources, reference_image):
+    from fluxexport.cli import command_line_terms
     from fluxexport.runtime.request import resolve_request
 
     klein, base = flux2_sources["tiny-klein"], flux2_sources["tiny-klein-base"]
@@ -196,7 +197,7 @@ def test_flux2_requests_are_refused_in_one_line(flux2_sources, reference_image):
     for source, request, message in cases:
         with pytest.raises(FluxExportError) as error:
             resolve_request(source, request)
-        assert str(error.value) == message
+        assert error.value.render(command_line_terms()) == message  # as the CLI words it
 
 
 def test_negative_prompt_drives_true_cfg(flux2_sources):
@@ -246,8 +247,8 @@ def test_export_writes_the_four_flux2_graphs_and_they_pass_check(flux2_sources, 
 def test_graphs_equal_pytorch_on_real_prompts_with_padding(flux2_sources, flux2_export):
     """The text encoder on chat-templated prompts padded to different lengths (the mask is real), the VAE
     graphs with the batch-norm statistics of the checkpoint (not the defaults)."""
+    from fluxexport.families.flux2.runtime import tokenize_chat
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-    from fluxexport.runtime.flux2 import tokenize_chat
 
     source = flux2_sources["tiny-klein"]
     ort, reference = OnnxRuntimeBackend(source, flux2_export), _torch(source)
@@ -291,8 +292,8 @@ def test_flux2_dev_graphs_equal_pytorch(flux2_sources, flux2_dev_export):
     import onnx
 
     from fluxexport.export.check import check_folder
+    from fluxexport.families.flux2.runtime import system_message, tokenize_chat
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
-    from fluxexport.runtime.flux2 import system_message, tokenize_chat
 
     source = flux2_sources["tiny-flux2-dev"]
     reports = check_folder(flux2_dev_export)
