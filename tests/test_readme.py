@@ -308,7 +308,7 @@ def test_the_path_check_catches_what_the_issue_found():
     assert named_path_problem("ARCHITECTURE.md", files) == "ARCHITECTURE.md is not in the repository"
     assert named_path_problem("fluxexport/specs.py", files) == "fluxexport/specs.py is not in the repository"
     assert named_path_problem("triton/releases.py", files) == "triton/releases.py is not in the repository"
-    assert named_path_problem("runtime/flux2.py", files) is None
+    assert named_path_problem("runtime/pipeline.py", files) is None
     assert named_path_problem("engines/tiny-dev/onnx", files) is None
     layout = "fluxexport/\n  triton/  config.py, bls.py,\n           missing.py\n  spam.py  nothing\n"
     problems = layout_problems(layout, files)
