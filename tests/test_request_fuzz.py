@@ -384,3 +384,222 @@ def test_pipeline_inputs_fuzzed_answer_an_image_or_invalid_argument(in_process_s
         fuzz_pipeline_case(server, config, tensors, standin)
 
     pipeline_case()
+
+
+# ---- `--lora` lists, `--image` sets, `validate`'s request options ---------------------------------------------
+
+LORA_MODELS = {"tiny-schnell": "tiny-klein", "tiny-klein": "tiny-schnell"}  # a model and the other family's
+SCALES = st.one_of(
+    st.none(), st.floats(-2, 2), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -1.0, 10.0, 10.5, -10.5, 1e308, float("nan"), float("inf"), float("-inf")]),
+)  # fmt: skip
+MALFORMED_LORAS = st.sampled_from(["", ":", ":1", "{own}:", "{own}:abc", "{own}:1:2", "{own}: 1", "{own}:0x10",
+                                   "{own}:1e", "{own},{own}", "{own}:nan:inf"])  # fmt: skip
+
+
+def write_lora_files(folder: Path) -> Path:
+    """The files `--lora` may name: a tiny LoRA per model of LORA_MODELS (written by our own tiny_lora), a junk
+    .safetensors, a folder named like a LoRA; `missing.safetensors` is not written."""
+    from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny_lora import write_tiny_lora
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for model in LORA_MODELS:
+        if not (folder / f"{model}.safetensors").exists():
+            write_tiny_lora(resolve_model(model), folder / f"{model}.safetensors")
+    (folder / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    (folder / "folder.safetensors").mkdir(exist_ok=True)
+    return folder
+
+
+@st.composite
+def lora_entry(draw, model: str, files: Path) -> str:
+    """One `--lora` value: a file of some kind with or without a scale, or a malformed FILE:SCALE."""
+    names = {"own": f"{model}.safetensors", "other": f"{LORA_MODELS[model]}.safetensors",
+             "junk": "junk.safetensors", "missing": "missing.safetensors", "dir": "folder.safetensors"}  # fmt: skip
+    kind = draw(st.sampled_from(["own", "own", "own", "other", "junk", "missing", "dir", "malformed"]))
+    if kind == "malformed":
+        return draw(MALFORMED_LORAS).format(own=files / names["own"])
+    scale = draw(SCALES)
+    return f"{files / names[kind]}" + ("" if scale is None else f":{scale}")
+
+
+@st.composite
+def lora_run_options(draw, files: Path) -> dict:
+    """A small request `run` serves, on tiny-schnell or tiny-klein, with a list of 0–3 `--lora` values."""
+    model = draw(st.sampled_from(list(LORA_MODELS)))
+    loras = draw(st.lists(lora_entry(model, files), max_size=3))
+    return {"model": model, "height": 16, "width": 16, "steps": 1, "num-images": 1, "lora": loras}
+
+
+def repeated(options: dict) -> list[str]:
+    """The command line of `options`, a list value repeating its flag."""
+    args = []
+    for name, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            args.append(f"--{name}={item}")
+    return args
+
+
+def fuzz_lora_case(options: dict, root: Path, case: int) -> str:
+    """One `run` with a fuzzed `--lora` list: "image" or "refused" once the property holds."""
+    out = root / f"lora{case}"
+    out.mkdir(parents=True)
+    with time_limit(CASE_SECONDS):
+        result = cli_invoke("run", *repeated(options), "--prompt=a cat", f"--output={out / 'image.png'}")
+    check_cli_outcome(result, out, options)
+    return "image" if result.exit_code == 0 else "refused"
+
+
+IMAGE_MODES = {"RGB": ("PNG", "JPEG"), "RGBA": ("PNG",), "L": ("PNG", "JPEG"), "P": ("PNG",), "I;16": ("PNG",),
+               "1": ("PNG",), "CMYK": ("JPEG",), "LA": ("PNG",)}  # fmt: skip
+IMAGE_SIDES = st.one_of(st.integers(1, 96), st.sampled_from([1, 2, 3, 4000]))
+
+
+@st.composite
+def image_spec(draw) -> tuple:
+    """One `--image` file: ("picture", mode, format, width, height), or a truncated picture, a text file, a
+    missing path."""
+    kind = draw(st.sampled_from(["picture", "picture", "picture", "truncated", "text", "missing"]))
+    if kind != "picture":
+        return (kind,)
+    mode = draw(st.sampled_from(list(IMAGE_MODES)))
+    width, height = draw(IMAGE_SIDES), draw(IMAGE_SIDES)
+    assume(width * height <= 4000 * 8)  # extreme aspects, not huge pictures
+    return ("picture", mode, draw(st.sampled_from(IMAGE_MODES[mode])), width, height)
+
+
+def write_image(spec: tuple, path: Path) -> Path:
+    """The file of an image_spec, written by PIL (a picture of random content), or by hand (text, truncated)."""
+    if spec[0] == "missing":
+        return path.with_suffix(".png")
+    if spec[0] == "text":
+        path.with_suffix(".png").write_text("not a picture")
+        return path.with_suffix(".png")
+    if spec[0] == "truncated":
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(path.with_suffix(".png"))
+        whole = path.with_suffix(".png").read_bytes()
+        path.with_suffix(".png").write_bytes(whole[: len(whole) // 2])
+        return path.with_suffix(".png")
+    _, mode, fmt, width, height = spec
+    noise = np.random.default_rng(width * 7919 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    picture = Image.fromarray(noise).convert(mode) if mode != "I;16" else Image.fromarray(
+        noise[..., 0].astype(np.uint16) * 257).convert("I;16")  # fmt: skip
+    target = path.with_suffix(".png" if fmt == "PNG" else ".jpg")
+    picture.save(target, fmt)
+    return target
+
+
+@st.composite
+def image_run_options(draw) -> dict:
+    """A small request on tiny-kontext, tiny-klein (references) or tiny-schnell (which takes none) with 0–3
+    `--image` files."""
+    model = draw(st.sampled_from(["tiny-kontext", "tiny-klein", "tiny-schnell"]))
+    images = draw(st.lists(image_spec(), max_size=3))
+    return {"model": model, "height": 16, "width": 16, "steps": 1, "num-images": 1, "image": images}
+
+
+def fuzz_image_case(options: dict, root: Path, case: int) -> str:
+    """One `run` with fuzzed `--image` files: "image" or "refused" once the property holds."""
+    files, out = root / f"images{case}", root / f"imageout{case}"
+    files.mkdir(parents=True)
+    out.mkdir(parents=True)
+    paths = [write_image(spec, files / f"reference{i}") for i, spec in enumerate(options["image"])]
+    with time_limit(CASE_SECONDS):
+        result = cli_invoke("run", *repeated({**options, "image": paths}), "--prompt=a cat",
+                            f"--output={out / 'image.png'}")  # fmt: skip
+    check_cli_outcome(result, out, options)
+    return "image" if result.exit_code == 0 else "refused"
+
+
+VALIDATE_SERVED = {
+    "steps": st.just(1), "components": st.none(), "max-rel-l2": st.none(), "min-psnr": st.none(),
+    "cache": st.none(), "report": st.just("report.json"),
+}  # fmt: skip
+VALIDATE_ANY = {
+    "steps": STEPS, "max-rel-l2": FLOATS, "min-psnr": FLOATS, "cache": CACHES,
+    "components": st.one_of(st.sampled_from(["clip", "vae_decoder", "clip,vae_decoder", "magic", ",", "", "clip,clip",
+                                             "transformer_head"]), st.text(max_size=20)),
+    "report": st.sampled_from(["report.json", "folder", "missing/report.json", ""]),
+    "text-encoder-layers": st.sampled_from(["9,18,27", "1,2", "x", ""]),
+    "lora": st.sampled_from(["junk.safetensors", "missing.safetensors", "tiny-schnell.safetensors:nan"]),
+}  # fmt: skip
+
+
+@st.composite
+def validate_options(draw) -> dict:
+    """`validate`'s request options: a cheap valid comparison (one step), with one (or each) option fuzzed."""
+    options = draw(one_fault(VALIDATE_SERVED, VALIDATE_ANY))
+    steps = options["steps"]
+    assume(steps is not None or len(options) > 0)
+    if steps is None or 1 <= steps <= 1000:  # a comparison that may run: keep it cheap
+        assume(steps is not None and steps <= 1)
+    return options
+
+
+def fuzz_validate_case(options: dict, engines: Path, files: Path, root: Path, case: int) -> str:
+    """One `validate` on an exported folder: its report written ("passed", or "failed": thresholds missed, one
+    `Error:` line last), or refused in one line with nothing written ("refused")."""
+    out = root / f"validate{case}"
+    (out / "folder").mkdir(parents=True)
+    values = {}
+    for name, value in options.items():
+        if value is not None:
+            values[name] = out / value if name == "report" and value else files / value if name == "lora" else value
+    before = sorted(p.name for p in engines.iterdir())
+    with time_limit(CASE_SECONDS):
+        result = cli_invoke("validate", "--model=tiny-schnell", f"--engines={engines}", *repeated(values))
+    assert result.exception is None or isinstance(result.exception, SystemExit), (options, result.exception)
+    assert "Traceback" not in result.output, options
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    after = sorted(p.name for p in engines.iterdir())
+    assert set(after) - set(before) <= {"validation.json"}, (options, after)
+    if result.exit_code == 0 or "does not match PyTorch" in result.output:
+        assert result.output.strip().splitlines()[-1].startswith("Error: ") == (result.exit_code != 0), options
+        assert options["report"] != "report.json" or "report.json" in written, (options, written)
+        return "passed" if result.exit_code == 0 else "failed"
+    check_refusal(result, options)
+    assert written == ["folder"], (options, written)
+    return "refused"
+
+
+@pytest.fixture(scope="module")
+def lora_files(cache_root, tmp_path_factory) -> Path:
+    return write_lora_files(tmp_path_factory.mktemp("loras"))
+
+
+@pytest.mark.slow
+def test_run_fuzzed_lora_lists_answer_an_image_or_one_line(lora_files, tmp_path):
+    cases = iter(range(10**6))
+
+    @settings(SUITE, max_examples=6)
+    @given(lora_run_options(lora_files))
+    def lora_case(options):
+        fuzz_lora_case(options, tmp_path, next(cases))
+
+    lora_case()
+
+
+@pytest.mark.slow
+def test_run_fuzzed_reference_images_answer_an_image_or_one_line(cache_root, tmp_path):
+    cases = iter(range(10**6))
+
+    @settings(SUITE, max_examples=6)
+    @given(image_run_options())
+    def image_case(options):
+        fuzz_image_case(options, tmp_path, next(cases))
+
+    image_case()
+
+
+@pytest.mark.slow
+def test_validate_fuzzed_reports_or_refuses_in_one_line(exports, lora_files, tmp_path):
+    engines = exports["tiny-schnell"]
+    cases = iter(range(10**6))
+
+    @settings(SUITE, max_examples=5)
+    @given(validate_options())
+    def validate_case(options):
+        fuzz_validate_case(options, engines, lora_files, tmp_path, next(cases))
+
+    validate_case()

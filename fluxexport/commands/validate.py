@@ -48,6 +48,9 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
 
     cache = parse_cache(options.cache)
     check_steps(options.steps)  # the request values first, before any folder or weight is read
+    check_thresholds(options.max_rel_l2, options.min_psnr)
+    if options.report is not None and options.report.is_dir():
+        raise FluxExportError(f"--report {options.report} is a folder: name the JSON file to write")
     source = open_source(options.model)
     engines = options.engines
     if engines is None:
@@ -68,3 +71,14 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
     if not report.passed:
         failure = f"{engines} does not match PyTorch within the {report.dtype} thresholds (see {path})"
     return ValidateResult(report, dtype, Path(engines), path, failure)
+
+
+def check_thresholds(max_rel_l2: float | None, min_psnr: float | None) -> None:
+    """A threshold given is a finite number, rel-L2's not negative (fuzzing found NaN running the whole
+    comparison only to fail it)."""
+    import math
+
+    if max_rel_l2 is not None and not (math.isfinite(max_rel_l2) and max_rel_l2 >= 0):
+        raise FluxExportError(f"--max-rel-l2 must be a finite number at least 0, got {max_rel_l2}")
+    if min_psnr is not None and not math.isfinite(min_psnr):
+        raise FluxExportError(f"--min-psnr must be a finite number of dB, got {min_psnr}")

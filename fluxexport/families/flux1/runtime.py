@@ -67,6 +67,9 @@ def request_references(source: ModelSource, images: Sequence[Image.Image] | None
         raise RequestError(
             "image", f"FLUX.1 Kontext takes one reference image, got {len(images)}", "pass one {option}", pointer=False
         )
+    multiple, (width, height) = 2 * source.vae_scale_factor, images[0].size
+    if min(width, height) < multiple:  # floored to 0 px: diffusers' aspect ratio divides by zero (fuzzing found it)
+        raise RequestError("image", f"the reference image is {width}×{height}", f"both sides must be at least {multiple} px")
     return RequestReferences(image=images[0])
 
 
