@@ -51,6 +51,8 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
     check_thresholds(options.max_rel_l2, options.min_psnr)
     if options.report is not None and options.report.is_dir():
         raise FluxExportError(f"--report {options.report} is a folder: name the JSON file to write")
+    if options.report is not None and not options.report.parent.is_dir():
+        raise FluxExportError(f"--report {options.report}: folder {options.report.parent} does not exist")
     source = open_source(options.model)
     engines = options.engines
     if engines is None:

@@ -214,10 +214,11 @@ def validate_folder(
     entries = open_candidate().entries
     names = components or list(entries)
     missing = [name for name in names if name not in entries]
-    if missing:
+    missing += [name for name in (cache.components if cache else ()) if name not in entries and name not in missing]
+    if missing:  # a cache's transformer parts too, before any comparison runs (fuzzing found it 8 s in)
         raise FluxExportError(
             f"{engines} has no {missing[0]} graph: export it first (fluxexport export --model {source.name} "
-            f"--dtype {open_export(Path(engines)).dtype} --components {missing[0]} --out {engines})"
+            f"--dtype {open_export(Path(engines)).dtype} --components {','.join(missing)} --out {engines})"
         )
     chosen = {name: entries[name] for name in names}
     dtype = reference_dtype(graph.base_dtype for graph in chosen.values())

@@ -69,7 +69,9 @@ def request_references(source: ModelSource, images: Sequence[Image.Image] | None
         )
     multiple, (width, height) = 2 * source.vae_scale_factor, images[0].size
     if min(width, height) < multiple:  # floored to 0 px: diffusers' aspect ratio divides by zero (fuzzing found it)
-        raise RequestError("image", f"the reference image is {width}×{height}", f"both sides must be at least {multiple} px")
+        raise RequestError(
+            "image", f"the reference image is {width}×{height}", f"both sides must be at least {multiple} px"
+        )
     return RequestReferences(image=images[0])
 
 
