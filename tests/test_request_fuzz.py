@@ -626,3 +626,25 @@ def test_validate_fuzzed_reports_or_refuses_in_one_line(exports, lora_files, tmp
         fuzz_validate_case(options, engines, lora_files, tmp_path, next(cases))
 
     validate_case()
+
+
+def test_what_the_fuzzing_found_is_refused_in_one_line(cache_root, tmp_path):
+    """The cases fuzzing found, each refused before work in the line that names it: a Kontext reference under
+    16 px (was ZeroDivisionError), validate's NaN threshold (ran the whole comparison), a --report folder or a
+    --report in a missing folder (a traceback after the comparison)."""
+    from helpers import cli_refusal
+
+    one = write_image(("picture", "RGB", "PNG", 1, 1), tmp_path / "one")
+    refusal = cli_refusal("run", "--model=tiny-kontext", "--prompt=a cat", "--height=16", "--width=16", "--steps=1", f"--image={one}",
+                          f"--output={tmp_path / 'out.png'}")  # fmt: skip
+    assert refusal == "Error: the reference image is 1×1: both sides must be at least 16 px (--image)"
+    assert not (tmp_path / "out.png").exists()
+    engines = tmp_path / "no-graphs"  # never opened: the request values are refused first
+    for args, message in (
+        (["--max-rel-l2=nan"], "--max-rel-l2 must be a finite number at least 0, got nan"),
+        (["--max-rel-l2=-1"], "--max-rel-l2 must be a finite number at least 0, got -1.0"),
+        (["--min-psnr=inf"], "--min-psnr must be a finite number of dB, got inf"),
+        ([f"--report={tmp_path}"], f"--report {tmp_path} is a folder: name the JSON file to write"),
+        ([f"--report={tmp_path / 'a' / 'r.json'}"], f"--report {tmp_path / 'a' / 'r.json'}: folder {tmp_path / 'a'} does not exist"),
+    ):  # fmt: skip
+        assert cli_refusal("validate", f"--engines={engines}", *args) == f"Error: {message}"
