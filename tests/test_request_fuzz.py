@@ -471,14 +471,16 @@ def fuzz_lora_case(options: dict, root: Path, case: int) -> str:
 
 IMAGE_MODES = {"RGB": ("PNG", "JPEG"), "RGBA": ("PNG",), "L": ("PNG", "JPEG"), "P": ("PNG",), "I;16": ("PNG",),
                "1": ("PNG",), "CMYK": ("JPEG",), "LA": ("PNG",)}  # fmt: skip
-IMAGE_SIDES = st.one_of(st.integers(1, 96), st.sampled_from([1, 2, 3, 4000]))
+IMAGE_SIDES = st.one_of(  # sides FLUX.2 takes (at least 64 px) as often as any others
+    st.sampled_from([64, 80, 96]), st.integers(1, 96), st.sampled_from([1, 2, 3, 15, 16, 63, 4000])
+)
 
 
 @st.composite
 def image_spec(draw) -> tuple:
     """One `--image` file: ("picture", mode, format, width, height), or a truncated picture, a text file, a
     missing path."""
-    kind = draw(st.sampled_from(["picture", "picture", "picture", "truncated", "text", "missing"]))
+    kind = draw(st.sampled_from(["picture", "picture", "picture", "picture", "truncated", "text", "missing"]))
     if kind != "picture":
         return (kind,)
     mode = draw(st.sampled_from(list(IMAGE_MODES)))
