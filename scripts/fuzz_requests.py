@@ -109,7 +109,6 @@ def fuzz_pipeline(count: int, engines: Path | None, root: Path, random_seed: int
     ink = parse_lora(str(write_tiny_lora(source, root / "ink.safetensors")))  # as conftest's schnell_repository
     repository = write_repository(source, engines, root / "repository", request_loras=[ink])
     outcomes: collections.Counter = collections.Counter()
-    numbers = itertools.count()  # a folder per case, shrinking's included
     with fuzz.in_process(repository) as (server, standin):
         config = server.configs["flux_pipeline"]
 
