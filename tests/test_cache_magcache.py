@@ -15,7 +15,7 @@ from test_cache import PROMPT, _generate_both
 
 from fluxexport.cli import main
 from fluxexport.compare import psnr
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError
 from fluxexport.runtime.cache import CacheSettings, parse_cache
 from fluxexport.runtime.magcache import MagCache, interpolate_ratios, write_ratios
 from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios
@@ -69,10 +69,12 @@ def test_bad_magcache_settings_are_refused_in_one_line(tmp_path):
         "magcache:ratios=flux-dev,calibrate=1": "magcache has no key 'calibrate': it takes threshold, max_skip_steps, "
         "retention_ratio, ratios (--cache)",
     }
+    from fluxexport.cli import command_line_terms
+
     for text, message in cases.items():
-        with pytest.raises(FluxExportError) as error:
+        with pytest.raises(RequestError) as error:
             parse_cache(text)
-        assert str(error.value) == message
+        assert error.value.render(command_line_terms()) == message  # as the CLI words it
     with pytest.raises(FluxExportError, match=r"^magcache needs the run's step count: pass new_state\(steps\)"):
         parse_cache("magcache:ratios=flux-dev").new_state()
 

@@ -130,3 +130,24 @@ def test_a_lora_that_is_no_safetensors_file_is_refused_before_any_model_loads(tm
         refused == f"Error: --lora {junk}: not a safetensors file (Error while deserializing header: header too small)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ink.safetensors"]
+
+
+def test_a_lora_of_another_model_is_refused_before_any_weight_loads(tmp_path, monkeypatch):
+    """A LoRA made for FLUX.2 [klein]'s layers, given to tiny-schnell: refused in one line from the modules built
+    on the meta device, before any loader runs (fuzzing had found it refused only once the model loaded)."""
+    from fluxexport.models import loaders
+    from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny_lora import write_tiny_lora
+
+    lora = write_tiny_lora(resolve_model("tiny-klein"), tmp_path / "klein.safetensors")
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was loaded for a request that is refused")
+
+    for name in [name for name in dir(loaders) if name.startswith("load_")]:
+        monkeypatch.setattr(loaders, name, no_loading)
+    out = tmp_path / "out"
+    out.mkdir()
+    message = cli_refusal("run", "--prompt", "a cat", "--lora", lora, "--output", out / "image.png")
+    assert message.startswith("Error: ") and message.endswith("it was made for another model"), message
+    assert list(out.iterdir()) == []

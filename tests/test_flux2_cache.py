@@ -27,7 +27,7 @@ from test_flux2 import diffusers_flux2
 
 from fluxexport.cli import main
 from fluxexport.compare import psnr
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import RequestError
 from fluxexport.runtime.cache import CacheSettings, StepCache, parse_cache
 from fluxexport.runtime.magcache import write_ratios
 from fluxexport.runtime.pipeline import GenerationRequest, calibrate_mag_ratios, generate
@@ -345,9 +345,11 @@ def test_magcache_equals_diffusers_hook(variant, threshold, calibrated, flux2_so
 
 
 def test_flux1_ratios_are_refused_for_flux2(flux2_sources, backends):
-    with pytest.raises(FluxExportError) as error:
+    with pytest.raises(RequestError) as error:
         generate(backends["tiny-klein"], flux2_sources["tiny-klein"], _request(), cache=parse_cache("magcache:ratios=flux-dev"))  # fmt: skip
-    assert str(error.value) == (
+    from fluxexport.cli import command_line_terms
+
+    assert error.value.render(command_line_terms()) == (  # as the CLI words it
         "magcache ratios=flux-dev are FLUX.1-dev's, not tiny-klein's: measure its own with fluxexport "
         "calibrate-magcache --model tiny-klein --prompt TEXT --out FILE and pass ratios=FILE (--cache)"
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fluxexport.errors import FluxExportError
 from fluxexport.models.lora import LoraFile
+from fluxexport.models.meta import weightless_module
 from fluxexport.models.source import ModelSource, resolve_model
 from fluxexport.runtime.backend import Backend
 
@@ -44,7 +45,18 @@ class ModelOptions:
 def open_source(options: ModelOptions) -> ModelSource:
     """The checkpoint `options` name, with its LoRAs merged into it and its text-encoder layers."""
     source = resolve_model(options.model, options.base_model).with_loras(options.loras)
-    return source.with_text_encoder_layers(options.text_encoder_layers)
+    source = source.with_text_encoder_layers(options.text_encoder_layers)
+    check_loras_fit(source)
+    return source
+
+
+def check_loras_fit(source: ModelSource) -> None:
+    """Refuse, before any weight is read, LoRAs whose layers the model lacks or has in another shape: each module
+    they adapt is built from its config on the meta device (nothing allocated) and checked."""
+    if source.lora_set is None:
+        return
+    for module in source.lora_set.layers:
+        weightless_module(source, module)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.atomic import write_text_atomic
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import RequestError
 from fluxexport.runtime.step_cache import PARTS, Components, Output, StepCache, tail_feeds
 
 NAMED_RATIOS = ("flux-dev",)  # ratios=flux-dev: diffusers' FLUX_MAG_RATIOS (MagCache's, for FLUX.1-dev)
@@ -79,18 +79,22 @@ def read_ratios(path: str | Path) -> list[float]:
         return named_ratios(str(path))
     path = Path(path)
     if not path.is_file():
-        raise FluxExportError(
-            f"magcache ratios file {path} does not exist: write one with fluxexport calibrate-magcache "
-            f"--model MODEL --prompt TEXT --out {path}, or use ratios=flux-dev for FLUX.1-dev (--cache)"
+        raise RequestError(
+            "cache",
+            f"magcache ratios file {path} does not exist",
+            f"write one with fluxexport calibrate-magcache --model MODEL --prompt TEXT --out {path}, or use "
+            "ratios=flux-dev for FLUX.1-dev",
         )
     try:
         ratios = json.loads(path.read_text())["ratios"]
     except (ValueError, KeyError, TypeError):
         ratios = None
     if not _is_ratios(ratios):
-        raise FluxExportError(
-            f'magcache ratios file {path} holds no ratios: it needs {{"ratios": [positive numbers, …]}} as '
-            f"fluxexport calibrate-magcache writes it (--cache)"
+        raise RequestError(
+            "cache",
+            f"magcache ratios file {path} holds no ratios",
+            'it needs {"ratios": [positive numbers, …]} as fluxexport calibrate-magcache writes it',
+            literal=True,
         )
     return [float(ratio) for ratio in ratios]
 
