@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fluxexport.models.source import ModelSource
     from fluxexport.runtime.backend import Backend
     from fluxexport.runtime.cache import CacheSettings
-    from fluxexport.runtime.request import ResolvedRequest
+    from fluxexport.runtime.request import RequestReferences, ResolvedRequest
     from fluxexport.runtime.step_cache import StepCache
 
 Grid = tuple[int, int]  # the family's latent grid of a request (FLUX.1: VAE latents; FLUX.2: 2×2 patches)
@@ -32,16 +32,6 @@ class EncodedPrompts:
     text: TransformerInputs
     negative: TransformerInputs | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RequestReferences:
-    """A request's reference images as its family takes them: FLUX.1 Kontext's one `image`, or FLUX.2's
-    `references` (in order); `size` is the (height, width) they imply when the request gives none."""
-
-    image: Image.Image | None = None
-    references: tuple[Image.Image, ...] = ()
-    size: tuple[int, int] | None = None
 
 
 class FamilyRuntime(Protocol):

@@ -13,7 +13,6 @@ from PIL import Image
 
 from fluxexport.errors import RequestError
 from fluxexport.models.source import ModelSource
-from fluxexport.runtime.family_part import RequestReferences
 from fluxexport.runtime.latents import check_image_size
 from fluxexport.runtime.schedule import check_steps
 
@@ -48,6 +47,16 @@ class GenerationRequest:
     image: Image.Image | Sequence[Image.Image] | None = None  # FLUX.1 Kontext: one; FLUX.2: one or more
     auto_resize_reference: bool = True
     negative_prompt: str | Sequence[str] | None = None  # FLUX.2 base models (true CFG); diffusers uses ""
+
+
+@dataclass(frozen=True)
+class RequestReferences:
+    """A request's reference images as its family takes them: FLUX.1 Kontext's one `image`, or FLUX.2's
+    `references` (in order); `size` is the (height, width) they imply when the request gives none."""
+
+    image: Image.Image | None = None
+    references: tuple[Image.Image, ...] = ()
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

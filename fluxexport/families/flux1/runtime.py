@@ -15,12 +15,12 @@ from fluxexport.errors import RequestError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.cache import CacheSettings, StepCache
-from fluxexport.runtime.family_part import EncodedPrompts, Grid, RequestReferences, TransformerInputs
+from fluxexport.runtime.family_part import EncodedPrompts, Grid, TransformerInputs
 from fluxexport.runtime.images import from_vae_latents, images_to_uint8, pil_to_model_input, to_vae_latents
 from fluxexport.runtime.latents import image_ids as packed_ids
 from fluxexport.runtime.latents import latent_grid as vae_grid
 from fluxexport.runtime.latents import noise, pack_latents, text_ids, unpack_latents
-from fluxexport.runtime.request import ResolvedRequest, tokenize
+from fluxexport.runtime.request import RequestReferences, ResolvedRequest, tokenize
 from fluxexport.runtime.schedule import flow_match_sigmas
 
 # (width, height) pairs FLUX.1 Kontext was trained on, ~1 megapixel each.

@@ -23,11 +23,11 @@ from fluxexport.errors import RequestError
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.cache import CacheSettings, StepCache
-from fluxexport.runtime.family_part import EncodedPrompts, Grid, RequestReferences, TransformerInputs
+from fluxexport.runtime.family_part import EncodedPrompts, Grid, TransformerInputs
 from fluxexport.runtime.images import images_to_uint8, pil_to_model_input
 from fluxexport.runtime.latents import latent_grid as vae_grid
 from fluxexport.runtime.magcache import NAMED_RATIOS
-from fluxexport.runtime.request import ResolvedRequest
+from fluxexport.runtime.request import RequestReferences, ResolvedRequest
 from fluxexport.runtime.schedule import empirical_mu, flow_match_sigmas
 
 MAX_REFERENCE_AREA = 1024 * 1024  # larger references are scaled down to about this many pixels
