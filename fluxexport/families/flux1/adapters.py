@@ -17,8 +17,6 @@ from fluxexport.adapters.rope import use_float32_rope
 from fluxexport.errors import FluxExportError
 from fluxexport.specs import KNOWN_COMPONENTS
 
-__all__ = ["wrap"]
-
 
 class ClipAdapter(nn.Module):
     def __init__(self, model: nn.Module):

@@ -15,18 +15,6 @@ if TYPE_CHECKING:
     from fluxexport.models.source import ModelSource
     from fluxexport.models.tiny import TinyVariant
 
-__all__ = [
-    "BFL_LAYOUT",
-    "TINY_LORA_TARGETS",
-    "build_tiny_pipeline",
-    "check_widths",
-    "default_max_sequence_length",
-    "default_text_encoder_layers",
-    "is_step_distilled",
-    "load_tokenizers",
-    "tiny_marker",
-    "uses_true_cfg",
-]
 
 # Each block modulated by its own `*_mod.lin`; a single block's q, k, v and MLP input fused in `linear1`
 BFL_LAYOUT = BflLayout(

@@ -19,8 +19,6 @@ from fluxexport.specs.core import (
     vae_specs,
 )
 
-__all__ = ["check_request_within", "component_specs"]
-
 # Token count of the largest preferred Kontext reference (1568×672 → 98·42 packed tokens).
 KONTEXT_REFERENCE_TOKENS = max((w // 16) * (h // 16) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
 KONTEXT_REFERENCE_SIDE = max(max(size) for size in PREFERRED_KONTEXT_RESOLUTIONS)

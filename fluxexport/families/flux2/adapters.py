@@ -19,8 +19,6 @@ from fluxexport.adapters.parts import TransformerOutAdapter
 from fluxexport.adapters.rope import use_float32_rope
 from fluxexport.errors import FluxExportError
 
-__all__ = ["wrap"]
-
 
 def language_model(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (Qwen3ForCausalLM.model) or of a VLM's language model (Mistral3)."""

@@ -16,18 +16,6 @@ if TYPE_CHECKING:
     from fluxexport.models.source import ModelSource
     from fluxexport.models.tiny import TinyVariant
 
-__all__ = [
-    "BFL_LAYOUT",
-    "TINY_LORA_TARGETS",
-    "build_tiny_pipeline",
-    "check_widths",
-    "default_max_sequence_length",
-    "default_text_encoder_layers",
-    "is_step_distilled",
-    "load_tokenizers",
-    "tiny_marker",
-    "uses_true_cfg",
-]
 
 # All blocks modulated from shared `*_stream_modulation` layers (the keys that tell a FLUX.2 file), no biases; the
 # single block's fused q, k, v and MLP input stays fused in diffusers too

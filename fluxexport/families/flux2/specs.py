@@ -22,8 +22,6 @@ from fluxexport.specs.core import (
     vae_specs,
 )
 
-__all__ = ["check_request_within", "component_specs"]
-
 ROPE_AXES = 4  # (t, h, w, l)
 
 
