@@ -28,6 +28,8 @@ class QuantizeOptions:
     external_data: bool | None = None
     transformer_parts: bool = False
     replace: bool = False
+    fp8_attention: bool = False  # the attention matmuls in FP8 too (q, k, v, softmax output)
+    precision: str = "fp8"  # or nvfp4: FP4 blocks for TensorRT on Blackwell (`quantize/nvfp4.py`)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ def quantize_fp8(
     from fluxexport.quantize.qdq_export import fp8_components, quantize_transformer
     from fluxexport.specs import TRANSFORMER_PARTS
 
+    _check_precision(options)
     source = open_source(options.model)
     prompts = read_prompts(options.calib_prompts) if options.calib_prompts else CALIBRATION_PROMPTS
     if options.calib_size is not None:
@@ -80,14 +83,47 @@ def quantize_fp8(
         raise FluxExportError(f"--calibration reuses saved scales, so {ignored} would be ignored: drop one of them")
     bounds = prepare_quantize_folder(out, source, options.replace)  # the folder's bounds: its manifest stays true
     names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
+    if options.precision == "nvfp4":
+        return _quantize_nvfp4(options, source, out, settings, bounds, names, progress, log, on_bytes)
     quantize_transformer(
         source, out, settings, options.dtype, options.opset or DEFAULT_OPSET, bounds,
         external_data=options.external_data, calibration_file=options.calibration_file,
         sequential=options.sequential, log=log, calibration_progress=lambda title: progress(title, 1),
-        on_bytes=on_bytes, components=names,
+        on_bytes=on_bytes, components=names, fp8_attention=options.fp8_attention,
     )  # fmt: skip
     records = [open_export(out).fp8[name] for name in names]
     reports = [check_graph(out / record.file, record) for record in records]
     failed = next((report.path for report in reports if not report.ok), None)
     check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
     return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)
+
+
+def _check_precision(options: QuantizeOptions) -> None:
+    from fluxexport.dtypes import QUANTIZED_PRECISIONS
+
+    if options.precision not in QUANTIZED_PRECISIONS:
+        raise FluxExportError(
+            f"quantize makes {' or '.join(QUANTIZED_PRECISIONS)} graphs, not {options.precision} (--precision)"
+        )
+    if options.precision == "nvfp4" and options.fp8_attention:
+        raise FluxExportError("--fp8-attention is FP8's: NVFP4 quantizes the block Linears only (drop one of them)")
+
+
+def _quantize_nvfp4(options, source, out, settings, bounds, names, progress, log, on_bytes) -> QuantizeResult:
+    """`quantize --precision nvfp4`: the same calibration, NVFP4 graphs (`transformer.nvfp4.onnx`, …); checked
+    as ONNX (TensorRT's FP4 operator is its own, so the opset-20 TensorRT lint does not apply)."""
+    import onnx
+
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.quantize.nvfp4_export import quantize_nvfp4
+
+    quantize_nvfp4(
+        source, out, settings, options.dtype, options.opset, bounds, external_data=options.external_data,
+        calibration_file=options.calibration_file, sequential=options.sequential, log=log,
+        calibration_progress=lambda title: progress(title, 1), on_bytes=on_bytes, components=names,
+    )  # fmt: skip
+    records = [open_export(out).nvfp4[name] for name in names]
+    for record in records:
+        onnx.checker.check_model(str(out / record.file))
+    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records],
+                          CheckResult([], None))  # fmt: skip

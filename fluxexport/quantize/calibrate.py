@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from fluxexport.errors import FluxExportError
 from fluxexport.pytorch.block_streaming import BLOCK_LISTS, run_per_sample
-from fluxexport.quantize.fp8 import FP8Linear
+from fluxexport.quantize.fp8 import FP8Linear, is_attention, observe_attention, quantize_attention
 
 QUANTIZED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
@@ -76,6 +76,15 @@ def quantizable_linears(transformer: nn.Module) -> dict[str, nn.Linear]:
         name: module
         for name, module in transformer.named_modules()
         if isinstance(module, nn.Linear) and name.startswith(QUANTIZED_BLOCKS)
+    }
+
+
+def quantizable_attention(transformer: nn.Module) -> dict[str, nn.Module]:
+    """Every attention module inside the double and single blocks (`quantize --fp8-attention`)."""
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if name.startswith(QUANTIZED_BLOCKS) and is_attention(module)
     }
 
 
@@ -165,11 +174,14 @@ def abs_max(tensor: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class Calibration:
     """amax of each quantizable Linear's input (over every step of every prompt, both branches of true CFG) and
-    of its weight; `transformer_calls`: the single-sample transformer runs observed (0 when not recorded)."""
+    of its weight; `transformer_calls`: the single-sample transformer runs observed (0 when not recorded);
+    `attention_amax`: with FP8 attention, amax of each block attention's query, key and value
+    (`transformer_blocks.0.attn.q`, …), else empty."""
 
     input_amax: dict[str, float]
     weight_amax: dict[str, float]
     transformer_calls: int = 0
+    attention_amax: dict[str, float] = field(default_factory=dict)
 
 
 def calibrate(
@@ -177,6 +189,7 @@ def calibrate(
     source,
     settings: CalibrationSettings,
     on_progress: Callable[[int, int], None] | None = None,
+    attention: bool = False,
 ) -> Calibration:
     """Walk every calibration prompt along our runtime's denoising trajectory and observe the block Linears.
 
@@ -186,7 +199,8 @@ def calibrate(
     see the same inputs, so they give the same scales. Every family walks the runtime's loop on the inputs its
     runtime part builds (`trajectories`); under FLUX.2's true CFG both transformer runs of a step are observed. `on_progress(done,
     total)` counts steps, or block passes when blocks stream. The text encoders are released once the prompts
-    are encoded, before the transformer runs."""
+    are encoded, before the transformer runs. `attention` observes the block attentions' query, key and value
+    too (`quantize --fp8-attention`), on the same trajectories."""
     transformer = backend.module("transformer")
     linears = quantizable_linears(transformer)
     if not linears:
@@ -203,6 +217,10 @@ def calibrate(
         return hook
 
     handles = [module.register_forward_pre_hook(observer(name)) for name, module in linears.items()]
+    attention_amax: dict[str, float] = {}
+    stops = [
+        observe_attention(module, name, attention_amax) for name, module in attention_modules(transformer, attention)
+    ]
     lists = BLOCK_LISTS["transformer"] if backend.stream_blocks else ()
     blocks = [block for name in lists for block in transformer.get_submodule(name)]
     steps, calls = [0], [0]
@@ -229,16 +247,30 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-    return Calibration(dict(input_amax), weight_amax, calls[0])
+        for stop in stops:
+            stop()
+    return Calibration(dict(input_amax), weight_amax, calls[0], attention_amax)
+
+
+def attention_modules(transformer: nn.Module, attention: bool) -> list[tuple[str, nn.Module]]:
+    """The block attentions to observe or quantize (none unless `attention`), refused when there are none."""
+    if not attention:
+        return []
+    modules = quantizable_attention(transformer)
+    if not modules:
+        raise FluxExportError("the transformer has no attention modules in its blocks: drop --fp8-attention")
+    return list(modules.items())
 
 
 def fake_quantize(
-    transformer: nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None = None
-) -> nn.Module:
+    transformer: nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None = None,
+    attention_amax: dict[str, float] | None = None,
+) -> nn.Module:  # fmt: skip
     """Replace each calibrated Linear by an FP8Linear, in place; returns the transformer.
 
     Weight scales come from the weights themselves, or from `weight_amax` (amax in the weights' dtype) when
-    the transformer's parameters are not real (the streaming export traces it on fake ones)."""
+    the transformer's parameters are not real (the streaming export traces it on fake ones). With
+    `attention_amax` (non-empty), each block attention computes in FP8 too (`quantize_attention`)."""
     linears = quantizable_linears(transformer)
     missing = sorted(set(linears) - set(amax))
     if missing:
@@ -247,4 +279,8 @@ def fake_quantize(
         parent_name, _, child = name.rpartition(".")
         weight = None if weight_amax is None else weight_amax[name]
         setattr(transformer.get_submodule(parent_name), child, FP8Linear(linear, amax[name], weight))
+    for name, module in attention_modules(transformer, bool(attention_amax)):
+        if f"{name}.q" not in attention_amax:
+            raise FluxExportError(f"no FP8 attention calibration for {name}: calibrate again with --fp8-attention")
+        quantize_attention(module, name, attention_amax)
     return transformer

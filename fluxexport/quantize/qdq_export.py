@@ -47,12 +47,14 @@ MIN_QDQ_OPSET = 19  # FLOAT8E4M3FN in QuantizeLinear / DequantizeLinear
 
 
 def fake_quantized_transformer(
-    source: ModelSource, amax: dict[str, float], dtype: str = "fp32", weight_amax: dict[str, float] | None = None
-) -> torch.nn.Module:
+    source: ModelSource, amax: dict[str, float], dtype: str = "fp32", weight_amax: dict[str, float] | None = None,
+    attention_amax: dict[str, float] | None = None,
+) -> torch.nn.Module:  # fmt: skip
     """The PyTorch reference of the Q/DQ graph: the transformer with its block Linears in FP8 fake quantization
-    (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales),
-    behind its family's transformer adapter (float32 RoPE, as exported)."""
-    model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax, weight_amax)
+    (weight scales from the weights, or from `weight_amax`: a LoRA-merged model on the base model's scales) and,
+    with `attention_amax`, its block attentions in FP8 (`--fp8-attention`), behind its family's transformer
+    adapter (float32 RoPE, as exported)."""
+    model = fake_quantize(load_transformer(source, torch_dtype(dtype)), amax, weight_amax, attention_amax)
     return adapter_for(source, "transformer", model).eval()
 
 
@@ -126,6 +128,8 @@ def write_calibration(
         "input_amax": dict(sorted(amax.items())),
         "input_scale": {name: value / E4M3_MAX for name, value in sorted(amax.items())},
         "weight_amax": dict(sorted(calibration.weight_amax.items())),  # float32, from the checkpoint
+        # --fp8-attention: each block attention's query, key and value (the softmax output's scale is fixed)
+        "attention_amax": dict(sorted(calibration.attention_amax.items())),
         "calibrated_at": now(),
     }
     return write_text_atomic(out_dir / CALIBRATION_FILE, json.dumps(record, indent=2) + "\n")
@@ -152,8 +156,9 @@ def read_calibration(path: Path, source: ModelSource) -> tuple[Calibration, dict
         )
     floats = lambda values: {name: float(value) for name, value in values.items()}  # noqa: E731
     calibration = Calibration(
-        floats(record["input_amax"]), floats(record.get("weight_amax", {})), int(record.get("transformer_calls", 0))
-    )
+        floats(record["input_amax"]), floats(record.get("weight_amax", {})), int(record.get("transformer_calls", 0)),
+        floats(record.get("attention_amax", {})),
+    )  # fmt: skip
     return calibration, record
 
 
@@ -204,13 +209,15 @@ def calibrate_transformer(
     device: str | None = None,
     sequential: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    attention: bool = False,
 ) -> Calibration:
     """Calibrate in float32 (the scales then do not depend on where calibration ran); `sequential` holds one
     block at a time, read from the checkpoint: the text encoders' (T5's and CLIP's blocks, FLUX.2's LM decoder
-    layers) while they encode the prompts, then the transformer's."""
+    layers) while they encode the prompts, then the transformer's. `attention`: the block attentions' query, key
+    and value too (`--fp8-attention`)."""
     settings = settings or CalibrationSettings()
     with TorchBackend(source, "fp32", device, stream_blocks=sequential) as backend:
-        return calibrate(backend, source, settings, on_progress)
+        return calibrate(backend, source, settings, on_progress, attention)
 
 
 def keep_calibration(out_dir: Path, calibration_file: Path) -> Path:
@@ -246,29 +253,41 @@ def _check_fp8_components(components: Sequence[str], source: ModelSource) -> Non
 
 
 def _export_fp8_graph(
-    source: ModelSource, spec: ComponentSpec, out_dir: Path, scales: tuple[dict[str, float], dict[str, float]],
-    base_dtype: str, opset: int, external_data: bool | None, on_bytes: Callable[[int, int], None] | None,
+    source: ModelSource, spec: ComponentSpec, out_dir: Path,
+    scales: tuple[dict[str, float], dict[str, float], dict[str, float]], base_dtype: str, opset: int,
+    external_data: bool | None, on_bytes: Callable[[int, int], None] | None,
 ) -> ExportedComponent:  # fmt: skip
     """`out_dir/<component>.fp8.onnx`: the component of the fake-quantized transformer (`scales`: input and
-    weight amax per block Linear), traced on fake weights, its weights quantized to FP8 as they stream."""
-    amax, weight_amax = scales
+    weight amax per block Linear, and the attentions' query/key/value amax or none), traced on fake weights, its
+    weights quantized to FP8 as they stream."""
+    amax, weight_amax, attention_amax = scales
     return export_component(
         source, spec, out_dir, base_dtype, opset, external_data, translations=TRANSLATIONS,
         graph_pass=store_weights_in_fp8, on_bytes=on_bytes, stem=fp8_stem(spec.name),
-        prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax),
+        prepare=lambda transformer: fake_quantize(transformer, amax, weight_amax, attention_amax),
     )  # fmt: skip
+
+
+def attention_record(attention_amax: dict[str, float]) -> list[str]:
+    """The block attentions an FP8 graph computes in FP8 (`transformer_blocks.0.attn`, …), from their amax."""
+    return sorted({name.rpartition(".")[0] for name in attention_amax})
 
 
 def _fp8_record(
     spec: ComponentSpec, exported: ExportedComponent, opset: int, base_dtype: str, calibration_path: Path,
-    kept_layers: Sequence[str],
+    kept_layers: Sequence[str], attention: Sequence[str] = (),
 ) -> GraphRecord:  # fmt: skip
-    """The manifest record of an FP8 graph: its quantized layers (those of its blocks), the calibration behind
-    its scales and what stayed in the base dtype (`kept_layers`)."""
+    """The manifest record of an FP8 graph: its quantized layers (those of its blocks), its FP8 attentions
+    (`--fp8-attention`: query, key, value and softmax output in FP8), the calibration behind its scales and what
+    stayed in the base dtype (`kept_layers`)."""
     layers = sum(origin.fp8_scale is not None for origin in (exported.weights or {}).values())
-    kept = f"FP8 E4M3 per-tensor Q/DQ on {layers} block Linear layers; kept in {base_dtype}: "
+    kept = f"FP8 E4M3 per-tensor Q/DQ on {layers} block Linear layers"
+    kept += f" and {len(attention)} attentions (q, k, v, softmax)" if attention else ""
+    kept += f"; kept in {base_dtype}: "
     exported = replace(exported, notes=(kept + ", ".join(kept_layers), *exported.notes))
     quantization = {"format": "fp8_e4m3", "layers": layers, "calibration": calibration_path.name}
+    if attention:
+        quantization["attention"] = {"modules": list(attention), "tensors": ["q", "k", "v", "softmax"]}
     return replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
 
 
@@ -293,7 +312,7 @@ def export_quantized(
     The graphs keep their contracts; their non-quantized math is in `base_dtype` (bf16 for TensorRT, fp32 to
     run them in ONNX Runtime on CPU). The export streams: the fake-quantized transformer is traced on fake
     weights, then each weight is read, quantized to FP8 and written in turn. `on_bytes(component, done, total)`
-    follows the writing."""
+    follows the writing. A calibration with attention amax (`--fp8-attention`) makes the block attentions FP8 too."""
     check_quantize_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
     names = list(fp8_components(out_dir) if components is None else components)
@@ -304,10 +323,12 @@ def export_quantized(
     specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
     for name in names:
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
-        exported = _export_fp8_graph(
-            source, specs[name], out_dir, (amax, weight_amax), base_dtype, opset, external_data, progress
-        )
-        record = _fp8_record(specs[name], exported, opset, base_dtype, calibration_path, kept_high_precision(source))
+        scales = (amax, weight_amax, calibration.attention_amax)
+        exported = _export_fp8_graph(source, specs[name], out_dir, scales, base_dtype, opset, external_data, progress)
+        record = _fp8_record(
+            specs[name], exported, opset, base_dtype, calibration_path, kept_high_precision(source),
+            attention_record(calibration.attention_amax),
+        )  # fmt: skip
         folder.fp8[name] = record  # beside the base
         folder.write()
     return folder.fp8[names[0]]
@@ -335,13 +356,16 @@ def quantize_transformer(
     calibration_progress: Callable[[str], AbstractContextManager[Callable[[int, int], None]]] | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
     components: Sequence[str] | None = None,
+    fp8_attention: bool = False,
 ) -> GraphRecord:
     """Calibrate (or reuse `calibration_file`, an earlier `calibration.json` of the same checkpoint: no model
     runs), save the calibration beside the graph, then export the FP8 Q/DQ transformer and, by default, the parts
     the folder holds (`export_quantized`'s `components`).
     `sequential=None` holds one block at a time when the float32 model does not fit (`choose_sequential`).
     `log` hears what was decided; `calibration_progress(title)` gives the calibration's progress callback
-    (done, total) for the duration of a `with`; `on_bytes(component, done, total)` follows the graphs' writing."""
+    (done, total) for the duration of a `with`; `on_bytes(component, done, total)` follows the graphs' writing.
+    `fp8_attention` quantizes the block attentions too (query, key, value, softmax output), calibrated on the
+    same trajectories; without it a calibration's attention amax is left out of the graph."""
     check_quantize_options(base_dtype, opset)
     if components is not None:  # refused before calibration runs
         _check_fp8_components(components, source)
@@ -349,6 +373,10 @@ def quantize_transformer(
     out_dir = Path(out_dir)
     if calibration_file is not None:
         calibration, _ = read_calibration(calibration_file, source)
+        if fp8_attention and not calibration.attention_amax:
+            raise FluxExportError(
+                f"{calibration_file} has no attention scales: calibrate again with --fp8-attention (drop --calibration)"
+            )
         path = keep_calibration(out_dir, calibration_file)
         log(f"reusing the scales of {calibration_file}: no calibration run")
     else:
@@ -358,9 +386,13 @@ def quantize_transformer(
         unit = "block passes" if sequential else "steps"
         title = f"calibrate {source.name} on {len(settings.prompts)} prompts ({unit})"
         with calibration_progress(title) if calibration_progress else nullcontext(None) as advance:
-            calibration = calibrate_transformer(source, settings, calibration_device, sequential, on_progress=advance)
+            calibration = calibrate_transformer(
+                source, settings, calibration_device, sequential, on_progress=advance, attention=fp8_attention
+            )
         path = write_calibration(out_dir, source, settings, calibration)
         log(f"calibration saved to {path} (reuse it with --calibration)")
+    if not fp8_attention:
+        calibration = replace(calibration, attention_amax={})
     return export_quantized(
         source, out_dir, calibration, path, base_dtype, opset, bounds, external_data, on_bytes, components
     )
