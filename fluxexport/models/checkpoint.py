@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
+from fluxexport.models.quantized_checkpoint import QuantScale, dequantize, is_quantization_key, quant_scale, read_header
 from fluxexport.models.source import ModelSource
 
 
@@ -28,6 +29,7 @@ class TensorLocation:
     key: str
     rows: tuple[int, int] | None = None  # [start, stop) along dim 0 of a fused tensor
     swap_halves: bool = False
+    scale: QuantScale | None = None  # an FP8 weight's scales (models/quantized_checkpoint.py): read dequantized
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -59,8 +61,15 @@ def _keys(path: Path) -> list[str]:
 
 
 def folder_locations(folder: Path) -> dict[str, TensorLocation]:
-    """name → location for every tensor of a (possibly sharded) diffusers/transformers subfolder."""
-    return {key: TensorLocation(path, key) for path in _safetensors_files(folder) for key in _keys(path)}
+    """name → location for every tensor of a (possibly sharded) diffusers/transformers subfolder; a quantized
+    weight's location carries its scales (whose keys are no tensor of the module)."""
+    locations = {}
+    for path in _safetensors_files(folder):
+        header = read_header(path)
+        for key in header.tensors:
+            if not is_quantization_key(key):
+                locations[key] = TensorLocation(path, key, scale=quant_scale(header, key))
+    return locations
 
 
 def bfl_locations(path: Path) -> dict[str, TensorLocation]:
@@ -70,14 +79,16 @@ def bfl_locations(path: Path) -> dict[str, TensorLocation]:
 
     from fluxexport.models.single_file import BFL_PREFIX, bfl_layout
 
-    keys = _keys(path)
+    header = read_header(path)  # a quantized file's scales and markers are no tensors of the layout
+    keys = [key for key in header.tensors if not is_quantization_key(key)]
     prefix = BFL_PREFIX if any(key.startswith(BFL_PREFIX) for key in keys) else ""
     with safe_open(str(path), framework="pt") as handle:
         rows_of = {key.removeprefix(prefix): handle.get_slice(key).get_shape()[0] for key in keys}
     locations = {}
     for ours, theirs, kind, rows in bfl_layout(rows_of):
         key = prefix + theirs
-        locations[ours] = TensorLocation(path, key, rows=rows, swap_halves=kind == "swap")
+        scale = quant_scale(header, key)
+        locations[ours] = TensorLocation(path, key, rows=rows, swap_halves=kind == "swap", scale=scale)
     return locations
 
 
@@ -149,6 +160,8 @@ class CheckpointTensors:
                 tensor = handle.get_slice(location.key)[start:stop]
             else:
                 tensor = handle.get_tensor(location.key)
+            if location.scale is not None:  # an FP8 weight: the float32 weight its scales make of it
+                tensor = dequantize(handle, location.scale, tensor, location.rows)
         if location.swap_halves:  # BFL's final AdaLN emits (shift, scale); diffusers' (scale, shift)
             first, second = tensor.chunk(2, dim=0)
             tensor = torch.cat([second, first], dim=0)

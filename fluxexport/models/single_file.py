@@ -209,12 +209,14 @@ def load_bfl_transformer(path: Path, config_folder: Path, dtype: torch.dtype = t
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from fluxexport.models.quantized_checkpoint import dequantized_state
+
     try:
         checkpoint = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise FluxExportError(f"cannot read {path}: {error} (it must be a .safetensors file)") from None
     family = bfl_family(key.removeprefix(BFL_PREFIX) for key in checkpoint)
-    state = bfl_to_diffusers(checkpoint)
+    state = bfl_to_diffusers(dequantized_state(checkpoint))  # an FP8 file runs on its dequantized weights
     library_class = getattr(diffusers, family.transformer_class)
     config = library_class.load_config(str(config_folder), subfolder="transformer")
     with torch.device("meta"):

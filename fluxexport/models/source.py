@@ -187,6 +187,14 @@ class ModelSource:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
+    @functools.cached_property
+    def quantized_layout(self) -> str | None:
+        """The layout of a quantized single-file transformer (`models/quantized_checkpoint.py`: fp8r, fp8), None
+        for an unquantized one."""
+        from fluxexport.models.quantized_checkpoint import layout_of, read_header
+
+        return None if self.transformer_file is None else layout_of(read_header(self.transformer_file))
+
     @property
     def is_tiny(self) -> bool:
         return (self.root / TINY_MARKER).is_file()
@@ -294,6 +302,7 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
         configs[part] = _read_json(path)
     source = ModelSource(name=name or root.name, root=root, transformer_file=transformer_file, configs=configs)
     family.part("models").check_widths(source)
+    _ = source.quantized_layout  # a quantized layout fluxexport cannot read is refused before any work
     return source
 
 

@@ -1,0 +1,196 @@
+"""A published FP8 checkpoint (`models/quantized_checkpoint.py`) straight to our FP8 Q/DQ graph, with the
+checkpoint's own scales: no calibration, no high-precision copy of the weights on disk.
+
+Each Linear whose weight the checkpoint quantized becomes a `CheckpointFP8Linear`: its weight passes through
+Q/DQ with the checkpoint's `weight_scale` (per row, ONNX's per-axis Q/DQ on axis 0, for black-forest-labs'
+fp8r; per tensor for ComfyUI's / ModelOpt's FP8), its input through Q/DQ with the checkpoint's `input_scale` where
+the layout has one (fp8r has none: the graph is weight-only there, as diffusers runs it). The trace runs on fake
+weights; each weight's QuantizeLinear is then replaced by its FP8 initializer, computed as it is written from
+the dequantized checkpoint tensor: q · s / s rounds back to q exactly (the product's error is far below half an
+E4M3 step), so the initializer holds the checkpoint's very FP8 bytes (tests/test_quantized_checkpoints.py checks
+them). Layers the checkpoint kept in high precision stay so.
+
+In a bf16 graph the scales are bf16 as the rest of its Q/DQ (TensorRT fuses DQ into the GEMM in the compute
+type); an fp32 graph keeps them exact, and equals the checkpoint run in PyTorch as diffusers runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+import torch
+from onnx_ir.tensor_adapters import TorchTensor
+from onnxscript import opset20 as op
+from torch import nn
+
+from fluxexport.artifacts.folders import fp8_stem
+from fluxexport.artifacts.records import GraphRecord
+from fluxexport.dtypes import ELEMENT_TORCH, quantize_e4m3, torch_dtype
+from fluxexport.errors import FluxExportError
+from fluxexport.export.graph import replace_with_initializer
+from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, graph_record, open_folder_for
+from fluxexport.export.streaming import FP8_SUFFIX
+from fluxexport.models.source import ModelSource
+from fluxexport.quantize.fp8 import TRANSLATIONS, fp8_qdq
+from fluxexport.specs import ComponentSpec, ExportBounds, component_specs
+
+
+@torch.library.custom_op("fluxexport::fp8_qdq_rows", mutates_args=())
+def fp8_qdq_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An `[N, K]` weight rounded to the E4M3 grid of its row's scale (`scale` `[N]`) and back."""
+    step = scale[:, None]
+    return quantize_e4m3(weight, step).to(weight.dtype) * step.to(weight.dtype)
+
+
+@fp8_qdq_rows.register_fake
+def _(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(weight)
+
+
+def fp8_qdq_rows_onnx(weight, scale):
+    step = op.CastLike(scale, weight)
+    # zeros shaped as the scale (per-axis Q/DQ), folded into an initializer (ONNX Runtime has no FP8 ConstantOfShape)
+    zero_point = op.Cast(op.Mul(scale, op.Constant(value_float=0.0)), to=onnx.TensorProto.FLOAT8E4M3FN)
+    return op.DequantizeLinear(op.QuantizeLinear(weight, step, zero_point, axis=0), step, zero_point, axis=0)
+
+
+CHECKPOINT_TRANSLATIONS = {**TRANSLATIONS, torch.ops.fluxexport.fp8_qdq_rows.default: fp8_qdq_rows_onnx}
+
+
+class CheckpointFP8Linear(nn.Linear):
+    """A Linear computing as its checkpoint's FP8 layer: the weight through Q/DQ with the checkpoint's weight
+    scale (`[N]` per row, or a scalar), the input through Q/DQ with its input scale if it has one. It shares the
+    Linear's parameters under their names, so the checkpoint's tensors and the initializers keep them."""
+
+    def __init__(self, linear: nn.Linear, weight_scale: torch.Tensor, input_scale: float | None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("weight_scale", weight_scale.float().clone())
+        scale = None if input_scale is None else torch.tensor(input_scale, dtype=torch.float32)
+        self.register_buffer("input_scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_scale.dim() == 1
+        weight = (fp8_qdq_rows if rows else fp8_qdq)(self.weight, self.weight_scale)
+        if self.input_scale is not None:
+            x = fp8_qdq(x, self.input_scale)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def checkpoint_scales(source: ModelSource) -> dict[str, tuple[torch.Tensor, float | None]]:
+    """Each quantized Linear of the checkpoint (diffusers names): (weight scale, input scale or None), the scales
+    cut to the rows of a fused BFL tensor the Linear takes."""
+    from safetensors import safe_open
+
+    from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.models.quantized_checkpoint import read_scales
+
+    if source.quantized_layout is None:
+        raise FluxExportError(f"{source.name} has no FP8 weights with scales: quantize it (calibration) instead")
+    scales = {}
+    for name, location in CheckpointTensors(source, "transformer").locations.items():
+        if location.scale is None:
+            continue
+        with safe_open(str(location.file), framework="pt") as handle:
+            scales[name.removesuffix(".weight")] = read_scales(handle, location.scale, location.rows)
+    return scales
+
+
+def apply_checkpoint_scales(transformer: nn.Module, scales: dict[str, tuple[torch.Tensor, float | None]]) -> nn.Module:
+    """Replace each quantized Linear by a CheckpointFP8Linear, in place; returns the transformer."""
+    for name, (weight_scale, input_scale) in scales.items():
+        parent, _, child = name.rpartition(".")
+        linear = transformer.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise FluxExportError(f"the checkpoint quantizes {name}, which is no Linear of the transformer")
+        setattr(transformer.get_submodule(parent), child, CheckpointFP8Linear(linear, weight_scale, input_scale))
+    return transformer
+
+
+def checkpoint_fp8_transformer(source: ModelSource, dtype: str = "fp32") -> nn.Module:
+    """The PyTorch reference of the graph: the checkpoint's transformer (dequantized weights) with its quantized
+    layers' Q/DQ, behind the family's transformer adapter."""
+    from fluxexport.adapters import adapter_for
+    from fluxexport.models.loaders import load_transformer
+
+    model = apply_checkpoint_scales(load_transformer(source, torch_dtype(dtype)), checkpoint_scales(source))
+    return adapter_for(source, "transformer", model).eval()
+
+
+def store_checkpoint_weights(model) -> str | None:
+    """Each weight's QuantizeLinear (per tensor, or per row on axis 0) replaced by its FLOAT8E4M3FN initializer
+    `<weight>.fp8`, quantized lazily from the dequantized checkpoint tensor with the node's scale: the
+    checkpoint's own FP8 values."""
+    import onnx_ir as ir
+
+    graph, stored = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear" or not node.inputs[0].is_initializer():
+            continue
+        weight, scale = node.inputs[0].const_value, ir.convenience.get_const_tensor(node.inputs[1])
+        if weight is None or scale is None:
+            continue
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+        step = torch.from_numpy(scale.numpy().astype("float32"))
+        step = step[:, None] if step.dim() == 1 and axis == 0 else step
+        name = f"{node.inputs[0].name}{FP8_SUFFIX}"
+        node.outputs[0].name = name
+
+        def quantized(weight=weight, step=step, name=name) -> TorchTensor:
+            values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])
+            return TorchTensor(quantize_e4m3(values, step), name)
+
+        lazy = ir.LazyTensor(quantized, dtype=ir.DataType.FLOAT8E4M3FN, shape=weight.shape, name=name)
+        replace_with_initializer(graph, node, lazy)
+        stored += 1
+    return f"{stored} checkpoint FP8 weights stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
+
+
+def _record(
+    source: ModelSource, spec: ComponentSpec, exported, opset: int, base_dtype: str, layers: int
+) -> GraphRecord:
+    """The manifest record: the layers the checkpoint quantized, its layout and file, no calibration."""
+    layout, file = source.quantized_layout, source.transformer_file
+    note = (f"FP8 E4M3 Q/DQ with the checkpoint's own scales ({layout}: {file.name if file else source.name}) on "
+            f"{layers} Linear layers; the rest kept in {base_dtype}")  # fmt: skip
+    exported = replace(exported, notes=(note, *exported.notes))
+    quantization = {"format": "fp8_e4m3", "layout": layout, "layers": layers, "scales": "checkpoint"}
+    return replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
+
+
+def export_checkpoint_fp8(
+    source: ModelSource,
+    out_dir: Path,
+    base_dtype: str = "bf16",
+    opset: int = DEFAULT_OPSET,
+    bounds: ExportBounds | None = None,
+    external_data: bool | None = None,
+    on_bytes: Callable[[str, int, int], None] | None = None,
+    components: Sequence[str] | None = None,
+) -> GraphRecord:
+    """`out_dir/transformer.fp8.onnx` (and each of `components`' `<part>.fp8.onnx`, default as `quantize`'s) from
+    the checkpoint's FP8 weights and scales, recorded in the manifest's `fp8` section; no model runs. Returns the
+    first graph's record."""
+    from fluxexport.quantize.qdq_export import _check_fp8_components, check_quantize_options, fp8_components
+
+    check_quantize_options(base_dtype, opset)
+    out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
+    names = list(fp8_components(out_dir) if components is None else components)
+    _check_fp8_components(names, source)
+    scales = checkpoint_scales(source)
+    specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
+    for name in names:
+        progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
+        exported = export_component(
+            source, specs[name], out_dir, base_dtype, opset, external_data, translations=CHECKPOINT_TRANSLATIONS,
+            graph_pass=store_checkpoint_weights, on_bytes=progress, stem=fp8_stem(name),
+            prepare=lambda transformer: apply_checkpoint_scales(transformer, scales),
+        )  # fmt: skip
+        layers = sum(origin.fp8_scale is not None for origin in (exported.weights or {}).values())
+        folder.fp8[name] = _record(source, specs[name], exported, opset, base_dtype, layers)
+        folder.write()
+    return folder.fp8[names[0]]
