@@ -67,6 +67,7 @@ class ExportOptions:
     max_references: int | None = None
     max_reference_area: int | None = None
     max_reference_aspect: float | None = None
+    native_attention: bool = False  # ONNX's Attention / RMSNormalization (opset ≥ 23, TensorRT ≥ 10.15)
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,12 @@ def plan_export(options: ExportOptions) -> ExportPlan:
     another model's, dtype's or bounds' graphs, before anything is written."""
     from fluxexport.artifacts.files import default_folder
     from fluxexport.dtypes import component_precision
+    from fluxexport.export.native_ops import require_native_opset
     from fluxexport.export.target_folder import prepare_export_folder
     from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds
 
+    if options.native_attention and options.opset is not None:
+        require_native_opset(options.opset)
     source = open_source(options.model)
     bounds = ExportBounds.for_model(
         source, max_batch=options.max_batch, min_resolution=options.min_resolution,
@@ -133,9 +137,14 @@ def run_export(plan: ExportPlan, on_bytes: OnBytes = ignore_bytes) -> ExportResu
     """Export `plan`'s graphs (each written atomically, the manifest kept in step), then, unless the options say
     --no-check, lint the folder for TensorRT."""
     from fluxexport.export.check import check_folder
+    from fluxexport.export.native_ops import NATIVE_OPSET
     from fluxexport.export.onnx_export import DEFAULT_OPSET, export_model
+    from fluxexport.tensorrt.environment import NATIVE_OPS, tensorrt_for, version_text
 
     options, rows = plan.options, []
+    opset = options.opset or (NATIVE_OPSET if options.native_attention else DEFAULT_OPSET)
+    # a graph with native ops is checked against the first TensorRT that parses them (10.15), others against 10.1
+    tensorrt = version_text(tensorrt_for(NATIVE_OPS) or ()) if options.native_attention else None
 
     def on_component(name: str, exported) -> None:
         if exported is None:  # the bar starts with the first weight written: its rate is the write rate
@@ -147,8 +156,8 @@ def run_export(plan: ExportPlan, on_bytes: OnBytes = ignore_bytes) -> ExportResu
         rows.append(ExportedRow(name, exported.dtype, exported.nodes, size, exported.seconds))
 
     export_model(
-        plan.source, plan.out, plan.names, options.dtype, options.opset or DEFAULT_OPSET, plan.bounds,
-        options.external_data, on_component, on_bytes, options.replace,
+        plan.source, plan.out, plan.names, options.dtype, opset, plan.bounds,
+        options.external_data, on_component, on_bytes, options.replace, options.native_attention,
     )  # fmt: skip
-    check = check_result(check_folder(plan.out), f"graphs in {plan.out}") if options.run_check else None
+    check = check_result(check_folder(plan.out, tensorrt), f"graphs in {plan.out}") if options.run_check else None
     return ExportResult(plan.out, rows, check)

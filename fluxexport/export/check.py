@@ -19,6 +19,8 @@ from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import open_export
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.errors import FluxExportError
+from fluxexport.export.native_ops import NATIVE_OPSET
+from fluxexport.tensorrt.environment import NATIVE_OP_TENSORRT, NATIVE_OPS, tensorrt_for, version_text
 
 # ONNX TensorProto element types → the names onnx-tensorrt's table uses.
 _TYPE_NAMES = {1: "FP32", 10: "FP16", 16: "BF16", 11: "DOUBLE", 6: "INT32", 7: "INT64", 9: "BOOL", 3: "INT8",
@@ -117,10 +119,26 @@ def read_structure(path: Path):
 
 @functools.cache
 def tensorrt_support(version: str | None = None) -> dict:
+    """The operator list to check against: the bundled one (TensorRT 10.1's), or for a `version` at or past the
+    first TensorRT that parses every native op (10.15), that list plus ONNX's Attention / RMSNormalization up to
+    opset 23 (`NATIVE_OP_TENSORRT` says where each is documented)."""
     data = json.loads(resources.files("fluxexport.data").joinpath("tensorrt_onnx_ops.json").read_text())
-    if version is not None and version != data["tensorrt"]:
-        raise FluxExportError(f"no operator list for TensorRT {version}: this fluxexport knows {data['tensorrt']}")
-    return data
+    if version is None or version == data["tensorrt"]:
+        return data
+    native = tensorrt_for(NATIVE_OPS) or ()
+    numbers = tuple(int(part) for part in version.split(".") if part.isdigit())
+    if len(numbers) < 2 or numbers[:2] < native:
+        raise FluxExportError(
+            f"no operator list for TensorRT {version}: this fluxexport knows {data['tensorrt']}, and "
+            f"{version_text(native)} or newer for graphs with ONNX's Attention / RMSNormalization (--native-attention)"
+        )
+    sources = "; ".join(f"{name}: {source}" for name, (_, source) in NATIVE_OP_TENSORRT.items())
+    return data | {
+        "tensorrt": version,
+        "source": f"{data['source']}, plus {sources}",
+        "opset_max": max(data["opset_max"], NATIVE_OPSET),
+        "supported": data["supported"] | {name: ["FP32", "FP16", "BF16"] for name in NATIVE_OPS},
+    }
 
 
 @dataclass
@@ -130,6 +148,7 @@ class GraphReport:
     nodes: int = 0
     ops: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    tensorrt: str = ""  # the TensorRT version whose operator list it was checked against
 
     @property
     def ok(self) -> bool:
@@ -181,7 +200,7 @@ def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | N
     import onnx
 
     support = tensorrt_support(tensorrt)
-    report = GraphReport(Path(path))
+    report = GraphReport(Path(path), tensorrt=support["tensorrt"])
     try:
         model = read_structure(path)
     except Exception as error:  # protobuf decode errors have no common base class
@@ -215,8 +234,16 @@ def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | N
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == onnx.TensorProto.DOUBLE:
                 report.problems.append(f"node {node.name} holds a DOUBLE constant")
+    native = {name: unsupported[name] for name in NATIVE_OPS if unsupported[name]}
+    if native:
+        report.problems.append(
+            f"{', '.join(f'{name} ×{count}' for name, count in native.items())}: ONNX's own ops (--native-attention), "
+            f"parsed by TensorRT ≥ {version_text(tensorrt_for(native) or ())}, not by {support['tensorrt']}: check "
+            f"with --tensorrt {version_text(tensorrt_for(NATIVE_OPS) or ())}"
+        )
     for name, count in sorted(unsupported.items()):
-        report.problems.append(f"{name} ×{count} is not supported by TensorRT {support['tensorrt']}'s ONNX parser")
+        if name not in native:
+            report.problems.append(f"{name} ×{count} is not supported by TensorRT {support['tensorrt']}'s ONNX parser")
     doubles = sorted(name for name, elem in types.items() if elem == onnx.TensorProto.DOUBLE)
     if doubles:
         report.problems.append(

@@ -20,6 +20,13 @@ from fluxexport.atomic import staged_files
 from fluxexport.dtypes import component_precision, element_type, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.graph import EXPORT_PASSES, run_passes
+from fluxexport.export.native_ops import (
+    check_native,
+    check_portable,
+    native_ops_in,
+    portable_translations,
+    require_native_opset,
+)
 from fluxexport.export.streaming import surviving_origins
 from fluxexport.export.target_folder import prepare_export_folder
 from fluxexport.export.trace import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, TraceOptions, trace_component
@@ -138,6 +145,7 @@ class ExportedComponent:
     external_data: str | None
     notes: tuple[str, ...] = ()
     weights: dict[str, WeightOrigin] | None = None  # initializer → its checkpoint tensor (streamed exports)
+    native_ops: dict[str, int] = field(default_factory=dict)  # ONNX Attention / RMSNormalization it holds
 
 
 def export_component(
@@ -154,6 +162,7 @@ def export_component(
     graph_pass: Callable[[ir.Model], str | None] | None = None,
     prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     stem: str | None = None,
+    native_attention: bool = False,
 ) -> ExportedComponent:
     """Export one component into `out_dir/<stem>.onnx` (+ `.onnx_data`; the stem is the component's name unless
     given), replacing any older file atomically: `trace_component`, then `run_passes` (`EXPORT_PASSES`, then
@@ -162,18 +171,23 @@ def export_component(
     By default the weights stream from the checkpoint (`export/streaming.py`: the model is never held in
     memory); `streaming=False` loads the model and exports it in memory; `prepare` and `translations` are
     `TraceOptions`' (a module of one's own: `trace_component` with `TraceOptions(module=…)`). `on_bytes(written,
-    total)` follows the weights as they are written."""
+    total)` follows the weights as they are written. `native_attention` (opset ≥ 23) keeps attention and RMS norms
+    as ONNX's Attention / RMSNormalization (`export/native_ops.py`); otherwise they are decomposed at any opset."""
     start = time.perf_counter()
+    if native_attention:
+        require_native_opset(opset)
     compute, note = component_precision(spec.name, dtype)
-    options = TraceOptions(opset, streaming, prepare=prepare, translations=translations)
+    translations = portable_translations(opset, native_attention) | (translations or {})
+    options = TraceOptions(opset, streaming, prepare=prepare, translations=translations or None)
     traced = trace_component(source, spec, compute, options)
     extra = (lambda model, _spec, _compute: graph_pass(model),) if graph_pass else ()
-    notes = (*([note] if note else []), *run_passes(traced.model, spec, compute, (*EXPORT_PASSES, *extra)))
+    native = check_native if native_attention else check_portable
+    notes = (*([note] if note else []), *run_passes(traced.model, spec, compute, (*EXPORT_PASSES, native, *extra)))
     weights = surviving_origins(traced.model, traced.origins) if traced.origins is not None else None
     written = write_graph(traced.model, Path(out_dir), WritePolicy(stem or spec.name, external_data), on_bytes)
     return ExportedComponent(
         spec.name, written.path, compute, time.perf_counter() - start, written.nodes, written.weight_bytes,
-        written.external_data, notes, weights,
+        written.external_data, notes, weights, native_ops_in(traced.model),
     )  # fmt: skip
 
 
@@ -193,7 +207,7 @@ def graph_record(spec: ComponentSpec, exported: ExportedComponent, opset: int, b
         sha256={path.name: file_sha256(path) for path in files}, weights=exported.weights or None,
         extra={"nodes": exported.nodes, "weight_bytes": exported.weight_bytes,
                "export_seconds": round(exported.seconds, 2), "notes": list(exported.notes), "exported_at": now()}
-        | extra,
+        | ({"native_ops": exported.native_ops} if exported.native_ops else {}) | extra,
     )  # fmt: skip
 
 
@@ -213,11 +227,13 @@ def export_model(
     on_component: Callable[[str, ExportedComponent | None], None] | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
     replace: bool | None = None,
+    native_attention: bool = False,
 ) -> ExportFolder:
     """Export `components` of `source` (default: every component of its family) into `out_dir` and keep
     `manifest.json` in step after each one. `replace`: None updates the folder graph by graph (what `build`
     does); False refuses a folder holding graphs of another checkpoint, dtype or bounds; True removes the
-    folder's graphs first (`export --replace`; see target_folder)."""
+    folder's graphs first (`export --replace`; see target_folder). `native_attention`: ONNX's Attention and
+    RMSNormalization in the graphs (opset ≥ 23, TensorRT ≥ 10.15: `export/native_ops.py`)."""
     components = list(components or source.components)
     unknown = [name for name in components if name not in KNOWN_COMPONENTS]
     if unknown:
@@ -226,6 +242,8 @@ def export_model(
         )
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise FluxExportError(f"opset {opset} is outside {MIN_OPSET}..{MAX_OPSET} (--opset)")
+    if native_attention:
+        require_native_opset(opset)
     torch_dtype(dtype)
     bounds = bounds or ExportBounds.for_model(source)
     specs = component_specs(source, bounds)
@@ -243,7 +261,8 @@ def export_model(
         if on_component:
             on_component(name, None)
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
-        exported = export_component(source, specs[name], out_dir, dtype, opset, external_data, on_bytes=progress)
+        exported = export_component(source, specs[name], out_dir, dtype, opset, external_data, on_bytes=progress,
+                                    native_attention=native_attention)  # fmt: skip
         folder.components[name] = graph_record(specs[name], exported, opset)
         folder.write()
         if on_component:

@@ -39,6 +39,43 @@ def tensorrt_version(trt: ModuleType) -> tuple[int, ...]:
 MIN_TENSORRT = (10, 1)  # the _v2 device-memory queries, set_device_memory, execute_async_v3 by name
 
 
+# ONNX's own ops (opset 23) that newer ONNX parsers map to TensorRT's native layers: the first TensorRT whose
+# parser takes each, and where that is written (read, not run: no TensorRT ≥ 10.14 has parsed one here yet).
+NATIVE_OP_TENSORRT: dict[str, tuple[tuple[int, int], str]] = {
+    "Attention": ((10, 14), 'onnx/onnx-tensorrt release 10.14-GA notes: "Added support for the Attention operator"'),
+    "RMSNormalization": (
+        (10, 15),
+        'onnx/onnx-tensorrt#1046, its maintainer (2026-01-05): "RMSNorm support will be available in the 10.15 release"',
+    ),
+}
+NATIVE_OPS = tuple(NATIVE_OP_TENSORRT)
+
+
+def tensorrt_for(ops) -> tuple[int, int] | None:
+    """The oldest TensorRT whose ONNX parser takes every native op among `ops` (None: none of them is native)."""
+    versions = [NATIVE_OP_TENSORRT[name][0] for name in ops if name in NATIVE_OP_TENSORRT]
+    return max(versions) if versions else None
+
+
+def version_text(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def native_op_refusal(graphs: dict, version: tuple[int, ...], version_name: str) -> str | None:
+    """The one-line refusal for building `graphs` (component → manifest GraphRecord) with TensorRT `version` when
+    one holds native ops its ONNX parser does not take (None when it parses them all)."""
+    for name, graph in graphs.items():
+        held = graph.extra.get("native_ops") or {}
+        needed = tensorrt_for(held)
+        if needed and version[:2] < needed:
+            return (
+                f"{name}'s graph holds ONNX {' / '.join(held)} (exported with --native-attention), which TensorRT "
+                f"{version_name}'s ONNX parser does not take (needs {version_text(needed)} or newer): build with "
+                f"TensorRT {version_text(needed)}+ or export again without --native-attention"
+            )
+    return None
+
+
 def require_tensorrt_version(trt: ModuleType) -> None:
     if tensorrt_version(trt)[:2] < MIN_TENSORRT:
         raise FluxExportError(
