@@ -65,7 +65,7 @@ def model_options(function):
 # per command where a command names it otherwise (bench's --batch)
 REQUEST_FLAGS = {"num_images_per_prompt": "num-images", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "max_sequence_length": "max-sequence-length", "negative_prompt": "negative-prompt",
-                 "prompt_2": "prompt-2"}  # fmt: skip
+                 "prompt_2": "prompt-2", "control_image": "control-image"}  # fmt: skip
 COMMAND_FLAGS = {"bench": {"num_images_per_prompt": "batch"}}
 
 
@@ -241,7 +241,18 @@ def reference_budget_options(default: str):
     "image_paths",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Reference image: one for FLUX.1 Kontext; FLUX.2 takes several (repeat --image).",
+    help="Reference image: one for FLUX.1 Kontext; FLUX.2 takes several (repeat --image); FLUX.1 Fill: the image "
+    "to repaint.",
+)
+@click.option(
+    "--mask",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="FLUX.1 Fill: white where --image is repainted, black where it is kept (made gray, binarized at 50%).",
+)
+@click.option(
+    "--control-image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="FLUX.1 Canny/Depth: the edge or depth map the image follows (the output takes its size by default).",
 )
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
@@ -259,8 +270,8 @@ def reference_budget_options(default: str):
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, negative_prompt, height, width, steps, guidance, seed, num_images,
-    max_sequence_length, image_paths, keep_reference_size, backend, engines, low_vram, cuda_graphs,
-    weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
+    max_sequence_length, image_paths, mask, control_image, keep_reference_size, backend, engines, low_vram,
+    cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from fluxexport.commands.run import RunOptions, run_images
@@ -273,7 +284,8 @@ def run(
         prompt=prompt, model=_model(model, base_model), runner=runner, prompt_2=prompt_2,
         negative_prompt=negative_prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         num_images=num_images, max_sequence_length=max_sequence_length, references=tuple(image_paths),
-        keep_reference_size=keep_reference_size, cache=cache_text, output=output,
+        mask=mask, control_image=control_image, keep_reference_size=keep_reference_size, cache=cache_text,
+        output=output,
     )  # fmt: skip
     result = run_images(options, progress=step_progress, log=console.print)
     generation, resolved = result.generation, result.request

@@ -58,7 +58,7 @@ def test_kontext_run_with_image(tmp_path, sources, reference_image):
         ),
         (
             ["--model", "tiny-pro"],
-            "Error: unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-klein, tiny-klein-base, tiny-flux2-dev",
+            "Error: unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-fill, tiny-canny, tiny-depth, tiny-klein, tiny-klein-base, tiny-flux2-dev",
         ),
     ],
 )

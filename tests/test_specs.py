@@ -42,7 +42,10 @@ def test_contract_matches_the_architecture_table(tmp_path):
     assert dims(specs["transformer"], "outputs") == {"latent": ("compute", ("B", "N", 64))}
     assert dims(specs["vae_decoder"], "inputs") == {"latent": ("compute", ("B", 16, "h", "w"))}
     assert dims(specs["vae_decoder"], "outputs") == {"images": ("compute", ("B", 3, "H", "W"))}
-    assert dims(specs["vae_encoder"], "outputs") == {"latent": ("compute", ("B", 16, "h", "w"))}
+    assert dims(specs["vae_encoder"], "outputs") == {  # the posterior: Kontext takes its mean, Fill/Control sample
+        "latent": ("compute", ("B", 16, "h", "w")),
+        "latent_std": ("compute", ("B", 16, "h", "w")),
+    }
 
 
 def test_schnell_has_no_guidance_input(tmp_path):

@@ -62,7 +62,7 @@ def test_unknown_variant(tmp_path):
         write_tiny("tiny-pro", tmp_path / "x")
     assert (
         str(error.value)
-        == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-klein, tiny-klein-base, tiny-flux2-dev"
+        == "unknown tiny variant 'tiny-pro': choose one of tiny-schnell, tiny-dev, tiny-kontext, tiny-fill, tiny-canny, tiny-depth, tiny-klein, tiny-klein-base, tiny-flux2-dev"
     )
     assert not (tmp_path / "x").exists()
 

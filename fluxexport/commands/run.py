@@ -39,7 +39,9 @@ class RunOptions:
     seed: int = 0
     num_images: int = 1
     max_sequence_length: int | None = None
-    references: tuple[Path, ...] = ()  # --image: reference images (Kontext, FLUX.2)
+    references: tuple[Path, ...] = ()  # --image: reference images (Kontext, FLUX.2), Fill's image to repaint
+    mask: Path | None = None  # --mask: FLUX.1 Fill's mask
+    control_image: Path | None = None  # --control-image: FLUX.1 Canny/Depth's edge or depth map
     keep_reference_size: bool = False
     cache: str | None = None
     output: Path = Path("flux.png")
@@ -68,12 +70,16 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
     cache = parse_cache(options.cache)
     source = open_source(options.model)
     references = [load_reference(path) for path in options.references]  # as diffusers' load_image reads them
+    mask, control = (
+        None if path is None else load_reference(path, option)
+        for path, option in ((options.mask, "--mask"), (options.control_image, "--control-image"))
+    )
     request = GenerationRequest(
         prompt=options.prompt, prompt_2=options.prompt_2, height=options.height, width=options.width,
         num_inference_steps=options.steps, guidance_scale=options.guidance, seed=options.seed,
         num_images_per_prompt=options.num_images, max_sequence_length=options.max_sequence_length,
         image=references or None, auto_resize_reference=not options.keep_reference_size,
-        negative_prompt=options.negative_prompt,
+        negative_prompt=options.negative_prompt, mask=mask, control_image=control,
     )  # fmt: skip
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     backend = choose_backend(options.runner.backend, options.runner.engines)

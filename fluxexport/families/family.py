@@ -22,6 +22,9 @@ TRANSFORMER_PARTS = ("transformer_head", "transformer_tail", "transformer_out")
 # How a pipeline takes reference images: none (text to image), Kontext's one reference at a preferred size, or
 # FLUX.2's several within an export's reference budget (`--max-references`, …)
 NO_REFERENCE, KONTEXT_REFERENCE, REFERENCE_BUDGET = "none", "kontext", "budget"
+# Pipelines whose image conditions widen each noise token's channels (the transformer's `in_channels`) instead of
+# adding tokens: FLUX.1 Fill's image and mask (`--image`, `--mask`), FLUX.1 Canny/Depth's control image
+FILL_CONDITION, CONTROL_CONDITION = "fill", "control"
 
 # What the generic layers ask of a family's part for each layer: every family's `families/<f>/<layer>.py` defines
 # these names (`tests/test_families.py`)

@@ -48,6 +48,11 @@ TINY_VARIANTS: dict[str, TinyVariant] = {
     "tiny-schnell": TinyVariant("tiny-schnell", False, False, "FluxPipeline"),
     "tiny-dev": TinyVariant("tiny-dev", True, True, "FluxPipeline"),
     "tiny-kontext": TinyVariant("tiny-kontext", True, True, "FluxKontextPipeline"),
+    # FLUX.1 tools: Fill (inpainting/outpainting: image + mask), Canny and Depth (a control image). Canny and Depth
+    # are one architecture and one pipeline (FluxControlPipeline): only the control image the user gives differs
+    "tiny-fill": TinyVariant("tiny-fill", True, True, "FluxFillPipeline"),
+    "tiny-canny": TinyVariant("tiny-canny", True, True, "FluxControlPipeline"),
+    "tiny-depth": TinyVariant("tiny-depth", True, True, "FluxControlPipeline"),
     # FLUX.2 [klein]: the distilled model (4 steps, no CFG) and the base model (true CFG with a negative prompt)
     "tiny-klein": TinyVariant("tiny-klein", False, True, "Flux2KleinPipeline", is_distilled=True),
     "tiny-klein-base": TinyVariant("tiny-klein-base", False, True, "Flux2KleinPipeline"),

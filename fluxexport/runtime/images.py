@@ -40,9 +40,10 @@ def pil_to_model_input(image: Image.Image) -> torch.Tensor:
     return 2.0 * tensor - 1.0
 
 
-def load_reference(path: str | Path) -> Image.Image:
-    """A reference image read from a file as diffusers' `load_image` reads it: EXIF orientation applied, any
-    mode (RGBA, P, L, I;16, …) converted to RGB; a file PIL cannot read is refused in one line."""
+def load_reference(path: str | Path, option: str = "--image") -> Image.Image:
+    """An image (a reference, Fill's image or mask, a control image) read from a file as diffusers' `load_image`
+    reads it: EXIF orientation applied, any mode (RGBA, P, L, I;16, …) converted to RGB; a file PIL cannot read is
+    refused in one line naming `option`."""
     from diffusers.utils import load_image
 
     try:
@@ -50,7 +51,7 @@ def load_reference(path: str | Path) -> Image.Image:
             opened.load()
             return load_image(opened)
     except OSError as error:
-        raise FluxExportError(f"cannot read --image {path}: {error}") from None
+        raise FluxExportError(f"cannot read {option} {path}: {error}") from None
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:

@@ -41,12 +41,14 @@ def denoise(
     reference: torch.Tensor | None = None,
     on_step: StepCallback | None = None,
     cache: StepCache | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Euler loop: `conditioning` holds every transformer input except hidden_states and timestep; with
     `negative` (true CFG) a second transformer run per step, combined as diffusers does. Without a `cache`,
     `transformer` is the transformer component; with one (a step cache's state for this generation), it gives the
     transformer components the cache runs by name (a Backend's `component`), and the unconditional run caches in a
-    state of its own (`cache.branch()`), as diffusers' "uncond" cache context."""
+    state of its own (`cache.branch()`), as diffusers' "uncond" cache context. `reference` tokens follow the noise
+    tokens (Kontext, FLUX.2); a `condition` [B,N,·] widens each noise token's channels (FLUX.1 Fill, Canny/Depth)."""
     batch, tokens, _ = latents.shape
     steps = len(sigmas) - 1
     if cache is None:
@@ -55,7 +57,8 @@ def denoise(
         component = transformer
     runs = [(conditioning, cache)] + ([(negative, cache.branch())] if negative is not None else [])
     for index in range(steps):
-        hidden = latents if reference is None else torch.cat([latents, reference], dim=1)
+        hidden = latents if condition is None else torch.cat([latents, condition], dim=2)
+        hidden = hidden if reference is None else torch.cat([hidden, reference], dim=1)
         step = {"hidden_states": hidden, "timestep": model_timestep(sigmas[index], batch)}
         velocity, *unconditional = (run(step | inputs, component)["latent"][:, :tokens] for inputs, run in runs)
         if unconditional:
@@ -88,12 +91,15 @@ def generate(
     timings["text_encode"] = stage_end(device) - start
 
     batch, grid = resolved.batch, family.latent_grid(source, resolved)
-    ids, reference = family.image_ids(grid).to(device), None
+    ids, reference, condition = family.image_ids(grid).to(device), None, None
     tick = time.perf_counter()
     encoded = family.encode_references(backend, source, resolved, batch)
-    if encoded is not None:
+    if encoded is not None:  # reference tokens with their ids, or a condition beside each token's channels (no ids)
         reference, reference_ids = encoded
-        ids = torch.cat([ids, reference_ids], dim=0)
+        if reference_ids is None:
+            reference, condition = None, reference
+        else:
+            ids = torch.cat([ids, reference_ids], dim=0)
         timings["reference_encode"] = stage_end(device) - tick
 
     # noise is drawn on the CPU generator (diffusers' images for a seed), then lives on the backend's device
@@ -106,8 +112,9 @@ def generate(
     state = cache if isinstance(cache, StepCache) else cache.new_state(resolved.steps)
     tick = time.perf_counter()
     latents = denoise(
-        backend.component, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step, state
-    )
+        backend.component, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step, state,
+        condition,
+    )  # fmt: skip
     timings["denoise"] = stage_end(device) - tick
     timings["denoise_per_step"] = timings["denoise"] / resolved.steps
 

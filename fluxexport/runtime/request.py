@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fluxexport.errors import RequestError
+from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.latents import check_image_size
 from fluxexport.runtime.schedule import check_steps
@@ -47,6 +48,8 @@ class GenerationRequest:
     image: Image.Image | Sequence[Image.Image] | None = None  # FLUX.1 Kontext: one; FLUX.2: one or more
     auto_resize_reference: bool = True
     negative_prompt: str | Sequence[str] | None = None  # FLUX.2 base models (true CFG); diffusers uses ""
+    mask: Image.Image | None = None  # FLUX.1 Fill: white where `image` is repainted (diffusers' `mask_image`)
+    control_image: Image.Image | None = None  # FLUX.1 Canny/Depth: the edge or depth map to follow
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class ResolvedRequest:
     auto_resize_reference: bool
     references: tuple[Image.Image, ...] = ()  # FLUX.2 reference images, in order
     negative_prompts: list[str] | None = None  # FLUX.2 base models: one per prompt
+    mask: Image.Image | None = None  # FLUX.1 Fill's mask (its image is `image`)
+    control_image: Image.Image | None = None  # FLUX.1 Canny/Depth's control image
 
     @property
     def batch(self) -> int:
@@ -119,9 +124,11 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
         )
     taken = _references(source, request.image)
     kontext_image, references = taken.image, taken.references
+    mask, control_image, control_size = _conditions(source, request.mask, request.control_image)
     height, width = request.height, request.width
-    if taken.size is not None:  # FLUX.2: the first reference's size when the request gives none
-        height, width = height or taken.size[0], width or taken.size[1]
+    size = taken.size or control_size
+    if size is not None:  # FLUX.2's first reference, Fill's or Control's image: its size when the request gives none
+        height, width = height or size[0], width or size[1]
     height = source.default_size if height is None else height
     width = source.default_size if width is None else width
     check_image_size(height, width, 2 * source.vae_scale_factor, MAX_SIDE_OVER_DEFAULT * source.default_size)
@@ -144,7 +151,7 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
     negatives = _negative_prompts(source, request.negative_prompt, len(prompts))
     return ResolvedRequest(
         prompts, prompts_2, height, width, steps, float(guidance), seed, count, length, kontext_image,
-        request.auto_resize_reference, references, negatives,
+        request.auto_resize_reference, references, negatives, mask, control_image,
     )  # fmt: skip
 
 
@@ -189,6 +196,44 @@ def _references(source: ModelSource, image) -> RequestReferences:
     family's diffusers pipeline checks them)."""
     images = None if image is None else (image,) if isinstance(image, Image.Image) else tuple(image)
     return source.family.part("runtime").request_references(source, images)
+
+
+def _conditions(
+    source: ModelSource, mask: object, control_image: object
+) -> tuple[Image.Image | None, Image.Image | None, tuple[int, int] | None]:
+    """FLUX.1 Fill's mask and Canny/Depth's control image, each refused where its pipeline takes none and required
+    where it does; the size a control image implies (its own, floored to /16)."""
+    mode = source.reference_mode
+    conditions = (
+        ("mask", mask, FILL_CONDITION, "FLUX.1 Fill"),
+        ("control_image", control_image, CONTROL_CONDITION, "FLUX.1 Canny/Depth"),
+    )
+    for name, given, wanted, kind in conditions:
+        if given is not None and not isinstance(given, Image.Image):
+            raise RequestError(name, f"{{name}} must be an image, got {type(given).__name__}", pointer=False)
+        if given is not None and mode != wanted:
+            raise RequestError(
+                name, f"{{option}} is for {kind} models but {source.name} is a {source.pipeline_class}",
+                f"use a {kind} model or {{drop}}", pointer=False,
+            )  # fmt: skip
+    if mode == FILL_CONDITION and mask is None:
+        raise RequestError(
+            "mask", f"{source.name} is a FLUX.1 Fill model: it repaints its image where a mask is white",
+            "pass the mask with {option}", pointer=False,
+        )  # fmt: skip
+    if mode != CONTROL_CONDITION:
+        return mask, None, None  # type: ignore[return-value]
+    if control_image is None:
+        raise RequestError(
+            "control_image", f"{source.name} is a FLUX.1 Canny/Depth model: it follows an edge or depth map",
+            "pass the map with {option}", pointer=False,
+        )  # fmt: skip
+    multiple, (width, height) = 2 * source.vae_scale_factor, control_image.size  # type: ignore[attr-defined]
+    if min(width, height) < multiple:
+        raise RequestError(
+            "control_image", f"the {{name}} is {width}×{height}", f"both sides must be at least {multiple} px"
+        )
+    return None, control_image, (height - height % multiple, width - width % multiple)  # type: ignore[return-value]
 
 
 def _negative_prompts(source: ModelSource, negative, count: int) -> list[str] | None:

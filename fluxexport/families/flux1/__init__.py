@@ -1,13 +1,20 @@
-"""FLUX.1 (schnell, dev, Kontext): CLIP and T5 text encoders, a 16-channel VAE."""
+"""FLUX.1 (schnell, dev, Kontext, Fill, Canny/Depth): CLIP and T5 text encoders, a 16-channel VAE."""
 
 from __future__ import annotations
 
-from fluxexport.families.family import KONTEXT_REFERENCE, NO_REFERENCE, TRANSFORMER_PARTS, Family
+from fluxexport.families.family import (
+    CONTROL_CONDITION,
+    FILL_CONDITION,
+    KONTEXT_REFERENCE,
+    NO_REFERENCE,
+    TRANSFORMER_PARTS,
+    Family,
+)
 
 FAMILY = Family(
     name="flux1",
     title="FLUX.1",
-    pipelines=("FluxPipeline", "FluxKontextPipeline"),
+    pipelines=("FluxPipeline", "FluxKontextPipeline", "FluxFillPipeline", "FluxControlPipeline"),
     transformer_class="FluxTransformer2DModel",
     config_files={
         "transformer": "transformer/config.json",
@@ -29,7 +36,12 @@ FAMILY = Family(
         "vae": "diffusers.AutoencoderKL",
     },
     eager_attention=("t5",),
-    reference_modes={"FluxPipeline": NO_REFERENCE, "FluxKontextPipeline": KONTEXT_REFERENCE},
+    reference_modes={
+        "FluxPipeline": NO_REFERENCE,
+        "FluxKontextPipeline": KONTEXT_REFERENCE,
+        "FluxFillPipeline": FILL_CONDITION,  # image + mask: masked-image latents and the mask beside each token
+        "FluxControlPipeline": CONTROL_CONDITION,  # Canny and Depth: the control image's latents beside each token
+    },
     takes_prompt_2=True,
     takes_text_encoder_layers=False,  # it reads its encoders' last states
     lora_pipeline="FluxPipeline",  # diffusers/PEFT, kohya (`lora_unet_…`, `lora_te1_…`), XLabs (`…processor…`)

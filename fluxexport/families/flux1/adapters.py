@@ -4,7 +4,7 @@
 - transformer: `FluxTransformer2DModel` on 3-axis ids (float32 RoPE for export), whole or in the three parts the
   step caches run (head, tail, out: see `TransformerHeadAdapter`);
 - VAE decoder / encoder: `AutoencoderKL`'s decode and its posterior's mode (what Kontext encodes its reference
-  with); the runtime scales and shifts the latent.
+  with) and standard deviation (what Fill and Canny/Depth sample with); the runtime scales and shifts the latent.
 """
 
 from __future__ import annotations
@@ -108,14 +108,16 @@ class VaeDecoderAdapter(nn.Module):
 
 
 class VaeEncoderAdapter(nn.Module):
-    """Returns the posterior mean (what FluxKontextPipeline uses: sample_mode="argmax")."""
+    """Returns the posterior's mean (what FluxKontextPipeline uses: sample_mode="argmax") and its standard
+    deviation (FluxFillPipeline and FluxControlPipeline sample it: mean + std · noise)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
     def forward(self, images):
-        return self.vae.encode(images).latent_dist.mode()
+        posterior = self.vae.encode(images).latent_dist
+        return posterior.mode(), posterior.std
 
 
 def wrap(name: str, module: nn.Module, guidance: bool, float32_rope: bool, text_layers: tuple[int, ...]) -> nn.Module:

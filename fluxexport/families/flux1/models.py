@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION
 from fluxexport.families.flux1 import FAMILY
 from fluxexport.models.single_file import DOUBLE_QKV, BflLayout
 from fluxexport.models.source import refuse_mismatch
@@ -108,16 +109,35 @@ def load_tokenizers(source: ModelSource) -> tuple[Any, ...]:
     )
 
 
+def condition_channels(mode: str, latent_channels: int, vae_scale_factor: int) -> int:
+    """Channels a pipeline's image condition adds beside each packed token (diffusers' FluxFillPipeline and
+    FluxControlPipeline): Fill's masked-image latents (4C) and its mask, each latent pixel's s×s mask pixels packed
+    2×2 (4s²); Control's control-image latents (4C); none for the others."""
+    packed = 4 * latent_channels
+    if mode == FILL_CONDITION:
+        return packed + 4 * vae_scale_factor**2
+    return packed if mode == CONTROL_CONDITION else 0
+
+
+def output_channels(source: ModelSource) -> int:
+    """Channels of one packed latent token the transformer gives back (`out_channels`, else `in_channels`, as
+    diffusers' FluxTransformer2DModel reads them): 64 on every FLUX.1, also where the input is wider."""
+    transformer = source.transformer
+    return int(transformer["out_channels"] or transformer["in_channels"])
+
+
 def check_widths(source: ModelSource) -> None:
     """Refuse components whose widths do not meet the transformer's (torch.export would fail with pages)."""
-    transformer = source.transformer
+    transformer, latent = source.transformer, int(source.vae["latent_channels"])
+    condition = condition_channels(source.reference_mode, latent, source.vae_scale_factor)
     pairs = (
         ("text_encoder/config.json hidden_size", source.clip["hidden_size"],
          "pooled_projection_dim", transformer["pooled_projection_dim"]),
         ("text_encoder_2/config.json d_model", source.t5["d_model"],
          "joint_attention_dim", transformer["joint_attention_dim"]),
-        ("vae/config.json latent_channels × 4", 4 * int(source.vae["latent_channels"]),
-         "in_channels", transformer["in_channels"]),
+        ("vae/config.json latent_channels × 4", 4 * latent, "out_channels", output_channels(source)),
+        (f"{source.pipeline_class}'s input (4 × {latent} latent + {condition} condition channels)",
+         4 * latent + condition, "in_channels", transformer["in_channels"]),
     )  # fmt: skip
     refuse_mismatch(pairs, source.root)
 
@@ -128,7 +148,8 @@ def tiny_marker(variant: TinyVariant) -> dict[str, Any]:
 
 
 def build_tiny_pipeline(variant: TinyVariant, shape: ModelShape | None = None):
-    """A random FLUX.1-shaped pipeline (FluxPipeline or FluxKontextPipeline), seeded per component."""
+    """A random FLUX.1-shaped pipeline (FluxPipeline, FluxKontextPipeline, FluxFillPipeline or FluxControlPipeline:
+    their transformer takes the condition's channels beside the latents), seeded per component."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -174,9 +195,11 @@ def build_tiny_pipeline(variant: TinyVariant, shape: ModelShape | None = None):
         )
     ).eval()
     torch.manual_seed(SEED + 2)
+    condition = condition_channels(FAMILY.reference_mode(variant.pipeline_class), 16, 8)  # Fill's, Control's
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=64 + condition,
+        out_channels=64,
         num_layers=shape.double_blocks,
         num_single_layers=shape.single_blocks,
         attention_head_dim=shape.head_dim,

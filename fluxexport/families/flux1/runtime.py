@@ -1,7 +1,10 @@
-"""FLUX.1's runtime part (schnell, dev, Kontext), number for number as diffusers' FluxPipeline and
-FluxKontextPipeline: CLIP's pooled embedding and T5's sequence, noise drawn as 16-channel VAE latents and packed
-2×2, 3-axis RoPE ids, the scheduler config's shift, the guidance embedding on dev and Kontext, and Kontext's one
-reference image (at the preferred resolution closest to its aspect ratio) as extra tokens in RoPE domain 1."""
+"""FLUX.1's runtime part (schnell, dev, Kontext, Fill, Canny/Depth), number for number as diffusers' FluxPipeline,
+FluxKontextPipeline, FluxFillPipeline and FluxControlPipeline: CLIP's pooled embedding and T5's sequence, noise
+drawn as 16-channel VAE latents and packed 2×2, 3-axis RoPE ids, the scheduler config's shift, the guidance
+embedding on dev and Kontext, Kontext's one reference image (at the preferred resolution closest to its aspect
+ratio) as extra tokens in RoPE domain 1, and the conditions Fill and Canny/Depth put beside each noise token's
+channels (Fill: the masked image's latents and the mask, 8×8 pixels per latent pixel; Control: the control image's
+latents), their VAE posteriors sampled from the request's seed in diffusers' order."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 
 from fluxexport.errors import RequestError
+from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
 from fluxexport.runtime.cache import CacheSettings, StepCache
@@ -55,9 +59,17 @@ def prepare_reference(image: Image.Image, auto_resize: bool = True, multiple: in
 
 
 def request_references(source: ModelSource, images: Sequence[Image.Image] | None) -> RequestReferences:
-    """A request's reference: one, on Kontext only (the output keeps the request's or the model's size)."""
+    """A request's reference: one, on Kontext only (the output keeps the request's or the model's size); Fill's
+    image to repaint (the output takes its size, floored to /16, when the request gives none)."""
+    if source.reference_mode == FILL_CONDITION:
+        return fill_image(source, images)
     if images is None:
         return RequestReferences()
+    if source.reference_mode == CONTROL_CONDITION:
+        raise RequestError(
+            "image", f"{source.name} is a FLUX.1 Canny/Depth model: it follows a control image, not a reference",
+            "pass the edge or depth map with --control-image and {drop}", pointer=False,
+        )  # fmt: skip
     if not source.is_kontext:
         raise RequestError(
             "image", f"{{option}} is a Kontext reference but {source.name} is a {source.pipeline_class}",
@@ -73,6 +85,26 @@ def request_references(source: ModelSource, images: Sequence[Image.Image] | None
             "image", f"the reference image is {width}×{height}", f"both sides must be at least {multiple} px"
         )
     return RequestReferences(image=images[0])
+
+
+def fill_image(source: ModelSource, images: Sequence[Image.Image] | None) -> RequestReferences:
+    """Fill's one image to repaint (`--image`, its mask `--mask`), with the size it implies."""
+    if images is None or len(images) != 1:
+        got = "none" if images is None else str(len(images))
+        raise RequestError(
+            "image", f"{source.name} is a FLUX.1 Fill model: it repaints one image where its mask is white, got {got}",
+            "pass the image with {option} and the mask with --mask", pointer=False,
+        )  # fmt: skip
+    return RequestReferences(image=images[0], size=condition_size(source, images[0], "image"))
+
+
+def condition_size(source: ModelSource, image: Image.Image, field: str) -> tuple[int, int]:
+    """(height, width) an image condition implies for the output: its own size floored to /16 (FLUX's packing);
+    diffusers' pipelines resize the condition to the output's size."""
+    multiple, (width, height) = 2 * source.vae_scale_factor, image.size
+    if min(width, height) < multiple:
+        raise RequestError(field, f"the {{name}} is {width}×{height}", f"both sides must be at least {multiple} px")
+    return height - height % multiple, width - width % multiple
 
 
 def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
@@ -106,8 +138,13 @@ def image_ids(grid: Grid) -> torch.Tensor:
 
 def encode_references(
     backend: Backend, source: ModelSource, resolved: ResolvedRequest, batch: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Kontext's reference → (packed tokens [B,M,4C], ids [M,3] in domain 1); None without one."""
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Kontext's reference → (packed tokens [B,M,4C], ids [M,3] in domain 1); Fill's image and mask, Control's
+    control image → (the condition [B,N,·] beside each noise token's channels, None); None without any."""
+    if source.reference_mode == FILL_CONDITION:
+        return fill_condition(backend, source, resolved, batch), None
+    if source.reference_mode == CONTROL_CONDITION:
+        return control_condition(backend, source, resolved, batch), None
     if resolved.image is None:
         return None
     multiple = 2 * source.vae_scale_factor
@@ -118,11 +155,74 @@ def encode_references(
     return pack_latents(latents).expand(batch, -1, -1).contiguous(), packed_ids(h, w, domain=1).to(backend.device)
 
 
+def fill_condition(backend: Backend, source: ModelSource, resolved: ResolvedRequest, batch: int) -> torch.Tensor:
+    """FluxFillPipeline's condition [B,N,4C+4s²]: the image and its mask resized to the output (diffusers' own
+    processors: Lanczos, the mask made gray and binarized at 0.5), the image where the mask is black encoded and
+    sampled with the seed's third draw (the first is the image's own posterior, the second the noise), then packed,
+    and the mask's s×s pixels under each latent pixel as channels, packed 2×2."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    scale, channels = source.vae_scale_factor, int(source.vae["latent_channels"])
+    height, width = resolved.height, resolved.width
+    image = VaeImageProcessor(vae_scale_factor=2 * scale, vae_latent_channels=channels).preprocess(
+        resolved.image, height=height, width=width
+    ).to(torch.float32)  # fmt: skip
+    mask = VaeImageProcessor(
+        vae_scale_factor=2 * scale, vae_latent_channels=channels, do_normalize=False, do_binarize=True,
+        do_convert_grayscale=True,
+    ).preprocess(resolved.mask, height=height, width=width)  # fmt: skip
+    masked = (image * (1 - mask)).to(backend.device)
+    _, noise_draw, sample_draw = seeded_draws(resolved.seed, ((1,), (batch,), (1,)), channels, height, width, scale)
+    latents = sampled_latents(backend, source, masked, sample_draw).repeat(batch, 1, 1, 1)
+    h, w = latents.shape[-2:]
+    packed_mask = mask[:, 0].repeat(batch, 1, 1).view(batch, h, scale, w, scale).permute(0, 2, 4, 1, 3)
+    packed_mask = pack_latents(packed_mask.reshape(batch, scale * scale, h, w)).to(backend.device)
+    return torch.cat((pack_latents(latents), packed_mask), dim=-1)
+
+
+def control_condition(backend: Backend, source: ModelSource, resolved: ResolvedRequest, batch: int) -> torch.Tensor:
+    """FluxControlPipeline's condition [B,N,4C]: the control image resized to the output (Lanczos), repeated per
+    image, encoded and sampled with the seed's first draw (the noise is its second), packed."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    scale, channels = source.vae_scale_factor, int(source.vae["latent_channels"])
+    control = VaeImageProcessor(vae_scale_factor=2 * scale, vae_latent_channels=channels).preprocess(
+        resolved.control_image, height=resolved.height, width=resolved.width
+    )  # fmt: skip
+    control = control.repeat_interleave(batch, dim=0).to(torch.float32).to(backend.device)
+    sample_draw, _ = seeded_draws(resolved.seed, ((batch,), (batch,)), channels, *control.shape[-2:], scale)
+    return pack_latents(sampled_latents(backend, source, control, sample_draw))
+
+
+def sampled_latents(backend: Backend, source: ModelSource, pixels: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+    """Pixels [B,3,H,W] in [-1,1] → a sample of the VAE posterior (mean + std · `draw`, diffusers'
+    `latent_dist.sample`), shifted and scaled into the transformer's latent space."""
+    posterior = backend.component("vae_encoder")({"images": pixels})
+    sample = posterior["latent"] + posterior["latent_std"] * draw.to(posterior["latent"].device)
+    return from_vae_latents(sample, source.vae["scaling_factor"], source.vae["shift_factor"] or 0.0)
+
+
+def seeded_draws(
+    seed: int, batches: tuple[tuple[int], ...], channels: int, height: int, width: int, scale: int
+) -> list[torch.Tensor]:
+    """The Gaussian draws [b,C,h,w] a pipeline takes from one CPU generator of `seed`, in its order (Fill: its
+    image's posterior, the noise, the masked image's posterior; Control: the control image's, the noise)."""
+    h, w = vae_grid(height, width, scale)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return [torch.randn((b, channels, h, w), generator=generator, dtype=torch.float32) for (b,) in batches]
+
+
 def noise_tokens(source: ModelSource, resolved: ResolvedRequest, batch: int, seed: int) -> torch.Tensor:
-    """Packed Gaussian latents [B,N,4C] float32 of `seed`, drawn on the CPU generator as diffusers draws them."""
-    return pack_latents(
-        noise(batch, source.latent_channels, resolved.height, resolved.width, seed, source.vae_scale_factor)
-    )
+    """Packed Gaussian latents [B,N,4C] float32 of `seed`, drawn on the CPU generator as diffusers draws them (Fill
+    and Control draw their condition's posterior sample first from the same generator)."""
+    channels, scale = int(source.vae["latent_channels"]), source.vae_scale_factor
+    if source.reference_mode == FILL_CONDITION:
+        draws = seeded_draws(seed, ((1,), (batch,)), channels, resolved.height, resolved.width, scale)
+        return pack_latents(draws[1])
+    if source.reference_mode == CONTROL_CONDITION:
+        draws = seeded_draws(seed, ((batch,), (batch,)), channels, resolved.height, resolved.width, scale)
+        return pack_latents(draws[1])
+    return pack_latents(noise(batch, channels, resolved.height, resolved.width, seed, scale))
 
 
 def sigmas(source: ModelSource, steps: int, tokens: int) -> torch.Tensor:

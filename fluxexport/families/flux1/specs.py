@@ -4,8 +4,11 @@ reference image, which its pipeline resizes to one of the preferred Kontext size
 
 from __future__ import annotations
 
+import dataclasses
+
 from fluxexport.dtypes import COMPUTE
 from fluxexport.families.family import KONTEXT_REFERENCE
+from fluxexport.families.flux1.models import output_channels
 from fluxexport.families.flux1.runtime import PREFERRED_KONTEXT_RESOLUTIONS
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.request import ResolvedRequest
@@ -44,8 +47,9 @@ def component_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Comp
     clip_length = int(source.clip["max_position_embeddings"])
     clip_width = int(source.clip["hidden_size"])
     t5_width = int(source.t5["d_model"])
-    packed = int(source.transformer["in_channels"])
-    channels = source.latent_channels
+    packed = int(source.transformer["in_channels"])  # Fill, Control: the condition's channels beside the latents'
+    out_channels = output_channels(source)
+    channels = int(source.vae["latent_channels"])
     scale = source.vae_scale_factor
     min_side, opt_side, max_side = bounds.min_resolution, bounds.opt_resolution, bounds.max_resolution
     text = Axis(*bounds.text_length)
@@ -70,7 +74,7 @@ def component_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Comp
     width = int(source.transformer["num_attention_heads"]) * int(source.transformer["attention_head_dim"])
     transformer_axes = {"B": batch, "N": tokens, "L": text}
     transformer_sizes = {"B": 2, "N": 24, "L": 13}
-    parts = transformer_part_specs(tuple(transformer_inputs), width, packed, transformer_axes, transformer_sizes)
+    parts = transformer_part_specs(tuple(transformer_inputs), width, out_channels, transformer_axes, transformer_sizes)
 
     latent_axis = Axis(min_side // scale, opt_side // scale, max_side // scale)
     pixel_axis = Axis(*encoder_sides, multiple=scale)
@@ -96,14 +100,23 @@ def component_specs(source: ModelSource, bounds: ExportBounds) -> dict[str, Comp
             "transformer": ComponentSpec(
                 "transformer",
                 inputs=tuple(transformer_inputs),
-                outputs=(TensorSpec("latent", COMPUTE, ("B", "N", packed)),),
+                outputs=(TensorSpec("latent", COMPUTE, ("B", "N", out_channels)),),
                 axes={"B": batch, "N": tokens, "L": text},
                 export_sizes={"B": 2, "N": 24, "L": 13},
             ),
         }
-        | vae_specs(batch, channels, latent_axis, pixel_axis, scale, (6, 10))
+        | posterior_encoder(vae_specs(batch, channels, latent_axis, pixel_axis, scale, (6, 10)), channels)
         | parts
     )
+
+
+def posterior_encoder(specs: dict[str, ComponentSpec], channels: int) -> dict[str, ComponentSpec]:
+    """The VAE encoder giving its posterior: `latent` (the mean, what Kontext encodes its reference with) and
+    `latent_std` (what Fill and Canny/Depth sample their conditions with: mean + std · noise, as diffusers'
+    `latent_dist.sample(generator)`)."""
+    encoder = specs["vae_encoder"]
+    std = TensorSpec("latent_std", COMPUTE, ("B", channels, "h", "w"))
+    return specs | {"vae_encoder": dataclasses.replace(encoder, outputs=(*encoder.outputs, std))}
 
 
 def check_request_within(
