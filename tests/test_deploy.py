@@ -117,7 +117,8 @@ def test_manifests_validate_against_kubernetes_and_kserve(plan_repository, tmp_p
                                       replicas="2:6", namespace="imaging")  # fmt: skip
     out = write_deployment(plan_repository, tmp_path / "k8s", settings, facts)
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "deployment.yaml", "inferenceservice.yaml", "prometheus-adapter-rules.yaml"]  # fmt: skip
+        "README.md", "deployment.yaml", "inferenceservice.yaml", "openai-front.yaml",
+        "prometheus-adapter-rules.yaml"]  # fmt: skip
 
     deployment, service, autoscaler = documents(out / "deployment.yaml")
     for document in (deployment, service, autoscaler):
@@ -133,6 +134,25 @@ def test_manifests_validate_against_kubernetes_and_kserve(plan_repository, tmp_p
     assert autoscaler["spec"]["metrics"][0]["pods"]["metric"]["name"] == "flux_pipeline_queue_us_per_request"
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"] == "tiny-dev"
     assert deployment["metadata"]["namespace"] == "imaging"
+
+    # the OpenAI front: its own Deployment, Service and CPU autoscaler, forwarding to Triton's Service, ready while
+    # Triton is; its pods are not selected by Triton's Service (nor Triton's by its)
+    front, front_service, front_autoscaler = documents(out / "openai-front.yaml")
+    for document in (front, front_service, front_autoscaler):
+        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+        assert document["metadata"]["name"] == "tiny-dev-openai" and document["metadata"]["namespace"] == "imaging"
+    (front_container,) = front["spec"]["template"]["spec"]["containers"]
+    assert front_container["command"] == ["fluxexport"] and front_container["args"] == [
+        "serve", "--triton-url", f"{service['metadata']['name']}:8000", "--openai-host", "0.0.0.0",
+        "--openai-port", "8080", "--served-model-name", "tiny-dev"]  # fmt: skip
+    assert front_container["image"] == container["image"] and "nvidia.com/gpu" not in front_container["resources"]["limits"]
+    assert front_container["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": 8080}
+    assert front_container["livenessProbe"]["httpGet"] == {"path": "/health", "port": 8080}
+    assert front_service["spec"]["selector"] == front["spec"]["template"]["metadata"]["labels"] != service["spec"]["selector"]
+    assert front_autoscaler["spec"]["scaleTargetRef"]["name"] == "tiny-dev-openai"
+    assert front_autoscaler["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert CliRunner().invoke(main, ["serve", *front_container["args"][1:], "--help"]).exit_code == 0  # options exist
+    assert "kubectl apply -f openai-front.yaml" in (out / "README.md").read_text()
 
     (service_document,) = documents(out / "inferenceservice.yaml")
     assert kserve_problems(service_document) == []

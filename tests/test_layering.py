@@ -28,7 +28,7 @@ LAYERS = (
     ("export",),  # ONNX graphs
     ("quantize",),  # FP8 calibration and Q/DQ export
     ("validate", "build"),  # comparisons against the PyTorch reference; export what engines need, then build
-    ("backend_factory", "benchmark", "triton"),  # a backend by name; serving
+    ("backend_factory", "benchmark", "triton", "openai_api"),  # a backend by name; serving (the OpenAI front on Triton)
     ("deploy",),  # Kubernetes manifests and releases for a Triton repository
     ("commands",),  # one library call per command: typed options in, typed results out, no printing
     ("cli",),

@@ -60,6 +60,39 @@ def open_server(repository: Path, binary: str | None = None, python_env: str | N
 
 
 @dataclass(frozen=True)
+class FrontOptions:
+    """`serve`'s OpenAI front: where it listens, the Triton it forwards to (None: the one `serve` starts on
+    `repository`), the model id clients send (None: the repository's model)."""
+
+    port: int
+    host: str = "127.0.0.1"
+    triton_url: str | None = None
+    repository: Path | None = None
+    model: str | None = None
+    max_in_flight: int = 64
+
+
+def open_front(options: FrontOptions, triton_url: str | None = None):
+    """An `openai_api.server.FrontServer` (not started) forwarding to `options.triton_url`, else `triton_url` (the
+    server `serve` started); refused in one line when it has no model id to serve."""
+    from fluxexport.artifacts.repository import read_pipeline_settings
+    from fluxexport.errors import FluxExportError
+    from fluxexport.openai_api.app import FrontSettings
+    from fluxexport.openai_api.server import FrontServer
+
+    url = options.triton_url or triton_url
+    if url is None:
+        raise FluxExportError("the OpenAI front needs a Triton: give REPOSITORY to start one, or --triton-url URL")
+    model = options.model or (read_pipeline_settings(options.repository).model if options.repository else None)
+    if model is None:
+        raise FluxExportError(
+            "--triton-url without REPOSITORY: pass --served-model-name NAME (the model id clients send), or the "
+            "repository Triton serves"
+        )
+    return FrontServer(FrontSettings(url, model, options.max_in_flight), options.host, options.port)
+
+
+@dataclass(frozen=True)
 class DeployOptions:
     """`fluxexport deploy`'s options; None means the default (from the repository's model, kubectl's namespace,
     the pinned image)."""

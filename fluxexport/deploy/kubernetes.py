@@ -13,12 +13,15 @@ plus fluxexport for the python models):
 
 Readiness and liveness probe Triton's `/v2/health/ready` and `/v2/health/live`; a startup probe gives engines
 up to `STARTUP_SECONDS` to load.
+
+`openai-front.yaml`: the OpenAI-compatible front (`fluxexport serve --triton-url`) as its own Deployment +
+Service + HorizontalPodAutoscaler on CPU, forwarding to the Service of `deployment.yaml`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fluxexport.artifacts.repository import PIPELINE, PipelineSettings, read_pipeline_settings
@@ -225,6 +228,81 @@ def deployment(settings: DeploySettings) -> list[dict]:
     return [deploy, service, autoscaler]
 
 
+OPENAI_PORT = 8080  # the OpenAI front's HTTP port
+FRONT_REPLICAS = (2, 8)  # the front's replicas, scaled on its CPU apart from Triton's GPUs
+FRONT_CPU_UTILIZATION = 70  # percent of the requested CPU above which the front adds a replica
+
+
+def openai_front(settings: DeploySettings, model: str) -> list[dict]:
+    """Deployment + Service + HorizontalPodAutoscaler for the OpenAI-compatible front (`fluxexport serve
+    --triton-url`): CPU pods from the serving image, forwarding to the Triton Service of `deployment`, ready only
+    while Triton is, scaled on their CPU apart from Triton's replicas."""
+    name = f"{settings.name}-openai"
+    front = replace(settings, name=name)
+    labels = {"app.kubernetes.io/name": name}
+    container = {
+        "name": "openai-front",
+        "image": settings.image,
+        "command": ["fluxexport"],
+        "args": [
+            "serve",
+            "--triton-url",
+            f"{settings.name}:{HTTP}",
+            "--openai-host",
+            "0.0.0.0",
+            "--openai-port",
+            str(OPENAI_PORT),
+            "--served-model-name",
+            model,
+        ],
+        "ports": [{"name": "http", "containerPort": OPENAI_PORT}],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": OPENAI_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 24,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/health/ready", "port": OPENAI_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": OPENAI_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+    }
+    low, high = FRONT_REPLICAS
+    deploy = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(front),
+        "spec": {"replicas": low, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [container],
+                                                                      "terminationGracePeriodSeconds": 30}}},
+    }  # fmt: skip
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(front),
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": OPENAI_PORT, "targetPort": OPENAI_PORT}]},
+    }
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(front),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": low,
+            "maxReplicas": high,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                "type": "Utilization", "averageUtilization": FRONT_CPU_UTILIZATION}}}],
+        },
+    }  # fmt: skip
+    return [deploy, service, autoscaler]
+
+
 def adapter_rules() -> dict:
     """prometheus-adapter Helm values: Triton's cumulative queue time over its successful requests, per pod,
     as `flux_pipeline_queue_us_per_request` (µs a request waited in the queue over the last minute)."""
@@ -276,14 +354,15 @@ def deploy_settings(
 
 
 def write_deployment(repository: Path, out: Path, settings: DeploySettings, facts: PipelineSettings) -> Path:
-    """`out/`: inferenceservice.yaml, deployment.yaml, prometheus-adapter-rules.yaml and a README with the
-    commands, written atomically."""
+    """`out/`: inferenceservice.yaml, deployment.yaml, prometheus-adapter-rules.yaml, openai-front.yaml and a
+    README with the commands, written atomically."""
     from fluxexport.atomic import atomic_folder
 
     with atomic_folder(Path(out)) as staging:
         (staging / "inferenceservice.yaml").write_text(to_yaml([inference_service(settings)]))
         (staging / "deployment.yaml").write_text(to_yaml(deployment(settings)))
         (staging / "prometheus-adapter-rules.yaml").write_text(to_yaml([adapter_rules()]))
+        (staging / "openai-front.yaml").write_text(to_yaml(openai_front(settings, facts.model)))
         (staging / "README.md").write_text(_readme(Path(repository), settings, facts))
     return Path(out)
 
@@ -319,4 +398,9 @@ Image `{settings.image}` (Triton {settings.release}); {settings.gpus_per_replica
    a request waits in flux_pipeline's queue passes {settings.target_queue_ms:g} ms.
 4. Ask: `curl -X POST http://{settings.name}:{HTTP}/v2/models/{PIPELINE}/infer -d '{{"inputs": [{{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a red fox"]}}]}}'`
    Readiness: `/v2/health/ready`; metrics: port {METRICS}, `nv_inference_count{{model="{PIPELINE}"}}`.
+5. OpenAI's images API in front of it (optional): `kubectl apply -f openai-front.yaml` runs
+   `fluxexport serve --triton-url {settings.name}:{HTTP} --openai-port {OPENAI_PORT}` on CPU pods
+   ({FRONT_REPLICAS[0]}..{FRONT_REPLICAS[1]} replicas on their CPU, apart from Triton's), ready while Triton is
+   (with KServe, change `--triton-url` to the InferenceService's predictor address). Any OpenAI SDK then works:
+   `OpenAI(base_url="http://{settings.name}-openai:{OPENAI_PORT}/v1", api_key="unused").images.generate(model="{facts.model}", prompt="a red fox")`.
 """
