@@ -71,6 +71,8 @@ def quantize_fp8(
 
     _check_precision(options)
     source = open_source(options.model)
+    if source.quantized_layout is not None:  # a published FP8 checkpoint: its own scales, no calibration
+        return _quantize_from_checkpoint(options, source, log, on_bytes)
     prompts = read_prompts(options.calib_prompts) if options.calib_prompts else CALIBRATION_PROMPTS
     if options.calib_size is not None:
         if options.calib_size < 1:
@@ -91,6 +93,42 @@ def quantize_fp8(
         sequential=options.sequential, log=log, calibration_progress=lambda title: progress(title, 1),
         on_bytes=on_bytes, components=names, fp8_attention=options.fp8_attention,
     )  # fmt: skip
+    records = [open_export(out).fp8[name] for name in names]
+    reports = [check_graph(out / record.file, record) for record in records]
+    failed = next((report.path for report in reports if not report.ok), None)
+    check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
+    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)
+
+
+def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_bytes: OnBytes) -> QuantizeResult:
+    """`quantize` of a published FP8 checkpoint (`models/quantized_checkpoint.py`): the Q/DQ graphs with the
+    checkpoint's own scales (`quantize/from_checkpoint.py`); calibration's options are refused, having nothing
+    to do."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.export.check import check_graph
+    from fluxexport.export.onnx_export import DEFAULT_OPSET
+    from fluxexport.export.target_folder import prepare_quantize_folder
+    from fluxexport.quantize.from_checkpoint import export_checkpoint_fp8
+    from fluxexport.quantize.qdq_export import fp8_components
+    from fluxexport.specs import TRANSFORMER_PARTS
+
+    layout = source.quantized_layout
+    calibrating = _ignored_with_saved_scales(options)
+    given = [flag for flag, value in ((f"--precision {options.precision}", options.precision != "fp8"),
+             ("--calibration", options.calibration_file is not None), ("--fp8-attention", options.fp8_attention),
+             (calibrating, calibrating is not None)) if value]  # fmt: skip
+    if given:
+        raise FluxExportError(
+            f"{source.name} is a {layout} FP8 checkpoint, quantized with its own scales: drop {given[0]}"
+        )
+    out = options.out or default_folder(source.name)
+    bounds = prepare_quantize_folder(out, source, options.replace)
+    names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
+    log(f"{source.name} is a {layout} FP8 checkpoint: its own scales, no calibration")
+    export_checkpoint_fp8(
+        source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names
+    )
     records = [open_export(out).fp8[name] for name in names]
     reports = [check_graph(out / record.file, record) for record in records]
     failed = next((report.path for report in reports if not report.ok), None)

@@ -220,3 +220,16 @@ def dequantized_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _broadcast(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A per-row scale `[N]` as `[N, 1]` against an `[N, K]` weight; a per-tensor one as a 0-d scalar."""
     return scale[:, None] if scale.dim() == 1 and scale.numel() > 1 else scale.reshape(())
+
+
+def refuse_quantized_folder(folder: Path) -> None:
+    """Refuse a diffusers transformer folder whose weights are quantized: diffusers reads the published layouts
+    from single files only (`BFLQuantizationConfig` through `from_single_file`), and its folder loader would
+    take the E4M3 values without their scales."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header = read_header(path)
+        if any(is_quantization_key(key) or dtype.startswith("F8_") for key, (dtype, _) in header.tensors.items()):
+            raise FluxExportError(
+                f"{folder} holds quantized weights ({path.name}): fluxexport reads published FP8 transformers as "
+                "single files: pass the .safetensors file as --model with --base-model for the rest"
+            )

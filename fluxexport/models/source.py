@@ -191,9 +191,12 @@ class ModelSource:
     def quantized_layout(self) -> str | None:
         """The layout of a quantized single-file transformer (`models/quantized_checkpoint.py`: fp8r, fp8), None
         for an unquantized one."""
-        from fluxexport.models.quantized_checkpoint import layout_of, read_header
+        from fluxexport.models.quantized_checkpoint import layout_of, read_header, refuse_quantized_folder
 
-        return None if self.transformer_file is None else layout_of(read_header(self.transformer_file))
+        if self.transformer_file is None:
+            refuse_quantized_folder(self.root / self.subfolders["transformer"])
+            return None
+        return layout_of(read_header(self.transformer_file))
 
     @property
     def is_tiny(self) -> bool:

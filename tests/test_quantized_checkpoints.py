@@ -1,0 +1,296 @@
+"""Published FP8 checkpoints in, Q/DQ graphs out (issue 30 item 3): layouts detected from a file's header,
+unreadable ones refused in one line, the weights read as diffusers' BFL quantizer reads them, and the FP8 graph
+made with the checkpoint's own scales and FP8 bytes, equal to the checkpoint run in PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fluxexport.errors import FluxExportError
+
+# the tests that need `checkpoint_graphs` (a tiny export per layout) run on one xdist worker, in the slow set
+EXPORTS = "quantized_checkpoints"
+
+
+@pytest.fixture(scope="module")
+def klein(cache_root):
+    from fluxexport.models.source import resolve_model
+
+    return resolve_model("tiny-klein")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(klein, tmp_path_factory):
+    """tiny-klein's transformer written by our tiny writer in each layout: layout → single file (activation
+    scales from no calibration: these files are for detection and refusals)."""
+    from fluxexport.models.tiny_quantized import QUANTIZED_LAYOUTS, write_quantized_single_file
+
+    root = tmp_path_factory.mktemp("quantized-checkpoints")
+    return {layout: write_quantized_single_file(klein, root / f"klein-{layout}.safetensors", layout, {})
+            for layout in QUANTIZED_LAYOUTS}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported_checkpoints(klein, checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The layouts the graphs are made from: fp8r as written, per-tensor FP8 with input scales from a short
+    calibration of tiny-klein (2 prompts × 2 steps)."""
+    from fluxexport.models.tiny_quantized import write_quantized_single_file
+    from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
+    from fluxexport.quantize.qdq_export import calibrate_transformer
+
+    amax = calibrate_transformer(klein, CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2)).input_amax
+    path = tmp_path_factory.mktemp("calibrated") / "klein-fp8.safetensors"
+    return {"fp8r": checkpoints["fp8r"], "fp8": write_quantized_single_file(klein, path, "fp8", amax)}
+
+
+def opened(path: Path, base: str = "tiny-klein"):
+    from fluxexport.models.source import resolve_model
+
+    return resolve_model(str(path), base)
+
+
+def test_published_fp8_layouts_are_detected_from_their_keys(checkpoints):
+    assert opened(checkpoints["fp8r"]).quantized_layout == "fp8r"
+    assert opened(checkpoints["fp8"]).quantized_layout == "fp8"
+    with safe_open(str(checkpoints["fp8r"]), framework="pt") as handle:  # BFL's layout: E4M3 rows, fp32 row scales
+        assert handle.get_tensor("double_blocks.0.img_attn.qkv.weight").dtype == torch.float8_e4m3fn
+        rows = handle.get_slice("double_blocks.0.img_attn.qkv.weight").get_shape()[0]
+        assert handle.get_slice("double_blocks.0.img_attn.qkv.weight_scale").get_shape() == [rows]
+
+
+def test_unreadable_layouts_are_refused_in_one_line_naming_them(checkpoints, tmp_path):
+    with pytest.raises(FluxExportError) as nvfp4:
+        opened(checkpoints["nvfp4"])
+    assert str(nvfp4.value) == (
+        "klein-nvfp4.safetensors is NVFP4 (packed E2M1 weights, E4M3 block scales, weight_scale_2), which fluxexport "
+        "cannot read: pass its FP8 or bf16 release, or quantize the bf16 model with `quantize` (FP8)"
+    )
+    with pytest.raises(FluxExportError) as legacy:
+        opened(checkpoints["scaled_fp8"])
+    assert str(legacy.value) == (
+        "klein-scaled_fp8.safetensors is ComfyUI's legacy scaled_fp8 (scale_weight keys), which fluxexport cannot "
+        "read: pass its FP8 (float8_e4m3fn, weight_scale) or bf16 release"
+    )
+    # a ComfyUI marker naming another format (an INT8 file's marker on our FP8 layer)
+    state = load_file(str(checkpoints["fp8"]))
+    marker = next(key for key in state if key.endswith(".comfy_quant"))
+    state[marker] = torch.tensor(list(json.dumps({"format": "int8_blockwise"}).encode()), dtype=torch.uint8)
+    save_file(state, str(tmp_path / "int8.safetensors"))
+    with pytest.raises(FluxExportError) as int8:
+        opened(tmp_path / "int8.safetensors")
+    assert str(int8.value) == (
+        "int8.safetensors is ComfyUI's int8_blockwise layout, which fluxexport cannot read: pass a float8_e4m3fn "
+        "or bf16 checkpoint"
+    )
+    assert all("\n" not in str(error.value) for error in (nvfp4, legacy, int8))
+
+
+def test_a_quantized_diffusers_folder_is_refused(klein, checkpoints, tmp_path):
+    from fluxexport.models.source import load_folder
+
+    folder = tmp_path / "folder"
+    shutil.copytree(klein.root, folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(checkpoints["fp8r"], weights)  # the keys do not matter: the E4M3 tensors are refused first
+    with pytest.raises(FluxExportError) as refused:
+        load_folder(folder)
+    assert str(refused.value) == (
+        f"{folder / 'transformer'} holds quantized weights (diffusion_pytorch_model.safetensors): fluxexport reads "
+        "published FP8 transformers as single files: pass the .safetensors file as --model with --base-model for "
+        "the rest"
+    )
+
+
+def diffusers_fp8r(source):
+    """The checkpoint as diffusers loads it: `from_single_file` with `BFLQuantizationConfig` (fp32 compute)."""
+    from diffusers import BFLQuantizationConfig, Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_single_file(
+        str(source.transformer_file), config=str(source.root), subfolder="transformer", torch_dtype=torch.float32,
+        quantization_config=BFLQuantizationConfig(compute_dtype=torch.float32),
+    ).eval()  # fmt: skip
+
+
+def test_fp8r_weights_read_as_diffusers_dequantizes_them(checkpoints):
+    from diffusers.quantizers.bfl.utils import BFLFP8RLinear, dequantize_fp8r
+
+    from fluxexport.models.loaders import load_transformer
+
+    source = opened(checkpoints["fp8r"])
+    ours, theirs = load_transformer(source).state_dict(), diffusers_fp8r(source)
+    quantized = {name: module for name, module in theirs.named_modules() if isinstance(module, BFLFP8RLinear)}
+    assert len(quantized) == 14  # every block Linear of tiny-klein (q, k, v split from the fused qkv)
+    for name, module in quantized.items():
+        assert torch.equal(ours[f"{name}.weight"], dequantize_fp8r(module.weight, module.weight_scale)), name
+
+
+def test_a_fused_bfl_linear_takes_the_rows_of_its_row_scales(tmp_path):
+    """FLUX.1's single-block linear1 (q, k, v and the MLP input) is split by rows: each part takes its rows of
+    the per-row scale."""
+    from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.models.source import resolve_model
+    from fluxexport.models.tiny_quantized import write_quantized_single_file
+
+    path = write_quantized_single_file(resolve_model("tiny-schnell"), tmp_path / "schnell-fp8r.safetensors")
+    tensors = CheckpointTensors(opened(path, "tiny-schnell"), "transformer")
+    with safe_open(str(path), framework="pt") as handle:
+        fused = handle.get_tensor("single_blocks.0.linear1.weight").float()
+        fused = fused * handle.get_tensor("single_blocks.0.linear1.weight_scale")[:, None]
+    parts = ["to_q", "to_k", "to_v", "proj_mlp"]
+    split = torch.cat([tensors.load(f"single_transformer_blocks.0.{'attn.' * (p != 'proj_mlp')}{p}.weight")
+                       for p in parts])  # fmt: skip
+    assert torch.equal(split, fused)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_graphs(exported_checkpoints, tmp_path_factory):
+    """layout → the folder `quantize` made from that checkpoint (fp32 base: ONNX Runtime runs it), the
+    transformer's FP8 graph only: one tiny export per layout, made when a test first asks."""
+    from helpers import OnDemand
+
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
+
+    root = tmp_path_factory.mktemp("checkpoint-graphs")
+
+    def quantized(layout: str) -> Path:
+        model = ModelOptions(model=str(exported_checkpoints[layout]), base_model="tiny-klein")
+        return quantize_fp8(QuantizeOptions(model=model, out=root / layout, dtype="fp32")).out
+
+    return OnDemand({"fp8r": None, "fp8": None}, quantized)
+
+
+def fp8_graph(folder: Path):
+    from fluxexport.artifacts.folders import open_export
+
+    return open_export(folder).fp8["transformer"]
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+
+
+def dequantize_nodes(path: Path) -> dict[str, tuple[str, int | None]]:
+    """FP8 initializer → (its DequantizeLinear's scale initializer, axis)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith(".fp8"):
+            axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), None)
+            found[node.input[0]] = (node.input[1], axis)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+@pytest.mark.parametrize("layout", ["fp8r", "fp8"])
+def test_the_graph_holds_the_checkpoints_fp8_bytes_and_scales(layout, exported_checkpoints, checkpoint_graphs):
+    from fluxexport.quantize.from_checkpoint import checkpoint_scales
+
+    folder = checkpoint_graphs[layout]
+    record = fp8_graph(folder)
+    assert record.extra["quantization"] == {
+        "format": "fp8_e4m3",
+        "layout": layout,
+        "layers": 14,
+        "scales": "checkpoint",
+    }
+    source = opened(exported_checkpoints[layout])
+    scales = checkpoint_scales(source)
+    values, readers = initializers(folder / record.file), dequantize_nodes(folder / record.file)
+    assert len(readers) == 14
+    from fluxexport.models.checkpoint import CheckpointTensors
+
+    locations = CheckpointTensors(source, "transformer").locations
+    for fp8_name, (scale_name, axis) in readers.items():
+        layer = fp8_name.split(".", 1)[1].removesuffix(".weight.fp8")  # under the adapter's module name
+        weight_scale, _ = scales[layer]
+        assert np.array_equal(values[scale_name], weight_scale.numpy()), layer  # the checkpoint's float32 scales
+        if layout == "fp8r":  # per row: ONNX's per-axis DequantizeLinear on the weight's output rows
+            assert axis == 0 and values[scale_name].shape == (len(values[fp8_name]),), layer
+        else:
+            assert values[scale_name].shape == (), layer
+        location = locations[f"{layer}.weight"]
+        with safe_open(str(location.file), framework="pt") as handle:
+            raw = handle.get_slice(location.key)
+            raw = raw[location.rows[0] : location.rows[1]] if location.rows else raw[:]
+        assert values[fp8_name].tobytes() == raw.view(torch.uint8).numpy().tobytes(), layer  # its very FP8 bytes
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_per_tensor_activations_are_quantized_with_the_checkpoints_input_scale(exported_checkpoints, checkpoint_graphs):
+    import onnx
+    from onnx import numpy_helper
+
+    from fluxexport.quantize.from_checkpoint import checkpoint_scales
+
+    record = fp8_graph(checkpoint_graphs["fp8"])
+    model = onnx.load(str(checkpoint_graphs["fp8"] / record.file))
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    activation_scales = {float(constants[node.input[1]]) for node in model.graph.node
+                         if node.op_type == "QuantizeLinear" and node.input[1] in constants}  # fmt: skip
+    expected = {value for _, value in checkpoint_scales(opened(exported_checkpoints["fp8"])).values()}
+    assert {np.float32(value) for value in expected} == {np.float32(value) for value in activation_scales}
+
+
+def run_graph(path: Path, spec, feeds: dict[str, torch.Tensor]) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {value.name for value in session.get_inputs()}
+    return session.run(None, {key: value.numpy() for key, value in feeds.items() if key in names})[0]
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_the_fp8r_graph_equals_the_checkpoint_as_diffusers_runs_it(exported_checkpoints, checkpoint_graphs):
+    """ONNX Runtime runs the graph; diffusers runs the file through its BFL quantizer (dequantized weights on a
+    CPU), at shapes the export never saw."""
+    from fluxexport.adapters import adapter_for
+    from fluxexport.specs import component_specs, sample_inputs, validation_sizes
+
+    source = opened(exported_checkpoints["fp8r"])
+    spec = component_specs(source)["transformer"]
+    reference = adapter_for(source, "transformer", diffusers_fp8r(source))
+    path = checkpoint_graphs["fp8r"] / fp8_graph(checkpoint_graphs["fp8r"]).file
+    for sizes, _ in validation_sizes(spec):
+        feeds = sample_inputs(spec, sizes)
+        with torch.no_grad():
+            expected = reference(*[feeds[tensor.name] for tensor in spec.inputs]).numpy()
+        assert rel_l2(run_graph(path, spec, feeds), expected) < 1e-5, sizes
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_the_per_tensor_graph_equals_its_pytorch_qdq(exported_checkpoints, checkpoint_graphs):
+    from fluxexport.quantize.from_checkpoint import checkpoint_fp8_transformer
+    from fluxexport.specs import component_specs, sample_inputs, validation_sizes
+
+    source = opened(exported_checkpoints["fp8"])
+    spec = component_specs(source)["transformer"]
+    reference = checkpoint_fp8_transformer(source)
+    path = checkpoint_graphs["fp8"] / fp8_graph(checkpoint_graphs["fp8"]).file
+    for sizes, _ in validation_sizes(spec):
+        feeds = sample_inputs(spec, sizes)
+        with torch.no_grad():
+            expected = reference(*[feeds[tensor.name] for tensor in spec.inputs]).numpy()
+        assert rel_l2(run_graph(path, spec, feeds), expected) < 1e-5, sizes
