@@ -28,13 +28,29 @@ def export_missing_graphs(
     stale = {name: dtype for name, dtype in wanted.items() if name not in present or present[name].dtype != dtype}
     exports: dict[str, list[str]] = {}
     for name, dtype in stale.items():
-        if dtype != "fp8":  # the FP8 transformer and parts come from quantize, below
+        if dtype not in ("fp8", "nvfp4"):  # the FP8 (NVFP4) transformer and parts come from quantize, below
             exports.setdefault(dtype, []).append(name)
     for dtype, names in exports.items():
         log(f"exporting {', '.join(names)} as {dtype} into {onnx_dir}")
         export_model(source, onnx_dir, names, dtype)
     quantize_missing(source, onnx_dir, [name for name, dtype in stale.items() if dtype == "fp8"], calibration, log)
+    quantize_missing_nvfp4(source, onnx_dir, [name for name, dtype in stale.items() if dtype == "nvfp4"], log)
     return open_export(onnx_dir)
+
+
+def quantize_missing_nvfp4(source: ModelSource, onnx_dir: Path, missing: list[str], log=print) -> None:
+    """Quantize the `missing` NVFP4 graphs into `onnx_dir`, with the folder's calibration.json when it has one (FP8
+    and NVFP4 share a calibration), else calibrating anew."""
+    if not missing:
+        return
+    from fluxexport.quantize.nvfp4_export import quantize_nvfp4
+
+    saved = onnx_dir / CALIBRATION_FILE
+    names = missing if saved.is_file() else fp8_components(onnx_dir, missing)
+    how = f"with the scales of {saved}" if saved.is_file() else "calibrating first"
+    log(f"quantizing {', '.join(names)} to NVFP4 into {onnx_dir}, {how}")
+    quantize_nvfp4(source, onnx_dir, base_dtype="bf16", calibration_file=saved if saved.is_file() else None,
+                   components=names)  # fmt: skip
 
 
 def quantize_missing(source: ModelSource, onnx_dir: Path, missing: list[str], calibration=None, log=print) -> None:

@@ -1,7 +1,7 @@
 """Precisions and element types: every name and its torch / numpy / ONNX / Triton / TensorRT equivalent, once.
 
 Two vocabularies meet here. A *precision* is what a user asks for (`--dtype fp32|bf16|fp16`, `--precision
-bf16|fp8|fp16`). An *element type* is ONNX's name of a tensor's type, lower case, as manifests write them
+bf16|fp8|fp16|nvfp4`). An *element type* is ONNX's name of a tensor's type, lower case, as manifests write them
 (`float`, `bfloat16`, `float16`, `int32`, …). A spec tensor's dtype is `compute` (the component's precision),
 `float32` or `int32`; `element_type` turns it into an element type.
 
@@ -10,13 +10,16 @@ Only torch and numpy are imported: the Triton python backend imports this module
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
 from fluxexport.errors import FluxExportError
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a component computes in (export, the torch backend)
-ENGINE_PRECISIONS = ("bf16", "fp8", "fp16", "fp32")  # what `build --precision` asks for (fp32: a reference set)
+ENGINE_PRECISIONS = ("bf16", "fp8", "fp16", "fp32", "nvfp4")  # `build --precision` (fp32: a reference set)
+QUANTIZED_PRECISIONS = ("fp8", "nvfp4")  # what `quantize --precision` makes of the transformer
 COMPUTE = "compute"  # spec dtype: the component's compute precision, whichever it is
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,11 +37,15 @@ ELEMENT_TRITON = {
     "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "string": "TYPE_STRING",
 }  # fmt: skip
 E4M3_MAX = 448.0  # the largest FLOAT8E4M3FN value
+E2M1_MAX = 6.0  # the largest FLOAT4E2M1 value
+NVFP4_BLOCK = 16  # NVFP4: 16 FLOAT4E2M1 values share one FLOAT8E4M3FN scale
+# FLOAT4E2M1 magnitudes (code 0…7) and the midpoints between them; a tie goes to the even code (as IEEE rounding)
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 # TensorRT DataType member names → element types (looked up by name: TensorRT may not be installed)
 TENSORRT_ELEMENT = {
     "FLOAT": "float", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "BOOL": "bool",
-    "UINT8": "uint8", "FP8": "float8e4m3fn",
+    "UINT8": "uint8", "FP8": "float8e4m3fn", "FP4": "float4e2m1",
 }  # fmt: skip
 
 
@@ -66,6 +73,19 @@ def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale.to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest FLOAT4E2M1 value (ties to the even code), saturating at ±6, in float32: what a
+    cast to FLOAT4E2M1 computes (ONNX's Cast and TensorRT's FP4 quantization round to nearest even)."""
+    magnitude = x.float().abs().clamp(max=E2M1_MAX)
+    code = torch.zeros_like(magnitude, dtype=torch.int64)
+    for index, (low, high) in enumerate(itertools.pairwise(E2M1_GRID)):
+        middle = (low + high) / 2
+        above = magnitude > middle if index % 2 == 0 else magnitude >= middle  # ties toward the even code
+        code += above.long()
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=x.device)
+    return grid[code] * torch.where(x.float() < 0, -1.0, 1.0)
+
+
 def component_precision(component: str, requested: str) -> tuple[str, str | None]:
     """The precision policy, for export and engines alike: (precision of `component`, why it differs or None).
 
@@ -77,6 +97,6 @@ def component_precision(component: str, requested: str) -> tuple[str, str | None
         return "fp32", "the VAE is never exported in fp16 (its activations overflow fp16); kept fp32"
     if requested == "fp16" and component == "t5":
         return "bf16", "T5 overflows in fp16 (inf, then zeros); kept bf16"
-    if requested == "fp8" and component != "transformer":
-        return "bf16", None  # only the transformer's block Linears are FP8
+    if requested in QUANTIZED_PRECISIONS and component != "transformer":
+        return "bf16", None  # only the transformer's block Linears are FP8 (or NVFP4)
     return requested, None

@@ -19,6 +19,7 @@ from fluxexport.errors import FluxExportError
 from fluxexport.models.source import ModelSource
 
 FP8 = "fp8"  # the manifest section of `quantize`'s graphs, kept beside the base ones
+NVFP4 = "nvfp4"  # the manifest section of `quantize --precision nvfp4`'s graphs (TensorRT on Blackwell only)
 # What `quantize` makes FP8: the transformer, whole and in the three parts First Block Cache runs (the names of
 # specs.TRANSFORMER_PARTS, which sits above this layer; tests/test_parts_fp8_lora.py checks that they agree)
 FP8_COMPONENTS = ("transformer", "transformer_head", "transformer_tail", "transformer_out")
@@ -78,6 +79,7 @@ class ExportFolder:
     fp8: dict[str, GraphRecord] = field(default_factory=dict)
     optimized: dict[str, GraphRecord] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    nvfp4: dict[str, GraphRecord] = field(default_factory=dict)  # built only by `build --precision nvfp4`
 
     kind = "onnx"
 
@@ -86,7 +88,7 @@ class ExportFolder:
         return cls(
             Path(path), ModelRecord.from_json(data["model"]), data["dtype"], data["bounds"],
             _graphs(data["components"]), _graphs(data.get(FP8, {})), _graphs(data.get(OPTIMIZED, {})),
-            data.get("versions", {}),
+            data.get("versions", {}), _graphs(data.get(NVFP4, {})),
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -95,7 +97,7 @@ class ExportFolder:
             "bounds": self.bounds, "versions": self.versions,
             "components": {name: graph.to_json() for name, graph in self.components.items()},
         }  # fmt: skip
-        for section, graphs in ((FP8, self.fp8), (OPTIMIZED, self.optimized)):
+        for section, graphs in ((FP8, self.fp8), (OPTIMIZED, self.optimized), (NVFP4, self.nvfp4)):
             if graphs:
                 data[section] = {name: graph.to_json() for name, graph in graphs.items()}
         return data
@@ -137,7 +139,8 @@ class ExportFolder:
 
     def every_graph(self) -> dict[str, GraphRecord]:
         """File → record of every graph the folder holds (portable, FP8, optimized)."""
-        return {g.file: g for section in (self.components, self.fp8, self.optimized) for g in section.values()}
+        sections = (self.components, self.fp8, self.optimized, self.nvfp4)
+        return {g.file: g for section in sections for g in section.values()}
 
 
 @dataclass

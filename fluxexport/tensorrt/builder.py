@@ -24,11 +24,12 @@ from fluxexport.tensorrt.environment import (
     Gpu,
     current_gpu,
     import_tensorrt,
+    native_op_refusal,
     require_fp8,
     require_tensorrt_version,
     tensorrt_version,
 )
-from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems
+from fluxexport.tensorrt.precision import engine_graphs, graph_dtypes, graph_problems, require_nvfp4
 from fluxexport.tensorrt.profiles import build_profiles, profile_bounds
 
 TIMING_CACHE = "timing.cache"
@@ -164,6 +165,8 @@ def check_build_host(options: BuildOptions, device_gpu: Callable[[], Gpu] | None
     gpu = device_gpu() if device_gpu else current_gpu()
     if options.precision == "fp8":
         require_fp8(gpu)
+    if options.precision == "nvfp4":
+        require_nvfp4(gpu.name, gpu.compute_capability)
     return gpu
 
 
@@ -192,6 +195,9 @@ def build_engines(
     buckets = options.profile_bounds()
     folder = new_engine_folder(out_dir, exported.model, trt.__version__, gpu, options.precision, asdict(options))
     graphs = engine_graphs(exported, wanted)
+    native = native_op_refusal({name: graphs[name] for name in components}, tensorrt_version(trt), trt.__version__)
+    if native:
+        raise FluxExportError(native)
     for name in components:
         if on_component:
             on_component(name, None)
@@ -204,7 +210,8 @@ def build_engines(
             inputs=graph.inputs, outputs=graph.outputs,
             onnx=str((onnx_dir / graph.file).resolve()),  # validate compares the engine with it; refit reads it
             engine_sha256=file_sha256(engine),
-            extra={"onnx_sha256": graph.sha256, "build_seconds": round(seconds, 1), "built_at": now()},
+            extra={"onnx_sha256": graph.sha256, "build_seconds": round(seconds, 1), "built_at": now()}
+            | ({"quantization": graph.extra["quantization"]} if "quantization" in graph.extra else {}),  # what is FP8
         )  # fmt: skip
         folder.write()
         if on_component:
