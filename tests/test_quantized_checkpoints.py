@@ -294,3 +294,53 @@ def test_the_per_tensor_graph_equals_its_pytorch_qdq(exported_checkpoints, check
         with torch.no_grad():
             expected = reference(*[feeds[tensor.name] for tensor in spec.inputs]).numpy()
         assert rel_l2(run_graph(path, spec, feeds), expected) < 1e-5, sizes
+
+
+def fp8_transformer_backend(source, folder: Path):
+    """A PyTorch backend whose transformer is ONNX Runtime on the folder's FP8 graph: the pipeline's images with
+    only the transformer changed."""
+    from fluxexport.onnxruntime.backend import create_session, session_runner
+    from fluxexport.pytorch.backend import TorchBackend
+
+    record = fp8_graph(folder)
+
+    class Fp8Transformer(TorchBackend):
+        def _load(self, name: str):
+            if name != "transformer":
+                return super()._load(name)
+            return session_runner(create_session(folder / record.file), record, name)
+
+    return Fp8Transformer(source, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_images_of_the_fp8r_graph_equal_the_checkpoints_pytorch_images(exported_checkpoints, checkpoint_graphs):
+    """tiny-klein's 4-step image: the PyTorch run of the checkpoint (dequantized weights, as diffusers runs it) vs
+    the same pipeline with the transformer in ONNX Runtime on the FP8 graph."""
+    from fluxexport.compare import psnr
+    from fluxexport.pytorch.backend import TorchBackend
+    from fluxexport.runtime.pipeline import generate
+    from fluxexport.runtime.request import GenerationRequest
+
+    source = opened(exported_checkpoints["fp8r"])
+    request = GenerationRequest("a red fox in the snow", seed=3)
+    reference = generate(TorchBackend(source, device="cpu"), source, request).images
+    images = generate(fp8_transformer_backend(source, checkpoint_graphs["fp8r"]), source, request).images
+    assert psnr(images, reference) >= 50.0
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+@pytest.mark.parametrize("layout", ["fp8r", "fp8"])
+def test_the_graph_holds_no_high_precision_copy_of_the_quantized_weights(layout, checkpoint_graphs):
+    """The FP8 weights go to FP8 initializers (a quarter of their fp32 bytes): no float copy of a quantized
+    Linear's weight is in the graph, and the folder holds the FP8 graph alone (no base export was written)."""
+    folder = checkpoint_graphs[layout]
+    values = initializers(folder / fp8_graph(folder).file)
+    fp8 = [name for name in values if name.endswith(".fp8")]
+    assert len(fp8) == 14 and all(values[name].dtype.itemsize == 1 for name in fp8)
+    assert not [name.removesuffix(".fp8") for name in fp8 if name.removesuffix(".fp8") in values]
+    assert sorted(path.name for path in folder.iterdir() if path.suffix in (".onnx", ".onnx_data")) == [
+        "transformer.fp8.onnx"
+    ]
