@@ -15,7 +15,10 @@
 # built from the graph exported with the LoRA merged), and a Triton repository from the engine folder served by
 # tritonserver, requests sent through tritonclient in both buckets. Every row prints PASS or FAIL with its reason
 # (the numbers it measured, or the last line of its log in WORKDIR/logs); FP8 rows below compute capability 8.9
-# print SKIP. The script exits 1 when any row failed.
+# print SKIP. Then (issue 30) the transformer's variants at 1024² on one model (VARIANT_MODEL, default tiny-dev):
+# BF16, FP8 Linears, FP8 with attention, NVFP4 (compute 10.0, else SKIP and build --precision nvfp4 refused),
+# native Attention vs portable (TensorRT 10.15, else SKIP): step time and PSNR against BF16.
+# The script exits 1 when any row failed.
 set -uo pipefail
 py=${PYTHON:-python3}
 
@@ -297,6 +300,76 @@ sys.exit(0 if min(values.values()) >= 40 else 1)
 PY
 else
   row FAIL "$model" "triton from engines" "no /opt/tritonserver with the TensorRT backend: run in the Dockerfile's image"
+fi
+
+# ---- issue 30: the transformer's variants side by side at 1024² on one model: BF16, FP8 on the Linears, FP8 with
+# the attention matmuls too (quantize --fp8-attention), NVFP4 (Blackwell only), and ONNX's native Attention /
+# RMSNormalization (export --native-attention, TensorRT ≥ 10.15) against the portable graph. Each: engines at
+# 1024² only, `bench` (transformer step time = the denoising median over the steps), one image, its PSNR against
+# the BF16 engines' image. VARIANT_MODEL picks the model (default tiny-dev; a FLUX.1 [dev] checkpoint gives the
+# numbers to set beside the README's paper estimate per variant).
+vmodel=${VARIANT_MODEL:-tiny-dev}
+vdir="$work/variants-$(printf '%s' "$vmodel" | tr -c 'A-Za-z0-9_.-' '_')"
+side=(--min-resolution 1024 --opt-resolution 1024 --max-resolution 1024)
+mkdir -p "$vdir"
+# variant NAME PRECISION ONNX: engines at 1024², bench, the image (vdir/NAME.png)
+variant() {
+  local name=$1 precision=$2 onnx=$3 engines="$vdir/trt-$1"
+  step "$vmodel" "variant $name: build $precision at 1024²" fluxexport build --model "$vmodel" \
+    --precision "$precision" --onnx "$onnx" --out "$engines" "${side[@]}" || return 1
+  step "$vmodel" "variant $name: bench at 1024²" fluxexport bench --model "$vmodel" --backend tensorrt \
+    --engines "$engines" --height 1024 --width 1024 --json "$vdir/bench-$name.json" || return 1
+  step "$vmodel" "variant $name: image at 1024²" run_image "$vmodel" "$vdir/$name.png" --backend tensorrt \
+    --engines "$engines" --height 1024 --width 1024
+}
+compute=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+nvfp4_ok=$("$py" -c "import torch; print(int(torch.cuda.get_device_capability() >= (10, 0)))")
+native_ok=$("$py" -c "import tensorrt; print(int(tuple(map(int, tensorrt.__version__.split('.')[:2])) >= (10, 15)))")
+if step "$vmodel" "variants: export bf16" fluxexport export --model "$vmodel" --dtype bf16 --out "$vdir/onnx"; then
+  variant bf16 bf16 "$vdir/onnx"
+  if [ "$fp8_ok" = 1 ]; then
+    step "$vmodel" "variant fp8: quantize the Linears" fluxexport quantize --model "$vmodel" --out "$vdir/onnx" \
+      --calib-size 4 && variant fp8 fp8 "$vdir/onnx"
+    rm -rf "$vdir/onnx-fp8-attention" && cp -r "$vdir/onnx" "$vdir/onnx-fp8-attention" \
+      && step "$vmodel" "variant fp8-attention: quantize --fp8-attention" fluxexport quantize --model "$vmodel" \
+        --out "$vdir/onnx-fp8-attention" --calib-size 4 --fp8-attention \
+      && variant fp8-attention fp8 "$vdir/onnx-fp8-attention"
+  else
+    row SKIP "$vmodel" "variants fp8, fp8-attention" "skipped (needs compute 8.9, this GPU is $compute)"
+  fi
+  if [ "$nvfp4_ok" = 1 ]; then
+    step "$vmodel" "variant nvfp4: quantize --precision nvfp4" fluxexport quantize --model "$vmodel" \
+      --out "$vdir/onnx" --calib-size 4 --precision nvfp4 && variant nvfp4 nvfp4 "$vdir/onnx"
+  else
+    row SKIP "$vmodel" "variant nvfp4" "skipped (needs compute 10.0, this GPU is $compute)"
+    step "$vmodel" "build --precision nvfp4 refused in one line below compute 10.0" \
+      refused_with "NVFP4 needs compute capability 10.0" fluxexport build --model "$vmodel" --precision nvfp4 \
+      --onnx "$vdir/onnx" --out "$vdir/trt-nvfp4" "${side[@]}"
+  fi
+  if [ "$native_ok" = 1 ]; then
+    step "$vmodel" "variant native: export --native-attention" fluxexport export --model "$vmodel" --dtype bf16 \
+      --native-attention --out "$vdir/onnx-native" && variant native bf16 "$vdir/onnx-native"
+  else
+    row SKIP "$vmodel" "variant native attention" "skipped (needs TensorRT 10.15 to parse Attention)"
+  fi
+  # each variant's image against the bf16 engines' (native: the same math, fused differently)
+  for pair in fp8:22 fp8-attention:22 nvfp4:18 native:40; do
+    name=${pair%%:*}
+    [ -f "$vdir/$name.png" ] && [ -f "$vdir/bf16.png" ] \
+      && step "$vmodel" "variant $name image vs bf16" psnr_at_least "${pair##*:}" "$vdir/$name.png" "$vdir/bf16.png"
+  done
+  step "$vmodel" "variants: transformer step time at 1024²" "$py" - "$vdir" <<'PY'
+import json, sys
+from pathlib import Path
+rows = []
+for name in ("bf16", "fp8", "fp8-attention", "nvfp4", "native"):
+    path = Path(sys.argv[1]) / f"bench-{name}.json"
+    if path.is_file():
+        bench = json.loads(path.read_text())
+        rows.append(f"{name} {bench['median_ms']['denoise'] / bench['computed_steps']:.1f} ms")
+print("; ".join(rows) + " per step (denoising median / steps)")
+sys.exit(0 if rows else 1)
+PY
 fi
 
 failed=$(grep -c '^FAIL' "$summary")
