@@ -71,7 +71,7 @@ def test_unreadable_layouts_are_refused_in_one_line_naming_them(checkpoints, tmp
         opened(checkpoints["nvfp4"])
     assert str(nvfp4.value) == (
         "klein-nvfp4.safetensors is NVFP4 (packed E2M1 weights, E4M3 block scales, weight_scale_2), which fluxexport "
-        "cannot read: pass its FP8 or bf16 release, or quantize the bf16 model with `quantize` (FP8)"
+        "cannot read: pass its FP8 release, or its bf16 release and quantize it with `quantize --precision nvfp4`"
     )
     with pytest.raises(FluxExportError) as legacy:
         opened(checkpoints["scaled_fp8"])

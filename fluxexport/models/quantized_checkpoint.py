@@ -19,7 +19,10 @@ E4M3 value nearest, saturated at ±448) and dequantized as q · input_scale. Lay
   plain cast) are this layout with scale 1.
 
 Refused, each in one line naming it: NVFP4 (`weight_scale_2`: packed E2M1 weights with E4M3 block scales, the
-ModelOpt NVFP4 layout diffusers' `BFLQuantizationConfig` also reads), ComfyUI's legacy `scaled_fp8`
+ModelOpt NVFP4 layout diffusers' `BFLQuantizationConfig` also reads: weight uint8 `[N, K/2]`, even element in
+the low nibble, `weight_scale` float8_e4m3fn `[N, K/16]`, `weight_scale_2` and `input_scale` float32 scalars,
+w = e2m1 · weight_scale · weight_scale_2; `quantize --precision nvfp4` builds NVFP4 graphs from calibration, and
+carrying a file's own codes and block scales into them is not built yet), ComfyUI's legacy `scaled_fp8`
 (`scale_weight` keys), `comfy_quant` formats other than float8_e4m3fn, float8_e5m2 weights, block-scaled FP8
 (`weight_scale_inv`) and bitsandbytes (`absmax`).
 """
@@ -150,7 +153,7 @@ def layout_of(header: FileHeader) -> str | None:
 def fix_for(title: str) -> str:
     """What to pass instead of a refused layout."""
     if title.startswith("NVFP4"):
-        return "pass its FP8 or bf16 release, or quantize the bf16 model with `quantize` (FP8)"
+        return "pass its FP8 release, or its bf16 release and quantize it with `quantize --precision nvfp4`"
     return "pass its FP8 (float8_e4m3fn, weight_scale) or bf16 release"
 
 
