@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import cli_refusal, standin_tensorrt
+from helpers import standin_tensorrt
 
 from fluxexport.artifacts.folders import open_export
 from fluxexport.dtypes import E2M1_GRID, round_e2m1
@@ -187,6 +187,15 @@ def test_nvfp4_engines_are_built_from_the_nvfp4_graphs(nvfp4_folder):
     ]
 
 
-def test_quantize_refuses_fp8_attention_with_nvfp4():
-    line = cli_refusal("quantize", "--model", "tiny-dev", "--precision", "nvfp4", "--fp8-attention")
-    assert line == "Error: --fp8-attention is FP8's: NVFP4 quantizes the block Linears only (drop one of them)"
+def test_quantize_refuses_what_nvfp4_cannot_do():
+    """Refused in one line before any model is read: FP8 attention with NVFP4, and a precision quantize lacks."""
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
+
+    model = ModelOptions("tiny-dev")
+    with pytest.raises(FluxExportError) as error:
+        quantize_fp8(QuantizeOptions(model, precision="nvfp4", fp8_attention=True))
+    assert str(error.value) == "--fp8-attention is FP8's: NVFP4 quantizes the block Linears only (drop one of them)"
+    with pytest.raises(FluxExportError) as error:
+        quantize_fp8(QuantizeOptions(model, precision="int4"))
+    assert str(error.value) == "quantize makes fp8 or nvfp4 graphs, not int4 (--precision)"
