@@ -132,10 +132,92 @@ def test_onnxruntime_fill_matches_diffusers_at_unseen_sizes(
     from fluxexport.specs import component_specs
 
     specs = component_specs(fill)
-    assert specs["transformer"].inputs[0].shape == ("B", "N", 384)
+    assert specs["transformer"].inputs[0].dims == ("B", "N", 384)
     assert [tensor.name for tensor in specs["vae_encoder"].outputs] == ["latent", "latent_std"]
     backend = OnnxRuntimeBackend(fill, fill_export)
     height, width, prompts, count, steps = 176, 112, 2, 1, 3  # N = 77 tokens, 176×112 pixels: never exported
     ours = generate(backend, fill, request(reference_image, edge_mask, height, width, prompts, count, steps))
     expected = theirs(fill_pipeline, reference_image, edge_mask, height, width, prompts, count, steps)
     assert psnr(ours.images, expected) >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flux1")
+def test_triton_pipeline_takes_image_and_mask(fill, fill_export, reference_image, edge_mask, tmp_path):
+    """The repository's flux_pipeline declares `image` and `mask` (and no control image), and serves, in process
+    through BLS, `run --backend onnxruntime`'s image on the same graphs; a request without its mask is refused in
+    the input's own name."""
+    import sys
+
+    from test_triton_flux2 import InferenceRequest, InProcessServer, pipeline_request, standin_pb_utils
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.triton.repository import write_repository
+
+    repository = write_repository(fill, fill_export, tmp_path / "fill")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", standin_pb_utils())
+        server = InProcessServer(repository)
+        inputs = {value.name for value in server.configs["flux_pipeline"].input}
+        assert {"image", "mask"} <= inputs and "control_image" not in inputs and "image_2" not in inputs
+        InferenceRequest.server = server
+        try:
+            settings = dict(height=96, width=144, num_inference_steps=2, seed=3)
+            images = dict(image=np.array(reference_image), mask=np.array(edge_mask.convert("RGB")))
+            response = server.infer("flux_pipeline", pipeline_request(PROMPT, **settings, **images))
+            refused = server.infer("flux_pipeline", pipeline_request(PROMPT, **settings, image=images["image"]))
+        finally:
+            InferenceRequest.server = None
+    assert not response.has_error(), response.error().message()
+    expected = generate(
+        OnnxRuntimeBackend(fill, fill_export), fill,
+        GenerationRequest(PROMPT, height=96, width=144, num_inference_steps=2, seed=3, image=reference_image,
+                          mask=edge_mask.convert("RGB")),
+    )  # fmt: skip
+    assert np.array_equal(response.outputs["images"].as_numpy(), expected.images)
+    assert refused.error().message() == (
+        "tiny-fill is a FLUX.1 Fill model: it repaints its image where a mask is white: pass the mask with mask"
+    )
+
+
+def test_first_block_cache_on_fill_equals_diffusers_hook(fill, fill_torch, fill_pipeline, reference_image, edge_mask):
+    """The step cache's parts take Fill's wide input as the whole transformer does: diffusers' decisions, its image
+    bit for bit (computed steps counted on the first single block, which a skipped step never reaches)."""
+    from diffusers import FirstBlockCacheConfig
+
+    from fluxexport.runtime.cache import CacheSettings
+
+    cache = CacheSettings("first-block", {"threshold": 0.3})
+    ours = generate(fill_torch, fill, request(reference_image, edge_mask, 128, 128, 1, 1, 10), cache=cache)
+    module, calls = fill_pipeline.transformer.get_submodule("single_transformer_blocks.0.attn"), [0]
+    hook = module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    fill_pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    try:  # FluxFillPipeline sets no cache context itself (FluxPipeline sets "cond" around each step's call)
+        with fill_pipeline.transformer.cache_context("cond"):
+            expected = theirs(fill_pipeline, reference_image, edge_mask, 128, 128, 1, 1, 10)
+    finally:
+        fill_pipeline.transformer.disable_cache()
+        hook.remove()
+    assert ours.computed_steps == calls[0] < 10
+    assert np.array_equal(ours.images, expected)
+
+
+def test_a_lora_merges_into_fill_as_diffusers_fuse_lora(fill, fill_torch, reference_image, edge_mask, tmp_path):
+    from diffusers import FluxFillPipeline
+
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.models.tiny_lora import write_tiny_lora
+    from fluxexport.pytorch.backend import TorchBackend
+
+    path = write_tiny_lora(fill, tmp_path / "fill-lora.safetensors", "peft")
+    merged = fill.with_loras([parse_lora(f"{path}:0.8")])
+    with TorchBackend(merged, "fp32", "cpu") as backend:
+        ours = generate(backend, merged, request(reference_image, edge_mask, 96, 96, 1, 1, 2)).images
+    pipeline = FluxFillPipeline.from_pretrained(fill.root)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.load_lora_weights(str(path))
+    pipeline.fuse_lora(lora_scale=0.8)
+    expected = theirs(pipeline, reference_image, edge_mask, 96, 96, 1, 1, 2)
+    plain = generate(fill_torch, fill, request(reference_image, edge_mask, 96, 96, 1, 1, 2)).images
+    assert psnr(ours, expected) >= 50
+    assert psnr(ours, plain) < 45  # the LoRA changes the image

@@ -143,8 +143,6 @@ def served_ratios(value: str, repository: Path) -> str:
 
 def _reference_images(request) -> list:
     """The request's reference images, `image` first: each uint8 [H, W, 3], numbered without gaps."""
-    from PIL import Image
-
     tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in REFERENCE_INPUTS}
     given = [name for name, tensor in tensors.items() if tensor is not None]
     expected = list(REFERENCE_INPUTS[: len(given)])
@@ -153,17 +151,27 @@ def _reference_images(request) -> list:
         raise RequestError(
             given[-1], f"{given[-1]} was given without {missing}", "number reference images from image up"
         )
-    images = []
-    for name in given:
-        array = tensors[name].as_numpy()
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
-            raise RequestError(name, f"{name} must be uint8 [H, W, 3], got {array.dtype} {list(array.shape)}")
-        if array.shape[0] * array.shape[1] > MAX_REFERENCE_PIXELS:
-            raise RequestError(
-                name, f"{name} is {array.shape[1]}×{array.shape[0]}", f"send at most {MAX_REFERENCE_PIXELS} pixels"
-            )
-        images.append(Image.fromarray(np.ascontiguousarray(array)))
-    return images
+    return [_picture(name, tensors[name].as_numpy()) for name in given]
+
+
+def _picture(name: str, array: np.ndarray):
+    """An image input (a reference, Fill's `mask`, a `control_image`) as a PIL image: uint8 [H, W, 3], at most
+    MAX_REFERENCE_PIXELS."""
+    from PIL import Image
+
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise RequestError(name, f"{name} must be uint8 [H, W, 3], got {array.dtype} {list(array.shape)}")
+    if array.shape[0] * array.shape[1] > MAX_REFERENCE_PIXELS:
+        raise RequestError(
+            name, f"{name} is {array.shape[1]}×{array.shape[0]}", f"send at most {MAX_REFERENCE_PIXELS} pixels"
+        )
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _condition_image(request, name: str):
+    """FLUX.1 Fill's `mask` or Canny/Depth's `control_image`, None where the request sends none."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else _picture(name, tensor.as_numpy())
 
 
 def served_bounds(settings: PipelineSettings) -> ExportBounds:
@@ -227,6 +235,8 @@ class TritonPythonModel:
             num_images_per_prompt=1 if count is None else count,
             image=image,
             negative_prompt=_optional(request, "negative_prompt", str),
+            mask=_condition_image(request, "mask"),
+            control_image=_condition_image(request, "control_image"),
         )
 
     def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings]:
