@@ -102,7 +102,7 @@ def test_fp8_attention_images_are_close_to_bf16(sources, attention_fp8):
     with TorchBackend(source, "bf16", "cpu") as bf16:
         theirs = generate(bf16, source, request).images
     assert not np.array_equal(ours, theirs)
-    assert psnr(ours, theirs) >= 30  # measured 38.2 dB
+    assert psnr(ours, theirs) >= 30  # measured 47.6 dB (bf16 itself is 47.8 dB from fp32; FP8 attention 59.7)
 
 
 def test_a_calibration_without_attention_is_refused(sources, fp8_exports, tmp_path):
@@ -115,3 +115,15 @@ def test_a_calibration_without_attention_is_refused(sources, fp8_exports, tmp_pa
     assert str(error.value) == (
         f"{saved} has no attention scales: calibrate again with --fp8-attention (drop --calibration)"
     )
+
+
+def test_build_precision_fp8_builds_it_and_the_manifest_says_what_is_fp8(sources, attention_fp8, tmp_path):
+    from helpers import build_folder
+
+    engines = build_folder(
+        sources["tiny-dev"], attention_fp8, tmp_path / "trt", precision="fp8", components=["transformer"]
+    )
+    record = manifest_json(engines)["components"]["transformer"]
+    assert record["onnx"].endswith("transformer.fp8.onnx") and record["precision"] == "fp8"
+    assert record["quantization"]["attention"]["modules"] == ATTENTIONS
+    assert record["quantization"]["layers"] == 20
