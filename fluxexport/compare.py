@@ -47,6 +47,21 @@ class ImageComparison:
 
 
 @dataclass
+class CacheQuality:
+    """What a step cache costs, per end-to-end image: PSNR of the cached image against the uncached one of the
+    same seed on the same side (candidate; `reference_psnr` PyTorch's), and each side's skip decisions (per
+    transformer call: whether it computed)."""
+
+    height: int
+    width: int
+    psnr: float
+    reference_psnr: float
+    decisions: list[bool]
+    reference_decisions: list[bool]
+    same_decisions: bool
+
+
+@dataclass
 class ValidationReport:
     model: str
     engines: str
@@ -56,6 +71,7 @@ class ValidationReport:
     graphs: dict[str, str] = field(default_factory=dict)  # component → the graph file that ran
     subject: str = "graphs"  # or "engines"
     cache: str = "none"  # the step cache of the end-to-end images
+    cache_quality: list[CacheQuality] = field(default_factory=list)  # with a cache: what it costs, per image
 
     @property
     def passed(self) -> bool:

@@ -8,7 +8,10 @@ indicative only: a trained model's steps change differently, so thresholds compu
 
 Beside it, a paper estimate for FLUX.1-dev at 1024² on an H100 from ARCHITECTURE.md's FLOP model: 74.4 TFLOP
 per transformer step, 75 ms at dense BF16 peak; a step First Block Cache skips still runs the head (the embedders
-and one of 57 blocks), as does one MagCache skips; one TaylorSeer predicts costs nothing.
+and one of 57 blocks), as does one MagCache or TeaCache skips; one TaylorSeer predicts costs nothing. The caches
+that run the transformer in parts pay the parts' overhead over the single graph on every step: measured here on
+the PyTorch backend on CPU (the same model, every step through the parts against the single transformer), and
+applied to their estimate as a fraction of the step.
 
     COLUMNS=200 python scripts/bench_cache.py [--repeats 5] [--size 256] [--steps 28]
 """
@@ -25,7 +28,9 @@ from fluxexport.console import console, quiet_libraries, table
 # first-block:threshold=0 computes every step through the three parts: what the parts cost over the single graph
 SETTINGS = ("none", "first-block:threshold=0", "taylorseer", "taylorseer:interval=3,warmup=2",
             "first-block:threshold=0.2", "first-block:threshold=0.5", "first-block:threshold=1",
-            "magcache", "magcache:threshold=0.2", "magcache:threshold=0.5,max_skip_steps=5")  # fmt: skip
+            "magcache", "magcache:threshold=0.2", "magcache:threshold=0.5,max_skip_steps=5",
+            "teacache", "teacache:threshold=0.6", "teacache:threshold=1")  # fmt: skip
+PARTS_CACHES = ("first-block", "magcache", "teacache")  # what runs the transformer in parts
 H100_STEP_MS = 75.0  # FLUX.1 at 1024², 512 text tokens: 74.4 TFLOP at ~990 TFLOP/s dense BF16
 HEAD_SHARE = 1 / 57  # a skipped First Block Cache or MagCache step runs one of FLUX.1's 57 blocks (embedders aside)
 
@@ -65,17 +70,20 @@ def main() -> None:
         for _ in range(args.repeats):
             for text, cache in caches.items():
                 runs[text].append(generate(backend, source, request, cache=cache))
+        overhead = parts_overhead(source, request, args.repeats)
 
     def median(text: str, stage: str) -> float:
         return 1000 * statistics.median(result.timings[stage] for result in runs[text])
 
+    console.print(f"the parts' overhead over the single transformer, PyTorch on CPU: {100 * overhead:.1f}% per step")
     rows, base = [], median("none", "denoise")
     reference = runs["none"][0].images
     for text in SETTINGS:
         computed = runs[text][0].computed_steps
         skipped = args.steps - computed
-        head = HEAD_SHARE if text.startswith(("first-block", "magcache")) else 0.0
-        estimate = H100_STEP_MS * (computed + skipped * head)
+        parts = text.startswith(PARTS_CACHES)
+        head = HEAD_SHARE if parts else 0.0
+        estimate = H100_STEP_MS * (computed + skipped * head + (args.steps * overhead if parts else 0.0))
         quality = psnr(runs[text][0].images, reference)
         rows.append([
             text, f"{computed}/{args.steps}", f"{median(text, 'denoise'):.0f}", f"{median(text, 'total'):.0f}",
@@ -86,6 +94,24 @@ def main() -> None:
     columns = ["--cache", "computed", "denoise ms", "total ms", "denoise ×", "PSNR vs none dB",
                "H100 est. denoise ms", "H100 est. ×"]  # fmt: skip
     console.print(table(title, columns, rows))
+
+
+def parts_overhead(source, request, repeats: int) -> float:
+    """(denoise time through the three parts, every step computed) / (through the single transformer) − 1, on the
+    PyTorch backend on CPU, median of `repeats` interleaved pairs."""
+    from fluxexport.pytorch.backend import TorchBackend
+    from fluxexport.runtime.cache import parse_cache
+    from fluxexport.runtime.pipeline import generate
+
+    backend = TorchBackend(source, device="cpu")
+    every_step = parse_cache("first-block:threshold=0")
+    generate(backend, source, request, cache=every_step)  # load the parts and the transformer
+    generate(backend, source, request)
+    parts, whole = [], []
+    for _ in range(repeats):
+        parts.append(generate(backend, source, request, cache=every_step).timings["denoise"])
+        whole.append(generate(backend, source, request).timings["denoise"])
+    return statistics.median(parts) / statistics.median(whole) - 1
 
 
 def _settings(text: str, ratios: Path, steps: int):

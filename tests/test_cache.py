@@ -29,7 +29,7 @@ def test_cache_settings_parse_with_diffusers_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("magic", "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache (--cache)"),
+        ("magic", "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache, teacache (--cache)"),
         ("first-block:threshold=-1", "first-block threshold must be a number ≥ 0, got -1 (--cache)"),
         ("first-block:interval=2", "first-block has no key 'interval': it takes threshold (--cache)"),
         ("taylorseer:speed=2", "taylorseer has no key 'speed': it takes interval, order, warmup (--cache)"),
@@ -146,11 +146,11 @@ def test_run_reports_the_computed_steps(tmp_path, sources):
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "transformer: computed 5 of 12 steps (taylorseer:interval=3,order=1,warmup=2)" in result.output
-    refused = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--prompt", PROMPT, "--cache", "teacache"])
+    refused = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--prompt", PROMPT, "--cache", "deepcache"])
     assert refused.exit_code == 1
     assert (
         refused.output
-        == "Error: unknown cache 'teacache': choose one of none, first-block, taylorseer, magcache (--cache)\n"
+        == "Error: unknown cache 'deepcache': choose one of none, first-block, taylorseer, magcache, teacache (--cache)\n"
     )
     assert not (tmp_path / "flux.png").exists()
 
@@ -196,7 +196,7 @@ def test_first_block_cache_on_onnxruntime_graphs(sources, exports, parts_folder,
     assert str(error.value).endswith(
         "run fluxexport export --model tiny-dev --dtype fp32 --components transformer_head,transformer_tail,"
         f"transformer_out --out {exports['tiny-dev']} (the parts "
-        "--cache first-block and magcache run)"
+        "--cache first-block, magcache and teacache run)"
     )
 
 

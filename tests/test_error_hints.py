@@ -106,7 +106,7 @@ def test_missing_parts_and_optimized_graphs_hint_at_export_and_optimize(exports,
         f"fluxexport export --model tiny-dev --dtype fp32 --components transformer_head,transformer_tail,"
         f"transformer_out --out {folder}"
     )
-    assert message.endswith(f"{command} (the parts --cache first-block and magcache run)")
+    assert message.endswith(f"{command} (the parts --cache first-block, magcache and teacache run)")
     run_hint(message, command)
     assert cli_invoke(*cached).exit_code == 0
 

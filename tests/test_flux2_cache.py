@@ -77,7 +77,8 @@ def test_flux2_parts_specs(flux2_sources):
     assert head.inputs == specs["transformer"].inputs and "guidance" in [t.name for t in head.inputs]
     assert {t.name: t.dims for t in head.outputs} == {
         "first_block_residual": ("B", "N", 32), "image_hidden": ("B", "N", 32), "text_hidden": ("B", "L", 32),
-        "temb": ("B", 32), "image_embedded": ("B", "N", 32), "image_modulation": ("B", 192),
+        "temb": ("B", 32), "image_embedded": ("B", "N", 32), "first_block_modulated": ("B", "N", 32),
+        "image_modulation": ("B", 192),
         "text_modulation": ("B", 192),
     }  # fmt: skip
     assert [t.name for t in tail.inputs] == [

@@ -20,6 +20,7 @@ def test_contract_matches_the_architecture_table(tmp_path):
             ("image_hidden", "N"),
             ("text_hidden", "L"),
             ("image_embedded", "N"),
+            ("first_block_modulated", "N"),
         )
     } | {"temb": ("compute", ("B", 3072))}
     assert dims(specs["transformer_tail"], "outputs") == {"tail_hidden": ("compute", ("B", "N", 3072))}

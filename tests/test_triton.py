@@ -377,7 +377,7 @@ def test_concurrent_load_and_bad_requests(served):
         (dict(height=256, width=256, steps=0), "num_inference_steps must be at least 1, got 0"),
         (
             dict(height=256, width=256, cache="magic"),
-            "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache",
+            "unknown cache 'magic': choose one of none, first-block, taylorseer, magcache, teacache",
         ),
         (dict(height=256, width=256, cache="magcache:ratios=/etc/hostname"), "NAME.json), got '/etc/hostname'"),
     ]

@@ -251,7 +251,7 @@ class OnnxRuntimeBackend(LoadedComponents):
             )
         if name not in entries:
             fix = f"--components {','.join(TRANSFORMER_PARTS) if name in TRANSFORMER_PARTS else name}"
-            why = " (the parts --cache first-block and magcache run)" if name in TRANSFORMER_PARTS else ""
+            why = " (the parts --cache first-block, magcache and teacache run)" if name in TRANSFORMER_PARTS else ""
             raise FluxExportError(
                 f"{self.engines} has no {name} graph (it has {', '.join(entries) or 'none'}): "
                 f"run fluxexport export --model {self.source.name} --dtype {self.folder.dtype} {fix} "

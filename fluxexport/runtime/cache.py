@@ -16,6 +16,10 @@ diffusers' configs (`cache_interval` → interval, `max_order` → order, `disab
 layers run every step; the other blocks run on the steps that the checkpoint's magnitude ratios (`ratios=FILE`
 from a calibration run, or `ratios=flux-dev`) and `threshold`, `max_skip_steps`, `retention_ratio` compute, and
 on the others the blocks' residual from the last computed step is added to the embedded image stream.
+
+`teacache` is ali-vilab's TeaCache4FLUX (runtime/teacache.py) on the same three parts: the blocks run on the steps
+where the rescaled relative L1 change of the first block's modulated input, accumulated since the last computed
+step, reaches `threshold` (and on the first and last step); `coefficients` names the rescaling polynomial.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ from dataclasses import dataclass, field
 import torch
 
 from fluxexport.errors import FluxExportError, RequestError
-from fluxexport.runtime.magcache import MagCache, MagCalibration, interpolate_ratios, mag_schedule, read_ratios
+from fluxexport.runtime.magcache import (
+    MagCache,
+    MagCalibration,
+    check_calibrated_for,
+    interpolate_ratios,
+    mag_schedule,
+    ratios_provenance,
+    read_ratios,
+)
 from fluxexport.runtime.step_cache import PARTS, Components, NoCache, Output, StepCache, tail_feeds
+from fluxexport.runtime.teacache import TeaCache, coefficients
 
 __all__ = ["CACHES", "CacheSettings", "MagCalibration", "NoCache", "StepCache", "parse_cache", "tail_feeds"]
 
@@ -39,6 +52,7 @@ CACHES: dict[str, dict[str, Knob]] = {
     "first-block": {"threshold": 0.05},
     "taylorseer": {"interval": 5, "order": 1, "warmup": 3},
     "magcache": {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2, "ratios": ""},
+    "teacache": {"threshold": 0.25, "coefficients": "flux1-dev"},
 }
 
 
@@ -52,6 +66,7 @@ class CacheSettings:
     knobs: dict[str, Knob] = field(default_factory=dict)
     steps: int | None = None
     mag_ratios: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)  # magcache: as read
+    mag_provenance: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in CACHES:
@@ -65,6 +80,7 @@ class CacheSettings:
             _check_knob(self.name, key, value)
         if self.name == "magcache":
             object.__setattr__(self, "mag_ratios", tuple(read_ratios(str(self.knobs["ratios"]))))
+            object.__setattr__(self, "mag_provenance", ratios_provenance(str(self.knobs["ratios"])))
 
     def __str__(self) -> str:
         knobs = ",".join(f"{key}={value}" for key, value in self.knobs.items())
@@ -73,7 +89,7 @@ class CacheSettings:
     @property
     def components(self) -> tuple[str, ...]:
         """The transformer components this cache runs."""
-        return PARTS if self.name in ("first-block", "magcache") else ("transformer",)
+        return PARTS if self.name in ("first-block", "magcache", "teacache") else ("transformer",)
 
     def new_state(self, steps: int | None = None) -> StepCache:
         """A fresh cache for one generation of `steps` steps (state never carries over between generations)."""
@@ -83,12 +99,25 @@ class CacheSettings:
             return FirstBlockCache(float(self.knobs["threshold"]))
         if self.name == "magcache":
             return self._magcache(steps or self.steps)
+        if self.name == "teacache":
+            return self._teacache(steps or self.steps)
         return NoCache()
+
+    def _teacache(self, steps: int | None) -> StepCache:
+        if steps is None:
+            raise FluxExportError("teacache needs the run's step count: pass new_state(steps) or CacheSettings(steps=)")
+        return TeaCache(float(self.knobs["threshold"]), steps, coefficients(str(self.knobs["coefficients"])))
+
+    def check_calibrated_for(self, model: str) -> None:
+        """MagCache: refuse, in one line, a ratios file calibrated on another model than `model`."""
+        if self.name == "magcache":
+            check_calibrated_for(self.knobs["ratios"], self.mag_provenance, model, None)
 
     def _magcache(self, steps: int | None) -> StepCache:
         if steps is None:
             raise FluxExportError("magcache needs the run's step count: pass new_state(steps) or CacheSettings(steps=)")
         knobs = self.knobs
+        check_calibrated_for(knobs["ratios"], self.mag_provenance, None, steps)
         schedule = mag_schedule(
             interpolate_ratios(self.mag_ratios, steps), float(knobs["threshold"]), int(knobs["max_skip_steps"]),
             float(knobs["retention_ratio"]),
@@ -105,6 +134,9 @@ def _check_knob(cache: str, key: str, value: Knob) -> None:
                 "pass ratios=FILE (written by fluxexport calibrate-magcache) or ratios=flux-dev (diffusers' FLUX.1-dev "
                 "ratios)",
             )  # fmt: skip
+        return
+    if key == "coefficients":
+        coefficients(str(value))
         return
     if key == "threshold":
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
@@ -162,7 +194,8 @@ class FirstBlockCache(StepCache):
         self.steps += 1
         head = component("transformer_head")(feeds)
         residual, image = head["first_block_residual"], head["image_hidden"]
-        if self.residual is None or self.changed(residual) > self.threshold:
+        compute = self.residual is None or self.changed(residual) > self.threshold
+        if compute:
             self.residual = residual
             image = component("transformer_tail")(tail_feeds(head, feeds))["tail_hidden"]
             self.tail_residual = image - head["image_hidden"]
@@ -170,6 +203,7 @@ class FirstBlockCache(StepCache):
         else:
             assert self.tail_residual is not None
             image = self.tail_residual + image
+        self.decisions.append(compute)
         return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
 
 
@@ -192,7 +226,9 @@ class TaylorSeer(StepCache):
     def __call__(self, feeds: Output, component: Components) -> Output:
         step = self.steps
         self.steps += 1
-        if self.computes(step) or self.last_update is None:
+        compute = self.computes(step) or self.last_update is None
+        self.decisions.append(compute)
+        if compute:
             outputs = component("transformer")(feeds)
             self.computed += 1
             self._update(step, outputs)

@@ -99,6 +99,31 @@ def read_ratios(path: str | Path) -> list[float]:
     return [float(ratio) for ratio in ratios]
 
 
+def ratios_provenance(path: str | Path) -> dict[str, object]:
+    """What a ratios file records beside its ratios (`calibrate-magcache`: model, prompts, size, steps); nothing
+    for a named set or a file that records nothing."""
+    if str(path) in NAMED_RATIOS:
+        return {}
+    data = json.loads(Path(path).read_text())
+    return {key: value for key, value in data.items() if key != "ratios"}
+
+
+def check_calibrated_for(path: str | Path, provenance: dict[str, object], model: str | None, steps: int | None) -> None:
+    """Refuse, in one line, ratios calibrated on another model or at another step count than the run's (a file
+    that records neither, or a named set, is interpolated to the run's steps as diffusers does)."""
+    calibrated_model, calibrated_steps = provenance.get("model"), provenance.get("steps")
+    if model is not None and calibrated_model is not None and calibrated_model != model:
+        raise RequestError(
+            "cache", f"magcache ratios file {path} was calibrated on {calibrated_model}, not {model}",
+            f"measure {model}'s own with fluxexport calibrate-magcache --model {model} --prompt TEXT --out FILE",
+        )  # fmt: skip
+    if steps is not None and calibrated_steps is not None and calibrated_steps != steps:
+        raise RequestError(
+            "cache", f"magcache ratios file {path} was calibrated at {calibrated_steps} steps, not {steps}",
+            f"run {calibrated_steps} steps, or calibrate again with fluxexport calibrate-magcache --steps {steps}",
+        )  # fmt: skip
+
+
 def _is_ratios(value: object) -> bool:
     return (
         isinstance(value, list)
@@ -128,12 +153,14 @@ class MagCache(StepCache):
         self.steps += 1
         head = component("transformer_head")(feeds)
         embedded = embedded_image(head)
-        if self.residual is None or step >= len(self.schedule) or self.schedule[step]:
+        compute = self.residual is None or step >= len(self.schedule) or self.schedule[step]
+        if compute:
             image = component("transformer_tail")(tail_feeds(head, feeds))["tail_hidden"]
             self.residual = image - embedded
             self.computed += 1
         else:
             image = embedded + self.residual
+        self.decisions.append(compute)
         return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
 
 
@@ -156,6 +183,7 @@ class MagCalibration(StepCache):
         self.ratios.append(1.0 if self.residual is None else magnitude_ratio(residual, self.residual))
         self.residual = residual
         self.computed += 1
+        self.decisions.append(True)
         return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 Output = dict[str, torch.Tensor]
-PARTS = ("transformer_head", "transformer_tail", "transformer_out")  # what first-block and magcache run
+PARTS = ("transformer_head", "transformer_tail", "transformer_out")  # what first-block, magcache, teacache run
 
 
 Components = Callable[[str], Callable[[Output], Output]]  # a component by name (a Backend's `component`)
@@ -26,6 +26,7 @@ class StepCache:
     def __init__(self) -> None:
         self.steps = 0  # transformer calls asked for
         self.computed = 0  # of them, full evaluations
+        self.decisions: list[bool] = []  # per call: whether it computed (the cache's skip decisions)
 
     def __call__(self, feeds: Output, component: Components) -> Output:
         raise NotImplementedError
@@ -45,6 +46,7 @@ class NoCache(StepCache):
     def __call__(self, feeds: Output, component: Components) -> Output:
         self.steps += 1
         self.computed += 1
+        self.decisions.append(True)
         return component("transformer")(feeds)
 
 

@@ -184,8 +184,8 @@ def transformer_part_specs(
 ) -> dict[str, ComponentSpec]:  # fmt: skip
     """The transformer in three parts, for the step caches that skip blocks (`--cache first-block`, `magcache`):
     the head (embedders and the first double block) takes the transformer's inputs and gives the first block's
-    image residual, both streams, the time embedding, the image stream that entered the first block and
-    `carried` (what the head computes for the tail: FLUX.2's double-block modulation vectors); the tail (every
+    image residual, both streams, the time embedding, the image stream that entered the first block, the first
+    block's modulated image input (its norm1 with the time modulation: what TeaCache compares) and `carried` (what the head computes for the tail: FLUX.2's double-block modulation vectors); the tail (every
     other block) gives the image stream after them; out (the output layers) gives the latent."""
     from fluxexport.dtypes import COMPUTE
 
@@ -203,6 +203,7 @@ def transformer_part_specs(
                 text_hidden,
                 temb,
                 TensorSpec("image_embedded", COMPUTE, ("B", "N", width)),  # the stream entering the first block
+                TensorSpec("first_block_modulated", COMPUTE, ("B", "N", width)),  # what TeaCache compares
                 *carried,
             ),
             axes=axes,

@@ -1,5 +1,6 @@
 """TensorRT backend: engines deserialized once, one device-memory block shared by all contexts, buffers
-preallocated per shape, one stream, and CUDA graphs replayed for the transformer's repeated shapes.
+preallocated per shape, one stream, and CUDA graphs replayed for the repeated shapes of the transformer and of
+its parts (head, tail, out: what the block-skipping step caches run).
 
 A captured CUDA graph is tied to the state of the context it was captured on (shapes, profile, addresses, device
 memory): NVIDIA's guidance is one context per captured graph. So every engine has a *plain* context that runs any
@@ -308,9 +309,9 @@ class TensorRTBackend:
         if engine is None:
             raise FluxExportError(f"TensorRT cannot deserialize {record.file}: rebuild it")
         streaming = self._set_budget(name, engine)
-        # CUDA graphs pay off for the transformer, called once per step with the same shapes; a launch that
-        # streams weights cannot be captured
-        graphs = self.cuda_graphs and name == "transformer" and not streaming
+        # CUDA graphs pay off for the transformer and its parts (what the block-skipping caches run), each called
+        # once per step with the same shapes; a launch that streams weights cannot be captured
+        graphs = self.cuda_graphs and name in ("transformer", *TRANSFORMER_PARTS) and not streaming
         return _EngineRunner(engine, name, record, self.cuda, graphs)
 
     def _share_memory(self, runner: _EngineRunner) -> None:

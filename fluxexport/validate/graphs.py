@@ -14,6 +14,7 @@ import numpy as np
 from fluxexport.artifacts.folders import open_export
 from fluxexport.compare import (
     THRESHOLDS,
+    CacheQuality,
     Comparison,
     ImageComparison,
     ValidationReport,
@@ -98,6 +99,8 @@ class SideRun:
 
     outputs: dict[str, list[Feeds]] = field(default_factory=dict)
     images: list[np.ndarray] = field(default_factory=list)
+    uncached: list[np.ndarray] = field(default_factory=list)  # with a cache: the same requests without it
+    decisions: list[list[bool]] = field(default_factory=list)  # with a cache: its skip decisions per request
 
 
 def run_side(
@@ -111,8 +114,9 @@ def run_side(
 ) -> SideRun:
     """Run every component of `sizes` at its shapes, then generate `requests`, through one module at a time of
     the backend `open_backend` opens; everything is closed on return."""
-    from fluxexport.runtime.pipeline import generate
+    from fluxexport.runtime.pipeline import family_runtime, generate
 
+    family_runtime(source).check_cache(source, cache or CacheSettings())  # generate checks no state it is given
     run = SideRun()
     backend = OneModuleAtATime(open_backend)
     try:
@@ -126,7 +130,11 @@ def run_side(
         for request in requests:
             if on_progress:
                 on_progress(f"image {request.width}×{request.height}")
-            run.images.append(generate(backend, source, request, cache=cache).images)
+            state = (cache or CacheSettings()).new_state(request.num_inference_steps)
+            run.images.append(generate(backend, source, request, cache=state).images)
+            if cache is not None and cache.name != "none":  # what the cache costs, on this side's own images
+                run.decisions.append(state.decisions)
+                run.uncached.append(generate(backend, source, request).images)
     finally:
         backend.close()
     return run
@@ -161,6 +169,7 @@ def validate(
     cache both sides generate the images with. `on_progress` is called with each stage's name as it starts,
     on each side."""
     from fluxexport.runtime.pipeline import GenerationRequest
+    from fluxexport.runtime.request import sample_conditions
 
     if min_psnr is None:
         min_psnr = min(thresholds[dtype][1] for dtype in dtypes.values())
@@ -169,9 +178,10 @@ def validate(
     specs = component_specs(source, bounds) if bounds is not None else component_specs(source)
     sizes = {name: validation_sizes(specs[name], within_bounds=bounds is not None) for name in dtypes}
     requests = [
-        GenerationRequest("a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0)
+        GenerationRequest("a red fox in the snow", height=height, width=width, num_inference_steps=steps, seed=0,
+                          **sample_conditions(source, height, width))  # FLUX.1 Fill's image and mask, Control's map
         for height, width in validation_resolutions(source, bounds)
-    ]
+    ]  # fmt: skip
     theirs = run_side(open_reference, source, specs, sizes, requests, cache, on_progress)
     ours = run_side(open_candidate, source, specs, sizes, requests, cache, on_progress)
     for name, dtype in dtypes.items():
@@ -184,7 +194,20 @@ def validate(
         value = psnr(mine, reference)
         difference = int(np.abs(mine.astype(int) - reference.astype(int)).max())
         report.images.append(ImageComparison(request.height, request.width, value, difference, value >= min_psnr))
+    report.cache_quality = cache_quality(requests, ours, theirs)
     return report
+
+
+def cache_quality(requests: list, ours: SideRun, theirs: SideRun) -> list[CacheQuality]:
+    """Per request run with a cache: each side's cached image against its own uncached one, and the decisions."""
+    rows = []
+    for index, request in enumerate(requests[: len(ours.uncached)]):
+        mine, reference = ours.decisions[index], theirs.decisions[index]
+        rows.append(CacheQuality(
+            request.height, request.width, psnr(ours.images[index], ours.uncached[index]),
+            psnr(theirs.images[index], theirs.uncached[index]), mine, reference, mine == reference,
+        ))  # fmt: skip
+    return rows
 
 
 def validate_folder(

@@ -61,8 +61,9 @@ class TransformerAdapter(nn.Module):
 
 class TransformerHeadAdapter(TransformerAdapter):
     """The transformer's embedders and first double block, as diffusers' forward runs them: the first block's
-    image residual (what First Block Cache compares), its image and text outputs, the time embedding, and the
-    image stream that entered the first block (what MagCache subtracts)."""
+    image residual (what First Block Cache compares), its image and text outputs, the time embedding, the
+    image stream that entered the first block (what MagCache subtracts) and the first block's modulated image
+    input (`norm1` of that stream with the time embedding: what TeaCache compares)."""
 
     def forward(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
@@ -76,10 +77,10 @@ class TransformerHeadAdapter(TransformerAdapter):
             temb = model.time_text_embed(timestep, pooled_projections)
         text = model.context_embedder(encoder_hidden_states)
         rope = model.pos_embed(torch.cat((txt_ids.to(dtype), img_ids.to(dtype)), dim=0))
-        text, image = model.transformer_blocks[0](
-            hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope
-        )
-        return image - hidden, image, text, temb, hidden
+        first = model.transformer_blocks[0]
+        modulated = first.norm1(hidden, emb=temb)[0]
+        text, image = first(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+        return image - hidden, image, text, temb, hidden, modulated
 
 
 class TransformerTailAdapter(nn.Module):

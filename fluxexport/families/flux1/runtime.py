@@ -108,7 +108,10 @@ def condition_size(source: ModelSource, image: Image.Image, field: str) -> tuple
 
 
 def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
-    """Every step cache serves FLUX.1 (MagCache's published ratios are FLUX.1-dev's)."""
+    """Every step cache serves FLUX.1 (MagCache's published ratios are FLUX.1-dev's); a MagCache ratios file
+    calibrated on another model is refused in one line."""
+    if isinstance(cache, CacheSettings):
+        cache.check_calibrated_for(source.name)
 
 
 def encode_prompts(backend: Backend, source: ModelSource, resolved: ResolvedRequest, repeats: int) -> EncodedPrompts:

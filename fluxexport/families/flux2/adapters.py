@@ -90,7 +90,9 @@ class TransformerHeadAdapter(TransformerAdapter):
     """The transformer up to its first double block, as diffusers' forward runs it: the time (and guidance)
     embedding, the double blocks' shared modulations, the embedders and the first block. Its outputs: the first
     block's image residual (what First Block Cache compares), its image and text outputs, the time embedding, the
-    image stream that entered the block (what MagCache subtracts), and the two double-stream modulation vectors.
+    image stream that entered the block (what MagCache subtracts), the block's modulated image input (its `norm1`
+    shifted and scaled by the attention modulation: what TeaCache compares), and the two double-stream modulation
+    vectors.
 
     Where each weight lives (each in exactly one part; the modulations are ~0.56 B parameters at FLUX.2 [dev]'s
     size, so none is repeated): the head holds the embedders, `time_guidance_embed`, the first block and the two
@@ -106,14 +108,17 @@ class TransformerHeadAdapter(TransformerAdapter):
         image_modulation = model.double_stream_modulation_img(temb)
         text_modulation = model.double_stream_modulation_txt(temb)
         embedded = model.x_embedder(hidden_states)
-        text, image = model.transformer_blocks[0](
+        first = model.transformer_blocks[0]
+        shift, scale = image_modulation[:, None].chunk(6, dim=-1)[:2]  # the attention's shift and scale
+        modulated = (1 + scale) * first.norm1(embedded) + shift
+        text, image = first(
             hidden_states=embedded,
             encoder_hidden_states=model.context_embedder(encoder_hidden_states),
             temb_mod_img=image_modulation,
             temb_mod_txt=text_modulation,
             image_rotary_emb=joint_rope(model, img_ids, txt_ids),
         )
-        return image - embedded, image, text, temb, embedded, image_modulation, text_modulation
+        return image - embedded, image, text, temb, embedded, modulated, image_modulation, text_modulation
 
 
 class TransformerTailAdapter(nn.Module):

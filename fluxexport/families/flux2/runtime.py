@@ -272,7 +272,10 @@ def decode(backend: Backend, source: ModelSource, latents: torch.Tensor, grid: G
 
 
 def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
-    """Refuse, in one line, a step cache that cannot serve this FLUX.2 model: MagCache with FLUX.1-dev's ratios."""
+    """Refuse, in one line, a step cache that cannot serve this FLUX.2 model: MagCache with FLUX.1-dev's ratios or
+    a ratios file calibrated on another model."""
+    if isinstance(cache, CacheSettings):
+        cache.check_calibrated_for(source.name)
     ratios = cache.knobs.get("ratios") if isinstance(cache, CacheSettings) else None
     if ratios in NAMED_RATIOS:
         raise RequestError(
