@@ -68,26 +68,24 @@ def reference_image():
 
 @pytest.fixture(scope="session")
 def exports(sources, tmp_path_factory):
-    """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session, when a test
-    first asks for the variant)."""
-    from helpers import OnDemand
+    """fp32 ONNX exports of all five components for each tiny variant (~20 s each, once per session, shared by the
+    xdist workers, when a test first asks for the variant)."""
+    from helpers import OnDemand, once_per_session
 
     from fluxexport.export.onnx_export import export_model
 
-    root = tmp_path_factory.mktemp("onnx")
-    return OnDemand(sources, lambda name: _export(export_model, sources[name], root / name))
+    return OnDemand(sources, lambda name: once_per_session(
+        tmp_path_factory, f"onnx-{name}", lambda folder: export_model(sources[name], folder)))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def bf16_export(sources, tmp_path_factory):
+    from helpers import once_per_session
+
     from fluxexport.export.onnx_export import export_model
 
-    return _export(export_model, sources["tiny-dev"], tmp_path_factory.mktemp("onnx-bf16"), dtype="bf16")
-
-
-def _export(export_model, source, folder, **kwargs):
-    export_model(source, folder, **kwargs)
-    return folder
+    return once_per_session(tmp_path_factory, "onnx-bf16", lambda folder: export_model(sources["tiny-dev"], folder,
+                                                                                        dtype="bf16"))  # fmt: skip
 
 
 FLUX2_VARIANTS = ("tiny-klein", "tiny-klein-base", "tiny-flux2-dev")
@@ -115,18 +113,24 @@ def flux2_pipelines(flux2_sources):
 @pytest.fixture(scope="session")
 def flux2_export(flux2_sources, tmp_path_factory):
     """fp32 ONNX exports of tiny-klein's four components (the base model's graphs differ only in weights)."""
+    from helpers import once_per_session
+
     from fluxexport.export.onnx_export import export_model
 
-    return _export(export_model, flux2_sources["tiny-klein"], tmp_path_factory.mktemp("onnx-klein"))
+    return once_per_session(tmp_path_factory, "onnx-klein", lambda folder: export_model(flux2_sources["tiny-klein"],
+                                                                                         folder))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def flux2_dev_export(flux2_sources, tmp_path_factory):
     """fp32 ONNX exports of tiny-flux2-dev's four components (its Mistral3 text encoder streamed from the legacy
     checkpoint layout, its transformer with the guidance input)."""
+    from helpers import once_per_session
+
     from fluxexport.export.onnx_export import export_model
 
-    return _export(export_model, flux2_sources["tiny-flux2-dev"], tmp_path_factory.mktemp("onnx-flux2-dev"))
+    return once_per_session(tmp_path_factory, "onnx-flux2-dev",
+                            lambda folder: export_model(flux2_sources["tiny-flux2-dev"], folder))  # fmt: skip
 
 
 def _parts_export(model: str, graphs: Path, folder: Path) -> Path:
@@ -149,27 +153,36 @@ def _parts_export(model: str, graphs: Path, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def flux2_parts_export(flux2_export, tmp_path_factory):
     """tiny-klein's session export plus the transformer's parts (`export --transformer-parts`)."""
-    return _parts_export("tiny-klein", flux2_export, tmp_path_factory.mktemp("klein-parts") / "onnx")
+    from helpers import once_per_session
+
+    return once_per_session(tmp_path_factory, "klein-parts",
+                            lambda folder: _parts_export("tiny-klein", flux2_export, folder))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def parts_export(exports, tmp_path_factory):
     """tiny-dev's session export plus the transformer's parts (`export --transformer-parts`): what `--cache
     first-block` and magcache run on ONNX Runtime. Read-only: a test that changes it works on a copy."""
-    return _parts_export("tiny-dev", exports["tiny-dev"], tmp_path_factory.mktemp("parts") / "onnx")
+    from helpers import once_per_session
+
+    return once_per_session(tmp_path_factory, "parts",
+                            lambda folder: _parts_export("tiny-dev", exports["tiny-dev"], folder))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def parts_engines(sources, parts_export, tmp_path_factory) -> Path:
     """Engines of `parts_export`'s clip, t5, vae_decoder and transformer parts, built by `build`'s own code over
     the stand-in TensorRT (helpers.build_folder). Read-only."""
-    from helpers import build_folder
+    from helpers import build_folder, once_per_session
 
     from fluxexport.specs import TRANSFORMER_PARTS
 
     names = ["clip", "t5", "vae_decoder", *TRANSFORMER_PARTS]
-    return build_folder(sources["tiny-dev"], parts_export, tmp_path_factory.mktemp("parts-engines") / "engines",
-                        components=names)  # fmt: skip
+
+    def build(folder: Path) -> None:
+        build_folder(sources["tiny-dev"], parts_export, folder, components=names)
+
+    return once_per_session(tmp_path_factory, "parts-engines", build)
 
 
 @pytest.fixture(scope="session")
@@ -224,19 +237,20 @@ EXPORTING_FIXTURES = {"exports", "bf16_export", "fp8_exports", "flux2_export", "
 
 FLUX1_EXPORTS = {"exports", "bf16_export", "fp8_exports", "parts_export", "parts_engines"}
 FLUX2_EXPORTS = {"flux2_export", "flux2_dev_export", "flux2_parts_export"}
-README_RUN = "tests/test_readme.py::test_every_readme_command_runs_as_pasted"  # its own exports, in subprocesses
+
+
+TRITONSERVER_FIXTURES = {"schnell_repository", "schnell_server"}  # the session's one FLUX.1 tritonserver
 
 
 def xdist_group(nodeid: str, fixtures: set[str]) -> str | None:
-    """The worker group of a test under pytest-xdist's `--dist loadgroup`: tests that need one family's session
-    exports run on one worker (each export is made once, not once per worker), the README's commands on their own;
-    the rest go wherever a worker is free."""
-    if nodeid == README_RUN:
-        return "readme"
-    if fixtures & FLUX1_EXPORTS:
-        return "flux1"
-    if fixtures & FLUX2_EXPORTS:
-        return "flux2"
+    """The worker group of a test under pytest-xdist's `--dist loadgroup`. The session's exports are made once
+    whichever worker asks (`helpers.once_per_session`), so a test that needs one is grouped only with the other such
+    tests of its module (the module's own fixtures are then made once), and the tests that share the session's
+    tritonserver with each other; the rest, the README's blocks among them, go wherever a worker is free."""
+    if fixtures & TRITONSERVER_FIXTURES:
+        return "tiny-schnell-tritonserver"
+    if fixtures & (FLUX1_EXPORTS | FLUX2_EXPORTS):
+        return nodeid.split("::")[0]
     return None
 
 
@@ -274,18 +288,15 @@ def fp8_exports(sources, exports, tmp_path_factory):
     calibrated on 3 built-in prompts × 2 steps (runs in ONNX Runtime on CPU)."""
     import shutil
 
-    from helpers import OnDemand
+    from helpers import OnDemand, once_per_session
 
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings
     from fluxexport.quantize.qdq_export import quantize_transformer
 
-    root = tmp_path_factory.mktemp("fp8")
-
-    def quantized(name: str) -> Path:
-        folder = root / name
+    def quantize(name: str, folder: Path) -> None:
         shutil.copytree(exports[name], folder)
         settings = CalibrationSettings(CALIBRATION_PROMPTS[:3], steps=2, height=144, width=272)
         quantize_transformer(sources[name], folder, settings, base_dtype="fp32")
-        return folder
 
-    return OnDemand(sources, quantized)
+    return OnDemand(sources, lambda name: once_per_session(tmp_path_factory, f"fp8-{name}",
+                                                           lambda folder: quantize(name, folder)))  # fmt: skip

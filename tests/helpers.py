@@ -286,3 +286,29 @@ class OnDemand(Mapping[str, Value]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def once_per_session(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder `make(folder)` writes, made once per test session. Under pytest-xdist the session's workers share
+    it: the first worker that asks makes it behind a file lock, the others wait for it and reuse it, so a session
+    export is made once however the tests spread over the workers (read-only: a test that changes it works on a
+    copy). A `make` that raises leaves nothing behind, and the next test that asks tries again."""
+    import os
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                make(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder
