@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fluxexport.errors import FluxExportError
-from fluxexport.models.quantized_checkpoint import QuantScale, dequantize, is_quantization_key, quant_scale, read_header
+from fluxexport.models.quantized_checkpoint import QuantScale, dequantize, quant_scale, quantization_keys, read_header
 from fluxexport.models.source import ModelSource
 
 
@@ -66,8 +66,9 @@ def folder_locations(folder: Path) -> dict[str, TensorLocation]:
     locations = {}
     for path in _safetensors_files(folder):
         header = read_header(path)
+        extra = quantization_keys({key: dtype for key, (dtype, _) in header.tensors.items()})
         for key in header.tensors:
-            if not is_quantization_key(key):
+            if key not in extra:
                 locations[key] = TensorLocation(path, key, scale=quant_scale(header, key))
     return locations
 
@@ -80,7 +81,8 @@ def bfl_locations(path: Path) -> dict[str, TensorLocation]:
     from fluxexport.models.single_file import BFL_PREFIX, bfl_layout
 
     header = read_header(path)  # a quantized file's scales and markers are no tensors of the layout
-    keys = [key for key in header.tensors if not is_quantization_key(key)]
+    extra = quantization_keys({key: dtype for key, (dtype, _) in header.tensors.items()})
+    keys = [key for key in header.tensors if key not in extra]
     prefix = BFL_PREFIX if any(key.startswith(BFL_PREFIX) for key in keys) else ""
     with safe_open(str(path), framework="pt") as handle:
         rows_of = {key.removeprefix(prefix): handle.get_slice(key).get_shape()[0] for key in keys}

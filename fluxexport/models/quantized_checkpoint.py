@@ -57,9 +57,19 @@ REFUSED = {
 }
 
 
-def is_quantization_key(key: str) -> bool:
-    """Whether `key` is a layer's scale or marker, or a file's format marker, rather than a parameter."""
-    return key.endswith(SCALE_SUFFIXES) or key.rsplit(".", 1)[-1] in MARKER_KEYS
+QUANTIZED_DTYPES = ("F8_E4M3", "U8")  # what a quantized weight is stored as (E4M3; NVFP4's packed E2M1)
+TORCH_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.uint8: "U8"}
+
+
+def quantization_keys(dtypes: dict[str, str]) -> set[str]:
+    """The keys (of a file whose tensors have safetensors `dtypes`) that are a quantized weight's scales or markers,
+    or a file's format marker: no parameter of the model. A scale beside a weight that is not quantized is none of
+    them (the layout then refuses it as a key the model does not have)."""
+
+    def of_quantized_weight(key: str) -> bool:
+        return key.endswith(SCALE_SUFFIXES) and dtypes.get(key.rsplit(".", 1)[0] + ".weight") in QUANTIZED_DTYPES
+
+    return {key for key in dtypes if key.rsplit(".", 1)[-1] in MARKER_KEYS or of_quantized_weight(key)}
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ def layout_of(header: FileHeader) -> str | None:
             f"{name} holds float8_e5m2 weights, which fluxexport cannot read: pass an E4M3 (float8_e4m3fn) or bf16 "
             "checkpoint"
         )
-    scales = {key: shape for key, (_, shape) in tensors.items() if key.endswith(".weight_scale")}
+    extra = quantization_keys({key: dtype for key, (dtype, _) in tensors.items()})
+    scales = {key: shape for key, (_, shape) in tensors.items() if key.endswith(".weight_scale") and key in extra}
     if any(len(shape) == 1 and shape[0] > 1 for shape in scales.values()):
         return FP8_ROWS
     if scales or any(dtype == E4M3 for dtype, _ in tensors.values()):
@@ -209,9 +220,9 @@ def read_scales(handle, scale: QuantScale, rows: tuple[int, int] | None) -> tupl
 def dequantized_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A loaded state dict with every E4M3 weight dequantized to float32 by its scales and the scales and markers
     dropped (unquantized tensors pass through): what a PyTorch run of the checkpoint computes with."""
-    plain = {}
+    plain, extra = {}, quantization_keys({key: TORCH_NAMES.get(value.dtype, "") for key, value in state.items()})
     for key, value in state.items():
-        if is_quantization_key(key):
+        if key in extra:
             continue
         if key.endswith(".weight") and value.dtype == torch.float8_e4m3fn:
             scale = state.get(key.removesuffix("weight") + "weight_scale")
@@ -231,7 +242,7 @@ def refuse_quantized_folder(folder: Path) -> None:
     take the E4M3 values without their scales."""
     for path in sorted(Path(folder).glob("*.safetensors")):
         header = read_header(path)
-        if any(is_quantization_key(key) or dtype.startswith("F8_") for key, (dtype, _) in header.tensors.items()):
+        if any(dtype.startswith("F8_") or key.endswith(SCALE_SUFFIXES) for key, (dtype, _) in header.tensors.items()):
             raise FluxExportError(
                 f"{folder} holds quantized weights ({path.name}): fluxexport reads published FP8 transformers as "
                 "single files: pass the .safetensors file as --model with --base-model for the rest"
