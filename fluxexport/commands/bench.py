@@ -52,14 +52,15 @@ def run_bench(options: BenchOptions, progress: Progress = no_progress, log: Log 
     """Warm up, then time `options.repeats` generations of one fixed prompt on the chosen backend."""
     from fluxexport.benchmark import run_benchmark
     from fluxexport.runtime.cache import parse_cache
-    from fluxexport.runtime.request import GenerationRequest, resolve_request
+    from fluxexport.runtime.request import GenerationRequest, resolve_request, sample_conditions
 
     cache = parse_cache(options.cache)
     if options.repeats < 1 or options.warmup < 0:
         raise FluxExportError("--repeats must be ≥ 1 and --warmup ≥ 0")
     source = open_source(options.model)
-    request = GenerationRequest(BENCH_PROMPT, height=options.height, width=options.width,
-                                num_inference_steps=options.steps, num_images_per_prompt=options.batch)  # fmt: skip
+    size = tuple(source.default_size if side is None else side for side in (options.height, options.width))
+    request = GenerationRequest(BENCH_PROMPT, height=size[0], width=size[1], num_inference_steps=options.steps,
+                                num_images_per_prompt=options.batch, **sample_conditions(source, *size))  # fmt: skip
     resolve_request(source, request)  # every value checked before any weight loads
     backend = choose_backend(options.runner.backend, options.runner.engines)
     engine = open_backend(options.runner, source, backend, log)

@@ -119,6 +119,7 @@ class CalibrationInputs:
     conditioning: dict[str, torch.Tensor]
     negative: dict[str, torch.Tensor] | None
     guidance_scale: float
+    condition: torch.Tensor | None = None  # FLUX.1 Fill's, Canny/Depth's: beside each noise token's channels
 
     @property
     def runs(self) -> int:
@@ -131,12 +132,13 @@ def calibration_inputs(backend, source, settings: CalibrationSettings) -> Calibr
     builds them: prompt i draws the noise of seed + i, as a generation of it alone would; FLUX.2 base models'
     negative prompt ("" by default) makes the unconditional branch of true CFG, which calibration sees as the
     runtime runs it."""
-    from fluxexport.runtime.request import GenerationRequest, resolve_request
+    from fluxexport.runtime.request import GenerationRequest, resolve_request, sample_conditions
 
     family = source.family.part("runtime")
+    size = tuple(source.default_size if side is None else side for side in (settings.height, settings.width))
     request = GenerationRequest(
         list(settings.prompts), height=settings.height, width=settings.width, num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale, seed=settings.seed,
+        guidance_scale=settings.guidance_scale, seed=settings.seed, **sample_conditions(source, *size),
     )  # fmt: skip
     resolved = resolve_request(source, request)
     prompts = family.encode_prompts(backend, source, resolved, 1)
@@ -145,7 +147,9 @@ def calibration_inputs(backend, source, settings: CalibrationSettings) -> Calibr
     sigmas = family.sigmas(source, resolved.steps, latents.shape[1]).to(backend.device)
     ids = family.image_ids(family.latent_grid(source, resolved)).to(backend.device)
     positive, negative = family.transformer_inputs(source, prompts, ids, resolved.guidance_scale)
-    return CalibrationInputs(latents, sigmas, positive, negative, resolved.guidance_scale)
+    encoded = family.encode_references(backend, source, resolved, latents.shape[0])
+    condition = encoded[0] if encoded is not None and encoded[1] is None else None  # Fill's, Control's (no tokens)
+    return CalibrationInputs(latents, sigmas, positive, negative, resolved.guidance_scale, condition)
 
 
 def trajectories(backend, source, settings: CalibrationSettings) -> tuple[int, Callable]:
@@ -158,7 +162,7 @@ def trajectories(backend, source, settings: CalibrationSettings) -> tuple[int, C
     def walk(transformer, on_step):
         denoise(
             transformer, inputs.latents, inputs.sigmas, inputs.conditioning, inputs.negative, inputs.guidance_scale,
-            on_step=on_step,
+            on_step=on_step, condition=inputs.condition,
         )  # fmt: skip
 
     return inputs.runs, walk

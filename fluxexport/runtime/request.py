@@ -236,6 +236,23 @@ def _conditions(
     return None, control_image, (height - height % multiple, width - width % multiple)  # type: ignore[return-value]
 
 
+def sample_conditions(source: ModelSource, height: int, width: int) -> dict[str, Image.Image]:
+    """The image conditions a tool's own requests give a pipeline that needs them (`validate`, `bench`): FLUX.1
+    Fill's `image` and `mask` (a gradient picture, its right third repainted), Canny/Depth's `control_image` (a
+    ring's edges); none for the others. A side the request refuses (under 16 px) draws them at 16 px."""
+    if source.reference_mode not in (FILL_CONDITION, CONTROL_CONDITION):
+        return {}
+    height, width = max(int(height), 16), max(int(width), 16)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    if source.reference_mode == FILL_CONDITION:
+        picture = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(x / 9) * np.cos(y / 7)], axis=-1)
+        image = Image.fromarray((picture * 255).astype(np.uint8))
+        return {"image": image, "mask": Image.fromarray(((x >= 2 * width / 3) * 255).astype(np.uint8))}
+    radius = np.hypot(x - width / 2, y - height / 2) / min(height, width)
+    edges = (np.abs(radius - 0.3) < 0.02) | (np.abs(radius - 0.15) < 0.02)
+    return {"control_image": Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")}
+
+
 def _negative_prompts(source: ModelSource, negative, count: int) -> list[str] | None:
     """One negative prompt per prompt where the model runs true CFG (diffusers' "" by default)."""
     if not source.uses_true_cfg:
