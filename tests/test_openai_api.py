@@ -66,7 +66,9 @@ def front(schnell_server, schnell_repository):
 
 
 @needs_server
-def test_generations_equal_fluxexport_run(front, exports, tmp_path):
+def test_generations_equal_fluxexport_run(front, sources, ort_backends):
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
     client = client_of(front)
     assert [model.id for model in client.models.list()] == ["tiny-schnell"]
     served = client.images.generate(
@@ -74,12 +76,10 @@ def test_generations_equal_fluxexport_run(front, exports, tmp_path):
     )  # fmt: skip
     assert served.size == "80x64" and served.output_format == "png" and len(served.data) == 1
     image, kind = pixels(served.data[0].b64_json)
-    result = CliRunner().invoke(main, [
-        "run", "--model", "tiny-schnell", "--engines", str(exports["tiny-schnell"]), "--prompt", PROMPT,
-        "--width", "80", "--height", "64", "--steps", "2", "--seed", "5", "--output", str(tmp_path / "fox.png"),
-    ])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert kind == "PNG" and np.array_equal(image, np.asarray(Image.open(tmp_path / "fox.png").convert("RGB")))
+    # `run --backend onnxruntime`'s image on the graphs the repository serves (the session's backend on them)
+    request = GenerationRequest(PROMPT, height=64, width=80, num_inference_steps=2, seed=5)
+    expected = generate(ort_backends["tiny-schnell"], sources["tiny-schnell"], request).images
+    assert kind == "PNG" and np.array_equal(image, expected[0])
 
     # n images in one request, jpeg and webp at the asked quality, the LoRA and cache extensions pass through
     many = client.images.generate(prompt=PROMPT, size="64x64", n=2, output_format="jpeg", output_compression=90,
@@ -134,7 +134,9 @@ def refusal(call, kind=None):
 
 
 @needs_server
-def test_bad_requests_are_openai_errors_naming_the_field(front):
+def test_bad_requests_are_openai_errors_naming_the_field(front, schnell_repository):
+    from fluxexport.triton.repository import LORA_FOLDER
+
     client = client_of(front)
     generate = client.images.generate
     cases = [
@@ -160,6 +162,19 @@ def test_bad_requests_are_openai_errors_naming_the_field(front):
         assert refusal(call) == expected
     assert refusal(lambda: generate(model="dall-e-3", prompt=PROMPT), openai.NotFoundError) == (
         404, "model", "model_not_found", "model 'dall-e-3' is not served here; it serves 'tiny-schnell'")  # fmt: skip
+    # our fault, not the request's: the repository's LoRA file damaged on disk (put back before the test returns)
+    lora_file = schnell_repository / LORA_FOLDER / "ink.safetensors"
+    original = lora_file.read_bytes()
+    lora_file.write_bytes(b"\x00" * 64)
+    try:
+        status, param, code, message = refusal(
+            lambda: generate(prompt=PROMPT, size="64x64", extra_body={"lora": "ink", "steps": 1}),
+            openai.InternalServerError,
+        )  # fmt: skip
+    finally:
+        lora_file.write_bytes(original)
+    assert (status, param, code) == (500, None, "internal_error")
+    assert message.startswith("internal error: ") and "ink.safetensors" in message, message
     assert too_large(front, "/v1/images/generations", 2 << 20) == (413, "request_too_large")
     assert too_large(front, "/v1/images/edits", 65 << 20) == (413, "request_too_large")
 
@@ -223,7 +238,7 @@ def test_a_front_whose_triton_is_down_answers_503_and_stays_up():
         assert (status, param, code) == (503, None, "service_unavailable")
         assert message.startswith("the image model's server does not answer")
         assert refusal(lambda: client.images.generate(prompt=PROMPT, n=0)) == (
-            400, "n", "invalid_value", "n must be in 1..10, got 0")  # fmt: skip the request's fault first
+            400, "n", "invalid_value", "n must be in 1..10, got 0")  # fmt: skip
 
 
 def test_serve_refusals():
