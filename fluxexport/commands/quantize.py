@@ -120,12 +120,12 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
              (calibrating, calibrating is not None)) if value]  # fmt: skip
     if given:
         raise FluxExportError(
-            f"{source.name} is a {layout} FP8 checkpoint, quantized with its own scales: drop {given[0]}"
+            f"{source.name} is an FP8 checkpoint ({layout}) quantized with its own scales: drop {given[0]}"
         )
     out = options.out or default_folder(source.name)
     bounds = prepare_quantize_folder(out, source, options.replace)
     names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
-    log(f"{source.name} is a {layout} FP8 checkpoint: its own scales, no calibration")
+    log(f"{source.name} is an FP8 checkpoint ({layout}): its own scales, no calibration")
     export_checkpoint_fp8(
         source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names
     )
