@@ -24,7 +24,9 @@ from helpers import has_tritonserver
 from PIL import Image
 
 from fluxexport.cli import main
+from fluxexport.openai_api.app import FrontSettings
 from fluxexport.openai_api.protocol import ApiError, parse_loras, parse_request, triton_refusal
+from fluxexport.openai_api.server import FrontServer
 from fluxexport.triton.server import free_port
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra: pip install -e .[dev]")
@@ -239,6 +241,11 @@ def test_a_front_whose_triton_is_down_answers_503_and_stays_up():
         assert message.startswith("the image model's server does not answer")
         assert refusal(lambda: client.images.generate(prompt=PROMPT, n=0)) == (
             400, "n", "invalid_value", "n must be in 1..10, got 0")  # fmt: skip
+    # past its bound of requests in flight (0 here), a front answers 429 before it calls Triton
+    settings = FrontSettings(f"127.0.0.1:{free_port()}", "flux-test", max_in_flight=0)
+    with FrontServer(settings, port=free_port()) as full:
+        status, _, code, _ = refusal(lambda: client_of(full).images.generate(prompt=PROMPT), openai.RateLimitError)
+        assert (status, code) == (429, "rate_limit_exceeded")
 
 
 def test_serve_refusals():
@@ -307,7 +314,8 @@ def test_triton_refusals_become_openai_errors():
         ("400", "[request id: <id_unknown>] num_images 9 exceed this deployment's batch limit 4", 400, "n"),
         ("400", "image_2 was given without image: number reference images from image up", 400, "image"),
         ("400", "guidance_scale must be finite", 400, "guidance"),
-        ("400", "17 images exceed this deployment's batch limit 4", 400, None),
+        ("400", "17 images exceed this deployment's batch limit 4", 400, "n"),
+        ("400", "the prompt holds 600 tokens, past 512", 400, None),
         ("400", "Request for unknown model: 'flux_pipeline' is not found", 503, None),
         ("500", "internal error: a component failed", 500, None),
     ]

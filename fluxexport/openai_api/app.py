@@ -154,12 +154,12 @@ class Front:
         if request.model not in (None, self.settings.model):
             raise ApiError(404, f"model {request.model!r} is not served here; it serves {self.settings.model!r}",
                            "model", "model_not_found")  # fmt: skip
-        check_served(request, await self.pipeline_inputs())
         if self.in_flight >= self.settings.max_in_flight:
             raise ApiError(429, f"{self.in_flight} requests are in flight, the most this server takes: retry",
                            None, "rate_limit_exceeded")  # fmt: skip
         self.in_flight += 1
         try:
+            check_served(request, await self.pipeline_inputs())
             inputs = pipeline_inputs(triton, request.prompt, **request.pipeline_values())
             outputs = [triton.InferRequestedOutput("images", binary_data=True)]
             result = await self.triton(self.client.infer(PIPELINE, inputs, outputs=outputs))

@@ -226,6 +226,8 @@ def triton_refusal(status: str | None, message: str) -> ApiError:
         first = re.match(r"[A-Za-z_0-9]+", text)
         named = first[0] if first else ""
         param = PARAM_OF_INPUT.get(re.sub(r"_\d+$", "", named))
+        if param is None and re.search(r"\bimages? exceeds? this deployment's batch limit\b", text):
+            param = "n"
         return ApiError(400, text, param, "invalid_value")
     return ApiError(500, text or "the image model failed", None, "internal_error")
 
