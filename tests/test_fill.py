@@ -221,3 +221,26 @@ def test_a_lora_merges_into_fill_as_diffusers_fuse_lora(fill, fill_torch, refere
     plain = generate(fill_torch, fill, request(reference_image, edge_mask, 96, 96, 1, 1, 2)).images
     assert psnr(ours, expected) >= 50
     assert psnr(ours, plain) < 45  # the LoRA changes the image
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flux1")
+def test_validate_compares_fill_graphs_end_to_end(fill_export, tmp_path):
+    """`validate` gives Fill its own image and mask (`sample_conditions`): every component, the VAE posterior's
+    std included, within its threshold, and the images within 50 dB of PyTorch's."""
+    import json
+
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.commands.validate import ValidateOptions, validate_folder
+
+    options = ValidateOptions(
+        model=ModelOptions("tiny-fill"), engines=fill_export, components=["vae_encoder", "transformer"], steps=2,
+        report=tmp_path / "report.json",
+    )  # fmt: skip
+    result = validate_folder(options)
+    report = json.loads(result.path.read_text())
+    assert result.failure is None and report["passed"]
+    assert {row["output"] for row in report["components"] if row["component"] == "vae_encoder"} == {
+        "latent", "latent_std",
+    }  # fmt: skip
+    assert len(report["images"]) == 2 and all(image["psnr"] >= 50 for image in report["images"])
