@@ -15,7 +15,7 @@ from fluxexport.families.family import CONTROL_CONDITION
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
 PROMPT = "a glass house on a hill"
-CASES = [(192, 288, 1, 1, 3), (144, 80, 2, 2, 2)]  # height, width, prompts, images per prompt, steps
+CASES = [(144, 80, 2, 2, 2)]  # height, width, prompts, images per prompt, steps: odd sizes, a batch of 4
 
 
 @pytest.fixture(scope="module")
