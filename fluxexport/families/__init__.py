@@ -40,7 +40,7 @@ def detect_family(model_index: dict[str, Any], transformer_config: dict[str, Any
     for family in FAMILIES:
         if transformer_class != family.transformer_class:
             continue
-        if pipeline is not None:  # a FLUX pipeline that runs its transformer otherwise (KV cache, fill, control)
+        if pipeline is not None:  # a FLUX pipeline that runs its transformer otherwise (KV cache, inpainting)
             raise FluxExportError(
                 f"pipeline {pipeline!r} is a {family.title} pipeline fluxexport does not run: it runs {known}; "
                 "export a checkpoint of one of those"
