@@ -36,7 +36,7 @@ def test_family_is_read_from_the_checkpoint():
         detect_family({"_class_name": "StableDiffusionPipeline"})
     assert str(error.value) == (
         "pipeline 'StableDiffusionPipeline' is not a FLUX model fluxexport knows: it exports FluxPipeline, "
-        "FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline"
+        "FluxKontextPipeline, FluxFillPipeline, FluxControlPipeline, Flux2KleinPipeline, Flux2Pipeline"
     )
 
 

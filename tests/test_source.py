@@ -86,7 +86,7 @@ def test_model_defaults(sources):
          "text_encoder/config.json hidden_size is 48 but the transformer's pooled_projection_dim is 32"),
         ("text_encoder_2", "d_model", 64,
          "text_encoder_2/config.json d_model is 64 but the transformer's joint_attention_dim is 32"),
-        ("vae", "latent_channels", 4, "vae/config.json latent_channels × 4 is 16 but the transformer's in_channels is 64"),
+        ("vae", "latent_channels", 4, "vae/config.json latent_channels × 4 is 16 but the transformer's out_channels is 64"),
     ],
 )  # fmt: skip
 def test_parts_of_different_widths_are_refused_at_load(tmp_path, sources, part, key, value, message):
@@ -111,12 +111,11 @@ def test_a_changed_checkpoint_of_the_same_name_is_said_so(sources):
 
 @pytest.mark.parametrize(
     ("variant", "pipeline", "title"),
-    [("tiny-klein", "Flux2KleinKVPipeline", "FLUX.2"), ("tiny-klein", "Flux2KleinInpaintPipeline", "FLUX.2"),
-     ("tiny-dev", "FluxFillPipeline", "FLUX.1"), ("tiny-dev", "FluxControlPipeline", "FLUX.1")],
+    [("tiny-klein", "Flux2KleinKVPipeline", "FLUX.2"), ("tiny-klein", "Flux2KleinInpaintPipeline", "FLUX.2")],
 )  # fmt: skip
 def test_a_flux_pipeline_we_do_not_run_is_refused(variant, pipeline, title, tmp_path, sources, flux2_sources):
-    """klein 9B KV, inpainting, Fill and Control load their FLUX transformer but run it otherwise: refused,
-    not run as the plain pipeline."""
+    """klein 9B KV and inpainting load their FLUX transformer but run it otherwise: refused, not run as the plain
+    pipeline."""
     folder = tmp_path / pipeline
     shutil.copytree({**sources, **flux2_sources}[variant].root, folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -125,7 +124,24 @@ def test_a_flux_pipeline_we_do_not_run_is_refused(variant, pipeline, title, tmp_
         load_folder(folder)
     assert str(error.value) == (
         f"pipeline {pipeline!r} is a {title} pipeline fluxexport does not run: it runs FluxPipeline, "
-        "FluxKontextPipeline, Flux2KleinPipeline, Flux2Pipeline; export a checkpoint of one of those"
+        "FluxKontextPipeline, FluxFillPipeline, FluxControlPipeline, Flux2KleinPipeline, Flux2Pipeline; export a "
+        "checkpoint of one of those"
+    )
+
+
+@pytest.mark.parametrize(("pipeline", "condition"), [("FluxFillPipeline", 320), ("FluxControlPipeline", 64)])
+def test_a_tool_pipeline_over_a_plain_transformer_is_refused(pipeline, condition, tmp_path, sources):
+    """FLUX.1 Fill and Canny/Depth need their wider transformer: a FLUX.1-dev transformer under their pipeline
+    class is refused when the folder opens, naming both widths."""
+    folder = tmp_path / pipeline
+    shutil.copytree(sources["tiny-dev"].root, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": pipeline}))
+    with pytest.raises(FluxExportError) as error:
+        load_folder(folder)
+    assert str(error.value) == (
+        f"{folder}: {pipeline}'s input (4 × 16 latent + {condition} condition channels) is {64 + condition} but the "
+        "transformer's in_channels is 64: the parts come from different models"
     )
 
 
