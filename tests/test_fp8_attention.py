@@ -127,3 +127,18 @@ def test_build_precision_fp8_builds_it_and_the_manifest_says_what_is_fp8(sources
     assert record["onnx"].endswith("transformer.fp8.onnx") and record["precision"] == "fp8"
     assert record["quantization"]["attention"]["modules"] == ATTENTIONS
     assert record["quantization"]["layers"] == 20
+
+
+@pytest.mark.parametrize("variant", ["tiny-dev", "tiny-klein"])
+def test_sequential_calibration_gives_the_whole_model_attention_scales(variant):
+    from fluxexport.models.source import resolve_model
+    from fluxexport.quantize.qdq_export import calibrate_transformer
+
+    source = resolve_model(variant)
+    whole = calibrate_transformer(source, SETTINGS, "cpu", attention=True)
+    sequential = calibrate_transformer(source, SETTINGS, "cpu", sequential=True, attention=True)
+    assert sorted(whole.attention_amax) == sorted(f"{a}.{t}" for a in ATTENTIONS for t in "qkv")
+    assert sequential.attention_amax.keys() == whole.attention_amax.keys()
+    assert all(
+        abs(sequential.attention_amax[name] - value) <= 1e-5 * value for name, value in whole.attention_amax.items()
+    )
