@@ -261,3 +261,24 @@ def test_engine_profiles_take_the_wide_input(fill):
     low, _, high = encoder.shapes["images"]
     latent_low, _, latent_high = decoder.shapes["latent"]
     assert (low[2], high[2]) == (latent_low[2] * 8, latent_high[2] * 8)
+
+
+def test_run_command_takes_image_and_mask_files(fill, reference_image, edge_mask, tmp_path):
+    """`run --image --mask` writes the image at the picture's size floored to /16; a mask PIL cannot read is
+    refused in one line naming --mask, before any weight loads."""
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    reference_image.save(tmp_path / "photo.png")
+    edge_mask.save(tmp_path / "mask.png")
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    common = ["run", "--model", "tiny-fill", "--prompt", PROMPT, "--image", tmp_path / "photo.png", "--steps", "1"]
+    done = CliRunner().invoke(main, [str(a) for a in [*common, "--mask", tmp_path / "mask.png", "--output",
+                                                      tmp_path / "out.png"]])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert Image.open(tmp_path / "out.png").size == (288, 192)
+    refused = CliRunner().invoke(main, [str(a) for a in [*common, "--mask", tmp_path / "broken.png"]])
+    assert refused.exit_code == 1
+    assert refused.output.startswith(f"Error: cannot read --mask {tmp_path / 'broken.png'}: cannot identify image")
+    assert len(refused.output.strip().splitlines()) == 1
