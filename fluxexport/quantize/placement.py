@@ -138,10 +138,10 @@ def qdq_problems(model) -> list[str]:
             if weight is not None and weight.data_type != onnx.TensorProto.FLOAT8E4M3FN:
                 problems.append(f"{node.name}: dequantizes a {onnx.TensorProto.DataType.Name(weight.data_type)} weight")
             for user in users:
-                if weight is not None and user.op_type == "Transpose":
-                    user = next(iter(consumers[user.output[0]]), user)
-                if user.op_type not in GEMMS:
-                    problems.append(f"{node.name}: feeds {user.op_type} {user.name}, not a GEMM input")
+                transposed = weight is not None and user.op_type == "Transpose"
+                for reader in consumers[user.output[0]] if transposed else [user]:
+                    if reader.op_type not in GEMMS:
+                        problems.append(f"{node.name}: feeds {reader.op_type} {reader.name}, not a GEMM input")
     return problems
 
 
