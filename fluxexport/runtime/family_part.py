@@ -53,7 +53,7 @@ class FamilyRuntime(Protocol):
 
     def encode_references(
         self, backend: Backend, source: ModelSource, resolved: ResolvedRequest, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None: ...  # (packed tokens [B,M,D], ids [M,·]), or None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None: ...  # (tokens [B,M,D], ids) | (channels [B,N,·], None)
 
     def noise_tokens(self, source: ModelSource, resolved: ResolvedRequest, batch: int, seed: int) -> torch.Tensor: ...
 
