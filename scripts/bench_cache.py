@@ -13,7 +13,10 @@ that run the transformer in parts pay the parts' overhead over the single graph 
 the PyTorch backend on CPU (the same model, every step through the parts against the single transformer), and
 applied to their estimate as a fraction of the step.
 
-    COLUMNS=200 python scripts/bench_cache.py [--repeats 5] [--size 256] [--steps 28]
+    COLUMNS=200 python scripts/bench_cache.py [--repeats 5] [--size 256] [--steps 28] [--backend onnxruntime|torch]
+
+`--backend torch` runs everything on the PyTorch backend on CPU instead (no export: the quality column and the
+parts' overhead in minutes where exporting the mid-size model is slow).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
     args = parser.parse_args()
     quiet_libraries()
 
@@ -55,10 +59,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "mid-dev"
-        console.print("building the mid-size dev model, exporting it and its transformer in parts …")
         source = load_folder(write_mid(root, "tiny-dev"))
-        export_model(source, root / "onnx", [*COMPONENTS, *TRANSFORMER_PARTS])
-        backend = OnnxRuntimeBackend(source, root / "onnx")
+        if args.backend == "torch":
+            from fluxexport.pytorch.backend import TorchBackend
+
+            backend = TorchBackend(source, device="cpu")
+        else:
+            console.print("exporting the mid-size dev model and its transformer in parts …")
+            export_model(source, root / "onnx", [*COMPONENTS, *TRANSFORMER_PARTS])
+            backend = OnnxRuntimeBackend(source, root / "onnx")
         request = GenerationRequest("a red fox in the snow", height=args.size, width=args.size,
                                     num_inference_steps=args.steps, seed=0)  # fmt: skip
         calibration = GenerationRequest(list(CALIBRATION_PROMPTS[:2]), height=args.size, width=args.size,
@@ -90,7 +99,8 @@ def main() -> None:
             f"{base / median(text, 'denoise'):.2f}×", "same" if quality == float("inf") else f"{quality:.1f}",
             f"{estimate:.0f}", f"{H100_STEP_MS * args.steps / estimate:.2f}×",
         ])  # fmt: skip
-    title = f"step caches · mid-size dev model · {args.size}² · {args.steps} steps · ONNX Runtime CPU"
+    runner = "PyTorch" if args.backend == "torch" else "ONNX Runtime"
+    title = f"step caches · mid-size dev model · {args.size}² · {args.steps} steps · {runner} CPU"
     columns = ["--cache", "computed", "denoise ms", "total ms", "denoise ×", "PSNR vs none dB",
                "H100 est. denoise ms", "H100 est. ×"]  # fmt: skip
     console.print(table(title, columns, rows))
