@@ -282,3 +282,29 @@ def test_run_command_takes_image_and_mask_files(fill, reference_image, edge_mask
     assert refused.exit_code == 1
     assert refused.output.startswith(f"Error: cannot read --mask {tmp_path / 'broken.png'}: cannot identify image")
     assert len(refused.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("flux1")
+def test_fp8_transformer_of_fill_within_its_bound(fill_export, tmp_path):
+    """`quantize` calibrates Fill with its condition in place (a picture and a mask of its own): the FP8 Q/DQ
+    transformer within 6e-2 rel-L2 of PyTorch fp32 at every validation shape."""
+    import json
+    import shutil
+
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
+    from fluxexport.commands.validate import ValidateOptions, validate_folder
+
+    folder = tmp_path / "fill-fp8"
+    shutil.copytree(fill_export, folder)
+    model = ModelOptions("tiny-fill")
+    quantize_fp8(QuantizeOptions(model=model, out=folder, dtype="fp32", calib_size=2, calib_steps=2,
+                                 calib_resolution=64))  # fmt: skip
+    result = validate_folder(
+        ValidateOptions(model=model, engines=folder, components=["transformer"], steps=2, fp8=True,
+                        report=tmp_path / "report.json")
+    )  # fmt: skip
+    rows = json.loads(result.path.read_text())["components"]
+    assert result.failure is None and len(rows) == 3
+    assert all(row["rel_l2"] <= 6e-2 for row in rows), [row["rel_l2"] for row in rows]
