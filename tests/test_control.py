@@ -122,7 +122,7 @@ def canny_export(canny, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_control.py")  # its one export made once (conftest.xdist_group)
 def test_onnxruntime_control_matches_diffusers_at_unseen_sizes(canny, canny_export, control_pipeline, edges):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 

@@ -124,7 +124,7 @@ def fill_export(fill, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_fill.py")  # its one export made once (conftest.xdist_group)
 def test_onnxruntime_fill_matches_diffusers_at_unseen_sizes(
     fill, fill_export, fill_pipeline, reference_image, edge_mask
 ):
@@ -142,7 +142,7 @@ def test_onnxruntime_fill_matches_diffusers_at_unseen_sizes(
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_fill.py")  # its one export made once (conftest.xdist_group)
 def test_triton_pipeline_takes_image_and_mask(fill, fill_export, reference_image, edge_mask, tmp_path):
     """The repository's flux_pipeline declares `image` and `mask` (and no control image), and serves, in process
     through BLS, `run --backend onnxruntime`'s image on the same graphs; a request without its mask is refused in
@@ -224,7 +224,7 @@ def test_a_lora_merges_into_fill_as_diffusers_fuse_lora(fill, fill_torch, refere
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_fill.py")  # its one export made once (conftest.xdist_group)
 def test_validate_compares_fill_graphs_end_to_end(fill_export, tmp_path):
     """`validate` gives Fill its own image and mask (`sample_conditions`): every component, the VAE posterior's
     std included, within its threshold, and the images within 50 dB of PyTorch's."""
@@ -285,7 +285,7 @@ def test_run_command_takes_image_and_mask_files(fill, reference_image, edge_mask
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_fill.py")  # its one export made once (conftest.xdist_group)
 def test_fp8_transformer_of_fill_within_its_bound(fill_export, tmp_path):
     """`quantize` calibrates Fill with its condition in place (a picture and a mask of its own): the FP8 Q/DQ
     transformer within 6e-2 rel-L2 of PyTorch fp32 at every validation shape."""
