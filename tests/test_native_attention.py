@@ -94,8 +94,8 @@ def test_check_names_the_tensorrt_that_parses_native_ops(native_export):
     path = native_export / "transformer.onnx"
     assert check_graph(path, record).problems == [
         "opset 23 is outside TensorRT 10.1's 9..20",
-        "Attention ×2, RMSNormalization ×6: ONNX's own ops (--native-attention), parsed by TensorRT ≥ 10.15, not by "
-        "10.1: check with --tensorrt 10.15",
+        "Attention ×2, RMSNormalization ×6: opset 23's own ops, parsed by TensorRT ≥ 10.15, not by 10.1: check "
+        "with --tensorrt 10.15",
     ]
     for version in ("10.15", "11.5.0"):
         report = check_graph(path, record, version)
@@ -107,8 +107,8 @@ def test_check_refuses_a_tensorrt_that_parses_only_part_of_them():
     with pytest.raises(FluxExportError) as refused:
         tensorrt_support("10.14")
     assert str(refused.value) == (
-        "no operator list for TensorRT 10.14: this fluxexport knows 10.1, and 10.15 or newer for graphs with ONNX's "
-        "Attention / RMSNormalization (--native-attention)"
+        "no operator list for TensorRT 10.14: this fluxexport knows 10.1, and 10.15 or newer for graphs with opset "
+        "23's Attention / RMSNormalization / RotaryEmbedding"
     )
 
 
@@ -117,9 +117,9 @@ def test_check_refuses_a_tensorrt_that_parses_only_part_of_them():
 def test_build_refuses_native_graphs_below_tensorrt_10_15(native_export, exports):
     native = {"transformer": open_export(native_export).components["transformer"]}
     assert native_op_refusal(native, (10, 14, 1, 48), "10.14.1.48") == (
-        "transformer's graph holds ONNX Attention / RMSNormalization (exported with --native-attention), which "
-        "TensorRT 10.14.1.48's ONNX parser does not take (needs 10.15 or newer): build with TensorRT 10.15+ or "
-        "export again without --native-attention"
+        "transformer's graph holds ONNX Attention / RMSNormalization (opset 23's own ops), which TensorRT "
+        "10.14.1.48's ONNX parser does not take (needs 10.15 or newer): build with TensorRT 10.15+ or export again "
+        "without --native-attention at the default opset"
     )
     assert native_op_refusal(native, (10, 15, 1, 29), "10.15.1.29") is None
     assert native_op_refusal(open_export(exports[VARIANT]).components, (10, 1, 0), "10.1.0") is None

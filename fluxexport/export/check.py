@@ -120,8 +120,8 @@ def read_structure(path: Path):
 @functools.cache
 def tensorrt_support(version: str | None = None) -> dict:
     """The operator list to check against: the bundled one (TensorRT 10.1's), or for a `version` at or past the
-    first TensorRT that parses every native op (10.15), that list plus ONNX's Attention / RMSNormalization up to
-    opset 23 (`NATIVE_OP_TENSORRT` says where each is documented)."""
+    first TensorRT that parses every native op (10.15), that list plus opset 23's Attention / RMSNormalization /
+    RotaryEmbedding, up to opset 23 (`NATIVE_OP_TENSORRT` says where each is documented)."""
     data = json.loads(resources.files("fluxexport.data").joinpath("tensorrt_onnx_ops.json").read_text())
     if version is None or version == data["tensorrt"]:
         return data
@@ -130,7 +130,7 @@ def tensorrt_support(version: str | None = None) -> dict:
     if len(numbers) < 2 or numbers[:2] < native:
         raise FluxExportError(
             f"no operator list for TensorRT {version}: this fluxexport knows {data['tensorrt']}, and "
-            f"{version_text(native)} or newer for graphs with ONNX's Attention / RMSNormalization (--native-attention)"
+            f"{version_text(native)} or newer for graphs with opset 23's {' / '.join(NATIVE_OPS)}"
         )
     sources = "; ".join(f"{name}: {source}" for name, (_, source) in NATIVE_OP_TENSORRT.items())
     return data | {
@@ -237,7 +237,7 @@ def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | N
     native = {name: unsupported[name] for name in NATIVE_OPS if unsupported[name]}
     if native:
         report.problems.append(
-            f"{', '.join(f'{name} ×{count}' for name, count in native.items())}: ONNX's own ops (--native-attention), "
+            f"{', '.join(f'{name} ×{count}' for name, count in native.items())}: opset 23's own ops, "
             f"parsed by TensorRT ≥ {version_text(tensorrt_for(native) or ())}, not by {support['tensorrt']}: check "
             f"with --tensorrt {version_text(tensorrt_for(NATIVE_OPS) or ())}"
         )

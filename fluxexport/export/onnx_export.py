@@ -178,7 +178,9 @@ def export_component(
         require_native_opset(opset)
     compute, note = component_precision(spec.name, dtype)
     translations = portable_translations(opset, native_attention) | (translations or {})
-    options = TraceOptions(opset, streaming, prepare=prepare, translations=translations or None)
+    options = TraceOptions(
+        opset, streaming, prepare=prepare, translations=translations or None, native_ops=native_attention
+    )
     traced = trace_component(source, spec, compute, options)
     extra = (lambda model, _spec, _compute: graph_pass(model),) if graph_pass else ()
     native = check_native if native_attention else check_portable

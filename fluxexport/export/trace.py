@@ -16,6 +16,7 @@ from fluxexport.adapters import build_adapter
 from fluxexport.artifacts.records import WeightOrigin
 from fluxexport.dtypes import torch_dtype
 from fluxexport.errors import FluxExportError
+from fluxexport.export.native_ops import opset23_fusions
 from fluxexport.export.streaming import Prepare, streamed_program
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec, sample_inputs
@@ -40,6 +41,7 @@ class TraceOptions:
     module: torch.nn.Module | None = None
     prepare: Prepare | None = None
     translations: dict | None = None
+    native_ops: bool = False  # keep opset 23's Attention / RMSNormalization (`export/native_ops.py`)
 
 
 @dataclass(frozen=True)
@@ -93,17 +95,23 @@ def trace_component(source: ModelSource, spec: ComponentSpec, compute: str, opti
     feeds = sample_inputs(spec, spec.export_sizes, dtype)
     origins: dict[str, WeightOrigin] | None = {} if options.module is None and options.streaming else None
     try:
-        if origins is not None:
-            model = streamed_program(
-                source, spec, dtype, lambda adapter, optimize: trace_module(adapter, spec, feeds, options, optimize),
-                options.prepare, origins,
-            )  # fmt: skip
-        else:
-            module = options.module or build_adapter(spec, source, dtype, options.prepare)
-            model = trace_module(module, spec, feeds, options).model
+        with opset23_fusions(options.native_ops):
+            model = _trace(source, spec, dtype, feeds, options, origins)
     except FluxExportError:
         raise
     except Exception as error:  # keep the first line, point to the cause
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise FluxExportError(f"exporting {spec.name} failed: {first}") from error
     return Traced(model, compute, origins)
+
+
+def _trace(source: ModelSource, spec: ComponentSpec, dtype: torch.dtype, feeds: dict[str, torch.Tensor],
+           options: TraceOptions, origins: dict[str, WeightOrigin] | None) -> ir.Model:  # fmt: skip
+    """The traced graph, streamed (`origins` filled) or in memory (`origins` None)."""
+    if origins is not None:
+        return streamed_program(
+            source, spec, dtype, lambda adapter, optimize: trace_module(adapter, spec, feeds, options, optimize),
+            options.prepare, origins,
+        )  # fmt: skip
+    module = options.module or build_adapter(spec, source, dtype, options.prepare)
+    return trace_module(module, spec, feeds, options).model

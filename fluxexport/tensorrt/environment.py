@@ -41,12 +41,17 @@ MIN_TENSORRT = (10, 1)  # the _v2 device-memory queries, set_device_memory, exec
 
 # ONNX's own ops (opset 23) that newer ONNX parsers map to TensorRT's native layers: the first TensorRT whose
 # parser takes each, and where that is written (read, not run: no TensorRT ≥ 10.14 has parsed one here yet).
+# torch writes Attention and RMSNormalization (export --native-attention); onnxscript's optimizer fuses a text
+# encoder's rotary embedding into RotaryEmbedding at opset 23 with or without the flag.
+_RELEASE_10_14 = 'onnx/onnx-tensorrt#1043 (10.14-GA release): "Added support for the Attention operator"'
+_RELEASE_10_15 = (
+    'onnx/onnx-tensorrt#1048 (10.15-GA release): "Added support for RotaryEmbedding, RMSNormalization and '
+    'TensorScatter"'
+)
 NATIVE_OP_TENSORRT: dict[str, tuple[tuple[int, int], str]] = {
-    "Attention": ((10, 14), 'onnx/onnx-tensorrt release 10.14-GA notes: "Added support for the Attention operator"'),
-    "RMSNormalization": (
-        (10, 15),
-        'onnx/onnx-tensorrt#1046, its maintainer (2026-01-05): "RMSNorm support will be available in the 10.15 release"',
-    ),
+    "Attention": ((10, 14), _RELEASE_10_14),
+    "RMSNormalization": ((10, 15), _RELEASE_10_15),
+    "RotaryEmbedding": ((10, 15), _RELEASE_10_15),
 }
 NATIVE_OPS = tuple(NATIVE_OP_TENSORRT)
 
@@ -69,9 +74,9 @@ def native_op_refusal(graphs: dict, version: tuple[int, ...], version_name: str)
         needed = tensorrt_for(held)
         if needed and version[:2] < needed:
             return (
-                f"{name}'s graph holds ONNX {' / '.join(held)} (exported with --native-attention), which TensorRT "
-                f"{version_name}'s ONNX parser does not take (needs {version_text(needed)} or newer): build with "
-                f"TensorRT {version_text(needed)}+ or export again without --native-attention"
+                f"{name}'s graph holds ONNX {' / '.join(held)} (opset 23's own ops), which TensorRT {version_name}'s "
+                f"ONNX parser does not take (needs {version_text(needed)} or newer): build with TensorRT "
+                f"{version_text(needed)}+ or export again without --native-attention at the default opset"
             )
     return None
 
