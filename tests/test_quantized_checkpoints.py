@@ -48,7 +48,8 @@ def exported_checkpoints(klein, checkpoints, tmp_path_factory) -> dict[str, Path
 
     amax = calibrate_transformer(klein, CalibrationSettings(CALIBRATION_PROMPTS[:2], steps=2)).input_amax
     path = tmp_path_factory.mktemp("calibrated") / "klein-fp8.safetensors"
-    return {"fp8r": checkpoints["fp8r"], "fp8": write_quantized_single_file(klein, path, "fp8", amax)}
+    nvfp4 = write_quantized_single_file(klein, path.with_name("klein-nvfp4.safetensors"), "nvfp4", amax)
+    return {"fp8r": checkpoints["fp8r"], "fp8": write_quantized_single_file(klein, path, "fp8", amax), "nvfp4": nvfp4}
 
 
 def opened(path: Path, base: str = "tiny-klein"):
@@ -60,6 +61,7 @@ def opened(path: Path, base: str = "tiny-klein"):
 def test_published_fp8_layouts_are_detected_from_their_keys(checkpoints):
     assert opened(checkpoints["fp8r"]).quantized_layout == "fp8r"
     assert opened(checkpoints["fp8"]).quantized_layout == "fp8"
+    assert opened(checkpoints["nvfp4"]).quantized_layout == "nvfp4"
     with safe_open(str(checkpoints["fp8r"]), framework="pt") as handle:  # BFL's layout: E4M3 rows, fp32 row scales
         assert handle.get_tensor("double_blocks.0.img_attn.qkv.weight").dtype == torch.float8_e4m3fn
         rows = handle.get_slice("double_blocks.0.img_attn.qkv.weight").get_shape()[0]
@@ -67,12 +69,6 @@ def test_published_fp8_layouts_are_detected_from_their_keys(checkpoints):
 
 
 def test_unreadable_layouts_are_refused_in_one_line_naming_them(checkpoints, tmp_path):
-    with pytest.raises(FluxExportError) as nvfp4:
-        opened(checkpoints["nvfp4"])
-    assert str(nvfp4.value) == (
-        "klein-nvfp4.safetensors is NVFP4 (packed E2M1 weights, E4M3 block scales, weight_scale_2), which fluxexport "
-        "cannot read: pass its FP8 release, or its bf16 release and quantize it with `quantize --precision nvfp4`"
-    )
     with pytest.raises(FluxExportError) as legacy:
         opened(checkpoints["scaled_fp8"])
     assert str(legacy.value) == (
@@ -90,7 +86,7 @@ def test_unreadable_layouts_are_refused_in_one_line_naming_them(checkpoints, tmp
         "int8.safetensors is ComfyUI's int8_blockwise layout, which fluxexport cannot read: pass a float8_e4m3fn "
         "or bf16 checkpoint"
     )
-    assert all("\n" not in str(error.value) for error in (nvfp4, legacy, int8))
+    assert all("\n" not in str(error.value) for error in (legacy, int8))
 
 
 def test_a_quantized_diffusers_folder_is_refused(klein, checkpoints, tmp_path):
@@ -179,9 +175,10 @@ def checkpoint_graphs(exported_checkpoints, tmp_path_factory):
 
     def quantized(layout: str) -> Path:
         model = ModelOptions(model=str(exported_checkpoints[layout]), base_model="tiny-klein")
-        return quantize_fp8(QuantizeOptions(model=model, out=root / layout, dtype="fp32")).out
+        precision = "nvfp4" if layout == "nvfp4" else "fp8"
+        return quantize_fp8(QuantizeOptions(model=model, out=root / layout, dtype="fp32", precision=precision)).out
 
-    return OnDemand({"fp8r": None, "fp8": None}, quantized)
+    return OnDemand({"fp8r": None, "fp8": None, "nvfp4": None}, quantized)
 
 
 def fp8_graph(folder: Path):
@@ -360,3 +357,100 @@ def test_the_graph_holds_no_high_precision_copy_of_the_quantized_weights(layout,
     assert sorted(path.name for path in folder.iterdir() if path.suffix in (".onnx", ".onnx_data")) == [
         "transformer.fp8.onnx"
     ]
+
+
+def test_nvfp4_weights_read_as_diffusers_dequantizes_them(checkpoints):
+    from diffusers.quantizers.bfl.utils import BFLNVFP4Linear, dequantize_nvfp4
+
+    from fluxexport.models.loaders import load_transformer
+
+    source = opened(checkpoints["nvfp4"])
+    ours, theirs = load_transformer(source).state_dict(), diffusers_fp8r(source)  # the same loader reads NVFP4
+    quantized = {name: module for name, module in theirs.named_modules() if isinstance(module, BFLNVFP4Linear)}
+    assert len(quantized) == 14
+    for name, module in quantized.items():
+        expected = dequantize_nvfp4(module.weight, module.weight_scale, module.weight_scale_2)
+        assert torch.equal(ours[f"{name}.weight"], expected), name
+
+
+def test_an_nvfp4_checkpoint_needs_precision_nvfp4(checkpoints, tmp_path):
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
+
+    model = ModelOptions(model=str(checkpoints["nvfp4"]), base_model="tiny-klein")
+    with pytest.raises(FluxExportError) as refused:
+        quantize_fp8(QuantizeOptions(model=model, out=tmp_path / "out"))
+    assert str(refused.value) == (
+        "klein-nvfp4 is an NVFP4 checkpoint: quantize it with --precision nvfp4 (FP8 graphs come from FP8 or bf16 "
+        "releases)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_the_nvfp4_graph_holds_the_checkpoints_codes_and_scales(exported_checkpoints, checkpoint_graphs):
+    """`quantize --precision nvfp4` of an NVFP4 checkpoint: each weight's FLOAT4E2M1 codes and E4M3 block scales
+    are the file's, its per-tensor scale the file's `weight_scale_2`, the activations' the file's `input_scale`."""
+    import onnx
+
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.models.quantized_checkpoint import e2m1_values
+
+    folder = checkpoint_graphs["nvfp4"]
+    record = open_export(folder).nvfp4["transformer"]
+    assert record.extra["quantization"]["scales"] == "checkpoint" and record.extra["quantization"]["layers"] == 14
+    values = initializers(folder / record.file)
+    model = onnx.load(str(folder / record.file), load_external_data=False)
+    dynamic = {float(values[node.input[1]]) for node in model.graph.node if node.op_type == "TRT_FP4DynamicQuantize"}
+    with safe_open(str(exported_checkpoints["nvfp4"]), framework="pt") as handle:
+        expected_inputs = {float(handle.get_tensor(k)) for k in handle.keys() if k.endswith(".input_scale")}  # noqa: SIM118
+        for key in [k for k in handle.keys() if k.endswith("qkv.weight")]:  # noqa: SIM118 - fused: rows split
+            packed, blocks = handle.get_tensor(key), handle.get_tensor(key.removesuffix("weight") + "weight_scale")
+            block, name = key.split(".")[1], "img" if "img_attn" in key else "txt"
+            parts = ("to_q", "to_k", "to_v") if name == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
+            codes = np.concatenate([values[f"model.transformer_blocks.{block}.attn.{p}.weight.fp4"] for p in parts])
+            assert np.array_equal(codes.astype(np.float32), e2m1_values(packed).numpy()), key
+            scales = np.concatenate([values[f"model.transformer_blocks.{block}.attn.{p}.weight.fp4_block_scale"]
+                                     for p in parts])  # fmt: skip
+            assert scales.tobytes() == blocks.view(torch.uint8).numpy().tobytes(), key
+            global_scale = values[f"model.transformer_blocks.{block}.attn.{parts[0]}.weight.fp4_global_scale"]
+            assert float(global_scale) == float(handle.get_tensor(key.removesuffix("weight") + "weight_scale_2"))
+    assert dynamic == expected_inputs
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_the_nvfp4_graph_runs_as_the_checkpoint_with_nvfp4_activations(exported_checkpoints, checkpoint_graphs):
+    """ONNX's reference evaluator runs the graph; the reference is the checkpoint's dequantized weights with the
+    activations through NVFP4 at the file's input scales (what diffusers' Blackwell path computes)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from fluxexport.adapters import adapter_for
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.models.loaders import load_transformer
+    from fluxexport.quantize.from_checkpoint import checkpoint_scales
+    from fluxexport.quantize.nvfp4 import nvfp4_qdq, reference_ops
+    from fluxexport.specs import component_specs, sample_inputs
+
+    class NVFP4Inputs(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear, scale: float):
+            super().__init__()
+            self.linear, self.scale = linear, torch.tensor(scale, dtype=torch.float32)
+
+        def forward(self, x):
+            return self.linear(nvfp4_qdq(x, self.scale))
+
+    source = opened(exported_checkpoints["nvfp4"])
+    model = load_transformer(source)
+    for name, (_, input_scale) in checkpoint_scales(source).items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NVFP4Inputs(model.get_submodule(name), input_scale))
+    reference = adapter_for(source, "transformer", model).eval()
+    record = open_export(checkpoint_graphs["nvfp4"]).nvfp4["transformer"]
+    evaluator = ReferenceEvaluator(str(checkpoint_graphs["nvfp4"] / record.file), new_ops=reference_ops())
+    spec = component_specs(source)["transformer"]
+    feeds = sample_inputs(spec, {"B": 1, "N": 16, "L": 5})
+    ours = evaluator.run(None, {key: value.numpy() for key, value in feeds.items()})[0]
+    with torch.no_grad():
+        expected = reference(*[feeds[tensor.name] for tensor in spec.inputs]).numpy()
+    assert rel_l2(ours, expected) <= 5e-3  # one FP4 step across a rounding midpoint moves it (test_nvfp4.py)

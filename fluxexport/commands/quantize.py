@@ -104,31 +104,44 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
     """`quantize` of a published FP8 checkpoint (`models/quantized_checkpoint.py`): the Q/DQ graphs with the
     checkpoint's own scales (`quantize/from_checkpoint.py`); calibration's options are refused, having nothing
     to do."""
+    import onnx
+
     from fluxexport.artifacts.files import default_folder
     from fluxexport.artifacts.folders import open_export
     from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.export.target_folder import prepare_quantize_folder
-    from fluxexport.quantize.from_checkpoint import export_checkpoint_fp8
+    from fluxexport.quantize.from_checkpoint import export_checkpoint_fp8, export_checkpoint_nvfp4
     from fluxexport.quantize.qdq_export import fp8_components
     from fluxexport.specs import TRANSFORMER_PARTS
 
     layout = source.quantized_layout
+    precision = "nvfp4" if layout == "nvfp4" else "fp8"  # the checkpoint's own: its scales make no other graph
+    if layout == "nvfp4" and options.precision != "nvfp4":
+        raise FluxExportError(
+            f"{source.name} is an NVFP4 checkpoint: quantize it with --precision nvfp4 (FP8 graphs come from FP8 or "
+            "bf16 releases)"
+        )
     calibrating = _ignored_with_saved_scales(options)
-    given = [flag for flag, value in ((f"--precision {options.precision}", options.precision != "fp8"),
+    given = [flag for flag, value in ((f"--precision {options.precision}", options.precision != precision),
              ("--calibration", options.calibration_file is not None), ("--fp8-attention", options.fp8_attention),
              (calibrating, calibrating is not None)) if value]  # fmt: skip
     if given:
         raise FluxExportError(
-            f"{source.name} is an FP8 checkpoint ({layout}) quantized with its own scales: drop {given[0]}"
+            f"{source.name} is an {precision.upper()} checkpoint ({layout}) quantized with its own scales: drop {given[0]}"
         )
     out = options.out or default_folder(source.name)
     bounds = prepare_quantize_folder(out, source, options.replace)
     names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
-    log(f"{source.name} is an FP8 checkpoint ({layout}): its own scales, no calibration")
-    export_checkpoint_fp8(
-        source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names
-    )
+    log(f"{source.name} is an {precision.upper()} checkpoint ({layout}): its own scales, no calibration")
+    export = export_checkpoint_nvfp4 if precision == "nvfp4" else export_checkpoint_fp8
+    export(source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names)
+    if precision == "nvfp4":  # checked as ONNX, as `quantize --precision nvfp4`'s graphs are
+        records = [open_export(out).nvfp4[name] for name in names]
+        for record in records:
+            onnx.checker.check_model(str(out / record.file))
+        graphs = [QuantizedGraph(out / record.file, record.notes[0]) for record in records]
+        return QuantizeResult(out, graphs, CheckResult([], None))
     records = [open_export(out).fp8[name] for name in names]
     reports = [check_graph(out / record.file, record) for record in records]
     failed = next((report.path for report in reports if not report.ok), None)

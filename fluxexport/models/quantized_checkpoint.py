@@ -39,9 +39,14 @@ from fluxexport.errors import FluxExportError
 
 FP8_ROWS = "fp8r"
 FP8_TENSOR = "fp8"
+NVFP4 = "nvfp4"
+NVFP4_BLOCK = 16
+# E2M1 values by their 4-bit code: bit 3 the sign, bits 2-0 the magnitude (ONNX's FLOAT4E2M1, ml_dtypes' float4_e2m1fn)
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 LAYOUT_TITLES = {
     FP8_ROWS: "black-forest-labs' fp8r (E4M3 weights, float32 weight_scale per row)",
     FP8_TENSOR: "per-tensor FP8 (E4M3 weights, float32 weight_scale and input_scale)",
+    NVFP4: "NVFP4 (packed E2M1 weights, E4M3 block scales, float32 weight_scale_2 and input_scale)",
 }
 # keys that are no model parameter: a layer's scales and markers, a file's format marker
 SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".weight_scale_2", ".comfy_quant", ".scale_weight", ".scale_input",
@@ -50,7 +55,6 @@ MARKER_KEYS = ("scaled_fp8",)
 E4M3 = "F8_E4M3"
 # refused layouts: what a key ends with → the format's name and what to do instead
 REFUSED = {
-    ".weight_scale_2": "NVFP4 (packed E2M1 weights, E4M3 block scales, weight_scale_2)",
     ".scale_weight": "ComfyUI's legacy scaled_fp8 (scale_weight keys)",
     ".weight_scale_inv": "block-scaled FP8 (weight_scale_inv)",
     ".absmax": "bitsandbytes (absmax)",
@@ -80,6 +84,7 @@ class QuantScale:
     weight_scale: str | None
     per_row: bool
     input_scale: str | None = None
+    global_scale: str | None = None  # NVFP4: `weight_scale_2` over the E4M3 block scales `weight_scale`
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ def layout_of(header: FileHeader) -> str | None:
             "checkpoint"
         )
     extra = quantization_keys({key: dtype for key, (dtype, _) in tensors.items()})
+    if any(key.endswith(".weight_scale_2") for key in extra):
+        return NVFP4
     scales = {key: shape for key, (_, shape) in tensors.items() if key.endswith(".weight_scale") and key in extra}
     if any(len(shape) == 1 and shape[0] > 1 for shape in scales.values()):
         return FP8_ROWS
@@ -175,6 +182,8 @@ def quant_scale(header: FileHeader, weight_key: str) -> QuantScale | None:
         return None
     base = weight_key.removesuffix("weight")
     scale, dtype = base + "weight_scale", header.tensors[weight_key][0]
+    if dtype == "U8" and base + "weight_scale_2" in header.tensors:
+        return _nvfp4_scale(header, base)
     if scale not in header.tensors and dtype != E4M3:
         return None
     if dtype != E4M3:
@@ -190,9 +199,39 @@ def quant_scale(header: FileHeader, weight_key: str) -> QuantScale | None:
     return QuantScale(scale, per_row, input_scale if input_scale in header.tensors else None)
 
 
+def _nvfp4_scale(header: FileHeader, base: str) -> QuantScale:
+    """An NVFP4 weight's scales; the activation scale is part of the layout (diffusers refuses a file without)."""
+    if base + "input_scale" not in header.tensors:
+        raise FluxExportError(
+            f"{header.path.name}: {base}weight has weight_scale_2 but no input_scale, which the NVFP4 layout "
+            "requires: the file is incomplete"
+        )
+    return QuantScale(base + "weight_scale", True, base + "input_scale", base + "weight_scale_2")
+
+
+def _rows(handle, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+    tensor = handle.get_slice(key)
+    return tensor[rows[0] : rows[1]] if rows is not None else tensor[:]
+
+
+def e2m1_values(packed: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 codes `[N, K/2]` (uint8, the even element in the low nibble) as float32 values `[N, K]`."""
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return E2M1_VALUES[codes.long()]
+
+
+def nvfp4_dequantize(packed: torch.Tensor, blocks: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """w = e2m1 · block scale · weight_scale_2 (float32), each E4M3 block scale over 16 consecutive inputs."""
+    step = (blocks.float() * global_scale.float().reshape(())).repeat_interleave(NVFP4_BLOCK, dim=1)
+    return e2m1_values(packed) * step
+
+
 def dequantize(handle, scale: QuantScale, weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     """The float32 weight an E4M3 `weight` (the `rows` of its file tensor, or all of it) stands for: q · scale,
-    with the scale's rows cut as the weight's were (diffusers' `dequantize_fp8r`, ComfyUI's dequantize)."""
+    with the scale's rows cut as the weight's were (diffusers' `dequantize_fp8r`, ComfyUI's dequantize); an NVFP4
+    weight by its block and global scales (diffusers' `dequantize_nvfp4`)."""
+    if scale.global_scale is not None:
+        return nvfp4_dequantize(weight, _rows(handle, scale.weight_scale, rows), handle.get_tensor(scale.global_scale))
     values = weight.float()
     if scale.weight_scale is None:
         return values
@@ -204,8 +243,11 @@ def dequantize(handle, scale: QuantScale, weight: torch.Tensor, rows: tuple[int,
 
 
 def read_scales(handle, scale: QuantScale, rows: tuple[int, int] | None) -> tuple[torch.Tensor, float | None]:
-    """(weight scale: float32 `[rows]` per row or a 0-d scalar, input scale or None) of one quantized weight."""
-    if scale.weight_scale is None:
+    """(weight scale: float32 `[rows]` per row or a 0-d scalar, input scale or None) of one quantized weight; an
+    NVFP4 weight's is its global scale (`weight_scale_2`)."""
+    if scale.global_scale is not None:
+        weight_scale = handle.get_tensor(scale.global_scale).float().reshape(())
+    elif scale.weight_scale is None:
         weight_scale = torch.tensor(1.0)
     elif scale.per_row:
         step = handle.get_slice(scale.weight_scale)
@@ -224,7 +266,10 @@ def dequantized_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in state.items():
         if key in extra:
             continue
-        if key.endswith(".weight") and value.dtype == torch.float8_e4m3fn:
+        base = key.removesuffix("weight")
+        if key.endswith(".weight") and value.dtype == torch.uint8 and base + "weight_scale_2" in state:
+            value = nvfp4_dequantize(value, state[base + "weight_scale"], state[base + "weight_scale_2"])
+        elif key.endswith(".weight") and value.dtype == torch.float8_e4m3fn:
             scale = state.get(key.removesuffix("weight") + "weight_scale")
             value = value.float() if scale is None else value.float() * _broadcast(scale.float(), value)
         plain[key] = value

@@ -194,3 +194,101 @@ def export_checkpoint_fp8(
         folder.fp8[name] = _record(source, specs[name], exported, opset, base_dtype, layers)
         folder.write()
     return folder.fp8[names[0]]
+
+
+def apply_checkpoint_nvfp4(transformer: nn.Module, scales: dict[str, tuple[torch.Tensor, float | None]]) -> nn.Module:
+    """Replace each NVFP4 Linear of the checkpoint by an `NVFP4Linear` (quantize/nvfp4.py) whose per-tensor scales
+    are the checkpoint's own: `weight_scale_2` for the weight, `input_scale` for the activations' dynamic blocks."""
+    from fluxexport.quantize.nvfp4 import NVFP4Linear
+
+    for name, (global_scale, input_scale) in scales.items():
+        parent, _, child = name.rpartition(".")
+        module = NVFP4Linear(transformer.get_submodule(name), 1.0, 1.0)
+        module.weight_scale.fill_(float(global_scale))
+        module.input_scale.fill_(float(input_scale if input_scale is not None else 0.0))
+        setattr(transformer.get_submodule(parent), child, module)
+    return transformer
+
+
+def checkpoint_nvfp4_pass(source: ModelSource) -> Callable:
+    """The NVFP4 graph pass (`nvfp4_graph_pass`: TensorRT's pattern) with each weight's FLOAT4E2M1 codes and E4M3
+    block scales then read from the checkpoint as they are written, instead of computed again from the weight."""
+    import ml_dtypes
+    import onnx_ir as ir
+    from safetensors import safe_open
+
+    from fluxexport.models.checkpoint import CheckpointTensors
+    from fluxexport.models.quantized_checkpoint import e2m1_values
+    from fluxexport.quantize.nvfp4_export import BLOCK_SCALE_SUFFIX, FP4_SUFFIX, nvfp4_graph_pass
+
+    locations = CheckpointTensors(source, "transformer").locations
+
+    def read(location, key: str) -> torch.Tensor:
+        with safe_open(str(location.file), framework="pt") as handle:
+            tensor = handle.get_slice(key)
+            return tensor[location.rows[0] : location.rows[1]] if location.rows else tensor[:]
+
+    def codes(location, name: str) -> ir.Tensor:
+        values = e2m1_values(read(location, location.key)).numpy().astype(ml_dtypes.float4_e2m1fn)
+        return ir.Tensor(values, dtype=ir.DataType.FLOAT4E2M1, name=name)
+
+    def blocks(location, name: str) -> TorchTensor:
+        return TorchTensor(read(location, location.scale.weight_scale).contiguous(), name)
+
+    def graph_pass(model) -> str:
+        note, replaced = nvfp4_graph_pass(model), 0
+        for name, value in model.graph.initializers.items():
+            suffix = next((end for end in (FP4_SUFFIX, BLOCK_SCALE_SUFFIX) if name.endswith(end)), None)
+            if suffix is None:
+                continue
+            location = locations[name.removesuffix(suffix).split(".", 1)[1]]  # under the adapter's module name
+            make = codes if suffix == FP4_SUFFIX else blocks
+            lazy = lambda make=make, location=location, name=name: make(location, name)  # noqa: E731
+            value.const_value = ir.LazyTensor(lazy, dtype=value.const_value.dtype, shape=value.shape, name=name)
+            replaced += suffix == FP4_SUFFIX
+        return f"{note}; {replaced} weights' codes and block scales are the checkpoint's own"
+
+    return graph_pass
+
+
+def export_checkpoint_nvfp4(
+    source: ModelSource,
+    out_dir: Path,
+    base_dtype: str = "bf16",
+    opset: int = DEFAULT_OPSET,
+    bounds: ExportBounds | None = None,
+    external_data: bool | None = None,
+    on_bytes: Callable[[str, int, int], None] | None = None,
+    components: Sequence[str] | None = None,
+) -> GraphRecord:
+    """`out_dir/transformer.nvfp4.onnx` (and `components`' parts) from an NVFP4 checkpoint: `quantize --precision
+    nvfp4`'s graph with the checkpoint's codes, block scales, `weight_scale_2` and `input_scale`; no calibration.
+    Recorded in the manifest's `nvfp4` section; returns the first graph's record."""
+    from fluxexport.quantize.nvfp4 import MIN_NVFP4_OPSET
+    from fluxexport.quantize.nvfp4 import TRANSLATIONS as NVFP4_TRANSLATIONS
+    from fluxexport.quantize.nvfp4_export import FP4_SUFFIX, NVFP4, check_nvfp4_options, nvfp4_stem
+    from fluxexport.quantize.qdq_export import _check_fp8_components, fp8_components
+
+    check_nvfp4_options(base_dtype, opset)
+    out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
+    names = list(fp8_components(out_dir) if components is None else components)
+    _check_fp8_components(names, source)
+    scales, graph_pass = checkpoint_scales(source), checkpoint_nvfp4_pass(source)
+    specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
+    for name in names:
+        progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
+        exported = export_component(
+            source, specs[name], out_dir, base_dtype, opset, external_data, translations=NVFP4_TRANSLATIONS,
+            graph_pass=graph_pass, on_bytes=progress, stem=nvfp4_stem(name),
+            prepare=lambda transformer: apply_checkpoint_nvfp4(transformer, scales),
+        )  # fmt: skip
+        written = onnx.load(str(exported.path), load_external_data=False).graph.initializer
+        layers = sum(tensor.name.endswith(FP4_SUFFIX) for tensor in written)
+        file = source.transformer_file.name if source.transformer_file else source.name
+        note = f"NVFP4 with the checkpoint's own codes and scales ({file}) on {layers} Linear layers"
+        exported = replace(exported, notes=(note, *exported.notes))
+        quantization = {"format": NVFP4, "layout": NVFP4, "layers": layers, "block_size": 16, "scales": "checkpoint"}
+        record = graph_record(specs[name], exported, MIN_NVFP4_OPSET, base_dtype, quantization=quantization)
+        folder.nvfp4[name] = replace(record, dtype=NVFP4)
+        folder.write()
+    return folder.nvfp4[names[0]]
