@@ -22,8 +22,6 @@ from fluxexport.specs import component_specs, sample_inputs, validation_sizes
 from fluxexport.tensorrt.environment import native_op_refusal
 
 VARIANT = "tiny-dev"  # 1 double + 1 single block: 2 attentions, 4 + 2 q/k RMS norms
-# Tests on the native export are slow and run on the worker holding tiny-dev's session exports (conftest's "flux1"
-# group), so the module's one export is made once.
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def snr_db(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_native_attention.py")  # its one export made once (conftest.xdist_group)
 def test_native_graph_holds_attention_and_rms_norms_where_the_default_decomposes_them(native_export, exports):
     native, default = op_counts(native_export / "transformer.onnx"), op_counts(exports[VARIANT] / "transformer.onnx")
     assert (native["Attention"], native["RMSNormalization"]) == (2, 6)
@@ -60,7 +58,7 @@ def test_native_graph_holds_attention_and_rms_norms_where_the_default_decomposes
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_native_attention.py")  # its one export made once (conftest.xdist_group)
 def test_onnxruntime_runs_the_native_graph_as_the_default_export_at_unseen_shapes(native_export, exports, sources):
     spec = component_specs(sources[VARIANT])["transformer"]
     native = ort.InferenceSession(str(native_export / "transformer.onnx"), providers=["CPUExecutionProvider"])
@@ -75,7 +73,7 @@ def test_onnxruntime_runs_the_native_graph_as_the_default_export_at_unseen_shape
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_native_attention.py")  # its one export made once (conftest.xdist_group)
 def test_validate_compares_the_native_graph_with_pytorch(native_export, sources, torch_backends):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.validate.graphs import compare_component
@@ -88,7 +86,7 @@ def test_validate_compares_the_native_graph_with_pytorch(native_export, sources,
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_native_attention.py")  # its one export made once (conftest.xdist_group)
 def test_check_names_the_tensorrt_that_parses_native_ops(native_export):
     record = open_export(native_export).components["transformer"]
     path = native_export / "transformer.onnx"
@@ -113,7 +111,7 @@ def test_check_refuses_a_tensorrt_that_parses_only_part_of_them():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("flux1")
+@pytest.mark.xdist_group("tests/test_native_attention.py")  # its one export made once (conftest.xdist_group)
 def test_build_refuses_native_graphs_below_tensorrt_10_15(native_export, exports):
     native = {"transformer": open_export(native_export).components["transformer"]}
     assert native_op_refusal(native, (10, 14, 1, 48), "10.14.1.48") == (
