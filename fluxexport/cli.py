@@ -350,7 +350,7 @@ def _print_check(check) -> None:
          "; ".join(report.problems[:3]) + (" …" if len(report.problems) > 3 else "")]
         for report in check.reports
     ]  # fmt: skip
-    title = f"TensorRT {tensorrt_support()['tensorrt']} compatibility"
+    title = f"TensorRT {check.reports[0].tensorrt if check.reports else tensorrt_support()['tensorrt']} compatibility"
     console.print(table(title, ["graph", "opset", "nodes", "status", "problems"], rows))
     if check.failure:
         raise FluxExportError(check.failure)
@@ -380,6 +380,9 @@ def _print_check(check) -> None:
 @click.option("--replace", is_flag=True,
               help="Remove the graphs --out holds first (without it, a folder of another model, dtype or bounds "
                    "is refused).")  # fmt: skip
+@click.option("--native-attention", is_flag=True,
+              help="Attention and RMS norms as ONNX's own Attention / RMSNormalization ops (opset 23, the default "
+                   "with this flag; TensorRT 10.15 or newer parses them). Default: decomposed, for any TensorRT.")  # fmt: skip
 @reference_budget_options("default")
 def export(
     model,
@@ -395,6 +398,7 @@ def export(
     run_check,
     transformer_parts,
     replace,
+    native_attention,
     max_references,
     max_reference_area,
     max_reference_aspect,
@@ -407,7 +411,7 @@ def export(
         max_batch=max_batch, min_resolution=min_resolution, max_resolution=max_resolution,
         external_data=external_data, run_check=run_check, transformer_parts=transformer_parts, replace=replace,
         max_references=max_references, max_reference_area=max_reference_area,
-        max_reference_aspect=max_reference_aspect,
+        max_reference_aspect=max_reference_aspect, native_attention=native_attention,
     )  # fmt: skip
     plan = plan_export(options)  # refused before anything is printed
     for note in plan.notes:
