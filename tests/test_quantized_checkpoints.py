@@ -73,7 +73,7 @@ def test_unreadable_layouts_are_refused_in_one_line_naming_them(checkpoints, tmp
         opened(checkpoints["scaled_fp8"])
     assert str(legacy.value) == (
         "klein-scaled_fp8.safetensors is ComfyUI's legacy scaled_fp8 (scale_weight keys), which fluxexport cannot "
-        "read: pass its FP8 (float8_e4m3fn, weight_scale) or bf16 release"
+        "read: pass its FP8 (float8_e4m3fn, weight_scale), NVFP4 or bf16 release"
     )
     # a ComfyUI marker naming another format (an INT8 file's marker on our FP8 layer)
     state = load_file(str(checkpoints["fp8"]))

@@ -18,13 +18,14 @@ E4M3 value nearest, saturated at ±448) and dequantized as q · input_scale. Lay
   FP8 export names its scales alike (`weight_scale`, `input_scale`, scalars). E4M3 weights without any scale (a
   plain cast) are this layout with scale 1.
 
-Refused, each in one line naming it: NVFP4 (`weight_scale_2`: packed E2M1 weights with E4M3 block scales, the
-ModelOpt NVFP4 layout diffusers' `BFLQuantizationConfig` also reads: weight uint8 `[N, K/2]`, even element in
-the low nibble, `weight_scale` float8_e4m3fn `[N, K/16]`, `weight_scale_2` and `input_scale` float32 scalars,
-w = e2m1 · weight_scale · weight_scale_2; `quantize --precision nvfp4` builds NVFP4 graphs from calibration, and
-carrying a file's own codes and block scales into them is not built yet), ComfyUI's legacy `scaled_fp8`
-(`scale_weight` keys), `comfy_quant` formats other than float8_e4m3fn, float8_e5m2 weights, block-scaled FP8
-(`weight_scale_inv`) and bitsandbytes (`absmax`).
+- `nvfp4`, the ModelOpt NVFP4 layout (FLUX.2 [dev] NVFP4; diffusers' `BFLQuantizationConfig` reads it too): each
+  quantized Linear's `weight` is uint8 `[N, K/2]`, two E2M1 codes a byte, the even element in the low nibble,
+  `weight_scale` float8_e4m3fn `[N, K/16]` (one per 16 inputs), `weight_scale_2` and `input_scale` float32
+  scalars: w = e2m1 · weight_scale · weight_scale_2 (diffusers' `dequantize_nvfp4`); activations quantized
+  dynamically in blocks of 16 under the per-tensor `input_scale` (diffusers' FlashInfer path on Blackwell).
+
+Refused, each in one line naming it: ComfyUI's legacy `scaled_fp8` (`scale_weight` keys), `comfy_quant` formats
+other than float8_e4m3fn, float8_e5m2 weights, block-scaled FP8 (`weight_scale_inv`) and bitsandbytes (`absmax`).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def comfy_format(path: Path, key: str) -> str:
 
 
 def layout_of(header: FileHeader) -> str | None:
-    """The quantized layout of a transformer file (`FP8_ROWS`, `FP8_TENSOR`), None for an unquantized one; a
+    """The quantized layout of a transformer file (`FP8_ROWS`, `FP8_TENSOR`, `NVFP4`), None for an unquantized one; a
     layout fluxexport cannot read is refused in one line naming it."""
     name, tensors = header.path.name, header.tensors
     for suffix, title in REFUSED.items():
@@ -170,9 +171,7 @@ def layout_of(header: FileHeader) -> str | None:
 
 def fix_for(title: str) -> str:
     """What to pass instead of a refused layout."""
-    if title.startswith("NVFP4"):
-        return "pass its FP8 release, or its bf16 release and quantize it with `quantize --precision nvfp4`"
-    return "pass its FP8 (float8_e4m3fn, weight_scale) or bf16 release"
+    return "pass its FP8 (float8_e4m3fn, weight_scale), NVFP4 or bf16 release"
 
 
 def quant_scale(header: FileHeader, weight_key: str) -> QuantScale | None:

@@ -6,8 +6,9 @@ quantized, everything else as it is.
   `weight_scale` per row), the inverse of the loader that reads it.
 - `fp8`: ComfyUI's float8_e4m3fn layout: per-tensor `weight_scale` = amax / 448, `input_scale` from the inputs
   each Linear saw over a short calibration (amax / 448), a `<layer>.comfy_quant` marker per layer.
-- `nvfp4` (diffusers' `quantize_nvfp4`: packed E2M1, E4M3 block scales, `weight_scale_2`, `input_scale`) and
-  `scaled_fp8` (ComfyUI's legacy `scale_weight` keys): layouts fluxexport refuses, written to test the refusals.
+- `nvfp4`: the ModelOpt layout, quantized by diffusers' own `quantize_nvfp4` (packed E2M1, E4M3 block scales,
+  `weight_scale_2`), `input_scale` = amax / (6 · 448) from the calibration's amax.
+- `scaled_fp8` (ComfyUI's legacy `scale_weight` keys): a layout fluxexport refuses, written to test the refusal.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""A published FP8 checkpoint (`models/quantized_checkpoint.py`) straight to our FP8 Q/DQ graph, with the
-checkpoint's own scales: no calibration, no high-precision copy of the weights on disk.
+"""A published FP8 or NVFP4 checkpoint (`models/quantized_checkpoint.py`) straight to our FP8 Q/DQ graph, or to
+`quantize --precision nvfp4`'s graph, with the checkpoint's own scales: no calibration, no high-precision copy of
+the weights on disk. (NVFP4: `export_checkpoint_nvfp4`, the file's codes and block scales written as they are.)
 
 Each Linear whose weight the checkpoint quantized becomes a `CheckpointFP8Linear`: its weight passes through
 Q/DQ with the checkpoint's `weight_scale` (per row, ONNX's per-axis Q/DQ on axis 0, for black-forest-labs'
