@@ -121,7 +121,7 @@ def test_calibration_options_are_refused_for_a_checkpoint_with_its_own_scales(op
     assert not (tmp_path / "out").exists()
 
 
-def diffusers_fp8r(source):
+def diffusers_bfl(source):
     """The checkpoint as diffusers loads it: `from_single_file` with `BFLQuantizationConfig` (fp32 compute)."""
     from diffusers import BFLQuantizationConfig, Flux2Transformer2DModel
 
@@ -137,7 +137,7 @@ def test_fp8r_weights_read_as_diffusers_dequantizes_them(checkpoints):
     from fluxexport.models.loaders import load_transformer
 
     source = opened(checkpoints["fp8r"])
-    ours, theirs = load_transformer(source).state_dict(), diffusers_fp8r(source)
+    ours, theirs = load_transformer(source).state_dict(), diffusers_bfl(source)
     quantized = {name: module for name, module in theirs.named_modules() if isinstance(module, BFLFP8RLinear)}
     assert len(quantized) == 14  # every block Linear of tiny-klein (q, k, v split from the fused qkv)
     for name, module in quantized.items():
@@ -283,7 +283,7 @@ def test_the_fp8r_graph_equals_the_checkpoint_as_diffusers_runs_it(exported_chec
 
     source = opened(exported_checkpoints["fp8r"])
     spec = component_specs(source)["transformer"]
-    reference = adapter_for(source, "transformer", diffusers_fp8r(source))
+    reference = adapter_for(source, "transformer", diffusers_bfl(source))
     path = checkpoint_graphs["fp8r"] / fp8_graph(checkpoint_graphs["fp8r"]).file
     for sizes, _ in validation_sizes(spec):
         feeds = sample_inputs(spec, sizes)
@@ -365,7 +365,7 @@ def test_nvfp4_weights_read_as_diffusers_dequantizes_them(checkpoints):
     from fluxexport.models.loaders import load_transformer
 
     source = opened(checkpoints["nvfp4"])
-    ours, theirs = load_transformer(source).state_dict(), diffusers_fp8r(source)  # the same loader reads NVFP4
+    ours, theirs = load_transformer(source).state_dict(), diffusers_bfl(source)
     quantized = {name: module for name, module in theirs.named_modules() if isinstance(module, BFLNVFP4Linear)}
     assert len(quantized) == 14
     for name, module in quantized.items():
