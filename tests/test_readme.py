@@ -1,9 +1,11 @@
 """README.md as a newcomer follows it: every shell command runs as pasted, and every file it names exists.
 
 Every fenced shell block (the `<!-- ci:… -->` blocks aside: `.ci/run` runs those) is run command by command, in
-order, in one scratch directory, with the venv's `bin` first on PATH (bare `fluxexport` works) and the session's
-tiny-model cache, as a user pasting them one after the other would. An HTML comment right before a block marks
-what cannot run here:
+order, with the venv's `bin` first on PATH (bare `fluxexport` works) and the session's tiny-model cache, as a user
+pasting them would. The quick start (the first unmarked shell block) runs once per session in a scratch folder; each
+later block is one test that runs in a copy of that folder, as a reader who did the quick start and then follows
+one section (so the blocks spread over the xdist workers): a block uses the quick start's files or its own. An
+HTML comment right before a block marks what cannot run here:
 
 * `<!-- readme-test: help-only -->` — needs a GPU, TensorRT, the hub or a long time: each `fluxexport SUB …` is
   checked against `fluxexport SUB --help` (the subcommand and every option it passes exist), each
@@ -101,7 +103,7 @@ def options_of(argv: list[str]) -> list[str]:
     return [word.split("=")[0] for word in argv if word.startswith("--")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def readme_env(cache_root) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -177,42 +179,96 @@ def check_python_imports(code: str, cwd: Path, env: dict[str, str]) -> str | Non
     return None if result.returncode == 0 else f"imports fail: {_tail(result)}"
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs_as_pasted(tmp_path_factory, readme_env):
-    """Every shell block in order, in one scratch folder: unmarked commands succeed, `refusal` ones succeed or
-    refuse in one line, `help-only` ones name a subcommand and options that exist."""
-    scratch = tmp_path_factory.mktemp("readme")
+def runnable_blocks(text: str) -> list[Block]:
+    """The blocks the README test runs: shell and python blocks, the `ci:` ones aside (`.ci/run` runs those)."""
+    runs = SHELL | {"python"}
+    return [block for block in readme_blocks(text)
+            if not (block.marker or "").startswith("ci:") and block.language in runs]  # fmt: skip
+
+
+BLOCKS = runnable_blocks(README.read_text())
+QUICK_START = next(block for block in BLOCKS if block.marker is None and block.language in SHELL)
+
+
+def block_problems(block: Block, scratch: Path, env: dict[str, str]) -> list[str]:
+    """What fails in one block run in `scratch`: unmarked commands must succeed, `refusal` ones succeed or refuse
+    in one line, `help-only` ones name a subcommand and options that exist."""
+    if block.language == "python":
+        if block.marker == "help-only":
+            problem = check_python_imports(block.text, scratch, env)
+        else:
+            result = _run([sys.executable, "-c", block.text], scratch, env)
+            problem = None if result.returncode == 0 else f"exits {result.returncode}:\n{_tail(result)}"
+        return [f"README.md:{block.line} (python): {problem}"] if problem else []
     failures = []
-    for block in readme_blocks(README.read_text()):
-        if block.marker is not None and block.marker.startswith("ci:"):
-            continue  # .ci/run runs these
-        assert block.marker in MARKERS | {None}, f"README.md:{block.line}: unknown marker {block.marker!r}"
-        if block.language == "python":
-            if block.marker == "help-only":
-                problem = check_python_imports(block.text, scratch, readme_env)
+    for command in shell_commands(block.text):
+        if block.marker == "help-only":
+            problems = [check_help_only(argv, scratch, env) for argv in simple_commands(command)]
+            problem = "; ".join(p for p in problems if p) or None
+        else:
+            result = _run(command, scratch, env)
+            if block.marker == "refusal":
+                problem = check_refusal(result)
             else:
-                result = _run([sys.executable, "-c", block.text], scratch, readme_env)
                 problem = None if result.returncode == 0 else f"exits {result.returncode}:\n{_tail(result)}"
-            if problem:
-                failures.append(f"README.md:{block.line} (python): {problem}")
-            continue
-        if block.language not in SHELL:
-            continue
-        for command in shell_commands(block.text):
-            if block.marker == "help-only":
-                problems = [check_help_only(argv, scratch, readme_env) for argv in simple_commands(command)]
-                problem = "; ".join(p for p in problems if p) or None
-            else:
-                result = _run(command, scratch, readme_env)
-                if block.marker == "refusal":
-                    problem = check_refusal(result)
-                else:
-                    problem = None if result.returncode == 0 else f"exits {result.returncode}:\n{_tail(result)}"
-            if problem:
-                failures.append(f"README.md:{block.line}: {command}\n  {problem}")
+        if problem:
+            failures.append(f"README.md:{block.line}: {command}\n  {problem}")
+    return failures
+
+
+def _print_timings() -> None:
     for command, wall, cpu in TIMINGS:  # where the time goes (pytest -s shows it)
         print(f"{wall:7.1f} s wall {cpu:7.1f} s CPU  {command[:100]}")
     print(f"{sum(t[1] for t in TIMINGS):7.1f} s wall {sum(t[2] for t in TIMINGS):7.1f} s CPU  in all")
+    TIMINGS.clear()
+
+
+@pytest.fixture(scope="session")
+def quick_start(tmp_path_factory, readme_env) -> tuple[Path, list[str]]:
+    """The scratch folder after the quick start's commands (its image, engines/tiny-dev/onnx, validation.json) and
+    what failed in them: run once per session, shared by the session's xdist workers."""
+    import json
+
+    from helpers import once_per_session
+
+    def make(folder: Path) -> None:
+        (folder / "scratch").mkdir(parents=True)
+        failures = block_problems(QUICK_START, folder / "scratch", readme_env)
+        _print_timings()
+        (folder / "failures.json").write_text(json.dumps(failures))
+
+    folder = once_per_session(tmp_path_factory, "readme-quick-start", make)
+    return folder / "scratch", json.loads((folder / "failures.json").read_text())
+
+
+def test_every_readme_marker_is_known():
+    blocks = [block for block in readme_blocks(README.read_text()) if not (block.marker or "").startswith("ci:")]
+    unknown = [f"README.md:{block.line}: unknown marker {block.marker!r}" for block in blocks
+               if block.marker not in MARKERS | {None}]  # fmt: skip
+    assert not unknown, "\n".join(unknown)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{block.line}" for block in BLOCKS])
+def test_every_readme_command_runs_as_pasted(block, tmp_path, readme_env, request):
+    """Each shell and python block, its commands in order, as a reader who did the quick start and then follows
+    one section: every block after the quick start that runs commands runs in a copy of the quick start's folder
+    (the sections use its image and graphs), so the blocks spread over the session's workers."""
+    import shutil
+
+    scratch = tmp_path / "readme"
+    if block.marker == "help-only":  # checked against --help: nothing of the quick start's is read
+        scratch.mkdir()
+    else:
+        folder, quick_start_failures = request.getfixturevalue("quick_start")
+        if block is QUICK_START:
+            assert not quick_start_failures, "\n\n".join(quick_start_failures)
+            return
+        if quick_start_failures:
+            pytest.fail(f"the quick start (README.md:{QUICK_START.line}) failed, which this block starts from")
+        shutil.copytree(folder, scratch, symlinks=True)
+    failures = block_problems(block, scratch, readme_env)
+    _print_timings()
     assert not failures, "\n\n".join(failures)
 
 
