@@ -172,9 +172,10 @@ cache_option = click.option(
     "--cache", "cache_text", metavar="NAME[:key=value,…]",
     help="Step cache: none (default), taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
     "TaylorSeerCacheConfig lite mode), first-block (threshold=0.05) or magcache (threshold=0.06, max_skip_steps=3, "
-    "retention_ratio=0.2, ratios=FILE|flux-dev: diffusers' MagCacheConfig; FILE from calibrate-magcache); "
-    "first-block and magcache need the transformer in parts (export --transformer-parts); skipped steps never run "
-    "the transformer's blocks.",
+    "retention_ratio=0.2, ratios=FILE|flux-dev: diffusers' MagCacheConfig; FILE from calibrate-magcache) or "
+    "teacache (threshold=0.25, coefficients=flux1-dev: ali-vilab's TeaCache4FLUX); first-block, magcache and "
+    "teacache need the transformer in parts (export --transformer-parts); skipped steps never run the "
+    "transformer's blocks.",
 )  # fmt: skip
 
 
@@ -493,6 +494,18 @@ def validate(
             f"end to end, {steps} steps, cache {result.cache}", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows
         )
     )
+    if result.cache_quality:
+        quality_rows = [
+            [f"{q.width}×{q.height}", f"{q.psnr:.1f}", f"{q.reference_psnr:.1f}",
+             f"{sum(q.decisions)}/{len(q.decisions)}", f"{sum(q.reference_decisions)}/{len(q.reference_decisions)}",
+             "same" if q.same_decisions else "[yellow]differ[/yellow]"]
+            for q in result.cache_quality
+        ]  # fmt: skip
+        console.print(table(
+            f"what cache {result.cache} costs: each side's cached image against its uncached one (same seed)",
+            ["image", f"PSNR dB ({result.subject})", f"PSNR dB (PyTorch {dtype})", "computed", "PyTorch computed",
+             "skip decisions"], quality_rows,
+        ))  # fmt: skip
     click.echo(str(validated.path))
     if validated.failure:
         raise FluxExportError(validated.failure)
