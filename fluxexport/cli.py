@@ -11,7 +11,7 @@ import click
 from fluxexport.backend_factory import BACKENDS
 from fluxexport.commands.common import TINY_DEFAULT, BackendOptions, ModelOptions, component_list
 from fluxexport.console import byte_progress, console, quiet_libraries, step_progress, table, warn
-from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS
+from fluxexport.dtypes import ENGINE_PRECISIONS, PRECISIONS, QUANTIZED_PRECISIONS
 from fluxexport.errors import FluxExportError, RequestError, Terms
 from fluxexport.onnxruntime.backend import PROVIDERS
 from fluxexport.triton.config import INSTANCE_KINDS
@@ -538,19 +538,25 @@ def validate(
               "the parts --out holds).")  # fmt: skip
 @click.option("--replace", is_flag=True,
               help="When --out holds another model's graphs, remove them first (without it: refused).")  # fmt: skip
+@click.option("--fp8-attention", is_flag=True,
+              help="Also the attention matmuls in FP8 (query, key, value, softmax output), for TensorRT's fused FP8 "
+              "attention, calibrated on the same trajectories.")  # fmt: skip
+@click.option("--precision", type=click.Choice(QUANTIZED_PRECISIONS), default="fp8", show_default=True,
+              help="fp8 (E4M3 per tensor: Ada, Hopper, Blackwell) or nvfp4 (FP4 in blocks of 16 with E4M3 block "
+              "scales, activations quantized at run time: TensorRT ≥ 10.8 on Blackwell).")  # fmt: skip
 def quantize(
     model, base_model, out, dtype, calib_prompts, calib_size, calib_steps, calib_resolution, calibration_file,
-    sequential, opset, external_data, transformer_parts, replace,
+    sequential, opset, external_data, transformer_parts, replace, fp8_attention, precision,
 ) -> None:  # fmt: skip
     """Calibrate FP8 (E4M3) scales on denoising trajectories and export the transformer (and its parts) as Q/DQ
-    graphs."""
+    graphs (--precision nvfp4: NVFP4 graphs for TensorRT on Blackwell, from the same calibration)."""
     from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
 
     options = QuantizeOptions(
         model=_model(model, base_model), out=out, dtype=dtype, calib_prompts=calib_prompts, calib_size=calib_size,
         calib_steps=calib_steps, calib_resolution=calib_resolution, calibration_file=calibration_file,
         sequential=sequential, opset=opset, external_data=external_data, transformer_parts=transformer_parts,
-        replace=replace,
+        replace=replace, fp8_attention=fp8_attention, precision=precision,
     )  # fmt: skip
     with ExitStack() as bars:  # one live bar at a time: calibration's, then the graphs' bytes
         writing: list = []
@@ -558,12 +564,13 @@ def quantize(
         def on_bytes(name: str, done: int, total: int) -> None:
             if not writing:
                 writing.append(bars.enter_context(byte_progress()))
-            writing[0](f"{name} (fp8)", done, total)
+            writing[0](f"{name} ({precision})", done, total)
 
         result = quantize_fp8(options, progress=step_progress, log=console.print, on_bytes=on_bytes)
     for graph in result.graphs:
         console.print(f"{graph.path.name}: {graph.note}")
-    _print_check(result.check)
+    if result.check.reports:  # NVFP4 graphs are checked as ONNX only: the TensorRT lint's data is 10.1's
+        _print_check(result.check)
     for graph in result.graphs:
         click.echo(str(graph.path))
 
@@ -805,33 +812,60 @@ def deploy(repository, out, storage_uri, name, namespace, image, image_tensorrt,
 
 
 @main.command()
-@click.argument("repository", type=click.Path(path_type=Path))
+@click.argument("repository", type=click.Path(path_type=Path), required=False)
 @click.option("--tritonserver", "binary", help="tritonserver binary (default: $PATH, then nvidia-pytriton's).")
 @click.option("--python-env", metavar="PREFIX",
               help="Environment that runs the python models (numpy<2, onnxruntime, fluxexport; default "
               "$FLUXEXPORT_TRITON_ENV, else the .venv-triton of fluxexport's own checkout, from any directory).")  # fmt: skip
-def serve(repository: Path, binary: str | None, python_env: str | None) -> None:
-    """Serve a model repository on 127.0.0.1 until Ctrl-C."""
+@click.option("--openai-port", type=click.IntRange(1, 65535),
+              help="Also serve OpenAI's images API on this port (/v1/images/generations, /v1/images/edits).")  # fmt: skip
+@click.option("--openai-host", default="127.0.0.1", show_default=True,
+              help="Address the OpenAI front listens on (0.0.0.0 in a container).")  # fmt: skip
+@click.option("--triton-url", metavar="HOST:PORT",
+              help="With --openai-port: forward to this running Triton's HTTP endpoint instead of starting one.")  # fmt: skip
+@click.option("--served-model-name", metavar="NAME",
+              help="The model id the OpenAI front serves (default: the repository's model).")  # fmt: skip
+def serve(repository: Path | None, binary: str | None, python_env: str | None, openai_port: int | None,
+          openai_host: str, triton_url: str | None, served_model_name: str | None) -> None:  # fmt: skip
+    """Serve a model repository on 127.0.0.1 until Ctrl-C; with --openai-port, OpenAI's images API in front of
+    it (or, with --triton-url, in front of a Triton already running)."""
+    import contextlib
     import signal
     import threading
 
-    from fluxexport.commands.serve import open_server
+    from fluxexport.commands.serve import FrontOptions, open_front, open_server
 
-    server = open_server(repository, binary, python_env)
+    if triton_url and openai_port is None:
+        raise FluxExportError("--triton-url is where the OpenAI front forwards: add --openai-port PORT")
+    if repository is None and triton_url is None:
+        raise FluxExportError("give REPOSITORY to serve (or --triton-url URL --openai-port PORT for the front alone)")
+    server = None if triton_url else open_server(repository, binary, python_env)
+    front = None
+    if openai_port is not None:
+        options = FrontOptions(openai_port, openai_host, triton_url, repository, served_model_name)
+        front = open_front(options, server.http_url if server else None)
     stop = threading.Event()  # Ctrl-C / SIGTERM only set it: shutdown happens in one place, whenever they come
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    console.print(f"starting {server.binary} (log: {server.log}) …")
-    with server:
-        console.print(
-            f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} — Ctrl-C to stop"
-        )
-        while not stop.is_set() and server.process.poll() is None:
+    with contextlib.ExitStack() as running:
+        if server is not None:
+            console.print(f"starting {server.binary} (log: {server.log}) …")
+            running.enter_context(server)
+            console.print(
+                f"ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} — Ctrl-C to stop"
+            )
+        if front is not None:
+            running.enter_context(front)
+            console.print(f"OpenAI images API: {front.url} (model {front.settings.model}, Triton "
+                          f"{front.settings.triton_url}) — Ctrl-C to stop")  # fmt: skip
+        while not stop.is_set() and (server is None or server.process.poll() is None) and (front is None or front.alive()):
             stop.wait(0.5)
         if stop.is_set():
             console.print("stopping …")
-    if not stop.is_set():
+    if not stop.is_set() and server is not None and server.process.returncode is not None:
         raise FluxExportError(f"tritonserver exited with {server.process.returncode} (log: {server.log})")
+    if not stop.is_set():
+        raise FluxExportError("the OpenAI front stopped (see the messages above)")
 
 
 if __name__ == "__main__":
