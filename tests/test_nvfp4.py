@@ -199,3 +199,35 @@ def test_quantize_refuses_what_nvfp4_cannot_do():
     with pytest.raises(FluxExportError) as error:
         quantize_fp8(QuantizeOptions(model, precision="int4"))
     assert str(error.value) == "quantize makes fp8 or nvfp4 graphs, not int4 (--precision)"
+
+
+def test_check_knows_tensorrts_fp4_quantize(nvfp4_folder):
+    """`check` of the NVFP4 graph: TensorRT 10.1 parses neither its opset nor trt::TRT_FP4DynamicQuantize (the line
+    names 10.8, which does, and the operator list to check with); 10.15's parser takes the whole graph."""
+    from fluxexport.export.check import check_graph
+
+    record = open_export(nvfp4_folder).nvfp4["transformer"]
+    path = nvfp4_folder / record.file
+    quantizers = sum(
+        node.op_type == DYNAMIC_QUANTIZE for node in onnx.load(str(path), load_external_data=False).graph.node
+    )
+    assert check_graph(path, record).problems == [
+        "opset 23 is outside TensorRT 10.1's 9..20",
+        f"trt::TRT_FP4DynamicQuantize ×{quantizers}: TensorRT's own op, parsed by TensorRT ≥ 10.8, not by 10.1: check "
+        "with --tensorrt 10.15",
+    ]
+    report = check_graph(path, record, "10.15")
+    assert (report.ok, report.tensorrt, report.ops[DYNAMIC_QUANTIZE]) == (True, "10.15", quantizers), report.problems
+
+
+def test_nvfp4_engines_are_validated_at_their_bound():
+    """`validate --engines` of an NVFP4 folder: the transformer held to NVFP4's bound against bf16 PyTorch and not
+    run by ONNX Runtime (which has no FP4 kernels); the other engines against ONNX Runtime at their own bound."""
+    from fluxexport.compare import TENSORRT_THRESHOLDS, THRESHOLDS, reference_dtype
+    from fluxexport.validate.engines import base_precision, onnxruntime_limits
+
+    precisions = {"transformer": "nvfp4", "vae_decoder": "bf16", "t5": "bf16"}
+    assert reference_dtype(base_precision(p) for p in precisions.values()) == "bf16"
+    assert TENSORRT_THRESHOLDS["nvfp4"] == THRESHOLDS["nvfp4"] == (0.25, 20.0)
+    assert onnxruntime_limits(precisions) == {"vae_decoder": 1e-2, "t5": 1e-2}
+    assert onnxruntime_limits({"transformer": "fp8"}, max_rel_l2=0.1) == {"transformer": 0.1}

@@ -62,7 +62,6 @@ def quantize_fp8(
     engines/<model>/onnx) at the folder's bounds, and lint each for TensorRT."""
     from fluxexport.artifacts.files import default_folder
     from fluxexport.artifacts.folders import open_export
-    from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.export.target_folder import prepare_quantize_folder
     from fluxexport.quantize.calibrate import CALIBRATION_PROMPTS, CalibrationSettings, read_prompts
@@ -94,10 +93,7 @@ def quantize_fp8(
         on_bytes=on_bytes, components=names, fp8_attention=options.fp8_attention,
     )  # fmt: skip
     records = [open_export(out).fp8[name] for name in names]
-    reports = [check_graph(out / record.file, record) for record in records]
-    failed = next((report.path for report in reports if not report.ok), None)
-    check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
-    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)
+    return _checked(out, records)
 
 
 def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_bytes: OnBytes) -> QuantizeResult:
@@ -108,7 +104,6 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
 
     from fluxexport.artifacts.files import default_folder
     from fluxexport.artifacts.folders import open_export
-    from fluxexport.export.check import check_graph
     from fluxexport.export.onnx_export import DEFAULT_OPSET
     from fluxexport.export.target_folder import prepare_quantize_folder
     from fluxexport.quantize.from_checkpoint import export_checkpoint_fp8, export_checkpoint_nvfp4
@@ -136,17 +131,13 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
     log(f"{source.name} is an {precision.upper()} checkpoint ({layout}): its own scales, no calibration")
     export = export_checkpoint_nvfp4 if precision == "nvfp4" else export_checkpoint_fp8
     export(source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names)
-    if precision == "nvfp4":  # checked as ONNX, as `quantize --precision nvfp4`'s graphs are
+    if precision == "nvfp4":  # checked as `quantize --precision nvfp4`'s graphs are
         records = [open_export(out).nvfp4[name] for name in names]
         for record in records:
             onnx.checker.check_model(str(out / record.file))
-        graphs = [QuantizedGraph(out / record.file, record.notes[0]) for record in records]
-        return QuantizeResult(out, graphs, CheckResult([], None))
+        return _checked(out, records, nvfp4_check_version())
     records = [open_export(out).fp8[name] for name in names]
-    reports = [check_graph(out / record.file, record) for record in records]
-    failed = next((report.path for report in reports if not report.ok), None)
-    check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
-    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)
+    return _checked(out, records)
 
 
 def _check_precision(options: QuantizeOptions) -> None:
@@ -162,7 +153,7 @@ def _check_precision(options: QuantizeOptions) -> None:
 
 def _quantize_nvfp4(options, source, out, settings, bounds, names, progress, log, on_bytes) -> QuantizeResult:
     """`quantize --precision nvfp4`: the same calibration, NVFP4 graphs (`transformer.nvfp4.onnx`, …); checked
-    as ONNX (TensorRT's FP4 operator is its own, so the opset-20 TensorRT lint does not apply)."""
+    as ONNX and linted for the TensorRT that parses them (`nvfp4_check_version`)."""
     import onnx
 
     from fluxexport.artifacts.folders import open_export
@@ -176,5 +167,23 @@ def _quantize_nvfp4(options, source, out, settings, bounds, names, progress, log
     records = [open_export(out).nvfp4[name] for name in names]
     for record in records:
         onnx.checker.check_model(str(out / record.file))
-    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records],
-                          CheckResult([], None))  # fmt: skip
+    return _checked(out, records, nvfp4_check_version())
+
+
+def nvfp4_check_version() -> str:
+    """The TensorRT whose ONNX parser an NVFP4 graph is checked against: the first with an operator list for its
+    opset 23 (`export.check.tensorrt_support`), which parses trt::TRT_FP4DynamicQuantize too (since 10.8)."""
+    from fluxexport.tensorrt.environment import NATIVE_OPS, TENSORRT_DOMAIN_OPS, tensorrt_for, version_text
+
+    return version_text(max([*(needed for needed, _ in TENSORRT_DOMAIN_OPS.values()), tensorrt_for(NATIVE_OPS)]))
+
+
+def _checked(out: Path, records: list, tensorrt: str | None = None) -> QuantizeResult:
+    """The result of writing `records`' graphs into `out`: each linted for TensorRT `tensorrt` (default: the
+    bundled operator list's), the first failure as the refusal."""
+    from fluxexport.export.check import check_graph
+
+    reports = [check_graph(out / record.file, record, tensorrt) for record in records]
+    failed = next((report.path for report in reports if not report.ok), None)
+    check = CheckResult(reports, f"{failed} fails the TensorRT check (see the table above)" if failed else None)
+    return QuantizeResult(out, [QuantizedGraph(out / record.file, record.notes[0]) for record in records], check)

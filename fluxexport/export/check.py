@@ -20,7 +20,13 @@ from fluxexport.artifacts.folders import open_export
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.errors import FluxExportError
 from fluxexport.export.native_ops import NATIVE_OPSET
-from fluxexport.tensorrt.environment import NATIVE_OP_TENSORRT, NATIVE_OPS, tensorrt_for, version_text
+from fluxexport.tensorrt.environment import (
+    NATIVE_OP_TENSORRT,
+    NATIVE_OPS,
+    TENSORRT_DOMAIN_OPS,
+    tensorrt_for,
+    version_text,
+)
 
 # ONNX TensorProto element types → the names onnx-tensorrt's table uses.
 _TYPE_NAMES = {1: "FP32", 10: "FP16", 16: "BF16", 11: "DOUBLE", 6: "INT32", 7: "INT64", 9: "BOOL", 3: "INT8",
@@ -141,6 +147,26 @@ def tensorrt_support(version: str | None = None) -> dict:
     }
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def parses_domain_op(name: str, tensorrt: str) -> bool:
+    """Whether TensorRT `tensorrt`'s ONNX parser takes `name` (`domain::op`), one of TensorRT's own operators."""
+    return name in TENSORRT_DOMAIN_OPS and _version(tensorrt)[:2] >= TENSORRT_DOMAIN_OPS[name][0]
+
+
+def domain_op_problem(name: str, count: int, tensorrt: str) -> str:
+    """The check's line for TensorRT's own operator `name`, which TensorRT `tensorrt` does not parse yet: the
+    version that does, and the operator list to check with (the first one this fluxexport has at or past it)."""
+    needed = TENSORRT_DOMAIN_OPS[name][0]
+    listed = max(needed, tensorrt_for(NATIVE_OPS) or needed)
+    return (
+        f"{name} ×{count}: TensorRT's own op, parsed by TensorRT ≥ {version_text(needed)}, not by {tensorrt}: check "
+        f"with --tensorrt {version_text(listed)}"
+    )
+
+
 @dataclass
 class GraphReport:
     path: Path
@@ -222,7 +248,9 @@ def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | N
         report.nodes += 1
         report.ops[node.op_type] += 1
         if node.domain not in _STANDARD_DOMAINS:
-            unsupported[f"{node.domain}::{node.op_type}"] += 1
+            name = f"{node.domain}::{node.op_type}"
+            if not parses_domain_op(name, support["tensorrt"]):
+                unsupported[name] += 1
             continue
         if node.op_type not in support["supported"]:
             unsupported[node.op_type] += 1
@@ -242,7 +270,9 @@ def check_graph(path: Path, record: GraphRecord | None = None, tensorrt: str | N
             f"with --tensorrt {version_text(tensorrt_for(NATIVE_OPS) or ())}"
         )
     for name, count in sorted(unsupported.items()):
-        if name not in native:
+        if name in TENSORRT_DOMAIN_OPS:
+            report.problems.append(domain_op_problem(name, count, support["tensorrt"]))
+        elif name not in native:
             report.problems.append(f"{name} ×{count} is not supported by TensorRT {support['tensorrt']}'s ONNX parser")
     doubles = sorted(name for name, elem in types.items() if elem == onnx.TensorProto.DOUBLE)
     if doubles:
@@ -265,7 +295,9 @@ def check_folder(folder: Path, tensorrt: str | None = None) -> list[GraphReport]
     exported = open_export(folder) if (folder / MANIFEST).is_file() else None
     # the portable and FP8 graphs (optimize's fused ones are ONNX Runtime's, in ort/, not TensorRT's)
     listed = (
-        {g.file: g for section in (exported.components, exported.fp8) for g in section.values()} if exported else {}
+        {g.file: g for section in (exported.components, exported.fp8, exported.nvfp4) for g in section.values()}
+        if exported
+        else {}
     )
     files = sorted({*listed, *(path.name for path in folder.glob("*.onnx"))})
     if not files:

@@ -55,6 +55,16 @@ NATIVE_OP_TENSORRT: dict[str, tuple[tuple[int, int], str]] = {
 }
 NATIVE_OPS = tuple(NATIVE_OP_TENSORRT)
 
+# TensorRT's own operators (ONNX domain `trt`, as ModelOpt exports them), keyed `domain::op` as check reports
+# them: the first TensorRT whose ONNX parser maps each to its layer, and where that is written (read, not run).
+TENSORRT_DOMAIN_OPS: dict[str, tuple[tuple[int, int], str]] = {
+    "trt::TRT_FP4DynamicQuantize": (
+        (10, 8),
+        "TensorRT's operator docs (DynamicQuantize: IDynamicQuantizeLayer, FP4 since 10.8) and ModelOpt's "
+        "modelopt/onnx/export/nvfp4_exporter.py (quantize/nvfp4.py)",
+    ),
+}
+
 
 def tensorrt_for(ops) -> tuple[int, int] | None:
     """The oldest TensorRT whose ONNX parser takes every native op among `ops` (None: none of them is native)."""

@@ -23,7 +23,25 @@ from fluxexport.runtime.cache import CacheSettings
 from fluxexport.specs import ComponentSpec, ExportBounds, component_specs, sample_inputs, validation_sizes
 from fluxexport.validate.graphs import upcast_copies, validate
 
-BASE_OF_PRECISION = {"fp8": "bf16"}  # an FP8 engine computes the rest in bf16 (its Q/DQ graph's base)
+BASE_OF_PRECISION = {"fp8": "bf16", "nvfp4": "bf16"}  # a quantized engine computes the rest in bf16 (its graph's)
+# ONNX Runtime runs no NVFP4 graph (no FLOAT4E2M1 DequantizeLinear, no trt::TRT_FP4DynamicQuantize): NVFP4 engines
+# are compared with PyTorch only (components and images), at NVFP4's bound
+WITHOUT_ONNXRUNTIME = frozenset({"nvfp4"})
+
+
+def base_precision(precision: str) -> str:
+    """The dtype an engine of `precision` computes in outside its quantized layers (the PyTorch it is held to)."""
+    return BASE_OF_PRECISION.get(precision, precision)
+
+
+def onnxruntime_limits(precisions: dict[str, str], max_rel_l2: float | None = None) -> dict[str, float]:
+    """Component → the rel-L2 bound of its engine against ONNX Runtime on its own graph (`max_rel_l2`, else its
+    precision's TensorRT bound), for the components whose graph ONNX Runtime can run."""
+    return {
+        name: TENSORRT_THRESHOLDS[precision][0] if max_rel_l2 is None else max_rel_l2
+        for name, precision in precisions.items()
+        if precision not in WITHOUT_ONNXRUNTIME
+    }
 
 
 def comparisons_from_results(
@@ -133,7 +151,7 @@ def graph_session(source: ModelSource, folder: EngineFolder, name: str, upcast_f
     overrides = {}
     if engine.is_refitted and folder.model.loras:  # refitted: the graph with the same LoRAs
         overrides = swapped_initializers(source, source.lora_set, MODULE_OF[name], folder.built_from(name))
-    bf16_base = engine.precision in ("bf16", "fp8")
+    bf16_base = base_precision(engine.precision) == "bf16"
     return create_session(onnx_path, bf16_base, default_providers(), overrides=overrides, upcast_folder=upcast_folder)
 
 
@@ -171,11 +189,11 @@ def validate_engines(
             f"{folder.precision} --components {missing[0]} --out {engines}"
         )
     precisions = {name: folder.components[name].precision for name in names}
-    reference = reference_dtype(BASE_OF_PRECISION.get(precision, precision) for precision in precisions.values())
+    reference = reference_dtype(base_precision(precision) for precision in precisions.values())
     bounds = ExportBounds.from_json(folder.bounds, built=True)  # every compared shape within the engines' profiles
     specs = component_specs(source, bounds)
     buckets = [component_specs(source, bucket) for bucket in profile_bounds(bounds, folder.resolution_buckets)]
-    total, started = len(names) * 3 + 4, [0]
+    total, started = len(names) * 2 + len(onnxruntime_limits(precisions)) + 4, [0]
 
     def stage_started(_stage: str) -> None:
         if on_progress:
@@ -191,9 +209,8 @@ def validate_engines(
     )  # fmt: skip
     report.subject = "engines"
     with upcast_copies(graphs_folder(folder, names)) as upcast_folder:
-        for name in names:
+        for name, limit in onnxruntime_limits(precisions, max_rel_l2).items():
             stage_started(name)
-            limit = TENSORRT_THRESHOLDS[precisions[name]][0] if max_rel_l2 is None else max_rel_l2
             sizes = bucket_sizes(specs[name], [bucket[name] for bucket in buckets])
             report.components += compare_with_onnxruntime(
                 specs[name], lambda name=name: candidate.component(name), candidate.device,
