@@ -9,7 +9,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from helpers import manifest_json
+from helpers import cli_refusal, manifest_json
 
 from fluxexport.compare import psnr
 from fluxexport.dtypes import E4M3_MAX
@@ -115,6 +115,25 @@ def test_a_calibration_without_attention_is_refused(sources, fp8_exports, tmp_pa
     assert str(error.value) == (
         f"{saved} has no attention scales: calibrate again with --fp8-attention (drop --calibration)"
     )
+
+
+def test_quantize_refuses_fp8_attention_with_nvfp4_before_any_work(tmp_path):
+    """The CLI: one line, exit status 1, no folder written, before the model is read."""
+    refused = cli_refusal("quantize", "--model", "tiny-dev", "--precision", "nvfp4", "--fp8-attention", "--out",
+                          tmp_path / "out")  # fmt: skip
+    assert refused == "Error: --fp8-attention is FP8's: NVFP4 quantizes the block Linears only (drop one of them)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_fp8_attention_from_scales_without_attention(fp8_exports, tmp_path):
+    """The CLI, with a saved calibration made without --fp8-attention: one line, exit status 1, nothing written."""
+    saved = fp8_exports["tiny-dev"] / "calibration.json"
+    refused = cli_refusal("quantize", "--model", "tiny-dev", "--fp8-attention", "--calibration", saved, "--out",
+                          tmp_path / "out")  # fmt: skip
+    assert refused == (
+        f"Error: {saved} has no attention scales: calibrate again with --fp8-attention (drop --calibration)"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_build_precision_fp8_builds_it_and_the_manifest_says_what_is_fp8(sources, attention_fp8, tmp_path):

@@ -121,6 +121,16 @@ def test_calibration_options_are_refused_for_a_checkpoint_with_its_own_scales(op
     assert not (tmp_path / "out").exists()
 
 
+def test_the_cli_refuses_fp8_attention_for_a_checkpoint_with_its_own_scales(checkpoints, tmp_path):
+    """`quantize --fp8-attention` of a published FP8 checkpoint: one line, exit status 1, nothing written."""
+    from helpers import cli_refusal
+
+    refused = cli_refusal("quantize", "--model", checkpoints["fp8"], "--base-model", "tiny-klein", "--fp8-attention",
+                          "--out", tmp_path / "out")  # fmt: skip
+    assert refused == "Error: klein-fp8 is an FP8 checkpoint (fp8) quantized with its own scales: drop --fp8-attention"
+    assert not (tmp_path / "out").exists()
+
+
 def diffusers_bfl(source):
     """The checkpoint as diffusers loads it: `from_single_file` with `BFLQuantizationConfig` (fp32 compute)."""
     from diffusers import BFLQuantizationConfig, Flux2Transformer2DModel
