@@ -173,9 +173,9 @@ cache_option = click.option(
     help="Step cache: none (default), taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
     "TaylorSeerCacheConfig lite mode), first-block (threshold=0.05) or magcache (threshold=0.06, max_skip_steps=3, "
     "retention_ratio=0.2, ratios=FILE|flux-dev: diffusers' MagCacheConfig; FILE from calibrate-magcache) or "
-    "teacache (threshold=0.25, coefficients=flux1-dev: ali-vilab's TeaCache4FLUX); first-block, magcache and "
-    "teacache need the transformer in parts (export --transformer-parts); skipped steps never run the "
-    "transformer's blocks.",
+    "teacache (threshold=0.25, coefficients=flux1-dev|FILE: ali-vilab's TeaCache4FLUX; FILE from "
+    "calibrate-teacache); first-block, magcache and teacache need the transformer in parts (export "
+    "--transformer-parts); skipped steps never run the transformer's blocks.",
 )  # fmt: skip
 
 
@@ -339,6 +339,42 @@ def calibrate_magcache(
     ]  # fmt: skip
     columns = ["steps", "ratios", *[""] * (min(per_row, len(ratios)) - 1)]
     console.print(table(f"magcache ratios ({resolved.steps} steps)", columns, rows))
+    click.echo(str(result.path))
+
+
+@main.command("calibrate-teacache")
+@model_options
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text to calibrate on; repeatable (all prompts run as one batch; default: four varied prompts).")  # fmt: skip
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help="Seed of one uncached run; repeatable (default: 0).")  # fmt: skip
+@click.option("--steps", type=int, default=28, show_default=True, help="Denoising steps of each run.")
+@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@click.option("--guidance", type=float,
+              help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base).")  # fmt: skip
+@backend_option
+@click.option("--engines", type=click.Path(path_type=Path),
+              help="Graphs or engines holding the transformer in parts (export --transformer-parts).")  # fmt: skip
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
+@click.option("--device", help="torch device (default: cuda if available, else cpu).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="JSON file to write, for --cache teacache:coefficients=FILE.")  # fmt: skip
+def calibrate_teacache(
+    model, base_model, prompts, seeds, steps, height, width, guidance, backend, engines, dtype, device, out
+) -> None:  # fmt: skip
+    """Fit TeaCache's rescaling polynomial (degree 4, numpy.polyfit, as ali-vilab fit theirs) to uncached runs'
+    per-step (modulated-input change, output change) for --cache teacache:coefficients=FILE."""
+    from fluxexport.commands.calibrate_teacache import DEFAULT_PROMPTS, TeaCalibrateOptions, calibrate_teacache
+
+    runner = BackendOptions(backend=backend, engines=engines, dtype=dtype, device=device)
+    options = TeaCalibrateOptions(
+        out=out, prompts=tuple(prompts) or DEFAULT_PROMPTS, seeds=tuple(seeds) or (0,),
+        model=_model(model, base_model), runner=runner, steps=steps, height=height, width=width, guidance=guidance,
+    )  # fmt: skip
+    result = calibrate_teacache(options, progress=step_progress, log=console.print)
+    rows = [[f"x^{len(result.coefficients) - 1 - power}", f"{c:.6g}"] for power, c in enumerate(result.coefficients)]
+    console.print(table(f"teacache fit, {len(result.pairs)} pairs", ["term", "coefficient"], rows))
     click.echo(str(result.path))
 
 

@@ -87,7 +87,8 @@ def test_teacache_settings_parse_and_refuse_in_one_line():
     )
     cases = {
         "teacache:threshold=-0.1": "teacache threshold must be a number ≥ 0, got -0.1 (--cache)",
-        "teacache:coefficients=flux9": "teacache has no coefficients 'flux9': choose one of flux1-dev (--cache)",
+        "teacache:coefficients=flux9": "teacache has no coefficients 'flux9' (no such set or file): choose one of "
+        "flux1-dev, or a file written by fluxexport calibrate-teacache --model MODEL --out FILE (--cache)",
         "teacache:interval=2": "teacache has no key 'interval': it takes threshold, coefficients (--cache)",
     }
     for text, message in cases.items():
@@ -164,6 +165,37 @@ def test_teacache_refuses_a_head_exported_before_it():
     state = CacheSettings("teacache").new_state(STEPS)
     with pytest.raises(FluxExportError, match=r"^the transformer_head graph has no first_block_modulated output"):
         state({}, lambda name: lambda feeds: old_head)
+
+
+def test_teacache_refuses_an_old_head_before_the_first_step(sources):
+    """A backend whose head declares its outputs without the modulated input (an export from before TeaCache) is
+    refused in one line when the run starts: the head never runs, no step is taken; other caches still run it."""
+    from fluxexport.pytorch.backend import TorchBackend
+
+    source = sources["tiny-dev"]
+    backend = TorchBackend(source, device="cpu")
+    inner, calls = backend.component, []
+
+    def old_head(feeds):
+        calls.append("head")
+        return {k: v for k, v in inner("transformer_head")(feeds).items() if k != "first_block_modulated"}
+
+    old_head.output_names = ["image_hidden", "text_hidden", "temb", "first_block_residual", "image_embedded"]
+    backend.component = lambda name: old_head if name == "transformer_head" else inner(name)
+    steps: list[int] = []
+    request = GenerationRequest(PROMPT, height=128, width=128, num_inference_steps=3, seed=0)
+    with pytest.raises(FluxExportError) as error:
+        generate(
+            backend, source, request, on_step=lambda step, total: steps.append(step), cache=parse_cache("teacache")
+        )
+    assert str(error.value) == (
+        "the transformer_head graph has no first_block_modulated output (exported before TeaCache): export the "
+        "transformer's parts again (fluxexport export --components transformer_head,transformer_tail,"
+        "transformer_out) or use another cache"
+    )
+    assert calls == [] and steps == []
+    generate(backend, source, request, cache=parse_cache("first-block"))
+    assert calls == ["head"] * 3
 
 
 def test_teacache_in_the_triton_pipeline_cache_input(tmp_path, monkeypatch):
@@ -273,3 +305,58 @@ def test_teacache_on_flux2_parts_in_onnxruntime(flux2_sources, flux2_parts_expor
     state = parse_cache("teacache:threshold=0.6").new_state(8)
     result = generate(TorchBackend(base, device="cpu"), base, guided, cache=state)
     assert len(state.decisions) == 8 and result.computed_steps == sum(state.decisions) < 8
+
+
+def test_calibrate_teacache_fits_the_recorded_pairs_and_the_file_serves_only_its_model(flux2_sources, tmp_path):
+    """calibrate-teacache on tiny-klein (PyTorch parts, 6 steps, two seeds) writes ali-vilab's fit, numpy.polyfit
+    of degree 4 over every recorded (input change, output change), with its provenance; the file runs tiny-klein
+    without the FLUX.1-dev warning, and another model is refused in one line."""
+    import dataclasses
+    import json
+
+    from fluxexport.commands.calibrate_teacache import TeaCalibrateOptions, calibrate_teacache
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.pytorch.backend import TorchBackend
+
+    out = tmp_path / "klein.teacache.json"
+    options = TeaCalibrateOptions(
+        out=out, prompts=("a red fox",), seeds=(1, 2), model=ModelOptions("tiny-klein"), steps=6,
+        height=128, width=128,
+    )  # fmt: skip
+    with pytest.raises(RequestError) as error:  # refused before any weight is read
+        calibrate_teacache(dataclasses.replace(options, steps=4, seeds=(1,)))
+    assert error.value.render(command_line_terms()) == (
+        "1 run(s) of 4 steps give 3 step pairs, too few to fit a degree-4 polynomial: calibrate with at least 6 "
+        "steps, or more --seed runs (--steps)"
+    )
+    assert not out.exists()
+    result = calibrate_teacache(options)
+    data = json.loads(out.read_text())
+    assert len(result.pairs) == 2 * (6 - 1) and all(x > 0 and y > 0 for x, y in result.pairs)
+    assert data["pairs"] == [list(pair) for pair in result.pairs]
+    inputs, outputs = np.array(data["pairs"]).T
+    np.testing.assert_allclose(data["coefficients"], np.polyfit(inputs, outputs, 4), rtol=1e-12)
+    assert {key: data[key] for key in ("model", "steps", "prompts", "seeds", "fluxexport_version")} == {
+        "model": "tiny-klein", "steps": 6, "prompts": ["a red fox"], "seeds": [1, 2],
+        "fluxexport_version": __import__("fluxexport").__version__,
+    }  # fmt: skip
+    assert data["transformer_class"] == "Flux2Transformer2DModel" and data["date"].startswith("20")
+
+    source = flux2_sources["tiny-klein"]
+    request = GenerationRequest("a red fox", height=128, width=128, num_inference_steps=6, seed=1)
+    backend = TorchBackend(source, device="cpu")
+    calibrated = generate(backend, source, request, cache=parse_cache(f"teacache:coefficients={out}"))
+    published = generate(backend, source, request, cache=parse_cache("teacache"))
+    assert not any("teacache" in line for line in calibrated.warnings)
+    assert [line for line in published.warnings if "teacache" in line] == [
+        "teacache: tiny-klein (Flux2Transformer2DModel) runs with flux1-dev's polynomial (fitted on "
+        "FluxTransformer2DModel); fit its own with fluxexport calibrate-teacache --model tiny-klein --out FILE and "
+        "pass --cache teacache:coefficients=FILE"
+    ]
+    base = flux2_sources["tiny-klein-base"]
+    with pytest.raises(RequestError) as error:
+        generate(TorchBackend(base, device="cpu"), base, request, cache=parse_cache(f"teacache:coefficients={out}"))
+    assert error.value.render(command_line_terms()) == (
+        f"teacache coefficients file {out} was calibrated on tiny-klein, not tiny-klein-base: fit tiny-klein-base's "
+        "own with fluxexport calibrate-teacache --model tiny-klein-base --out FILE and pass coefficients=FILE (--cache)"
+    )

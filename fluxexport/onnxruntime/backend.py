@@ -59,6 +59,7 @@ def session_runner(session, graph: GraphRecord, component: str = "graph") -> Com
             for key, value in zip(output_names, outputs, strict=True)
         }
 
+    run.output_names = output_names  # type: ignore[attr-defined]  # what a step cache checks before a run
     return run
 
 

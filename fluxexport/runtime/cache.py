@@ -40,7 +40,7 @@ from fluxexport.runtime.magcache import (
     read_ratios,
 )
 from fluxexport.runtime.step_cache import PARTS, Components, NoCache, Output, StepCache, tail_feeds
-from fluxexport.runtime.teacache import TeaCache, coefficients
+from fluxexport.runtime.teacache import TeaCache, check_coefficients_for, coefficients, coefficients_warning
 
 __all__ = ["CACHES", "CacheSettings", "MagCalibration", "NoCache", "StepCache", "parse_cache", "tail_feeds"]
 
@@ -109,9 +109,20 @@ class CacheSettings:
         return TeaCache(float(self.knobs["threshold"]), steps, coefficients(str(self.knobs["coefficients"])))
 
     def check_calibrated_for(self, model: str) -> None:
-        """MagCache: refuse, in one line, a ratios file calibrated on another model than `model`."""
+        """MagCache, TeaCache: refuse, in one line, a ratios or coefficients file calibrated on another model than
+        `model`."""
         if self.name == "magcache":
             check_calibrated_for(self.knobs["ratios"], self.mag_provenance, model, None)
+        if self.name == "teacache":
+            check_coefficients_for(str(self.knobs["coefficients"]), model)
+
+    def warnings(self, model: str, transformer_class: str) -> list[str]:
+        """One line per thing the run should know about this cache on `model` (TeaCache: a published polynomial
+        fitted on another transformer class)."""
+        if self.name != "teacache":
+            return []
+        warning = coefficients_warning(str(self.knobs["coefficients"]), model, transformer_class)
+        return [warning] if warning else []
 
     def _magcache(self, steps: int | None) -> StepCache:
         if steps is None:

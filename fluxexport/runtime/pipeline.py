@@ -110,6 +110,7 @@ def generate(
     for name in cache.components:  # load before the clock starts, as the transformer always was
         backend.component(name)
     state = cache if isinstance(cache, StepCache) else cache.new_state(resolved.steps)
+    state.check_components(backend.component)  # e.g. a head exported before TeaCache, before any step runs
     tick = time.perf_counter()
     latents = denoise(
         backend.component, latents, sigmas, positive, negative, resolved.guidance_scale, reference, on_step, state,
@@ -122,7 +123,10 @@ def generate(
     images = family.decode(backend, source, latents, grid)
     timings["decode"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    return GenerationResult(images, resolved, timings, prompts.warnings, state.computed, str(cache))
+    warnings = list(prompts.warnings)
+    if isinstance(cache, CacheSettings):
+        warnings += cache.warnings(source.name, source.family.transformer_class)
+    return GenerationResult(images, resolved, timings, warnings, state.computed, str(cache))
 
 
 def calibrate_mag_ratios(

@@ -31,6 +31,9 @@ class StepCache:
     def __call__(self, feeds: Output, component: Components) -> Output:
         raise NotImplementedError
 
+    def check_components(self, component: Components) -> None:
+        """Refuse, in one line before the first step, components this cache cannot run (nothing by default)."""
+
     def branch(self) -> StepCache:
         """A fresh state with this one's settings, for a second transformer run per step (true CFG's unconditional
         run): diffusers' hooks keep one state per cache context ("cond", "uncond"), so each run caches its own."""

@@ -86,7 +86,7 @@ class _EngineRunner:
         self.plain_profile = -1
         self.profiles = profiles_from_json(entry.profiles)
         self.inputs = entry.input_names()
-        self.outputs = entry.output_names()
+        self.outputs = self.output_names = entry.output_names()  # output_names: what a step cache checks
         self.dtypes = {n: torch_dtype_of(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
         self.use_cuda_graphs = use_cuda_graphs
         self.file = entry.file

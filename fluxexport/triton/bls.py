@@ -57,4 +57,5 @@ class BlsBackend:
                 raise InternalError(f"{name}: {response.error().message()}", name)
             return {key: self._from_triton(self.pb_utils.get_output_tensor_by_name(response, key)) for key in outputs}
 
+        run.output_names = outputs  # type: ignore[attr-defined]  # what a step cache checks before a run
         return run
