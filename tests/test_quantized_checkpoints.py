@@ -111,13 +111,15 @@ def test_a_quantized_diffusers_folder_is_refused(klein, checkpoints, tmp_path):
      ({"precision": "nvfp4"}, "--precision nvfp4"), ({"calibration_file": Path("calibration.json")}, "--calibration")],
 )  # fmt: skip
 def test_calibration_options_are_refused_for_a_checkpoint_with_its_own_scales(option, flag, checkpoints, tmp_path):
+    """A per-tensor FP8 file has activation scales: nothing to calibrate (a weight-only fp8r file takes a
+    calibration: test_a_weight_only_checkpoint_takes_calibrated_activation_scales)."""
     from fluxexport.commands.common import ModelOptions
     from fluxexport.commands.quantize import QuantizeOptions, quantize_fp8
 
-    model = ModelOptions(model=str(checkpoints["fp8r"]), base_model="tiny-klein")
+    model = ModelOptions(model=str(checkpoints["fp8"]), base_model="tiny-klein")
     with pytest.raises(FluxExportError) as refused:
         quantize_fp8(QuantizeOptions(model=model, out=tmp_path / "out", **option))
-    assert str(refused.value) == f"klein-fp8r is an FP8 checkpoint (fp8r) quantized with its own scales: drop {flag}"
+    assert str(refused.value) == f"klein-fp8 is an FP8 checkpoint (fp8) quantized with its own scales: drop {flag}"
     assert not (tmp_path / "out").exists()
 
 
@@ -183,12 +185,15 @@ def checkpoint_graphs(exported_checkpoints, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("checkpoint-graphs")
 
-    def quantized(layout: str) -> Path:
+    def quantized(key: str) -> Path:
+        layout, _, calibrated = key.partition("+")  # fp8r+calibrated: activation scales calibrated (1 prompt, 1 step)
         model = ModelOptions(model=str(exported_checkpoints[layout]), base_model="tiny-klein")
         precision = "nvfp4" if layout == "nvfp4" else "fp8"
-        return quantize_fp8(QuantizeOptions(model=model, out=root / layout, dtype="fp32", precision=precision)).out
+        calibration = {"calib_size": 1, "calib_steps": 1} if calibrated else {}
+        options = QuantizeOptions(model=model, out=root / key, dtype="fp32", precision=precision, **calibration)
+        return quantize_fp8(options).out
 
-    return OnDemand({"fp8r": None, "fp8": None, "nvfp4": None}, quantized)
+    return OnDemand({"fp8r": None, "fp8": None, "nvfp4": None, "fp8r+calibrated": None}, quantized)
 
 
 def fp8_graph(folder: Path):
@@ -269,6 +274,54 @@ def test_per_tensor_activations_are_quantized_with_the_checkpoints_input_scale(e
                          if node.op_type == "QuantizeLinear" and node.input[1] in constants}  # fmt: skip
     expected = {value for _, value in checkpoint_scales(opened(exported_checkpoints["fp8"])).values()}
     assert {np.float32(value) for value in expected} == {np.float32(value) for value in activation_scales}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_a_weight_only_checkpoint_takes_calibrated_activation_scales(exported_checkpoints, checkpoint_graphs):
+    """`quantize --calib-*` of BFL's weight-only fp8r file: the same FP8 weights and row scales as without
+    calibration (the file's), and each of its 14 Linears' input through Q/DQ with the saved calibration's scale:
+    an FP8 GEMM graph."""
+    import onnx
+
+    folder = checkpoint_graphs["fp8r+calibrated"]
+    record = fp8_graph(folder)
+    assert record.extra["quantization"] == {
+        "format": "fp8_e4m3",
+        "layout": "fp8r",
+        "layers": 14,
+        "scales": "checkpoint, calibrated activations",
+    }
+    ours, weight_only = initializers(folder / record.file), initializers(checkpoint_graphs["fp8r"] / fp8_graph(
+        checkpoint_graphs["fp8r"]).file)  # fmt: skip
+    readers = dequantize_nodes(folder / record.file)
+    theirs = dequantize_nodes(checkpoint_graphs["fp8r"] / fp8_graph(checkpoint_graphs["fp8r"]).file)
+    assert readers.keys() == theirs.keys() and len(readers) == 14
+    for fp8_name, (scale_name, axis) in readers.items():
+        assert ours[fp8_name].tobytes() == weight_only[fp8_name].tobytes(), fp8_name
+        assert axis == theirs[fp8_name][1] == 0, fp8_name  # per row, as without calibration
+        assert np.array_equal(ours[scale_name], weight_only[theirs[fp8_name][0]]), fp8_name
+    from fluxexport.quantize.placement import qdq_problems
+
+    model = onnx.load(str(folder / record.file), load_external_data=False)
+    assert qdq_problems(model) == []
+    producer = {output: node for node in model.graph.node for output in node.output}
+    weights = {
+        node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in readers
+    }
+    weights |= {node.output[0] for node in model.graph.node if node.op_type == "Transpose" and node.input[0] in weights}
+    gemms = [node for node in model.graph.node if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights]
+    assert len(gemms) == 14  # each FP8 weight's GEMM takes an FP8 (dequantized) activation: an FP8 GEMM
+    assert all(producer[node.input[0]].op_type == "DequantizeLinear" for node in gemms)
+    activations = [float(ours[node.input[1]]) for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    saved = json.loads((folder / "calibration.json").read_text())["input_scale"]
+    from fluxexport.quantize.from_checkpoint import checkpoint_scales
+
+    layers = checkpoint_scales(opened(exported_checkpoints["fp8r"]))
+    # Linears reading one input (q, k, v) share its scale, so its Q/DQ once: compared as sets, as the per-tensor
+    # file's input scales are (test_per_tensor_activations_are_quantized_with_the_checkpoints_input_scale)
+    assert len(layers) == 14 and activations
+    assert {np.float32(value) for value in activations} == {np.float32(saved[name]) for name in layers}
 
 
 def run_graph(path: Path, spec, feeds: dict[str, torch.Tensor]) -> np.ndarray:
@@ -430,6 +483,19 @@ def test_the_nvfp4_graph_holds_the_checkpoints_codes_and_scales(exported_checkpo
 
 @pytest.mark.slow
 @pytest.mark.xdist_group(EXPORTS)
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
+def test_the_nvfp4_graph_passes_the_tensorrt_check_it_is_made_for(checkpoint_graphs):
+    """`quantize` lints an NVFP4 checkpoint's graph for TensorRT 10.15 (opset 23, trt::TRT_FP4DynamicQuantize)."""
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.commands.quantize import nvfp4_check_version
+    from fluxexport.export.check import check_graph
+
+    record = open_export(checkpoint_graphs["nvfp4"]).nvfp4["transformer"]
+    report = check_graph(checkpoint_graphs["nvfp4"] / record.file, record, nvfp4_check_version())
+    assert (nvfp4_check_version(), report.ok) == ("10.15", True), report.problems
+
+
 def test_the_nvfp4_graph_runs_as_the_checkpoint_with_nvfp4_activations(exported_checkpoints, checkpoint_graphs):
     """ONNX's reference evaluator runs the graph; the reference is the checkpoint's dequantized weights with the
     activations through NVFP4 at the file's input scales (what diffusers' Blackwell path computes)."""

@@ -10,6 +10,8 @@ from fluxexport.commands.common import Log, ModelOptions, Progress, no_log, no_p
 from fluxexport.commands.export import CheckResult, OnBytes, ignore_bytes
 from fluxexport.errors import FluxExportError
 
+WEIGHT_ONLY_LAYOUTS = ("fp8r",)  # published FP8 layouts without activation scales (black-forest-labs' fp8r)
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -70,8 +72,6 @@ def quantize_fp8(
 
     _check_precision(options)
     source = open_source(options.model)
-    if source.quantized_layout is not None:  # a published FP8 checkpoint: its own scales, no calibration
-        return _quantize_from_checkpoint(options, source, log, on_bytes)
     prompts = read_prompts(options.calib_prompts) if options.calib_prompts else CALIBRATION_PROMPTS
     if options.calib_size is not None:
         if options.calib_size < 1:
@@ -82,6 +82,8 @@ def quantize_fp8(
     ignored = _ignored_with_saved_scales(options) if options.calibration_file is not None else None
     if ignored:
         raise FluxExportError(f"--calibration reuses saved scales, so {ignored} would be ignored: drop one of them")
+    if source.quantized_layout is not None:  # a published checkpoint: its own scales
+        return _quantize_from_checkpoint(options, source, settings, progress, log, on_bytes)
     bounds = prepare_quantize_folder(out, source, options.replace)  # the folder's bounds: its manifest stays true
     names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
     if options.precision == "nvfp4":
@@ -96,10 +98,13 @@ def quantize_fp8(
     return _checked(out, records)
 
 
-def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_bytes: OnBytes) -> QuantizeResult:
-    """`quantize` of a published FP8 checkpoint (`models/quantized_checkpoint.py`): the Q/DQ graphs with the
-    checkpoint's own scales (`quantize/from_checkpoint.py`); calibration's options are refused, having nothing
-    to do."""
+def _quantize_from_checkpoint(
+    options: QuantizeOptions, source, settings, progress: Progress, log: Log, on_bytes: OnBytes
+) -> QuantizeResult:
+    """`quantize` of a published FP8 or NVFP4 checkpoint (`models/quantized_checkpoint.py`): the graphs with the
+    checkpoint's own scales (`quantize/from_checkpoint.py`). Calibration's options are refused where the file has
+    activation scales; a weight-only FP8 file (BFL's fp8r) takes them, for activation scales beside its own
+    weight scales (an FP8 GEMM graph instead of a weight-only one)."""
     import onnx
 
     from fluxexport.artifacts.files import default_folder
@@ -118,9 +123,11 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
             "bf16 releases)"
         )
     calibrating = _ignored_with_saved_scales(options)
+    weight_only = layout in WEIGHT_ONLY_LAYOUTS  # no activation scales: a calibration adds them
     given = [flag for flag, value in ((f"--precision {options.precision}", options.precision != precision),
-             ("--calibration", options.calibration_file is not None), ("--fp8-attention", options.fp8_attention),
-             (calibrating, calibrating is not None)) if value]  # fmt: skip
+             ("--calibration", options.calibration_file is not None and not weight_only),
+             ("--fp8-attention", options.fp8_attention),
+             (calibrating, calibrating is not None and not weight_only)) if value]  # fmt: skip
     if given:
         raise FluxExportError(
             f"{source.name} is an {precision.upper()} checkpoint ({layout}) quantized with its own scales: drop {given[0]}"
@@ -128,9 +135,16 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
     out = options.out or default_folder(source.name)
     bounds = prepare_quantize_folder(out, source, options.replace)
     names = fp8_components(out, TRANSFORMER_PARTS if options.transformer_parts else ())
+    opset = options.opset or DEFAULT_OPSET
+    if weight_only and (options.calibration_file is not None or calibrating is not None):
+        amax = _checkpoint_activations(options, source, out, settings, progress, log)
+        export_checkpoint_fp8(
+            source, out, options.dtype, opset, bounds, options.external_data, on_bytes, names, input_amax=amax
+        )  # fmt: skip
+        return _checked(out, [open_export(out).fp8[name] for name in names])
     log(f"{source.name} is an {precision.upper()} checkpoint ({layout}): its own scales, no calibration")
     export = export_checkpoint_nvfp4 if precision == "nvfp4" else export_checkpoint_fp8
-    export(source, out, options.dtype, options.opset or DEFAULT_OPSET, bounds, options.external_data, on_bytes, names)
+    export(source, out, options.dtype, opset, bounds, options.external_data, on_bytes, names)
     if precision == "nvfp4":  # checked as `quantize --precision nvfp4`'s graphs are
         records = [open_export(out).nvfp4[name] for name in names]
         for record in records:
@@ -138,6 +152,33 @@ def _quantize_from_checkpoint(options: QuantizeOptions, source, log: Log, on_byt
         return _checked(out, records, nvfp4_check_version())
     records = [open_export(out).fp8[name] for name in names]
     return _checked(out, records)
+
+
+def _checkpoint_activations(options: QuantizeOptions, source, out: Path, settings, progress: Progress, log: Log):
+    """The input amax of a weight-only FP8 checkpoint's Linears: `options.calibration_file`'s (kept in `out`), or
+    calibrated on the checkpoint as it computes (its dequantized weights) and saved in `out` for --calibration."""
+    from fluxexport.quantize.qdq_export import (
+        calibrate_transformer,
+        choose_sequential,
+        keep_calibration,
+        read_calibration,
+        write_calibration,
+    )
+
+    if options.calibration_file is not None:
+        calibration, _ = read_calibration(options.calibration_file, source)
+        keep_calibration(out, options.calibration_file)
+        log(f"{source.name}: its own weight scales, activation scales from {options.calibration_file}")
+        return calibration.input_amax
+    sequential = options.sequential
+    if sequential is None:
+        sequential, why = choose_sequential(source)
+        log(why)
+    with progress(f"calibrate {source.name}'s activations on {len(settings.prompts)} prompts", 1) as advance:
+        calibration = calibrate_transformer(source, settings, None, sequential, on_progress=advance)
+    path = write_calibration(out, source, settings, calibration)
+    log(f"{source.name}: its own weight scales, activation scales calibrated (saved to {path})")
+    return calibration.input_amax
 
 
 def _check_precision(options: QuantizeOptions) -> None:

@@ -101,6 +101,20 @@ def checkpoint_scales(source: ModelSource) -> dict[str, tuple[torch.Tensor, floa
     return scales
 
 
+def with_input_scales(
+    scales: dict[str, tuple[torch.Tensor, float | None]], input_amax: dict[str, float]
+) -> dict[str, tuple[torch.Tensor, float | None]]:
+    """The checkpoint's scales with a calibrated per-tensor input scale (amax / 448, as `quantize` calibrates) for
+    each layer that has none and whose input was calibrated: a weight-only FP8 layer (BFL's fp8r) becomes an FP8
+    GEMM. The weight scales, and any input scale the checkpoint has, stay the checkpoint's."""
+    from fluxexport.dtypes import E4M3_MAX
+
+    return {
+        name: (weight, float(input_amax[name]) / E4M3_MAX if given is None and name in input_amax else given)
+        for name, (weight, given) in scales.items()
+    }
+
+
 def apply_checkpoint_scales(transformer: nn.Module, scales: dict[str, tuple[torch.Tensor, float | None]]) -> nn.Module:
     """Replace each quantized Linear by a CheckpointFP8Linear, in place; returns the transformer."""
     for name, (weight_scale, input_scale) in scales.items():
@@ -152,14 +166,17 @@ def store_checkpoint_weights(model) -> str | None:
 
 
 def _record(
-    source: ModelSource, spec: ComponentSpec, exported, opset: int, base_dtype: str, layers: int
+    source: ModelSource, spec: ComponentSpec, exported, opset: int, base_dtype: str, layers: int, calibrated: int = 0
 ) -> GraphRecord:
-    """The manifest record: the layers the checkpoint quantized, its layout and file, no calibration."""
+    """The manifest record: the layers the checkpoint quantized, its layout and file, and how many of their inputs
+    took calibrated scales in the model (`calibrated`; 0: no calibration)."""
     layout, file = source.quantized_layout, source.transformer_file
+    added = f", activation scales calibrated for the {calibrated} the checkpoint left weight-only" if calibrated else ""
     note = (f"FP8 E4M3 Q/DQ with the checkpoint's own scales ({layout}: {file.name if file else source.name}) on "
-            f"{layers} Linear layers; the rest kept in {base_dtype}")  # fmt: skip
+            f"{layers} Linear layers{added}; the rest kept in {base_dtype}")  # fmt: skip
     exported = replace(exported, notes=(note, *exported.notes))
-    quantization = {"format": "fp8_e4m3", "layout": layout, "layers": layers, "scales": "checkpoint"}
+    quantization = {"format": "fp8_e4m3", "layout": layout, "layers": layers,
+                    "scales": "checkpoint, calibrated activations" if calibrated else "checkpoint"}  # fmt: skip
     return replace(graph_record(spec, exported, opset, base_dtype, quantization=quantization), dtype="fp8")
 
 
@@ -172,17 +189,21 @@ def export_checkpoint_fp8(
     external_data: bool | None = None,
     on_bytes: Callable[[str, int, int], None] | None = None,
     components: Sequence[str] | None = None,
+    input_amax: dict[str, float] | None = None,
 ) -> GraphRecord:
     """`out_dir/transformer.fp8.onnx` (and each of `components`' `<part>.fp8.onnx`, default as `quantize`'s) from
-    the checkpoint's FP8 weights and scales, recorded in the manifest's `fp8` section; no model runs. Returns the
-    first graph's record."""
+    the checkpoint's FP8 weights and scales, recorded in the manifest's `fp8` section; no model runs. `input_amax`
+    (a calibration's) gives the layers without an input scale one (`with_input_scales`). Returns the first
+    graph's record."""
     from fluxexport.quantize.qdq_export import _check_fp8_components, check_quantize_options, fp8_components
 
     check_quantize_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
     names = list(fp8_components(out_dir) if components is None else components)
     _check_fp8_components(names, source)
-    scales = checkpoint_scales(source)
+    own = checkpoint_scales(source)
+    scales = with_input_scales(own, input_amax) if input_amax else own
+    calibrated = sum(given is None and scales[name][1] is not None for name, (_, given) in own.items())
     specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
     for name in names:
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
@@ -192,7 +213,7 @@ def export_checkpoint_fp8(
             prepare=lambda transformer: apply_checkpoint_scales(transformer, scales),
         )  # fmt: skip
         layers = sum(origin.fp8_scale is not None for origin in (exported.weights or {}).values())
-        folder.fp8[name] = _record(source, specs[name], exported, opset, base_dtype, layers)
+        folder.fp8[name] = _record(source, specs[name], exported, opset, base_dtype, layers, calibrated)
         folder.write()
     return folder.fp8[names[0]]
 
