@@ -262,6 +262,7 @@ def test_serve_refusals():
         assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.slow  # a real `fluxexport serve` process: seconds of imports and a port
 def test_serve_runs_the_front_alone_and_stops_on_ctrl_c():
     port = free_port()
     process = subprocess.Popen(

@@ -483,8 +483,6 @@ def test_the_nvfp4_graph_holds_the_checkpoints_codes_and_scales(exported_checkpo
 
 @pytest.mark.slow
 @pytest.mark.xdist_group(EXPORTS)
-@pytest.mark.slow
-@pytest.mark.xdist_group(EXPORTS)
 def test_the_nvfp4_graph_passes_the_tensorrt_check_it_is_made_for(checkpoint_graphs):
     """`quantize` lints an NVFP4 checkpoint's graph for TensorRT 10.15 (opset 23, trt::TRT_FP4DynamicQuantize)."""
     from fluxexport.artifacts.folders import open_export
@@ -496,6 +494,8 @@ def test_the_nvfp4_graph_passes_the_tensorrt_check_it_is_made_for(checkpoint_gra
     assert (nvfp4_check_version(), report.ok) == ("10.15", True), report.problems
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group(EXPORTS)
 def test_the_nvfp4_graph_runs_as_the_checkpoint_with_nvfp4_activations(exported_checkpoints, checkpoint_graphs):
     """ONNX's reference evaluator runs the graph; the reference is the checkpoint's dequantized weights with the
     activations through NVFP4 at the file's input scales (what diffusers' Blackwell path computes)."""
