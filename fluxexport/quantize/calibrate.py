@@ -266,6 +266,21 @@ def attention_modules(transformer: nn.Module, attention: bool) -> list[tuple[str
     return list(modules.items())
 
 
+def replace_linears(
+    transformer: nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None, quantized: Callable
+) -> None:
+    """Replace each calibrated block Linear by `quantized(linear, input_amax, weight_amax)`, in place (FP8 or NVFP4);
+    a Linear without calibration data is refused."""
+    linears = quantizable_linears(transformer)
+    missing = sorted(set(linears) - set(amax))
+    if missing:
+        raise FluxExportError(f"no calibration data for {missing[0]} (and {len(missing) - 1} more): calibrate again")
+    for name, linear in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        weight = None if weight_amax is None else weight_amax[name]
+        setattr(transformer.get_submodule(parent_name), child, quantized(linear, amax[name], weight))
+
+
 def fake_quantize(
     transformer: nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None = None,
     attention_amax: dict[str, float] | None = None,
@@ -275,14 +290,7 @@ def fake_quantize(
     Weight scales come from the weights themselves, or from `weight_amax` (amax in the weights' dtype) when
     the transformer's parameters are not real (the streaming export traces it on fake ones). With
     `attention_amax` (non-empty), each block attention computes in FP8 too (`quantize_attention`)."""
-    linears = quantizable_linears(transformer)
-    missing = sorted(set(linears) - set(amax))
-    if missing:
-        raise FluxExportError(f"no calibration data for {missing[0]} (and {len(missing) - 1} more): calibrate again")
-    for name, linear in linears.items():
-        parent_name, _, child = name.rpartition(".")
-        weight = None if weight_amax is None else weight_amax[name]
-        setattr(transformer.get_submodule(parent_name), child, FP8Linear(linear, amax[name], weight))
+    replace_linears(transformer, amax, weight_amax, FP8Linear)
     for name, module in attention_modules(transformer, bool(attention_amax)):
         if f"{name}.q" not in attention_amax:
             raise FluxExportError(f"no FP8 attention calibration for {name}: calibrate again with --fp8-attention")

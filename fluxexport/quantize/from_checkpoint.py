@@ -29,11 +29,9 @@ from torch import nn
 
 from fluxexport.artifacts.folders import fp8_stem
 from fluxexport.artifacts.records import GraphRecord
-from fluxexport.dtypes import ELEMENT_TORCH, quantize_e4m3, torch_dtype
+from fluxexport.dtypes import quantize_e4m3, torch_dtype
 from fluxexport.errors import FluxExportError
-from fluxexport.export.graph import replace_with_initializer
 from fluxexport.export.onnx_export import DEFAULT_OPSET, export_component, graph_record, open_folder_for
-from fluxexport.export.streaming import FP8_SUFFIX
 from fluxexport.models.source import ModelSource
 from fluxexport.quantize.fp8 import TRANSLATIONS, fp8_qdq
 from fluxexport.specs import ComponentSpec, ExportBounds, component_specs
@@ -140,29 +138,9 @@ def store_checkpoint_weights(model) -> str | None:
     """Each weight's QuantizeLinear (per tensor, or per row on axis 0) replaced by its FLOAT8E4M3FN initializer
     `<weight>.fp8`, quantized lazily from the dequantized checkpoint tensor with the node's scale: the
     checkpoint's own FP8 values."""
-    import onnx_ir as ir
+    from fluxexport.quantize.qdq_export import store_weights_in_fp8
 
-    graph, stored = model.graph, 0
-    for node in list(graph):
-        if node.op_type != "QuantizeLinear" or not node.inputs[0].is_initializer():
-            continue
-        weight, scale = node.inputs[0].const_value, ir.convenience.get_const_tensor(node.inputs[1])
-        if weight is None or scale is None:
-            continue
-        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
-        step = torch.from_numpy(scale.numpy().astype("float32"))
-        step = step[:, None] if step.dim() == 1 and axis == 0 else step
-        name = f"{node.inputs[0].name}{FP8_SUFFIX}"
-        node.outputs[0].name = name
-
-        def quantized(weight=weight, step=step, name=name) -> TorchTensor:
-            values = torch.from_numpy(weight.numpy().astype("float32")).to(ELEMENT_TORCH[weight.dtype.name.lower()])
-            return TorchTensor(quantize_e4m3(values, step), name)
-
-        lazy = ir.LazyTensor(quantized, dtype=ir.DataType.FLOAT8E4M3FN, shape=weight.shape, name=name)
-        replace_with_initializer(graph, node, lazy)
-        stored += 1
-    return f"{stored} checkpoint FP8 weights stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
+    return store_weights_in_fp8(model, "checkpoint FP8 weights")
 
 
 def _record(

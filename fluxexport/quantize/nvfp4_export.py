@@ -24,7 +24,7 @@ from fluxexport.dtypes import ELEMENT_TORCH, NVFP4_BLOCK, torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.onnx_export import ExportedComponent, export_component, graph_record, open_folder_for
 from fluxexport.models.source import ModelSource
-from fluxexport.quantize.calibrate import Calibration, CalibrationSettings, kept_high_precision, quantizable_linears
+from fluxexport.quantize.calibrate import Calibration, CalibrationSettings, kept_high_precision, replace_linears
 from fluxexport.quantize.nvfp4 import (
     DYNAMIC_QUANTIZE,
     MIN_NVFP4_OPSET,
@@ -38,12 +38,11 @@ from fluxexport.quantize.nvfp4 import (
 from fluxexport.quantize.qdq_export import (
     _check_fp8_components,
     calibrate_transformer,
+    calibrated_weight_amax,
     choose_sequential,
-    fp8_components,
-    in_dtype,
     keep_calibration,
+    quantized_components,
     read_calibration,
-    weights_amax,
     write_calibration,
 )
 from fluxexport.specs import ComponentSpec, ExportBounds, component_specs
@@ -63,14 +62,7 @@ def fake_quantize_nvfp4(
     transformer: torch.nn.Module, amax: dict[str, float], weight_amax: dict[str, float] | None = None
 ) -> torch.nn.Module:
     """Replace each calibrated block Linear by an NVFP4Linear, in place; returns the transformer."""
-    linears = quantizable_linears(transformer)
-    missing = sorted(set(linears) - set(amax))
-    if missing:
-        raise FluxExportError(f"no calibration data for {missing[0]} (and {len(missing) - 1} more): calibrate again")
-    for name, linear in linears.items():
-        parent_name, _, child = name.rpartition(".")
-        weight = None if weight_amax is None else weight_amax[name]
-        setattr(transformer.get_submodule(parent_name), child, NVFP4Linear(linear, amax[name], weight))
+    replace_linears(transformer, amax, weight_amax, NVFP4Linear)
     return transformer
 
 
@@ -250,11 +242,8 @@ def export_nvfp4(
     opset = opset or DEFAULT_OPSET
     check_nvfp4_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
-    names = list(fp8_components(out_dir) if components is None else components)
-    _check_fp8_components(names, source)
-    amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
-    recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
-    weight_amax = in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
+    names = quantized_components(source, out_dir, components)
+    amax, weight_amax = calibration.input_amax, calibrated_weight_amax(source, calibration, base_dtype)
     specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
     for name in names:
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None

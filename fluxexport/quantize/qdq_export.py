@@ -66,14 +66,15 @@ def fp8_weight_name(weight: str) -> str:
     return f"{weight}{FP8_SUFFIX}"
 
 
-def store_weights_in_fp8(model) -> str | None:
+def store_weights_in_fp8(model, what: str = "weights") -> str | None:
     """Quantize every constant weight's QuantizeLinear at export time: the FLOAT8E4M3FN result becomes the
     initializer DequantizeLinear reads (TensorRT's explicit quantization takes pre-quantized weights), so the
     graph stores FP8 weights — a quarter of fp32, half of bf16 — and computes exactly what Q→DQ did.
 
     Lazily: each FP8 initializer reads its weight (itself lazy when the export streams) and quantizes it as
     it is written. The rounding is the fake quantizer's (x / scale in the weight's dtype, saturated to ±448,
-    nearest-even cast), which is also QuantizeLinear's with saturate=1."""
+    nearest-even cast), which is also QuantizeLinear's with saturate=1. A per-row scale (axis 0: a published
+    checkpoint's rows) divides its row. `what` names the weights in the note returned."""
     import onnx_ir as ir
 
     graph, stored = model.graph, 0
@@ -83,8 +84,11 @@ def store_weights_in_fp8(model) -> str | None:
         weight, scale = node.inputs[0].const_value, ir.convenience.get_const_tensor(node.inputs[1])
         if weight is None or scale is None:
             continue
+        axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+        step = torch.from_numpy(scale.numpy().astype("float32"))
+        step = step[:, None] if step.dim() == 1 and axis == 0 else step
         # named after its source weight, so the manifest can say which checkpoint tensor it quantizes
-        name, step = fp8_weight_name(node.inputs[0].name), torch.from_numpy(scale.numpy().astype("float32"))
+        name = fp8_weight_name(node.inputs[0].name)
         node.outputs[0].name = name
 
         def quantized(weight=weight, step=step, name=name) -> TorchTensor:
@@ -94,7 +98,7 @@ def store_weights_in_fp8(model) -> str | None:
         lazy = ir.LazyTensor(quantized, dtype=ir.DataType.FLOAT8E4M3FN, shape=weight.shape, name=name)
         replace_with_initializer(graph, node, lazy)
         stored += 1
-    return f"{stored} weights stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
+    return f"{stored} {what} stored as FLOAT8E4M3FN (DequantizeLinear only)" if stored else None
 
 
 def weights_amax(source: ModelSource, layers, dtype: torch.dtype) -> dict[str, float]:
@@ -252,6 +256,22 @@ def _check_fp8_components(components: Sequence[str], source: ModelSource) -> Non
         )
 
 
+def quantized_components(source: ModelSource, out_dir: Path, components: Sequence[str] | None) -> list[str]:
+    """The components a quantized export writes: those named, else the transformer and the parts `out_dir` holds;
+    each one checked against the model."""
+    names = list(fp8_components(out_dir) if components is None else components)
+    _check_fp8_components(names, source)
+    return names
+
+
+def calibrated_weight_amax(source: ModelSource, calibration: Calibration, base_dtype: str) -> dict[str, float]:
+    """The weights' amax in `base_dtype`: the calibration's record when it covers every calibrated Linear (no
+    weight read), else read from the checkpoint one tensor at a time."""
+    amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
+    recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
+    return in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
+
+
 def _export_fp8_graph(
     source: ModelSource, spec: ComponentSpec, out_dir: Path,
     scales: tuple[dict[str, float], dict[str, float], dict[str, float]], base_dtype: str, opset: int,
@@ -315,11 +335,8 @@ def export_quantized(
     follows the writing. A calibration with attention amax (`--fp8-attention`) makes the block attentions FP8 too."""
     check_quantize_options(base_dtype, opset)
     out_dir, bounds = Path(out_dir), bounds or ExportBounds.for_model(source)
-    names = list(fp8_components(out_dir) if components is None else components)
-    _check_fp8_components(names, source)
-    amax, dtype = calibration.input_amax, torch_dtype(base_dtype)
-    recorded = calibration.weight_amax if set(amax) <= set(calibration.weight_amax) else None
-    weight_amax = in_dtype(recorded, dtype) if recorded else weights_amax(source, amax, dtype)
+    names = quantized_components(source, out_dir, components)
+    amax, weight_amax = calibration.input_amax, calibrated_weight_amax(source, calibration, base_dtype)
     specs, folder = component_specs(source, bounds), open_folder_for(source, out_dir, base_dtype, bounds)
     for name in names:
         progress = (lambda done, total, name=name: on_bytes(name, done, total)) if on_bytes else None
