@@ -137,23 +137,28 @@ def write_ratios(path: str | Path, ratios: Sequence[float], **provenance: object
     return write_text_atomic(Path(path), json.dumps({"ratios": list(ratios), **provenance}, indent=2) + "\n")
 
 
-class MagCache(StepCache):
-    """MagCache on the transformer in parts, as diffusers' hook: the head gives the embedded image stream, the tail
-    (every other block) runs on the steps `schedule` computes, and on the others the last residual is added."""
+class ResidualReuse(StepCache):
+    """A cache on the transformer in parts that reuses the blocks' residual: the head (embedders, first block) and
+    the output layers run every step; the tail (every other block) runs where `computes` says (and while no
+    residual is kept), and on the other steps the last computed step's residual is added to the embedded image
+    stream. MagCache and TeaCache differ only in `computes`."""
 
-    name, components = "magcache", PARTS
+    components = PARTS
 
-    def __init__(self, schedule: Sequence[bool]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.schedule = tuple(schedule)
         self.residual: torch.Tensor | None = None  # what all blocks added to the image stream, last computed step
+
+    def computes(self, step: int, head: Output) -> bool:
+        """Whether step `step` (0-based) runs the tail, from the head's outputs."""
+        raise NotImplementedError
 
     def __call__(self, feeds: Output, component: Components) -> Output:
         step = self.steps
         self.steps += 1
         head = component("transformer_head")(feeds)
         embedded = embedded_image(head)
-        compute = self.residual is None or step >= len(self.schedule) or self.schedule[step]
+        compute = self.computes(step, head) or self.residual is None
         if compute:
             image = component("transformer_tail")(tail_feeds(head, feeds))["tail_hidden"]
             self.residual = image - embedded
@@ -162,6 +167,19 @@ class MagCache(StepCache):
             image = embedded + self.residual
         self.decisions.append(compute)
         return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
+
+
+class MagCache(ResidualReuse):
+    """MagCache on the transformer in parts, as diffusers' hook: the tail runs on the steps `schedule` computes."""
+
+    name = "magcache"
+
+    def __init__(self, schedule: Sequence[bool]) -> None:
+        super().__init__()
+        self.schedule = tuple(schedule)
+
+    def computes(self, step: int, head: Output) -> bool:
+        return step >= len(self.schedule) or self.schedule[step]
 
 
 class MagCalibration(StepCache):

@@ -31,7 +31,7 @@ import torch
 
 from fluxexport.atomic import write_text_atomic
 from fluxexport.errors import FluxExportError, RequestError
-from fluxexport.runtime.magcache import embedded_image
+from fluxexport.runtime.magcache import ResidualReuse
 from fluxexport.runtime.step_cache import PARTS, Components, Output, StepCache, tail_feeds
 
 # name → (the rescaling polynomial's coefficients, highest power first, as np.poly1d takes them; where they come from)
@@ -188,36 +188,24 @@ class TeaCacheDecisions:
         return compute
 
 
-class TeaCache(StepCache):
-    """TeaCache on the transformer in parts: the head and the output layers run every step, the tail (every other
-    block) on the steps `TeaCacheDecisions` computes."""
+class TeaCache(ResidualReuse):
+    """TeaCache on the transformer in parts: the tail (every other block) runs on the steps `TeaCacheDecisions`
+    computes from the head's modulated input."""
 
-    name, components = "teacache", PARTS
+    name = "teacache"
 
     def __init__(self, threshold: float, steps: int, polynomial: tuple[float, ...]) -> None:
         super().__init__()
         self.decide = TeaCacheDecisions(threshold, steps, polynomial)
-        self.residual: torch.Tensor | None = None  # what all blocks added to the image stream, last computed step
 
     def check_components(self, component: Components) -> None:
         """Refuse a head graph without the modulated input before the first step, where the backend says what its
         head gives (`output_names`: ONNX Runtime's sessions, TensorRT's engines, Triton's models)."""
         check_head_component(component)
 
-    def __call__(self, feeds: Output, component: Components) -> Output:
-        self.steps += 1
-        head = component("transformer_head")(feeds)
+    def computes(self, step: int, head: Output) -> bool:
         check_head(head)
-        embedded = embedded_image(head)
-        compute = self.decide.computes(head[MODULATED]) or self.residual is None
-        if compute:
-            image = component("transformer_tail")(tail_feeds(head, feeds))["tail_hidden"]
-            self.residual = image - embedded
-            self.computed += 1
-        else:
-            image = embedded + self.residual
-        self.decisions.append(compute)
-        return component("transformer_out")({"image_hidden": image, "temb": head["temb"]})
+        return self.decide.computes(head[MODULATED])
 
 
 class TeaCalibration(StepCache):
