@@ -168,6 +168,33 @@ optimized_option = click.option(
 )  # fmt: skip
 
 
+
+def size_options(function):
+    """--height and --width, as every command that generates an image takes them."""
+    for name in ("--width", "--height"):  # applied bottom-up: --height is listed first
+        function = click.option(name, type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")(
+            function
+        )
+    return function
+
+
+def calibration_runner_options(function):
+    """--guidance, --backend, --engines (the transformer in parts), --dtype and --device: what the calibrate
+    commands run on."""
+    options = (
+        click.option("--guidance", type=float,
+                     help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base)."),
+        backend_option,
+        click.option("--engines", type=click.Path(path_type=Path),
+                     help="Graphs or engines holding the transformer in parts (export --transformer-parts)."),
+        click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help="torch backend dtype."),
+        click.option("--device", help="torch device (default: cuda if available, else cpu)."),
+    )  # fmt: skip
+    for option in reversed(options):
+        function = option(function)
+    return function
+
 cache_option = click.option(
     "--cache", "cache_text", metavar="NAME[:key=value,…]",
     help="Step cache: none (default), taylorseer (keys interval=5, order=1, warmup=3: diffusers' "
@@ -224,8 +251,7 @@ def reference_budget_options(default: str):
 @click.option("--prompt", required=True, help="Text to draw (FLUX.1: CLIP, and T5 unless --prompt-2).")
 @click.option("--prompt-2", help="FLUX.1: text for T5 (defaults to --prompt).")
 @click.option("--negative-prompt", help='FLUX.2 base models (true CFG): what to steer away from (default "").')
-@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@size_options
 @click.option("--steps", type=int,
               help="Denoising steps (default: the model's: FLUX.1 schnell 4, dev and Kontext 28; FLUX.2 [klein] 4, "
                    "[klein] base 50, [dev] 50).")  # fmt: skip
@@ -305,16 +331,9 @@ def run(
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="Text to calibrate on; repeatable (all prompts run as one batch).")  # fmt: skip
 @click.option("--steps", type=int, default=28, show_default=True, help="Denoising steps: one ratio each.")
-@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--guidance", type=float,
-              help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base).")  # fmt: skip
+@size_options
 @click.option("--seed", type=int, default=0, show_default=True)
-@backend_option
-@click.option("--engines", type=click.Path(path_type=Path),
-              help="Graphs or engines holding the transformer in parts (export --transformer-parts).")  # fmt: skip
-@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
-@click.option("--device", help="torch device (default: cuda if available, else cpu).")
+@calibration_runner_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="JSON file to write, for --cache magcache:ratios=FILE.")  # fmt: skip
 def calibrate_magcache(
@@ -349,15 +368,8 @@ def calibrate_magcache(
 @click.option("--seed", "seeds", type=int, multiple=True,
               help="Seed of one uncached run; repeatable (default: 0).")  # fmt: skip
 @click.option("--steps", type=int, default=28, show_default=True, help="Denoising steps of each run.")
-@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--guidance", type=float,
-              help="Guidance scale: embedded (FLUX.1 dev, Kontext, FLUX.2 dev) or true CFG (FLUX.2 base).")  # fmt: skip
-@backend_option
-@click.option("--engines", type=click.Path(path_type=Path),
-              help="Graphs or engines holding the transformer in parts (export --transformer-parts).")  # fmt: skip
-@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
-@click.option("--device", help="torch device (default: cuda if available, else cpu).")
+@size_options
+@calibration_runner_options
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="JSON file to write, for --cache teacache:coefficients=FILE.")  # fmt: skip
 def calibrate_teacache(
@@ -692,8 +704,7 @@ def refit(model, base_model, engines, reset) -> None:
 @click.option("--engines", type=click.Path(path_type=Path), help="Graphs (onnxruntime) or engines (tensorrt).")
 @click.option("--dtype", type=click.Choice(PRECISIONS), default="fp32", show_default=True, help="torch backend dtype.")
 @click.option("--device", help="torch device (default: cuda if available).")
-@click.option("--height", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
-@click.option("--width", type=int, help="Pixels, a multiple of 16 (default: 1024, or 256 for tiny models).")
+@size_options
 @click.option("--steps", type=int, help="Denoising steps (default: the model's, as for run).")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
