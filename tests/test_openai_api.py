@@ -25,7 +25,7 @@ from PIL import Image
 
 from fluxexport.cli import main
 from fluxexport.openai_api.app import FrontSettings
-from fluxexport.openai_api.protocol import ApiError, parse_loras, parse_request, triton_refusal
+from fluxexport.openai_api.protocol import ApiError, decode_image, parse_loras, parse_request, triton_refusal
 from fluxexport.openai_api.server import FrontServer
 from fluxexport.triton.server import free_port
 
@@ -325,3 +325,21 @@ def test_triton_refusals_become_openai_errors():
         assert (error.status, error.param) == (code, param), message
         assert not error.message.startswith("[request id")
         assert error.body()["error"]["type"] == ("invalid_request_error" if code < 500 else "server_error")
+
+
+def test_an_upload_is_read_as_run_reads_a_file(tmp_path):
+    """A phone JPEG (EXIF orientation 6: rotate 90°) and a palette PNG upload decode to the pixels `run --image`
+    reads from the same file (diffusers' `load_image`): upright, RGB."""
+    from fluxexport.runtime.images import load_reference
+
+    picture = Image.fromarray(np.arange(48 * 80 * 3, dtype=np.uint8).reshape(48, 80, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera held sideways
+    uploads = {"phone.jpg": {"format": "JPEG", "exif": exif}, "palette.png": {"format": "PNG"}}
+    for name, options in uploads.items():
+        path = tmp_path / name
+        (picture.convert("P") if name.endswith(".png") else picture).save(path, **options)
+        decoded = decode_image(path.read_bytes())
+        assert decoded.shape[2] == 3
+        assert np.array_equal(decoded, np.asarray(load_reference(path))), name
+    assert decode_image((tmp_path / "phone.jpg").read_bytes()).shape[:2] == (80, 48)  # upright: rotated

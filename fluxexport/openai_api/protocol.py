@@ -233,7 +233,9 @@ def triton_refusal(status: str | None, message: str) -> ApiError:
 
 
 def decode_image(data: bytes, param: str = "image") -> np.ndarray:
-    """An uploaded picture (PNG, JPEG, WebP, …) as uint8 [H, W, 3], its size checked before its pixels are read."""
+    """An uploaded picture (PNG, JPEG, WebP, …) as uint8 [H, W, 3], its size checked before its pixels are read,
+    then read as `run --image` reads a file: diffusers' `load_image` (EXIF orientation applied, any mode to RGB)."""
+    from diffusers.utils import load_image
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -241,7 +243,7 @@ def decode_image(data: bytes, param: str = "image") -> np.ndarray:
             width, height = image.size
             if width * height > MAX_REFERENCE_PIXELS:
                 raise bad_request(param, f"{param} is {width}x{height}: send at most {MAX_REFERENCE_PIXELS} pixels")
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.asarray(load_image(image), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise bad_request(param, f"{param} is not an image PIL can read (send PNG, JPEG or WebP)") from None
 
