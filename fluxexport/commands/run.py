@@ -3,8 +3,9 @@ backend that runs it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fluxexport.backend_factory import choose_backend
 from fluxexport.commands.common import (
@@ -22,12 +23,18 @@ from fluxexport.commands.common import (
 from fluxexport.errors import FluxExportError
 from fluxexport.runtime.request import GenerationRequest, GenerationResult, ResolvedRequest
 
+if TYPE_CHECKING:
+    from fluxexport.models.redux import ReduxSource
+    from fluxexport.models.source import ModelSource
+    from fluxexport.runtime.backend import Backend
+    from fluxexport.runtime.redux import ReduxConditioning, ReduxRequest
+
 
 @dataclass(frozen=True)
 class RunOptions:
     """`fluxexport run`'s options; None means the model's default."""
 
-    prompt: str
+    prompt: str | None  # optional with `redux` only
     model: ModelOptions = field(default_factory=ModelOptions)
     runner: BackendOptions = field(default_factory=BackendOptions)
     prompt_2: str | None = None
@@ -45,6 +52,12 @@ class RunOptions:
     keep_reference_size: bool = False
     cache: str | None = None
     output: Path = Path("flux.png")
+    # --redux: a FLUX.1 Redux prior in front of the model (`references` are its images, the prompt is optional);
+    # --redux-engines: its exported graphs (onnxruntime); the per-image scales of its text and pooled embeddings
+    redux: str | None = None
+    redux_engines: Path | None = None
+    prompt_embeds_scale: tuple[float, ...] = (1.0,)
+    pooled_prompt_embeds_scale: tuple[float, ...] = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
     from fluxexport.runtime.cache import parse_cache
     from fluxexport.runtime.images import load_reference, save_png_atomic
     from fluxexport.runtime.pipeline import generate, resolve_request
+    from fluxexport.runtime.redux import placeholder_conditioning
     from fluxexport.specs import check_served
 
     cache = parse_cache(options.cache)
@@ -74,6 +88,7 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
         None if path is None else load_reference(path, option)
         for path, option in ((options.mask, "--mask"), (options.control_image, "--control-image"))
     )
+    prior = None if options.redux is None else check_redux(options, source, references)
     request = GenerationRequest(
         prompt=options.prompt, prompt_2=options.prompt_2, height=options.height, width=options.width,
         num_inference_steps=options.steps, guidance_scale=options.guidance, seed=options.seed,
@@ -81,16 +96,78 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
         image=references or None, auto_resize_reference=not options.keep_reference_size,
         negative_prompt=options.negative_prompt, mask=mask, control_image=control,
     )  # fmt: skip
+    if prior is not None:  # the prompt and images are the prior's; the base takes its embeddings (shapes, for now)
+        request = with_conditioning(request, placeholder_conditioning(prior.redux, source))
     resolved = resolve_request(source, request)  # validate everything before any weight is loaded
     backend = choose_backend(options.runner.backend, options.runner.engines)
     check_served(source, backend, options.runner.engines, resolved)  # references within the engines' budget
     paths = check_output_paths(options.output, resolved.batch)
     engine = open_backend(options.runner, source, backend, log)
+    if prior is not None:
+        request = with_conditioning(request, run_prior(prior, source, engine, options.runner, options.redux_engines))
     with progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         generation = generate(engine, source, request, on_step=advance, cache=cache)
     for image, path in zip(generation.images, paths, strict=True):
         save_png_atomic(image, path)
     return RunResult(backend, source.name, resolved, generation, paths)
+
+
+@dataclass(frozen=True)
+class ReduxPrior:
+    """A run's FLUX.1 Redux prior (`--redux`) and what it is asked, checked before any weight loads."""
+
+    redux: ReduxSource
+    request: ReduxRequest
+
+
+def check_redux(options: RunOptions, source: ModelSource, images: list) -> ReduxPrior:
+    """The prior `options.redux` names, refused in one line where it cannot feed `source` or take the request."""
+    from fluxexport.models.redux import resolve_redux
+    from fluxexport.runtime.redux import ReduxRequest, check_redux_request
+
+    redux = resolve_redux(options.redux)  # type: ignore[arg-type]
+    redux.check_base(source)
+    request = ReduxRequest(
+        tuple(images), options.prompt, options.prompt_2, options.prompt_embeds_scale,
+        options.pooled_prompt_embeds_scale,
+    )  # fmt: skip
+    check_redux_request(redux, request)
+    if options.redux_engines is not None and options.runner.engines is None:
+        raise FluxExportError("--redux-engines runs the prior on onnxruntime: add --engines for the model too")
+    return ReduxPrior(redux, request)
+
+
+def with_conditioning(request: GenerationRequest, conditioning: ReduxConditioning) -> GenerationRequest:
+    """`request` for the base model behind a Redux prior: the prior's embeddings instead of a prompt and images
+    (diffusers' `FluxPipeline(**prior_output)`)."""
+    return replace(
+        request, prompt=None, prompt_2=None, image=None, prompt_embeds=conditioning.prompt_embeds,
+        pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+    )  # fmt: skip
+
+
+def open_redux_backend(redux: ReduxSource, runner: BackendOptions, engines: Path | None) -> Backend:
+    """The prior's backend: its exported graphs on ONNX Runtime (`engines`), else its modules in PyTorch."""
+    if engines is not None:
+        from fluxexport.onnxruntime.redux import OnnxReduxBackend
+
+        return OnnxReduxBackend(redux, engines)
+    from fluxexport.pytorch.redux import TorchReduxBackend
+
+    return TorchReduxBackend(redux, dtype=runner.dtype, device=runner.device)
+
+
+def run_prior(
+    prior: ReduxPrior, source: ModelSource, engine: Backend, runner: BackendOptions, engines: Path | None
+) -> ReduxConditioning:
+    """The prior's conditioning: its images on its own backend, the prompt's encoders on the base's."""
+    from fluxexport.runtime.redux import redux_conditioning
+
+    backend = open_redux_backend(prior.redux, runner, engines)
+    try:
+        return redux_conditioning(backend, engine, source, prior.redux, prior.request)
+    finally:
+        backend.close()
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,26 @@ def build_tiny_pipeline(name: str, shape=None):
     return variant.family.part("models").build_tiny_pipeline(variant, shape)
 
 
+# Tiny priors: checkpoints that run in front of a base model, not variants `--model` runs (FLUX.1 Redux: a SigLIP
+# image encoder and its embedder, sized for the tiny FLUX.1 models' text width; `models/redux.py`)
+TINY_PRIORS = ("tiny-redux",)
+
+
+def write_tiny_prior(name: str, out: Path) -> Path:
+    """Write tiny prior `name` (`TINY_PRIORS`) as a diffusers folder at `out`, atomically."""
+    from fluxexport.models.redux import build_tiny_redux
+
+    with atomic_folder(out) as staging:
+        build_tiny_redux(TINY_SHAPE.text_width, SEED).save_pretrained(staging, safe_serialization=True)
+        marker = {"variant": name, "seed": SEED, "revision": TINY_REVISION}
+        (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return Path(out)
+
+
 def write_tiny(name: str, out: Path) -> Path:
     """Write tiny variant `name` as a diffusers folder at `out`, atomically (staging folder, then rename)."""
+    if name in TINY_PRIORS:
+        return write_tiny_prior(name, out)
     variant = tiny_variant(name)
     with atomic_folder(out) as staging:
         build_tiny_pipeline(name).save_pretrained(staging, safe_serialization=True)

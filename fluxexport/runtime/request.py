@@ -36,7 +36,7 @@ StepCallback = Callable[[int, int], None]
 class GenerationRequest:
     """What a user asks for, in diffusers' vocabulary; None means the model's default."""
 
-    prompt: str | Sequence[str]
+    prompt: str | Sequence[str] | None
     prompt_2: str | Sequence[str] | None = None
     height: int | None = None
     width: int | None = None
@@ -50,6 +50,10 @@ class GenerationRequest:
     negative_prompt: str | Sequence[str] | None = None  # FLUX.2 base models (true CFG); diffusers uses ""
     mask: Image.Image | None = None  # FLUX.1 Fill: white where `image` is repainted (diffusers' `mask_image`)
     control_image: Image.Image | None = None  # FLUX.1 Canny/Depth: the edge or depth map to follow
+    # Text embeddings given instead of a prompt (diffusers' names; FLUX.1 Redux's prior gives them): T5's
+    # sequence [B,L,D] and CLIP's pooled embedding [B,P], repeated per image as diffusers repeats them
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class ResolvedRequest:
     negative_prompts: list[str] | None = None  # FLUX.2 base models: one per prompt
     mask: Image.Image | None = None  # FLUX.1 Fill's mask (its image is `image`)
     control_image: Image.Image | None = None  # FLUX.1 Canny/Depth's control image
+    prompt_embeds: torch.Tensor | None = None  # given instead of prompts (FLUX.1 Redux): [B,L,D]
+    pooled_prompt_embeds: torch.Tensor | None = None  # [B,P]
 
     @property
     def batch(self) -> int:
@@ -109,9 +115,13 @@ def _as_list(prompt: str | Sequence[str]) -> list[str]:
 
 def resolve_request(source: ModelSource, request: GenerationRequest) -> ResolvedRequest:
     """Fill in model-aware defaults and refuse bad input with a one-line error naming the fix."""
-    prompts = _texts("prompt", request.prompt)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise RequestError("prompt", "prompt is empty", "pass the text to draw {given}", pointer=False)
+    embeddings = _prompt_embeddings(source, request)
+    if embeddings is not None:  # no text to encode: one empty prompt per embedding, for the batch
+        prompts = [""] * embeddings[0].shape[0]
+    else:
+        prompts = _texts("prompt", request.prompt)
+        if not prompts or any(not p.strip() for p in prompts):
+            raise RequestError("prompt", "prompt is empty", "pass the text to draw {given}", pointer=False)
     prompts_2 = _texts("prompt_2", request.prompt_2) if request.prompt_2 is not None else prompts
     if len(prompts_2) != len(prompts):
         raise RequestError(
@@ -152,7 +162,40 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
     return ResolvedRequest(
         prompts, prompts_2, height, width, steps, float(guidance), seed, count, length, kontext_image,
         request.auto_resize_reference, references, negatives, mask, control_image,
+        *(embeddings or (None, None)),
     )  # fmt: skip
+
+
+def _prompt_embeddings(source: ModelSource, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The request's `prompt_embeds` and `pooled_prompt_embeds` (both or neither; no prompt beside them), checked
+    against the transformer's text and pooled widths; None when it gives a prompt."""
+    embeds, pooled = request.prompt_embeds, request.pooled_prompt_embeds
+    if embeds is None and pooled is None:
+        return None
+    if embeds is None or pooled is None:
+        missing = "prompt_embeds" if embeds is None else "pooled_prompt_embeds"
+        raise RequestError(missing, "{name} is missing: text embeddings are given as a pair", pointer=False)
+    if request.prompt is not None or request.prompt_2 is not None:
+        raise RequestError(
+            "prompt", "a prompt and prompt embeddings were both given", "give one of the two", pointer=False
+        )
+    if "pooled_projection_dim" not in source.transformer:
+        raise RequestError(
+            "prompt_embeds", f"{source.name}'s transformer takes no pooled text embedding (a {source.pipeline_class})",
+            "pass a prompt instead", pointer=False,
+        )  # fmt: skip
+    widths = (int(source.transformer["joint_attention_dim"]), int(source.transformer["pooled_projection_dim"]))
+    if embeds.ndim != 3 or pooled.ndim != 2 or embeds.shape[0] != pooled.shape[0] or embeds.shape[0] < 1:
+        raise RequestError(
+            "prompt_embeds", f"text embeddings must be [B,L,{widths[0]}] and [B,{widths[1]}], got "
+            f"{list(embeds.shape)} and {list(pooled.shape)}", pointer=False,
+        )  # fmt: skip
+    if (embeds.shape[-1], pooled.shape[-1]) != widths:
+        raise RequestError(
+            "prompt_embeds", f"text embeddings are {embeds.shape[-1]} and {pooled.shape[-1]} wide but "
+            f"{source.name} takes {widths[0]} and {widths[1]}", "use embeddings made for this model", pointer=False,
+        )  # fmt: skip
+    return embeds.to(torch.float32), pooled.to(torch.float32)
 
 
 def _texts(name: str, text: object) -> list[str]:

@@ -116,7 +116,15 @@ def check_cache(source: ModelSource, cache: CacheSettings | StepCache) -> None:
 
 def encode_prompts(backend: Backend, source: ModelSource, resolved: ResolvedRequest, repeats: int) -> EncodedPrompts:
     """T5's embeddings [B,L,D] of `prompts_2` and CLIP's pooled embeddings [B,P] of `prompts`, each repeated
-    `repeats`× (once per image), and any truncation warnings."""
+    `repeats`× (once per image), and any truncation warnings; the request's own embeddings where it gives them
+    (FLUX.1 Redux's prior), repeated as FluxPipeline repeats `prompt_embeds`."""
+    if resolved.prompt_embeds is not None and resolved.pooled_prompt_embeds is not None:
+        embeddings, pooled = resolved.prompt_embeds.to(backend.device), resolved.pooled_prompt_embeds.to(backend.device)
+        text = {
+            "encoder_hidden_states": embeddings.repeat_interleave(repeats, dim=0),
+            "pooled_projections": pooled.repeat_interleave(repeats, dim=0),
+        }
+        return EncodedPrompts(text)
     clip_tokenizer, t5_tokenizer = source.tokenizers
     clip_ids, clip_warnings = tokenize(clip_tokenizer, resolved.prompts, clip_tokenizer.model_max_length, "CLIP")
     t5_ids, t5_warnings = tokenize(t5_tokenizer, resolved.prompts_2, resolved.max_sequence_length, "T5")
