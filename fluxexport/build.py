@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_export
+from fluxexport.artifacts.published import is_published
 from fluxexport.export.onnx_export import export_model
 from fluxexport.models.source import ModelSource
 from fluxexport.quantize.qdq_export import CALIBRATION_FILE, fp8_components, quantize_transformer
@@ -23,6 +24,8 @@ def export_missing_graphs(
     and the folder lacks or holds in another dtype, by the same code as `export` and `quantize`; graphs already
     of the right dtype are kept. Returns the folder afterwards."""
     onnx_dir = Path(onnx_dir)
+    if is_published(onnx_dir):  # read as it is: nothing is exported into a published folder
+        return open_export(onnx_dir, source)
     wanted = graph_dtypes(precision, components)
     present = engine_graphs(open_export(onnx_dir, source), wanted) if (onnx_dir / MANIFEST).is_file() else {}
     stale = {name: dtype for name, dtype in wanted.items() if name not in present or present[name].dtype != dtype}

@@ -214,7 +214,15 @@ Folder = ExportFolder | EngineFolder
 
 def open_folder(folder: Path, source: ModelSource | None = None) -> Folder:
     """The export or engine folder at `folder`, refused in one line when it is missing, of another format or,
-    given `source`, made from another checkpoint."""
+    given `source`, made from another checkpoint. A folder laid out as Black Forest Labs publishes its ONNX (no
+    manifest) is read through `published.LAYOUT`."""
+    from fluxexport.artifacts.published import is_published, open_published
+
+    if is_published(folder):
+        published = open_published(folder)
+        if source is not None:
+            published.check_made_from(source)
+        return published
     data = _read_json(folder)
     _check_format(data, folder)
     opened: Folder = (

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fluxexport.artifacts.folders import FP8_COMPONENTS, open_export
+from fluxexport.artifacts.published import PublishedFolder
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
@@ -183,6 +184,8 @@ class OnnxRuntimeBackend(LoadedComponents):
         self.upcast_folder = upcast_folder
         self.engines = Path(engines)
         self.folder = open_export(self.engines)
+        if isinstance(self.folder, PublishedFolder):
+            self.upcast_bf16 = True  # BFL publishes bf16 graphs only: run them in float32, their bf16-rounded weights
         self.swapped = None  # the LoRAs applied at session creation (base graphs run with --lora)
         if self.folder.model.swaps_in(source):
             self.swapped = source.lora_set

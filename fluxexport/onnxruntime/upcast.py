@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from fluxexport.artifacts.published import GRAPH_FILE
 from fluxexport.atomic import staged_files
 
 # external data offsets aligned to 64 KiB: ONNX Runtime maps aligned tensors from the file instead of reading them
@@ -118,11 +119,18 @@ def upcast_bf16_to_fp32(model: ir.Model) -> ir.Model:
     return model
 
 
+def upcast_name(path: Path) -> str:
+    """The file name of `path`'s float32 copy: the graph's own, or for a graph of a published folder (each named
+    model.onnx in a folder of its own) its folder's name before it (`vae.opt.model.onnx`, `bf16.model.onnx`)."""
+    path = Path(path)
+    return f"{path.parent.name}.{path.name}" if path.name == GRAPH_FILE else path.name
+
+
 def write_upcast(path: Path, folder: Path) -> Path:
-    """Write the float32 copy of the bf16 graph at `path` into `folder` (same file name, weights in
+    """Write the float32 copy of the bf16 graph at `path` into `folder` (named by `upcast_name`, weights in
     `<name>_data` beside it) and return its path; an existing copy is reused. Peak memory is about the largest
     tensor, not the graph."""
-    target = Path(folder) / Path(path).name
+    target = Path(folder) / upcast_name(path)
     if target.is_file():
         return target
     model = ir.load(path)
@@ -166,7 +174,7 @@ def upcast_folder_for(path: Path, folder: Path | None = None) -> Iterator[Path]:
     path = Path(path)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / path.name).is_file():
+        if not (folder / upcast_name(path)).is_file():
             check_room(folder, upcast_bytes(path))
         yield folder
         return

@@ -159,7 +159,8 @@ def write_repository(
             else:
                 _link_or_copy(engines / record.file, version / "model.onnx")
                 if record.external_data:
-                    _link_or_copy(engines / record.external_data, version / record.external_data)
+                    # beside the graph under the name the graph gives it (a published folder's sits in a subfolder)
+                    _link_or_copy(engines / record.external_data, version / Path(record.external_data).name)
                 _served_graph(source, name, entries, bool(loras)).write(version)
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself

@@ -1,0 +1,298 @@
+"""Black Forest Labs' published ONNX folders (`black-forest-labs/FLUX.1-<variant>-onnx`), read as they are.
+
+One table, `LAYOUT`, says for each folder of the published layout which of our components it holds, the tensor
+names its graph has (NVIDIA's TensorRT diffusion demo's, which are ours), and which precision its folder name
+promises. `open_published` reads a folder through it alone: detection is from the folder's structure (no manifest),
+each graph's names, element types and precision are read from the graph itself (never its weights), and what we
+cannot use is refused in one line naming the folder and the fix. The result is an `ExportFolder`, so `run`,
+`validate`, `build` and `triton` take a published folder where they take one of ours.
+
+Sources (read 2026-12-07): NVIDIA/TensorRT `demo/Diffusion` (11.1): `FluxPipeline.download_onnx_models` (folder
+names), `FluxTransformerModel`/`VAEModel`/`VAEEncoderModel` `get_input_names`/`get_output_names`/`get_dynamic_axes`,
+and how `infer` feeds them; black-forest-labs/flux `src/flux/trt` (`trt_config/*`, `engine/*`), the published
+folders' own consumer. See the README's "Black Forest Labs' published ONNX folders" for what is confirmed and what
+is assumed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxexport.artifacts.files import MANIFEST, file_sha256
+from fluxexport.artifacts.folders import FP8, NVFP4, ExportFolder
+from fluxexport.artifacts.records import GraphRecord, ModelRecord, TensorRecord
+from fluxexport.errors import FluxExportError
+from fluxexport.models.source import ModelSource
+
+GRAPH_FILE = "model.onnx"  # every published folder's graph (the demo renames it model_optimized.onnx on download)
+BASE = "components"  # the ExportFolder section of a base-precision graph
+
+
+@dataclass(frozen=True)
+class PublishedGraph:
+    """One folder of the published layout: the component it holds, its graph's tensor names in order (those
+    in `optional` only where the model has them: `guidance` for guidance-distilled models), the precision its
+    name promises (None: whatever the graph holds, bf16 in what BFL ships) and the ExportFolder section it
+    fills. `known` False: a folder we know exists but whose tensor names no source we read states."""
+
+    folder: str
+    component: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    precision: str | None = None
+    section: str = BASE
+    optional: tuple[str, ...] = ()
+    known: bool = True
+
+
+_TRANSFORMER_IN = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                   "guidance")  # fmt: skip
+
+
+def _transformer(folder: str, precision: str, section: str) -> PublishedGraph:
+    return PublishedGraph(f"transformer.opt/{folder}", "transformer", _TRANSFORMER_IN, ("latent",), precision, section,
+                          optional=("guidance",))  # fmt: skip
+
+
+# The published layout. What our runtime does with each is what it does with our own graphs of the same name:
+# timestep is sigma in [0, 1] (the demo feeds t/1000), `guidance` a [B] fp32 scale only for guidance-distilled
+# models (BFL's engine drops it for schnell), img_ids/txt_ids carry no batch axis, the VAE's scaling and shift
+# stay outside both VAE graphs (z/scale + shift before the decoder, scale·(z − shift) after the encoder).
+LAYOUT: tuple[PublishedGraph, ...] = (
+    PublishedGraph("clip.opt", "clip", ("input_ids",), ("text_embeddings", "pooled_embeddings")),
+    PublishedGraph("t5.opt", "t5", ("input_ids",), ("text_embeddings",)),
+    PublishedGraph("t5-fp8.opt", "t5", ("input_ids",), ("text_embeddings",), "fp8", FP8, known=False),
+    _transformer("bf16", "bf16", BASE),
+    _transformer("fp8", "fp8", FP8),
+    _transformer("fp4", NVFP4, NVFP4),
+    _transformer("fp4_svd32", NVFP4, NVFP4),  # Kontext's FP4 (the demo's folder name)
+    PublishedGraph("vae.opt", "vae_decoder", ("latent",), ("images",)),
+    PublishedGraph("vae_encoder.opt", "vae_encoder", ("images",), ("latent",)),
+)
+PUBLISHED = "published"  # the `kind` of a folder read through LAYOUT
+REPOSITORIES = ("FLUX.1-dev-onnx", "FLUX.1-schnell-onnx", "FLUX.1-Kontext-dev-onnx", "FLUX.1-Canny-dev-onnx",
+                "FLUX.1-Depth-dev-onnx")  # black-forest-labs' FLUX.1 ONNX collection  # fmt: skip
+
+
+def present(folder: Path) -> list[PublishedGraph]:
+    """The layout's folders that `folder` holds a graph in."""
+    return [entry for entry in LAYOUT if (Path(folder) / entry.folder / GRAPH_FILE).is_file()]
+
+
+def is_published(folder: Path) -> bool:
+    """Whether `folder` is laid out as BFL publishes its ONNX (a `<component>.opt/` folder, no manifest of ours)."""
+    folder = Path(folder)
+    return (
+        not (folder / MANIFEST).is_file()
+        and folder.is_dir()
+        and any((folder / entry.folder.split("/")[0]).is_dir() for entry in LAYOUT)
+    )
+
+
+_ELEMENT = {1: "float", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 17: "float8e4m3fn",
+            23: "float4e2m1"}  # onnx.TensorProto's numbers  # fmt: skip
+_FLOATS = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _tensor(value: Any) -> TensorRecord:
+    kind = value.type.tensor_type
+    dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in kind.shape.dim)
+    return TensorRecord(value.name, _ELEMENT.get(kind.elem_type, str(kind.elem_type)), dims)
+
+
+def _precision(model: Any) -> tuple[str, str]:
+    """(precision, base dtype) the graph holds, from its initializers' element types (never their bytes): FP4
+    or FP8 weights make an nvfp4 / fp8 graph on the most common float type; otherwise that type."""
+    elements = Counter(_ELEMENT.get(t.data_type, "") for t in model.graph.initializer)
+    floats = Counter({name: n for name, n in elements.items() if name in _FLOATS})
+    base = _FLOATS[floats.most_common(1)[0][0]] if floats else "fp32"
+    quantized = {node.op_type for node in model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+    if elements["float4e2m1"]:
+        return NVFP4, base
+    if elements["float8e4m3fn"] or (quantized and _has_fp8_zero_point(model)):
+        return "fp8", base
+    return base, base
+
+
+def _has_fp8_zero_point(model: Any) -> bool:
+    fp8 = {t.name for t in model.graph.initializer if t.data_type == 17}
+    return any(node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in fp8
+               for node in model.graph.node)  # fmt: skip
+
+
+def _external_data(model: Any, graph_dir: Path) -> str | None:
+    """The one file the graph's initializers keep their bytes in, beside the graph (None: inline)."""
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    if len(locations) > 1:
+        raise FluxExportError(
+            f"{graph_dir / GRAPH_FILE} keeps its weights in {len(locations)} files ({', '.join(sorted(locations))}); "
+            "fluxexport reads graphs with one external-data file: re-save it with onnx.save_model(..., "
+            "all_tensors_to_one_file=True)"
+        )
+    return next(iter(locations), None)
+
+
+def names_fit(entry: PublishedGraph, inputs: list[str], outputs: list[str]) -> bool:
+    """Whether a graph's input and output names are `entry`'s: its inputs in the table's order, the optional
+    ones (guidance) present or not, and exactly its outputs."""
+    required = set(entry.inputs) - set(entry.optional)
+    in_order = [name for name in entry.inputs if name in inputs] == inputs
+    return in_order and required <= set(inputs) and outputs == list(entry.outputs)
+
+
+def read_graph(root: Path, entry: PublishedGraph) -> GraphRecord:
+    """The record of `entry`'s graph in `root`, checked against the table: its names, its precision."""
+    import onnx
+
+    where = Path(root) / entry.folder
+    path = where / GRAPH_FILE
+    if not entry.known:
+        raise FluxExportError(
+            f"{path}: no source fluxexport read gives the tensor names of {entry.folder} graphs, so it does not "
+            f"read them: remove {where} (or move it aside) to use the folder's other graphs"
+        )
+    model = onnx.load(str(path), load_external_data=False)
+    inputs, outputs = tuple(map(_tensor, model.graph.input)), tuple(map(_tensor, model.graph.output))
+    names = [t.name for t in inputs]
+    if not names_fit(entry, names, [t.name for t in outputs]):
+        found = f"({', '.join(names)}) → ({', '.join(t.name for t in outputs)})"
+        raise FluxExportError(
+            f"{path} has tensors {found}, not the published layout's ({', '.join(entry.inputs)}) → "
+            f"({', '.join(entry.outputs)}): a variant whose tensor names fluxexport does not know; export the model "
+            "with `fluxexport export` instead"
+        )
+    precision, base = _precision(model)
+    if entry.precision is not None and precision != entry.precision:
+        raise FluxExportError(
+            f"{path} holds a {precision} graph where the folder name {entry.folder} promises {entry.precision}: put "
+            "it in the folder of its precision"
+        )
+    external = _external_data(model, where)
+    if external and not (where / external).is_file():
+        raise FluxExportError(f"{path} keeps its weights in {external}, which is missing beside it: download it too")
+    files = [path] + ([where / external] if external else [])
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return GraphRecord(
+        file=f"{entry.folder}/{GRAPH_FILE}", dtype=precision, base_dtype=base, opset=opset, inputs=inputs,
+        outputs=outputs, external_data=f"{entry.folder}/{external}" if external else None,
+        sha256={file.name if file == path else external: file_sha256(file) for file in files},
+        extra={"published": entry.folder},
+    )  # fmt: skip
+
+
+@dataclass
+class PublishedFolder(ExportFolder):
+    """A published ONNX folder read through `LAYOUT`. It names no checkpoint: `check_made_from(source)` checks
+    the graphs' widths against the `--model` given (whose tokenizers and configs the runtime reads) and then
+    records that checkpoint as the one the graphs are of."""
+
+    layout: dict[str, str] = field(default_factory=dict)  # component (section-qualified) → published folder
+
+    kind = PUBLISHED
+
+    def write(self) -> Path:
+        raise FluxExportError(
+            f"{self.path} is a published ONNX folder, read as it is: write exports, FP8 graphs and engines to another "
+            "folder (--out)"
+        )
+
+    def check_made_from(self, source: ModelSource, fix: str = "pass the --model the folder was published for"):
+        problems = _width_problems(self, source)
+        if problems:
+            raise FluxExportError(f"{self.path} does not hold {source.name}'s graphs ({'; '.join(problems)}): {fix}")
+        if source.loras:
+            raise FluxExportError(
+                f"{self.path} is a published ONNX folder, which records no weight origins to swap LoRAs into: "
+                f"export the model with its LoRAs (fluxexport export --model {source.name} --lora …) instead"
+            )
+        self.model = ModelRecord.of(source)
+
+
+def _width_problems(folder: PublishedFolder, source: ModelSource) -> list[str]:
+    """What in the graphs disagrees with `source`'s configs: the transformer's input and text widths, whether it
+    takes guidance, and a VAE encoder without the posterior's std where the transformer takes sampled
+    conditions (Fill, Canny, Depth: its input is wider than the packed latent)."""
+    problems = []
+    graphs = {**folder.components, **folder.fp8, **folder.nvfp4}
+    transformer = graphs.get("transformer")
+    config = source.transformer
+    if transformer is not None:
+        dims = {t.name: t.dims for t in transformer.inputs}
+        widths = (("hidden_states", "in_channels"), ("encoder_hidden_states", "joint_attention_dim"),
+                  ("pooled_projections", "pooled_projection_dim"))  # fmt: skip
+        for name, key in widths:
+            width = dims.get(name, (None,))[-1]
+            if isinstance(width, int) and width != int(config[key]):
+                problems.append(f"transformer {name} is {width} wide, {source.name}'s {key} is {config[key]}")
+        if ("guidance" in dims) != bool(source.guidance_embeds):
+            has = "takes" if "guidance" in dims else "takes no"
+            embeds = "has a guidance embedding" if source.guidance_embeds else "has none"
+            problems.append(f"the transformer {has} guidance, {source.name} {embeds}")
+    encoder = graphs.get("vae_encoder")
+    conditioned = int(config["in_channels"]) > 4 * int(source.vae["latent_channels"])
+    if encoder is not None and conditioned and "latent_std" not in encoder.output_names():
+        problems.append("vae_encoder.opt outputs no latent_std, which the conditioned pipeline samples with")
+    return problems
+
+
+def open_published(folder: Path) -> PublishedFolder:
+    """`folder` read through `LAYOUT`, refused in one line when it holds no graph of the layout."""
+    folder = Path(folder)
+    entries = present(folder)
+    if not entries:
+        expected = ", ".join(sorted({entry.folder + "/" + GRAPH_FILE for entry in LAYOUT}))
+        raise FluxExportError(
+            f"{folder} has neither a {MANIFEST} nor a graph of the published layout ({expected}): download the "
+            "component folders too, or export graphs into it with `fluxexport export`"
+        )
+    opened = PublishedFolder(folder, ModelRecord(f"published ONNX folder {folder.name}", ""), "bf16", {})
+    sections = {BASE: opened.components, FP8: opened.fp8, NVFP4: opened.nvfp4}
+    for entry in entries:
+        record = read_graph(folder, entry)
+        if entry.component in sections[entry.section]:
+            other = opened.layout[f"{entry.section}:{entry.component}"]
+            raise FluxExportError(
+                f"{folder} holds {entry.component} graphs of one precision in both {other} and {entry.folder}: keep one"
+            )
+        sections[entry.section][entry.component] = record
+        opened.layout[f"{entry.section}:{entry.component}"] = entry.folder
+    if not opened.components and opened.nvfp4 and not opened.fp8:
+        opened.dtype = NVFP4
+    return opened
+
+
+# Our component → the published folder its base graph goes to (`write_published`), from LAYOUT
+_BASE_FOLDER = {entry.component: entry for entry in LAYOUT if entry.section == BASE and entry.known}
+
+
+def write_published(export: ExportFolder, out: Path, external_data: tuple[str, ...] = ("transformer",)) -> Path:
+    """Lay `export`'s base graphs out at `out` as BFL publishes them, through `LAYOUT` (the tests' fixture: what a
+    published folder is, made by our code from our own graphs): each graph as `<folder>/model.onnx`, outputs the
+    published graph lacks removed (the VAE encoder's `latent_std`), the `external_data` components' weights in one
+    file beside the graph. Only a bf16 export fits the precision folders BFL publishes."""
+    import onnx
+
+    from fluxexport.atomic import atomic_folder
+
+    if export.dtype != "bf16":
+        raise FluxExportError(
+            f"{export.path} holds {export.dtype} graphs; BFL publishes bf16 ones: export with --dtype bf16"
+        )
+    with atomic_folder(Path(out)) as staging:
+        for name, graph in export.components.items():
+            entry = _BASE_FOLDER.get(name)
+            if entry is None:
+                continue
+            model = onnx.load(str(export.path / graph.file))
+            kept = [value for value in model.graph.output if value.name in entry.outputs]
+            del model.graph.output[:]
+            model.graph.output.extend(kept)
+            target = staging / entry.folder
+            target.mkdir(parents=True)
+            outside = name in external_data
+            onnx.save_model(model, str(target / GRAPH_FILE), save_as_external_data=outside,
+                            all_tensors_to_one_file=True, location=f"{GRAPH_FILE}_data", size_threshold=0)  # fmt: skip
+    return Path(out)
