@@ -159,8 +159,13 @@ def write_repository(
             else:
                 _link_or_copy(engines / record.file, version / "model.onnx")
                 if record.external_data:
-                    # beside the graph under the name the graph gives it (a published folder's sits in a subfolder)
-                    _link_or_copy(engines / record.external_data, version / Path(record.external_data).name)
+                    # beside the graph under the name the graph gives it (a published folder's sits in a subfolder);
+                    # copied for a bf16 graph: the component upcasts it through onnx_ir, which refuses hard links
+                    data, placed = engines / record.external_data, version / Path(record.external_data).name
+                    if record.base_dtype == "bf16":
+                        shutil.copy2(data, placed)
+                    else:
+                        _link_or_copy(data, placed)
                 _served_graph(source, name, entries, bool(loras)).write(version)
                 (version / "model.py").write_text(_template("onnxruntime_component.py"))
                 # the python component takes float32 and casts for its graph itself

@@ -1,0 +1,184 @@
+"""Black Forest Labs' published ONNX folders (`FLUX.1-<variant>-onnx`), read through one layout table
+(`fluxexport/artifacts/published.py`). The fixture is tiny-dev's bf16 session export laid out as BFL publishes it
+by our own code (`write_published`: `<component>.opt/model.onnx`, the transformer in `transformer.opt/bf16/` with
+its weights in a file beside it); `run`, `validate`, `build` and `triton` take it as they take our own folders."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxexport.errors import FluxExportError
+
+
+@pytest.fixture(scope="module")
+def published(bf16_export, tmp_path_factory) -> Path:
+    """tiny-dev's bf16 graphs in BFL's published layout (a copy of the session's bf16 export, renamed into place)."""
+    from helpers import once_per_session
+
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.artifacts.published import write_published
+
+    return once_per_session(tmp_path_factory, "published-tiny-dev",
+                            lambda folder: write_published(open_export(bf16_export), folder))  # fmt: skip
+
+
+def copy_of(published: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "FLUX.1-dev-onnx"
+    shutil.copytree(published, folder)
+    return folder
+
+
+def test_published_folder_reads_through_the_layout(published, sources):
+    """Each graph is found where the table says, with its own names, precision and external data; the folder
+    is bound to the --model whose widths it has."""
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.artifacts.published import PUBLISHED
+
+    folder = open_export(published, sources["tiny-dev"])
+    assert folder.kind == PUBLISHED and folder.model.name == "tiny-dev"
+    files = {name: (graph.file, graph.dtype, graph.external_data) for name, graph in folder.components.items()}
+    assert files == {
+        "clip": ("clip.opt/model.onnx", "bf16", None),
+        "t5": ("t5.opt/model.onnx", "bf16", None),
+        "transformer": ("transformer.opt/bf16/model.onnx", "bf16", "transformer.opt/bf16/model.onnx_data"),
+        "vae_decoder": ("vae.opt/model.onnx", "bf16", None),
+        "vae_encoder": ("vae_encoder.opt/model.onnx", "bf16", None),
+    }
+    transformer = folder.components["transformer"]
+    assert transformer.input_names() == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                         "img_ids", "txt_ids", "guidance"]  # fmt: skip
+    assert [t.dtype for t in transformer.inputs] == ["bfloat16"] * 4 + ["float"] * 3
+    assert folder.components["vae_encoder"].output_names() == ["latent"]  # the demo's encoder has no latent_std
+
+
+def test_run_on_a_published_folder_equals_our_own_export(published, bf16_export, sources):
+    """The same weights under the published names and folders give our export's images bit for bit (both run
+    as ONNX Runtime runs bf16 graphs on CPU: float32 copies of their bf16-rounded weights)."""
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+    source = sources["tiny-dev"]
+    request = GenerationRequest(prompt="a red fox", height=128, width=192, num_inference_steps=2, seed=3)
+    theirs = generate(OnnxRuntimeBackend(source, published), source, request).images
+    ours = generate(OnnxRuntimeBackend(source, bf16_export, upcast_bf16=True), source, request).images
+    assert theirs.shape == (1, 128, 192, 3) and theirs.std() > 0
+    assert np.array_equal(theirs, ours)
+
+
+def test_validate_a_published_folder_against_pytorch(published, sources):
+    """`validate` compares the published graphs with PyTorch bf16 (the VAE encoder on its one output) and end to
+    end, within the bf16 bounds."""
+    from fluxexport.validate.graphs import validate_folder
+
+    report, dtype = validate_folder(sources["tiny-dev"], published, ["transformer", "vae_encoder"], steps=2)
+    assert dtype == "bf16" and report.passed, report
+    assert {row.output for row in report.components if row.component == "vae_encoder"} == {"latent"}
+    assert report.images and all(image.psnr > 40 for image in report.images)
+
+
+def test_build_engines_from_a_published_folder(published, sources, tmp_path):
+    """`build` (TensorRT's stand-in) makes bf16 engines from the published graphs as they are: nothing is
+    exported into the folder, and each engine records the published graph it was built from."""
+    from helpers import build_folder, manifest_json
+
+    from fluxexport.artifacts.files import MANIFEST
+    from fluxexport.build import export_missing_graphs
+
+    source = sources["tiny-dev"]
+    assert export_missing_graphs(source, published, "bf16", ["transformer", "t5"]).kind == "published"
+    engines = build_folder(source, published, tmp_path / "trt", precision="bf16", components=["transformer", "t5"])
+    built = manifest_json(engines)["components"]
+    assert built["transformer"]["onnx"] == str((published / "transformer.opt/bf16/model.onnx").resolve())
+    assert built["transformer"]["precision"] == "bf16" and built["t5"]["file"].startswith("t5_bf16.")
+    assert not (published / MANIFEST).exists()
+
+
+def test_triton_repository_from_a_published_folder(published, sources, tmp_path):
+    """`triton` serves the published graphs: each component's graph, the transformer's weights beside it under
+    the name its graph gives them."""
+    import onnx
+
+    from fluxexport.onnxruntime.backend import create_session
+    from fluxexport.triton.repository import write_repository
+
+    out = write_repository(sources["tiny-dev"], published, tmp_path / "repo")
+    version = out / "transformer" / "1"
+    assert sorted(path.name for path in version.glob("model.onnx*")) == ["model.onnx", "model.onnx_data"]
+    graph = onnx.load(str(version / "model.onnx"), load_external_data=False)
+    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx_data"}  # found where the graph says: the component's session opens it
+    session = create_session(version / "model.onnx", upcast=True)  # as the Triton component opens a bf16 graph
+    assert [i.name for i in session.get_inputs()][:1] == ["hidden_states"]
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == [
+        "clip", "flux_pipeline", "t5", "transformer", "vae_decoder"]  # fmt: skip
+
+
+def _rename_input(graph: Path, old: str, new: str) -> None:
+    import onnx
+
+    model = onnx.load(str(graph))
+    for value in model.graph.input:
+        if value.name == old:
+            value.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    onnx.save_model(model, str(graph), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+
+
+def _bf16_in_fp4(folder: Path) -> None:
+    shutil.copytree(folder / "transformer.opt" / "bf16", folder / "transformer.opt" / "fp4")
+
+
+def _fp8_t5(folder: Path) -> None:
+    shutil.copytree(folder / "t5.opt", folder / "t5-fp8.opt")
+
+
+@pytest.mark.parametrize(
+    "spoil, expected",
+    [
+        (lambda f: _rename_input(f / "transformer.opt/bf16/model.onnx", "timestep", "t"),
+         "transformer.opt/bf16/model.onnx has tensors (hidden_states, encoder_hidden_states, pooled_projections, t, "
+         "img_ids, txt_ids, guidance) → (latent), not the published layout's"),
+        (_fp8_t5, "no source fluxexport read gives the tensor names of t5-fp8.opt graphs"),
+        (_bf16_in_fp4, "holds a bf16 graph where the folder name transformer.opt/fp4 promises nvfp4"),
+        (lambda f: (f / "transformer.opt/bf16/model.onnx_data").unlink(),
+         "keeps its weights in model.onnx_data, which is missing beside it: download it too"),
+    ],
+    ids=["unknown-names", "t5-fp8", "precision-folder", "missing-weights"],
+)  # fmt: skip
+def test_what_cannot_be_used_is_refused_in_one_line(published, sources, tmp_path, spoil, expected):
+    from fluxexport.artifacts.folders import open_export
+
+    folder = copy_of(published, tmp_path)
+    spoil(folder)
+    with pytest.raises(FluxExportError) as refused:
+        open_export(folder, sources["tiny-dev"])
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert str(folder) in str(refused.value)
+
+
+def test_a_folder_of_another_model_or_without_graphs_is_refused(published, sources, tmp_path):
+    from fluxexport.artifacts.folders import open_export
+
+    with pytest.raises(FluxExportError, match=r"does not hold tiny-schnell's graphs \(the transformer takes guidance, "
+                                              r"tiny-schnell has none\): pass the --model the folder was published"):  # fmt: skip
+        open_export(published, sources["tiny-schnell"])
+    empty = tmp_path / "FLUX.1-schnell-onnx"
+    (empty / "transformer.opt" / "bf16").mkdir(parents=True)
+    with pytest.raises(FluxExportError, match="has neither a manifest.json nor a graph of the published layout"):
+        open_export(empty)
+
+
+def test_cli_run_on_a_published_folder_of_another_model_exits_with_one_line(published):
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-schnell", "--backend", "onnxruntime", "--engines",
+                                       str(published), "--prompt", "x", "--steps", "1"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "does not hold tiny-schnell's graphs" in result.output
