@@ -29,6 +29,8 @@ def check_swap(source, module: str, graph: GraphRecord) -> dict[str, WeightOrigi
     fit `module`, or a graph that does not record where its weights come from; returns those origins."""
     from fluxexport.models.meta import weightless_module
 
+    if source.lora_set is not None:  # a LoRA that widens the transformer's input is merged at export only
+        source.lora_set.refuse_widening(graph.file, source.with_loras(()).transformer)
     weightless_module(source, module)  # refuses LoRAs that do not fit it
     return graph.require_weight_origins("export it again to swap LoRAs, or export with --lora")
 
@@ -64,7 +66,10 @@ def merged_initializers(
     for initializer, origin in weights.items():
         if not loras.touches(module, origin.tensor):
             continue
-        merged = loras.merged(module, origin.tensor, base(origin.tensor))
+        values = base(origin.tensor)
+        merged = loras.merged(module, origin.tensor, values)
+        if merged.shape != values.shape:  # a LoRA widened it (callers with the model refuse it earlier)
+            raise loras.widening_error(origin.tensor.removesuffix(".weight"), graph)
         if origin.perm:
             merged = merged.permute(origin.perm)
         if origin.fp8_scale is not None:

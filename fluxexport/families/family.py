@@ -13,7 +13,7 @@ has the same part modules, each exposing the names of `PART_NAMES` (`tests/test_
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 # The transformer in three parts (head, tail, out) for the step caches that skip blocks; every family has them
@@ -87,6 +87,12 @@ class Family:
     lora_alpha_in_metadata: bool  # PEFT LoRAs carry their alpha in the file's metadata (diffusers' FLUX.2 saves)
     ffn_matrices: int  # the blocks' MLP as (d × ratio·d) matrices: 2 for a GELU MLP, 3 for SwiGLU (FLOP count)
     ffn_ratio: float | str  # the MLP's width ratio, or the transformer config key that holds it
+    # LoRAs wider than the model's layer (BFL's Canny/Depth LoRAs widen FLUX.1-dev's `x_embedder` from 64 to 128
+    # input features, as diffusers' `load_lora_weights` does): the layer → the transformer config key its input
+    # width is and the key whose unset value follows it (kept at the base width: FluxTransformer2DModel's
+    # `out_channels`), and pipeline → the pipeline the widened model runs as; a family without them refuses them
+    lora_widened_inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    lora_widened_pipelines: dict[str, str] = field(default_factory=dict)
 
     @property
     def required_parts(self) -> tuple[str, ...]:

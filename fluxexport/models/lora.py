@@ -143,6 +143,29 @@ def _converted(lora: LoraFile, family: Family) -> tuple[dict[str, torch.Tensor],
 def read_lora(lora: LoraFile, family: str = FLUX1.name) -> dict[str, dict[str, LoraLayer]]:
     """module ("transformer", "clip") → Linear name in our model → its update, for one LoRA file of a model of
     `family` (its name: "flux1", "flux2"; the modules its LoRAs adapt are the family's `lora_prefixes`)."""
+    return read_lora_file(lora, family)[0]
+
+
+def _replaced(state: dict[str, torch.Tensor], family: Family) -> dict[str, dict[str, torch.Tensor]]:
+    """module → parameter → the tensor a control LoRA replaces it with (BFL's Canny/Depth LoRAs carry the
+    attention's norm scales, which diffusers' `load_lora_weights` loads as they are, at any LoRA scale): the keys
+    its pipeline names (`_control_lora_supported_norm_keys`)."""
+    import diffusers
+
+    norms = getattr(getattr(diffusers, family.lora_pipeline), "_control_lora_supported_norm_keys", ())
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix = next((p for p in family.lora_prefixes if key.startswith(p)), None)
+        if prefix is None or "lora_" in key or not any(f".{norm}." in key for norm in norms):
+            continue
+        replaced.setdefault(family.lora_prefixes[prefix], {})[key.removeprefix(prefix)] = value.float()
+    return replaced
+
+
+def read_lora_file(
+    lora: LoraFile, family: str = FLUX1.name
+) -> tuple[dict[str, dict[str, LoraLayer]], dict[str, dict[str, torch.Tensor]]]:
+    """`read_lora`'s layers, and module → parameter → the tensor the file replaces it with (`_replaced`)."""
     known = family_named(family)
     state, alphas = _converted(lora, known)
     layers: dict[str, dict[str, LoraLayer]] = {}
@@ -170,7 +193,7 @@ def read_lora(lora: LoraFile, family: str = FLUX1.name) -> dict[str, dict[str, L
         layers.setdefault(module, {})[name] = LoraLayer(
             down, up.float(), None if bias is None else bias.float(), factor
         )
-    return layers
+    return layers, _replaced(state, known)
 
 
 def _adapts_none(family: Family) -> str:
@@ -186,15 +209,47 @@ class LoraSet:
 
     def __init__(self, loras: Iterable[LoraFile], family: str = FLUX1.name):
         self.loras = tuple(loras)
+        self.family = family
         self.layers: dict[str, dict[str, list[LoraLayer]]] = {}
+        self.replaced: dict[str, dict[str, torch.Tensor]] = {}  # module → parameter → its new value (a later wins)
+        self.widest: dict[str, LoraFile] = {}  # a widenable layer → the (first) LoRA with its widest input
         for lora in self.loras:
-            for module, layers in read_lora(lora, family).items():
+            layers_of, replaced = read_lora_file(lora, family)
+            for module, layers in layers_of.items():
                 for name, layer in layers.items():
-                    self.layers.setdefault(module, {}).setdefault(name, []).append(layer)
+                    known = self.layers.setdefault(module, {}).setdefault(name, [])
+                    wider = not known or layer.down.shape[1] > max(other.down.shape[1] for other in known)
+                    if wider and module == "transformer" and name in family_named(family).lora_widened_inputs:
+                        self.widest[name] = lora
+                    known.append(layer)
+            for module, tensors in replaced.items():
+                self.replaced.setdefault(module, {}).update(tensors)
+
+    def input_width(self, module: str, name: str) -> int:
+        """The widest input the LoRAs give layer `name` of `module`."""
+        return max(layer.down.shape[1] for layer in self.layers[module][name])
+
+    def widened_config(self, transformer: dict) -> dict[str, int]:
+        """The transformer config keys (the family's `lora_widened_inputs`) the LoRAs widen → their new width,
+        with the key that follows each kept at the base width; empty when none is wider than `transformer`."""
+        widths: dict[str, int] = {}
+        for name, (key, follower) in family_named(self.family).lora_widened_inputs.items():
+            if name in self.layers.get("transformer", {}) and self.input_width("transformer", name) > transformer[key]:
+                widths[key] = self.input_width("transformer", name)
+                widths[follower] = int(transformer[follower] or transformer[key])
+        return widths
 
     def check(self, module: str, shapes: dict[str, torch.Size]) -> None:
         """Refuse (one line, first offending key) a LoRA naming a Linear the model lacks or of another shape;
-        `shapes` maps the model's parameter names to their shapes."""
+        `shapes` maps the model's parameter names to their shapes. A layer of the family's `lora_widened_inputs`
+        may take a wider input (BFL's Canny/Depth LoRAs)."""
+        for name, tensor in self.replaced.get(module, {}).items():
+            if shapes.get(name) != tensor.shape:
+                raise FluxExportError(
+                    f"a LoRA replaces {module} parameter {name!r} ({tuple(tensor.shape)}), which this model does not "
+                    "have in that shape: it was made for another model"
+                )
+        wider = set(family_named(self.family).lora_widened_inputs) if module == "transformer" else set()
         for name, layers in self.layers.get(module, {}).items():
             weight = shapes.get(f"{name}.weight")
             if weight is None or len(weight) != 2:
@@ -203,9 +258,10 @@ class LoraSet:
                     "it was made for another model"
                 )
             for layer in layers:
-                if (layer.up.shape[0], layer.down.shape[1]) != tuple(weight) or layer.up.shape[1] != layer.down.shape[
-                    0
-                ]:
+                widened = name in wider and layer.down.shape[1] > weight[1]  # zero-padded, as diffusers does
+                if (layer.up.shape[0], weight[1] if widened else layer.down.shape[1]) != tuple(
+                    weight
+                ) or layer.up.shape[1] != layer.down.shape[0]:
                     raise FluxExportError(
                         f"a LoRA's {module} layer {name!r} is {layer.up.shape[0]}×{layer.down.shape[1]} "
                         f"(rank {layer.down.shape[0]}), the model's weight is {weight[0]}×{weight[1]}: "
@@ -214,6 +270,8 @@ class LoraSet:
 
     def touches(self, module: str, parameter: str) -> bool:
         """Whether a LoRA changes this parameter (without computing the change)."""
+        if parameter in self.replaced.get(module, {}):
+            return True
         owner, _, kind = parameter.rpartition(".")
         layers = self.layers.get(module, {}).get(owner, [])
         return bool(layers) and (
@@ -221,29 +279,115 @@ class LoraSet:
         )
 
     def delta(self, module: str, parameter: str) -> torch.Tensor | None:
-        """The float32 change of one parameter (`….weight` or `….bias`) summed over the LoRAs, or None."""
+        """The float32 change of one parameter (`….weight` or `….bias`) summed over the LoRAs, or None; a weight's
+        narrower updates zero-padded to the widest input (diffusers' `_maybe_expand_lora_state_dict`)."""
         owner, _, kind = parameter.rpartition(".")
         layers = self.layers.get(module, {}).get(owner)
         if not layers:
             return None
         if kind == "weight":
-            return sum((layer.factor * (layer.up @ layer.down) for layer in layers), torch.zeros(()))
+            width = self.input_width(module, owner)
+            return sum((_padded(layer.factor * (layer.up @ layer.down), width) for layer in layers), torch.zeros(()))
         if kind == "bias" and any(layer.bias is not None for layer in layers):
             return sum((layer.factor * layer.bias for layer in layers if layer.bias is not None), torch.zeros(()))
         return None
 
     def merged(self, module: str, parameter: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` (a checkpoint parameter) with the LoRAs merged, in float32, back in its own dtype."""
+        """`tensor` (a checkpoint parameter) with the LoRAs merged, in float32, back in its own dtype: a widened
+        weight zero-padded first, a replaced one (a control LoRA's norm scale) the LoRA's own."""
+        replaced = self.replaced.get(module, {}).get(parameter)
+        if replaced is not None:
+            return replaced.to(tensor.dtype)
         change = self.delta(module, parameter)
         if change is None:
             return tensor
-        return (tensor.float() + change).to(tensor.dtype)
+        base = tensor.float()
+        if change.dim() == 2 and change.shape[1] > base.shape[1]:
+            base = _padded(base, change.shape[1])
+        return (base + change).to(tensor.dtype)
+
+    def widen(self, module: str, model: torch.nn.Module) -> None:
+        """Give `model`'s layers the LoRAs widen (the family's `lora_widened_inputs`) their wider input in place:
+        zero weights for the new features, the config's width key updated, as diffusers' `load_lora_weights`
+        leaves the model (`_maybe_expand_transformer_param_shape_or_error_`); works on meta modules too."""
+        if module != "transformer":
+            return
+        for name, (key, follower) in family_named(self.family).lora_widened_inputs.items():
+            linear = model.get_submodule(name) if name in self.layers.get(module, {}) else None
+            width = self.input_width(module, name) if linear is not None else 0
+            if linear is None or width <= linear.in_features:
+                continue
+            wider = torch.nn.Linear(width, linear.out_features, bias=linear.bias is not None, device="meta")
+            weight = _padded(linear.weight.detach(), width)  # meta in, meta out
+            wider.weight = torch.nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+            wider.bias = linear.bias
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, wider)
+            following = model.config[follower] or model.config[key]
+            model.register_to_config(**{key: width, follower: following})
 
     def merge_into(self, module: str, model: torch.nn.Module) -> None:
         """Merge into a loaded module in place (the PyTorch backend's and in-memory export's path)."""
         shapes = {name: p.shape for name, p in model.named_parameters()}
         self.check(module, shapes)
+        self.widen(module, model)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if self.touches(module, name):
                     parameter.copy_(self.merged(module, name, parameter.detach()))
+
+    def refuse_widening(self, graph: str, transformer: dict) -> None:
+        """Refuse (one line) to swap into `graph` (a graph or engines exported at the base model's width) a LoRA
+        that widens the transformer's input beyond `transformer` (the base model's config): such a LoRA makes
+        another model (FLUX.1-dev + a Canny/Depth LoRA is a control model), merged at export only."""
+        widened = self.widened_config(transformer)
+        for name, (key, _) in family_named(self.family).lora_widened_inputs.items():
+            if key in widened:
+                raise self.widening_error(name, graph)
+
+    def widening_error(self, name: str, graph: str) -> FluxExportError:
+        """The one-line refusal of swapping the LoRA that widens transformer layer `name` into `graph`."""
+        lora = self.widest[name]
+        return FluxExportError(
+            f"LoRA {lora.path.name} widens the transformer's {name} to {self.input_width('transformer', name)} "
+            f"input features (a Canny/Depth LoRA), which {graph} (exported at the base model's width) cannot swap "
+            f"in: export with it merged (fluxexport export --lora {lora.path.name})"
+        )
+
+
+def _padded(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """`weight` [out, in] with zero columns up to `width` inputs."""
+    return torch.nn.functional.pad(weight, (0, width - weight.shape[1])) if weight.shape[1] < width else weight
+
+
+def widened_configs(source) -> dict[str, dict]:
+    """`source`'s configs (a ModelSource with LoRAs) as its LoRAs leave the model (`ModelSource.merged_configs`):
+    a LoRA that widens the transformer's input (the family's `lora_widened_inputs`) widens the transformer config
+    and makes the pipeline the family's widened one (FLUX.1-dev + BFL's Canny/Depth LoRA: FluxControlPipeline, as
+    diffusers runs it); refused in one line for a pipeline the family widens none of, or a width that pipeline
+    does not take."""
+    import dataclasses
+
+    base = source.with_loras(())
+    widths = source.lora_set.widened_config(base.transformer)
+    if not widths:
+        return source.configs
+    family, lora = source.family, next(iter(source.lora_set.widest.values()))
+    pipeline = family.lora_widened_pipelines.get(base.pipeline_class)
+    widening = f"LoRA {lora.path.name} widens the transformer's input to {max(widths.values())} features"
+    if pipeline is None:
+        takers = " or ".join(family.lora_widened_pipelines) or "no"
+        raise FluxExportError(
+            f"{widening} (a Canny/Depth LoRA, for {takers} models) but {source.name} is a {base.pipeline_class}: "
+            f"pass it with a {takers} model or drop --lora {lora.path.name}"
+        )
+    configs = dict(source.configs)
+    configs["model_index"] = {**configs["model_index"], "_class_name": pipeline}
+    configs["transformer"] = {**configs["transformer"], **widths}
+    try:
+        family.part("models").check_widths(dataclasses.replace(base, configs=configs))
+    except FluxExportError as error:
+        reason = str(error).partition(": ")[2].partition(": the parts")[0]
+        raise FluxExportError(f"{widening}, which a {pipeline} does not take ({reason}): it was made for another "
+                              "model") from None  # fmt: skip
+    return configs

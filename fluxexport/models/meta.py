@@ -54,9 +54,11 @@ def parameter_aliases(module: nn.Module) -> dict[int, list[str]]:
 
 
 def check_loras(source: ModelSource, module: str, model: nn.Module) -> None:
-    """Refuse, before anything is read or written, LoRAs that do not fit `model` (built on meta)."""
+    """Refuse, before anything is read or written, LoRAs that do not fit `model` (built on meta), and widen the
+    layers a LoRA widens (BFL's Canny/Depth LoRAs: `LoraSet.widen`), as the loaded model is widened."""
     if source.lora_set is not None:
         source.lora_set.check(module, {name: p.shape for name, p in model.named_parameters()})
+        source.lora_set.widen(module, model)
 
 
 def weightless_module(source: ModelSource, module: str, for_export: bool = True) -> nn.Module:

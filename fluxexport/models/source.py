@@ -43,6 +43,14 @@ class ModelSource:
 
         return LoraSet(self.loras, self.family.name) if self.loras else None
 
+    @functools.cached_property
+    def merged_configs(self) -> dict[str, dict[str, Any]]:
+        """The configs as the LoRAs leave the model: those of the folder, except where a LoRA widens the
+        transformer's input (FLUX.1-dev + BFL's Canny/Depth LoRA runs as FluxControlPipeline: `lora.widened_configs`)."""
+        from fluxexport.models.lora import widened_configs
+
+        return self.configs if self.lora_set is None else widened_configs(self)
+
     def with_text_encoder_layers(self, layers: tuple[int, ...] | None) -> ModelSource:
         """This checkpoint read at other text-encoder layers (a fine-tune's `text_encoder_out_layers`)."""
         if layers is None:
@@ -72,20 +80,20 @@ class ModelSource:
         defaults (`models.configs`); `language` is FLUX.2's language-model config."""
         from fluxexport.models.configs import library_configs
 
-        return library_configs(self.configs, self.family.pipelines)
+        return library_configs(self.merged_configs, self.family.pipelines)
 
     @functools.cached_property
     def pipeline_type(self) -> type:
         """The diffusers pipeline class this folder runs as."""
         from fluxexport.models.configs import pipeline_class
 
-        return pipeline_class(self.configs["model_index"], self.family.pipelines)
+        return pipeline_class(self.merged_configs["model_index"], self.family.pipelines)
 
     def component_class(self, part: str) -> type:
         """The library class diffusers loads `part` ("text_encoder", "vae", …) with."""
         from fluxexport.models.configs import component_class
 
-        return component_class(self.configs["model_index"], self.pipeline_type, part)
+        return component_class(self.merged_configs["model_index"], self.pipeline_type, part)
 
     def module_class(self, module: str) -> type:
         """The library class `module` ("clip", "transformer", …) loads with: its family's (`library_classes`), else

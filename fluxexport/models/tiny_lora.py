@@ -2,6 +2,10 @@
 
 FLUX.1: diffusers/PEFT (`transformer.<module>.lora_A/lora_B`), kohya (`lora_unet_…` on black-forest-labs' fused
 modules with `.alpha`, plus CLIP's first attention as `lora_te1_…`) and XLabs (`double_blocks.N.processor.…`).
+FLUX.1 also `control`: a Canny/Depth LoRA as diffusers saves one (PEFT keys, `lora_B` biases, the attention norms'
+scales, and `x_embedder` widened to twice the model's input: noise and control-image latents), which turns FLUX.1-dev
+into a FluxControlPipeline. (BFL's own layout of those LoRAs, `img_in.lora_A…`/`…query_norm.scale`, is read through
+diffusers' conversion, which is written for FLUX.1's 19 + 38 blocks: no tiny model can have a file in it.)
 FLUX.2: diffusers/PEFT with the `lora_alpha` metadata diffusers saves, kohya (`lora_unet_…` with `.alpha`) and
 ai-toolkit (`diffusion_model.double_blocks.…`). Each adapts the first double and single block: every update
 (`alpha / rank · B·A`, what a LoRA adds at scale 1) is `RELATIVE` times the norm of the weight it adapts, enough
@@ -25,6 +29,8 @@ from fluxexport.models.source import ModelSource
 RANK = 4
 ALPHA = 8.0  # kohya's `.alpha` and FLUX.2 PEFT's `lora_alpha`: updates scaled by ALPHA / RANK = 2
 RELATIVE = 2.0  # ‖update‖ / ‖W‖ for each adapted weight (at --lora scale 1)
+CONTROL = "control"  # the format of a LoRA that widens the transformer's input (FLUX.1 Canny/Depth)
+WIDENING = 2  # a control LoRA's widened layers take twice the model's input (noise + control-image latents)
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,11 @@ def targets(fmt: str, family: str, transformer: torch.nn.Module) -> list[Target]
     every Linear of the first double and single block, the other formats' the family's table
     (`families/<f>/models.py::TINY_LORA_TARGETS`)."""
     double, single = "transformer_blocks.0", "single_transformer_blocks.0"
-    if fmt == "peft":
+    widened = tuple(family_named(family).lora_widened_inputs) if fmt == CONTROL else ()
+    if fmt in ("peft", CONTROL):
         return [Target(f"transformer.{name}", (name,)) for name, module in transformer.named_modules()
-                if isinstance(module, torch.nn.Linear) and name.startswith((f"{double}.", f"{single}."))]  # fmt: skip
+                if isinstance(module, torch.nn.Linear) and (name.startswith((f"{double}.", f"{single}."))
+                                                             or name in widened)]  # fmt: skip
     return list(family_named(family).part("models").TINY_LORA_TARGETS[fmt])
 
 
@@ -72,15 +80,33 @@ def lora_tensors(
     generator, state = torch.Generator().manual_seed(seed), {}
     down_name, up_name = _names(fmt)
     factor = _factor(fmt, family)
+    widened = family_named(family).lora_widened_inputs if fmt == CONTROL else {}
     for target in targets(fmt, family, transformer):
         weight = torch.cat([weights[target.model][name] for name in target.modules])
-        down = torch.randn(RANK, weight.shape[1], generator=generator)
+        width = weight.shape[1] * (WIDENING if target.modules[0] in widened else 1)
+        down = torch.randn(RANK, width, generator=generator)
         up = torch.randn(weight.shape[0], RANK, generator=generator)
         up *= RELATIVE * weight.norm() / (factor * (up @ down).norm())
         state[f"{target.key}.{down_name}.weight"], state[f"{target.key}.{up_name}.weight"] = down, up
         if fmt == "kohya":
             state[f"{target.key}.alpha"] = torch.tensor(ALPHA)
-    return state
+        if fmt == CONTROL:  # BFL's LoRA layers carry a bias (diffusers loads it as PEFT's lora_bias)
+            state[f"{target.key}.{up_name}.bias"] = 0.1 * torch.randn(weight.shape[0], generator=generator)
+    return state | (_norm_scales(family, transformer, generator) if fmt == CONTROL else {})
+
+
+def _norm_scales(family: str, transformer: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A control LoRA's own attention norm scales for the first double and single block (the norms diffusers'
+    `load_lora_weights` replaces as they are: its pipeline's `_control_lora_supported_norm_keys`), around 1."""
+    import diffusers
+
+    norms = getattr(diffusers, family_named(family).lora_pipeline)._control_lora_supported_norm_keys
+    blocks = ("transformer_blocks.0.", "single_transformer_blocks.0.")
+    return {
+        f"transformer.{name}": 1.0 + 0.5 * torch.rand(parameter.shape, generator=generator)
+        for name, parameter in transformer.named_parameters()
+        if name.startswith(blocks) and any(f".{norm}." in name for norm in norms)
+    }
 
 
 def _linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

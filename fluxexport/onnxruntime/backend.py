@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fluxexport.artifacts.folders import FP8_COMPONENTS, open_export
-from fluxexport.artifacts.published import PublishedFolder
+from fluxexport.artifacts.published import PublishedFolder, refuse_tensorrt_only
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
@@ -187,7 +187,8 @@ class OnnxRuntimeBackend(LoadedComponents):
         if isinstance(self.folder, PublishedFolder):
             self.upcast_bf16 = True  # BFL publishes bf16 graphs only: run them in float32, their bf16-rounded weights
         self.swapped = None  # the LoRAs applied at session creation (base graphs run with --lora)
-        if self.folder.model.swaps_in(source):
+        if self.folder.model.swaps_in(source):  # a LoRA that widens the transformer's input is merged at export only
+            source.lora_set.refuse_widening(f"the graphs in {self.engines}", source.with_loras(()).transformer)
             self.swapped = source.lora_set
         else:
             self.folder.check_made_from(source)
@@ -262,6 +263,7 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"--out {self.engines}{why}"
             )
         graph = entries[name]
+        refuse_tensorrt_only(graph, name, self.engines)  # a published graph with TensorRT's own ops
         bf16 = graph.base_dtype == "bf16"  # an FP8 graph computes the rest in its base
         if bf16 and not self.upcast_bf16:
             what = "a bf16 graph" if graph.dtype == "bf16" else f"an {graph.dtype} graph on a bf16 base"

@@ -185,6 +185,8 @@ def refit_engines(source: ModelSource, engines: Path, reset: bool = False) -> En
         )
     if not reset and not source.loras:
         raise FluxExportError("refit needs at least one --lora FILE[:SCALE] (or --reset for the base weights)")
+    if not reset and source.lora_set is not None:  # a LoRA that widens the transformer's input: export only
+        source.lora_set.refuse_widening(f"the engines in {engines}", source.with_loras(()).transformer)
     import_tensorrt()
     import tensorrt as trt
 

@@ -46,8 +46,10 @@ FAMILY = Family(
     takes_text_encoder_layers=False,  # it reads its encoders' last states
     lora_pipeline="FluxPipeline",  # diffusers/PEFT, kohya (`lora_unet_…`, `lora_te1_…`), XLabs (`…processor…`)
     lora_prefixes={"transformer.": "transformer", "text_encoder.": "clip"},
-    lora_formats=("peft", "kohya", "xlabs"),
+    lora_formats=("peft", "kohya", "xlabs", "control"),  # control: a Canny/Depth LoRA (widens the input)
     lora_alpha_in_metadata=False,
+    lora_widened_inputs={"x_embedder": ("in_channels", "out_channels")},  # diffusers' x_embedder → in_channels
+    lora_widened_pipelines={"FluxPipeline": "FluxControlPipeline"},  # FLUX.1-dev + a Canny/Depth LoRA
     ffn_matrices=2,  # GELU MLP
     ffn_ratio=4.0,  # diffusers' FluxTransformerBlock: FeedForward's default mult
 )
