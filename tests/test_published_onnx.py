@@ -182,3 +182,48 @@ def test_cli_run_on_a_published_folder_of_another_model_exits_with_one_line(publ
                                        str(published), "--prompt", "x", "--steps", "1"])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "does not hold tiny-schnell's graphs" in result.output
+
+
+def _with_tensorrt_fp8_op(folder: Path) -> None:
+    """The bf16 transformer with one of TensorRT's own FP8 ops (as ModelOpt exports them) in `transformer.opt/fp8`."""
+    import onnx
+
+    graph = folder / "transformer.opt" / "bf16" / "model.onnx"
+    model = onnx.load(str(graph))
+    model.graph.initializer.append(onnx.helper.make_tensor("fp8_scale", onnx.TensorProto.FLOAT, [], [1.0]))
+    model.graph.node.append(onnx.helper.make_node("TRT_FP8QuantizeLinear", ["hidden_states", "fp8_scale"],
+                                                  ["hidden_states_fp8"], domain="trt"))  # fmt: skip
+    model.opset_import.append(onnx.helper.make_opsetid("trt", 1))
+    (folder / "transformer.opt" / "fp8").mkdir()
+    onnx.save_model(model, str(folder / "transformer.opt" / "fp8" / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx_data", size_threshold=0)  # fmt: skip
+
+
+def test_a_graph_of_tensorrt_ops_is_fp8_and_refused_by_onnxruntime_in_one_line(published, sources, tmp_path):
+    """ModelOpt's FP8 graph (TensorRT's own Q/DQ ops) is read as the folder's FP8 transformer, which `build` takes
+    and ONNX Runtime refuses in one line, naming the graph and the bf16 way out."""
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    folder = copy_of(published, tmp_path)
+    _with_tensorrt_fp8_op(folder)
+    fp8 = open_export(folder, sources["tiny-dev"]).fp8["transformer"]
+    assert (fp8.file, fp8.dtype, fp8.base_dtype) == ("transformer.opt/fp8/model.onnx", "fp8", "bf16")
+    with pytest.raises(FluxExportError) as refused:
+        OnnxRuntimeBackend(sources["tiny-dev"], folder).component("transformer")
+    assert str(refused.value) == (
+        f"transformer in {folder} (transformer.opt/fp8/model.onnx) holds TensorRT's own ops (TRT_FP8QuantizeLinear), "
+        "which ONNX Runtime cannot run: build engines from it (fluxexport build) and run with --backend tensorrt, or "
+        "run the bf16 graph with --no-fp8"
+    )
+    assert OnnxRuntimeBackend(sources["tiny-dev"], folder, fp8=False).component("transformer") is not None
+
+
+def test_nothing_is_written_into_a_published_folder(published, sources):
+    from fluxexport.export.onnx_export import export_model
+
+    with pytest.raises(
+        FluxExportError, match="is a published ONNX folder, read as it is: write exports and FP8 graphs"
+    ):
+        export_model(sources["tiny-dev"], published, ["clip"], dtype="bf16")
+    assert not (published / "manifest.json").exists() and not (published / "clip.onnx").exists()

@@ -201,6 +201,10 @@ class EngineFolder:
         and base dtype), refused in one line when that graph's folder no longer describes it."""
         graph = Path(self.components[name].onnx)
         found = open_export(graph.parent).every_graph().get(graph.name) if (graph.parent / MANIFEST).is_file() else None
+        if found is None:  # a graph of a published folder (`<folder>.opt/model.onnx`, the folder read as it is)
+            from fluxexport.artifacts.published import published_graph
+
+            found = published_graph(graph)
         if found is None:
             raise FluxExportError(
                 f"{graph} is no longer described by its folder's {MANIFEST} (exported over or moved): export it "
@@ -254,6 +258,12 @@ def open_engines(folder: Path, source: ModelSource | None = None) -> EngineFolde
 def new_export(folder: Path, source: ModelSource, dtype: str, bounds: dict[str, Any], versions) -> ExportFolder:
     """The folder's record to extend: the existing one if it describes this checkpoint, else a new one (files
     are replaced one by one), with this export's model, bounds and versions."""
+    from fluxexport.artifacts.published import is_published
+
+    if is_published(folder):
+        raise FluxExportError(
+            f"{folder} is a published ONNX folder, read as it is: write exports and FP8 graphs to another folder (--out)"
+        )
     model = ModelRecord.of(source)
     if (Path(folder) / MANIFEST).is_file():
         previous = open_export(folder)

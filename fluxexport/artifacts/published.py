@@ -95,6 +95,10 @@ def is_published(folder: Path) -> bool:
 _ELEMENT = {1: "float", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 17: "float8e4m3fn",
             23: "float4e2m1"}  # onnx.TensorProto's numbers  # fmt: skip
 _FLOATS = {"float": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# TensorRT's own quantization ops, which ModelOpt's ONNX export writes (domain `trt`): TensorRT parses them,
+# ONNX Runtime has no kernel for them
+TENSORRT_FP8_OPS = {"TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"}
+TENSORRT_FP4_OPS = {"TRT_FP4DynamicQuantize", "TRT_FP4QuantizeLinear", "TRT_FP4DequantizeLinear"}
 
 
 def _tensor(value: Any) -> TensorRecord:
@@ -109,10 +113,11 @@ def _precision(model: Any) -> tuple[str, str]:
     elements = Counter(_ELEMENT.get(t.data_type, "") for t in model.graph.initializer)
     floats = Counter({name: n for name, n in elements.items() if name in _FLOATS})
     base = _FLOATS[floats.most_common(1)[0][0]] if floats else "fp32"
-    quantized = {node.op_type for node in model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
-    if elements["float4e2m1"]:
+    ops = {node.op_type for node in model.graph.node}
+    quantized = ops & {"QuantizeLinear", "DequantizeLinear"}
+    if elements["float4e2m1"] or ops & TENSORRT_FP4_OPS:
         return NVFP4, base
-    if elements["float8e4m3fn"] or (quantized and _has_fp8_zero_point(model)):
+    if elements["float8e4m3fn"] or ops & TENSORRT_FP8_OPS or (quantized and _has_fp8_zero_point(model)):
         return "fp8", base
     return base, base
 
@@ -179,8 +184,43 @@ def read_graph(root: Path, entry: PublishedGraph) -> GraphRecord:
         file=f"{entry.folder}/{GRAPH_FILE}", dtype=precision, base_dtype=base, opset=opset, inputs=inputs,
         outputs=outputs, external_data=f"{entry.folder}/{external}" if external else None,
         sha256={file.name if file == path else external: file_sha256(file) for file in files},
-        extra={"published": entry.folder},
+        extra={"published": entry.folder, "tensorrt_ops": sorted(_tensorrt_ops(model))},
     )  # fmt: skip
+
+
+def _tensorrt_ops(model: Any) -> set[str]:
+    """The graph's ops in TensorRT's own domain (`trt::`), which only TensorRT runs."""
+    return {node.op_type for node in model.graph.node if node.domain == "trt"}
+
+
+def refuse_tensorrt_only(graph: GraphRecord, component: str, folder: Path) -> None:
+    """Refuse in one line a published graph that holds TensorRT's own ops where ONNX Runtime would run it."""
+    ops = graph.extra.get("tensorrt_ops") or []
+    if ops:
+        raise FluxExportError(
+            f"{component} in {folder} ({graph.file}) holds TensorRT's own ops ({', '.join(ops)}), which ONNX Runtime "
+            "cannot run: build engines from it (fluxexport build) and run with --backend tensorrt, or run the bf16 "
+            "graph with --no-fp8"
+        )
+
+
+def published_root(path: Path) -> Path | None:
+    """The published folder a graph file `<root>/<folder>/model.onnx` lies in, if any."""
+    path = Path(path)
+    for entry in LAYOUT:
+        depth = entry.folder.count("/") + 1
+        if len(path.parents) > depth and path == path.parents[depth] / entry.folder / GRAPH_FILE:
+            return path.parents[depth] if is_published(path.parents[depth]) else None
+    return None
+
+
+def published_graph(path: Path) -> GraphRecord | None:
+    """The record of the published graph at `path` (an engine built from it asks), None if it is not one."""
+    root = published_root(path)
+    if root is None:
+        return None
+    relative = Path(path).relative_to(root).as_posix()
+    return open_published(root).every_graph().get(relative)
 
 
 @dataclass

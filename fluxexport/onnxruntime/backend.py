@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fluxexport.artifacts.folders import FP8_COMPONENTS, open_export
-from fluxexport.artifacts.published import PublishedFolder
+from fluxexport.artifacts.published import PublishedFolder, refuse_tensorrt_only
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
@@ -263,6 +263,7 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"--out {self.engines}{why}"
             )
         graph = entries[name]
+        refuse_tensorrt_only(graph, name, self.engines)  # a published graph with TensorRT's own ops
         bf16 = graph.base_dtype == "bf16"  # an FP8 graph computes the rest in its base
         if bf16 and not self.upcast_bf16:
             what = "a bf16 graph" if graph.dtype == "bf16" else f"an {graph.dtype} graph on a bf16 base"
