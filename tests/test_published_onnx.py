@@ -227,3 +227,32 @@ def test_nothing_is_written_into_a_published_folder(published, sources):
     ):
         export_model(sources["tiny-dev"], published, ["clip"], dtype="bf16")
     assert not (published / "manifest.json").exists() and not (published / "clip.onnx").exists()
+
+
+def _fix_text_length(folder: Path, t5: int, transformer: int) -> None:
+    """Declare the token axis static, as the demo exports T5 and the transformer (no dynamic axis for it)."""
+    import onnx
+
+    for graph, axes, length in (("t5.opt", {"input_ids": 1}, t5),
+                                ("transformer.opt/bf16", {"encoder_hidden_states": 1, "txt_ids": 0}, transformer)):  # fmt: skip
+        path = folder / graph / "model.onnx"
+        model = onnx.load(str(path), load_external_data=False)
+        for value in model.graph.input:
+            if value.name in axes:
+                value.type.tensor_type.shape.dim[axes[value.name]].dim_value = length
+        onnx.save_model(model, str(path))  # the weights stay where they are (`location` unchanged)
+
+
+def test_a_text_length_the_graphs_fix_pins_the_engines_profiles(published, sources, tmp_path):
+    """Graphs exported with a static token axis (the demo's: 512, 256 for schnell) make `build` profile exactly that
+    length; T5 and the transformer fixing different lengths is refused in one line."""
+    from fluxexport.artifacts.folders import open_export
+    from fluxexport.tensorrt.builder import build_bounds
+
+    folder = copy_of(published, tmp_path)
+    _fix_text_length(folder, 7, 7)
+    assert build_bounds(sources["tiny-dev"], folder).text_length == (7, 7, 7)
+    assert build_bounds(sources["tiny-dev"], published).text_length == (1, 512, 512)  # dynamic: the model's defaults
+    _fix_text_length(folder, 9, 7)
+    with pytest.raises(FluxExportError, match=r"graphs fix different text lengths \(7, 9\): download them from one"):
+        open_export(folder)

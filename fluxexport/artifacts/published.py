@@ -301,7 +301,30 @@ def open_published(folder: Path) -> PublishedFolder:
         opened.layout[f"{entry.section}:{entry.component}"] = entry.folder
     if not opened.components and opened.nvfp4 and not opened.fp8:
         opened.dtype = NVFP4
+    opened.bounds = fixed_text_bounds(opened)
     return opened
+
+
+_TEXT_AXIS = {"input_ids": 1, "encoder_hidden_states": 1, "txt_ids": 0}  # the token axis of T5's and the transformer's
+
+
+def fixed_text_bounds(folder: PublishedFolder) -> dict[str, int]:
+    """The bounds a published folder pins: its text length where the graphs fix it (the demo exports T5 and the
+    transformer with a static token axis, 512, or 256 for schnell), so that TensorRT profiles ask for no other
+    length; the rest are the model's export defaults."""
+    lengths = {
+        tensor.dims[_TEXT_AXIS[tensor.name]]
+        for graph in folder.every_graph().values()
+        if graph.file.startswith(("t5", "transformer"))
+        for tensor in graph.inputs
+        if tensor.name in _TEXT_AXIS and isinstance(tensor.dims[_TEXT_AXIS[tensor.name]], int)
+    }
+    if len(lengths) > 1:
+        raise FluxExportError(
+            f"{folder.path}'s T5 and transformer graphs fix different text lengths ({', '.join(map(str, sorted(lengths)))}): "
+            "download them from one repository"
+        )
+    return {f"{which}_text_length": length for length in lengths for which in ("min", "opt", "max")}
 
 
 # Our component → the published folder its base graph goes to (`write_published`), from LAYOUT

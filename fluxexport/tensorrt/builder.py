@@ -14,6 +14,7 @@ from typing import Any
 
 from fluxexport.artifacts.files import MANIFEST, file_sha256, now
 from fluxexport.artifacts.folders import EngineFolder, open_export
+from fluxexport.artifacts.published import is_published
 from fluxexport.artifacts.records import EngineRecord
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
@@ -56,8 +57,11 @@ def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: Any) -> Expor
     with any of `overrides` (ExportBounds fields: FLUX.2's reference budget too) applied. The graphs take any
     size, so engines may serve a larger budget than the export recorded."""
     refuse_reference_options(source, **{key: overrides.get(key) for key in REFERENCE_OPTIONS})
-    exported = open_export(onnx_dir).bounds if (Path(onnx_dir) / MANIFEST).is_file() else None
-    base = ExportBounds.from_json(exported) if exported else ExportBounds.for_model(source)
+    if is_published(onnx_dir):  # the model's defaults with the text length its graphs fix, if they do
+        base = replace(ExportBounds.for_model(source), **open_export(onnx_dir).bounds)
+    else:
+        exported = open_export(onnx_dir).bounds if (Path(onnx_dir) / MANIFEST).is_file() else None
+        base = ExportBounds.from_json(exported) if exported else ExportBounds.for_model(source)
     bounds = replace(base, **{key: value for key, value in overrides.items() if value is not None})
     bounds.check()
     return bounds
