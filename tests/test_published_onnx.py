@@ -245,14 +245,30 @@ def _fix_text_length(folder: Path, t5: int, transformer: int) -> None:
 
 def test_a_text_length_the_graphs_fix_pins_the_engines_profiles(published, sources, tmp_path):
     """Graphs exported with a static token axis (the demo's: 512, 256 for schnell) make `build` profile exactly that
-    length; T5 and the transformer fixing different lengths is refused in one line."""
+    length and `run` refuse another one in one line (that one runs); T5 and the transformer fixing different
+    lengths is refused in one line."""
+    from click.testing import CliRunner
+
     from fluxexport.artifacts.folders import open_export
+    from fluxexport.cli import main
     from fluxexport.tensorrt.builder import build_bounds
 
     folder = copy_of(published, tmp_path)
     _fix_text_length(folder, 7, 7)
     assert build_bounds(sources["tiny-dev"], folder).text_length == (7, 7, 7)
     assert build_bounds(sources["tiny-dev"], published).text_length == (1, 512, 512)  # dynamic: the model's defaults
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--engines", str(folder), "--prompt", "x",
+                                       "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "8",
+                                       "--output", str(tmp_path / "x.png")])  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "x.png").exists(), result.output
+    assert (
+        f"Error: the graphs in {folder} take exactly 7 T5 tokens, not 8: set max-sequence-length to 7 "
+        "(--max-sequence-length)\n"
+    ) in result.output
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-dev", "--engines", str(folder), "--prompt", "x",
+                                       "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "7",
+                                       "--output", str(tmp_path / "x.png")])  # fmt: skip
+    assert result.exit_code == 0 and (tmp_path / "x.png").is_file(), result.output
     _fix_text_length(folder, 9, 7)
     with pytest.raises(FluxExportError, match=r"graphs fix different text lengths \(7, 9\): download them from one"):
         open_export(folder)

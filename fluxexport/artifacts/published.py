@@ -24,7 +24,7 @@ from typing import Any
 from fluxexport.artifacts.files import MANIFEST, file_sha256
 from fluxexport.artifacts.folders import FP8, NVFP4, ExportFolder
 from fluxexport.artifacts.records import GraphRecord, ModelRecord, TensorRecord
-from fluxexport.errors import FluxExportError
+from fluxexport.errors import FluxExportError, RequestError
 from fluxexport.models.source import ModelSource
 
 GRAPH_FILE = "model.onnx"  # every published folder's graph (the demo renames it model_optimized.onnx on download)
@@ -239,10 +239,25 @@ class PublishedFolder(ExportFolder):
             "folder (--out)"
         )
 
+    def check_text_length(self, length: int) -> None:
+        """Refuse a request for another T5 length than the one the graphs fix (a request's fault, in one line)."""
+        fixed = self.bounds.get("max_text_length")
+        if fixed is not None and length != fixed:
+            raise RequestError(
+                "max_sequence_length", f"the graphs in {self.path} take exactly {fixed} T5 tokens, not {length}",
+                f"set {{name}} to {fixed}",
+            )  # fmt: skip
+
     def check_made_from(self, source: ModelSource, fix: str = "pass the --model the folder was published for"):
         problems = _width_problems(self, source)
         if problems:
             raise FluxExportError(f"{self.path} does not hold {source.name}'s graphs ({'; '.join(problems)}): {fix}")
+        if _samples_without_std(self, source):
+            raise FluxExportError(
+                f"{self.path}'s VAE encoder (vae_encoder.opt) gives no latent_std, which {source.name}'s pipeline "
+                f"samples its condition latents with: export the model with `fluxexport export --model {source.name} "
+                "--dtype bf16` and run that folder"
+            )
         if source.loras:
             raise FluxExportError(
                 f"{self.path} is a published ONNX folder, which records no weight origins to swap LoRAs into: "
@@ -271,11 +286,15 @@ def _width_problems(folder: PublishedFolder, source: ModelSource) -> list[str]:
             has = "takes" if "guidance" in dims else "takes no"
             embeds = "has a guidance embedding" if source.guidance_embeds else "has none"
             problems.append(f"the transformer {has} guidance, {source.name} {embeds}")
-    encoder = graphs.get("vae_encoder")
-    conditioned = int(config["in_channels"]) > 4 * int(source.vae["latent_channels"])
-    if encoder is not None and conditioned and "latent_std" not in encoder.output_names():
-        problems.append("vae_encoder.opt outputs no latent_std, which the conditioned pipeline samples with")
     return problems
+
+
+def _samples_without_std(folder: PublishedFolder, source: ModelSource) -> bool:
+    """Whether `source`'s transformer takes sampled condition latents (Fill, Canny, Depth: its input is wider than
+    the packed latent) and the folder's VAE encoder lacks the posterior's std they are sampled with."""
+    encoder = folder.components.get("vae_encoder")
+    conditioned = int(source.transformer["in_channels"]) > 4 * int(source.vae["latent_channels"])
+    return encoder is not None and conditioned and "latent_std" not in encoder.output_names()
 
 
 def open_published(folder: Path) -> PublishedFolder:

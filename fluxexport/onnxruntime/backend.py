@@ -205,11 +205,14 @@ class OnnxRuntimeBackend(LoadedComponents):
             )
 
     def check_request(self, resolved: ResolvedRequest) -> None:
-        """Refuse, before any work, FLUX.2 references past the reference budget this folder was exported for
-        (`generate` asks, through `runtime.backend.check_request`)."""
+        """Refuse, before any work, FLUX.2 references past the reference budget this folder was exported for, and
+        a T5 length a published folder's graphs do not take (`generate` asks, through
+        `runtime.backend.check_request`)."""
         from fluxexport.specs import check_folder_serves
 
         check_folder_serves(self.source, self.folder, resolved)
+        if isinstance(self.folder, PublishedFolder):
+            self.folder.check_text_length(resolved.max_sequence_length)
 
     def set_loras(self, loras) -> None:
         """Swap LoRAs (LoraFile) in a long-lived backend: only the sessions whose weights they touch (the
