@@ -65,7 +65,8 @@ def model_options(function):
 # per command where a command names it otherwise (bench's --batch)
 REQUEST_FLAGS = {"num_images_per_prompt": "num-images", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "max_sequence_length": "max-sequence-length", "negative_prompt": "negative-prompt",
-                 "prompt_2": "prompt-2", "control_image": "control-image"}  # fmt: skip
+                 "prompt_2": "prompt-2", "control_image": "control-image", "prompt_embeds_scale": "redux-scale",
+                 "pooled_prompt_embeds_scale": "redux-pooled-scale"}  # fmt: skip
 COMMAND_FLAGS = {"bench": {"num_images_per_prompt": "batch"}}
 
 
@@ -248,7 +249,7 @@ def reference_budget_options(default: str):
 
 @main.command()
 @model_options
-@click.option("--prompt", required=True, help="Text to draw (FLUX.1: CLIP, and T5 unless --prompt-2).")
+@click.option("--prompt", help="Text to draw (FLUX.1: CLIP, and T5 unless --prompt-2); optional with --redux.")
 @click.option("--prompt-2", help="FLUX.1: text for T5 (defaults to --prompt).")
 @click.option("--negative-prompt", help='FLUX.2 base models (true CFG): what to steer away from (default "").')
 @size_options
@@ -284,6 +285,19 @@ def reference_budget_options(default: str):
 @click.option(
     "--keep-reference-size", is_flag=True, help="Encode the reference at its own size, not Kontext's preferred one."
 )
+@click.option(
+    "--redux",
+    help="FLUX.1 Redux prior (folder, hub id or tiny-redux) in front of FLUX.1 dev/schnell: variations of --image "
+    "(several are blended), the prompt optional.",
+)
+@click.option(
+    "--redux-engines", type=click.Path(path_type=Path),
+    help="The Redux prior's exported graphs (`export --redux`), run on onnxruntime.",
+)  # fmt: skip
+@click.option("--redux-scale", "redux_scales", type=float, multiple=True,
+              help="Redux: weight of each image's text+image tokens (one, or one per --image; default 1).")  # fmt: skip
+@click.option("--redux-pooled-scale", "redux_pooled_scales", type=float, multiple=True,
+              help="Redux: weight of each image's pooled prompt embedding (default 1).")  # fmt: skip
 @backend_option
 @click.option(
     "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
@@ -297,11 +311,15 @@ def reference_budget_options(default: str):
 @click.option("--output", type=click.Path(path_type=Path), default=Path("flux.png"), show_default=True)
 def run(
     model, base_model, prompt, prompt_2, negative_prompt, height, width, steps, guidance, seed, num_images,
-    max_sequence_length, image_paths, mask, control_image, keep_reference_size, backend, engines, low_vram,
-    cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text, dtype, device, output,
+    max_sequence_length, image_paths, mask, control_image, keep_reference_size, redux, redux_engines, redux_scales,
+    redux_pooled_scales, backend, engines, low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text,
+    dtype, device, output,
 ) -> None:  # fmt: skip
     """Generate images with FLUX on a backend; writes PNGs and prints per-stage timings."""
     from fluxexport.commands.run import RunOptions, run_images
+
+    if prompt is None and redux is None:
+        raise click.UsageError("Missing option '--prompt' (only a --redux prior runs without one).")
 
     runner = BackendOptions(
         backend=backend, engines=engines, dtype=dtype, device=device, low_vram=low_vram, cuda_graphs=cuda_graphs,
@@ -312,7 +330,8 @@ def run(
         negative_prompt=negative_prompt, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         num_images=num_images, max_sequence_length=max_sequence_length, references=tuple(image_paths),
         mask=mask, control_image=control_image, keep_reference_size=keep_reference_size, cache=cache_text,
-        output=output,
+        output=output, redux=redux, redux_engines=redux_engines, prompt_embeds_scale=tuple(redux_scales) or (1.0,),
+        pooled_prompt_embeds_scale=tuple(redux_pooled_scales) or (1.0,),
     )  # fmt: skip
     result = run_images(options, progress=step_progress, log=console.print)
     generation, resolved = result.generation, result.request
@@ -433,6 +452,8 @@ def _print_check(check) -> None:
               help="Attention and RMS norms as ONNX's own Attention / RMSNormalization ops (opset 23, the default "
                    "with this flag; TensorRT 10.15 or newer parses them). Default: decomposed, for any TensorRT.")  # fmt: skip
 @reference_budget_options("default")
+@click.option("--redux", help="Export this FLUX.1 Redux prior (folder, hub id or tiny-redux) instead: its SigLIP image "
+              "encoder and Redux embedder (fp32, dynamic batch; the image size is the prior's own).")  # fmt: skip
 def export(
     model,
     base_model,
@@ -451,9 +472,14 @@ def export(
     max_references,
     max_reference_area,
     max_reference_aspect,
+    redux,
 ) -> None:
     """Export FLUX components to ONNX (dynamic batch, resolution and text length) with a manifest."""
     from fluxexport.commands.export import ExportOptions, plan_export, run_export
+
+    if redux is not None:
+        _export_redux(redux, out, opset, run_check)
+        return
 
     options = ExportOptions(
         model=_model(model, base_model), out=out, components=component_list(components), dtype=dtype, opset=opset,
@@ -470,6 +496,19 @@ def export(
         result = run_export(plan, on_bytes=update)
     rows = [[g.component, g.dtype, str(g.nodes), f"{g.bytes / 1e6:.1f}", f"{g.seconds:.1f}"] for g in result.graphs]
     console.print(table(f"exported to {result.out}", ["component", "dtype", "nodes", "MB", "s"], rows))
+    if result.check is not None:
+        _print_check(result.check)
+    click.echo(str(result.out))
+
+
+def _export_redux(redux: str, out: Path | None, opset: int | None, run_check: bool) -> None:
+    """`export --redux`: the prior's two graphs, their table and the TensorRT check."""
+    from fluxexport.commands.export import export_redux_prior
+
+    result = export_redux_prior(redux, out, opset, run_check)
+    rows = [[name, g.dtype, str(g.extra.get("nodes", "")), f"{g.extra.get('weight_bytes', 0) / 1e6:.1f}",
+             f"{g.extra.get('export_seconds', 0):.1f}"] for name, g in result.graphs.items()]  # fmt: skip
+    console.print(table(f"exported {result.redux} to {result.out}", ["component", "dtype", "nodes", "MB", "s"], rows))
     if result.check is not None:
         _print_check(result.check)
     click.echo(str(result.out))

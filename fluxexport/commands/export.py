@@ -37,6 +37,33 @@ def check_export(folder: Path, tensorrt: str | None = None) -> CheckResult:
     return check_result(check_folder(folder, tensorrt), f"graphs in {folder}")
 
 
+@dataclass(frozen=True)
+class ReduxExportResult:
+    """What `export --redux` wrote: the folder, the Redux graphs' records, and the TensorRT check (None without)."""
+
+    out: Path
+    redux: str
+    graphs: dict
+    check: CheckResult | None
+
+
+def export_redux_prior(
+    reference: str, out: Path | None = None, opset: int | None = None, run_check: bool = True
+) -> ReduxExportResult:
+    """`fluxexport export --redux`: a FLUX.1 Redux prior's image encoder and embedder as ONNX graphs (fp32; the
+    batch their one dynamic axis) in `out` (default engines/<prior>/onnx), then linted for TensorRT."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.export.redux import export_redux
+    from fluxexport.export.trace import DEFAULT_OPSET
+    from fluxexport.models.redux import resolve_redux
+
+    redux = resolve_redux(reference)
+    folder = Path(out) if out is not None else default_folder(redux.name)
+    exported = export_redux(redux, folder, DEFAULT_OPSET if opset is None else opset)
+    check = check_export(folder) if run_check else None
+    return ReduxExportResult(folder, redux.name, exported.graphs, check)
+
+
 def upgrade_folders(folders: Sequence[Path], on_folder: Callable[[Path, int], None]) -> None:
     """`fluxexport upgrade`: each folder's manifest rewritten in this fluxexport's format (`on_folder(folder,
     format)` after each)."""

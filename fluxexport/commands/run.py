@@ -132,8 +132,10 @@ def check_redux(options: RunOptions, source: ModelSource, images: list) -> Redux
         options.pooled_prompt_embeds_scale,
     )  # fmt: skip
     check_redux_request(redux, request)
-    if options.redux_engines is not None and options.runner.engines is None:
-        raise FluxExportError("--redux-engines runs the prior on onnxruntime: add --engines for the model too")
+    if options.redux_engines is not None:  # graphs of this prior, refused before any weight loads
+        from fluxexport.artifacts.redux import open_redux_export
+
+        open_redux_export(options.redux_engines, redux.name)
     return ReduxPrior(redux, request)
 
 

@@ -299,6 +299,10 @@ def check_folder(folder: Path, tensorrt: str | None = None) -> list[GraphReport]
         if exported
         else {}
     )
+    from fluxexport.artifacts.redux import REDUX_MANIFEST, open_redux_export
+
+    if (folder / REDUX_MANIFEST).is_file():  # a FLUX.1 Redux prior's graphs (`export --redux`)
+        listed |= {g.file: g for g in open_redux_export(folder).graphs.values()}
     files = sorted({*listed, *(path.name for path in folder.glob("*.onnx"))})
     if not files:
         raise FluxExportError(f"{folder} holds no .onnx graphs: export some with `fluxexport export`")

@@ -150,10 +150,15 @@ def load_redux(root: Path, name: str | None = None) -> ReduxSource:
 def resolve_redux(reference: str) -> ReduxSource:
     """What `--redux` names: `tiny-redux`, a Redux folder or a hub id (downloaded as diffusers would)."""
     from fluxexport.models.source import _looks_like_hub_id, download_from_hub
-    from fluxexport.models.tiny import materialise_tiny
+    from fluxexport.models.tiny import TINY_VARIANTS, materialise_tiny
 
     if reference == TINY_REDUX:
         return load_redux(materialise_tiny(reference), name=reference)
+    if reference in TINY_VARIANTS:
+        raise FluxExportError(
+            f"--redux {reference}: that is a model to run with --model, not a Redux prior; pass {TINY_REDUX} or a "
+            "FLUX.1 Redux folder"
+        )
     path = Path(reference).expanduser()
     if path.exists() or not _looks_like_hub_id(reference):
         if not path.is_dir():

@@ -49,7 +49,8 @@ def per_image(name: str, values: Sequence[float], count: int) -> list[float]:
         return values * count
     if len(values) != count:
         raise RequestError(
-            name, f"{{name}} gives {len(values)} weights for {count} images", "give one, or one per image",
+            name, f"{{option}} gives {len(values)} weights for {count} image{'s' if count > 1 else ''}",
+            "give one, or one per image",
             pointer=False,
         )  # fmt: skip
     return values

@@ -1,0 +1,259 @@
+"""FLUX.1 Redux (image variation through a SigLIP image encoder) in front of FLUX.1: the tiny-redux prior that
+diffusers' FluxPriorReduxPipeline loads, our PyTorch backend equal to FluxPriorReduxPipeline + FluxPipeline byte for
+byte (with and without a prompt, several images, several images per prompt, odd sizes), its requests refused in one
+line, and the prior's two graphs (`export --redux`) in ONNX Runtime within 40 dB of PyTorch, checked for TensorRT."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli_invoke, cli_refusal, diffusers_images
+
+from fluxexport.compare import psnr
+from fluxexport.errors import RequestError
+from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
+from fluxexport.runtime.redux import ReduxRequest, redux_conditioning
+
+HEIGHT, WIDTH, STEPS, SEED = 80, 144, 2, 3  # odd sizes: not multiples of 32
+
+
+@pytest.fixture(scope="module")
+def redux(cache_root):
+    from fluxexport.models.redux import resolve_redux
+
+    return resolve_redux("tiny-redux")
+
+
+@pytest.fixture(scope="module")
+def dev(cache_root):
+    from fluxexport.models.source import resolve_model
+
+    return resolve_model("tiny-dev")
+
+
+@pytest.fixture(scope="module")
+def backends(redux, dev):
+    from fluxexport.pytorch.backend import TorchBackend
+    from fluxexport.pytorch.redux import TorchReduxBackend
+
+    return TorchReduxBackend(redux, device="cpu"), TorchBackend(dev, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flux_pipeline(dev):
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(dev.root)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def images(reference_image):
+    return reference_image, reference_image.rotate(90, expand=True)  # 200×300 and 300×200: both resized to 32²
+
+
+def ours(backends, dev, redux, request: ReduxRequest, count: int) -> np.ndarray:
+    prior, base = backends
+    conditioning = redux_conditioning(prior, base, dev, redux, request)
+    return generate(
+        base, dev, GenerationRequest(
+            None, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, seed=SEED, num_images_per_prompt=count,
+            prompt_embeds=conditioning.prompt_embeds, pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+        ),
+    ).images  # fmt: skip
+
+
+def theirs(pipeline, prompt_embeds, pooled_prompt_embeds, count: int) -> np.ndarray:
+    return diffusers_images(
+        pipeline, None, HEIGHT, WIDTH, STEPS, SEED, count, prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds,
+    )  # fmt: skip
+
+
+def test_tiny_redux_is_a_redux_prior_diffusers_loads(redux, dev):
+    from diffusers import FluxPriorReduxPipeline
+    from transformers import SiglipVisionModel
+
+    prior = FluxPriorReduxPipeline.from_pretrained(redux.root)
+    assert isinstance(prior.image_encoder, SiglipVisionModel) and prior.text_encoder is None
+    # read through SiglipVisionConfig and ReduxImageEncoder: 32² images in 8² patches, projected to the base's width
+    assert (redux.image_size, redux.image_tokens) == (32, 16)
+    assert redux.image_embedder["redux_dim"] == redux.image_encoder["hidden_size"] == 16
+    assert redux.text_width == dev.transformer["joint_attention_dim"] == prior.image_embedder.config.txt_in_features
+    assert redux.feature_extractor.size == {"height": 32, "width": 32}
+
+
+def test_torch_equals_diffusers_without_a_prompt(backends, dev, redux, flux_pipeline, images):
+    """BFL's folder has no text encoders: diffusers' prior then puts zeros of 512 tokens before the image tokens (its
+    zeros are FLUX.1's 4096/768 wide, so for the 32-wide tiny base they are made at its widths here); two images are
+    summed into one conditioning."""
+    from diffusers import FluxPriorReduxPipeline
+
+    prior = FluxPriorReduxPipeline.from_pretrained(redux.root)
+    with torch.no_grad():
+        embeds = prior.image_embedder(prior.encode_image(list(images), "cpu", 1)).image_embeds
+    width, pooled_width = dev.transformer["joint_attention_dim"], dev.transformer["pooled_projection_dim"]
+    prompt_embeds = torch.cat([torch.zeros(2, 512, width), embeds], dim=1).sum(dim=0, keepdim=True)
+    pooled = torch.zeros(1, pooled_width)
+    got = ours(backends, dev, redux, ReduxRequest(images), 1)
+    assert got.shape == (1, HEIGHT, WIDTH, 3)
+    np.testing.assert_array_equal(got, theirs(flux_pipeline, prompt_embeds, pooled, 1))
+
+
+def test_torch_equals_diffusers_with_a_prompt_and_scales(backends, dev, redux, flux_pipeline, images):
+    """diffusers' prior with the base's text encoders (its experimental prompt): the prompt once per image, T5 at
+    512 tokens, each image's pair weighted by its own scales, then summed."""
+    from diffusers import FluxPriorReduxPipeline
+
+    pipe = flux_pipeline
+    prior = FluxPriorReduxPipeline.from_pretrained(
+        redux.root, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2,
+    )  # fmt: skip
+    scales, pooled_scales = [1.0, 0.5], [0.8, 0.3]
+    output = prior(list(images), prompt="a cat", prompt_embeds_scale=scales, pooled_prompt_embeds_scale=pooled_scales)
+    request = ReduxRequest(images, "a cat", None, tuple(scales), tuple(pooled_scales))
+    got = ours(backends, dev, redux, request, 3)
+    # FluxPipeline does not repeat given embeddings per image: its transformer broadcasts the batch-1 text in its
+    # first modulation, whose matmuls then round a few pixels otherwise (1 LSB); the engines take the text per image,
+    # as diffusers gives them when it encodes a prompt itself; repeated so, diffusers' images are ours byte for byte
+    repeated = theirs(pipe, output.prompt_embeds.repeat(3, 1, 1), output.pooled_prompt_embeds.repeat(3, 1), 1)
+    np.testing.assert_array_equal(got, repeated)
+    broadcast = theirs(pipe, output.prompt_embeds, output.pooled_prompt_embeds, 3)
+    assert np.abs(got.astype(int) - broadcast).max() <= 1 and psnr(got, broadcast) >= 50
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--model", "tiny-dev", "--redux", "tiny-redux"), "tiny-redux is a FLUX.1 Redux prior: it makes variations "
+         "of an image, got none: pass one or more with --image"),
+        (("--model", "tiny-fill", "--redux", "tiny-redux", "--image", "{image}"), "tiny-redux is a FLUX.1 Redux "
+         "prior; it feeds FluxPipeline models (FLUX.1 [dev], [schnell]), not tiny-fill (a FluxFillPipeline): run it "
+         "in front of FLUX.1-dev or schnell, or drop --redux"),
+        (("--model", "tiny-klein", "--redux", "tiny-redux", "--image", "{image}"), "not tiny-klein (a "
+         "Flux2KleinPipeline)"),
+        (("--model", "tiny-dev", "--redux", "tiny-dev", "--image", "{image}"), "--redux tiny-dev: that is a model "
+         "to run with --model, not a Redux prior; pass tiny-redux or a FLUX.1 Redux folder"),
+        (("--model", "tiny-dev", "--redux", "{dev}", "--image", "{image}"), "its model_index.json names "
+         "'FluxPipeline', not FluxPriorReduxPipeline; pass a FLUX.1 Redux folder"),
+        (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--redux-scale", "1",
+          "--redux-scale", "2"), "--redux-scale gives 2 weights for 1 image: give one, or one per image"),
+        (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--prompt", " "), "prompt is empty: "
+         "drop it (Redux runs without one) or pass text"),
+    ],
+)  # fmt: skip
+def test_redux_refusals_in_one_line(args, message, dev, redux, reference_image, tmp_path):
+    image = tmp_path / "ref.png"
+    reference_image.save(image)
+    args = [arg.format(image=image, dev=dev.root) for arg in args]
+    line = cli_refusal("run", *args, "--output", tmp_path / "out.png")
+    assert message in line, line
+    assert not list(tmp_path.glob("out*.png"))
+
+
+def test_run_without_a_prompt_needs_redux():
+    result = cli_invoke("run", "--model", "tiny-dev")
+    assert (
+        result.exit_code == 2 and "Missing option '--prompt' (only a --redux prior runs without one)" in result.output
+    )
+
+
+def test_prompt_embeddings_are_checked(dev, cache_root):
+    from fluxexport.models.source import resolve_model
+
+    embeds, pooled = torch.zeros(1, 20, 32), torch.zeros(1, 32)
+    resolved = resolve_request(dev, GenerationRequest(None, prompt_embeds=embeds, pooled_prompt_embeds=pooled))
+    assert resolved.prompts == [""] and resolved.prompt_embeds.shape == (1, 20, 32)
+    refusals = [
+        (dev, dict(prompt="a cat", prompt_embeds=embeds, pooled_prompt_embeds=pooled),
+         "a prompt and prompt embeddings were both given: give one of the two"),
+        (dev, dict(prompt=None, prompt_embeds=embeds), "pooled_prompt_embeds is missing"),
+        (dev, dict(prompt=None, prompt_embeds=torch.zeros(1, 20, 48), pooled_prompt_embeds=pooled),
+         "text embeddings are 48 and 32 wide but tiny-dev takes 32 and 32"),
+        (resolve_model("tiny-klein"), dict(prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled),
+         "tiny-klein's transformer takes no pooled text embedding (a Flux2KleinPipeline): pass a prompt instead"),
+    ]  # fmt: skip
+    for source, fields, message in refusals:
+        with pytest.raises(RequestError, match=None) as raised:
+            resolve_request(source, GenerationRequest(**fields))
+        assert message in str(raised.value), str(raised.value)
+
+
+def test_cli_run_writes_the_variations(dev, redux, backends, reference_image, tmp_path):
+    """`run --redux --image` (no prompt) writes the images `generate` gives on the prior's conditioning."""
+    image = tmp_path / "ref.png"
+    reference_image.save(image)
+    result = cli_invoke(
+        "run", "--model", "tiny-dev", "--redux", "tiny-redux", "--image", image, "--height", HEIGHT, "--width", WIDTH,
+        "--steps", STEPS, "--seed", SEED, "--output", tmp_path / "out.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    expected = ours(backends, dev, redux, ReduxRequest((reference_image,)), 1)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
+
+
+@pytest.fixture(scope="module")
+def redux_export(redux, tmp_path_factory):
+    """The tiny Redux prior's two graphs (~11 s), once per session."""
+    from helpers import once_per_session
+
+    from fluxexport.export.redux import export_redux
+
+    return once_per_session(tmp_path_factory, "redux-export", lambda folder: export_redux(redux, folder))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")  # its one export made once (conftest.xdist_group)
+def test_onnx_runtime_components_match_pytorch(redux, redux_export, backends):
+    from fluxexport.onnxruntime.redux import OnnxReduxBackend
+    from fluxexport.specs import sample_inputs
+    from fluxexport.specs.redux import redux_specs
+
+    graphs, (prior, _) = OnnxReduxBackend(redux, redux_export), backends
+    for name, spec in redux_specs(redux).items():
+        assert spec.axes["B"].max == 4 and all(isinstance(d, int) for t in spec.inputs for d in t.dims[1:])
+        for batch in (1, 3):  # the export saw batch 2
+            feeds = sample_inputs(spec, {"B": batch}, seed=batch)
+            got, expected = graphs.component(name)(feeds), prior.component(name)(feeds)
+            for key, value in expected.items():
+                assert got[key].shape == value.shape
+                assert psnr(value.numpy() * 50 + 128, got[key].numpy() * 50 + 128) >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_check_lints_the_redux_graphs_with_their_contract(redux_export):
+    from fluxexport.export.check import check_folder
+
+    reports = {report.path.name: report for report in check_folder(redux_export)}
+    assert set(reports) == {"image_encoder.onnx", "image_embedder.onnx"}
+    assert all(report.ok for report in reports.values()), [r.problems for r in reports.values()]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_run_on_the_redux_graphs_equals_pytorch(redux_export, reference_image, tmp_path, dev, redux, backends):
+    """The prior on ONNX Runtime (`--redux-engines`), the base in PyTorch: within 40 dB of the all-PyTorch image; a
+    folder of another prior's graphs is refused in one line."""
+    from PIL import Image
+
+    image = tmp_path / "ref.png"
+    reference_image.save(image)
+    args = ("--model", "tiny-dev", "--redux", "tiny-redux", "--image", image, "--image", image, "--height", HEIGHT,
+            "--width", WIDTH, "--steps", STEPS, "--seed", SEED, "--prompt", "a cat")  # fmt: skip
+    result = cli_invoke("run", *args, "--redux-engines", redux_export, "--output", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    expected = ours(backends, dev, redux, ReduxRequest((reference_image, reference_image), "a cat"), 1)[0]
+    assert psnr(expected, np.asarray(Image.open(tmp_path / "out.png"))) >= 40
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(redux_export, other)
+    manifest = json.loads((other / "redux_manifest.json").read_text())
+    (other / "redux_manifest.json").write_text(json.dumps(manifest | {"redux": "FLUX.1-Redux-dev"}))
+    line = cli_refusal("run", *args, "--redux-engines", other, "--output", tmp_path / "other.png")
+    assert f"{other} holds the Redux graphs of 'FLUX.1-Redux-dev', not of 'tiny-redux'" in line
