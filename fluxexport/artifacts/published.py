@@ -16,6 +16,7 @@ is assumed.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,6 @@ LAYOUT: tuple[PublishedGraph, ...] = (
     PublishedGraph("vae_encoder.opt", "vae_encoder", ("images",), ("latent",)),
 )
 PUBLISHED = "published"  # the `kind` of a folder read through LAYOUT
-REPOSITORIES = ("FLUX.1-dev-onnx", "FLUX.1-schnell-onnx", "FLUX.1-Kontext-dev-onnx", "FLUX.1-Canny-dev-onnx",
-                "FLUX.1-Depth-dev-onnx")  # black-forest-labs' FLUX.1 ONNX collection  # fmt: skip
 
 
 def present(folder: Path) -> list[PublishedGraph]:
@@ -108,9 +107,12 @@ def _tensor(value: Any) -> TensorRecord:
 
 
 def _precision(model: Any) -> tuple[str, str]:
-    """(precision, base dtype) the graph holds, from its initializers' element types (never their bytes): FP4
-    or FP8 weights make an nvfp4 / fp8 graph on the most common float type; otherwise that type."""
-    elements = Counter(_ELEMENT.get(t.data_type, "") for t in model.graph.initializer)
+    """(precision, base dtype) the graph holds, from its initializers' element types and sizes (never their
+    bytes): FP4 or FP8 weights, or TensorRT's own Q/DQ ops, make an nvfp4 / fp8 graph on the float type most of
+    the weights have; otherwise that type."""
+    elements: Counter[str] = Counter()
+    for tensor in model.graph.initializer:
+        elements[_ELEMENT.get(tensor.data_type, "")] += math.prod(tensor.dims)
     floats = Counter({name: n for name, n in elements.items() if name in _FLOATS})
     base = _FLOATS[floats.most_common(1)[0][0]] if floats else "fp32"
     ops = {node.op_type for node in model.graph.node}
