@@ -546,8 +546,9 @@ def upgrade(folders) -> None:
 @fp8_option
 @optimized_option
 @cache_option
+@click.option("--redux", help="FLUX.1 Redux prior whose graphs --engines holds (`export --redux`): compare those.")
 def validate(
-    model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized, cache_text
+    model, base_model, engines, components, steps, report, max_rel_l2, min_psnr, fp8, optimized, cache_text, redux
 ) -> None:  # fmt: skip
     """Compare exported graphs (or TensorRT engines) with PyTorch per component and end to end, engines also
     with ONNX Runtime on their own graphs; non-zero exit past thresholds."""
@@ -556,6 +557,7 @@ def validate(
     options = ValidateOptions(
         model=_model(model, base_model), engines=engines, components=component_list(components), steps=steps,
         report=report, max_rel_l2=max_rel_l2, min_psnr=min_psnr, fp8=fp8, optimized=optimized, cache=cache_text,
+        redux=redux,
     )  # fmt: skip
     validated = validate_folder(options, progress=step_progress)
     result, dtype = validated.report, validated.reference_dtype
@@ -576,11 +578,13 @@ def validate(
         [f"{i.width}×{i.height}", f"{i.psnr:.1f}", str(i.max_abs_diff), "ok" if i.passed else "[red]FAIL[/red]"]
         for i in result.images
     ]
-    console.print(
-        table(
-            f"end to end, {steps} steps, cache {result.cache}", ["image", "PSNR dB", "max |Δ| (uint8)", ""], image_rows
-        )
-    )
+    if image_rows:  # a Redux prior's graphs make embeddings, not images
+        console.print(
+            table(
+                f"end to end, {steps} steps, cache {result.cache}", ["image", "PSNR dB", "max |Δ| (uint8)", ""],
+                image_rows,
+            )
+        )  # fmt: skip
     if result.cache_quality:
         quality_rows = [
             [f"{q.width}×{q.height}", f"{q.psnr:.1f}", f"{q.reference_psnr:.1f}",

@@ -257,3 +257,23 @@ def test_run_on_the_redux_graphs_equals_pytorch(redux_export, reference_image, t
     (other / "redux_manifest.json").write_text(json.dumps(manifest | {"redux": "FLUX.1-Redux-dev"}))
     line = cli_refusal("run", *args, "--redux-engines", other, "--output", tmp_path / "other.png")
     assert f"{other} holds the Redux graphs of 'FLUX.1-Redux-dev', not of 'tiny-redux'" in line
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_validate_compares_the_redux_graphs(redux_export, tmp_path):
+    """`validate --redux`: every graph at the export's batch and unseen ones, and the prior's whole chain on two
+    pictures, within fp32's bound; a missing --engines refused in one line."""
+    import json
+
+    report = tmp_path / "validation.json"
+    result = cli_invoke("validate", "--redux", "tiny-redux", "--engines", redux_export, "--report", report)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(report.read_text())
+    assert rows["passed"] and not rows["images"]
+    seen = {(row["component"], row["sizes"]["B"]) for row in rows["components"]}
+    assert seen == {("image_encoder", 1), ("image_encoder", 2), ("image_encoder", 3), ("image_embedder", 1),
+                    ("image_embedder", 2), ("image_embedder", 3), ("redux_prior", 2)}  # fmt: skip
+    assert max(row["rel_l2"] for row in rows["components"]) < 1e-5
+    line = cli_refusal("validate", "--redux", "tiny-redux")
+    assert line == "Error: validate --redux compares the prior's graphs: add --engines DIR (`export --redux`'s)"

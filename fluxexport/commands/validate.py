@@ -24,6 +24,7 @@ class ValidateOptions:
     fp8: bool | None = None
     optimized: bool | None = None
     cache: str | None = None
+    redux: str | None = None  # --redux: `engines` holds that FLUX.1 Redux prior's graphs (`export --redux`)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
         raise FluxExportError(f"--report {options.report} is a folder: name the JSON file to write")
     if options.report is not None and not options.report.parent.is_dir():
         raise FluxExportError(f"--report {options.report}: folder {options.report.parent} does not exist")
+    if options.redux is not None:
+        return validate_redux_folder(options, progress)
     source = open_source(options.model)
     engines = options.engines
     if engines is None:
@@ -73,6 +76,24 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
     if not report.passed:
         failure = f"{engines} does not match PyTorch within the {report.dtype} thresholds (see {path})"
     return ValidateResult(report, dtype, Path(engines), path, failure)
+
+
+def validate_redux_folder(options: ValidateOptions, progress: Progress = no_progress) -> ValidateResult:
+    """`validate --redux PRIOR --engines DIR`: the prior's graphs in DIR against its PyTorch modules (no images: the
+    prior makes embeddings; `run --redux --redux-engines` makes the images)."""
+    from fluxexport.models.redux import resolve_redux
+    from fluxexport.validate.redux import validate_redux
+
+    if options.engines is None:
+        raise FluxExportError("validate --redux compares the prior's graphs: add --engines DIR (`export --redux`'s)")
+    redux = resolve_redux(options.redux)  # type: ignore[arg-type]
+    with progress(f"validate {options.engines}", 1):
+        report = validate_redux(redux, options.engines, options.max_rel_l2)
+    path = report.write(options.report or Path(options.engines) / "validation.json")
+    failure = None
+    if not report.passed:
+        failure = f"{options.engines} does not match PyTorch within the {report.dtype} thresholds (see {path})"
+    return ValidateResult(report, "fp32", Path(options.engines), path, failure)
 
 
 def check_thresholds(max_rel_l2: float | None, min_psnr: float | None) -> None:
