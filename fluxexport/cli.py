@@ -705,11 +705,22 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="Export/quantize the graphs the engines need when --onnx lacks them (fp8 implies quantize).")  # fmt: skip
 @reference_budget_options("default: the export's,")
+@click.option("--redux", help="Build this FLUX.1 Redux prior's engines instead, from its graphs in --onnx (`export "
+              "--redux`): fp32 as exported, one profile over --batch (images, default 1:1:4).")  # fmt: skip
 def build(model, base_model, precision, onnx_dir, out, components, batch, min_resolution, opt_resolution,
           max_resolution, resolution_buckets, text_len, optimization_level, refittable, weight_streaming, prepare,
-          max_references, max_reference_area, max_reference_aspect) -> None:  # fmt: skip
+          max_references, max_reference_area, max_reference_aspect, redux) -> None:  # fmt: skip
     """Build TensorRT engines (bf16, or fp8 from the calibrated Q/DQ transformer) with profiles and a manifest."""
-    from fluxexport.commands.build import BuildCommandOptions, build_engines_folder
+    from fluxexport.commands.build import BuildCommandOptions, build_engines_folder, build_redux_folder
+
+    if redux is not None:
+        built = build_redux_folder(
+            redux, onnx_dir, out, _range(batch, "--batch") if batch else None, optimization_level, step_progress
+        )
+        rows = [[name, f"{seconds:.1f}"] for name, seconds in built.seconds.items()]
+        console.print(table(f"engines in {built.out}", ["component", "build s"], rows))
+        click.echo(str(built.out))
+        return
 
     options = BuildCommandOptions(
         model=_model(model, base_model), precision=precision, onnx_dir=onnx_dir, out=out,

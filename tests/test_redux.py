@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import cli_invoke, cli_refusal, diffusers_images
+from PIL import Image
 
 from fluxexport.compare import psnr
 from fluxexport.errors import RequestError
@@ -277,3 +278,50 @@ def test_validate_compares_the_redux_graphs(redux_export, tmp_path):
     assert max(row["rel_l2"] for row in rows["components"]) < 1e-5
     line = cli_refusal("validate", "--redux", "tiny-redux")
     assert line == "Error: validate --redux compares the prior's graphs: add --engines DIR (`export --redux`'s)"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_redux_engines_serve_their_profile(redux, redux_export, tmp_path):
+    """`build --redux`'s code over the stand-in TensorRT (its plans run in ONNX Runtime): one profile per engine
+    over the batch (the image side fixed), answers equal to ONNX Runtime's on the same graphs, the prior's chain
+    through them too; a batch past the profile and engines of another prior refused in one line."""
+    import json
+
+    from helpers import H100, standin_tensorrt
+    from standin_tensorrt import HostDevice
+
+    from fluxexport.errors import FluxExportError
+    from fluxexport.onnxruntime.redux import OnnxReduxBackend
+    from fluxexport.runtime.redux import image_embeds
+    from fluxexport.specs import sample_inputs
+    from fluxexport.specs.redux import redux_specs
+    from fluxexport.tensorrt.builder import BuildOptions
+    from fluxexport.tensorrt.redux import TensorRTReduxBackend, build_redux_engines
+
+    out = tmp_path / "trt"
+    with standin_tensorrt() as trt:
+        options = BuildOptions(precision="fp32", optimization_level=2)
+        built = build_redux_engines(redux, redux_export, out, options, device_gpu=lambda: H100)
+        assert built.engines["image_encoder"].profiles == ({"pixel_values": [[1, 3, 32, 32], [1, 3, 32, 32],
+                                                                             [4, 3, 32, 32]]},)  # fmt: skip
+        assert built.engines["image_embedder"].profiles == (
+            {"image_hidden_states": [[1, 16, 16], [1, 16, 16], [4, 16, 16]]},
+        )
+        engines, graphs = (
+            TensorRTReduxBackend(redux, out, device=HostDevice(trt)),
+            OnnxReduxBackend(redux, redux_export),
+        )
+        for name, spec in redux_specs(redux).items():
+            for batch in (1, 3):
+                feeds = sample_inputs(spec, {"B": batch}, seed=batch)
+                got, expected = engines.component(name)(feeds), graphs.component(name)(feeds)
+                assert all(torch.equal(got[key], expected[key]) for key in expected)
+        pictures = [Image.new("RGB", (50, 70), (200, 30, 90))]
+        assert torch.equal(image_embeds(engines, redux, pictures), image_embeds(graphs, redux, pictures))
+        with pytest.raises(FluxExportError, match=r"image_encoder: shapes pixel_values \(5, 3, 32, 32\) are outside"):
+            engines.component("image_encoder")(sample_inputs(redux_specs(redux)["image_encoder"], {"B": 5}))
+        manifest = json.loads((out / "redux_engines.json").read_text())
+        (out / "redux_engines.json").write_text(json.dumps(manifest | {"redux": "FLUX.1-Redux-dev"}))
+        with pytest.raises(FluxExportError, match="holds the Redux engines of 'FLUX.1-Redux-dev', not of 'tiny-redux'"):
+            TensorRTReduxBackend(redux, out, device=HostDevice(trt))

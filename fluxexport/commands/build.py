@@ -106,3 +106,29 @@ def refit_folder(model: ModelOptions, engines: Path, reset: bool = False) -> Ref
     plans = {name: (plan.file, plan.refitted_weights if plan.is_refitted else None)
              for name, plan in folder.components.items()}  # fmt: skip
     return RefitResult(Path(engines), plans)
+
+
+def build_redux_folder(
+    reference: str, onnx_dir: Path | None = None, out: Path | None = None, batch: Range | None = None,
+    optimization_level: int = 3, progress: Progress = no_progress,
+) -> BuildResult:  # fmt: skip
+    """`fluxexport build --redux`: a FLUX.1 Redux prior's engines from its graphs (`export --redux`; default
+    engines/<prior>/onnx) into `out` (default engines/<prior>/trt-fp32), one profile over `batch` (images)."""
+    from fluxexport.artifacts.files import default_folder
+    from fluxexport.models.redux import REDUX_COMPONENTS, resolve_redux
+    from fluxexport.specs.core import Axis
+    from fluxexport.specs.redux import REDUX_BATCH
+    from fluxexport.tensorrt.builder import BuildOptions
+    from fluxexport.tensorrt.environment import import_tensorrt
+    from fluxexport.tensorrt.redux import build_redux_engines
+
+    import_tensorrt()  # refuse before anything else happens
+    redux = resolve_redux(reference)
+    onnx_dir = onnx_dir or default_folder(redux.name)
+    out = out or default_folder(redux.name, "trt-fp32")
+    axis = Axis(*batch) if batch is not None else REDUX_BATCH
+    options = BuildOptions(precision="fp32", optimization_level=optimization_level)
+    with progress(f"build Redux engines → {out}", len(REDUX_COMPONENTS)):
+        engines = build_redux_engines(redux, onnx_dir, out, options, axis)
+    seconds = {name: float(record.extra["build_seconds"]) for name, record in engines.engines.items()}
+    return BuildResult(out, seconds)

@@ -132,10 +132,15 @@ def check_redux(options: RunOptions, source: ModelSource, images: list) -> Redux
         options.pooled_prompt_embeds_scale,
     )  # fmt: skip
     check_redux_request(redux, request)
-    if options.redux_engines is not None:  # graphs of this prior, refused before any weight loads
-        from fluxexport.artifacts.redux import open_redux_export
+    if options.redux_engines is not None:  # graphs or engines of this prior, refused before any weight loads
+        from fluxexport.artifacts.redux import is_redux_engines, open_redux_engines, open_redux_export
 
-        open_redux_export(options.redux_engines, redux.name)
+        folder = options.redux_engines
+        _ = (
+            open_redux_engines(folder, redux.name)
+            if is_redux_engines(folder)
+            else open_redux_export(folder, redux.name)
+        )
     return ReduxPrior(redux, request)
 
 
@@ -149,7 +154,14 @@ def with_conditioning(request: GenerationRequest, conditioning: ReduxConditionin
 
 
 def open_redux_backend(redux: ReduxSource, runner: BackendOptions, engines: Path | None) -> Backend:
-    """The prior's backend: its exported graphs on ONNX Runtime (`engines`), else its modules in PyTorch."""
+    """The prior's backend: its engines on TensorRT or its exported graphs on ONNX Runtime (`engines`, by what the
+    folder holds), else its modules in PyTorch."""
+    from fluxexport.artifacts.redux import is_redux_engines
+
+    if engines is not None and is_redux_engines(engines):
+        from fluxexport.tensorrt.redux import TensorRTReduxBackend
+
+        return TensorRTReduxBackend(redux, engines)
     if engines is not None:
         from fluxexport.onnxruntime.redux import OnnxReduxBackend
 
