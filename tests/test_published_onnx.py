@@ -74,7 +74,7 @@ def test_validate_a_published_folder_against_pytorch(published, sources):
     end, within the bf16 bounds."""
     from fluxexport.validate.graphs import validate_folder
 
-    report, dtype = validate_folder(sources["tiny-dev"], published, ["transformer", "vae_encoder"], steps=2)
+    report, dtype = validate_folder(sources["tiny-dev"], published, ["transformer", "vae_encoder"], steps=1)
     assert dtype == "bf16" and report.passed, report
     assert {row.output for row in report.components if row.component == "vae_encoder"} == {"latent"}
     assert report.images and all(image.psnr > 40 for image in report.images)
