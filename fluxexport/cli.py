@@ -300,8 +300,9 @@ def reference_budget_options(default: str):
               help="Redux: weight of each image's pooled prompt embedding (default 1).")  # fmt: skip
 @backend_option
 @click.option(
-    "--engines", type=click.Path(path_type=Path), help="Exported graphs (onnxruntime) or built engines (tensorrt)."
-)
+    "--engines", type=click.Path(path_type=Path),
+    help="Exported graphs or a Black Forest Labs *-onnx folder (onnxruntime), or built engines (tensorrt).",
+)  # fmt: skip
 @tensorrt_run_options
 @fp8_option
 @optimized_option
@@ -536,7 +537,8 @@ def upgrade(folders) -> None:
 @main.command()
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path),
-              help="Folder of exported graphs, or of TensorRT engines (fluxexport build) (default: "
+              help="Folder of exported graphs (or a Black Forest Labs *-onnx folder), or of TensorRT engines "
+              "(fluxexport build) (default: "
               "engines/<model>/onnx, where export writes).")  # fmt: skip
 @click.option("--components", help="Comma-separated subset to compare (default: every graph in --engines).")
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps of the end-to-end comparison.")
@@ -684,8 +686,9 @@ def _range(value: str, option: str) -> tuple[int, int, int]:
 @model_options
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default="bf16", show_default=True)
 @click.option(
-    "--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Exported graphs (default: engines/<model>/onnx)."
-)
+    "--onnx", "onnx_dir", type=click.Path(path_type=Path),
+    help="Exported graphs, or a Black Forest Labs *-onnx folder, read as it is (default: engines/<model>/onnx).",
+)  # fmt: skip
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Engine folder (default: engines/<model>/trt-<precision>)."
 )
@@ -803,7 +806,8 @@ def bench(
 
 @main.command()
 @model_options
-@click.option("--engines", type=click.Path(path_type=Path), required=True, help="Exported graphs or built engines.")
+@click.option("--engines", type=click.Path(path_type=Path), required=True,
+              help="Exported graphs, a Black Forest Labs *-onnx folder, or built engines.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path),
               help="Repository folder to write (default: engines/<model>/triton).")  # fmt: skip
 @click.option("--instance-kind", type=click.Choice(INSTANCE_KINDS), default="KIND_CPU", show_default=True,
