@@ -415,7 +415,7 @@ def _print_check(check) -> None:
     from fluxexport.export.check import tensorrt_support
 
     rows = [
-        [report.path.name, str(report.opset), str(report.nodes), "ok" if report.ok else "[red]FAIL[/red]",
+        [report.name, str(report.opset), str(report.nodes), "ok" if report.ok else "[red]FAIL[/red]",
          "; ".join(report.problems[:3]) + (" …" if len(report.problems) > 3 else "")]
         for report in check.reports
     ]  # fmt: skip

@@ -272,3 +272,15 @@ def test_a_text_length_the_graphs_fix_pins_the_engines_profiles(published, sourc
     _fix_text_length(folder, 9, 7)
     with pytest.raises(FluxExportError, match=r"graphs fix different text lengths \(7, 9\): download them from one"):
         open_export(folder)
+
+
+def test_check_lints_each_published_graph_where_the_layout_puts_it(published):
+    """`fluxexport check` on a published folder lints every graph of the layout for TensorRT's parser, named by
+    where it sits."""
+    from fluxexport.export.check import check_folder
+
+    reports = check_folder(published)
+    assert [report.name for report in reports] == ["clip.opt/model.onnx", "t5.opt/model.onnx",
+                                                   "transformer.opt/bf16/model.onnx", "vae.opt/model.onnx",
+                                                   "vae_encoder.opt/model.onnx"]  # fmt: skip
+    assert all(report.ok for report in reports), [report.problems for report in reports]

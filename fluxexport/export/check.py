@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fluxexport.artifacts.files import MANIFEST
 from fluxexport.artifacts.folders import open_export
+from fluxexport.artifacts.published import is_published, open_published, published_root
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.errors import FluxExportError
 from fluxexport.export.native_ops import NATIVE_OPSET
@@ -180,6 +181,13 @@ class GraphReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def name(self) -> str:
+        """The graph as the check's table names it: its file, or a published folder's `model.onnx` with the
+        folders it sits in (`transformer.opt/bf16/model.onnx`)."""
+        root = published_root(self.path)
+        return self.path.relative_to(root).as_posix() if root is not None else self.path.name
+
 
 def _shape(value) -> list | None:
     """Dims of a ValueInfo (int or symbol), or None when it has no shape at all (dynamic rank)."""
@@ -292,6 +300,9 @@ def check_folder(folder: Path, tensorrt: str | None = None) -> list[GraphReport]
     folder = Path(folder)
     if not folder.is_dir():
         raise FluxExportError(f"{folder} is not a folder of exported graphs")
+    if is_published(folder):  # a Black Forest Labs *-onnx folder: each graph where the published layout puts it
+        graphs = open_published(folder).every_graph()
+        return [check_graph(folder / name, graph, tensorrt) for name, graph in sorted(graphs.items())]
     exported = open_export(folder) if (folder / MANIFEST).is_file() else None
     # the portable and FP8 graphs (optimize's fused ones are ONNX Runtime's, in ort/, not TensorRT's)
     listed = (
