@@ -102,15 +102,16 @@ def main() -> None:
 def _tiny_help() -> str:
     """`tiny`'s help, listing the variants from the tiny models' own registry."""
     from fluxexport.families import FAMILIES
-    from fluxexport.models.tiny import TINY_VARIANTS
+    from fluxexport.models.tiny import TINY_PRIORS, TINY_VARIANTS
 
     listed = "; ".join(
         f"{family.title} {', '.join(name for name, variant in TINY_VARIANTS.items() if variant.family is family)}"
         for family in FAMILIES
     )
+    priors = ", ".join(TINY_PRIORS)
     return (
-        f"Write a tiny random FLUX model as a diffusers folder. VARIANT: {listed}. Random "
-        "weights: its images look like noise, which is expected."
+        f"Write a tiny random FLUX model as a diffusers folder. VARIANT: {listed}; a FLUX.1 Redux prior (for --redux): "
+        f"{priors}. Random weights: its images look like noise, which is expected."
     )
 
 

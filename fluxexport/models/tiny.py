@@ -159,6 +159,8 @@ def write_bfl_single_file(folder: Path, path: Path) -> Path:
 
     from fluxexport.models.single_file import BFL_PREFIX, diffusers_to_bfl
 
+    if not (Path(folder) / "transformer").is_dir():  # a prior (tiny-redux) has none
+        raise FluxExportError(f"{folder} has no transformer: --single-file is for a model, not a prior")
     state = load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
     converted = {BFL_PREFIX + key: value for key, value in diffusers_to_bfl(state).items()}
     path = Path(path)
