@@ -66,6 +66,7 @@ def model_options(function):
 REQUEST_FLAGS = {"num_images_per_prompt": "num-images", "num_inference_steps": "steps", "guidance_scale": "guidance",
                  "max_sequence_length": "max-sequence-length", "negative_prompt": "negative-prompt",
                  "prompt_2": "prompt-2", "control_image": "control-image", "prompt_embeds_scale": "redux-scale",
+                 "auto_resize_reference": "keep-reference-size",
                  "pooled_prompt_embeds_scale": "redux-pooled-scale"}  # fmt: skip
 COMMAND_FLAGS = {"bench": {"num_images_per_prompt": "batch"}}
 
@@ -135,9 +136,10 @@ def tiny(variant: str, out: Path, single_file: Path | None) -> None:
 @main.command("tiny-lora")
 @click.argument("variant")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="LoRA file to write (.safetensors).")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "xlabs", "ai-toolkit"]), default="peft",
-              show_default=True,
-              help="Key layout: FLUX.1 peft, kohya (with CLIP layers) or xlabs; FLUX.2 peft, kohya or ai-toolkit.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "xlabs", "control", "ai-toolkit"]),
+              default="peft", show_default=True,
+              help="Key layout: FLUX.1 peft, kohya (with CLIP layers), xlabs or control (a Canny/Depth LoRA: FLUX.1-dev "
+                   "with it runs --control-image); FLUX.2 peft, kohya or ai-toolkit.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 def tiny_lora(variant: str, out: Path, fmt: str, seed: int) -> None:
     """Write a random LoRA that fits a tiny model (its first double and single block), for trying --lora offline:

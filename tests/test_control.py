@@ -5,40 +5,20 @@ saw, and control requests refused in one line."""
 
 import numpy as np
 import pytest
+from conditioned import refusal_of, variant_fixtures
 from helpers import diffusers_images
 from PIL import Image
 
-from fluxexport.cli import command_line_terms
 from fluxexport.compare import psnr
-from fluxexport.errors import RequestError
 from fluxexport.families.family import CONTROL_CONDITION
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
 PROMPT = "a glass house on a hill"
 CASES = [(144, 80, 2, 2, 2)]  # height, width, prompts, images per prompt, steps: odd sizes, a batch of 4
 
-
-@pytest.fixture(scope="module")
-def canny(cache_root):
-    from fluxexport.models.source import resolve_model
-
-    return resolve_model("tiny-canny")
-
-
-@pytest.fixture(scope="module")
-def control_pipeline(canny):
-    from diffusers import FluxControlPipeline
-
-    pipeline = FluxControlPipeline.from_pretrained(canny.root)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def canny_torch(canny):
-    from fluxexport.pytorch.backend import TorchBackend
-
-    return TorchBackend(canny, device="cpu")
+canny, control_pipeline, canny_torch, canny_export = variant_fixtures(
+    "tiny-canny", "FluxControlPipeline", "canny", "control_pipeline"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +31,18 @@ def edges(reference_image):
 
 def prompts(count: int) -> str | list[str]:
     return [PROMPT, "a stone tower"][:count] if count > 1 else PROMPT
+
+
+def both_sides(backend, source, pipeline, edges, height, width, count, per_prompt, steps, seed):
+    """(ours, diffusers') uint8 images of one control request on `backend` and on `pipeline`."""
+    request = GenerationRequest(
+        prompts(count), height=height, width=width, num_inference_steps=steps, seed=seed,
+        num_images_per_prompt=per_prompt, control_image=edges, max_sequence_length=64,
+    )  # fmt: skip
+    theirs = diffusers_images(
+        pipeline, prompts(count), height, width, steps, seed, per_prompt, control_image=edges, max_sequence_length=64
+    )
+    return generate(backend, source, request).images, theirs
 
 
 def test_canny_and_depth_are_one_control_architecture(canny, control_pipeline, cache_root):
@@ -68,23 +60,13 @@ def test_canny_and_depth_are_one_control_architecture(canny, control_pipeline, c
 def test_torch_equals_diffusers_control(
     height, width, count, per_prompt, steps, canny, canny_torch, control_pipeline, edges
 ):
-    request = GenerationRequest(
-        prompts(count), height=height, width=width, num_inference_steps=steps, seed=9,
-        num_images_per_prompt=per_prompt, control_image=edges, max_sequence_length=64,
-    )  # fmt: skip
-    ours = generate(canny_torch, canny, request).images
-    theirs = diffusers_images(
-        control_pipeline, prompts(count), height, width, steps, 9, per_prompt, control_image=edges,
-        max_sequence_length=64,
-    )  # fmt: skip
+    ours, theirs = both_sides(canny_torch, canny, control_pipeline, edges, height, width, count, per_prompt, steps, 9)
     assert ours.shape == theirs.shape == (count * per_prompt, height, width, 3)
     assert np.array_equal(ours, theirs)
 
 
 def refusal(source, **kwargs) -> str:
-    with pytest.raises(RequestError) as error:
-        resolve_request(source, GenerationRequest(PROMPT, **kwargs))
-    return error.value.render(command_line_terms("run"))
+    return refusal_of(source, PROMPT, **kwargs)
 
 
 def test_control_requests_refused_in_one_line(canny, sources, edges, reference_image):
@@ -102,6 +84,10 @@ def test_control_requests_refused_in_one_line(canny, sources, edges, reference_i
     assert refusal(canny, control_image=Image.new("RGB", (8, 64))) == (
         "the control-image is 8×64: both sides must be at least 16 px (--control-image)"
     )
+    assert refusal(canny, control_image=edges, auto_resize_reference=False) == (  # not ignored
+        "--keep-reference-size is for FLUX.1 Kontext references, but tiny-canny is a FluxControlPipeline (its control "
+        "image is resized to the output size, which is the map's own unless you set one): drop --keep-reference-size"
+    )
 
 
 def test_the_output_takes_the_control_image_size(canny, edges):
@@ -111,30 +97,12 @@ def test_the_output_takes_the_control_image_size(canny, edges):
     assert (resolved.width, resolved.height) == (64, 96)  # resized to the asked size, as diffusers does
 
 
-@pytest.fixture(scope="module")
-def canny_export(canny, tmp_path_factory):
-    """tiny-canny's five components in fp32 ONNX (the one export of this file)."""
-    from fluxexport.export.onnx_export import export_model
-
-    folder = tmp_path_factory.mktemp("canny-onnx")
-    export_model(canny, folder)
-    return folder
-
-
 @pytest.mark.slow
 @pytest.mark.xdist_group("tests/test_control.py")  # its one export made once (conftest.xdist_group)
 def test_onnxruntime_control_matches_diffusers_at_unseen_sizes(canny, canny_export, control_pipeline, edges):
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(canny, canny_export)
-    height, width, count, per_prompt, steps = 112, 208, 1, 3, 3  # 91 tokens, batch 3: never exported
-    request = GenerationRequest(
-        prompts(count), height=height, width=width, num_inference_steps=steps, seed=4,
-        num_images_per_prompt=per_prompt, control_image=edges, max_sequence_length=64,
-    )  # fmt: skip
-    ours = generate(backend, canny, request).images
-    theirs = diffusers_images(
-        control_pipeline, prompts(count), height, width, steps, 4, per_prompt, control_image=edges,
-        max_sequence_length=64,
-    )  # fmt: skip
+    # 112×208 (91 tokens), batch 3: never exported
+    ours, theirs = both_sides(backend, canny, control_pipeline, edges, 112, 208, 1, 3, 3, 4)
     assert psnr(ours, theirs) >= 40

@@ -4,12 +4,11 @@ it at sizes the export never saw, and its requests refused in one line where a m
 
 import numpy as np
 import pytest
+from conditioned import refusal_of, variant_fixtures
 from helpers import diffusers_images
 from PIL import Image
 
-from fluxexport.cli import command_line_terms
 from fluxexport.compare import psnr
-from fluxexport.errors import RequestError
 from fluxexport.families.family import FILL_CONDITION
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 
@@ -19,27 +18,9 @@ PROMPT = "a red door in a white wall"
 CASES = [(144, 80, 2, 2, 2)]
 
 
-@pytest.fixture(scope="module")
-def fill(cache_root):
-    from fluxexport.models.source import resolve_model
-
-    return resolve_model("tiny-fill")
-
-
-@pytest.fixture(scope="module")
-def fill_pipeline(fill):
-    from diffusers import FluxFillPipeline
-
-    pipeline = FluxFillPipeline.from_pretrained(fill.root)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
-def fill_torch(fill):
-    from fluxexport.pytorch.backend import TorchBackend
-
-    return TorchBackend(fill, device="cpu")
+fill, fill_pipeline, fill_torch, fill_export = variant_fixtures(
+    "tiny-fill", "FluxFillPipeline", "fill", "fill_pipeline"
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +73,7 @@ def test_the_output_takes_the_image_size_floored_to_16(fill, reference_image, ed
 
 
 def refusal(source, **kwargs) -> str:
-    with pytest.raises(RequestError) as error:
-        resolve_request(source, GenerationRequest(PROMPT, **kwargs))
-    return error.value.render(command_line_terms("run"))
+    return refusal_of(source, PROMPT, **kwargs)
 
 
 def test_fill_requests_refused_in_one_line(fill, sources, reference_image, edge_mask):
@@ -113,14 +92,35 @@ def test_fill_requests_refused_in_one_line(fill, sources, reference_image, edge_
     )
 
 
-@pytest.fixture(scope="module")
-def fill_export(fill, tmp_path_factory):
-    """tiny-fill's five components in fp32 ONNX (the one export of this file)."""
-    from fluxexport.export.onnx_export import export_model
+def test_keep_reference_size_refused_where_it_means_nothing(fill, sources, reference_image, edge_mask, tmp_path):
+    """--keep-reference-size keeps a Kontext reference at its own size; Fill's image is resized to the output (the
+    image's own size unless one is set), a FluxPipeline takes no reference: refused in one line, not ignored."""
+    assert refusal(fill, image=reference_image, mask=edge_mask, auto_resize_reference=False) == (
+        "--keep-reference-size is for FLUX.1 Kontext references, but tiny-fill is a FluxFillPipeline (its image is "
+        "resized to the output size, which is the image's own unless you set one): drop --keep-reference-size"
+    )
+    assert refusal(sources["tiny-dev"], auto_resize_reference=False) == (
+        "--keep-reference-size is for FLUX.1 Kontext references, but tiny-dev is a FluxPipeline (it takes no Kontext "
+        "reference): drop --keep-reference-size"
+    )
+    assert refusal(sources["tiny-kontext"], auto_resize_reference=False) == (
+        "--keep-reference-size keeps a Kontext reference at its own size, but no reference was given: pass it with "
+        "--image or drop --keep-reference-size"
+    )
+    kept = resolve_request(sources["tiny-kontext"], GenerationRequest(PROMPT, image=reference_image,
+                                                                      auto_resize_reference=False))  # fmt: skip
+    assert kept.auto_resize_reference is False and kept.image is reference_image
+    from click.testing import CliRunner
 
-    folder = tmp_path_factory.mktemp("fill-onnx")
-    export_model(fill, folder)
-    return folder
+    from fluxexport.cli import main
+
+    reference_image.save(tmp_path / "photo.png")
+    edge_mask.save(tmp_path / "mask.png")
+    refused = CliRunner().invoke(main, [str(a) for a in [
+        "run", "--model", "tiny-fill", "--prompt", PROMPT, "--image", tmp_path / "photo.png", "--mask",
+        tmp_path / "mask.png", "--keep-reference-size", "--output", tmp_path / "out.png"]])  # fmt: skip
+    assert refused.exit_code == 1 and not (tmp_path / "out.png").exists()
+    assert refused.output.startswith("Error: --keep-reference-size is for FLUX.1 Kontext references, but tiny-fill")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fluxexport.errors import RequestError
-from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION
+from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION, KONTEXT_REFERENCE
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.latents import check_image_size
 from fluxexport.runtime.schedule import check_steps
@@ -134,6 +134,7 @@ def resolve_request(source: ModelSource, request: GenerationRequest) -> Resolved
         )
     taken = _references(source, request.image)
     kontext_image, references = taken.image, taken.references
+    _check_reference_resizing(source, request.auto_resize_reference, kontext_image)
     mask, control_image, control_size = _conditions(source, request.mask, request.control_image)
     height, width = request.height, request.width
     size = taken.size or control_size
@@ -239,6 +240,28 @@ def _references(source: ModelSource, image) -> RequestReferences:
     family's diffusers pipeline checks them)."""
     images = None if image is None else (image,) if isinstance(image, Image.Image) else tuple(image)
     return source.family.part("runtime").request_references(source, images)
+
+
+def _check_reference_resizing(source: ModelSource, auto_resize: bool, image: Image.Image | None) -> None:
+    """Keeping a reference at its own size (`auto_resize_reference=False`, run's --keep-reference-size) means
+    something for a FLUX.1 Kontext reference only (otherwise resized to a preferred Kontext size): refused in one
+    line, not ignored, without one (Fill's image is resized to the output, which takes its size by default; FLUX.2's
+    references are always capped to ~1 MP, as diffusers does; the other pipelines take none)."""
+    if auto_resize or (source.reference_mode == KONTEXT_REFERENCE and image is not None):
+        return
+    if source.reference_mode == KONTEXT_REFERENCE:
+        raise RequestError(
+            "auto_resize_reference", "{option} keeps a Kontext reference at its own size, but no reference was given",
+            "pass it with --image or {drop}", pointer=False,
+        )  # fmt: skip
+    why = {
+        FILL_CONDITION: "its image is resized to the output size, which is the image's own unless you set one",
+        CONTROL_CONDITION: "its control image is resized to the output size, which is the map's own unless you set one",
+    }.get(source.reference_mode, "it takes no Kontext reference")
+    raise RequestError(
+        "auto_resize_reference", f"{{option}} is for FLUX.1 Kontext references, but {source.name} is a "
+        f"{source.pipeline_class} ({why})", "{drop}", pointer=False,
+    )  # fmt: skip
 
 
 def _conditions(
