@@ -67,6 +67,11 @@ def check_redux_request(redux: ReduxSource, request: ReduxRequest) -> tuple[list
     count = len(request.images)
     if request.prompt is not None and not request.prompt.strip():
         raise RequestError("prompt", "prompt is empty", "drop it (Redux runs without one) or pass text", pointer=False)
+    if request.prompt_2 is not None and request.prompt is None:
+        raise RequestError(
+            "prompt_2", "{option} is T5's text beside a prompt, and there is none", "pass --prompt too or {drop}",
+            pointer=False,
+        )  # fmt: skip
     return (
         per_image("prompt_embeds_scale", request.prompt_embeds_scale, count),
         per_image("pooled_prompt_embeds_scale", request.pooled_prompt_embeds_scale, count),
