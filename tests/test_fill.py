@@ -92,9 +92,12 @@ def test_fill_requests_refused_in_one_line(fill, sources, reference_image, edge_
     )
 
 
-def test_keep_reference_size_refused_where_it_means_nothing(fill, sources, reference_image, edge_mask, tmp_path):
+def test_keep_reference_size_refused_where_it_means_nothing(
+    fill, sources, flux2_sources, reference_image, edge_mask, tmp_path
+):
     """--keep-reference-size keeps a Kontext reference at its own size; Fill's image is resized to the output (the
-    image's own size unless one is set), a FluxPipeline takes no reference: refused in one line, not ignored."""
+    image's own size unless one is set), FLUX.2 caps its references, a FluxPipeline takes none: refused in one line,
+    not ignored."""
     assert refusal(fill, image=reference_image, mask=edge_mask, auto_resize_reference=False) == (
         "--keep-reference-size is for FLUX.1 Kontext references, but tiny-fill is a FluxFillPipeline (its image is "
         "resized to the output size, which is the image's own unless you set one): drop --keep-reference-size"
@@ -106,6 +109,10 @@ def test_keep_reference_size_refused_where_it_means_nothing(fill, sources, refer
     assert refusal(sources["tiny-kontext"], auto_resize_reference=False) == (
         "--keep-reference-size keeps a Kontext reference at its own size, but no reference was given: pass it with "
         "--image or drop --keep-reference-size"
+    )
+    assert refusal(flux2_sources["tiny-klein"], image=reference_image, auto_resize_reference=False) == (
+        "--keep-reference-size is for FLUX.1 Kontext references, but tiny-klein is a Flux2KleinPipeline (its "
+        "references are capped to about 1 megapixel, as diffusers does, and kept otherwise): drop --keep-reference-size"
     )
     kept = resolve_request(sources["tiny-kontext"], GenerationRequest(PROMPT, image=reference_image,
                                                                       auto_resize_reference=False))  # fmt: skip

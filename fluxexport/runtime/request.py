@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fluxexport.errors import RequestError
-from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION, KONTEXT_REFERENCE
+from fluxexport.families.family import CONTROL_CONDITION, FILL_CONDITION, KONTEXT_REFERENCE, REFERENCE_BUDGET
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.latents import check_image_size
 from fluxexport.runtime.schedule import check_steps
@@ -257,6 +257,7 @@ def _check_reference_resizing(source: ModelSource, auto_resize: bool, image: Ima
     why = {
         FILL_CONDITION: "its image is resized to the output size, which is the image's own unless you set one",
         CONTROL_CONDITION: "its control image is resized to the output size, which is the map's own unless you set one",
+        REFERENCE_BUDGET: "its references are capped to about 1 megapixel, as diffusers does, and kept otherwise",
     }.get(source.reference_mode, "it takes no Kontext reference")
     raise RequestError(
         "auto_resize_reference", f"{{option}} is for FLUX.1 Kontext references, but {source.name} is a "
