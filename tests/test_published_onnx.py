@@ -202,6 +202,8 @@ def _with_tensorrt_fp8_op(folder: Path) -> None:
 def test_a_graph_of_tensorrt_ops_is_fp8_and_refused_by_onnxruntime_in_one_line(published, sources, tmp_path):
     """ModelOpt's FP8 graph (TensorRT's own Q/DQ ops) is read as the folder's FP8 transformer, which `build` takes
     and ONNX Runtime refuses in one line, naming the graph and the bf16 way out."""
+    from helpers import build_folder, manifest_json
+
     from fluxexport.artifacts.folders import open_export
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
 
@@ -217,6 +219,9 @@ def test_a_graph_of_tensorrt_ops_is_fp8_and_refused_by_onnxruntime_in_one_line(p
         "run the bf16 graph with --no-fp8"
     )
     assert OnnxRuntimeBackend(sources["tiny-dev"], folder, fp8=False).component("transformer") is not None
+    engines = build_folder(sources["tiny-dev"], folder, tmp_path / "trt", precision="fp8", components=["transformer"])
+    built = manifest_json(engines)["components"]["transformer"]
+    assert (built["precision"], built["onnx"]) == ("fp8", str((folder / "transformer.opt/fp8/model.onnx").resolve()))
 
 
 def test_nothing_is_written_into_a_published_folder(published, sources):
