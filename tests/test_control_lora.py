@@ -120,6 +120,23 @@ def test_a_widening_lora_is_refused_where_it_cannot_apply(sources, exports, merg
     )  # fmt: skip
     with pytest.raises(FluxExportError, match=r"which transformer\.onnx \(exported at the base model's width\) cannot"):
         swapped_initializers(merged, merged.lora_set, "transformer", open_export(exports["tiny-dev"]).graphs()["transformer"])
+    # refit into refittable base engines, a Triton repository's per-request LoRAs: refused before anything is written
+    from helpers import build_folder, standin_tensorrt
+
+    from fluxexport.tensorrt.refit import refit_engines
+    from fluxexport.triton.repository import write_repository
+
+    engines = build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "engines", components=["transformer"],
+                           refittable=True)  # fmt: skip
+    before = sorted(path.name for path in engines.iterdir())
+    with standin_tensorrt(), pytest.raises(FluxExportError) as error:
+        refit_engines(merged, engines)
+    assert str(error.value).endswith(f"which the engines in {engines} (exported at the base model's width) cannot "
+                                     f"swap in: export with it merged (fluxexport export --lora {name})")  # fmt: skip
+    assert sorted(path.name for path in engines.iterdir()) == before
+    with pytest.raises(FluxExportError, match=r"which transformer\.onnx \(exported at the base model's width\) cannot"):
+        write_repository(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "repo", request_loras=merged.loras)
+    assert not (tmp_path / "repo").exists()
     assert not (tmp_path / "x.png").exists()
     # a pipeline without a control variant (Kontext)
     assert refusal([*run, "--model", "tiny-kontext", "--lora", control_lora]) == (
