@@ -235,8 +235,9 @@ def served(request, repositories):
 
     if not has_tritonserver():
         pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
-    if request.param == "tiny-schnell":  # the session's server, shared with test_triton_errors.py (conftest)
-        yield request.param, request.getfixturevalue("schnell_server")
+    shared = {"tiny-schnell": "schnell_server", "tiny-kontext": "kontext_server"}  # the session's (conftest)
+    if request.param in shared:  # shared with test_triton_errors.py / test_openai_api.py
+        yield request.param, request.getfixturevalue(shared[request.param])
         return
     server = TritonServer(repositories[request.param])
     started = time.perf_counter()
