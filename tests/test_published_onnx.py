@@ -86,6 +86,7 @@ def test_build_engines_from_a_published_folder(published, sources, tmp_path):
     from helpers import build_folder, manifest_json
 
     from fluxexport.artifacts.files import MANIFEST
+    from fluxexport.artifacts.folders import open_engines
     from fluxexport.build import export_missing_graphs
 
     source = sources["tiny-dev"]
@@ -95,6 +96,8 @@ def test_build_engines_from_a_published_folder(published, sources, tmp_path):
     assert built["transformer"]["onnx"] == str((published / "transformer.opt/bf16/model.onnx").resolve())
     assert built["transformer"]["precision"] == "bf16" and built["t5"]["file"].startswith("t5_bf16.")
     assert not (published / MANIFEST).exists()
+    # what validate --engines and refit read: the record of the published graph each engine was built from
+    assert open_engines(engines, source).built_from("transformer").file == "transformer.opt/bf16/model.onnx"
 
 
 def test_triton_repository_from_a_published_folder(published, sources, tmp_path):
