@@ -192,8 +192,7 @@ def test_cli_run_writes_the_variations(dev, redux, backends, reference_image, tm
         "--steps", STEPS, "--seed", SEED, "--output", tmp_path / "out.png",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    from PIL import Image
-
+    assert "redux prior" in result.output  # its own row in the stage timings, before the text encoders'
     expected = ours(backends, dev, redux, ReduxRequest((reference_image,)), 1)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
 

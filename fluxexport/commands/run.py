@@ -3,6 +3,7 @@ backend that runs it."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,10 +104,15 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
     check_served(source, backend, options.runner.engines, resolved)  # references within the engines' budget
     paths = check_output_paths(options.output, resolved.batch)
     engine = open_backend(options.runner, source, backend, log)
+    prior_seconds = None
     if prior is not None:
+        start = time.perf_counter()
         request = with_conditioning(request, run_prior(prior, source, engine, options.runner, options.redux_engines))
+        prior_seconds = time.perf_counter() - start
     with progress(f"{source.name} {resolved.width}×{resolved.height}", resolved.steps) as advance:
         generation = generate(engine, source, request, on_step=advance, cache=cache)
+    if prior_seconds is not None:  # the Redux prior ran before the pipeline (its modules' loading included)
+        generation.timings = {"redux_prior": prior_seconds} | generation.timings
     for image, path in zip(generation.images, paths, strict=True):
         save_png_atomic(image, path)
     return RunResult(backend, source.name, resolved, generation, paths)
