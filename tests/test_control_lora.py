@@ -164,11 +164,11 @@ def test_bfl_layout_reads_through_diffusers_conversion(tmp_path):
     biases and the norms it replaces, and FLUX.1-dev's real configs become FluxControlPipeline's."""
     path = tmp_path / "flux1-canny-dev-lora.safetensors"
     save_file(bfl_control_lora(), str(path))
-    lora = LoraSet([parse_lora(str(path))])
+    dev = flux1_source(tmp_path).with_loras([parse_lora(str(path))])
+    lora = dev.lora_set
     assert lora.input_width("transformer", "x_embedder") == 128
     assert lora.layers["transformer"]["x_embedder"][0].bias is not None
     assert len(lora.replaced["transformer"]) == 19 * 4 + 38 * 2
-    dev = flux1_source(tmp_path).with_loras([parse_lora(str(path))])
     assert dev.pipeline_class == "FluxControlPipeline"
     assert (dev.transformer["in_channels"], dev.transformer["out_channels"]) == (128, 64)
 

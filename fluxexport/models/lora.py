@@ -174,6 +174,7 @@ def read_lora_file(
         first = next(iter(state), "no tensors")
         raise FluxExportError(f"{lora.path} is not a LoRA: no lora_A/lora_down weights (first key: {first})")
     prefixes = known.lora_prefixes
+    dora = {key.partition(".lora_magnitude_vector")[0] for key in state if ".lora_magnitude_vector" in key}
     for key in downs:
         base = key.removesuffix(".lora_A.weight")
         prefix = next((p for p in prefixes if base.startswith(p)), None)
@@ -182,7 +183,7 @@ def read_lora_file(
         up = state.get(f"{base}.lora_B.weight")
         if up is None:
             raise FluxExportError(f"{lora.path}: {key} has no lora_B/lora_up partner")
-        if any(k.startswith(f"{base}.lora_magnitude_vector") for k in state):
+        if base in dora:
             raise FluxExportError(f"{lora.path}: {base} is a DoRA layer, which cannot be merged as W + B·A")
         module = prefixes[prefix]
         name = base.removeprefix(prefix).removeprefix(DROPPED.get(module, ""))
