@@ -338,3 +338,43 @@ def test_tiny_writes_tiny_redux(tmp_path):
     line = cli_refusal("tiny", "tiny-redux", "--out", tmp_path / "again", "--single-file", tmp_path / "t.safetensors")
     assert line == f"Error: {tmp_path / 'again'} has no transformer: --single-file is for a model, not a prior"
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_published_redux_shapes(tmp_path, dev):
+    """A folder with FLUX.1-Redux-dev's configs (SigLIP so400m at 384² in 14² patches, the embedder 1152 → 4096),
+    written by the libraries' own config writers on meta weights: read as 729 tokens of T5's width, the specs'
+    fixed sides, 512 + 729 text tokens for the base; in front of a base of another width refused in one line."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from fluxexport.models.redux import load_redux
+    from fluxexport.runtime.redux import placeholder_conditioning
+    from fluxexport.specs.redux import redux_specs
+
+    config = SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+        patch_size=14,
+    )  # fmt: skip
+    with torch.device("meta"):
+        encoder, embedder = SiglipVisionModel(config), ReduxImageEncoder()
+    processor = SiglipImageProcessor(size={"height": 384, "width": 384})
+    folder = tmp_path / "FLUX.1-Redux-dev"
+    FluxPriorReduxPipeline(image_encoder=encoder, feature_extractor=processor, image_embedder=embedder).save_config(
+        folder
+    )
+    config.save_pretrained(folder / "image_encoder")
+    embedder.save_config(folder / "image_embedder")
+    processor.save_pretrained(folder / "feature_extractor")
+    redux = load_redux(folder)
+    assert (redux.image_size, redux.image_tokens, redux.text_width) == (384, 729, 4096)
+    specs = redux_specs(redux)
+    assert specs["image_encoder"].inputs[0].dims == ("B", 3, 384, 384)
+    assert specs["image_embedder"].outputs[0].dims == ("B", 729, 4096)
+    with pytest.raises(RequestError) as raised:
+        redux.check_base(dev)
+    assert str(raised.value) == (
+        "FLUX.1-Redux-dev embeds images 4096 wide but tiny-dev's text is 32 wide: use the Redux prior made for this "
+        "base model"
+    )
+    assert placeholder_conditioning(load_redux(folder), dev).prompt_embeds.shape == (1, 512 + 729, 4096)
