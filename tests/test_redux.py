@@ -142,6 +142,8 @@ def test_torch_equals_diffusers_with_a_prompt_and_scales(backends, dev, redux, f
           "--redux-scale", "2"), "--redux-scale gives 2 weights for 1 image: give one, or one per image"),
         (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--prompt", " "), "prompt is empty: "
          "drop it (Redux runs without one) or pass text"),
+        (("--model", "tiny-redux", "--prompt", "a cat"), "tiny-redux is a FLUX.1 Redux prior (FluxPriorReduxPipeline), "
+         "not a model: run FLUX.1 [dev] or [schnell] with --redux tiny-redux --image PICTURE"),
         (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--prompt-2", "a cat"), "--prompt-2 is "
          "T5's text beside a prompt, and there is none: pass --prompt too or drop --prompt-2"),
     ],

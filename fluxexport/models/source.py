@@ -17,7 +17,8 @@ from typing import Any
 from fluxexport.errors import FluxExportError
 from fluxexport.families import FAMILIES, Family, detect_family
 from fluxexport.families.family import KONTEXT_REFERENCE
-from fluxexport.models.tiny import TINY_MARKER, TINY_VARIANTS, materialise_tiny
+from fluxexport.models.redux import REDUX_PIPELINE
+from fluxexport.models.tiny import TINY_MARKER, TINY_PRIORS, TINY_VARIANTS, materialise_tiny
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,8 @@ def load_folder(root: Path, name: str | None = None, transformer_file: Path | No
     if not (root / "model_index.json").is_file():
         raise FluxExportError(f"{root} has no model_index.json: it is not a diffusers pipeline folder")
     configs: dict[str, dict[str, Any]] = {"model_index": _read_json(root / "model_index.json")}
+    if configs["model_index"].get("_class_name") == REDUX_PIPELINE:
+        refuse_prior(name or str(root))
     transformer_config = root / "transformer" / "config.json"
     family = detect_family(
         configs["model_index"], _read_json(transformer_config) if transformer_config.is_file() else None
@@ -372,12 +375,22 @@ def resolve_model(reference: str, base: str | None = None) -> ModelSource:
         return load_folder(rest.root, name=file.stem, transformer_file=file)
     if reference in TINY_VARIANTS:
         return load_folder(materialise_tiny(reference), name=reference)
+    if reference in TINY_PRIORS:
+        refuse_prior(reference)
     if reference.startswith("tiny-"):
         raise FluxExportError(f"unknown tiny variant {reference!r}: choose one of {', '.join(TINY_VARIANTS)}")
     path = Path(reference).expanduser()
     if path.exists() or not _looks_like_hub_id(reference):
         return load_folder(path)
     return load_folder(download_from_hub(reference), name=reference.split("/")[-1])
+
+
+def refuse_prior(name: str) -> None:
+    """A FLUX.1 Redux prior named where a model goes: it runs in front of one (`--redux`), not alone."""
+    raise FluxExportError(
+        f"{name} is a FLUX.1 Redux prior ({REDUX_PIPELINE}), not a model: run FLUX.1 [dev] or [schnell] with "
+        f"--redux {name} --image PICTURE"
+    )
 
 
 def made_from(recorded: str, source: ModelSource) -> str:
