@@ -14,7 +14,7 @@ from fluxexport.errors import RequestError
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
 from fluxexport.runtime.redux import ReduxRequest, redux_conditioning
 
-HEIGHT, WIDTH, STEPS, SEED = 80, 144, 2, 3  # odd sizes: not multiples of 32
+HEIGHT, WIDTH, STEPS, SEED = 48, 80, 2, 3  # odd sizes: not multiples of 32
 
 
 @pytest.fixture(scope="module")
