@@ -159,6 +159,7 @@ def _invoke(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # a calibration and generations end to end (several seconds): not in the quick loop
 def test_calibrate_magcache_command_writes_the_ratios_run_uses(calibrated, sources, tmp_path):
     """The command's file holds `calibrate_mag_ratios`' ratios of the same request, and `run` skips steps with it."""
     out = tmp_path / "ratios.json"

@@ -40,6 +40,7 @@ def parses(message: str, command: str, **values) -> None:
         pass
 
 
+@pytest.mark.slow  # a calibration and generations end to end (several seconds): not in the quick loop
 def test_magcache_hints_calibrate_then_run(tmp_path):
     """FLUX.1-dev's ratios on tiny-klein, and a missing ratios file: both hint at calibrate-magcache, whose file
     `run --cache magcache:ratios=FILE` then takes."""

@@ -360,6 +360,7 @@ def _invoke(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # a calibration and generations end to end (several seconds): not in the quick loop
 def test_cli_calibrates_and_runs_flux2_with_a_cache(calibrated, flux2_sources, tmp_path):
     """`calibrate-magcache` writes the ratios `calibrate_mag_ratios` measures; `run` reports the computed steps."""
     out = tmp_path / "klein.json"

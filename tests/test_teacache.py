@@ -307,6 +307,7 @@ def test_teacache_on_flux2_parts_in_onnxruntime(flux2_sources, flux2_parts_expor
     assert len(state.decisions) == 8 and result.computed_steps == sum(state.decisions) < 8
 
 
+@pytest.mark.slow  # a calibration and generations end to end (several seconds): not in the quick loop
 def test_calibrate_teacache_fits_the_recorded_pairs_and_the_file_serves_only_its_model(flux2_sources, tmp_path):
     """calibrate-teacache on tiny-klein (PyTorch parts, 6 steps, two seeds) writes ali-vilab's fit, numpy.polyfit
     of degree 4 over every recorded (input change, output change), with its provenance; the file runs tiny-klein
