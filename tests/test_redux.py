@@ -146,6 +146,9 @@ def test_torch_equals_diffusers_with_a_prompt_and_scales(backends, dev, redux, f
          "not a model: run FLUX.1 [dev] or [schnell] with --redux tiny-redux --image PICTURE"),
         (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--prompt-2", "a cat"), "--prompt-2 is "
          "T5's text beside a prompt, and there is none: pass --prompt too or drop --prompt-2"),
+        (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--keep-reference-size"),
+         "Error: --keep-reference-size is for FLUX.1 Kontext references, but tiny-redux resizes its images to "
+         "32×32 (its SigLIP processor's one size): drop --keep-reference-size"),
     ],
 )  # fmt: skip
 def test_redux_refusals_in_one_line(args, message, dev, redux, reference_image, tmp_path):
@@ -338,8 +341,8 @@ def test_tiny_writes_tiny_redux(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_redux(tmp_path / "redux").image_tokens == 16
     line = cli_refusal("tiny", "tiny-redux", "--out", tmp_path / "again", "--single-file", tmp_path / "t.safetensors")
-    assert line == f"Error: {tmp_path / 'again'} has no transformer: --single-file is for a model, not a prior"
-    assert not (tmp_path / "t.safetensors").exists()
+    assert line == "Error: tiny-redux is a prior, with no transformer: --single-file is for a model; drop it"
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "again").exists()  # refused before writing
 
 
 def test_published_redux_shapes(tmp_path, dev):

@@ -135,7 +135,7 @@ def check_redux(options: RunOptions, source: ModelSource, images: list) -> Redux
     redux.check_base(source)
     request = ReduxRequest(
         tuple(images), options.prompt, options.prompt_2, options.prompt_embeds_scale,
-        options.pooled_prompt_embeds_scale,
+        options.pooled_prompt_embeds_scale, options.keep_reference_size,
     )  # fmt: skip
     check_redux_request(redux, request)
     if options.redux_engines is not None:  # graphs or engines of this prior, refused before any weight loads

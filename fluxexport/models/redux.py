@@ -9,8 +9,10 @@ it is not a model `--model` runs but a prior `--redux` names. Configs are read t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,8 @@ class ReduxSource:
     @functools.cached_property
     def feature_extractor(self):
         """The folder's image processor, loaded by the class diffusers loads it with."""
-        return self._part_class("feature_extractor").from_pretrained(self.root / "feature_extractor")
+        with quiet_processor_fallback():
+            return self._part_class("feature_extractor").from_pretrained(self.root / "feature_extractor")
 
     def _part_class(self, part: str) -> type:
         return part_class(self.configs["model_index"], part)
@@ -92,6 +95,22 @@ class ReduxSource:
             )  # fmt: skip
 
 
+@contextlib.contextmanager
+def quiet_processor_fallback() -> Iterator[None]:
+    """Without torchvision, transformers hands out `SiglipImageProcessor` as its PIL class (the one diffusers'
+    prior gets too) and logs, once, that torchvision would give another backend: silenced while we name the class
+    (transformers' import-utils logger only, restored after)."""
+    from transformers.utils import logging
+
+    logger = logging.get_logger("transformers.utils.import_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def part_class(model_index: dict[str, Any], part: str) -> type:
     """The class diffusers loads a Redux part with: model_index's `[library, class]`, where the library may name a
     diffusers pipeline module (`["flux", "ReduxImageEncoder"]`: `diffusers.pipelines.flux`), as diffusers reads it."""
@@ -108,7 +127,8 @@ def part_class(model_index: dict[str, Any], part: str) -> type:
         found = getattr(module, str(entry[1]), None) if module is not None else None
         if isinstance(found, type):
             return found
-    return component_class(model_index, getattr(diffusers, REDUX_PIPELINE), part)
+    with quiet_processor_fallback():  # diffusers' prior module imports SiglipImageProcessor
+        return component_class(model_index, getattr(diffusers, REDUX_PIPELINE), part)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -171,9 +191,12 @@ def build_tiny_redux(text_width: int, seed: int = 0):
     """A random FluxPriorReduxPipeline whose embedder feeds a tiny FLUX.1 base of text width `text_width`: SigLIP
     with 1 layer of width 16 on 32² images in 8² patches (16 tokens), no text encoders (as BFL's folder)."""
     import torch
-    from diffusers import FluxPriorReduxPipeline
     from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    with quiet_processor_fallback():
+        from diffusers import FluxPriorReduxPipeline
+        from transformers import SiglipImageProcessor
 
     side, width = 32, 16
     torch.manual_seed(seed)

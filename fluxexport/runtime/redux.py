@@ -31,6 +31,7 @@ class ReduxRequest:
     prompt_2: str | None = None
     prompt_embeds_scale: tuple[float, ...] = (1.0,)
     pooled_prompt_embeds_scale: tuple[float, ...] = (1.0,)
+    keep_image_size: bool = False  # run's --keep-reference-size: refused (the processor has one size)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ def check_redux_request(redux: ReduxSource, request: ReduxRequest) -> tuple[list
             "pass one or more with {option}", pointer=False,
         )  # fmt: skip
     count = len(request.images)
+    if request.keep_image_size:
+        raise RequestError(
+            "auto_resize_reference", f"{{option}} is for FLUX.1 Kontext references, but {redux.name} resizes its "
+            f"images to {redux.image_size}×{redux.image_size} (its SigLIP processor's one size)", "{drop}",
+            pointer=False,
+        )  # fmt: skip
     if request.prompt is not None and not request.prompt.strip():
         raise RequestError("prompt", "prompt is empty", "drop it (Redux runs without one) or pass text", pointer=False)
     if request.prompt_2 is not None and request.prompt is None:
