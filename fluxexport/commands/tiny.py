@@ -12,9 +12,7 @@ def write_tiny_model(variant: str, out: Path, single_file: Path | None = None) -
     from fluxexport.models.tiny import TINY_PRIORS, write_bfl_single_file, write_tiny
 
     if single_file is not None and variant in TINY_PRIORS:  # refused before the folder is written
-        raise FluxExportError(
-            f"{variant} is a prior, with no transformer: --single-file is for a model; drop it"
-        )
+        raise FluxExportError(f"{variant} is a prior, with no transformer: --single-file is for a model; drop it")
     folder = write_tiny(variant, out)
     if single_file is not None:
         write_bfl_single_file(folder, single_file)
