@@ -36,7 +36,7 @@ def test_published_folder_reads_through_the_layout(published, sources):
     """Each graph is found where the table says, with its own names, precision and external data; the folder
     is bound to the --model whose widths it has."""
     from fluxexport.artifacts.folders import open_export
-    from fluxexport.artifacts.published import PUBLISHED
+    from fluxexport.artifacts.published import PUBLISHED, posterior_record
 
     folder = open_export(published, sources["tiny-dev"])
     assert folder.kind == PUBLISHED and folder.model.name == "tiny-dev"
@@ -52,7 +52,44 @@ def test_published_folder_reads_through_the_layout(published, sources):
     assert transformer.input_names() == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                                          "img_ids", "txt_ids", "guidance"]  # fmt: skip
     assert [t.dtype for t in transformer.inputs] == ["bfloat16"] * 4 + ["float"] * 3
-    assert folder.components["vae_encoder"].output_names() == ["latent"]  # the demo's encoder has no latent_std
+    encoder = folder.components["vae_encoder"]  # it samples inside; the copy ONNX Runtime runs gives the posterior
+    assert encoder.output_names() == ["latent"] and posterior_record(encoder).output_names() == ["latent", "latent_std"]
+
+
+def test_the_published_encoder_samples_its_posterior_inside(published):
+    """As NVIDIA's demo exports it (`latent_dist.sample()` through TorchScript): `latent` is mean + std · noise the
+    graph draws itself (RandomNormalLike), and there is no `latent_std`."""
+    import onnx
+
+    from fluxexport.artifacts.published import _proto_nodes, posterior_sampling
+
+    model = onnx.load(str(published / "vae_encoder.opt" / "model.onnx"), load_external_data=False)
+    assert [value.name for value in model.graph.output] == ["latent"]
+    tail = [(node.op_type, list(node.input)) for node in model.graph.node[-4:]]
+    assert tail == [("RandomNormalLike", ["posterior_zeros"]), ("Cast", ["posterior_noise"]),
+                    ("Mul", ["posterior_std", "posterior_noise_cast"]),
+                    ("Add", ["posterior_mean", "posterior_scaled_noise"])]  # fmt: skip
+    sampling = posterior_sampling(_proto_nodes(model))
+    assert sampling is not None and (sampling.mean, sampling.std) == ("posterior_mean", "posterior_std")
+
+
+def test_the_published_encoder_runs_as_our_posterior(published, bf16_export, sources, reference_image):
+    """ONNX Runtime runs the published encoder's copy with the draw cut out: its mean and std equal our own
+    export's bit for bit, so Kontext (the mode) and Fill/Canny/Depth (mean + std · the request's seeded noise)
+    get diffusers' latents; the same image twice gives the same latent."""
+    import torch
+
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+
+    source = sources["tiny-dev"]
+    pixels = torch.from_numpy(np.asarray(reference_image.resize((96, 64)), dtype=np.float32)).permute(2, 0, 1)
+    images = (pixels / 127.5 - 1).unsqueeze(0).repeat(2, 1, 1, 1)
+    theirs = OnnxRuntimeBackend(source, published).component("vae_encoder")({"images": images})
+    ours = OnnxRuntimeBackend(source, bf16_export, upcast_bf16=True).component("vae_encoder")({"images": images})
+    assert sorted(theirs) == ["latent", "latent_std"] and theirs["latent"].shape == (2, 16, 8, 12)
+    for name in ("latent", "latent_std"):
+        assert torch.equal(theirs[name], ours[name]), name
+    assert torch.equal(theirs["latent"][0], theirs["latent"][1])
 
 
 def test_run_on_a_published_folder_equals_our_own_export(published, bf16_export, sources):
@@ -76,13 +113,14 @@ def test_validate_a_published_folder_against_pytorch(published, sources):
 
     report, dtype = validate_folder(sources["tiny-dev"], published, ["transformer", "vae_encoder"], steps=1)
     assert dtype == "bf16" and report.passed, report
-    assert {row.output for row in report.components if row.component == "vae_encoder"} == {"latent"}
+    assert {row.output for row in report.components if row.component == "vae_encoder"} == {"latent", "latent_std"}
     assert report.images and all(image.psnr > 40 for image in report.images)
 
 
 def test_build_engines_from_a_published_folder(published, sources, tmp_path):
     """`build` (TensorRT's stand-in) makes bf16 engines from the published graphs as they are: nothing is
     exported into the folder, and each engine records the published graph it was built from."""
+    import onnx
     from helpers import build_folder, manifest_json
 
     from fluxexport.artifacts.files import MANIFEST
@@ -91,8 +129,15 @@ def test_build_engines_from_a_published_folder(published, sources, tmp_path):
 
     source = sources["tiny-dev"]
     assert export_missing_graphs(source, published, "bf16", ["transformer", "t5"]).kind == "published"
-    engines = build_folder(source, published, tmp_path / "trt", precision="bf16", components=["transformer", "t5"])
+    engines = build_folder(source, published, tmp_path / "trt", precision="bf16",
+                           components=["transformer", "t5", "vae_encoder"])  # fmt: skip
     built = manifest_json(engines)["components"]
+    # the encoder's engine is parsed from a copy without the draw: it gives the posterior, not TensorRT's noise
+    assert [t["name"] for t in built["vae_encoder"]["outputs"]] == ["latent", "latent_std"]
+    assert built["vae_encoder"]["onnx"] == str((published / "vae_encoder.opt/model.onnx").resolve())
+    copy = onnx.load(str(engines / "posterior_graphs" / "vae_encoder.opt.model.onnx"), load_external_data=False)
+    assert [v.name for v in copy.graph.output] == ["latent", "latent_std"]
+    assert not {"RandomNormalLike", "Add"} & {node.op_type for node in copy.graph.node[-3:]}
     assert built["transformer"]["onnx"] == str((published / "transformer.opt/bf16/model.onnx").resolve())
     assert built["transformer"]["precision"] == "bf16" and built["t5"]["file"].startswith("t5_bf16.")
     assert not (published / MANIFEST).exists()
@@ -105,7 +150,9 @@ def test_triton_repository_from_a_published_folder(published, sources, tmp_path)
     the name its graph gives them."""
     import onnx
 
+    from fluxexport.artifacts.repository import read_pipeline_settings
     from fluxexport.onnxruntime.backend import create_session
+    from fluxexport.specs import ExportBounds
     from fluxexport.triton.repository import write_repository
 
     out = write_repository(sources["tiny-dev"], published, tmp_path / "repo")
@@ -118,6 +165,9 @@ def test_triton_repository_from_a_published_folder(published, sources, tmp_path)
     assert [i.name for i in session.get_inputs()][:1] == ["hidden_states"]
     assert sorted(path.name for path in out.iterdir() if path.is_dir()) == [
         "clip", "flux_pipeline", "t5", "transformer", "vae_decoder"]  # fmt: skip
+    # the folder records no bounds: the model's (tiny-dev's 64–1024 px sides, not a real FLUX's 256–1360)
+    served = read_pipeline_settings(out).bounds
+    assert served == vars(ExportBounds.for_model(sources["tiny-dev"])) and served["min_resolution"] == 64
 
 
 def _rename_input(graph: Path, old: str, new: str) -> None:
@@ -187,18 +237,19 @@ def test_cli_run_on_a_published_folder_of_another_model_exits_with_one_line(publ
     assert "does not hold tiny-schnell's graphs" in result.output
 
 
-def _with_tensorrt_fp8_op(folder: Path) -> None:
-    """The bf16 transformer with one of TensorRT's own FP8 ops (as ModelOpt exports them) in `transformer.opt/fp8`."""
+def _with_tensorrt_fp8_op(folder: Path, op: str = "TRT_FP8QuantizeLinear", precision: str = "fp8") -> None:
+    """The bf16 transformer with one of TensorRT's own FP8 (FP4) ops, as ModelOpt exports them, in
+    `transformer.opt/<precision>`."""
     import onnx
 
     graph = folder / "transformer.opt" / "bf16" / "model.onnx"
     model = onnx.load(str(graph))
     model.graph.initializer.append(onnx.helper.make_tensor("fp8_scale", onnx.TensorProto.FLOAT, [], [1.0]))
-    model.graph.node.append(onnx.helper.make_node("TRT_FP8QuantizeLinear", ["hidden_states", "fp8_scale"],
-                                                  ["hidden_states_fp8"], domain="trt"))  # fmt: skip
+    model.graph.node.append(onnx.helper.make_node(op, ["hidden_states", "fp8_scale"], ["hidden_states_q"],
+                                                  domain="trt"))  # fmt: skip
     model.opset_import.append(onnx.helper.make_opsetid("trt", 1))
-    (folder / "transformer.opt" / "fp8").mkdir()
-    onnx.save_model(model, str(folder / "transformer.opt" / "fp8" / "model.onnx"), save_as_external_data=True,
+    (folder / "transformer.opt" / precision).mkdir()
+    onnx.save_model(model, str(folder / "transformer.opt" / precision / "model.onnx"), save_as_external_data=True,
                     location="model.onnx_data", size_threshold=0)  # fmt: skip
 
 
@@ -225,6 +276,28 @@ def test_a_graph_of_tensorrt_ops_is_fp8_and_refused_by_onnxruntime_in_one_line(p
     engines = build_folder(sources["tiny-dev"], folder, tmp_path / "trt", precision="fp8", components=["transformer"])
     built = manifest_json(engines)["components"]["transformer"]
     assert (built["precision"], built["onnx"]) == ("fp8", str((folder / "transformer.opt/fp8/model.onnx").resolve()))
+
+
+def test_nvfp4_engines_from_a_published_fp4_folder(published, sources, tmp_path):
+    """`build --precision nvfp4` (stand-in, a Blackwell device) takes the transformer from `transformer.opt/fp4`
+    (ModelOpt's graph of TensorRT's own FP4 ops) as it is and the rest from the bf16 graphs."""
+    from helpers import manifest_json, standin_tensorrt
+
+    from fluxexport.specs import ExportBounds
+    from fluxexport.tensorrt.builder import BuildOptions, build_engines
+    from fluxexport.tensorrt.environment import Gpu
+
+    folder = copy_of(published, tmp_path)
+    _with_tensorrt_fp8_op(folder, "TRT_FP4DynamicQuantize", "fp4")
+    source = sources["tiny-dev"]
+    options = BuildOptions("nvfp4", ExportBounds.for_model(source, max_batch=2), optimization_level=2)
+    with standin_tensorrt():
+        build_engines(source, folder, tmp_path / "trt", options, ["transformer", "vae_decoder"],
+                      device_gpu=lambda: Gpu("NVIDIA B200", (10, 0), 180 * 2**30))  # fmt: skip
+    built = manifest_json(tmp_path / "trt")["components"]
+    assert (built["transformer"]["precision"], built["transformer"]["onnx"]) == (
+        "nvfp4", str((folder / "transformer.opt/fp4/model.onnx").resolve()))  # fmt: skip
+    assert built["vae_decoder"]["onnx"] == str((folder / "vae.opt/model.onnx").resolve())
 
 
 def test_nothing_is_written_into_a_published_folder(published, sources):
@@ -292,3 +365,18 @@ def test_check_lints_each_published_graph_where_the_layout_puts_it(published):
                                                    "transformer.opt/bf16/model.onnx", "vae.opt/model.onnx",
                                                    "vae_encoder.opt/model.onnx"]  # fmt: skip
     assert all(report.ok for report in reports), [report.problems for report in reports]
+
+
+def test_validate_writes_no_report_into_a_published_folder(tmp_path):
+    """The folder is read as it is: without --report, validate refuses in one line before anything runs."""
+    from click.testing import CliRunner
+
+    from fluxexport.cli import main
+
+    folder = tmp_path / "FLUX.1-dev-onnx"
+    (folder / "vae.opt").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["validate", "--model", "tiny-dev", "--engines", str(folder)])
+    assert result.exit_code == 1 and sorted(p.name for p in folder.iterdir()) == ["vae.opt"]
+    assert result.output == (
+        f"Error: {folder} is a published ONNX folder, read as it is: name the JSON report to write with --report FILE\n"
+    )

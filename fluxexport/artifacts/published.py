@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,9 @@ def read_graph(root: Path, entry: PublishedGraph) -> GraphRecord:
             f"({', '.join(entry.outputs)}): a variant whose tensor names fluxexport does not know; export the model "
             "with `fluxexport export` instead"
         )
+    extra: dict[str, Any] = {}
+    if entry.component == "vae_encoder" and posterior_sampling(_proto_nodes(model)) is not None:
+        extra[SAMPLES] = True  # ONNX Runtime runs a copy that gives the posterior instead (`posterior_record`)
     precision, base = _precision(model)
     if entry.precision is not None and precision != entry.precision:
         raise FluxExportError(
@@ -186,8 +189,107 @@ def read_graph(root: Path, entry: PublishedGraph) -> GraphRecord:
         file=f"{entry.folder}/{GRAPH_FILE}", dtype=precision, base_dtype=base, opset=opset, inputs=inputs,
         outputs=outputs, external_data=f"{entry.folder}/{external}" if external else None,
         sha256={file.name if file == path else external: file_sha256(file) for file in files},
-        extra={"published": entry.folder, "tensorrt_ops": sorted(_tensorrt_ops(model))},
+        extra={"published": entry.folder, "tensorrt_ops": sorted(_tensorrt_ops(model)), **extra},
     )  # fmt: skip
+
+
+# NVIDIA's demo exports the VAE encoder as `vae.encode(x).latent_dist.sample()` through TorchScript (demo/Diffusion
+# `TorchVAEEncoder.forward`): the graph draws its own noise, `latent = mean + std · Cast(RandomNormalLike(
+# ConstantOfShape(Shape(mean))))`, and has no `latent_std` output. `posterior_sampling` finds that tail so that the
+# float32 copy ONNX Runtime runs (`onnxruntime/upcast.py`) cuts it and gives the posterior's mean and std instead:
+# what diffusers' Kontext (the mode) and Fill/Canny/Depth (mean + std · the request's seeded noise) take.
+RANDOM_OPS = frozenset({"RandomNormalLike", "RandomNormal"})
+_PASS_THROUGH = frozenset({"Cast", "Identity"})
+LATENT, LATENT_STD = "latent", "latent_std"
+
+
+@dataclass(frozen=True)
+class PosteriorSampling:
+    """Where a VAE encoder graph samples its posterior: the names of the values holding the mean and the std."""
+
+    mean: str
+    std: str
+
+
+def posterior_sampling(nodes: list[tuple[str, list[str], list[str]]], output: str = LATENT) -> PosteriorSampling | None:
+    """The sampling tail of a graph given as (op_type, inputs, outputs) per node: `output` made by Add(mean,
+    Mul(std, noise)) with the noise drawn by RandomNormal(Like), through Casts; None when `output` is made otherwise."""
+    producer = {name: (op, inputs) for op, inputs, outs in nodes for name in outs}
+
+    def is_noise(name: str) -> bool:
+        while name in producer and producer[name][0] in _PASS_THROUGH:
+            name = producer[name][1][0]
+        return name in producer and producer[name][0] in RANDOM_OPS
+
+    op, inputs = producer.get(output, ("", []))
+    if op != "Add" or len(inputs) != 2:
+        return None
+    for mean, scaled in (inputs, inputs[::-1]):
+        mul, factors = producer.get(scaled, ("", []))
+        if mul != "Mul" or len(factors) != 2:
+            continue
+        for std, noise in (factors, factors[::-1]):
+            if is_noise(noise):
+                return PosteriorSampling(mean, std)
+    return None
+
+
+def _proto_nodes(model: Any) -> list[tuple[str, list[str], list[str]]]:
+    return [(node.op_type, list(node.input), list(node.output)) for node in model.graph.node]
+
+
+SAMPLES = "samples_posterior"  # a GraphRecord's extra: the graph draws its `latent` from the posterior itself
+
+
+def posterior_record(graph: GraphRecord) -> GraphRecord:
+    """What the float32 copy of a graph gives: for an encoder that samples its posterior inside, the mean as
+    `latent` and the std as `latent_std` (`onnxruntime/upcast.py` cuts the draw); any other graph as it is."""
+    if not graph.extra.get(SAMPLES):
+        return graph
+    latent = next(tensor for tensor in graph.outputs if tensor.name == LATENT)
+    return replace(graph, outputs=(latent, TensorRecord(LATENT_STD, latent.dtype, latent.dims)))
+
+
+def cut_posterior_sampling(model: Any) -> bool:
+    """Where the graph's `latent` is a draw from the VAE posterior (a published VAE encoder: NVIDIA's demo exports
+    `latent_dist.sample()`), give the mean as `latent` and the std as `latent_std` instead and drop the noise, in
+    place, as our own encoder graphs are; whether it did. The runtime then takes the mode (Kontext) or samples with
+    the request's generator (Fill, Canny, Depth), as diffusers does."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    nodes = [(node.op_type, [v.name if v is not None else "" for v in node.inputs], [v.name for v in node.outputs])
+             for node in model.graph]  # fmt: skip
+    sampling = posterior_sampling(nodes)
+    if sampling is None:
+        return False
+    values = {value.name: value for node in model.graph for value in node.outputs}
+    mean, std = values[sampling.mean], values[sampling.std]
+    sampled = next(value for value in model.graph.outputs if value.name == LATENT)
+    sampled.name = f"{LATENT}_sampled"
+    for value, name in ((mean, LATENT), (std, LATENT_STD)):
+        value.name, value.dtype, value.shape = name, value.dtype or sampled.dtype, value.shape or sampled.shape
+    model.graph.outputs.clear()
+    model.graph.outputs.extend([mean, std])
+    RemoveUnusedNodesPass()(model)
+    return True
+
+
+def write_posterior_graph(path: Path, folder: Path) -> Path:
+    """A copy of the sampling encoder graph at `path` that gives the posterior (`cut_posterior_sampling`), its
+    weights as they are (bf16), written into `folder` (TensorRT builds the encoder's engine from it: an engine of
+    the graph as published would draw its own noise); an existing copy is reused."""
+    import onnx_ir as ir
+
+    from fluxexport.atomic import staged_files
+
+    target = Path(folder) / f"{path.parent.name}.{path.name}"
+    if target.is_file():
+        return target
+    model = ir.load(path)
+    cut_posterior_sampling(model)
+    with staged_files(Path(folder), "posterior", last=target.name) as staging:
+        ir.save(model, staging / target.name, external_data=f"{target.name}_data", size_threshold_bytes=1024)
+    return target
 
 
 def _tensorrt_ops(model: Any) -> set[str]:
@@ -296,7 +398,7 @@ def _samples_without_std(folder: PublishedFolder, source: ModelSource) -> bool:
     the packed latent) and the folder's VAE encoder lacks the posterior's std they are sampled with."""
     encoder = folder.components.get("vae_encoder")
     conditioned = int(source.transformer["in_channels"]) > 4 * int(source.vae["latent_channels"])
-    return encoder is not None and conditioned and "latent_std" not in encoder.output_names()
+    return encoder is not None and conditioned and LATENT_STD not in posterior_record(encoder).output_names()
 
 
 def open_published(folder: Path) -> PublishedFolder:
@@ -352,10 +454,44 @@ def fixed_text_bounds(folder: PublishedFolder) -> dict[str, int]:
 _BASE_FOLDER = {entry.component: entry for entry in LAYOUT if entry.section == BASE and entry.known}
 
 
+def sample_in_graph(model: Any) -> None:
+    """Make our VAE encoder graph (outputs `latent`, the mean, and `latent_std`) sample its posterior as the demo's
+    published one does, in place: `latent` becomes mean + std · Cast(RandomNormalLike(ConstantOfShape(Shape(mean))))
+    (float32 noise cast to the mean's type, as TorchScript exports diffusers' `latent_dist.sample()`), and
+    `latent_std` is no longer an output."""
+    import onnx
+    from onnx import helper
+
+    outputs = {value.name: value for value in model.graph.output}
+    mean_type = outputs[LATENT].type.tensor_type.elem_type
+    renamed = {LATENT: "posterior_mean", LATENT_STD: "posterior_std"}
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for name, value in outputs.items():  # the renamed values keep their types (the float32 copy rounds by them)
+        if name in renamed:
+            typed = model.graph.value_info.add()
+            typed.CopyFrom(value)
+            typed.name = renamed[name]
+    mean, std = renamed[LATENT], renamed[LATENT_STD]
+    model.graph.node.extend([
+        helper.make_node("Shape", [mean], ["posterior_shape"]),
+        helper.make_node("ConstantOfShape", ["posterior_shape"], ["posterior_zeros"],
+                         value=helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("RandomNormalLike", ["posterior_zeros"], ["posterior_noise"], dtype=onnx.TensorProto.FLOAT),
+        helper.make_node("Cast", ["posterior_noise"], ["posterior_noise_cast"], to=mean_type),
+        helper.make_node("Mul", [std, "posterior_noise_cast"], ["posterior_scaled_noise"]),
+        helper.make_node("Add", [mean, "posterior_scaled_noise"], [LATENT]),
+    ])  # fmt: skip
+    del model.graph.output[:]
+    model.graph.output.append(outputs[LATENT])
+
+
 def write_published(export: ExportFolder, out: Path, external_data: tuple[str, ...] = ("transformer",)) -> Path:
     """Lay `export`'s base graphs out at `out` as BFL publishes them, through `LAYOUT` (the tests' fixture: what a
     published folder is, made by our code from our own graphs): each graph as `<folder>/model.onnx`, outputs the
-    published graph lacks removed (the VAE encoder's `latent_std`), the `external_data` components' weights in one
+    published graph lacks removed, the VAE encoder sampling its posterior inside (`sample_in_graph`: its `latent`
+    is a draw, its `latent_std` gone, as the demo exports it), the `external_data` components' weights in one
     file beside the graph. Only a bf16 export fits the precision folders BFL publishes."""
     import onnx
 
@@ -371,6 +507,8 @@ def write_published(export: ExportFolder, out: Path, external_data: tuple[str, .
             if entry is None:
                 continue
             model = onnx.load(str(export.path / graph.file))
+            if name == "vae_encoder":
+                sample_in_graph(model)
             kept = [value for value in model.graph.output if value.name in entry.outputs]
             del model.graph.output[:]
             model.graph.output.extend(kept)

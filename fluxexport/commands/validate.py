@@ -56,6 +56,7 @@ def validate_folder(options: ValidateOptions, progress: Progress = no_progress) 
         raise FluxExportError(f"--report {options.report}: folder {options.report.parent} does not exist")
     if options.redux is not None:
         return validate_redux_folder(options, progress)
+    refuse_report_into_published(options.engines, options.report)
     source = open_source(options.model)
     engines = options.engines
     if engines is None:
@@ -94,6 +95,17 @@ def validate_redux_folder(options: ValidateOptions, progress: Progress = no_prog
     if not report.passed:
         failure = f"{options.engines} does not match PyTorch within the {report.dtype} thresholds (see {path})"
     return ValidateResult(report, "fp32", Path(options.engines), path, failure)
+
+
+def refuse_report_into_published(engines: Path | None, report: Path | None) -> None:
+    """A published ONNX folder is read as it is: the report goes where --report names, never into it (refused
+    in one line before anything runs)."""
+    from fluxexport.artifacts.published import is_published
+
+    if engines is not None and report is None and is_published(engines):
+        raise FluxExportError(
+            f"{engines} is a published ONNX folder, read as it is: name the JSON report to write with --report FILE"
+        )
 
 
 def check_thresholds(max_rel_l2: float | None, min_psnr: float | None) -> None:

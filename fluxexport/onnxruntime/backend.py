@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fluxexport.artifacts.folders import FP8_COMPONENTS, open_export
-from fluxexport.artifacts.published import PublishedFolder, refuse_tensorrt_only
+from fluxexport.artifacts.published import SAMPLES, PublishedFolder, posterior_record, refuse_tensorrt_only
 from fluxexport.artifacts.records import GraphRecord
 from fluxexport.dtypes import ELEMENT_NUMPY
 from fluxexport.errors import FluxExportError
@@ -275,7 +275,9 @@ class OnnxRuntimeBackend(LoadedComponents):
                 f"TensorRT, or {self._fp32_fix(graph)} for onnxruntime"
             )
         overrides = self._lora_overrides(name, graph)
-        return session_runner(self._session(self.engines / graph.file, bf16, overrides), graph, name)
+        copy = bf16 or bool(graph.extra.get(SAMPLES))  # a published encoder's copy gives the posterior, not a draw
+        session = self._session(self.engines / graph.file, copy, overrides)
+        return session_runner(session, posterior_record(graph), name)
 
     def _fp32_fix(self, graph: GraphRecord) -> str:
         """The command that gives ONNX Runtime on CPU an fp32 graph in place of `graph` (a bf16 one)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from fluxexport.artifacts.published import GRAPH_FILE
+from fluxexport.artifacts.published import GRAPH_FILE, cut_posterior_sampling
 from fluxexport.atomic import staged_files
 
 # external data offsets aligned to 64 KiB: ONNX Runtime maps aligned tensors from the file instead of reading them
@@ -139,6 +139,7 @@ def write_upcast(path: Path, folder: Path) -> Path:
     # the graph moves in last: a copy whose graph file exists is complete; a failed copy leaves nothing behind
     with staged_files(folder, "upcast", last=target.name) as staging:
         try:
+            cut_posterior_sampling(model)
             upcast_bf16_to_fp32(model)
             ir.save(model, staging / target.name, external_data=f"{target.name}_data", size_threshold_bytes=1024,
                     alignment=_ALIGNMENT)  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 
 from fluxexport.artifacts.files import MANIFEST, file_sha256, now
 from fluxexport.artifacts.folders import EngineFolder, open_export
-from fluxexport.artifacts.published import is_published
+from fluxexport.artifacts.published import SAMPLES, is_published, posterior_record, write_posterior_graph
 from fluxexport.artifacts.records import EngineRecord
 from fluxexport.atomic import write_bytes_atomic
 from fluxexport.errors import FluxExportError
@@ -50,6 +50,9 @@ class BuildOptions:
 
     def profile_bounds(self) -> list[ExportBounds]:
         return profile_bounds(self.bounds, self.resolution_buckets)
+
+
+POSTERIOR_GRAPHS = "posterior_graphs"  # in an engine folder: the published encoder's copy its engine is built from
 
 
 def build_bounds(source: ModelSource, onnx_dir: Path, **overrides: Any) -> ExportBounds:
@@ -208,10 +211,13 @@ def build_engines(
         graph = graphs[name]
         profiles = build_profiles(source, name, buckets)
         engine = out_dir / engine_filename(name, wanted[name], trt.__version__)
-        seconds = build_engine(onnx_dir / graph.file, engine, profiles, options, out_dir / TIMING_CACHE)
+        parsed = onnx_dir / graph.file
+        if graph.extra.get(SAMPLES):  # a published encoder draws its latent inside: build from a copy that does not
+            parsed = write_posterior_graph(parsed, out_dir / POSTERIOR_GRAPHS)
+        seconds = build_engine(parsed, engine, profiles, options, out_dir / TIMING_CACHE)
         folder.components[name] = EngineRecord(
             file=engine.name, precision=wanted[name], profiles=tuple(profiles_to_json(profiles)),
-            inputs=graph.inputs, outputs=graph.outputs,
+            inputs=graph.inputs, outputs=posterior_record(graph).outputs,
             onnx=str((onnx_dir / graph.file).resolve()),  # validate compares the engine with it; refit reads it
             engine_sha256=file_sha256(engine),
             extra={"onnx_sha256": graph.sha256, "build_seconds": round(seconds, 1), "built_at": now()}

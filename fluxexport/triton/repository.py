@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_folder
+from fluxexport.artifacts.published import PUBLISHED
 from fluxexport.artifacts.records import EngineRecord, GraphRecord
 from fluxexport.artifacts.repository import PIPELINE, ComponentIO, PipelineSettings, ServedGraph
 from fluxexport.artifacts.weights import sibling_tensors
@@ -53,10 +54,13 @@ def _copy_checkpoint(source: ModelSource, target: Path) -> None:
         shutil.copytree(source.root / folder, target / folder)
 
 
-def _bounds(folder: ExportFolder | EngineFolder) -> dict:
+def _bounds(folder: ExportFolder | EngineFolder, source: ModelSource) -> dict:
     """What the repository serves, every bound (sides, batch, text, FLUX.2's reference budget): an engine folder's
     build bounds, or an export's bounds, read as `ExportBounds` (folders recorded before the reference budget
-    serve what they were made for)."""
+    serve what they were made for); a published folder records none but the text length its graphs fix, so the
+    model's export defaults (a tiny model's sides too) with that length, as `build` profiles it."""
+    if folder.kind == PUBLISHED:
+        return asdict(replace(ExportBounds.for_model(source), **folder.bounds))
     return asdict(ExportBounds.from_json(folder.bounds, built=isinstance(folder, EngineFolder)))
 
 
@@ -185,7 +189,8 @@ def write_repository(
             for lora in request_loras:
                 _link_or_copy(lora.path, staging / LORA_FOLDER / f"{lora.path.stem}.safetensors")
         tensorrt = folder.tensorrt if isinstance(folder, EngineFolder) else None
-        PipelineSettings(source.name, kind, _bounds(folder), bls_components, loras, gpus, tensorrt).write(pipeline)
+        settings = PipelineSettings(source.name, kind, _bounds(folder, source), bls_components, loras, gpus, tensorrt)
+        settings.write(pipeline)
         (staging / "README.md").write_text(_readme(source, kind, needed, sorted(loras)))
     return out
 
