@@ -2,8 +2,8 @@
 makes FP8 parts with the transformer's own scales, ONNX Runtime and `build` pick them where they pick the FP8
 transformer, LoRAs swap into each part's weights (ONNX Runtime, Triton) and `refit` covers the parts' engines.
 
-One module fixture adds the parts to tiny-dev's session FP8 folder (fp32 graphs, FP8 transformer on fp32,
-calibration.json): exported in fp32, then quantized with that folder's calibration; engine folders are written by
+One module fixture quantizes tiny-dev's session graphs with the parts (`parts_export`) to FP8 on an fp32 base with
+the calibration of the session's FP8 folder (the transformer and each part); engine folders are written by
 `build`'s own code over the stand-in TensorRT (tests/standin_tensorrt.py)."""
 
 import json
@@ -47,17 +47,16 @@ def through_parts(component, feeds: dict) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def parts_folder(sources, fp8_exports, tmp_path_factory):
-    """tiny-dev's FP8 folder plus the transformer's parts: fp32 graphs, and FP8 ones on an fp32 base quantized
-    with the folder's calibration.json (`quantize --calibration … --transformer-parts`, as a library call)."""
-    from fluxexport.export.onnx_export import export_model
+def parts_folder(sources, fp8_exports, parts_export, tmp_path_factory):
+    """tiny-dev's fp32 graphs with the transformer's parts (the session's `parts_export`), quantized to FP8 on an
+    fp32 base with the session FP8 folder's calibration.json (`quantize --calibration FILE`, as a library call: the
+    transformer and the parts the folder holds), so the parts are not exported a second time."""
     from fluxexport.quantize.qdq_export import quantize_transformer
 
     source, folder = sources["tiny-dev"], tmp_path_factory.mktemp("parts-fp8") / "onnx"
-    shutil.copytree(fp8_exports["tiny-dev"], folder)
-    export_model(source, folder, TRANSFORMER_PARTS)
-    quantize_transformer(source, folder, base_dtype="fp32", calibration_file=folder / "calibration.json",
-                         components=TRANSFORMER_PARTS)  # fmt: skip
+    shutil.copytree(parts_export, folder)
+    quantize_transformer(source, folder, base_dtype="fp32",
+                         calibration_file=fp8_exports["tiny-dev"] / "calibration.json")  # fmt: skip
     return folder
 
 
