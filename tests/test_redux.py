@@ -383,3 +383,59 @@ def test_published_redux_shapes(tmp_path, dev):
         "base model"
     )
     assert placeholder_conditioning(load_redux(folder), dev).prompt_embeds.shape == (1, 512 + 729, 4096)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, redux_export, images, tmp_path):
+    """A repository written with the prior (`triton --redux`) carries its two graphs and configs; its flux_pipeline,
+    run in process through BLS, serves `run --redux` on the same graphs (two images, per-image scales, no prompt)
+    exactly, and refuses a Redux request's faults in one line in the input's own name."""
+    import sys
+
+    from test_triton_flux2 import InferenceRequest, InProcessServer, Tensor, pipeline_request, standin_pb_utils
+
+    from fluxexport.onnxruntime.redux import OnnxReduxBackend
+    from fluxexport.runtime.redux import with_conditioning
+    from fluxexport.triton.repository import write_repository
+
+    dev = sources["tiny-dev"]
+    repository = write_repository(dev, exports["tiny-dev"], tmp_path / "repo", redux=redux, redux_engines=redux_export)
+    pictures = {"redux_image": np.array(images[0]), "redux_image_2": np.array(images[1])}
+    settings = dict(height=64, width=WIDTH, num_inference_steps=STEPS, seed=SEED)  # the export's least side: 64
+
+    def served(prompt=None, **redux_inputs):
+        tensors = [t for t in pipeline_request(prompt or "", **settings) if prompt is not None or t.name() != "prompt"]
+        tensors += [Tensor(name, np.asarray(value)) for name, value in redux_inputs.items()]
+        return server.infer("flux_pipeline", tensors)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", standin_pb_utils())
+        server = InProcessServer(repository)
+        assert {"image_encoder", "image_embedder", "flux_pipeline"} <= set(server.models)
+        inputs = {value.name: value for value in server.configs["flux_pipeline"].input}
+        assert inputs["prompt"].optional and {"redux_image", "redux_image_10", "redux_scale"} <= set(inputs)
+        InferenceRequest.server = server
+        try:
+            response = served(**pictures, redux_scale=np.array([1.0, 0.5], np.float32))
+            refusals = [
+                served(**pictures, redux_scale=np.array([1.0, 0.5, 2.0], np.float32)).error().message(),
+                served(redux_image_2=pictures["redux_image"]).error().message(),
+                served().error().message(),
+                served(prompt="a cat", redux_pooled_scale=np.array([1.0], np.float32)).error().message(),
+            ]
+        finally:
+            InferenceRequest.server = None
+    assert not response.has_error(), response.error().message()
+    base = ort_backends["tiny-dev"]
+    conditioning = redux_conditioning(
+        OnnxReduxBackend(redux, redux_export), base, dev, redux, ReduxRequest(images, prompt_embeds_scale=(1.0, 0.5))
+    )  # fmt: skip
+    request = with_conditioning(GenerationRequest(None, **settings), conditioning)
+    assert np.array_equal(response.outputs["images"].as_numpy(), generate(base, dev, request).images)
+    assert refusals == [
+        "redux_scale gives 3 weights for 2 images: give one, or one per image",
+        "redux_image_2 was given without redux_image: number Redux images from redux_image up",
+        "prompt is missing: send a prompt, or a redux_image to vary",
+        "redux_pooled_scale scales Redux images, and there is none: send redux_image or drop it",
+    ]

@@ -8,7 +8,7 @@ The base pipeline then takes it as `prompt_embeds` / `pooled_prompt_embeds` (`Ge
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -17,7 +17,7 @@ from fluxexport.errors import RequestError
 from fluxexport.models.redux import REDUX_TEXT_LENGTH, ReduxSource
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
-from fluxexport.runtime.request import tokenize
+from fluxexport.runtime.request import GenerationRequest, tokenize
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,12 @@ def redux_conditioning(
     joined = joined * torch.tensor(scales, dtype=embeds.dtype, device=embeds.device)[:, None, None]
     pooled = pooled.to(embeds.dtype) * torch.tensor(pooled_scales, dtype=embeds.dtype, device=embeds.device)[:, None]
     return ReduxConditioning(joined.sum(dim=0, keepdim=True), pooled.sum(dim=0, keepdim=True), warnings)
+
+
+def with_conditioning(request: GenerationRequest, conditioning: ReduxConditioning) -> GenerationRequest:
+    """`request` for the base model behind a Redux prior: the prior's embeddings instead of a prompt and images
+    (diffusers' `FluxPipeline(**prior_output)`)."""
+    return replace(
+        request, prompt=None, prompt_2=None, image=None, prompt_embeds=conditioning.prompt_embeds,
+        pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+    )  # fmt: skip

@@ -6,7 +6,7 @@ have no batch axis, so Triton's implicit batching cannot apply to it, and one ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fluxexport.artifacts.records import EngineRecord, GraphRecord, TensorRecord
 from fluxexport.artifacts.repository import PIPELINE
@@ -136,6 +136,26 @@ def lora_and_cache_inputs() -> list[TensorConfig]:
 def reference_inputs(count: int) -> list[TensorConfig]:
     """The first `count` reference image inputs (`REFERENCE_INPUTS`), each optional uint8 [H,W,3]."""
     return [TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REFERENCE_INPUTS[:count]]
+
+
+# A FLUX.1 Redux prior's inputs (a repository written with `redux`): its images numbered as the references are (one
+# uint8 [H,W,3] each, any size: the prior's processor resizes them), and the per-image scales of its text and pooled
+# embeddings (one value for every image, or one per image), as `run --redux-scale/--redux-pooled-scale` take them
+REDUX_INPUTS = ("redux_image", *(f"redux_image_{number}" for number in range(2, MAX_REFERENCE_IMAGES + 1)))
+REDUX_SCALES = ("redux_scale", "redux_pooled_scale")
+
+
+def redux_inputs() -> list[TensorConfig]:
+    """The optional Redux inputs: `redux_image` … `redux_image_10`, `redux_scale`, `redux_pooled_scale`."""
+    images = [TensorConfig(name, "TYPE_UINT8", (-1, -1, 3), optional=True) for name in REDUX_INPUTS]
+    return images + [TensorConfig(name, "TYPE_FP32", (-1,), optional=True) for name in REDUX_SCALES]
+
+
+def with_redux_inputs(inputs: tuple[TensorConfig, ...]) -> tuple[TensorConfig, ...]:
+    """A FluxPipeline's inputs in front of a Redux prior: its `prompt` optional (a variation needs none), then
+    the prior's own."""
+    optional = tuple(replace(t, optional=True) if t.name == "prompt" else t for t in inputs)
+    return (*optional, *redux_inputs())
 
 
 def check_config(text: str, folder_name: str, spec: ComponentSpec | None = None):

@@ -19,11 +19,12 @@ from fluxexport.dtypes import host_element
 from fluxexport.errors import FluxExportError
 from fluxexport.models.loaders import MODULE_OF
 from fluxexport.models.lora import LoraFile
+from fluxexport.models.redux import REDUX_COMPONENTS, ReduxSource
 from fluxexport.models.source import ModelSource
 from fluxexport.models.tiny import TINY_MARKER
 from fluxexport.onnxruntime.backend import LORA_COMPONENTS
 from fluxexport.specs import TRANSFORMER_PARTS, ExportBounds, component_specs, pipeline_components
-from fluxexport.triton.config import check_config, component_config, pipeline_config
+from fluxexport.triton.config import check_config, component_config, pipeline_config, with_redux_inputs
 
 
 def _template(name: str) -> str:
@@ -123,15 +124,78 @@ def _served_graph(
     return ServedGraph(graph, LORA_FOLDER, MODULE_OF[name], elsewhere, source.family.name)
 
 
+REDUX_FOLDER = "redux"  # in flux_pipeline's version folder: the Redux prior's configs, in a folder of its name
+
+
+def _redux_records(
+    source: ModelSource, redux: ReduxSource | None, folder: Path | None, kind: str
+) -> dict[str, GraphRecord | EngineRecord]:
+    """The Redux prior's two components (its engines from `build --redux`, its graphs from `export --redux`, of
+    the same kind as the base's), refused in one line before anything is written where they cannot serve."""
+    from fluxexport.artifacts.redux import is_redux_engines, open_redux_engines, open_redux_export
+
+    if redux is None:
+        if folder is not None:
+            raise FluxExportError("--redux-engines is the Redux prior's folder: add --redux PRIOR")
+        return {}
+    redux.check_base(source)
+    if folder is None:
+        raise FluxExportError(
+            f"the repository serves {redux.name} from its graphs or engines: export them with `fluxexport export "
+            "--redux` (or build them with `build --redux`) and pass that folder with --redux-engines"
+        )
+    if is_redux_engines(folder) != (kind == "tensorrt"):
+        made = "TensorRT engines" if kind == "tensorrt" else "ONNX graphs"
+        raise FluxExportError(
+            f"{folder} does not hold the Redux prior's {made}, as the base's folder does: pass the Redux folder of "
+            f"the same kind (`{'build' if kind == 'tensorrt' else 'export'} --redux`)"
+        )
+    if kind == "tensorrt":
+        return dict(open_redux_engines(folder, redux.name).engines)
+    return dict(open_redux_export(folder, redux.name).graphs)
+
+
+def _write_redux(
+    staging: Path, redux: ReduxSource, folder: Path, records: dict, instance_kind: str, gpus: tuple[int, ...]
+) -> dict[str, ComponentIO]:
+    """The prior's component models (fp32 as exported, no LoRAs) and its configs beside the pipeline's checkpoint
+    (`flux_pipeline/1/redux/<name>`: what the pipeline model reads it with); their inputs and outputs for BLS."""
+    from fluxexport.specs.redux import redux_specs
+
+    specs, served = redux_specs(redux), {}
+    for name in REDUX_COMPONENTS:
+        record, version = records[name], staging / name / "1"
+        version.mkdir(parents=True)
+        _write_config(staging / name, component_config(specs[name], record, instance_kind, gpus=gpus).to_pbtxt(),
+                      specs[name])  # fmt: skip
+        if isinstance(record, EngineRecord):
+            _link_or_copy(folder / record.file, version / "model.plan")
+            served[name] = ComponentIO(record.inputs, record.outputs)
+        else:
+            _link_or_copy(folder / record.file, version / "model.onnx")
+            ServedGraph(record).write(version)
+            (version / "model.py").write_text(_template("onnxruntime_component.py"))
+            as_float = tuple(replace(t, dtype=host_element(t.dtype)) for t in record.inputs)
+            served[name] = ComponentIO(as_float, record.outputs)
+    target = staging / PIPELINE / "1" / REDUX_FOLDER / redux.name
+    for relative in ("model_index.json", "image_encoder/config.json", "image_embedder/config.json"):
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(redux.root / relative, target / relative)
+    shutil.copytree(redux.root / "feature_extractor", target / "feature_extractor")
+    return served
+
+
 def write_repository(
     source: ModelSource, engines: Path, out: Path, instance_kind: str = "KIND_CPU", pipeline_instances: int = 1,
     fp8: bool | None = None, request_loras: Sequence[LoraFile] = (), gpus: Sequence[int] = (),
+    redux: ReduxSource | None = None, redux_engines: Path | None = None,
 ) -> Path:  # fmt: skip
     """A repository at `out` serving the graphs (python backend + ONNX Runtime) or plans (TensorRT) in `engines`;
     from graphs, `fp8` picks the transformer as the ONNX Runtime backend does (the FP8 one if there is one).
     `request_loras` are placed in the repository for clients to pick per request (`lora`, `lora_scale`).
     `gpus` (e.g. 0, 1): each GPU component gets an instance on each, and flux_pipeline one instance per GPU
-    times `pipeline_instances`, so every GPU has requests to serve."""
+    times `pipeline_instances`, so every GPU has requests to serve. `redux` (a FLUX.1 Redux prior, its graphs or
+    engines in `redux_engines`): the repository also serves the prior, and flux_pipeline takes `redux_image`…"""
     gpus = tuple(sorted(set(gpus)))
     engines, out = Path(engines), Path(out)
     folder = open_folder(engines)
@@ -149,6 +213,7 @@ def write_repository(
     needed += [name for name in TRANSFORMER_PARTS if name in entries]  # the parts serve `cache: first-block`
     specs = component_specs(source)
     loras = _lora_names(source, request_loras, entries, kind)
+    redux_records = _redux_records(source, redux, None if redux_engines is None else Path(redux_engines), kind)
     with atomic_folder(out) as staging:
         bls_components = {}
         for name in needed:
@@ -178,6 +243,9 @@ def write_repository(
         pipeline = staging / PIPELINE / "1"
         pipeline.mkdir(parents=True)
         pipeline_inputs = source.family.part("triton").pipeline_inputs(source)
+        if redux is not None and redux_engines is not None:
+            bls_components |= _write_redux(staging, redux, Path(redux_engines), redux_records, instance_kind, gpus)
+            pipeline_inputs = with_redux_inputs(pipeline_inputs)
         _write_config(
             staging / PIPELINE,
             pipeline_config(pipeline_inputs, instance_kind, pipeline_instances, gpus).to_pbtxt(),

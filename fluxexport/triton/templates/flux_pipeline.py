@@ -16,17 +16,29 @@ import triton_python_backend_utils as pb_utils
 from fluxexport.artifacts.repository import PipelineSettings
 from fluxexport.errors import FluxExportError, RequestError, Terms
 from fluxexport.models.lora import MAX_LORA_SCALE
+from fluxexport.models.redux import load_redux
 from fluxexport.models.source import load_folder
 from fluxexport.runtime.cache import CacheSettings, parse_cache
 from fluxexport.runtime.magcache import NAMED_RATIOS
 from fluxexport.runtime.pipeline import GenerationRequest, generate, resolve_request
+from fluxexport.runtime.redux import (
+    ReduxRequest,
+    check_redux_request,
+    placeholder_conditioning,
+    redux_conditioning,
+    with_conditioning,
+)
 from fluxexport.specs import ExportBounds, check_request_within
 from fluxexport.triton.bls import BlsBackend
-from fluxexport.triton.config import REFERENCE_INPUTS
+from fluxexport.triton.config import REDUX_INPUTS, REDUX_SCALES, REFERENCE_INPUTS
 
 # A request's field (the runtime's vocabulary, RequestError.field) → this model's input that carries it, where the
 # two differ; a refusal names the input, and points at no command-line flag
-REQUEST_INPUTS = {"num_images_per_prompt": "num_images"}
+REQUEST_INPUTS = {
+    "num_images_per_prompt": "num_images",
+    "prompt_embeds_scale": "redux_scale",
+    "pooled_prompt_embeds_scale": "redux_pooled_scale",
+}
 TRITON_TERMS = Terms(REQUEST_INPUTS, option="{name}", given="in the {name} input", drop="drop the {name} input")
 MAX_TEXT_BYTES = 64 * 1024  # a text input's bytes (prompts are checked in characters after decoding)
 MAX_LORAS = 16  # LoRA names in one request (a repository offers a handful)
@@ -143,14 +155,17 @@ def served_ratios(value: str, repository: Path) -> str:
 
 def _reference_images(request) -> list:
     """The request's reference images, `image` first: each uint8 [H, W, 3], numbered without gaps."""
-    tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in REFERENCE_INPUTS}
+    return _numbered_images(request, REFERENCE_INPUTS, "reference images")
+
+
+def _numbered_images(request, names: tuple[str, ...], what: str) -> list:
+    """The images of numbered inputs (`image`, `image_2`, …), numbered without gaps; each uint8 [H, W, 3]."""
+    tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in names}
     given = [name for name, tensor in tensors.items() if tensor is not None]
-    expected = list(REFERENCE_INPUTS[: len(given)])
+    expected = list(names[: len(given)])
     if given != expected:
         missing = next(name for name in expected if name not in given)
-        raise RequestError(
-            given[-1], f"{given[-1]} was given without {missing}", "number reference images from image up"
-        )
+        raise RequestError(given[-1], f"{given[-1]} was given without {missing}", f"number {what} from {names[0]} up")
     return [_picture(name, tensors[name].as_numpy()) for name in given]
 
 
@@ -166,6 +181,32 @@ def _picture(name: str, array: np.ndarray):
             name, f"{name} is {array.shape[1]}×{array.shape[0]}", f"send at most {MAX_REFERENCE_PIXELS} pixels"
         )
     return Image.fromarray(np.ascontiguousarray(array))
+
+
+def redux_request(request, redux) -> ReduxRequest | None:
+    """The request's Redux images (`redux_image`, …), its optional prompt and per-image scales, checked as `run
+    --redux` checks them; None where it sends no Redux image (then it needs a prompt)."""
+    if redux is None:  # a repository without a prior: Triton takes no Redux input, and the prompt is required
+        return None
+    images = _numbered_images(request, REDUX_INPUTS, "Redux images")
+    scales = {name: _values(request, name, float) for name in REDUX_SCALES}
+    prompt = _optional(request, "prompt", str)
+    if not images:
+        given = next((name for name, values in scales.items() if values is not None), None)
+        if given is not None:
+            raise RequestError(given, f"{given} scales Redux images, and there is none", "send redux_image or drop it")
+        if prompt is None:
+            raise RequestError("prompt", "prompt is missing", "send a prompt, or a redux_image to vary")
+        return None
+    for name, values in scales.items():
+        if values is not None and (not values or not all(np.isfinite(values))):
+            raise RequestError(name, f"{name} must hold finite numbers, got {values}", literal=True)
+    prior = ReduxRequest(
+        tuple(images), prompt, _optional(request, "prompt_2", str), tuple(scales["redux_scale"] or (1.0,)),
+        tuple(scales["redux_pooled_scale"] or (1.0,)),
+    )  # fmt: skip
+    check_redux_request(redux, prior)
+    return prior
 
 
 def _condition_image(request, name: str):
@@ -218,6 +259,8 @@ class TritonPythonModel:
         self.source = load_folder(folder / "checkpoint", name=self.settings.model)
         device = "cuda" if self.settings.kind == "tensorrt" and torch.cuda.is_available() else "cpu"
         self.backend = BlsBackend(self.settings.components, device)
+        priors = sorted((folder / "redux").iterdir()) if (folder / "redux").is_dir() else []  # a FLUX.1 Redux prior
+        self.redux = load_redux(priors[0], name=priors[0].name) if priors else None
 
     def _request(self, request) -> GenerationRequest:
         prompt = _optional(request, "prompt", str)
@@ -239,20 +282,28 @@ class TritonPythonModel:
             control_image=_condition_image(request, "control_image"),
         )
 
-    def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings]:
-        """The request, its LoRA choice and its step cache, every value checked before any component runs."""
-        generation = self._request(request)
+    def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings, ReduxRequest | None]:
+        """The request, its LoRA choice, its step cache and its Redux prior's part, every value checked before any
+        component runs (the base's request with the prior's output shapes in place of a prompt)."""
+        generation, prior = self._request(request), redux_request(request, self.redux)
         check_sides_served(self.settings, generation)  # this deployment's limit first: tighter than the model's
-        check_deployment_serves(self.source, self.settings, resolve_request(self.source, generation))
+        base = generation if prior is None else with_conditioning(generation, self._placeholder())
+        check_deployment_serves(self.source, self.settings, resolve_request(self.source, base))
         loras = lora_choice(_values(request, "lora", str), _values(request, "lora_scale", float), self.settings.loras)
-        return generation, loras, served_cache(_optional(request, "cache", str), self.repository)
+        return generation, loras, served_cache(_optional(request, "cache", str), self.repository), prior
+
+    def _placeholder(self):
+        return placeholder_conditioning(self.redux, self.source)
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                generation, loras, cache = self._checked(request)
+                generation, loras, cache, prior = self._checked(request)
                 self.backend.parameters = {"loras": loras} if self.settings.loras else {}
+                if prior is not None:  # the prior's images on its components, its prompt on the base's encoders
+                    conditioning = redux_conditioning(self.backend, self.backend, self.source, self.redux, prior)
+                    generation = with_conditioning(generation, conditioning)
                 images = generate(self.backend, self.source, generation, cache=cache).images
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("images", images)]))
             except RequestError as error:  # the request's fault: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT)
