@@ -26,6 +26,32 @@ def published(bf16_export, tmp_path_factory) -> Path:
                             lambda folder: write_published(open_export(bf16_export), folder))  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def published_canny(published, sources, tmp_path_factory) -> Path:
+    """tiny-canny in the published layout (as FLUX.1-Canny-dev-onnx): its bf16 transformer, the one graph Canny
+    adds, laid out by write_published beside tiny-dev's published text encoders and VAE graphs, which are the same
+    weights (the tiny variants draw each component from one seed: tiny-canny's safetensors equal tiny-dev's)."""
+    from helpers import once_per_session
+
+    from fluxexport.artifacts.published import write_published
+    from fluxexport.export.onnx_export import export_model
+    from fluxexport.models.source import resolve_model
+
+    def make(folder: Path) -> None:
+        canny = resolve_model("tiny-canny")
+        for name in ("vae", "text_encoder", "text_encoder_2"):  # what makes tiny-dev's graphs Canny's own
+            ours = sorted((canny.root / name).glob("*.safetensors"))
+            assert [f.read_bytes() for f in ours] == [(sources["tiny-dev"].root / name / f.name).read_bytes()
+                                                      for f in ours]  # fmt: skip
+        graphs = folder.with_name(f"{folder.name}-graphs")
+        write_published(export_model(canny, graphs, ["transformer"], dtype="bf16"), folder)
+        shutil.rmtree(graphs)
+        for part in ("clip.opt", "t5.opt", "vae.opt", "vae_encoder.opt"):
+            shutil.copytree(published / part, folder / part)
+
+    return once_per_session(tmp_path_factory, "published-tiny-canny", make)
+
+
 def copy_of(published: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "FLUX.1-dev-onnx"
     shutil.copytree(published, folder)
@@ -380,3 +406,23 @@ def test_validate_writes_no_report_into_a_published_folder(tmp_path):
     assert result.output == (
         f"Error: {folder} is a published ONNX folder, read as it is: name the JSON report to write with --report FILE\n"
     )
+
+
+def test_run_canny_on_a_published_folder(published_canny, reference_image):
+    """A Canny folder whose encoder samples inside runs (it was refused for lack of latent_std): the control
+    latents are the posterior sampled with the request's seed, so one seed gives one image run after run, and
+    it is PyTorch bf16's within the bf16 image bound."""
+    from fluxexport.compare import psnr
+    from fluxexport.models.source import resolve_model
+    from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
+    from fluxexport.pytorch.backend import TorchBackend
+    from fluxexport.runtime.pipeline import GenerationRequest, generate
+
+    canny = resolve_model("tiny-canny")
+    request = GenerationRequest("a glass house", num_inference_steps=2, seed=5, control_image=reference_image,
+                                height=64, width=96, max_sequence_length=64)  # fmt: skip
+    backend = OnnxRuntimeBackend(canny, published_canny)
+    first, again = (generate(backend, canny, request).images for _ in range(2))
+    reference = generate(TorchBackend(canny, dtype="bf16", device="cpu"), canny, request).images
+    assert first.shape == (1, 64, 96, 3) and np.array_equal(first, again)
+    assert psnr(first, reference) > 40, psnr(first, reference)  # measured 51.7 dB

@@ -5,7 +5,9 @@ names its graph has (NVIDIA's TensorRT diffusion demo's, which are ours), and wh
 promises. `open_published` reads a folder through it alone: detection is from the folder's structure (no manifest),
 each graph's names, element types and precision are read from the graph itself (never its weights), and what we
 cannot use is refused in one line naming the folder and the fix. The result is an `ExportFolder`, so `run`,
-`validate`, `build` and `triton` take a published folder where they take one of ours.
+`validate`, `build` and `triton` take a published folder where they take one of ours. The VAE encoder is published
+as the demo exports it, drawing its latent from the posterior inside the graph (`posterior_sampling`); what runs it
+(ONNX Runtime's float32 copy, TensorRT's build) runs a copy that gives the mean and std instead.
 
 Sources (read 2026-12-07): NVIDIA/TensorRT `demo/Diffusion` (11.1): `FluxPipeline.download_onnx_models` (folder
 names), `FluxTransformerModel`/`VAEModel`/`VAEEncoderModel` `get_input_names`/`get_output_names`/`get_dynamic_axes`,

@@ -141,8 +141,8 @@ def run_side(
 
 
 def _outputs(spec: ComponentSpec, component: Component, shape: dict[str, int], index: int):
-    """The spec's outputs the component gives (a published VAE encoder has no `latent_std`: only `latent` is
-    compared)."""
+    """The spec's outputs the component gives (all of them today: a published VAE encoder, which samples inside,
+    runs as a copy that gives `latent` and `latent_std` too)."""
     outputs = component(sample_inputs(spec, shape, seed=index))
     return [(tensor, outputs[tensor.name]) for tensor in spec.outputs if tensor.name in outputs]
 
