@@ -426,3 +426,42 @@ def test_run_canny_on_a_published_folder(published_canny, reference_image):
     reference = generate(TorchBackend(canny, dtype="bf16", device="cpu"), canny, request).images
     assert first.shape == (1, 64, 96, 3) and np.array_equal(first, again)
     assert psnr(first, reference) > 40, psnr(first, reference)  # measured 51.7 dB
+
+
+def test_the_demos_own_encoder_export_runs_as_the_posterior(sources, tmp_path):
+    """The fact the stand-in copies: NVIDIA's demo exports `vae.encode(x).latent_dist.sample()` through TorchScript
+    (demo/Diffusion `TorchVAEEncoder`), which draws inside the graph; exported so from tiny-dev's VAE, it is found
+    by `posterior_sampling`, its `latent` differs run to run, and its cut copy gives diffusers' mean and std."""
+    import onnx_ir as ir
+    import onnxruntime
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxexport.artifacts.published import cut_posterior_sampling
+
+    vae = AutoencoderKL.from_pretrained(sources["tiny-dev"].root, subfolder="vae").eval()
+
+    class DemoEncoder(torch.nn.Module):  # the demo's module (the VAE its child), as its exporter calls it
+        def __init__(self):
+            super().__init__()
+            self.vae_encoder = vae
+
+        def forward(self, images):
+            return self.vae_encoder.encode(images).latent_dist.sample()
+
+    graph, cut = tmp_path / "model.onnx", tmp_path / "cut.onnx"
+    axes = {"images": {0: "B", 2: "8H", 3: "8W"}, "latent": {0: "B", 2: "H", 3: "W"}}
+    with torch.no_grad():
+        torch.onnx.export(DemoEncoder(), (torch.zeros(1, 3, 32, 32),), str(graph), input_names=["images"],
+                          output_names=["latent"], dynamic_axes=axes, opset_version=19, dynamo=False)  # fmt: skip
+    model = ir.load(graph)
+    assert cut_posterior_sampling(model) and [v.name for v in model.graph.outputs] == ["latent", "latent_std"]
+    ir.save(model, cut)
+    images = torch.rand(2, 3, 48, 80) * 2 - 1
+    session = onnxruntime.InferenceSession(str(graph))
+    draws = [session.run(None, {"images": images.numpy()})[0] for _ in range(2)]
+    assert not np.array_equal(*draws)  # noise of the session's own generator, not the request's seed
+    mean, std = onnxruntime.InferenceSession(str(cut)).run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    assert np.allclose(mean, posterior.mean.numpy(), atol=1e-5) and np.allclose(std, posterior.std.numpy(), atol=1e-5)
