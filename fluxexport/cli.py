@@ -821,13 +821,20 @@ def bench(
 @click.option("--gpus", "gpus", default="", metavar="0,1|N",
               help="GPUs to place instances on: indices, or a count (0..N-1); default every visible GPU.")  # fmt: skip
 @fp8_option
-def triton(model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, gpus, fp8) -> None:
+@click.option("--redux", help="Also serve this FLUX.1 Redux prior (folder, hub id or tiny-redux): flux_pipeline "
+              "takes redux_image… (variations, the prompt optional).")  # fmt: skip
+@click.option("--redux-engines", type=click.Path(path_type=Path),
+              help="The Redux prior's graphs (`export --redux`) or engines (`build --redux`).")  # fmt: skip
+def triton(
+    model, base_model, engines, out, instance_kind, pipeline_instances, request_loras, gpus, fp8, redux, redux_engines
+) -> None:
     """Write a Triton model repository: the components plus a flux_pipeline model (text in, images out)."""
     from fluxexport.commands.serve import TritonOptions, write_triton_repository
 
     options = TritonOptions(
         engines=engines, model=_model(model, base_model), out=out, instance_kind=instance_kind,
         pipeline_instances=pipeline_instances, request_loras=request_loras, gpus=_parse_gpus(gpus), fp8=fp8,
+        redux=redux, redux_engines=redux_engines,
     )  # fmt: skip
     result = write_triton_repository(options)
     console.print(f"repository for {result.model}: {', '.join(result.models)}")

@@ -388,7 +388,8 @@ def test_published_redux_shapes(tmp_path, dev):
 @pytest.mark.slow
 @pytest.mark.xdist_group("tests/test_redux.py")
 def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, redux_export, images, tmp_path):
-    """A repository written with the prior (`triton --redux`) carries its two graphs and configs; its flux_pipeline,
+    """A repository written with the prior (`triton --redux --redux-engines`; one line without either) carries its
+    two graphs and configs; its flux_pipeline,
     run in process through BLS, serves `run --redux` on the same graphs (two images, per-image scales, no prompt)
     exactly, and refuses a Redux request's faults in one line in the input's own name."""
     import sys
@@ -397,10 +398,19 @@ def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, red
 
     from fluxexport.onnxruntime.redux import OnnxReduxBackend
     from fluxexport.runtime.redux import with_conditioning
-    from fluxexport.triton.repository import write_repository
 
-    dev = sources["tiny-dev"]
-    repository = write_repository(dev, exports["tiny-dev"], tmp_path / "repo", redux=redux, redux_engines=redux_export)
+    dev, base_graphs, repository = sources["tiny-dev"], exports["tiny-dev"], tmp_path / "repo"
+    args = ("triton", "--model", "tiny-dev", "--engines", base_graphs, "--out", repository)
+    result = cli_invoke(*args, "--redux", "tiny-redux", "--redux-engines", redux_export)
+    assert result.exit_code == 0, result.output
+    assert cli_refusal(*args[:-1], tmp_path / "no", "--redux", "tiny-redux") == (
+        "Error: the repository serves tiny-redux from its graphs or engines: export them with `fluxexport export "
+        "--redux` (or build them with `build --redux`) and pass that folder with --redux-engines"
+    )
+    assert cli_refusal(*args[:-1], tmp_path / "no", "--redux-engines", redux_export) == (
+        "Error: --redux-engines is the Redux prior's folder: add --redux PRIOR"
+    )
+    assert not (tmp_path / "no").exists()
     pictures = {"redux_image": np.array(images[0]), "redux_image_2": np.array(images[1])}
     settings = dict(height=64, width=WIDTH, num_inference_steps=STEPS, seed=SEED)  # the export's least side: 64
 

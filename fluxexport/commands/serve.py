@@ -21,6 +21,8 @@ class TritonOptions:
     request_loras: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()
     fp8: bool | None = None
+    redux: str | None = None  # a FLUX.1 Redux prior served beside the model, from its graphs or engines
+    redux_engines: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,16 @@ def write_triton_repository(options: TritonOptions) -> TritonResult:
     model, with the LoRAs clients may pick per request."""
     from fluxexport.artifacts.files import default_folder
     from fluxexport.models.lora import parse_lora
+    from fluxexport.models.redux import resolve_redux
     from fluxexport.triton.repository import write_repository
 
     source = open_source(options.model)
     out = options.out or default_folder(source.name, "triton")
     offered = [parse_lora(path) for path in options.request_loras]
+    redux = None if options.redux is None else resolve_redux(options.redux)
     folder = write_repository(
         source, options.engines, out, options.instance_kind, options.pipeline_instances, options.fp8, offered,
-        gpus=options.gpus,
+        gpus=options.gpus, redux=redux, redux_engines=options.redux_engines,
     )  # fmt: skip
     models = sorted(path.parent.name for path in folder.glob("*/config.pbtxt"))
     return TritonResult(folder, source.name, models)
