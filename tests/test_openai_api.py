@@ -152,6 +152,9 @@ def test_bad_requests_are_openai_errors_naming_the_field(front, schnell_reposito
          (400, "negative_prompt", "invalid_value", "this model takes no negative_prompt: drop it")),
         (lambda: client.images.edit(image=[("a.png", png_bytes())], prompt=PROMPT),
          (400, "image", "invalid_value", "this model takes no reference image: use /v1/images/generations")),
+        (lambda: client.images.create_variation(image=("a.png", png_bytes())),
+         (400, "image", "invalid_value", "this server has no FLUX.1 Redux prior, which makes variations: write its "
+          "repository with fluxexport triton --redux PRIOR --redux-engines DIR, or use /v1/images/edits")),
     ]  # fmt: skip
     for call, expected in cases:
         assert refusal(call) == expected
@@ -172,6 +175,7 @@ def test_bad_requests_are_openai_errors_naming_the_field(front, schnell_reposito
     assert message.startswith("internal error: ") and "ink.safetensors" in message, message
     assert too_large(front, "/v1/images/generations", 2 << 20) == (413, "request_too_large")
     assert too_large(front, "/v1/images/edits", 65 << 20) == (413, "request_too_large")
+    assert too_large(front, "/v1/images/variations", 65 << 20) == (413, "request_too_large")
 
 
 def too_large(front, path: str, length: int) -> tuple[int, str]:
@@ -301,6 +305,34 @@ def test_requests_are_read_as_typed_fields():
         with pytest.raises(ApiError) as refused:
             parse_request(body)
         assert (refused.value.status, refused.value.param, refused.value.message) == (400, param, message)
+
+
+def test_variations_are_redux_requests():
+    """/v1/images/variations' form (no prompt) becomes flux_pipeline's `redux_image`… inputs, its prompt left out;
+    refused where the pipeline serves no Redux prior or fewer images."""
+    import tritonclient.http as http
+
+    from fluxexport.openai_api.protocol import check_served
+    from fluxexport.triton.client import pipeline_inputs
+
+    pictures = (np.zeros((32, 48, 3), np.uint8), np.ones((40, 24, 3), np.uint8))
+    request = parse_request({"n": "2", "size": "80x64"}, form=True, images=pictures, variation=True)
+    values = request.pipeline_values()
+    assert request.prompt is None and "image" not in values and len(values["redux_image"]) == 2
+    check_served(request, {"prompt", "height", "width", "num_images", "redux_image", "redux_image_2"})
+    inputs = {tensor.name(): tensor for tensor in pipeline_inputs(http, request.prompt, **values)}
+    assert set(inputs) == {"height", "width", "num_images", "redux_image", "redux_image_2"}
+    assert (inputs["redux_image_2"].shape(), inputs["redux_image_2"].datatype()) == ([40, 24, 3], "UINT8")
+    for served, message in [
+        ({"prompt", "image"}, "this server has no FLUX.1 Redux prior, which makes variations: write its repository "
+         "with fluxexport triton --redux PRIOR --redux-engines DIR, or use /v1/images/edits"),
+        ({"prompt", "redux_image"}, "at most 1 image(s) make one variation, got 2"),
+    ]:  # fmt: skip
+        with pytest.raises(ApiError) as refused:
+            check_served(request, served)
+        assert (refused.value.status, refused.value.param, refused.value.message) == (400, "image", message)
+    assert triton_refusal("400", "redux_scale gives 3 weights for 2 images: give one, or one per image").param is None
+    assert triton_refusal("400", "redux_image_2 was given without redux_image: number Redux images").param == "image"
 
 
 def test_triton_refusals_become_openai_errors():

@@ -67,7 +67,7 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = MAX_MULTIPART_BYTES if scope["path"].endswith("/edits") else MAX_JSON_BYTES
+        limit = MAX_MULTIPART_BYTES if scope["path"].endswith(("/edits", "/variations")) else MAX_JSON_BYTES
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await error_response(too_large(limit))(scope, receive, send)
@@ -194,12 +194,14 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def form_request(request: Request) -> ImageRequest:
-    """An edits form: its reference images (`image`, `image[]`, in order) decoded, its other fields as text."""
+async def form_request(request: Request, variation: bool = False) -> ImageRequest:
+    """An edits (or variations) form: its images (`image`, `image[]`, in order) decoded, its other fields as
+    text."""
     from starlette.datastructures import UploadFile
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(400, "send /v1/images/edits as multipart/form-data (the SDK's images.edit does)", None,
+        call = "images.create_variation" if variation else "images.edit"
+        raise ApiError(400, f"send {request.url.path} as multipart/form-data (the SDK's {call} does)", None,
                        "invalid_content_type")  # fmt: skip
     async with request.form(max_files=MAX_REFERENCE_IMAGES + 1, max_fields=64) as form:
         files: list[UploadFile] = []
@@ -226,7 +228,7 @@ async def form_request(request: Request) -> ImageRequest:
             raise ApiError(400, f"at most {MAX_REFERENCE_IMAGES} images, got {len(files)}", "image", "invalid_value")
         datas = [await file.read() for file in files]
     images = tuple([await asyncio.to_thread(decode_image, data) for data in datas])
-    return parse_request(fields, form=True, images=images)
+    return parse_request(fields, form=True, images=images, variation=variation)
 
 
 def create_app(settings: FrontSettings) -> ASGIApp:
@@ -240,6 +242,9 @@ def create_app(settings: FrontSettings) -> ASGIApp:
 
     async def edits(request: Request) -> JSONResponse:
         return JSONResponse(await front.generate(await form_request(request)))
+
+    async def variations(request: Request) -> JSONResponse:  # a FLUX.1 Redux prior's, where the repository has one
+        return JSONResponse(await front.generate(await form_request(request, variation=True)))
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [model]})
@@ -269,6 +274,7 @@ def create_app(settings: FrontSettings) -> ASGIApp:
     routes = [
         Route("/v1/images/generations", generations, methods=["POST"]),
         Route("/v1/images/edits", edits, methods=["POST"]),
+        Route("/v1/images/variations", variations, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{name:path}", one_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

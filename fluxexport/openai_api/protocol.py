@@ -30,7 +30,8 @@ FIELDS = ("model", "prompt", "n", "size", "response_format", "output_format", "o
 # flux_pipeline's input → the request field that carries it (what an error's `param` names)
 PARAM_OF_INPUT = {"prompt": "prompt", "prompt_2": "prompt", "negative_prompt": "negative_prompt", "height": "size",
                   "width": "size", "num_inference_steps": "steps", "guidance_scale": "guidance", "seed": "seed",
-                  "num_images": "n", "lora": "lora", "lora_scale": "lora", "cache": "cache", "image": "image"}  # fmt: skip
+                  "num_images": "n", "lora": "lora", "lora_scale": "lora", "cache": "cache", "image": "image",
+                  "redux_image": "image"}  # fmt: skip
 
 
 class ApiError(Exception):
@@ -51,9 +52,10 @@ def bad_request(param: str, message: str) -> ApiError:
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One images request, every field checked for its type and range; None leaves the pipeline's default."""
+    """One images request, every field checked for its type and range; None leaves the pipeline's default.
+    `variation` (/v1/images/variations): `images` are a FLUX.1 Redux prior's (`redux_image`…), the prompt optional."""
 
-    prompt: str
+    prompt: str | None
     n: int = 1
     width: int | None = None
     height: int | None = None
@@ -68,6 +70,7 @@ class ImageRequest:
     output_compression: int | None = None
     model: str | None = None
     images: tuple[np.ndarray, ...] = field(default=())
+    variation: bool = False
 
     def pipeline_values(self) -> dict[str, Any]:
         """flux_pipeline's optional inputs by name (`triton.client.pipeline_inputs`); None ones are left out."""
@@ -76,7 +79,7 @@ class ImageRequest:
             "guidance_scale": self.guidance, "seed": self.seed, "num_images": self.n,
             "negative_prompt": self.negative_prompt, "lora": list(self.loras) or None,
             "lora_scale": list(self.lora_scales) or None, "cache": self.cache,
-            "image": list(self.images) or None,
+            "redux_image" if self.variation else "image": list(self.images) or None,
         }  # fmt: skip
 
 
@@ -149,9 +152,12 @@ def parse_loras(value: object, form: bool) -> tuple[tuple[str, ...], tuple[float
     return tuple(names), tuple(scales)
 
 
-def parse_request(body: Mapping[str, Any], *, form: bool = False, images: tuple[np.ndarray, ...] = ()) -> ImageRequest:
-    """A generations body (JSON) or an edits form's fields (`form`: values are text) as an `ImageRequest`; an
-    unknown field, a wrong type or a value out of range is refused with the field as `param`."""
+def parse_request(
+    body: Mapping[str, Any], *, form: bool = False, images: tuple[np.ndarray, ...] = (), variation: bool = False
+) -> ImageRequest:
+    """A generations body (JSON) or an edits or variations form's fields (`form`: values are text) as an
+    `ImageRequest`; an unknown field, a wrong type or a value out of range is refused with the field as `param`
+    (a variation's prompt is optional)."""
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise bad_request(unknown[0], f"unknown field {unknown[0]!r}; the extensions are {', '.join(EXTENSIONS)}")
@@ -162,7 +168,7 @@ def parse_request(body: Mapping[str, Any], *, form: bool = False, images: tuple[
                 raise bad_request(alias, f"give {name} or {alias}, not both")
             body[name] = body.pop(alias)
     prompt = _text(body, "prompt")
-    if prompt is None:
+    if prompt is None and not variation:
         raise ApiError(400, "prompt is required", "prompt", "missing_required_parameter")
     response_format = _text(body, "response_format") or "b64_json"
     if response_format != "b64_json":
@@ -199,12 +205,23 @@ def parse_request(body: Mapping[str, Any], *, form: bool = False, images: tuple[
         output_compression=compression,
         model=_text(body, "model"),
         images=images,
+        variation=variation,
     )
 
 
 def check_served(request: ImageRequest, inputs: set[str]) -> None:
     """Refuse what flux_pipeline's `inputs` cannot take, naming the field: reference images past its count (none
-    outside Kontext and FLUX.2), a negative prompt on FLUX.1."""
+    outside Kontext and FLUX.2), a negative prompt on FLUX.1, a variation where no Redux prior is served."""
+    if request.variation:
+        served = sum(1 for name in inputs if re.fullmatch(r"redux_image(_\d+)?", name))
+        if served == 0:
+            raise bad_request(
+                "image", "this server has no FLUX.1 Redux prior, which makes variations: write its repository with "
+                "fluxexport triton --redux PRIOR --redux-engines DIR, or use /v1/images/edits",
+            )  # fmt: skip
+        if len(request.images) > served:
+            raise bad_request("image", f"at most {served} image(s) make one variation, got {len(request.images)}")
+        return check_negative(request, inputs)
     references = sum(1 for name in inputs if re.fullmatch(r"image(_\d+)?", name))
     if len(request.images) > references:
         if references == 0:
@@ -212,6 +229,10 @@ def check_served(request: ImageRequest, inputs: set[str]) -> None:
         raise bad_request(
             "image", f"this model takes at most {references} reference image(s), got {len(request.images)}"
         )
+    check_negative(request, inputs)
+
+
+def check_negative(request: ImageRequest, inputs: set[str]) -> None:
     if request.negative_prompt is not None and "negative_prompt" not in inputs:
         raise bad_request("negative_prompt", "this model takes no negative_prompt: drop it")
 

@@ -259,15 +259,21 @@ def write_repository(
         tensorrt = folder.tensorrt if isinstance(folder, EngineFolder) else None
         settings = PipelineSettings(source.name, kind, _bounds(folder, source), bls_components, loras, gpus, tensorrt)
         settings.write(pipeline)
-        (staging / "README.md").write_text(_readme(source, kind, needed, sorted(loras)))
+        (staging / "README.md").write_text(_readme(source, kind, needed, sorted(loras), redux))
     return out
 
 
-def _readme(source: ModelSource, kind: str, components, loras: list[str]) -> str:
+def _readme(source: ModelSource, kind: str, components, loras: list[str], redux: ReduxSource | None = None) -> str:
     engine = (
         "TensorRT plans (`tensorrt_plan`)" if kind == "tensorrt" else "ONNX graphs run by ONNX Runtime (python backend)"
     )
     inputs = source.family.part("triton").inputs_text(source, loras)
+    if redux is not None:
+        inputs += f"""
+With the FLUX.1 Redux prior {redux.name} (models {", ".join(REDUX_COMPONENTS)}), `prompt` is optional and
+`redux_image` … `redux_image_10` (uint8 [H,W,3] each, any size) make a variation of those images (several are
+blended), weighted by `redux_scale` and `redux_pooled_scale` (FP32 [1] or one per image), as `fluxexport run
+--redux` makes it."""
     return f"""# Triton model repository for {source.name}
 
 Written by `fluxexport triton`. Components ({", ".join(components)}) are {engine}; `flux_pipeline`
