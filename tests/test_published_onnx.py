@@ -26,11 +26,11 @@ def published(bf16_export, tmp_path_factory) -> Path:
                             lambda folder: write_published(open_export(bf16_export), folder))  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def published_canny(published, sources, tmp_path_factory) -> Path:
-    """tiny-canny in the published layout (as FLUX.1-Canny-dev-onnx): its bf16 transformer, the one graph Canny
-    adds, laid out by write_published beside tiny-dev's published text encoders and VAE graphs, which are the same
-    weights (the tiny variants draw each component from one seed: tiny-canny's safetensors equal tiny-dev's)."""
+def published_variant(variant: str, published: Path, sources, tmp_path_factory) -> Path:
+    """tiny `variant` in the published layout (as FLUX.1-Canny-dev-onnx, FLUX.1-Kontext-dev-onnx): its bf16
+    transformer, the one graph the variant adds, laid out by write_published beside tiny-dev's published text
+    encoders and VAE graphs, which are the same weights (the tiny variants draw each component from one seed: their
+    safetensors equal tiny-dev's), made once per session."""
     from helpers import once_per_session
 
     from fluxexport.artifacts.published import write_published
@@ -38,18 +38,18 @@ def published_canny(published, sources, tmp_path_factory) -> Path:
     from fluxexport.models.source import resolve_model
 
     def make(folder: Path) -> None:
-        canny = resolve_model("tiny-canny")
-        for name in ("vae", "text_encoder", "text_encoder_2"):  # what makes tiny-dev's graphs Canny's own
-            ours = sorted((canny.root / name).glob("*.safetensors"))
+        source = resolve_model(variant)
+        for name in ("vae", "text_encoder", "text_encoder_2"):  # what makes tiny-dev's graphs the variant's own
+            ours = sorted((source.root / name).glob("*.safetensors"))
             assert [f.read_bytes() for f in ours] == [(sources["tiny-dev"].root / name / f.name).read_bytes()
                                                       for f in ours]  # fmt: skip
         graphs = folder.with_name(f"{folder.name}-graphs")
-        write_published(export_model(canny, graphs, ["transformer"], dtype="bf16"), folder)
+        write_published(export_model(source, graphs, ["transformer"], dtype="bf16"), folder)
         shutil.rmtree(graphs)
         for part in ("clip.opt", "t5.opt", "vae.opt", "vae_encoder.opt"):
             shutil.copytree(published / part, folder / part)
 
-    return once_per_session(tmp_path_factory, "published-tiny-canny", make)
+    return once_per_session(tmp_path_factory, f"published-{variant}", make)
 
 
 def copy_of(published: Path, tmp_path: Path) -> Path:
@@ -408,24 +408,27 @@ def test_validate_writes_no_report_into_a_published_folder(tmp_path):
     )
 
 
-def test_run_canny_on_a_published_folder(published_canny, reference_image):
-    """A Canny folder whose encoder samples inside runs (it was refused for lack of latent_std): the control
-    latents are the posterior sampled with the request's seed, so one seed gives one image run after run, and
-    it is PyTorch bf16's within the bf16 image bound."""
+@pytest.mark.parametrize("variant, condition", [("tiny-canny", "control_image"), ("tiny-kontext", "image")])
+def test_run_a_conditioned_model_on_a_published_folder(published, sources, tmp_path_factory, reference_image,
+                                                       variant, condition):  # fmt: skip
+    """Canny (refused before for lack of latent_std) and Kontext run on a folder whose encoder samples inside:
+    Canny's control latents are the posterior sampled with the request's seed, Kontext's reference latents its
+    mode, so one seed gives one image run after run, PyTorch bf16's within the bf16 image bound."""
     from fluxexport.compare import psnr
     from fluxexport.models.source import resolve_model
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.runtime.pipeline import GenerationRequest, generate
 
-    canny = resolve_model("tiny-canny")
-    request = GenerationRequest("a glass house", num_inference_steps=2, seed=5, control_image=reference_image,
-                                height=64, width=96, max_sequence_length=64)  # fmt: skip
-    backend = OnnxRuntimeBackend(canny, published_canny)
-    first, again = (generate(backend, canny, request).images for _ in range(2))
-    reference = generate(TorchBackend(canny, dtype="bf16", device="cpu"), canny, request).images
-    assert first.shape == (1, 64, 96, 3) and np.array_equal(first, again)
-    assert psnr(first, reference) > 40, psnr(first, reference)  # measured 51.7 dB
+    source = resolve_model(variant)
+    folder = published_variant(variant, published, sources, tmp_path_factory)
+    request = GenerationRequest("a glass house", num_inference_steps=1, seed=5, height=64, width=64,
+                                max_sequence_length=64, **{condition: reference_image})  # fmt: skip
+    backend = OnnxRuntimeBackend(source, folder)
+    first, again = (generate(backend, source, request).images for _ in range(2))
+    reference = generate(TorchBackend(source, dtype="bf16", device="cpu"), source, request).images
+    assert first.shape == reference.shape and first.std() > 0 and np.array_equal(first, again)
+    assert psnr(first, reference) > 40, psnr(first, reference)  # measured at 2 steps, 64×96: 51.7 / 51.5 dB
 
 
 def test_the_demos_own_encoder_export_runs_as_the_posterior(sources, tmp_path):
