@@ -411,6 +411,7 @@ def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, red
         "Error: --redux-engines is the Redux prior's folder: add --redux PRIOR"
     )
     assert not (tmp_path / "no").exists()
+    assert "`redux_image` … `redux_image_10`" in " ".join((repository / "README.md").read_text().split())
     pictures = {"redux_image": np.array(images[0]), "redux_image_2": np.array(images[1])}
     settings = dict(height=64, width=WIDTH, num_inference_steps=STEPS, seed=SEED)  # the export's least side: 64
 

@@ -4,7 +4,7 @@ backend that runs it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,7 +79,7 @@ def run_images(options: RunOptions, progress: Progress = no_progress, log: Log =
     from fluxexport.runtime.cache import parse_cache
     from fluxexport.runtime.images import load_reference, save_png_atomic
     from fluxexport.runtime.pipeline import generate, resolve_request
-    from fluxexport.runtime.redux import placeholder_conditioning
+    from fluxexport.runtime.redux import placeholder_conditioning, with_conditioning
     from fluxexport.specs import check_served
 
     cache = parse_cache(options.cache)
@@ -148,15 +148,6 @@ def check_redux(options: RunOptions, source: ModelSource, images: list) -> Redux
             else open_redux_export(folder, redux.name)
         )
     return ReduxPrior(redux, request)
-
-
-def with_conditioning(request: GenerationRequest, conditioning: ReduxConditioning) -> GenerationRequest:
-    """`request` for the base model behind a Redux prior: the prior's embeddings instead of a prompt and images
-    (diffusers' `FluxPipeline(**prior_output)`)."""
-    return replace(
-        request, prompt=None, prompt_2=None, image=None, prompt_embeds=conditioning.prompt_embeds,
-        pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
-    )  # fmt: skip
 
 
 def open_redux_backend(redux: ReduxSource, runner: BackendOptions, engines: Path | None) -> Backend:
