@@ -288,10 +288,11 @@ def test_validate_compares_the_redux_graphs(redux_export, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("tests/test_redux.py")
-def test_redux_engines_serve_their_profile(redux, redux_export, tmp_path):
+def test_redux_engines_serve_their_profile(redux, redux_export, sources, exports, tmp_path):
     """`build --redux`'s code over the stand-in TensorRT (its plans run in ONNX Runtime): one profile per engine
     over the batch (the image side fixed), answers equal to ONNX Runtime's on the same graphs, the prior's chain
-    through them too; a batch past the profile and engines of another prior refused in one line."""
+    through them too; a batch past the profile and engines of another prior refused in one line; a Triton
+    repository of plans serves them (`triton --redux`)."""
     import json
 
     from helpers import H100, standin_tensorrt
@@ -331,6 +332,20 @@ def test_redux_engines_serve_their_profile(redux, redux_export, tmp_path):
         (out / "redux_engines.json").write_text(json.dumps(manifest | {"redux": "FLUX.1-Redux-dev"}))
         with pytest.raises(FluxExportError, match="holds the Redux engines of 'FLUX.1-Redux-dev', not of 'tiny-redux'"):
             TensorRTReduxBackend(redux, out, device=HostDevice(trt))
+    # a Triton repository of plans carries the prior's plans too; beside the base's graphs they are refused
+    from helpers import build_folder
+
+    from fluxexport.triton.repository import write_repository
+
+    (out / "redux_engines.json").write_text(json.dumps(manifest))
+    base = build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "base")
+    repository = write_repository(sources["tiny-dev"], base, tmp_path / "repo", redux=redux, redux_engines=out)
+    for name, record in manifest["engines"].items():
+        assert 'platform: "tensorrt_plan"' in (repository / name / "config.pbtxt").read_text()
+        assert (repository / name / "1" / "model.plan").read_bytes() == (out / record["file"]).read_bytes()
+    with pytest.raises(FluxExportError, match=r"does not hold the Redux prior's ONNX graphs, as the base's folder"):
+        write_repository(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "mixed", redux=redux, redux_engines=out)
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_tiny_writes_tiny_redux(tmp_path):
