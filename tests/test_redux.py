@@ -340,6 +340,7 @@ def test_redux_engines_serve_their_profile(redux, redux_export, sources, exports
     (out / "redux_engines.json").write_text(json.dumps(manifest))
     base = build_folder(sources["tiny-dev"], exports["tiny-dev"], tmp_path / "base")
     repository = write_repository(sources["tiny-dev"], base, tmp_path / "repo", redux=redux, redux_engines=out)
+    assert json.loads((repository / "flux_pipeline" / "1" / "redux.json").read_text())["max_images"] == 4
     for name, record in manifest["engines"].items():
         assert 'platform: "tensorrt_plan"' in (repository / name / "config.pbtxt").read_text()
         assert (repository / name / "1" / "model.plan").read_bytes() == (out / record["file"]).read_bytes()
@@ -450,6 +451,8 @@ def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, red
                 served().error().message(),
                 served(prompt="a cat", redux_pooled_scale=np.array([1.0], np.float32)).error().message(),
             ]
+            server.models["flux_pipeline"].redux_max_images = 1  # as plans built over a batch of 1 record it
+            refusals.append(served(**pictures).error().message())
         finally:
             InferenceRequest.server = None
     assert not response.has_error(), response.error().message()
@@ -464,4 +467,6 @@ def test_triton_pipeline_serves_redux(sources, exports, ort_backends, redux, red
         "redux_image_2 was given without redux_image: number Redux images from redux_image up",
         "prompt is missing: send a prompt, or a redux_image to vary",
         "redux_pooled_scale scales Redux images, and there is none: send redux_image or drop it",
+        "2 Redux images exceed this deployment's 1 (its prior's engines' batch): send fewer, or serve engines built "
+        "with `build --redux --batch` over more",
     ]

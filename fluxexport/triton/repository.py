@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from fluxexport.artifacts.folders import EngineFolder, ExportFolder, open_folder
-from fluxexport.artifacts.published import PUBLISHED
+from fluxexport.artifacts.published import PUBLISHED, posterior_record
 from fluxexport.artifacts.records import EngineRecord, GraphRecord
 from fluxexport.artifacts.repository import PIPELINE, ComponentIO, PipelineSettings, ServedGraph
 from fluxexport.artifacts.weights import sibling_tensors
@@ -125,6 +126,18 @@ def _served_graph(
 
 
 REDUX_FOLDER = "redux"  # in flux_pipeline's version folder: the Redux prior's configs, in a folder of its name
+REDUX_RECORD = "redux.json"  # beside it: the prior's name, that folder and the most images its engines take
+
+
+def redux_max_images(records: dict) -> int | None:
+    """The most images one request may send the prior: its plans' largest profile batch (None for graphs, which
+    take any batch)."""
+    batches = [
+        max(shapes[2][0] for profile in record.profiles for shapes in profile.values())
+        for record in records.values()
+        if isinstance(record, EngineRecord)
+    ]
+    return min(batches) if batches else None
 
 
 def _redux_records(
@@ -178,6 +191,8 @@ def _write_redux(
             as_float = tuple(replace(t, dtype=host_element(t.dtype)) for t in record.inputs)
             served[name] = ComponentIO(as_float, record.outputs)
     target = staging / PIPELINE / "1" / REDUX_FOLDER / redux.name
+    record = {"redux": redux.name, "folder": f"{REDUX_FOLDER}/{redux.name}", "max_images": redux_max_images(records)}
+    (staging / PIPELINE / "1" / REDUX_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for relative in ("model_index.json", "image_encoder/config.json", "image_embedder/config.json"):
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(redux.root / relative, target / relative)
@@ -204,7 +219,9 @@ def write_repository(
         raise FluxExportError("--gpus places GPU instances: add --instance-kind KIND_GPU for ONNX Runtime graphs")
     folder.check_made_from(source, "pass the same --model")
     entries: dict[str, GraphRecord | EngineRecord] = (
-        dict(folder.components) if isinstance(folder, EngineFolder) else dict(folder.graphs(fp8))
+        dict(folder.components)
+        if isinstance(folder, EngineFolder)  # a published encoder's graph serves its copy's posterior (mean and std)
+        else {name: posterior_record(graph) for name, graph in folder.graphs(fp8).items()}
     )
     needed = list(pipeline_components(source))
     missing = [name for name in needed if name not in entries]

@@ -183,9 +183,10 @@ def _picture(name: str, array: np.ndarray):
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def redux_request(request, redux) -> ReduxRequest | None:
-    """The request's Redux images (`redux_image`, …), its optional prompt and per-image scales, checked as `run
-    --redux` checks them; None where it sends no Redux image (then it needs a prompt)."""
+def redux_request(request, redux, max_images: int | None = None) -> ReduxRequest | None:
+    """The request's Redux images (`redux_image`, …, at most `max_images`: the prior's plans' batch), its optional
+    prompt and per-image scales, checked as `run --redux` checks them; None where it sends no Redux image (then it
+    needs a prompt)."""
     if redux is None:  # a repository without a prior: Triton takes no Redux input, and the prompt is required
         return None
     images = _numbered_images(request, REDUX_INPUTS, "Redux images")
@@ -198,6 +199,11 @@ def redux_request(request, redux) -> ReduxRequest | None:
         if prompt is None:
             raise RequestError("prompt", "prompt is missing", "send a prompt, or a redux_image to vary")
         return None
+    if max_images is not None and len(images) > max_images:
+        raise RequestError(
+            "redux_image", f"{len(images)} Redux images exceed this deployment's {max_images} (its prior's engines' "
+            "batch)", "send fewer, or serve engines built with `build --redux --batch` over more", literal=True,
+        )  # fmt: skip
     for name, values in scales.items():
         if values is not None and (not values or not all(np.isfinite(values))):
             raise RequestError(name, f"{name} must hold finite numbers, got {values}", literal=True)
@@ -259,8 +265,9 @@ class TritonPythonModel:
         self.source = load_folder(folder / "checkpoint", name=self.settings.model)
         device = "cuda" if self.settings.kind == "tensorrt" and torch.cuda.is_available() else "cpu"
         self.backend = BlsBackend(self.settings.components, device)
-        priors = sorted((folder / "redux").iterdir()) if (folder / "redux").is_dir() else []  # a FLUX.1 Redux prior
-        self.redux = load_redux(priors[0], name=priors[0].name) if priors else None
+        prior = json.loads((folder / "redux.json").read_text()) if (folder / "redux.json").is_file() else None
+        self.redux = None if prior is None else load_redux(folder / prior["folder"], name=prior["redux"])
+        self.redux_max_images = None if prior is None else prior["max_images"]  # the prior's plans' batch
 
     def _request(self, request) -> GenerationRequest:
         prompt = _optional(request, "prompt", str)
@@ -285,7 +292,7 @@ class TritonPythonModel:
     def _checked(self, request) -> tuple[GenerationRequest, str, CacheSettings, ReduxRequest | None]:
         """The request, its LoRA choice, its step cache and its Redux prior's part, every value checked before any
         component runs (the base's request with the prior's output shapes in place of a prompt)."""
-        generation, prior = self._request(request), redux_request(request, self.redux)
+        generation, prior = self._request(request), redux_request(request, self.redux, self.redux_max_images)
         check_sides_served(self.settings, generation)  # this deployment's limit first: tighter than the model's
         base = generation if prior is None else with_conditioning(generation, self._placeholder())
         check_deployment_serves(self.source, self.settings, resolve_request(self.source, base))
