@@ -420,6 +420,7 @@ def test_run_a_conditioned_model_on_a_published_folder(published, sources, tmp_p
     from fluxexport.onnxruntime.backend import OnnxRuntimeBackend
     from fluxexport.pytorch.backend import TorchBackend
     from fluxexport.runtime.pipeline import GenerationRequest, generate
+    from fluxexport.triton.repository import write_repository
 
     source = resolve_model(variant)
     folder = published_variant(variant, published, sources, tmp_path_factory)
@@ -431,6 +432,9 @@ def test_run_a_conditioned_model_on_a_published_folder(published, sources, tmp_p
     reference = generate(TorchBackend(source, dtype="bf16", device="cpu"), source, request).images
     assert first.shape == reference.shape and first.std() > 0 and np.array_equal(first, again)
     assert psnr(first, reference) > 40, psnr(first, reference)  # measured at 2 steps, 64×96: 51.7 / 51.5 dB
+    if variant == "tiny-canny":  # Triton's encoder component serves the posterior the pipeline samples with
+        config = write_repository(source, folder, tmp_path_factory.mktemp("repo")) / "vae_encoder" / "config.pbtxt"
+        assert 'name: "latent_std"' in config.read_text()
 
 
 def test_the_demos_own_encoder_export_runs_as_the_posterior(sources, tmp_path):
