@@ -145,7 +145,7 @@ def test_torch_equals_diffusers_with_a_prompt_and_scales(backends, dev, redux, f
         (("--model", "tiny-redux", "--prompt", "a cat"), "tiny-redux is a FLUX.1 Redux prior (FluxPriorReduxPipeline), "
          "not a model: run FLUX.1 [dev] or [schnell] with --redux tiny-redux --image PICTURE"),
         (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--prompt-2", "a cat"), "--prompt-2 is "
-         "T5's text beside a prompt, and there is none: pass --prompt too or drop --prompt-2"),
+         "T5's text beside a prompt, and there is none: give a prompt too or drop --prompt-2"),
         (("--model", "tiny-dev", "--redux", "tiny-redux", "--image", "{image}", "--keep-reference-size"),
          "Error: --keep-reference-size is for FLUX.1 Kontext references, but tiny-redux resizes its images to "
          "32×32 (its SigLIP processor's one size): drop --keep-reference-size"),

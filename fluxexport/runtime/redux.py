@@ -76,7 +76,7 @@ def check_redux_request(redux: ReduxSource, request: ReduxRequest) -> tuple[list
         raise RequestError("prompt", "prompt is empty", "drop it (Redux runs without one) or pass text", pointer=False)
     if request.prompt_2 is not None and request.prompt is None:
         raise RequestError(
-            "prompt_2", "{option} is T5's text beside a prompt, and there is none", "pass --prompt too or {drop}",
+            "prompt_2", "{option} is T5's text beside a prompt, and there is none", "give a prompt too or {drop}",
             pointer=False,
         )  # fmt: skip
     return (
