@@ -199,10 +199,11 @@ def schnell_repository(sources, exports, tmp_path_factory) -> Path:
                             request_loras=[lora])  # fmt: skip
 
 
-def _session_server(repository: Path, name: str):
-    """A real tritonserver on `repository` for the session's tests that share it: started once, stopped by PID at
-    the end of the session, its shared memory gone. A test that changes a file of the repository puts it back
-    before it returns. (Its tests are one xdist group, `xdist_group`, so one worker starts it.)"""
+@pytest.fixture(scope="session")
+def schnell_server(schnell_repository):
+    """FLUX.1's one real tritonserver for the tests that can share it (test_triton.py's tiny-schnell requests,
+    test_triton_errors.py): started once, stopped by PID at the end of the session, its shared memory gone.
+    A test that changes a file of the repository puts it back before it returns."""
     import time
 
     from helpers import has_tritonserver
@@ -211,36 +212,12 @@ def _session_server(repository: Path, name: str):
 
     if not has_tritonserver():
         pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
-    server, started = TritonServer(repository), time.perf_counter()
+    server, started = TritonServer(schnell_repository), time.perf_counter()
     with server:
-        print(f"\n{name}: tritonserver pid {server.process.pid} ready in {time.perf_counter() - started:.1f} s")
+        print(f"\ntiny-schnell: tritonserver pid {server.process.pid} ready in {time.perf_counter() - started:.1f} s")
         yield server
     assert server.process.returncode is not None  # stopped by PID
     assert list(Path("/dev/shm").glob(f"{server.shm_prefix}*")) == []
-
-
-@pytest.fixture(scope="session")
-def schnell_server(schnell_repository):
-    """FLUX.1's real tritonserver for the tests that can share it (test_triton.py's tiny-schnell requests,
-    test_triton_errors.py, test_openai_api.py's generations, test_request_fuzz.py)."""
-    yield from _session_server(schnell_repository, "tiny-schnell")
-
-
-@pytest.fixture(scope="session")
-def kontext_repository(sources, exports, tmp_path_factory) -> Path:
-    """tiny-kontext's Triton repository (`write_repository`, no request LoRAs): the one reference-taking FLUX.1
-    repository."""
-    from fluxexport.triton.repository import write_repository
-
-    root = tmp_path_factory.mktemp("triton-kontext")
-    return write_repository(sources["tiny-kontext"], exports["tiny-kontext"], root / "repository")
-
-
-@pytest.fixture(scope="session")
-def kontext_server(kontext_repository):
-    """tiny-kontext's real tritonserver, shared by test_triton.py's tiny-kontext requests and test_openai_api.py's
-    /v1/images/edits."""
-    yield from _session_server(kontext_repository, "tiny-kontext")
 
 
 @pytest.fixture(scope="session")
@@ -262,21 +239,16 @@ FLUX1_EXPORTS = {"exports", "bf16_export", "fp8_exports", "parts_export", "parts
 FLUX2_EXPORTS = {"flux2_export", "flux2_dev_export", "flux2_parts_export"}
 
 
-# the session's real tritonservers: the tests that share one are one xdist group (one worker starts it)
-TRITONSERVER_FIXTURES = {"schnell_server": "tritonserver-tiny-schnell", "kontext_server": "tritonserver-tiny-kontext"}
+TRITONSERVER_FIXTURES = {"schnell_repository", "schnell_server"}  # the session's one FLUX.1 tritonserver
 
 
 def xdist_group(nodeid: str, fixtures: set[str]) -> str | None:
     """The worker group of a test under pytest-xdist's `--dist loadgroup`. The session's exports are made once
     whichever worker asks (`helpers.once_per_session`), so a test that needs one is grouped only with the other such
-    tests of its module (the module's own fixtures are then made once), and the tests that share one of the
-    session's tritonservers with each other (test_triton.py's `served[VARIANT]`: that variant's server); the rest,
-    the README's blocks among them, go wherever a worker is free."""
-    for fixture, group in TRITONSERVER_FIXTURES.items():
-        if fixture in fixtures:
-            return group
-    if "served" in fixtures and nodeid.endswith("]"):  # test_triton.py: one server per variant, its tests together
-        return f"tritonserver-{nodeid.rsplit('[', 1)[1][:-1]}"
+    tests of its module (the module's own fixtures are then made once), and the tests that share the session's
+    tritonserver with each other; the rest, the README's blocks among them, go wherever a worker is free."""
+    if fixtures & TRITONSERVER_FIXTURES:
+        return "tiny-schnell-tritonserver"
     if fixtures & (FLUX1_EXPORTS | FLUX2_EXPORTS):
         return nodeid.split("::")[0]
     return None

@@ -93,10 +93,17 @@ def test_generations_equal_fluxexport_run(front, sources, ort_backends):
 
 
 @pytest.fixture(scope="module")
-def kontext_front(kontext_server, kontext_repository):
-    """The front before the session's tiny-kontext Triton (conftest; the one reference-taking FLUX.1 repository):
-    what /v1/images/edits is for."""
-    with open_front(kontext_server.http_url, repository=kontext_repository) as running:
+def kontext_front(exports, sources, tmp_path_factory):
+    """A tritonserver on tiny-kontext's session export (the one reference-taking FLUX.1 repository) and the front
+    before it: what /v1/images/edits is for."""
+    from fluxexport.triton.repository import write_repository
+    from fluxexport.triton.server import TritonServer
+
+    if not has_tritonserver():
+        pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
+    folder = tmp_path_factory.mktemp("openai-kontext") / "repository"
+    repository = write_repository(sources["tiny-kontext"], exports["tiny-kontext"], folder)
+    with TritonServer(repository) as server, open_front(server.http_url, repository=repository) as running:
         yield running
 
 

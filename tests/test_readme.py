@@ -4,8 +4,8 @@ Every fenced shell block (the `<!-- ci:… -->` blocks aside: `.ci/run` runs tho
 order, with the venv's `bin` first on PATH (bare `fluxexport` works) and the session's tiny-model cache, as a user
 pasting them would. The quick start (the first unmarked shell block) runs once per session in a scratch folder; each
 later block is one test that runs in a copy of that folder, as a reader who did the quick start and then follows
-one section: a block uses the quick start's files or its own. An HTML comment right before a block marks what
-cannot run here:
+one section (so the blocks spread over the xdist workers): a block uses the quick start's files or its own. An
+HTML comment right before a block marks what cannot run here:
 
 * `<!-- readme-test: help-only -->` — needs a GPU, TensorRT, the hub or a long time: each `fluxexport SUB …` is
   checked against `fluxexport SUB --help` (the subcommand and every option it passes exist), each
@@ -248,20 +248,12 @@ def test_every_readme_marker_is_known():
     assert not unknown, "\n".join(unknown)
 
 
-def block_param(block: Block):
-    """The blocks that run commands are one xdist group (`--dist loadgroup`): one worker runs the quick start first
-    and the sections after it, never waiting on another worker's quick start, and the group (the session's longest)
-    is handed out among the first; help-only blocks go wherever a worker is free."""
-    marks = [] if block.marker == "help-only" else [pytest.mark.xdist_group("readme-blocks")]
-    return pytest.param(block, marks=marks, id=f"README.md:{block.line}")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [block_param(block) for block in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{block.line}" for block in BLOCKS])
 def test_every_readme_command_runs_as_pasted(block, tmp_path, readme_env, request):
     """Each shell and python block, its commands in order, as a reader who did the quick start and then follows
     one section: every block after the quick start that runs commands runs in a copy of the quick start's folder
-    (the sections use its image and graphs)."""
+    (the sections use its image and graphs), so the blocks spread over the session's workers."""
     import shutil
 
     scratch = tmp_path / "readme"

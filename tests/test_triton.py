@@ -235,9 +235,8 @@ def served(request, repositories):
 
     if not has_tritonserver():
         pytest.skip("no tritonserver binary: pip install --no-deps nvidia-pytriton (scripts/setup_triton_env.sh)")
-    shared = {"tiny-schnell": "schnell_server", "tiny-kontext": "kontext_server"}  # the session's (conftest)
-    if request.param in shared:  # shared with test_triton_errors.py / test_openai_api.py
-        yield request.param, request.getfixturevalue(shared[request.param])
+    if request.param == "tiny-schnell":  # the session's server, shared with test_triton_errors.py (conftest)
+        yield request.param, request.getfixturevalue("schnell_server")
         return
     server = TritonServer(repositories[request.param])
     started = time.perf_counter()
