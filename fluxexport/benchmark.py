@@ -37,9 +37,12 @@ def run_benchmark(
     repeats: int = 5,
     on_run: Callable[[int, int], None] | None = None,
     cache: CacheSettings | None = None,
+    prepare: Callable[[], tuple[GenerationRequest, dict[str, float]]] | None = None,
 ) -> dict:
     """Warm up, then time `repeats` generations; the runtime's own stage timings (synced once per stage).
-    With a step `cache`, `computed_steps` says how many steps ran the transformer (the same in every run)."""
+    With a step `cache`, `computed_steps` says how many steps ran the transformer (the same in every run).
+    `prepare`, a stage timed before each generation (FLUX.1 Redux's prior), gives the request the pipeline then
+    takes (in `request`'s shapes) and its own stages' seconds: rows before the pipeline's, counted in `total`."""
     resolved = resolve_request(source, request)
     cuda = backend.device.type == "cuda"
     runs: list[dict[str, float]] = []
@@ -47,17 +50,20 @@ def run_benchmark(
         if cuda and index == warmup:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = generate(backend, source, request, cache=cache)
-        timings = dict(result.timings, wall=time.perf_counter() - start)
+        given, before = (request, {}) if prepare is None else prepare()
+        result = generate(backend, source, given, cache=cache)
+        total = sum(before.values()) + result.timings["total"]
+        timings = before | dict(result.timings, total=total, wall=time.perf_counter() - start)
         if index >= warmup:
             runs.append(timings)
         if on_run:
             on_run(index + 1, warmup + repeats)
     stages = [stage for stage in runs[0] if stage != "total"] + ["total"]
     median_ms = {stage: 1000 * statistics.median(run[stage] for run in runs) for stage in stages}
-    flop = transformer_flop_per_step(
-        source, resolved.height, resolved.width, resolved.max_sequence_length, resolved.batch
-    )
+    # the text tokens: the prompt embeddings' own length where given (Redux: 512 + the image tokens), else T5's
+    embeds = resolved.prompt_embeds
+    text_tokens = resolved.max_sequence_length if embeds is None else int(embeds.shape[1])
+    flop = transformer_flop_per_step(source, resolved.height, resolved.width, text_tokens, resolved.batch)
     return {
         "backend": backend.name,
         "device": str(torch.cuda.get_device_name() if cuda else "cpu"),

@@ -774,9 +774,13 @@ def refit(model, base_model, engines, reset) -> None:
 @fp8_option
 @optimized_option
 @cache_option
+@click.option("--redux", help="Time a FLUX.1 Redux prior (folder, hub id or tiny-redux) in front of the model: a "
+              "picture of bench's own through it (no prompt), its stages as rows of their own.")  # fmt: skip
+@click.option("--redux-engines", type=click.Path(path_type=Path),
+              help="The Redux prior's graphs (`export --redux`, onnxruntime) or engines (`build --redux`).")  # fmt: skip
 def bench(
     model, base_model, backend, engines, dtype, device, height, width, steps, batch, warmup, repeats, json_path,
-    low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text,
+    low_vram, cuda_graphs, weight_streaming_budget, fp8, optimized, cache_text, redux, redux_engines,
 ) -> None:  # fmt: skip
     """Per-stage and end-to-end latency (median of repeats after warm-up) and peak GPU memory, any backend."""
     from fluxexport.commands.bench import BenchOptions, run_bench
@@ -787,7 +791,7 @@ def bench(
     )  # fmt: skip
     options = BenchOptions(
         model=_model(model, base_model), runner=runner, height=height, width=width, steps=steps, batch=batch,
-        warmup=warmup, repeats=repeats, cache=cache_text, json_path=json_path,
+        warmup=warmup, repeats=repeats, cache=cache_text, json_path=json_path, redux=redux, redux_engines=redux_engines,
     )  # fmt: skip
     measured = run_bench(options, progress=step_progress, log=console.print)
     backend, result = measured.backend, measured.numbers

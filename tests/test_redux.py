@@ -71,6 +71,20 @@ def theirs(pipeline, prompt_embeds, pooled_prompt_embeds, count: int) -> np.ndar
     )  # fmt: skip
 
 
+def diffusers_prior_without_a_prompt(redux, dev, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """FluxPriorReduxPipeline's output for `images` without text encoders: its image embeddings after 512 zero text
+    tokens, summed over the images, and a zero pooled embedding (at the tiny base's widths: diffusers makes its
+    zeros FLUX.1's 4096/768 wide)."""
+    from diffusers import FluxPriorReduxPipeline
+
+    prior = FluxPriorReduxPipeline.from_pretrained(redux.root)
+    with torch.no_grad():
+        embeds = prior.image_embedder(prior.encode_image(list(images), "cpu", 1)).image_embeds
+    width, pooled_width = dev.transformer["joint_attention_dim"], dev.transformer["pooled_projection_dim"]
+    prompt_embeds = torch.cat([torch.zeros(len(images), 512, width), embeds], dim=1).sum(dim=0, keepdim=True)
+    return prompt_embeds, torch.zeros(1, pooled_width)
+
+
 def test_tiny_redux_is_a_redux_prior_diffusers_loads(redux, dev):
     from diffusers import FluxPriorReduxPipeline
     from transformers import SiglipVisionModel
@@ -88,14 +102,7 @@ def test_torch_equals_diffusers_without_a_prompt(backends, dev, redux, flux_pipe
     """BFL's folder has no text encoders: diffusers' prior then puts zeros of 512 tokens before the image tokens (its
     zeros are FLUX.1's 4096/768 wide, so for the 32-wide tiny base they are made at its widths here); two images are
     summed into one conditioning."""
-    from diffusers import FluxPriorReduxPipeline
-
-    prior = FluxPriorReduxPipeline.from_pretrained(redux.root)
-    with torch.no_grad():
-        embeds = prior.image_embedder(prior.encode_image(list(images), "cpu", 1)).image_embeds
-    width, pooled_width = dev.transformer["joint_attention_dim"], dev.transformer["pooled_projection_dim"]
-    prompt_embeds = torch.cat([torch.zeros(2, 512, width), embeds], dim=1).sum(dim=0, keepdim=True)
-    pooled = torch.zeros(1, pooled_width)
+    prompt_embeds, pooled = diffusers_prior_without_a_prompt(redux, dev, images)
     got = ours(backends, dev, redux, ReduxRequest(images), 1)
     assert got.shape == (1, HEIGHT, WIDTH, 3)
     np.testing.assert_array_equal(got, theirs(flux_pipeline, prompt_embeds, pooled, 1))
@@ -202,6 +209,111 @@ def test_cli_run_writes_the_variations(dev, redux, backends, reference_image, tm
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected)
 
 
+def run_redux(tmp_path, reference_image, steps: int, **fields):
+    """`run --redux tiny-redux --image PICTURE` over tiny-dev through the command's library call (`run_images`),
+    with `fields` (a prompt, --lora, --cache …) added."""
+    from fluxexport.commands.common import BackendOptions, ModelOptions
+    from fluxexport.commands.run import RunOptions, run_images
+
+    image = tmp_path / "ref.png"
+    reference_image.save(image)
+    options = RunOptions(
+        fields.pop("prompt", None), model=ModelOptions("tiny-dev", loras=fields.pop("loras", ())),
+        runner=BackendOptions(device="cpu"), height=HEIGHT, width=WIDTH, steps=steps, seed=SEED, references=(image,),
+        redux="tiny-redux", output=tmp_path / "out.png", **fields,
+    )  # fmt: skip
+    return run_images(options).generation
+
+
+def test_run_redux_with_a_lora_equals_diffusers_fused(dev, redux, backends, reference_image, tmp_path):
+    """`run --redux --lora` (a kohya LoRA of tiny-lora's writer, on the transformer and CLIP's first attention) with
+    a prompt: the base and the prompt's encoders merged, the prior's text through the merged CLIP, as diffusers'
+    FluxPipeline after `load_lora_weights` + `fuse_lora` whose encoders FluxPriorReduxPipeline borrows."""
+    from diffusers import FluxPipeline, FluxPriorReduxPipeline
+
+    from fluxexport.models.lora import parse_lora
+    from fluxexport.models.tiny_lora import write_tiny_lora
+
+    path = write_tiny_lora(dev, tmp_path / "kohya.safetensors", "kohya")
+    got = run_redux(tmp_path, reference_image, STEPS, prompt="a cat", loras=(parse_lora(f"{path}:0.8"),)).images
+    pipe = FluxPipeline.from_pretrained(dev.root)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=0.8)
+    assert any(name.endswith("q_proj.lora_A") for name, _ in pipe.text_encoder.named_modules())  # CLIP's too
+    prior = FluxPriorReduxPipeline.from_pretrained(
+        redux.root, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2,
+    )  # fmt: skip
+    output = prior([reference_image], prompt="a cat")
+    expected = theirs(pipe, output.prompt_embeds, output.pooled_prompt_embeds, 1)
+    assert psnr(got, expected) >= 50, psnr(got, expected)
+    plain = ours(backends, dev, redux, ReduxRequest((reference_image,), "a cat"), 1)
+    assert psnr(got, plain) < 45  # the LoRA changed the image
+
+
+def test_run_redux_with_a_step_cache_equals_diffusers_hook(dev, redux, flux_pipeline, reference_image, tmp_path):
+    """`run --redux --cache first-block`: the cache decides on the prior's conditioning as diffusers' First Block
+    Cache hook does in FluxPipeline given FluxPriorReduxPipeline's embeddings: the same steps computed (counted on
+    the first single block, which a skipped step never reaches), the same image bit for bit."""
+    from diffusers import FirstBlockCacheConfig
+
+    steps, threshold = 8, 0.4
+    got = run_redux(tmp_path, reference_image, steps, cache=f"first-block:threshold={threshold}")
+    prompt_embeds, pooled = diffusers_prior_without_a_prompt(redux, dev, [reference_image])
+    transformer = flux_pipeline.transformer
+    counted, calls = transformer.get_submodule("single_transformer_blocks.0.attn"), [0]
+    hook = counted.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        expected = diffusers_images(
+            flux_pipeline, None, HEIGHT, WIDTH, steps, SEED, 1, prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+        )  # fmt: skip
+    finally:
+        transformer.disable_cache()
+        hook.remove()
+    assert got.computed_steps == calls[0] < steps
+    np.testing.assert_array_equal(got.images, expected)
+
+
+def test_bench_times_the_redux_prior(dev, redux, backends, tmp_path):
+    """`bench --redux`: bench's own picture through the prior before each generation, the prior's stage a row
+    before the pipeline's, counted in the total, the transformer's arithmetic at the prior's 512 + 16 text tokens;
+    the request the base then takes is the prior's conditioning of that picture; refusals in one line."""
+    import json
+
+    from fluxexport.benchmark import transformer_flop_per_step
+    from fluxexport.commands.bench import BenchOptions, check_prior, prior_stage
+    from fluxexport.commands.common import ModelOptions
+    from fluxexport.runtime.redux import sample_redux_image
+
+    report = tmp_path / "bench.json"
+    args = ("--model", "tiny-dev", "--height", HEIGHT, "--width", WIDTH, "--steps", 1, "--warmup", 0, "--repeats", 1)
+    result = cli_invoke("bench", *args, "--redux", "tiny-redux", "--device", "cpu", "--json", report)
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(report.read_text())
+    stages = numbers["median_ms"]
+    assert list(stages)[:2] == ["redux_image_encode", "text_encode"] and "redux_image_encode" in result.output
+    assert stages["total"] >= stages["redux_image_encode"] + stages["denoise"] + stages["decode"]
+    assert numbers["transformer_tflop_per_step"] == transformer_flop_per_step(dev, HEIGHT, WIDTH, 512 + 16, 1) / 1e12
+    prior_backend, base = backends
+    prior = check_prior(BenchOptions(ModelOptions("tiny-dev"), redux="tiny-redux"), dev, HEIGHT, WIDTH)
+    given, timings = prior_stage(prior_backend, base, dev, prior, GenerationRequest("a fox", height=HEIGHT))()
+    picture = sample_redux_image(HEIGHT, WIDTH)
+    expected = redux_conditioning(prior_backend, base, dev, redux, ReduxRequest((picture,)))
+    assert (given.prompt, given.height, list(timings)) == (None, HEIGHT, ["redux_image_encode"])
+    assert torch.equal(given.prompt_embeds, expected.prompt_embeds)
+    assert torch.equal(given.pooled_prompt_embeds, expected.pooled_prompt_embeds)
+    assert cli_refusal("bench", *args, "--redux-engines", tmp_path) == (
+        "Error: --redux-engines is the Redux prior's folder: add --redux PRIOR"
+    )
+    assert cli_refusal("bench", *args[:1], "tiny-fill", *args[2:], "--redux", "tiny-redux").startswith(
+        "Error: tiny-redux is a FLUX.1 Redux prior; it feeds FluxPipeline models (FLUX.1 [dev], [schnell]), not "
+        "tiny-fill (a FluxFillPipeline)"
+    )
+
+
 @pytest.fixture(scope="module")
 def redux_export(redux, tmp_path_factory):
     """The tiny Redux prior's two graphs (~11 s), once per session."""
@@ -284,6 +396,29 @@ def test_validate_compares_the_redux_graphs(redux_export, tmp_path):
     assert max(row["rel_l2"] for row in rows["components"]) < 1e-5
     line = cli_refusal("validate", "--redux", "tiny-redux")
     assert line == "Error: validate --redux compares the prior's graphs: add --engines DIR (`export --redux`'s)"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("tests/test_redux.py")
+def test_bench_runs_the_prior_on_its_graphs(exports, redux_export, tmp_path):
+    """`bench --redux --redux-engines`: the prior's graphs on ONNX Runtime in front of the base's graphs; a folder
+    of another prior's graphs refused in one line before anything runs."""
+    import json
+    import shutil
+
+    report = tmp_path / "bench.json"
+    args = ("--model", "tiny-dev", "--backend", "onnxruntime", "--engines", exports["tiny-dev"], "--height", 64,
+            "--width", 64, "--steps", 1, "--warmup", 0, "--repeats", 1, "--redux", "tiny-redux")  # fmt: skip
+    result = cli_invoke("bench", *args, "--redux-engines", redux_export, "--json", report)
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(report.read_text())
+    assert numbers["backend"] == "onnxruntime" and list(numbers["median_ms"])[0] == "redux_image_encode"
+    other = tmp_path / "other"
+    shutil.copytree(redux_export, other)
+    manifest = json.loads((other / "redux_manifest.json").read_text())
+    (other / "redux_manifest.json").write_text(json.dumps(manifest | {"redux": "FLUX.1-Redux-dev"}))
+    line = cli_refusal("bench", *args, "--redux-engines", other)
+    assert f"{other} holds the Redux graphs of 'FLUX.1-Redux-dev', not of 'tiny-redux'" in line
 
 
 @pytest.mark.slow

@@ -7,9 +7,11 @@ The base pipeline then takes it as `prompt_embeds` / `pooled_prompt_embeds` (`Ge
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -17,7 +19,7 @@ from fluxexport.errors import RequestError
 from fluxexport.models.redux import REDUX_TEXT_LENGTH, ReduxSource
 from fluxexport.models.source import ModelSource
 from fluxexport.runtime.backend import Backend
-from fluxexport.runtime.request import GenerationRequest, tokenize
+from fluxexport.runtime.request import GenerationRequest, stage_end, tokenize
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,14 @@ class ReduxRequest:
 
 @dataclass(frozen=True)
 class ReduxConditioning:
-    """The prior's output, diffusers' `FluxPriorReduxPipelineOutput`: [1, 512+M·…, D] and [1, P]."""
+    """The prior's output, diffusers' `FluxPriorReduxPipelineOutput`: [1, 512+M·…, D] and [1, P]; and the seconds
+    of its stages (`redux_image_encode`: processor, SigLIP encoder and Redux embedder; `redux_text_encode`: the
+    prompt's encoders, with a prompt only), each synced once as the pipeline's stages are."""
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def per_image(name: str, values: Sequence[float], count: int) -> list[float]:
@@ -132,12 +137,28 @@ def redux_conditioning(
     encoders run on the base model's backend, as diffusers' prior borrows the base pipeline's encoders)."""
     scales, pooled_scales = check_redux_request(redux, request)
     count = len(request.images)
-    embeds = image_embeds(prior, redux, request.images).to(base.device)
+    start = time.perf_counter()
+    embeds = image_embeds(prior, redux, request.images)
+    timings = {"redux_image_encode": stage_end(prior.device) - start}
+    embeds = embeds.to(base.device)
+    tick = time.perf_counter()
     text, pooled, warnings = text_conditioning(base, source, request, count, embeds.shape[-1])
+    if request.prompt is not None:
+        timings["redux_text_encode"] = stage_end(base.device) - tick
     joined = torch.cat([text.to(embeds.dtype), embeds], dim=1)
     joined = joined * torch.tensor(scales, dtype=embeds.dtype, device=embeds.device)[:, None, None]
     pooled = pooled.to(embeds.dtype) * torch.tensor(pooled_scales, dtype=embeds.dtype, device=embeds.device)[:, None]
-    return ReduxConditioning(joined.sum(dim=0, keepdim=True), pooled.sum(dim=0, keepdim=True), warnings)
+    return ReduxConditioning(joined.sum(dim=0, keepdim=True), pooled.sum(dim=0, keepdim=True), warnings, timings)
+
+
+def sample_redux_image(height: int, width: int) -> Image.Image:
+    """The picture a tool's own Redux request varies (`bench --redux`): colour gradients under a ring, `height` ×
+    `width` (at least 16 px a side), resized by the prior's processor as a user's picture is."""
+    height, width = max(int(height), 16), max(int(width), 16)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    ring = np.abs(np.hypot(x - width / 2, y - height / 2) / min(height, width) - 0.3) < 0.05
+    picture = np.stack([y / height, np.where(ring, 1.0, 0.2), x / width], axis=-1)
+    return Image.fromarray((picture * 255).astype(np.uint8))
 
 
 def with_conditioning(request: GenerationRequest, conditioning: ReduxConditioning) -> GenerationRequest:
