@@ -20,6 +20,20 @@ def pytest_configure(config):
     quiet_libraries()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache(tmp_path_factory) -> Path:
+    """Each tiny graph is traced once per session: `FLUXEXPORT_TRACE_CACHE` (`export/trace_cache.py`) in a folder
+    the xdist workers and the README's commands share; every export after the first of an architecture reads
+    the trace and runs the rest (weights, optimizer, passes, write) as usual, writing the same bytes."""
+    from fluxexport.export.trace_cache import ENVIRONMENT_VARIABLE
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    os.environ[ENVIRONMENT_VARIABLE] = str(root / "trace-cache")
+    return root / "trace-cache"
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fluxexport-cache")

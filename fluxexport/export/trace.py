@@ -18,6 +18,7 @@ from fluxexport.dtypes import torch_dtype
 from fluxexport.errors import FluxExportError
 from fluxexport.export.native_ops import opset23_fusions
 from fluxexport.export.streaming import Prepare, streamed_program
+from fluxexport.export.trace_cache import cache_folder, cached_trace, trace_key
 from fluxexport.models.source import ModelSource
 from fluxexport.specs import ComponentSpec, sample_inputs
 
@@ -72,20 +73,29 @@ def trace_module(
     optimize: bool = True,
 ) -> ONNXProgram:  # fmt: skip
     """torch.onnx.export (dynamo) of `module` on the sample `feeds`, with the spec's names and dynamic axes;
-    `optimize` runs the onnxscript optimizer (constant folding, dead-node removal)."""
-    with torch.no_grad():
-        return torch.onnx.export(
-            module,
-            tuple(feeds.values()),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes(spec),
-            input_names=[tensor.name for tensor in spec.inputs],
-            output_names=[tensor.name for tensor in spec.outputs],
-            opset_version=options.opset,
-            optimize=optimize,
-            custom_translation_table=options.translations,
-            verbose=False,
-        )
+    `optimize` runs the onnxscript optimizer (constant folding, dead-node removal). With
+    `FLUXEXPORT_TRACE_CACHE` set, a trace of the same module, inputs, spec and options is read from the cache
+    instead (`export/trace_cache.py`)."""
+
+    def trace() -> ONNXProgram:
+        with torch.no_grad():
+            return torch.onnx.export(
+                module,
+                tuple(feeds.values()),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes(spec),
+                input_names=[tensor.name for tensor in spec.inputs],
+                output_names=[tensor.name for tensor in spec.outputs],
+                opset_version=options.opset,
+                optimize=optimize,
+                custom_translation_table=options.translations,
+                verbose=False,
+            )
+
+    if cache_folder() is None:
+        return trace()
+    settings = (spec, options.opset, options.translations, options.native_ops, optimize)
+    return cached_trace(trace_key(module, feeds, *settings), trace)
 
 
 def trace_component(source: ModelSource, spec: ComponentSpec, compute: str, options: TraceOptions) -> Traced:
