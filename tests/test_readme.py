@@ -4,7 +4,10 @@ Every fenced shell block (the `<!-- ci:… -->` blocks aside: `.ci/run` runs tho
 order, with the venv's `bin` first on PATH (bare `fluxexport` works) and the session's tiny-model cache, as a user
 pasting them would. The quick start (the first unmarked shell block) runs once per session in a scratch folder; each
 later block is one test that runs in a copy of that folder, as a reader who did the quick start and then follows
-one section (so the blocks spread over the xdist workers): a block uses the quick start's files or its own. An
+one section (so the blocks spread over the xdist workers): a block uses the quick start's files or its own. The
+quick start's commands are new processes (bash, then the console script); a later block's plain `fluxexport …`
+command (no pipe, redirect, variable or glob) is forked from a python that has already imported fluxexport and its
+libraries (`tests/fork_server.py`), everything else still goes through bash. An
 HTML comment right before a block marks what cannot run here:
 
 * `<!-- readme-test: help-only -->` — needs a GPU, TensorRT, the hub or a long time: each `fluxexport SUB …` is
@@ -25,6 +28,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -117,14 +121,95 @@ def readme_env(cache_root) -> dict[str, str]:
 TIMINGS: list[tuple[str, float, float]] = []  # (command, wall s, CPU s of its processes), printed at the end
 
 
-def _run(argv: list[str] | str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+SHELL_SYNTAX = re.compile(r"[$`*?~\[\]<>|;(){}\\!]|&(?!&)")  # what only a shell can run (beyond `&&`)
+
+
+def fluxexport_calls(command: str) -> list[list[str]] | None:
+    """The argv lists of a command that is nothing but `fluxexport …` calls joined by `&&`, which the fork server
+    runs as bash would; None for anything else (a pipe, a redirect, a variable, a glob, another program)."""
+    if SHELL_SYNTAX.search(command.split(" #")[0]):
+        return None
+    calls, current = [], []
+    for word in [*shlex.split(command, comments=True), "&&"]:
+        if word != "&&":
+            current.append(word)
+        elif current:
+            calls.append(current)
+            current = []
+    return calls if calls and all(call[0] == "fluxexport" for call in calls) else None
+
+
+class ForkServer:
+    """The client of `tests/fork_server.py`: one per worker, for the README's `fluxexport …` commands."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.socket, self.folder = str(folder / "fork.sock"), folder
+        self.program = shutil.which("fluxexport", path=env["PATH"])
+        self.log = open(folder / "fork-server.log", "w")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_server.py"), self.socket],
+                                        env=env, stdout=subprocess.PIPE, stderr=self.log, text=True)  # fmt: skip
+        ready = self.process.stdout.readline().strip()
+        assert ready == "ready", f"the fork server did not start: {(folder / 'fork-server.log').read_text()[-2000:]}"
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+        import json
+        import socket
+
+        out, err = self.folder / "stdout", self.folder / "stderr"
+        request = {"argv": [self.program, *argv[1:]], "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err)}  # fmt: skip
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(TIMEOUT)
+            connection.connect(self.socket)
+            with connection.makefile("rw") as stream:
+                stream.write(json.dumps(request) + "\n")
+                stream.flush()
+                reply = json.loads(stream.readline())
+        result = subprocess.CompletedProcess(argv, reply["returncode"], out.read_text(), err.read_text())
+        return result, reply["cpu"]
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+FORK_SERVER: list[ForkServer] = []  # this worker's, started by the `fork_server` fixture
+
+
+@pytest.fixture(scope="session")
+def fork_server(tmp_path_factory, readme_env):
+    server = ForkServer(tmp_path_factory.mktemp("fork-server"), readme_env)
+    FORK_SERVER.append(server)
+    yield server
+    FORK_SERVER.clear()
+    server.close()
+
+
+def _run(argv: list[str] | str, cwd: Path, env: dict[str, str], fork: bool = False) -> subprocess.CompletedProcess:
+    """`argv` (a list: that program; a string: through bash). With `fork`, a string that is only `fluxexport …`
+    calls goes to the worker's fork server instead of a new bash and python."""
     shell = isinstance(argv, str)
-    args = ["bash", "-o", "pipefail", "-c", argv] if shell else argv
-    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    TIMINGS.append((argv if shell else " ".join(argv), time.perf_counter() - start, cpu))
+    calls = fluxexport_calls(argv) if shell and fork and FORK_SERVER else None
+    start = time.perf_counter()
+    if calls:
+        outputs, cpu = [], 0.0
+        for call in calls:
+            result, seconds = FORK_SERVER[0].run(call, cwd, env)
+            outputs.append(result)
+            cpu += seconds
+            if result.returncode != 0:
+                break
+        result = subprocess.CompletedProcess(argv, outputs[-1].returncode, "".join(r.stdout for r in outputs),
+                                             "".join(r.stderr for r in outputs))  # fmt: skip
+    else:
+        args = ["bash", "-o", "pipefail", "-c", argv] if shell else argv
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    label = ("fork: " if calls else "") + (argv if shell else " ".join(argv))
+    TIMINGS.append((label, time.perf_counter() - start, cpu))
     return result
 
 
@@ -190,9 +275,10 @@ BLOCKS = runnable_blocks(README.read_text())
 QUICK_START = next(block for block in BLOCKS if block.marker is None and block.language in SHELL)
 
 
-def block_problems(block: Block, scratch: Path, env: dict[str, str]) -> list[str]:
+def block_problems(block: Block, scratch: Path, env: dict[str, str], fork: bool = False) -> list[str]:
     """What fails in one block run in `scratch`: unmarked commands must succeed, `refusal` ones succeed or refuse
-    in one line, `help-only` ones name a subcommand and options that exist."""
+    in one line, `help-only` ones name a subcommand and options that exist. With `fork`, plain `fluxexport …`
+    commands run in the worker's fork server (`tests/fork_server.py`)."""
     if block.language == "python":
         if block.marker == "help-only":
             problem = check_python_imports(block.text, scratch, env)
@@ -206,7 +292,7 @@ def block_problems(block: Block, scratch: Path, env: dict[str, str]) -> list[str
             problems = [check_help_only(argv, scratch, env) for argv in simple_commands(command)]
             problem = "; ".join(p for p in problems if p) or None
         else:
-            result = _run(command, scratch, env)
+            result = _run(command, scratch, env, fork)
             if block.marker == "refusal":
                 problem = check_refusal(result)
             else:
@@ -253,8 +339,9 @@ def test_every_readme_marker_is_known():
 def test_every_readme_command_runs_as_pasted(block, tmp_path, readme_env, request):
     """Each shell and python block, its commands in order, as a reader who did the quick start and then follows
     one section: every block after the quick start that runs commands runs in a copy of the quick start's folder
-    (the sections use its image and graphs), so the blocks spread over the session's workers."""
-    import shutil
+    (the sections use its image and graphs), so the blocks spread over the session's workers. The quick start's
+    commands run as new processes (bash, then the `fluxexport` console script); the later blocks' plain
+    `fluxexport …` commands run in the worker's fork server, which saves each one its ~4 s of imports."""
 
     scratch = tmp_path / "readme"
     if block.marker == "help-only":  # checked against --help: nothing of the quick start's is read
@@ -267,7 +354,8 @@ def test_every_readme_command_runs_as_pasted(block, tmp_path, readme_env, reques
         if quick_start_failures:
             pytest.fail(f"the quick start (README.md:{QUICK_START.line}) failed, which this block starts from")
         shutil.copytree(folder, scratch, symlinks=True)
-    failures = block_problems(block, scratch, readme_env)
+        request.getfixturevalue("fork_server")
+    failures = block_problems(block, scratch, readme_env, fork=True)
     _print_timings()
     assert not failures, "\n\n".join(failures)
 
