@@ -6,10 +6,13 @@ then, each step in a fresh process, exports it in bf16 (streamed, and in memory)
 (sequentially, one block at a time; and holding the whole model) and writes the FP8 transformer from the
 saved calibration. It prints peak RSS and wall time per step. `--steps check` exports the transformer with
 the default weight placement and with `--inline-weights`, and runs `fluxexport check` on each folder.
+`--steps trace-cache` exports the transformer twice with `FLUXEXPORT_TRACE_CACHE` set to a fresh folder (the
+first export traces and keeps the trace, the second reads it) and says whether the two graphs are the same bytes.
 
     python scripts/bench_scale.py                       # 1 double + 2 single blocks, 1-layer T5 (~1.3 GB bf16)
     python scripts/bench_scale.py --full --skip-memory  # the published shape: 19 + 38 blocks, 24-layer T5 (~33 GB)
     python scripts/bench_scale.py --steps check         # memory of export and check, by weight placement
+    python scripts/bench_scale.py --steps export,trace-cache --skip-memory   # FLUXEXPORT_TRACE_CACHE's effect
 
 `--model flux2-dev` does the same for FLUX.2 [dev] at its published widths: the transformer 6144 = 48×128 wide
 (128 latent channels, joint width 15360, 4-axis RoPE, guidance embedding) and Mistral-Small-3.2-24B as text
@@ -320,7 +323,8 @@ def main() -> None:
         "the in-memory export and whole-model calibration (they need several times the model in RAM).",
     )
     parser.add_argument("--steps", default="export,calibrate,fp8,quantize",
-                        help="Which steps to measure (comma-separated; fp8 needs calibrate; or check).")  # fmt: skip
+                        help="Which steps to measure (comma-separated; fp8 needs calibrate; or check; "
+                        "trace-cache: the transformer exported twice with FLUXEXPORT_TRACE_CACHE).")  # fmt: skip
     parser.add_argument("--work", type=Path, help="Folder for the checkpoint and graphs (default: a temp folder).")
     args = parser.parse_args()
     flux2 = args.model == "flux2-dev"
@@ -374,6 +378,23 @@ def main() -> None:
             record("placed", "transformer", placement, out, f"bf16 export ({placement} weights)")
             record("check", "transformer", placement, out, f"check ({placement} weights)")
             shutil.rmtree(out, ignore_errors=True)
+    if "trace-cache" in steps:  # FLUXEXPORT_TRACE_CACHE: a second export of the architecture reads the trace
+        from fluxexport.export.trace_cache import ENVIRONMENT_VARIABLE
+
+        cache, outs = work / "trace-cache", {"traced, trace kept": work / "onnx-miss",
+                                             "trace read from the cache": work / "onnx-hit"}
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ[ENVIRONMENT_VARIABLE] = str(cache)
+        try:
+            for label, out in outs.items():
+                record("export", "transformer", "stream", out, f"bf16 export ({label})")
+        finally:
+            os.environ.pop(ENVIRONMENT_VARIABLE)
+        graphs = [(out / "transformer.onnx").read_bytes() for out in outs.values()]
+        print(f"trace cache: {sum(p.stat().st_size for p in cache.iterdir()) / 1e6:.1f} MB; the two graphs are "
+              f"{'byte for byte equal' if graphs[0] == graphs[1] else 'DIFFERENT'}", flush=True)  # fmt: skip
+        for folder in (cache, *outs.values()):
+            shutil.rmtree(folder, ignore_errors=True)
     fp8 = work / "onnx-fp8"
     if "calibrate" in steps:
         for mode in ("sequential",) if args.skip_memory else ("whole", "sequential"):

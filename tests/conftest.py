@@ -259,10 +259,13 @@ TRITONSERVER_FIXTURES = {"schnell_repository", "schnell_server"}  # the session'
 def xdist_group(nodeid: str, fixtures: set[str]) -> str | None:
     """The worker group of a test under pytest-xdist's `--dist loadgroup`. The session's exports are made once
     whichever worker asks (`helpers.once_per_session`), so a test that needs one is grouped only with the other such
-    tests of its module (the module's own fixtures are then made once), and the tests that share the session's
-    tritonserver with each other; the rest, the README's blocks among them, go wherever a worker is free."""
+    tests of its module (the module's own fixtures are then made once), the tests that share the session's
+    tritonserver with each other, and the README's blocks (which start from the quick start's folder, made once,
+    and run in one fork server); the rest go wherever a worker is free."""
     if fixtures & TRITONSERVER_FIXTURES:
         return "tiny-schnell-tritonserver"
+    if nodeid.startswith("tests/test_readme.py::test_every_readme_command_runs_as_pasted"):
+        return "readme"  # one worker runs the quick start and then every block, in its fork server
     if fixtures & (FLUX1_EXPORTS | FLUX2_EXPORTS):
         return nodeid.split("::")[0]
     return None
