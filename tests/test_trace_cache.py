@@ -40,6 +40,7 @@ def _bytes(exported) -> bytes:
     return exported.path.read_bytes()
 
 
+@pytest.mark.slow  # it exports (tests/conftest.py: the quick loop runs no export)
 @pytest.mark.parametrize("name", ["clip", "t5"])
 def test_a_cached_trace_writes_the_same_bytes_as_a_fresh_one(sources, tmp_path, monkeypatch, traces, name):
     folder, ran = traces
@@ -65,6 +66,7 @@ def _finetuned(source, folder):
     return load_folder(folder)
 
 
+@pytest.mark.slow  # it exports (tests/conftest.py: the quick loop runs no export)
 def test_one_architecture_is_traced_once_whatever_the_checkpoint(sources, tmp_path, monkeypatch, traces):
     """A fine-tune of tiny-dev's CLIP, in another folder: one trace for both, each graph with its own
     checkpoint's weights, the same bytes as a fresh export of each."""
@@ -117,6 +119,7 @@ def test_real_tensors_are_keyed_by_value_and_too_many_are_not_cached(monkeypatch
     assert trace_cache.trace_key(module, feeds, "settings") is None
 
 
+@pytest.mark.slow  # it exports (tests/conftest.py: the quick loop runs no export)
 def test_a_missing_tensor_is_refused_from_a_cached_trace_too(sources, tmp_path, traces):
     folder, ran = traces
     source = sources["tiny-schnell"]
