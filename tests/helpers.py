@@ -18,6 +18,24 @@ from fluxexport.models.source import ModelSource
 from fluxexport.tensorrt.environment import Gpu
 
 
+def truncated_clip_checkpoint(source: ModelSource, folder: Path) -> tuple[ModelSource, str]:
+    """A copy of `source` in `folder` whose CLIP checkpoint lacks one tensor (a truncated download), and the
+    tensor's name."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fluxexport.models.source import load_folder
+
+    shutil.copytree(source.root, folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = sorted(state)[3]
+    del state[dropped]
+    save_file(state, str(weights))
+    return load_folder(folder), dropped
+
+
 def manifest_json(folder: Path) -> dict:
     """A folder's manifest.json as the file holds it: the tests read the format itself (what other tools read),
     the package reads it through `fluxexport.artifacts`."""

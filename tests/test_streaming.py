@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_graph
+from helpers import assert_same_graph, truncated_clip_checkpoint
 from safetensors.torch import load_file, save_file
 
 from fluxexport.errors import FluxExportError
@@ -96,14 +96,7 @@ def test_bfl_fused_tensors_are_read_row_by_row(sources, tmp_path):
 
 
 def test_a_checkpoint_missing_a_tensor_is_refused_before_writing(sources, tmp_path):
-    folder = tmp_path / "truncated"
-    shutil.copytree(sources["tiny-schnell"].root, folder)
-    weights = folder / "text_encoder" / "model.safetensors"
-    state = load_file(str(weights))
-    dropped = sorted(state)[3]
-    del state[dropped]
-    save_file(state, str(weights))
-    source = load_folder(folder)
+    source, dropped = truncated_clip_checkpoint(sources["tiny-schnell"], tmp_path / "truncated")
     with pytest.raises(FluxExportError) as error:
         export_component(source, component_specs(source)["clip"], tmp_path / "out", "fp32")
     assert str(error.value) == (

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import truncated_clip_checkpoint
 from safetensors.torch import load_file, save_file
 
 from fluxexport.errors import FluxExportError
@@ -124,14 +125,7 @@ def test_a_missing_tensor_is_refused_from_a_cached_trace_too(sources, tmp_path, 
     folder, ran = traces
     source = sources["tiny-schnell"]
     export_component(source, component_specs(source)["clip"], tmp_path / "whole", "fp32")
-    truncated = tmp_path / "truncated"
-    shutil.copytree(source.root, truncated)
-    weights = truncated / "text_encoder" / "model.safetensors"
-    state = load_file(str(weights))
-    dropped = sorted(state)[3]
-    del state[dropped]
-    save_file(state, str(weights))
-    broken = load_folder(truncated)
+    broken, dropped = truncated_clip_checkpoint(source, tmp_path / "truncated")
     with pytest.raises(FluxExportError) as error:
         export_component(broken, component_specs(broken)["clip"], tmp_path / "out", "fp32")
     assert len(ran) == 1  # the broken checkpoint's export read the cached trace
