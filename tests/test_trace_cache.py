@@ -148,3 +148,15 @@ def test_without_the_variable_nothing_is_kept_and_a_failed_trace_is_never_kept(s
     with pytest.raises(RuntimeError, match="the exporter failed"):
         trace_cache.cached_trace("0" * 64, fails)
     assert not list(folder.glob("*.onnx")) and not list(folder.glob("*.json"))
+
+
+def test_a_cache_folder_that_cannot_be_written_is_refused_naming_the_variable(sources, tmp_path, monkeypatch):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    monkeypatch.setenv(trace_cache.ENVIRONMENT_VARIABLE, str(taken))
+    with pytest.raises(FluxExportError) as error:
+        trace_cache.cached_trace("0" * 64, lambda: pytest.fail("traced before the folder was checked"))
+    assert str(error.value) == (
+        f"FLUXEXPORT_TRACE_CACHE={taken} is not a folder fluxexport can write (File exists): point it at one, "
+        "or unset it"
+    )

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fluxexport.errors import FluxExportError
+
 if TYPE_CHECKING:
     import onnx_ir as ir
     from torch.onnx import ONNXProgram
@@ -274,7 +276,13 @@ def cached_trace(key: str | None, trace: Callable[[], ONNXProgram]) -> ONNXProgr
     from filelock import FileLock
     from torch.onnx import ONNXProgram
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FluxExportError(
+            f"{ENVIRONMENT_VARIABLE}={folder} is not a folder fluxexport can write ({error.strerror}): point it at "
+            "one, or unset it"
+        ) from None
     path = folder / f"{key}.onnx"
     with FileLock(str(folder / f"{key}.lock")):
         if path.is_file():
